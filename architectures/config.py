@@ -1,0 +1,36 @@
+"""The one model config every architecture is built from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Dimensions shared by every architecture, plus architecture-specific `options`.
+
+    `options` holds what only one family understands (attention backend, RoPE theta, TTT mini-batch
+    size, Mamba state size, ...), so that adding an architecture never changes this class.
+    """
+
+    arch: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_dim: int
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads

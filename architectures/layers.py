@@ -1,0 +1,68 @@
+"""Building blocks shared by every architecture: RMSNorm, SwiGLU, rotary embeddings.
+
+Llama-style ("Transformer++") conventions, as in the TTT paper's backbone
+(Sun et al. 2024, arXiv 2407.04620, App. "Experiment details"): pre-norm RMSNorm with eps 1e-6,
+SwiGLU FFN without biases, RoPE with theta 1e4.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W_down(silu(W_gate x) * W_up x), no biases (Shazeer 2020)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def rope_angles(head_dim: int, positions: torch.Tensor, theta: float = 1e4):
+    """cos, sin of shape (T, head_dim // 2) for integer `positions` (T,).
+
+    Frequency of pair i is theta^(-2i/head_dim) (Su et al. 2021).
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, f/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate x of shape (B, H, T, f) by the angles (T, f/2).
+
+    interleaved=False: the half-split convention (pairs are (i, i + f/2)), used by our attention.
+    interleaved=True: adjacent pairs (2i, 2i+1) rotate together as complex numbers, the convention of
+    the official TTT JAX code, which TTT layers must match (see shared notes, ttt_semantics.md).
+    """
+    x32 = x.float()
+    cos, sin = cos.to(x32.dtype), sin.to(x32.dtype)
+    if interleaved:
+        x1, x2 = x32[..., 0::2], x32[..., 1::2]  # (B, H, T, f/2) each
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, f/2, 2)
+        return out.flatten(-2).to(x.dtype)
+    half = x32.shape[-1] // 2
+    x1, x2 = x32[..., :half], x32[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)

@@ -1,0 +1,136 @@
+"""The LM shell every architecture shares: embedding -> blocks -> final RMSNorm -> tied head.
+
+Block interface (what an architecture provides through the registry):
+
+    class Block(nn.Module):
+        def forward(self, h: Tensor, cache: Any | None = None) -> Tensor
+            # h: (B, T, d) residual stream in, (B, T, d) out. With a cache, the block continues the
+            # sequence the cache has seen (positions, recurrent state) and updates it in place.
+        def new_cache(self, batch: int, max_len: int, device, dtype) -> Any
+            # an empty decode state: a KV cache for attention, (W, b, accumulators, conv states)
+            # for TTT, (conv state, SSM state) for Mamba.
+        def backends(self) -> dict[str, str]
+            # which implementation ran, e.g. {"attention": "sdpa"}; recorded in run summaries.
+
+The shell knows nothing about attention or recurrences, so TTT and Mamba plug in unchanged, and
+`SequenceClassifier` puts a classification head on any of them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from architectures.config import ModelConfig
+from architectures.layers import RMSNorm
+
+
+class DecodeState:
+    """Per-block caches for incremental decoding, plus how many tokens they have seen."""
+
+    def __init__(self, caches: list, max_len: int):
+        self.caches = caches
+        self.max_len = max_len
+        self.seen = 0
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, build_block: Callable[[ModelConfig, int], nn.Module]):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(build_block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # N(0, 0.02) for every linear and embedding (the paper's init); biases zero.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden(self, idx: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> (B, T, d) final-normed hidden states."""
+        if state is not None and state.seen + idx.shape[1] > state.max_len:
+            raise ValueError(f"decode state holds {state.max_len} tokens; {state.seen} seen + {idx.shape[1]} new")
+        h = self.embed(idx)  # (B, T, d)
+        for i, block in enumerate(self.blocks):
+            h = block(h, None if state is None else state.caches[i])
+        if state is not None:
+            state.seen += idx.shape[1]
+        return self.norm(h)
+
+    def forward(self, idx: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, V), head tied to the embedding."""
+        h = self.hidden(idx, state)
+        return F.linear(h, self.embed.weight)  # (B, T, V)
+
+    def new_state(self, batch: int, max_len: int) -> DecodeState:
+        p = self.embed.weight
+        return DecodeState([b.new_cache(batch, max_len, p.device, p.dtype) for b in self.blocks], max_len)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prefill `prompt` (B, T0) once, then decode one token at a time with the cache.
+        temperature 0 means greedy. Returns (B, T0 + max_new_tokens)."""
+        state = self.new_state(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+        logits = self(prompt, state)[:, -1]  # (B, V)
+        out = [prompt]
+        for _ in range(max_new_tokens):
+            nxt = _sample(logits, temperature, top_k, generator)  # (B, 1)
+            out.append(nxt)
+            logits = self(nxt, state)[:, -1]
+        return torch.cat(out, dim=1)
+
+    def backends(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for block in self.blocks:
+            merged.update(block.backends())
+        return merged
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+class SequenceClassifier(nn.Module):
+    """A classification head on any LanguageModel: pool the hidden states, then a linear layer.
+
+    pooling="last" takes the state at the last real token (natural for causal and recurrent
+    models); "mean" averages over the real tokens. `lengths` (B,) marks where padding starts.
+    """
+
+    def __init__(self, lm: LanguageModel, n_classes: int, pooling: str = "last"):
+        super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        self.lm, self.pooling = lm, pooling
+        self.head = nn.Linear(lm.cfg.d_model, n_classes)
+        nn.init.normal_(self.head.weight, std=lm.cfg.init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.lm.hidden(idx)  # (B, T, d)
+        B, T, _ = h.shape
+        if lengths is None:
+            lengths = torch.full((B,), T, device=h.device)
+        if self.pooling == "last":
+            pooled = h[torch.arange(B, device=h.device), lengths - 1]  # (B, d)
+        else:
+            mask = (torch.arange(T, device=h.device)[None, :] < lengths[:, None]).to(h.dtype)  # (B, T)
+            pooled = (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
+        return self.head(pooled)  # (B, n_classes)

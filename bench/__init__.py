@@ -1,0 +1,1 @@
+"""Entry points, sweeps, training, throughput, FLOP accounting and reports."""

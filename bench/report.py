@@ -1,0 +1,154 @@
+"""Aggregate every run summary under RESULTS into summary.csv and draw the plots.
+
+    python -m bench.report [--results results]      (`make plots`)
+
+Plots (RESULTS/plots/):
+  loss_vs_flops.png      validation loss vs training FLOPs, one line per architecture (log x),
+                         one panel per context length: the paper's scaling figure.
+  loss_by_position.png   validation loss at each token position (log2-spaced buckets) of the largest
+                         model per architecture: does the model use long context?
+  training_curves.png    training loss vs tokens seen, every run.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bench.results import atomic_write_text, read_summaries  # noqa: E402
+
+COLUMNS = ["arch", "size", "ctx", "task", "data", "params", "non_embedding_params", "flops_per_token",
+           "train_flops_per_token", "train_flops", "tokens", "val_loss", "val_ppl", "val_bpb", "val_unigram_bpb",
+           "tokens_per_s", "wall_s", "train_wall_s", "backend", "device", "device_name", "threads", "precision",
+           "layers", "d_model", "heads", "vocab", "profile", "status", "error", "sweep", "run", "git_commit",
+           "run_dir"]
+KEY = ["arch", "size", "ctx", "task", "data"]
+FLOPS_NOTE = "training FLOPs (3 x forward; attention causal-halved)"
+
+
+def summary_table(results: Path) -> pd.DataFrame:
+    rows = read_summaries(results)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    for col in COLUMNS:
+        if col not in df:
+            df[col] = None
+    # other scalar fields follow (nested ones such as loss_by_position stay in summary.json)
+    extra = [c for c in df.columns if c not in COLUMNS and not df[c].map(lambda v: isinstance(v, (list, dict))).any()]
+    return df[COLUMNS + sorted(extra)]
+
+
+def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
+    """The newest successful run of each (arch, size, ctx, task, data)."""
+    ok = df[df["status"] == "ok"].sort_values("sweep")
+    return ok.groupby(KEY, as_index=False).tail(1)
+
+
+def _label(row, multi_data: bool) -> str:
+    return f"{row['arch']} ({row['data']})" if multi_data else str(row["arch"])
+
+
+def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
+    lm = df[df["task"] == "lm"]
+    ctxs = sorted(lm["ctx"].unique())
+    multi = lm["data"].nunique() > 1
+    fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(6 * max(1, len(ctxs)), 4.5), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        sub = lm[lm["ctx"] == ctx]
+        for (arch, data), g in sub.groupby(["arch", "data"]):
+            g = g.sort_values("train_flops")
+            ax.plot(g["train_flops"], g["val_loss"], marker="o", label=_label(g.iloc[0], multi))
+            for _, r in g.iterrows():
+                ax.annotate(r["size"], (r["train_flops"], r["val_loss"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(FLOPS_NOTE)
+        ax.set_ylabel("validation loss (nats / token)")
+        ax.set_title(f"Loss vs training compute, context {ctx:,} tokens")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(title="architecture")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
+    lm = df[(df["task"] == "lm") & df["loss_by_position"].notna()] if "loss_by_position" in df else df.iloc[:0]
+    ctxs = sorted(lm["ctx"].unique())
+    multi = lm["data"].nunique() > 1
+    fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(6 * max(1, len(ctxs)), 4.5), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        sub = lm[lm["ctx"] == ctx]
+        for (arch, data), g in sub.groupby(["arch", "data"]):
+            r = g.sort_values("params").iloc[-1]  # the largest model of the architecture
+            buckets = r["loss_by_position"]
+            mids = [(b["start"] * b["end"]) ** 0.5 for b in buckets]
+            ax.plot(mids, [b["loss"] for b in buckets], marker=".", label=f"{_label(r, multi)} {r['size']}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("token position in the sequence (log2 buckets)")
+        ax.set_ylabel("validation loss (nats / token)")
+        ax.set_title(f"Loss by token position, context {ctx:,} tokens")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(title="architecture, size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, r in df.sort_values(["arch", "params"]).iterrows():
+        metrics = Path(r["run_dir"]) / "metrics.jsonl"
+        if not metrics.exists():
+            continue
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if rows:
+            ax.plot([m["tokens"] for m in rows], [m["loss"] for m in rows],
+                    label=f"{r['arch']} {r['size']} ctx={r['ctx']}")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("training loss (nats / token)")
+    ax.set_title("Training curves")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(results: str | Path) -> pd.DataFrame:
+    """Write RESULTS/summary.csv and RESULTS/plots/*.png from every summary.json; returns the table."""
+    results = Path(results)
+    table = summary_table(results)
+    buf = io.StringIO()
+    table.to_csv(buf, index=False)
+    atomic_write_text(results / "summary.csv", buf.getvalue())
+    plots = results / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    full = pd.DataFrame(read_summaries(results))
+    if not full.empty and (full.get("status") == "ok").any():
+        best = latest_ok(full)
+        plot_loss_vs_flops(best, plots / "loss_vs_flops.png")
+        plot_loss_by_position(best, plots / "loss_by_position.png")
+        plot_training_curves(best, plots / "training_curves.png")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="make plots", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--results", default="results")
+    args = p.parse_args(argv)
+    table = report(args.results)
+    print(f"[ttt-bench] {len(table)} runs -> {Path(args.results) / 'summary.csv'}, plots in {Path(args.results) / 'plots'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

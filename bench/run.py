@@ -1,0 +1,102 @@
+"""One training + evaluation run; the Hydra app behind `make sweep` (which calls it with --multirun).
+
+    python -m bench.run arch=transformer size=cpu-s ctx=2048
+    python -m bench.run --multirun arch=transformer size=cpu-xs,cpu-s ctx=2048
+
+Writes RESULTS/runs/<sweep_id>/<run_name>/: config.yaml, metrics.jsonl, checkpoint.pt, summary.json.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import architectures
+from architectures import ModelConfig
+from bench.results import atomic_write_json, atomic_write_text, device_name, git_commit, package_versions
+from bench.tracking import NullTracker, build_tracker
+from bench.train import autocast_for, pick_device, train
+from tasks import build_task
+
+
+def model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
+    """The architecture's options plus the size's dimensions."""
+    options = OmegaConf.to_container(cfg.arch, resolve=True)
+    options.pop("name")
+    s = cfg.size
+    return ModelConfig(arch=str(cfg.arch.name), vocab_size=vocab_size, d_model=int(s.d_model),
+                       n_layers=int(s.n_layers), n_heads=int(s.n_heads), ffn_dim=int(s.ffn_dim),
+                       max_seq_len=int(cfg.ctx), options=options)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train and evaluate one (arch, size, ctx, task, data) point; always leaves a whole summary.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = int(cfg.ctx)
+    summary: dict = {
+        "arch": str(cfg.arch.name), "size": str(cfg.size.name), "ctx": ctx, "task": str(cfg.task.name),
+        "data": str(cfg.data.name), "profile": str(cfg.profile), "seed": int(cfg.seed),
+        "sweep": str(cfg.sweep_id), "run": run_dir.name, "run_dir": str(run_dir),
+        "git_commit": git_commit(), "packages": package_versions(),
+    }
+    tracker = NullTracker()
+    t0 = time.perf_counter()
+    try:
+        architectures.get(summary["arch"])  # fail early, with the list of names
+        torch.manual_seed(int(cfg.seed))
+        if cfg.trainer.get("threads"):
+            torch.set_num_threads(int(cfg.trainer.threads))
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        task = build_task(cfg, ctx)
+        mcfg = model_config(cfg, task.vocab_size)
+        model = task.build_model(mcfg)
+        flops = architectures.get(mcfg.arch).flops_per_token(mcfg, ctx)
+        device = pick_device(str(cfg.trainer.device))
+        autocast, precision = autocast_for(device, str(cfg.trainer.precision))
+        summary.update(task.info)
+        summary.update({
+            "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
+            "layers": mcfg.n_layers, "d_model": mcfg.d_model, "heads": mcfg.n_heads, "vocab": mcfg.vocab_size,
+            "flops_per_token": flops["fwd"], "train_flops_per_token": flops["train"],
+            "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+            "precision": precision,
+        })
+        backends = model.backends()
+        summary["backends"] = backends
+        summary["backend"] = ",".join(f"{k}={v}" for k, v in sorted(backends.items()))
+        tracker = build_tracker(cfg.logger, str(run_dir), run_dir.name, str(cfg.sweep_id),
+                                OmegaConf.to_container(cfg, resolve=True))
+        summary["wandb_mode"] = tracker.mode
+        trained = train(model, task, cfg.trainer, ctx, run_dir, tracker, device, autocast,
+                        desc=f"{summary['arch']} {summary['size']} ctx={ctx}")
+        summary.update(trained)
+        summary["train_flops"] = summary["train_flops_per_token"] * trained["tokens"]
+        summary.update(task.evaluate(model, device, autocast))
+        summary["status"] = "ok"
+    except Exception as e:  # a failed point is recorded, the sweep goes on
+        summary["status"] = "failed"
+        summary["error"] = f"{type(e).__name__}: {e}"
+        atomic_write_text(run_dir / "error.txt", traceback.format_exc())
+        print(f"[ttt-bench] run {run_dir.name} failed: {summary['error']} (traceback in {run_dir / 'error.txt'})",
+              flush=True)
+    summary["wall_s"] = time.perf_counter() - t0
+    tracker.summary({k: v for k, v in summary.items() if k != "loss_by_position"})
+    tracker.finish()
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""`make sweep`: check the user's choices, run the Hydra multirun, then write the report.
+
+    python -m bench.sweep --arch transformer --ctx 2k [--profile cpu] [--sizes a,b] [--task lm]
+                          [--data shakespeare] [--results results] [-- hydra overrides ...]
+
+Bad input fails at once, with one line, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from bench.results import REPO_ROOT, read_summaries
+
+CONF = REPO_ROOT / "conf"
+
+
+class UsageError(ValueError):
+    pass
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def parse_ctx(text: str) -> int:
+    """'2k' -> 2048, '32K' -> 32768, '256' -> 256."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", str(text))
+    if not m or int(m.group(1)) <= 0:
+        raise UsageError(f"CTX must be a positive integer or a multiple of 1024 written like 2k, 8k, 32k; got {text!r}")
+    return int(m.group(1)) * (1024 if m.group(2) else 1)
+
+
+def parse_choice(kind: str, text: str, options: list[str]) -> str:
+    if text not in options:
+        raise UsageError(f"unknown {kind} {text!r}; available: {', '.join(options)}")
+    return text
+
+
+def parse_list(kind: str, text: str, options: list[str]) -> list[str]:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"{kind} is empty; available: {', '.join(options)}")
+    for item in items:
+        parse_choice(kind, item, options)
+    return list(dict.fromkeys(items))
+
+
+def parse_archs(text: str) -> list[str]:
+    import architectures
+
+    known = [a for a in architectures.names() if (CONF / "arch" / f"{a}.yaml").exists()]
+    if str(text).strip() == "all":
+        return known
+    return parse_list("ARCH", text, known)
+
+
+def build_overrides(args) -> tuple[list[str], str, Path]:
+    archs = parse_archs(args.arch)
+    ctx = parse_ctx(args.ctx)
+    profile = parse_choice("PROFILE", args.profile, group_options("profile"))
+    task = parse_choice("TASK", args.task, group_options("task"))
+    sizes = (parse_list("SIZES", args.sizes, group_options("size")) if args.sizes
+             else list(OmegaConf.load(CONF / "profile" / f"{profile}.yaml").ladder))
+    results = Path(args.results).expanduser().resolve()
+    sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{task}-ctx{ctx}"
+    overrides = [f"arch={','.join(archs)}", f"size={','.join(sizes)}", f"profile={profile}", f"task={task}",
+                 f"ctx={ctx}", f"results={results}", f"sweep_id={sweep_id}"]
+    if args.data:
+        overrides.append(f"data={parse_choice('DATA', args.data, group_options('data'))}")
+    return overrides + list(args.overrides), sweep_id, results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="make sweep", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", default="transformer", help="a name, a comma list, or 'all'")
+    p.add_argument("--ctx", default="2k", help="2k, 8k, 32k or a number of tokens")
+    p.add_argument("--profile", default="cpu", help="cpu | smoke | paper")
+    p.add_argument("--sizes", default="", help="comma list of conf/size names (default: the profile's ladder)")
+    p.add_argument("--task", default="lm")
+    p.add_argument("--data", default="", help="conf/data name (default: shakespeare)")
+    p.add_argument("--results", default="results", help="output root")
+    p.add_argument("overrides", nargs="*", help="free Hydra overrides, e.g. trainer.lr=1e-3")
+    args = p.parse_args(argv)
+    try:
+        overrides, sweep_id, results = build_overrides(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "bench.run", "--multirun", *overrides]
+    print("[ttt-bench] " + " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    env = {**os.environ, "HYDRA_FULL_ERROR": os.environ.get("HYDRA_FULL_ERROR", "1")}
+    code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+    if code != 0:
+        print(f"error: the Hydra multirun exited with status {code}", file=sys.stderr)
+        return code
+    runs = [r for r in read_summaries(results) if r.get("sweep") == sweep_id]
+    failed = [r for r in runs if r.get("status") != "ok"]
+    for r in runs:
+        print(f"[ttt-bench] {r['run']}: {r.get('status')}"
+              + (f"  val_bpb={r['val_bpb']:.3f} val_loss={r['val_loss']:.3f} tokens={r['tokens']:,} "
+                 f"tok/s={r['tokens_per_s']:,.0f} wall={r['wall_s']:.0f}s" if r.get("status") == "ok"
+                 else f"  {r.get('error')}"))
+    from bench.report import report
+
+    report(results)
+    print(f"[ttt-bench] sweep {sweep_id}: {len(runs) - len(failed)}/{len(runs)} runs ok in "
+          f"{time.perf_counter() - t0:.0f}s; see {results / 'summary.csv'} and {results / 'plots'}")
+    return 1 if failed or not runs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

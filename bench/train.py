@@ -1,0 +1,153 @@
+"""The training loop every task and architecture shares.
+
+Recipe (the paper's, App. C of arXiv 2407.04620): AdamW (0.9, 0.95), weight decay 0.1, gradient
+clip 1.0, linear warmup over the first 10% of steps then cosine decay to min_lr; bf16 autocast on
+CUDA, fp32 on CPU. Batches are a pure function of the step, and the checkpoint holds model,
+optimizer, step and the training curve position, so a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.results import append_jsonl
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Plan:
+    """What the trainer will do, resolved from the token budget and the context."""
+
+    steps: int
+    seqs_per_step: int
+    micro_batch: int
+    accum: int
+    tokens_per_step: int
+
+    @classmethod
+    def resolve(cls, tokens: int, batch_tokens: int, micro_batch: int, ctx: int) -> "Plan":
+        if tokens <= 0 or batch_tokens <= 0 or micro_batch <= 0:
+            raise ValueError("trainer tokens, batch_tokens and micro_batch must be positive")
+        seqs = max(1, batch_tokens // ctx)  # at least one full sequence per step
+        micro = min(micro_batch, seqs)
+        accum = math.ceil(seqs / micro)
+        seqs = micro * accum
+        steps = max(1, math.ceil(tokens / (seqs * ctx)))
+        return cls(steps, seqs, micro, accum, seqs * ctx)
+
+
+def lr_at(step: int, steps: int, peak: float, min_lr: float, warmup_frac: float) -> float:
+    """Linear warmup from 0 over warmup_frac of the steps, then cosine from peak to min_lr."""
+    warmup = max(1, int(warmup_frac * steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={requested} but CUDA is not available")
+    return torch.device(requested)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """(context factory, name): bf16 autocast on CUDA for precision=auto, fp32 on CPU."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"trainer.precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16"
+    return contextlib.nullcontext, "fp32"
+
+
+def make_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.AdamW:
+    # The paper's JAX recipe decays every parameter (ttt_semantics.md, "Outer training recipe").
+    return torch.optim.AdamW(model.parameters(), lr=float(tcfg.lr), betas=tuple(tcfg.betas),
+                             weight_decay=float(tcfg.weight_decay), eps=float(tcfg.eps))
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.device, autocast,
+          desc: str = "train") -> dict:
+    """Train `model` on `task` for the token budget in `tcfg`; returns what the summary needs."""
+    model.to(device)
+    plan = Plan.resolve(int(tcfg.tokens), int(tcfg.batch_tokens), int(tcfg.micro_batch), ctx)
+    optimizer = make_optimizer(model, tcfg)
+    ckpt_path = run_dir / CHECKPOINT
+    start_step, prior_wall = 0, 0.0
+    if bool(tcfg.resume) and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, prior_wall = int(state["step"]), float(state.get("train_wall_s", 0.0))
+    metrics_path = run_dir / "metrics.jsonl"
+    step_model = torch.compile(model) if bool(tcfg.compile) else model
+    model.train()
+    t0 = time.perf_counter()
+    tokens_since, t_since = 0, t0
+    loss_val = float("nan")
+    bar = tqdm(total=plan.steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
+               disable=bool(tcfg.get("quiet", False)))
+    for step in range(start_step, plan.steps):
+        lr = lr_at(step, plan.steps, float(tcfg.lr), float(tcfg.min_lr), float(tcfg.warmup_frac))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x_all, y_all = task.batch(step, plan.seqs_per_step)  # (seqs, ctx) each
+        loss_sum = 0.0
+        for m in range(plan.accum):
+            sl = slice(m * plan.micro_batch, (m + 1) * plan.micro_batch)
+            x, y = x_all[sl].to(device), y_all[sl].to(device)
+            with autocast():
+                loss = task.loss(step_model, x, y) / plan.accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.grad_clip)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training loss is {loss_sum} at step {step}; lower trainer.lr?")
+        loss_val = loss_sum
+        tokens_since += plan.tokens_per_step
+        done = step + 1
+        if done % int(tcfg.log_every) == 0 or done == plan.steps:
+            now = time.perf_counter()
+            tps = tokens_since / max(now - t_since, 1e-9)
+            row = {"step": done, "tokens": done * plan.tokens_per_step, "loss": loss_val, "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": prior_wall + now - t0}
+            append_jsonl(metrics_path, row)
+            tracker.log(row, step=done)
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}")
+            tokens_since, t_since = 0, now
+        if int(tcfg.ckpt_every) and done % int(tcfg.ckpt_every) == 0 and done < plan.steps:
+            save_checkpoint(ckpt_path, model, optimizer, done, {"train_wall_s": prior_wall + time.perf_counter() - t0})
+        bar.update(1)
+    bar.close()
+    wall = prior_wall + time.perf_counter() - t0
+    trained_steps = plan.steps - start_step
+    save_checkpoint(ckpt_path, model, optimizer, plan.steps, {"train_wall_s": wall})
+    return {
+        "steps": plan.steps,
+        "tokens": plan.steps * plan.tokens_per_step,
+        "batch_seqs": plan.seqs_per_step,
+        "micro_batch": plan.micro_batch,
+        "train_loss": loss_val,
+        "train_wall_s": wall,
+        # throughput of the steps this process ran (a resumed run does not count earlier steps)
+        "tokens_per_s": trained_steps * plan.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+        if trained_steps else None,
+    }

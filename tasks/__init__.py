@@ -1,0 +1,14 @@
+"""Task runners. Each task turns a config into data, a model head, a loss and an evaluation."""
+from __future__ import annotations
+
+TASKS = ("lm",)
+
+
+def build_task(cfg, ctx: int):
+    """cfg: the full run config (task, data, seed); returns a task object (see tasks/lm/__init__.py)."""
+    name = cfg.task.name
+    if name == "lm":
+        from tasks.lm import LMTask
+
+        return LMTask(cfg.task, cfg.data, ctx, seed=int(cfg.seed))
+    raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")

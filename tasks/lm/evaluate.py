@@ -1,0 +1,61 @@
+"""Language-model evaluation: loss, perplexity, bits per byte, and loss by token position."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def position_buckets(ctx: int) -> list[tuple[int, int]]:
+    """Log2-spaced buckets of 1-based token positions: [1, 2), [2, 4), ..., ending at ctx."""
+    edges, e = [1], 2
+    while e <= ctx:
+        edges.append(e)
+        e *= 2
+    if edges[-1] != ctx + 1:
+        edges.append(ctx + 1)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def unigram_bits_per_byte(text_bytes: bytes) -> float:
+    """Entropy (bits) of the byte distribution of the text: what a model with no context achieves."""
+    counts = torch.bincount(torch.frombuffer(bytearray(text_bytes), dtype=torch.uint8).long(), minlength=256)
+    p = counts[counts > 0].double() / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+@torch.no_grad()
+def evaluate_lm(model, windows, token_bytes: torch.Tensor, batch_size: int, device, autocast) -> dict:
+    """Mean next-token loss over every window of `windows` (a PackedWindows), and its by-position profile.
+
+    val_bpb = sum of losses (nats) / ln 2 / number of UTF-8 bytes the target tokens stand for.
+    """
+    was_training = model.training
+    model.eval()
+    ctx = windows.ctx
+    pos_sum = torch.zeros(ctx, dtype=torch.float64)
+    n_windows = 0
+    total_bytes = 0
+    for start in range(0, windows.n, batch_size):
+        idx = list(range(start, min(start + batch_size, windows.n)))
+        x, y = windows.batch(idx)
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x)  # (B, T, V)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)  # (B, T)
+        pos_sum += nll.double().sum(0).cpu()
+        n_windows += len(idx)
+        total_bytes += int(token_bytes[y.cpu()].sum())
+    model.train(was_training)
+    total_nats = float(pos_sum.sum())
+    loss = total_nats / (n_windows * ctx)
+    by_pos = pos_sum / n_windows  # (T,) mean loss at each position
+    buckets = [{"start": a, "end": b - 1, "loss": float(by_pos[a - 1:b - 1].mean())} for a, b in position_buckets(ctx)]
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(loss),
+        "val_bpb": total_nats / math.log(2) / max(total_bytes, 1),
+        "val_tokens": n_windows * ctx,
+        "loss_by_position": buckets,
+    }

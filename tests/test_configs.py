@@ -1,0 +1,41 @@
+"""Every option of every config group composes, and every size makes a valid model config."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from architectures import ModelConfig
+from bench.run import model_config
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ["arch", "size", "task", "data", "trainer", "logger", "profile"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def compose_with(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_config_composes(group, option):
+    cfg = compose_with(f"{group}={option}", "sweep_id=test", "results=/tmp/x")
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg[group] is not None if group != "profile" else cfg.profile == option
+    mc = model_config(cfg, vocab_size=257)
+    assert isinstance(mc, ModelConfig) and mc.head_dim * mc.n_heads == mc.d_model
+
+
+def test_profiles_name_sizes_that_exist():
+    sizes = {p.stem for p in (CONF / "size").glob("*.yaml")}
+    for p in (CONF / "profile").glob("*.yaml"):
+        ladder = OmegaConf.load(p).ladder
+        assert 2 <= len(ladder) <= 4 and set(ladder) <= sizes, p.name
+
+
+def test_paper_sizes_match_table_3():
+    expect = {"125m": (12, 768, 12), "350m": (24, 1024, 16), "760m": (24, 1536, 16), "1.3b": (24, 2048, 32)}
+    for name, (L, d, H) in expect.items():
+        s = OmegaConf.load(CONF / "size" / f"{name}.yaml")
+        assert (s.n_layers, s.d_model, s.n_heads, s.batch_tokens) == (L, d, H, 524288)

@@ -1,0 +1,75 @@
+"""The `make sweep` entry point: bad input fails at once; the smoke profile runs end to end."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.sweep import UsageError, parse_ctx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sweep(*args, results):
+    return subprocess.run([sys.executable, "-m", "bench.sweep", "--results", str(results), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_parse_ctx():
+    assert parse_ctx("2k") == 2048 and parse_ctx("32K") == 32768 and parse_ctx("256") == 256
+    for bad in ("2x", "-4", "0", "k", "2.5k", ""):
+        with pytest.raises(UsageError):
+            parse_ctx(bad)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "nonexistent"], "unknown ARCH 'nonexistent'; available: .*transformer"),
+    (["--ctx", "2x"], "CTX must be"),
+    (["--profile", "laptop"], "unknown PROFILE 'laptop'; available: cpu, paper, smoke"),
+    (["--sizes", "huge"], "unknown SIZES 'huge'"),
+    (["--data", "nope"], "unknown DATA 'nope'"),
+])
+def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, args, message):
+    import re
+
+    res = sweep(*args, results=tmp_path / "out")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_smoke_sweep_end_to_end(tmp_path):
+    res = sweep("--arch", "transformer", "--ctx", "256", "--profile", "smoke", results=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["size"] for r in rows) == ["smoke-s", "smoke-xs"]
+    for r in rows:
+        assert (r["arch"], r["ctx"], r["task"], r["data"], r["status"]) == ("transformer", "256", "lm", "shakespeare", "ok")
+        assert r["backend"] == "attention=sdpa"
+        for col in ("params", "flops_per_token", "train_flops", "tokens", "val_loss", "val_ppl", "val_bpb",
+                    "tokens_per_s", "wall_s"):
+            assert float(r[col]) > 0, col
+        assert float(r["val_bpb"]) < 8.0  # better than uniform bytes after a few steps
+        run_dir = Path(r["run_dir"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["packages"]["torch"] and summary["git_commit"]
+        assert (run_dir / "config.yaml").exists() and (run_dir / "metrics.jsonl").exists()
+        assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+        curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert curve[-1]["loss"] < curve[0]["loss"]
+    for plot in ("loss_vs_flops.png", "loss_by_position.png", "training_curves.png"):
+        assert (tmp_path / "plots" / plot).stat().st_size > 10_000, plot
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_failed_run_is_recorded_and_fails_the_sweep(tmp_path):
+    res = sweep("--ctx", "64", "--profile", "smoke", "--sizes", "smoke-xs", "--data", "text_files",
+                "data.paths=[/nonexistent/corpus.txt]", "logger=none", results=tmp_path)
+    assert res.returncode == 1
+    summary = json.loads(next(tmp_path.glob("runs/*/*/summary.json")).read_text())
+    assert summary["status"] == "failed" and "/nonexistent/corpus.txt" in summary["error"]
+    assert "/nonexistent/corpus.txt" in res.stdout

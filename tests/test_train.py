@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bench.train import Plan, lr_at
+
+
+def test_lr_schedule_warmup_then_cosine():
+    steps, peak, floor = 100, 1e-3, 1e-5
+    lrs = [lr_at(s, steps, peak, floor, 0.1) for s in range(steps)]
+    assert lrs[0] == pytest.approx(peak / 10)
+    assert lrs[9] == pytest.approx(peak)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # decays after warmup
+    assert lrs[-1] == pytest.approx(floor, abs=2e-6)
+
+
+def test_plan_resolves_batches():
+    p = Plan.resolve(tokens=100_000, batch_tokens=8192, micro_batch=2, ctx=2048)
+    assert (p.seqs_per_step, p.micro_batch, p.accum, p.tokens_per_step) == (4, 2, 2, 8192)
+    assert p.steps == math.ceil(100_000 / 8192)
+    long = Plan.resolve(tokens=100_000, batch_tokens=8192, micro_batch=8, ctx=32768)
+    assert long.seqs_per_step == 1 and long.tokens_per_step == 32768
+    with pytest.raises(ValueError):
+        Plan.resolve(tokens=0, batch_tokens=1, micro_batch=1, ctx=1)
+
+
+class CopyTask:
+    """Echo the current token: any working model and trainer learn it within a few dozen steps."""
+
+    vocab_size = 16
+
+    def batch(self, step, n):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randint(0, 16, (n, 32), generator=g)
+        return x, x.clone()
+
+    @staticmethod
+    def loss(model, x, y):
+        return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def trainer_cfg(**kw):
+    base = dict(lr=3e-3, tokens=32 * 8 * 60, batch_tokens=32 * 8, micro_batch=4, min_lr=1e-5, warmup_frac=0.1,
+                betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, grad_clip=1.0, log_every=10, ckpt_every=20,
+                resume=True, quiet=True, compile=False)
+    return OmegaConf.create({**base, **kw})
+
+
+def test_training_learns_and_resumes(tmp_path):
+    import contextlib
+
+    from architectures import ModelConfig, build_model
+    from bench.tracking import NullTracker
+    from bench.train import CHECKPOINT, train
+
+    torch.manual_seed(0)
+    cfg = ModelConfig("transformer", 16, 32, 2, 2, 64, 32, options={"attn_backend": "sdpa"})
+    model = build_model(cfg)
+    out = train(model, CopyTask(), trainer_cfg(), 32, tmp_path, NullTracker(), torch.device("cpu"),
+                contextlib.nullcontext)
+    assert out["steps"] == 60 and out["train_loss"] < 0.5 * math.log(16)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    assert (tmp_path / CHECKPOINT).exists()
+    # a finished run that is started again resumes at its last step: nothing is retrained
+    again = train(build_model(cfg), CopyTask(), trainer_cfg(), 32, tmp_path, NullTracker(), torch.device("cpu"),
+                  contextlib.nullcontext)
+    assert again["tokens_per_s"] is None and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6

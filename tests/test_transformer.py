@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+import architectures
+from architectures import ModelConfig, build_model
+from architectures.layers import apply_rope, rope_angles
+from architectures.shell import SequenceClassifier
+from architectures.transformer import BackendUnavailable, resolve_attention_backend
+
+
+def tiny(arch="transformer", **opts):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch, vocab_size=61, d_model=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64,
+                      options={"attn_backend": "sdpa", **opts})
+    return build_model(cfg).double().eval()
+
+
+def test_registry_lists_names_for_unknown_arch():
+    with pytest.raises(architectures.UnknownArchitecture, match="available: .*transformer"):
+        architectures.get("nonexistent")
+
+
+def test_kv_cache_decode_equals_full_forward():
+    model = tiny()
+    x = torch.randint(0, 61, (3, 23))
+    full = model(x)  # (B, T, V)
+    state = model.new_state(3, 23)
+    steps = [model(x[:, :7], state)] + [model(x[:, t:t + 1], state) for t in range(7, 23)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_chained_prefills_equal_one_prefill():
+    model = tiny()
+    x = torch.randint(0, 61, (2, 30))
+    state = model.new_state(2, 30)
+    out = torch.cat([model(x[:, :11], state), model(x[:, 11:19], state), model(x[:, 19:], state)], 1)
+    torch.testing.assert_close(out, model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_causality():
+    model = tiny()
+    x = torch.randint(0, 61, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 61, (2, 8))
+    a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_decode_state_overflow_is_an_error():
+    model = tiny()
+    state = model.new_state(1, 4)
+    with pytest.raises(ValueError, match="decode state holds 4 tokens"):
+        model(torch.zeros(1, 5, dtype=torch.long), state)
+
+
+def test_generate_greedy_matches_argmax_of_full_forward():
+    model = tiny()
+    prompt = torch.randint(0, 61, (2, 5))
+    out = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert out.shape == (2, 11)
+    # each generated token is the argmax of a fresh full forward over what precedes it
+    for t in range(5, 11):
+        torch.testing.assert_close(out[:, t], model(out[:, :t])[:, -1].argmax(-1))
+
+
+def test_init_and_tied_head():
+    model = tiny()
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert model.num_params() - model.num_params(non_embedding=True) == 61 * 32
+
+
+def test_backend_resolution_on_cpu():
+    assert resolve_attention_backend("sdpa") == "sdpa"
+    if not torch.cuda.is_available():
+        assert resolve_attention_backend("auto") == "sdpa"
+        with pytest.raises(BackendUnavailable):
+            resolve_attention_backend("flash_attn")
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        resolve_attention_backend("xformers")
+    assert tiny().backends() == {"attention": "sdpa"}
+
+
+def test_rope_is_a_rotation_and_relative():
+    q = torch.randn(1, 1, 5, 8, dtype=torch.float64)
+    k = torch.randn(1, 1, 5, 8, dtype=torch.float64)
+    for interleaved in (False, True):
+        c0, s0 = rope_angles(8, torch.arange(5))
+        c1, s1 = rope_angles(8, torch.arange(5) + 7)
+        qa, ka = apply_rope(q, c0, s0, interleaved), apply_rope(k, c0, s0, interleaved)
+        qb, kb = apply_rope(q, c1, s1, interleaved), apply_rope(k, c1, s1, interleaved)
+        torch.testing.assert_close(qa.norm(dim=-1), q.norm(dim=-1))  # norms kept
+        torch.testing.assert_close(qa @ ka.transpose(-1, -2), qb @ kb.transpose(-1, -2))  # shift-invariant scores
+
+
+def test_interleaved_rope_rotates_adjacent_pairs():
+    x = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])
+    cos, sin = rope_angles(4, torch.tensor([1]))
+    y = apply_rope(x, cos, sin, interleaved=True)
+    torch.testing.assert_close(y[..., :2], torch.stack([cos[0, 0], sin[0, 0]]).view(1, 1, 1, 2))
+    torch.testing.assert_close(y[..., 2:], torch.zeros(1, 1, 1, 2))
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_classification_head_respects_lengths(pooling):
+    clf = SequenceClassifier(tiny(), n_classes=3, pooling=pooling).double()
+    x = torch.randint(0, 61, (2, 10))
+    lengths = torch.tensor([6, 10])
+    out = clf(x, lengths)
+    assert out.shape == (2, 3)
+    x2 = x.clone()
+    x2[0, 6:] = 0  # padding after the length does not change the logits
+    torch.testing.assert_close(clf(x2, lengths)[0], out[0])
