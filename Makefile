@@ -23,7 +23,7 @@ DATA ?=
 RESULTS ?= results
 ARGS ?=
 
-.PHONY: help install test sweep plots clean
+.PHONY: help install test sweep plots bench-ttt clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
@@ -60,6 +60,9 @@ sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes
 
 plots: $(STAMP) ## redraw RESULTS/summary.csv and RESULTS/plots from the runs there
 	$(PY) -m bench.report --results "$(RESULTS)"
+
+bench-ttt: $(STAMP) ## tokens/s of one TTT layer: reference vs dual form (125M shape, CPU)
+	$(PY) -m bench.ttt_layer_speed --results "$(RESULTS)" $(ARGS)
 
 clean: ## remove .venv and caches (results are kept)
 	rm -rf $(VENV) .pytest_cache outputs multirun

@@ -98,6 +98,9 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
     metrics_path = run_dir / "metrics.jsonl"
     step_model = torch.compile(model) if bool(tcfg.compile) else model
     model.train()
+    # modules that schedule something by training progress (TTT-MLP's inner base lr warmup)
+    scheduled = [m for m in model.modules() if hasattr(m, "set_train_progress")]
+    warmup_steps = max(1, int(float(tcfg.warmup_frac) * plan.steps))
     t0 = time.perf_counter()
     tokens_since, t_since = 0, t0
     loss_val = float("nan")
@@ -107,6 +110,8 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
         lr = lr_at(step, plan.steps, float(tcfg.lr), float(tcfg.min_lr), float(tcfg.warmup_frac))
         for group in optimizer.param_groups:
             group["lr"] = lr
+        for m in scheduled:
+            m.set_train_progress(step, warmup_steps)
         x_all, y_all = task.batch(step, plan.seqs_per_step)  # (seqs, ctx) each
         loss_sum = 0.0
         for m in range(plan.accum):

@@ -73,3 +73,20 @@ def test_failed_run_is_recorded_and_fails_the_sweep(tmp_path):
     summary = json.loads(next(tmp_path.glob("runs/*/*/summary.json")).read_text())
     assert summary["status"] == "failed" and "/nonexistent/corpus.txt" in summary["error"]
     assert "/nonexistent/corpus.txt" in res.stdout
+
+
+def test_smoke_sweep_every_architecture_learns(tmp_path):
+    """ARCH=all through the same entry point: every architecture trains, and its loss falls."""
+    import architectures
+
+    res = sweep("--arch", "all", "--ctx", "64", "--profile", "smoke", "logger=none", results=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["arch"] for r in rows}) == architectures.names()
+    for r in rows:
+        assert r["status"] == "ok" and float(r["val_bpb"]) < 8.0, r
+        curve = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert curve[-1]["loss"] < curve[0]["loss"], r["run"]
+        if r["arch"].startswith("ttt"):
+            assert r["backend"] == "ttt=dual"

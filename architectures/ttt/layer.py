@@ -1,0 +1,210 @@
+"""TTT-Linear and TTT-MLP layers and blocks, with the paper's exact semantics (arXiv 2407.04620;
+shared notes ttt_semantics.md, which restates the official JAX code).
+
+Block, Mamba backbone (ttt_linear, ttt_mlp; the paper's default):
+    h += CausalConv_k4(RMSNorm(h))          "pre-conv"
+    h += TTT(RMSNorm(h))
+    h += SwiGLU(RMSNorm(h))
+Block, Transformer backbone (ttt_linear_base, ttt_mlp_base): no pre-conv.
+
+TTT(x), x the RMS-normed input (B, T, d), H heads of f = d / H:
+    Mamba backbone:  u = x Wq; XQ = convq(u); XK = convk(u); XV = x Wv; g = gelu_tanh(x Wg)
+    Transformer:     XQ = x Wq; XK = x Wk; XV = x Wv
+    RoPE (interleaved pairs) on XQ, XK at positions mod the mini-batch size b
+    a_j   = base_lr * sigmoid(theta_h . x_j + beta_h) / f        (key factor of the inner lr)
+    tok_i = max(0, 1/i + delta_i), i = 1..b                      (query factor)
+    Z     = inner loop (dual form, architectures/ttt/dual.py)    (B, H, T, f)
+    out   = Wo( LayerNorm_d(concat_heads(Z)) [* g] )
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from architectures.config import ModelConfig
+from architectures.layers import RMSNorm, SwiGLU, apply_rope, rope_angles
+from architectures.ttt.dual import InnerState, ttt_dual
+from architectures.ttt.inner import gelu_tanh
+from architectures.ttt.reference import ttt_reference
+
+INNER = ("linear", "mlp")
+BACKBONES = ("mamba", "transformer")
+IMPLS = ("auto", "dual", "reference")
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution over time, width k, with bias. Decode state: last k-1 inputs."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.width = width
+        bound = 1 / math.sqrt(width)  # nn.Conv1d's default init for a depthwise kernel
+        self.weight = nn.Parameter(torch.empty(dim, width).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d), state (B, k-1, d) or None (zeros) -> y (B, T, d), new state (B, k-1, d)."""
+        B, T, d = x.shape
+        if state is None:
+            state = x.new_zeros(B, self.width - 1, d)
+        xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, T + k - 1, d)
+        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], self.bias.to(x.dtype), groups=d)
+        return y.transpose(1, 2), xp[:, T:]  # (B, T, d), the last k - 1 inputs
+
+
+class TTTCache:
+    """Decode state of one TTT block: conv states, the inner state, tokens seen."""
+
+    def __init__(self):
+        self.conv_pre = self.conv_q = self.conv_k = None
+        self.inner: InnerState | None = None  # None: the learned initial weights
+        self.seen = 0
+
+
+class TTTLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        o = cfg.options
+        self.inner, self.backbone = str(o.get("inner", "linear")), str(o.get("backbone", "mamba"))
+        self.impl = str(o.get("impl", "auto"))
+        if self.inner not in INNER or self.backbone not in BACKBONES or self.impl not in IMPLS:
+            raise ValueError(f"TTT options: inner in {INNER}, backbone in {BACKBONES}, impl in {IMPLS}; got "
+                             f"{self.inner!r}, {self.backbone!r}, {self.impl!r}")
+        self.mini_batch = int(o.get("mini_batch", 16))
+        self.base_lr = float(o.get("base_lr", 1.0 if self.inner == "linear" else 0.1))
+        self.base_lr_init = float(o.get("base_lr_init", self.base_lr))  # warmed up to base_lr with the outer lr
+        self.base_lr_now = self.base_lr
+        self.rope_theta = float(o.get("rope_theta", 1e4))
+        self.checkpoint_group = int(o.get("checkpoint_group", 0))
+        d, H, f = cfg.d_model, cfg.n_heads, cfg.head_dim
+        self.n_heads, self.head_dim = H, f
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wv = nn.Linear(d, d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+        if self.backbone == "mamba":
+            width = int(o.get("conv_width", 4))
+            self.conv_q, self.conv_k = CausalConv(d, width), CausalConv(d, width)
+            self.wg = nn.Linear(d, d, bias=False)
+        else:
+            self.wk = nn.Linear(d, d, bias=False)
+        self.lr_gate = nn.Linear(d, H)  # theta_h (d) and beta_h per head
+        self.token_offset = nn.Parameter(torch.zeros(self.mini_batch))  # delta
+        self.ln_weight = nn.Parameter(torch.ones(H, f))
+        self.ln_bias = nn.Parameter(torch.zeros(H, f))
+        std = cfg.init_std
+        if self.inner == "linear":
+            self.W = nn.Parameter(torch.randn(H, f, f) * std)
+            self.b = nn.Parameter(torch.zeros(H, f))
+        else:
+            self.W1 = nn.Parameter(torch.randn(H, f, 4 * f) * std)
+            self.b1 = nn.Parameter(torch.zeros(H, 4 * f))
+            self.W2 = nn.Parameter(torch.randn(H, 4 * f, f) * std)
+            self.b2 = nn.Parameter(torch.zeros(H, f))
+        self.post_norm = nn.LayerNorm(d, eps=1e-6)
+
+    # -- the inner learning rate ------------------------------------------------------------
+    def set_train_progress(self, step: int, warmup_steps: int) -> None:
+        """TTT-MLP's base lr warms up linearly with the outer lr (base_lr_init -> base_lr)."""
+        frac = min(1.0, (step + 1) / max(1, warmup_steps))
+        self.base_lr_now = self.base_lr_init + frac * (self.base_lr - self.base_lr_init)
+
+    def token_factor(self) -> torch.Tensor:
+        """tok_i = max(0, 1/i + delta_i), i = 1..b: (b,)."""
+        delta = self.token_offset
+        i = torch.arange(1, self.mini_batch + 1, device=delta.device, dtype=delta.dtype)
+        return torch.clamp(1.0 / i + delta, min=0.0)
+
+    def key_factor(self, x: torch.Tensor) -> torch.Tensor:
+        """a_j = base_lr * sigmoid(theta_h . x_j + beta_h) / f: (B, H, T)."""
+        gate = torch.sigmoid(self.lr_gate(x).to(torch.promote_types(x.dtype, torch.float32)))  # (B, T, H)
+        return self.base_lr_now * gate.transpose(1, 2) / self.head_dim
+
+    def inner_lr(self, x: torch.Tensor) -> torch.Tensor:
+        """The full b x b inner learning-rate matrix of the first mini-batch of x, E[i, j] = tok_i a_j
+        (before the causal mask): rank 1 per head. (B, H, b, b). For tests and inspection."""
+        a = self.key_factor(x[:, : self.mini_batch])  # (B, H, b)
+        return self.token_factor()[:, None] * a[..., None, :]
+
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        names = ("W", "b") if self.inner == "linear" else ("W1", "b1", "W2", "b2")
+        return {n: getattr(self, n) for n in names}
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cache: TTTCache | None = None) -> torch.Tensor:
+        B, T, d = x.shape
+        H, f = self.n_heads, self.head_dim
+        seen = 0 if cache is None else cache.seen
+        if self.backbone == "mamba":
+            u = self.wq(x)
+            q, sq = self.conv_q(u, None if cache is None else cache.conv_q)
+            k, sk = self.conv_k(u, None if cache is None else cache.conv_k)
+            if cache is not None:
+                cache.conv_q, cache.conv_k = sq, sk
+        else:
+            q, k = self.wq(x), self.wk(x)
+        v = self.wv(x)
+        q, k, v = (t.view(B, T, H, f).transpose(1, 2) for t in (q, k, v))  # (B, H, T, f)
+        pos = (seen + torch.arange(T, device=x.device)) % self.mini_batch  # RoPE restarts every mini-batch
+        cos, sin = rope_angles(f, pos, self.rope_theta)
+        q, k = apply_rope(q, cos, sin, interleaved=True), apply_rope(k, cos, sin, interleaved=True)
+        z = self._inner_loop(q, k, v, self.key_factor(x), cache)  # (B, H, T, f)
+        z = z.to(x.dtype).transpose(1, 2).reshape(B, T, d)
+        y = self.post_norm(z)
+        if self.backbone == "mamba":
+            y = y * gelu_tanh(self.wg(x))
+        if cache is not None:
+            cache.seen += T
+        return self.wo(y)
+
+    def _inner_loop(self, q, k, v, a, cache: TTTCache | None) -> torch.Tensor:
+        """The inner loop in fp32 (W and its accumulators stay fp32 under autocast)."""
+        dt = torch.promote_types(self.ln_weight.dtype, torch.float32)  # fp32, or fp64 in tests
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v, a = q.to(dt), k.to(dt), v.to(dt), a.to(dt)
+            tok, ln_w, ln_b = self.token_factor().to(dt), self.ln_weight.to(dt), self.ln_bias.to(dt)
+            init = {n: p.to(dt) for n, p in self.initial_params().items()}
+            if self.resolved_impl() == "reference":
+                if cache is not None:
+                    raise ValueError("the reference TTT implementation has no decode state; use impl=dual")
+                return ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, self.mini_batch, self.inner)
+            state = cache.inner if cache is not None and cache.inner is not None else InnerState(
+                {n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})  # (1, H, ...)
+            out, new_state = ttt_dual(self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None],
+                                      self.mini_batch, self.checkpoint_group if self.training else 0)
+            if cache is not None:
+                cache.inner = new_state
+            return out
+
+    def resolved_impl(self) -> str:
+        # issue 6 adds the Triton kernels; until then auto is the PyTorch dual form everywhere
+        return "dual" if self.impl == "auto" else self.impl
+
+
+class TTTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ttt = TTTLayer(cfg)
+        if self.ttt.backbone == "mamba":
+            self.conv_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.pre_conv = CausalConv(cfg.d_model, int(cfg.options.get("conv_width", 4)))
+        self.ttt_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+    def forward(self, h: torch.Tensor, cache: TTTCache | None = None) -> torch.Tensor:
+        if self.ttt.backbone == "mamba":
+            y, state = self.pre_conv(self.conv_norm(h), None if cache is None else cache.conv_pre)
+            if cache is not None:
+                cache.conv_pre = state
+            h = h + y
+        h = h + self.ttt(self.ttt_norm(h), cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> TTTCache:
+        return TTTCache()
+
+    def backends(self) -> dict[str, str]:
+        return {"ttt": self.ttt.resolved_impl()}

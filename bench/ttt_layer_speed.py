@@ -1,0 +1,97 @@
+"""Tokens/s of one TTT layer: the token-by-token reference vs the dual form, forward and
+forward+backward, at the 125M shape (d=768, 12 heads of 64, T=2048), batch 1 and 4, on this machine.
+
+    python -m bench.ttt_layer_speed [--d 768 --heads 12 --T 2048 --batches 1,4 --ref-tokens 64]
+    make bench-ttt
+
+The reference is a Python loop over tokens whose work per token does not depend on the position
+(each token sums at most b = 16 gradients), so its tokens/s is measured on the first --ref-tokens
+tokens of the same input; the dual form runs the whole T. Ratios come from one run of this script.
+Writes RESULTS/bench/ttt_layer_speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from architectures import ModelConfig
+from architectures.ttt.layer import TTTLayer
+from bench.results import atomic_write_json, device_name
+
+TARGET_FWD_BWD_SPEEDUP = 10.0
+
+
+def time_call(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(layer: TTTLayer, x: torch.Tensor, repeats: int) -> dict:
+    def fwd():
+        with torch.no_grad():
+            layer(x)
+
+    def fwd_bwd():
+        layer.zero_grad(set_to_none=True)
+        layer(x.requires_grad_()).square().mean().backward()
+
+    n = x.shape[0] * x.shape[1]
+    return {"fwd_tokens_per_s": n / time_call(fwd, repeats), "fwd_bwd_tokens_per_s": n / time_call(fwd_bwd, repeats)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--inner", default="linear,mlp")
+    p.add_argument("--ref-tokens", type=int, default=64, help="tokens the reference is timed on")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--results", default="results")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    rows = []
+    print(f"device: {device_name('cpu')}, {torch.get_num_threads()} threads; d={args.d}, {args.heads} heads, T={args.T}")
+    print(f"{'layer':<11} {'B':>2} {'impl':<9} {'T':>5} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14}")
+    for inner in args.inner.split(","):
+        cfg = ModelConfig("ttt", 257, args.d, 1, args.heads, 4 * args.d, args.T,
+                          options={"inner": inner, "backbone": "mamba", "impl": "dual"})
+        layer = TTTLayer(cfg)
+        for B in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(B, args.T, args.d)
+            res = {}
+            for impl, T, reps in (("dual", args.T, args.repeats), ("reference", args.ref_tokens, 1)):
+                layer.impl = impl
+                res[impl] = measure(layer, x[:, :T].clone(), reps)
+                row = {"layer": f"ttt_{inner}", "batch": B, "impl": impl, "timed_tokens_per_seq": T, **res[impl]}
+                rows.append(row)
+                print(f"{row['layer']:<11} {B:>2} {impl:<9} {T:>5} {row['fwd_tokens_per_s']:>11,.1f} "
+                      f"{row['fwd_bwd_tokens_per_s']:>14,.1f}")
+            fwd = res["dual"]["fwd_tokens_per_s"] / res["reference"]["fwd_tokens_per_s"]
+            fb = res["dual"]["fwd_bwd_tokens_per_s"] / res["reference"]["fwd_bwd_tokens_per_s"]
+            verdict = "meets" if fb >= TARGET_FWD_BWD_SPEEDUP else "MISSES"
+            print(f"{'':<11} {B:>2} dual/reference: forward {fwd:,.1f}x, forward+backward {fb:,.1f}x "
+                  f"({verdict} the {TARGET_FWD_BWD_SPEEDUP:.0f}x target)")
+            rows.append({"layer": f"ttt_{inner}", "batch": B, "impl": "dual/reference", "fwd_speedup": fwd,
+                         "fwd_bwd_speedup": fb})
+    out = Path(args.results) / "bench" / "ttt_layer_speed.json"
+    atomic_write_json(out, {"device": device_name("cpu"), "threads": torch.get_num_threads(), "d": args.d,
+                            "heads": args.heads, "T": args.T, "ref_tokens": args.ref_tokens, "rows": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

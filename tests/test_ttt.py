@@ -1,0 +1,221 @@
+"""TTT-Linear / TTT-MLP: the dual form against the token-by-token reference, the reference against
+the paper's equations, decoding against prefill (shared notes ttt_semantics.md)."""
+import copy
+
+import pytest
+import torch
+
+from architectures import ModelConfig, build_model
+from architectures.ttt.dual import InnerState, ttt_dual
+from architectures.ttt.inner import gelu_tanh, gelu_tanh_grad, layer_norm, ln_loss_grad
+from architectures.ttt.layer import TTTLayer
+from architectures.ttt.reference import ttt_reference
+
+ARCHS = {"ttt_linear": ("linear", "mamba"), "ttt_mlp": ("mlp", "mamba"),
+         "ttt_linear_base": ("linear", "transformer"), "ttt_mlp_base": ("mlp", "transformer")}
+F64 = torch.float64
+
+
+def layer_cfg(inner="linear", backbone="mamba", d=32, heads=2, impl="dual", **kw):
+    opts = {"inner": inner, "backbone": backbone, "mini_batch": 16, "base_lr": 1.0 if inner == "linear" else 0.1,
+            "impl": impl, **kw}
+    return ModelConfig("ttt", 61, d, 1, heads, 2 * d, 256, options=opts)
+
+
+def perturbed_layer(cfg, seed=0):
+    """A layer whose every parameter is away from its init (so no gradient is trivially zero)."""
+    torch.manual_seed(seed)
+    layer = TTTLayer(cfg).to(F64)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            scale = 0.3 if name in ("W", "W1", "W2") else 0.1
+            p.add_(torch.randn_like(p) * scale)
+    return layer
+
+
+def random_inputs(B, H, T, f, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, f, generator=g, dtype=dtype) for _ in range(3))
+    a = torch.rand(B, H, T, generator=g, dtype=dtype) / f
+    tok = 1.0 / torch.arange(1, 17, dtype=dtype) + 0.05 * torch.randn(16, generator=g, dtype=dtype)
+    ln_w = 1 + 0.1 * torch.randn(H, f, generator=g, dtype=dtype)
+    ln_b = 0.1 * torch.randn(H, f, generator=g, dtype=dtype)
+    return q, k, v, a, tok.clamp(min=0), ln_w, ln_b
+
+
+def initial(inner, H, f, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if inner == "linear":
+        return {"W": 0.3 * torch.randn(H, f, f, generator=g, dtype=dtype), "b": 0.1 * torch.randn(H, f, generator=g, dtype=dtype)}
+    return {"W1": 0.3 * torch.randn(H, f, 4 * f, generator=g, dtype=dtype), "b1": 0.1 * torch.randn(H, 4 * f, generator=g, dtype=dtype),
+            "W2": 0.2 * torch.randn(H, 4 * f, f, generator=g, dtype=dtype), "b2": 0.1 * torch.randn(H, f, generator=g, dtype=dtype)}
+
+
+def dual_from_fresh(inner, init, q, k, v, a, tok, ln_w, ln_b):
+    state = InnerState({n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})
+    return ttt_dual(inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], 16)
+
+
+# -- the pieces against autograd and the paper's equations ------------------------------------
+
+def test_ln_gradient_formula_equals_autograd():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 24, generator=g, dtype=F64, requires_grad=True)
+    t = torch.randn(3, 5, 24, generator=g, dtype=F64)
+    w, b = 1 + 0.2 * torch.randn(24, generator=g, dtype=F64), 0.1 * torch.randn(24, generator=g, dtype=F64)
+    loss = 0.5 * (layer_norm(z, w, b) - t).pow(2).sum()
+    (auto,) = torch.autograd.grad(loss, z)
+    torch.testing.assert_close(ln_loss_grad(z.detach(), t, w, b), auto, rtol=1e-12, atol=1e-12)
+
+
+def test_gelu_tanh_and_its_derivative():
+    x = torch.linspace(-5, 5, 101, dtype=F64, requires_grad=True)
+    torch.testing.assert_close(gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))
+    (auto,) = torch.autograd.grad(gelu_tanh(x).sum(), x)
+    torch.testing.assert_close(gelu_tanh_grad(x.detach()), auto)
+
+
+def test_reference_follows_the_paper_equations_for_two_tokens():
+    """out_i = q_i + LN(q_i W_i + b_i), W_i = W - sum_{j<=i} tok_i a_j k_j^T G_j, G_j = dl/dZ at (W, b)."""
+    q, k, v, a, tok, ln_w, ln_b = random_inputs(1, 1, 2, 8, F64)
+    init = initial("linear", 1, 8, F64)
+    W, b = init["W"][0], init["b"][0]
+    G = [ln_loss_grad(k[0, 0, j] @ W + b, v[0, 0, j] - k[0, 0, j], ln_w[0], ln_b[0]) for j in range(2)]
+    expect = []
+    for i in range(2):
+        Wi = W - sum(tok[i] * a[0, 0, j] * torch.outer(k[0, 0, j], G[j]) for j in range(i + 1))
+        bi = b - sum(tok[i] * a[0, 0, j] * G[j] for j in range(i + 1))
+        expect.append(q[0, 0, i] + layer_norm(q[0, 0, i] @ Wi + bi, ln_w[0], ln_b[0]))
+    out = ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, 16, "linear")
+    torch.testing.assert_close(out[0, 0], torch.stack(expect), rtol=1e-12, atol=1e-12)
+
+
+# -- dual form == reference --------------------------------------------------------------------
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+@pytest.mark.parametrize("f,T", [(16, 37), (64, 21), (96, 18)])
+def test_dual_equals_reference_fp64(inner, f, T):
+    q, k, v, a, tok, ln_w, ln_b = random_inputs(2, 2, T, f, F64)
+    init = initial(inner, 2, f, F64)
+    ref = ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, 16, inner)
+    out, _ = dual_from_fresh(inner, init, q, k, v, a, tok, ln_w, ln_b)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_dual_equals_reference_fp32(inner):
+    q, k, v, a, tok, ln_w, ln_b = random_inputs(2, 2, 40, 16, torch.float32)
+    init = initial(inner, 2, 16, torch.float32)
+    ref = ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, 16, inner)
+    out, _ = dual_from_fresh(inner, init, q, k, v, a, tok, ln_w, ln_b)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_parameter_gradient_through_dual_equals_reference(arch):
+    inner, backbone = ARCHS[arch]
+    dual = perturbed_layer(layer_cfg(inner, backbone, impl="dual"))
+    ref = copy.deepcopy(dual)
+    ref.impl = "reference"
+    x = torch.randn(2, 35, 32, dtype=F64)  # T = 35: two full mini-batches and a partial one
+    proj = torch.randn(2, 35, 32, dtype=F64)
+    (dual(x) * proj).sum().backward()
+    (ref(x) * proj).sum().backward()
+    for (name, p), (_, p_ref) in zip(dual.named_parameters(), ref.named_parameters()):
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_gradient_checkpointing_changes_nothing():
+    a = perturbed_layer(layer_cfg("mlp", checkpoint_group=2))
+    b = copy.deepcopy(a)
+    b.checkpoint_group = 0
+    x = torch.randn(1, 70, 32, dtype=F64)
+    (a(x).sum() * 1).backward()
+    (b(x).sum() * 1).backward()
+    for (n, p), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p.grad, pb.grad, msg=n)
+
+
+def test_partial_minibatch_update_is_not_committed():
+    q, k, v, a, tok, ln_w, ln_b = random_inputs(1, 2, 20, 16, F64)
+    init = initial("linear", 2, 16, F64)
+    _, s16 = dual_from_fresh("linear", init, q[:, :, :16], k[:, :, :16], v[:, :, :16], a[:, :, :16], tok, ln_w, ln_b)
+    _, s20 = dual_from_fresh("linear", init, q, k, v, a, tok, ln_w, ln_b)
+    assert (s16.offset, s20.offset) == (0, 4)
+    torch.testing.assert_close(s20.params["W"], s16.params["W"])
+    assert s20.acc["W"].abs().max() > 0
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+def tiny_model(arch):
+    inner, backbone = ARCHS[arch]
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch, 61, 32, 2, 2, 48, 128, options={"inner": inner, "backbone": backbone, "mini_batch": 16,
+                                                           "base_lr": 1.0})
+    model = build_model(cfg).to(F64).eval()
+    with torch.no_grad():  # move W0, b0 and the LN off their init so every path matters
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] in ("W", "b", "W1", "b1", "W2", "b2", "token_offset", "ln_bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_prefill_then_decode_equals_one_prefill(arch):
+    model = tiny_model(arch)
+    x = torch.randint(0, 61, (2, 45))
+    full = model(x)
+    state = model.new_state(2, 45)
+    # the prefill ends mid mini-batch (7 tokens), decoding crosses two mini-batch boundaries
+    outs = [model(x[:, :7], state)] + [model(x[:, t:t + 1], state) for t in range(7, 45)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp_base"])
+def test_chained_prefills_equal_one(arch):
+    model = tiny_model(arch)
+    x = torch.randint(0, 61, (2, 50))
+    state = model.new_state(2, 50)
+    outs = [model(x[:, :20], state), model(x[:, 20:23], state), model(x[:, 23:], state)]
+    torch.testing.assert_close(torch.cat(outs, 1), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_generate_runs_with_the_ttt_cache():
+    model = tiny_model("ttt_linear")
+    out = model.generate(torch.randint(0, 61, (1, 9)), max_new_tokens=20, temperature=0)
+    assert out.shape == (1, 29)
+    torch.testing.assert_close(out[:, 9 + 5], model(out[:, :14])[:, -1].argmax(-1))
+
+
+def test_causality():
+    model = tiny_model("ttt_mlp")
+    x = torch.randint(0, 61, (1, 40))
+    y = x.clone()
+    y[:, 25:] = (y[:, 25:] + 1) % 61
+    torch.testing.assert_close(model(x)[:, :25], model(y)[:, :25])
+
+
+# -- the inner learning rate ---------------------------------------------------------------------
+
+def test_inner_lr_is_rank_one_with_the_paper_factors():
+    layer = TTTLayer(layer_cfg(d=48, heads=3)).to(F64)
+    torch.nn.init.normal_(layer.lr_gate.weight, std=0.5)
+    x = torch.randn(2, 16, 48, dtype=F64)
+    E = layer.inner_lr(x)  # (B, H, b, b)
+    assert E.shape == (2, 3, 16, 16)
+    assert (torch.linalg.matrix_rank(E) == 1).all()
+    i = torch.arange(1, 17, dtype=F64)
+    # rows scale as 1/i (delta = 0 at init); the column factor is the per-key gate base_lr * sigmoid(.) / f
+    torch.testing.assert_close(E / E[..., :1, :], (1.0 / i)[:, None].expand(16, 16).expand_as(E))
+    gate = torch.sigmoid(x @ layer.lr_gate.weight.T + layer.lr_gate.bias).transpose(1, 2)  # (B, H, b)
+    torch.testing.assert_close(E[..., 0, :], 1.0 * gate / 16)
+
+
+def test_ttt_mlp_base_lr_warms_up_with_the_outer_lr():
+    layer = TTTLayer(layer_cfg("mlp", base_lr_init=0.01))
+    layer.set_train_progress(0, 10)
+    assert layer.base_lr_now == pytest.approx(0.01 + 0.009)
+    layer.set_train_progress(9, 10)
+    assert layer.base_lr_now == pytest.approx(0.1)
