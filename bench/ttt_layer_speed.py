@@ -1,6 +1,11 @@
 """Tokens/s of one TTT layer: the token-by-token reference vs the dual form, forward and
 forward+backward, at the 125M shape (d=768, 12 heads of 64, T=2048), batch 1 and 4, on this machine.
 
+Two scopes are timed: `layer` (the whole TTTLayer: projections, convs, RoPE, inner loop, post-norm,
+gate, output projection) and `inner` (the inner loop alone, ttt_reference vs ttt_dual on the same
+q, k, v, lr tensors: the only part in which the two implementations differ). The layer ratio is
+bounded by the projections both share (Amdahl).
+
     python -m bench.ttt_layer_speed [--d 768 --heads 12 --T 2048 --batches 1,4 --ref-tokens 64]
     make bench-ttt
 
@@ -37,6 +42,41 @@ def time_call(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure_inner(layer: TTTLayer, x: torch.Tensor, impl: str, repeats: int) -> dict:
+    """The inner loop alone on the q, k, v and key factors the layer computes for x."""
+    from architectures.ttt.dual import InnerState, ttt_dual
+    from architectures.ttt.reference import ttt_reference
+
+    B, T, d = x.shape
+    H, f = layer.n_heads, layer.head_dim
+    with torch.no_grad():
+        q, k, v = (torch.randn(B, H, T, f) for _ in range(3))
+        a = layer.key_factor(x)
+    leaves = [q, k, v, a, layer.ln_weight, layer.ln_bias, *layer.initial_params().values()]
+
+    def call():
+        tok, ln_w, ln_b = layer.token_factor(), layer.ln_weight, layer.ln_bias
+        init = layer.initial_params()
+        if impl == "reference":
+            return ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, layer.mini_batch, layer.inner)
+        state = InnerState({n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})
+        return ttt_dual(layer.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], layer.mini_batch)[0]
+
+    def fwd():
+        with torch.no_grad():
+            call()
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        for t in (q, k, v, a):
+            t.requires_grad_()
+        call().square().mean().backward()
+
+    n = B * T
+    return {"fwd_tokens_per_s": n / time_call(fwd, repeats), "fwd_bwd_tokens_per_s": n / time_call(fwd_bwd, repeats)}
+
+
 def measure(layer: TTTLayer, x: torch.Tensor, repeats: int) -> dict:
     def fwd():
         with torch.no_grad():
@@ -64,28 +104,35 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows = []
     print(f"device: {device_name('cpu')}, {torch.get_num_threads()} threads; d={args.d}, {args.heads} heads, T={args.T}")
-    print(f"{'layer':<11} {'B':>2} {'impl':<9} {'T':>5} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14}")
+    print(f"{'layer':<11} {'scope':<6} {'B':>2} {'impl':<9} {'T':>5} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14}")
     for inner in args.inner.split(","):
         cfg = ModelConfig("ttt", 257, args.d, 1, args.heads, 4 * args.d, args.T,
                           options={"inner": inner, "backbone": "mamba", "impl": "dual"})
         layer = TTTLayer(cfg)
-        for B in (int(b) for b in args.batches.split(",")):
-            x = torch.randn(B, args.T, args.d)
-            res = {}
-            for impl, T, reps in (("dual", args.T, args.repeats), ("reference", args.ref_tokens, 1)):
-                layer.impl = impl
-                res[impl] = measure(layer, x[:, :T].clone(), reps)
-                row = {"layer": f"ttt_{inner}", "batch": B, "impl": impl, "timed_tokens_per_seq": T, **res[impl]}
-                rows.append(row)
-                print(f"{row['layer']:<11} {B:>2} {impl:<9} {T:>5} {row['fwd_tokens_per_s']:>11,.1f} "
-                      f"{row['fwd_bwd_tokens_per_s']:>14,.1f}")
-            fwd = res["dual"]["fwd_tokens_per_s"] / res["reference"]["fwd_tokens_per_s"]
-            fb = res["dual"]["fwd_bwd_tokens_per_s"] / res["reference"]["fwd_bwd_tokens_per_s"]
-            verdict = "meets" if fb >= TARGET_FWD_BWD_SPEEDUP else "MISSES"
-            print(f"{'':<11} {B:>2} dual/reference: forward {fwd:,.1f}x, forward+backward {fb:,.1f}x "
-                  f"({verdict} the {TARGET_FWD_BWD_SPEEDUP:.0f}x target)")
-            rows.append({"layer": f"ttt_{inner}", "batch": B, "impl": "dual/reference", "fwd_speedup": fwd,
-                         "fwd_bwd_speedup": fb})
+        for scope in ("layer", "inner"):
+            for B in (int(b) for b in args.batches.split(",")):
+                x = torch.randn(B, args.T, args.d)
+                res = {}
+                for impl, T, reps in (("dual", args.T, args.repeats), ("reference", args.ref_tokens, 1)):
+                    xi = x[:, :T].clone()
+                    if scope == "layer":
+                        layer.impl = impl
+                        res[impl] = measure(layer, xi, reps)
+                    else:
+                        res[impl] = measure_inner(layer, xi, impl, reps)
+                    row = {"layer": f"ttt_{inner}", "scope": scope, "batch": B, "impl": impl,
+                           "timed_tokens_per_seq": T, **res[impl]}
+                    rows.append(row)
+                    print(f"{row['layer']:<11} {scope:<6} {B:>2} {impl:<9} {T:>5} {row['fwd_tokens_per_s']:>11,.1f} "
+                          f"{row['fwd_bwd_tokens_per_s']:>14,.1f}")
+                fwd = res["dual"]["fwd_tokens_per_s"] / res["reference"]["fwd_tokens_per_s"]
+                fb = res["dual"]["fwd_bwd_tokens_per_s"] / res["reference"]["fwd_bwd_tokens_per_s"]
+                verdict = "meets" if fb >= TARGET_FWD_BWD_SPEEDUP else "misses"
+                print(f"{'':<11} {scope:<6} {B:>2} dual/reference: forward {fwd:,.1f}x, forward+backward {fb:,.1f}x "
+                      f"({verdict} the {TARGET_FWD_BWD_SPEEDUP:.0f}x target)")
+                rows.append({"layer": f"ttt_{inner}", "scope": scope, "batch": B, "impl": "dual/reference",
+                             "fwd_speedup": fwd, "fwd_bwd_speedup": fb})
+        layer.impl = "dual"
     out = Path(args.results) / "bench" / "ttt_layer_speed.json"
     atomic_write_json(out, {"device": device_name("cpu"), "threads": torch.get_num_threads(), "d": args.d,
                             "heads": args.heads, "T": args.T, "ref_tokens": args.ref_tokens, "rows": rows})

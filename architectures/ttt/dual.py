@@ -39,67 +39,87 @@ class InnerState:
     offset: int = 0
 
 
-def _chunk_linear(p, acc, q, k, v, a, tok, ln_w, ln_b):
-    """One piece of a mini-batch. q, k, v (B, H, c, f); a (B, H, c); tok (c,). Returns out and the
-    accumulator increments (the update over this piece, before the tok_b factor)."""
+def _piece_linear(p, acc, q, k, t, a, tok, E, M):
+    """One piece (c <= b tokens) of a mini-batch, TTT-Linear. q, k, t = v - k: (B, H, c, f);
+    a (B, H, c); tok (c,); E = tril(tok a^T), M = E * (Q K^T + 1): (B, H, c, c).
+    Returns Zbar (B, H, c, f) and the accumulator increments of this piece."""
     W, b = p["W"], p["b"]  # (B|1, H, f, f), (B|1, H, 1, f)
-    G = ln_loss_grad(k @ W + b, v - k, ln_w, ln_b)  # (B, H, c, f)
-    E = torch.tril(tok[:, None] * a[..., None, :])  # (B, H, c, c): E[i, j] = tok_i a_j, j <= i
-    zbar = q @ W + b - (E * (q @ k.transpose(-1, -2))) @ G - E @ G  # (B, H, c, f)
+    c = q.shape[-2]
+    Z = torch.cat([k, q], dim=-2) @ W + b  # (B, H, 2c, f): K W + b, Q W + b in one matmul
+    G = ln_loss_grad(Z[..., :c, :], t, *_ln(p))  # (B, H, c, f)
+    zbar = Z[..., c:, :] - M @ G  # row i: q_i (W - sum_j E_ij k_j^T G_j) + b - sum_j E_ij G_j
     if acc:
         zbar = zbar - tok[:, None] * (q @ acc["W"] + acc["b"])
-    out = q + layer_norm(zbar, ln_w, ln_b)
-    aG = a[..., None] * G  # (B, H, c, f)
-    return out, {"W": k.transpose(-1, -2) @ aG, "b": aG.sum(-2, keepdim=True)}
+    aG = a[..., None] * G
+    return zbar, {"W": k.transpose(-1, -2) @ aG, "b": aG.sum(-2, keepdim=True)}
 
 
-def _chunk_mlp(p, acc, q, k, v, a, tok, ln_w, ln_b):
-    """TTT-MLP: f_res(x) = gelu(x W1 + b1) W2 + b2, hidden 4f. Shapes as _chunk_linear."""
+def _piece_mlp(p, acc, q, k, t, a, tok, E, M):
+    """TTT-MLP, f_res(x) = gelu(x W1 + b1) W2 + b2 (hidden 4f). Arguments as _piece_linear."""
     W1, b1, W2, b2 = p["W1"], p["b1"], p["W2"], p["b2"]
-    Z1 = k @ W1 + b1  # (B, H, c, 4f)
-    X2 = gelu_tanh(Z1)
-    G2 = ln_loss_grad(X2 @ W2 + b2, v - k, ln_w, ln_b)  # (B, H, c, f)
-    G1 = (G2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(Z1)  # (B, H, c, 4f)
-    E = torch.tril(tok[:, None] * a[..., None, :])  # (B, H, c, c)
-    zbar1 = q @ W1 + b1 - (E * (q @ k.transpose(-1, -2))) @ G1 - E @ G1
+    c = q.shape[-2]
+    Z1 = torch.cat([k, q], dim=-2) @ W1 + b1  # (B, H, 2c, 4f)
+    Z1k = Z1[..., :c, :]
+    X2 = gelu_tanh(Z1k)
+    G2 = ln_loss_grad(X2 @ W2 + b2, t, *_ln(p))  # (B, H, c, f)
+    G1 = (G2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(Z1k)  # (B, H, c, 4f)
+    zbar1 = Z1[..., c:, :] - M @ G1
     if acc:
         zbar1 = zbar1 - tok[:, None] * (q @ acc["W1"] + acc["b1"])
     xbar2 = gelu_tanh(zbar1)
-    zbar2 = xbar2 @ W2 + b2 - (E * (xbar2 @ X2.transpose(-1, -2))) @ G2 - E @ G2
+    zbar2 = xbar2 @ W2 + b2 - (E * (xbar2 @ X2.transpose(-1, -2) + 1)) @ G2
     if acc:
         zbar2 = zbar2 - tok[:, None] * (xbar2 @ acc["W2"] + acc["b2"])
-    out = q + layer_norm(zbar2, ln_w, ln_b)
     aG1, aG2 = a[..., None] * G1, a[..., None] * G2
-    return out, {"W1": k.transpose(-1, -2) @ aG1, "b1": aG1.sum(-2, keepdim=True),
-                 "W2": X2.transpose(-1, -2) @ aG2, "b2": aG2.sum(-2, keepdim=True)}
+    return zbar2, {"W1": k.transpose(-1, -2) @ aG1, "b1": aG1.sum(-2, keepdim=True),
+                   "W2": X2.transpose(-1, -2) @ aG2, "b2": aG2.sum(-2, keepdim=True)}
 
 
-CHUNK = {"linear": _chunk_linear, "mlp": _chunk_mlp}
+PIECE = {"linear": _piece_linear, "mlp": _piece_mlp}
 
 
-def _step(inner, params, acc, q, k, v, a, tok, ln_w, ln_b, complete: bool):
-    """Process one piece; return out, the new params and the new accumulators."""
-    out, inc = CHUNK[inner](params, acc, q, k, v, a, tok, ln_w, ln_b)
+def _ln(p):
+    return p["_ln_w"], p["_ln_b"]
+
+
+def _lr_matrices(q, k, a, tok):
+    """E[i, j] = tok_i a_j for j <= i and M = E * (Q K^T + 1), over the last two dims: (..., c, c)."""
+    E = torch.tril(tok[:, None] * a[..., None, :])
+    return E, E * (q @ k.transpose(-1, -2) + 1)
+
+
+def _step(inner, params, acc, q, k, t, a, tok, E, M, complete: bool):
+    """Process one piece; return Zbar, the new params and the new accumulators."""
+    zbar, inc = PIECE[inner](params, acc, q, k, t, a, tok, E, M)
     total = {n: acc[n] + inc[n] for n in inc} if acc else inc
     if not complete:
-        return out, params, total
-    return out, {n: params[n] - tok[-1] * total[n] for n in params}, {}
+        return zbar, params, total
+    return zbar, {n: (params[n] - tok[-1] * total[n]) if n in total else params[n] for n in params}, {}
 
 
-def _full_minibatches(inner, params, q, k, v, a, tok, ln_w, ln_b, n: int, b: int, group: int):
-    """n whole mini-batches from offset 0, optionally recomputed in groups of `group` in backward."""
+def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int):
+    """Whole mini-batches from offset 0. Everything that does not depend on the inner weights
+    (E, M) is computed for all mini-batches at once; the loop carries only the weights. With
+    group > 0 the loop is recomputed in backward every `group` mini-batches."""
+    B, H, T, f = q.shape
+    n = T // b
+    qs, ks, ts = (x.reshape(B, H, n, b, f) for x in (q, k, t))  # (B, H, n, b, f)
+    As = a.reshape(B, H, n, b)
+    Es, Ms = _lr_matrices(qs, ks, As, tok)  # (B, H, n, b, b)
+    # unbind, not indexing: the backward of n index ops would add n full-size zero tensors
+    per_mb = list(zip(*(x.unbind(2) for x in (qs, ks, ts, As, Es, Ms))))
     names = sorted(params)
 
     def run(first: int, count: int, *flat):
         ps = dict(zip(names, flat))
-        outs = []
+        zbars = []
         for i in range(first, first + count):
-            sl = slice(i * b, (i + 1) * b)
-            out, ps, _ = _step(inner, ps, {}, q[:, :, sl], k[:, :, sl], v[:, :, sl], a[:, :, sl], tok, ln_w, ln_b, True)
-            outs.append(out)
-        return (torch.cat(outs, dim=2), *[ps[m] for m in names])
+            qi, ki, ti, ai, Ei, Mi = per_mb[i]
+            zbar, ps, _ = _step(inner, ps, {}, qi, ki, ti, ai, tok, Ei, Mi, True)
+            zbars.append(zbar)
+        return (torch.cat(zbars, dim=2), *[ps[m] for m in names])
 
-    outs = []
+    zbars = []
     step = group if group > 0 else n
     for first in range(0, n, step):
         count = min(step, n - first)
@@ -108,9 +128,9 @@ def _full_minibatches(inner, params, q, k, v, a, tok, ln_w, ln_b, n: int, b: int
             res = checkpoint(run, first, count, *flat, use_reentrant=False)
         else:
             res = run(first, count, *flat)
-        outs.append(res[0])
+        zbars.append(res[0])
         params = dict(zip(names, res[1:]))
-    return outs, params
+    return zbars, params
 
 
 def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_batch: int,
@@ -121,25 +141,33 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
     tok_i = max(0, 1/i + delta_i); ln_w, ln_b (H, 1, f). Any T, any starting offset.
     """
     b, T = mini_batch, q.shape[2]
-    params, acc, off = state.params, state.acc, state.offset
-    outs, t = [], 0
+    t_all = v - k  # reconstruction target
+    params = {**state.params, "_ln_w": ln_w, "_ln_b": ln_b}  # the LN rides along with the weights
+    acc, off = state.acc, state.offset
+    zbars, t = [], 0
+
+    def piece(lo: int, hi: int, tok_piece, complete: bool):
+        nonlocal params, acc
+        sl = slice(lo, hi)
+        E, M = _lr_matrices(q[:, :, sl], k[:, :, sl], a[:, :, sl], tok_piece)
+        zbar, params, acc = _step(inner, params, acc, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
+                                  tok_piece, E, M, complete)
+        zbars.append(zbar)
+
     if off:  # finish the mini-batch a previous call left open
         c = min(b - off, T)
-        out, params, acc = _step(inner, params, acc, q[:, :, :c], k[:, :, :c], v[:, :, :c], a[:, :, :c],
-                                 tok[off:off + c], ln_w, ln_b, off + c == b)
-        outs.append(out)
+        piece(0, c, tok[off:off + c], off + c == b)
         t, off = c, (off + c) % b
     n_full = (T - t) // b
     if n_full:
         sl = slice(t, t + n_full * b)
-        full, params = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], v[:, :, sl], a[:, :, sl],
-                                         tok, ln_w, ln_b, n_full, b, checkpoint_group)
-        outs.extend(full)
+        full, params = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
+                                         tok, b, checkpoint_group)
+        zbars.extend(full)
         t += n_full * b
     if t < T:  # a trailing partial mini-batch: processed, its update kept as accumulators
-        c = T - t
-        out, params, acc = _step(inner, params, acc, q[:, :, t:], k[:, :, t:], v[:, :, t:], a[:, :, t:],
-                                 tok[:c], ln_w, ln_b, False)
-        outs.append(out)
-        off = c
-    return torch.cat(outs, dim=2), InnerState(params, acc, off)
+        piece(t, T, tok[: T - t], False)
+        off = T - t
+    out = q + layer_norm(torch.cat(zbars, dim=2), ln_w, ln_b)  # the residual is with Q
+    weights = {n: p for n, p in params.items() if not n.startswith("_")}
+    return out, InnerState(weights, acc, off)
