@@ -76,6 +76,26 @@ def make_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.AdamW:
                              weight_decay=float(tcfg.weight_decay), eps=float(tcfg.eps))
 
 
+COMPILE_MODES = ("none", "hot_path", "model")
+
+
+def compile_for_training(model, mode: str):
+    """none: eager. model: torch.compile(model). hot_path: modules that know their hot path compile
+    just that (TTT layers: the per-mini-batch step; a whole-model graph would unroll their loop),
+    others run eager."""
+    if mode in ("False", "false"):
+        mode = "none"
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"trainer.compile must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "model":
+        return torch.compile(model)
+    if mode == "hot_path":
+        for m in model.modules():
+            if hasattr(m, "compile_hot_path"):
+                m.compile_hot_path()
+    return model
+
+
 def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, **extra}, tmp)
@@ -96,7 +116,7 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
         optimizer.load_state_dict(state["optimizer"])
         start_step, prior_wall = int(state["step"]), float(state.get("train_wall_s", 0.0))
     metrics_path = run_dir / "metrics.jsonl"
-    step_model = torch.compile(model) if bool(tcfg.compile) else model
+    step_model = compile_for_training(model, str(tcfg.compile))
     model.train()
     # modules that schedule something by training progress (TTT-MLP's inner base lr warmup)
     scheduled = [m for m in model.modules() if hasattr(m, "set_train_progress")]

@@ -219,3 +219,20 @@ def test_ttt_mlp_base_lr_warms_up_with_the_outer_lr():
     assert layer.base_lr_now == pytest.approx(0.01 + 0.009)
     layer.set_train_progress(9, 10)
     assert layer.base_lr_now == pytest.approx(0.1)
+
+
+def test_compiled_hot_path_matches_eager():
+    """trainer.compile=hot_path (the CPU profile) compiles the per-mini-batch step: same numbers."""
+    from bench.train import compile_for_training
+
+    torch.manual_seed(0)
+    cfg = ModelConfig("ttt_linear", 61, 32, 1, 2, 48, 64, options={"inner": "linear", "backbone": "mamba"})
+    eager = build_model(cfg)
+    compiled = copy.deepcopy(eager)
+    compile_for_training(compiled, "hot_path")
+    x = torch.randint(0, 61, (2, 48))
+    for m in (eager, compiled):
+        torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    for (n, p), (_, pc) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(pc.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from architectures.ttt.inner import gelu_tanh, gelu_tanh_grad, layer_norm, ln_loss_grad
+from architectures.ttt.inner import gelu_tanh, gelu_tanh_and_grad, layer_norm, ln_loss_grad
 
 # inner weights of each inner model, as (name of the weight, name of its bias) per layer
 LAYERS = {"linear": [("W", "b")], "mlp": [("W1", "b1"), ("W2", "b2")]}
@@ -59,10 +59,9 @@ def _piece_mlp(p, acc, q, k, t, a, tok, E, M):
     W1, b1, W2, b2 = p["W1"], p["b1"], p["W2"], p["b2"]
     c = q.shape[-2]
     Z1 = torch.cat([k, q], dim=-2) @ W1 + b1  # (B, H, 2c, 4f)
-    Z1k = Z1[..., :c, :]
-    X2 = gelu_tanh(Z1k)
+    X2, dX2 = gelu_tanh_and_grad(Z1[..., :c, :])  # (B, H, c, 4f)
     G2 = ln_loss_grad(X2 @ W2 + b2, t, *_ln(p))  # (B, H, c, f)
-    G1 = (G2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(Z1k)  # (B, H, c, 4f)
+    G1 = (G2 @ W2.transpose(-1, -2)) * dX2  # (B, H, c, 4f)
     zbar1 = Z1[..., c:, :] - M @ G1
     if acc:
         zbar1 = zbar1 - tok[:, None] * (q @ acc["W1"] + acc["b1"])
@@ -88,16 +87,16 @@ def _lr_matrices(q, k, a, tok):
     return E, E * (q @ k.transpose(-1, -2) + 1)
 
 
-def _step(inner, params, acc, q, k, t, a, tok, E, M, complete: bool):
+def _step(inner, params, acc, q, k, t, a, tok, E, M, complete: bool, piece=None):
     """Process one piece; return Zbar, the new params and the new accumulators."""
-    zbar, inc = PIECE[inner](params, acc, q, k, t, a, tok, E, M)
+    zbar, inc = (piece or PIECE[inner])(params, acc, q, k, t, a, tok, E, M)
     total = {n: acc[n] + inc[n] for n in inc} if acc else inc
     if not complete:
         return zbar, params, total
     return zbar, {n: (params[n] - tok[-1] * total[n]) if n in total else params[n] for n in params}, {}
 
 
-def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int):
+def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int, piece=None):
     """Whole mini-batches from offset 0. Everything that does not depend on the inner weights
     (E, M) is computed for all mini-batches at once; the loop carries only the weights. With
     group > 0 the loop is recomputed in backward every `group` mini-batches."""
@@ -115,7 +114,7 @@ def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int):
         zbars = []
         for i in range(first, first + count):
             qi, ki, ti, ai, Ei, Mi = per_mb[i]
-            zbar, ps, _ = _step(inner, ps, {}, qi, ki, ti, ai, tok, Ei, Mi, True)
+            zbar, ps, _ = _step(inner, ps, {}, qi, ki, ti, ai, tok, Ei, Mi, True, piece)
             zbars.append(zbar)
         return (torch.cat(zbars, dim=2), *[ps[m] for m in names])
 
@@ -134,11 +133,12 @@ def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int):
 
 
 def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_batch: int,
-             checkpoint_group: int = 0):
+             checkpoint_group: int = 0, full_piece=None):
     """Outputs (B, H, T, f) for T new tokens continuing `state`, and the state after them.
 
     q, k, v (B, H, T, f); a (B, H, T) key factor base_lr * gate / f; tok (b,) query factor
     tok_i = max(0, 1/i + delta_i); ln_w, ln_b (H, 1, f). Any T, any starting offset.
+    full_piece: an optional drop-in for PIECE[inner] on whole mini-batches (e.g. torch.compile'd).
     """
     b, T = mini_batch, q.shape[2]
     t_all = v - k  # reconstruction target
@@ -162,7 +162,7 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
     if n_full:
         sl = slice(t, t + n_full * b)
         full, params = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
-                                         tok, b, checkpoint_group)
+                                         tok, b, checkpoint_group, full_piece)
         zbars.extend(full)
         t += n_full * b
     if t < T:  # a trailing partial mini-batch: processed, its update kept as accumulators

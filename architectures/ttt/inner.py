@@ -25,13 +25,13 @@ def ln_loss_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bi
 
         zhat = (Z - mu) / sigma,  y = gamma * zhat + beta,  Gx = (y - t) * gamma
         G = (f * Gx - sum_f(Gx) - zhat * sum_f(Gx * zhat)) / (f * sigma)
+          = (Gx - mean_f(Gx) - zhat * mean_f(Gx * zhat)) / sigma
     """
-    f = z.shape[-1]
-    mu = z.mean(-1, keepdim=True)
-    sigma = torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + eps)
-    zhat = (z - mu) / sigma
+    var, mu = torch.var_mean(z, dim=-1, keepdim=True, correction=0)
+    rstd = torch.rsqrt(var + eps)
+    zhat = (z - mu) * rstd
     gx = (weight * zhat + bias - target) * weight
-    return (f * gx - gx.sum(-1, keepdim=True) - zhat * (gx * zhat).sum(-1, keepdim=True)) / (f * sigma)
+    return (gx - gx.mean(-1, keepdim=True) - zhat * (gx * zhat).mean(-1, keepdim=True)) * rstd
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -44,7 +44,14 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
     """d gelu_tanh / dx."""
-    u = _SQRT_2_OVER_PI * (x + 0.044715 * x.pow(3))
-    th = torch.tanh(u)
-    du = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x.pow(2))
-    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du
+    return gelu_tanh_and_grad(x)[1]
+
+
+def gelu_tanh_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu_tanh(x), its derivative), sharing the tanh: with u = c (x + 0.044715 x^3),
+    gelu = 0.5 x (1 + tanh u), gelu' = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) c (1 + 3 * 0.044715 x^2)."""
+    x2 = x * x
+    th = torch.tanh(_SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x2))
+    half_1p = 0.5 * (1.0 + th)
+    grad = half_1p + (0.5 * _SQRT_2_OVER_PI) * x * (1.0 - th * th) * (1.0 + 3 * 0.044715 * x2)
+    return x * half_1p, grad
