@@ -23,7 +23,7 @@ DATA ?=
 RESULTS ?= results
 ARGS ?=
 
-.PHONY: help install test sweep plots bench-ttt clean
+.PHONY: help install test sweep plots bench-ttt bench-mamba clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
@@ -63,6 +63,9 @@ plots: $(STAMP) ## redraw RESULTS/summary.csv and RESULTS/plots from the runs th
 
 bench-ttt: $(STAMP) ## tokens/s of one TTT layer: reference vs dual form (125M shape, CPU)
 	$(PY) -m bench.ttt_layer_speed --results "$(RESULTS)" $(ARGS)
+
+bench-mamba: $(STAMP) ## our Mamba scan / Mamba-2 SSD vs mamba-ssm's references, forward+backward (CPU)
+	$(PY) -m bench.mamba_scan_speed --results "$(RESULTS)" $(ARGS)
 
 clean: ## remove .venv and caches (results are kept)
 	rm -rf $(VENV) .pytest_cache outputs multirun

@@ -30,8 +30,10 @@ def model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
     options = OmegaConf.to_container(cfg.arch, resolve=True)
     options.pop("name")
     s = cfg.size
+    # Mamba doubles the Transformer's layer count at the same size (the papers' size matching)
+    n_layers = int(s.n_layers) * int(options.pop("layer_multiplier", 1))
     return ModelConfig(arch=str(cfg.arch.name), vocab_size=vocab_size, d_model=int(s.d_model),
-                       n_layers=int(s.n_layers), n_heads=int(s.n_heads), ffn_dim=int(s.ffn_dim),
+                       n_layers=n_layers, n_heads=int(s.n_heads), ffn_dim=int(s.ffn_dim),
                        max_seq_len=int(cfg.ctx), options=options)
 
 

@@ -1,0 +1,347 @@
+"""Mamba (Gu & Dao 2023, arXiv 2312.00752) and Mamba-2 (Dao & Gu 2024, arXiv 2405.21060) mixers and
+blocks. A block is h + Mixer(RMSNorm(h)), no FFN, as in both papers.
+
+Mamba mixer, x the normed input (B, T, d), D = expand * d, N = d_state, R = dt_rank = ceil(d / 16):
+    x, z  = in_proj(x)                                   (B, T, D) each
+    x     = silu(conv1d_k4(x))                           depthwise, causal
+    dt, B, C = x_proj(x)                                 (B, T, R), (B, T, N), (B, T, N)
+    delta = softplus(dt W_dt^T + b_dt)                   (B, T, D)
+    y     = selective_scan(x, delta, A = -exp(A_log), B, C) + D_skip * x
+    out   = out_proj(y * silu(z))
+
+Mamba-2 mixer, H = D / headdim heads, G groups sharing B and C:
+    z, xBC, dt = in_proj(x)                              (B, T, D), (B, T, D + 2 G N), (B, T, H)
+    x, B, C = silu(conv1d_k4(xBC))
+    dt    = softplus(dt + dt_bias)                       (B, T, H)
+    y     = SSD(x * dt, dt * A, B, C) + D_skip * x       A = -exp(A_log): one scalar per head
+    out   = out_proj(RMSNorm(y * silu(z)))              the gated RMSNorm
+
+Backends (`backend:` in conf/arch): `cuda` runs mamba-ssm's kernels (selective_scan_fn,
+mamba_chunk_scan_combined, causal_conv1d); `torch` runs ours (scan.py, ssd.py); `auto` takes cuda when
+CUDA is present and the kernels import, torch otherwise. A backend that is asked for and cannot run
+raises. Continuing from a decode state always runs ours (the kernels start from the zero state).
+
+dt_proj and A_log are plain parameters, not nn.Linear, so the shell's N(0, 0.02) init leaves their
+initialisation (below) alone.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from architectures.config import ModelConfig
+from architectures.layers import RMSNorm
+from architectures.mamba.scan import compiled_steps, selective_scan, selective_state_step
+from architectures.mamba.ssd import ssd_chunked, ssd_step
+from architectures.transformer import BackendUnavailable
+
+BACKENDS = ("auto", "cuda", "torch")
+
+
+# -- backends ---------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def cuda_kernels(kind: str):
+    """mamba-ssm's kernels for `kind` ("mamba" or "mamba2") as a dict of functions, or None when they
+    do not import (CPU builds lack selective_scan_cuda and causal_conv1d)."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        if kind == "mamba":
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+            return {"conv": causal_conv1d_fn, "scan": selective_scan_fn}
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        return {"conv": causal_conv1d_fn, "scan": mamba_chunk_scan_combined}
+    except Exception:  # ImportError, or a missing compiled extension
+        return None
+
+
+def resolve_backend(requested: str, kind: str) -> str:
+    if requested not in BACKENDS:
+        raise ValueError(f"{kind} backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "torch":
+        return "torch"
+    ok = torch.cuda.is_available() and cuda_kernels(kind) is not None
+    if requested == "cuda" and not ok:
+        raise BackendUnavailable(f"{kind} backend=cuda needs CUDA and mamba-ssm's compiled kernels "
+                                 "(selective_scan_cuda / Triton SSD, causal_conv1d); use backend=torch or auto")
+    return "cuda" if ok else "torch"
+
+
+# -- pieces -----------------------------------------------------------------------------------
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution over time, width k, with bias (nn.Conv1d's default init).
+    Decode state: the last k - 1 inputs."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.width = width
+        bound = 1 / math.sqrt(width)
+        self.weight = nn.Parameter(torch.empty(dim, width).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C), state (B, k-1, C) or None (zeros) -> y (B, T, C), new state (B, k-1, C).
+
+        y_t = bias + sum_j w[:, j] xp_{t+j}, xp = [state, x]: k shifted multiply-adds in the (B, T, C)
+        layout (on CPU several times faster than a grouped conv1d, whose backward and layout copies
+        dominate a Mamba layer)."""
+        B, T, C = x.shape
+        k = self.width
+        xp = F.pad(x, (0, 0, k - 1, 0)) if state is None else torch.cat([state.to(x.dtype), x], dim=1)
+        w = self.weight.to(x.dtype)  # (C, k)
+        y = torch.addcmul(self.bias.to(x.dtype), xp[:, k - 1:], w[:, k - 1])  # (B, T, C)
+        for j in range(k - 1):
+            y = torch.addcmul(y, xp[:, j:j + T], w[:, j])
+        return y, xp[:, T:]
+
+    def cuda_forward(self, x: torch.Tensor, conv_fn) -> torch.Tensor:
+        """causal_conv1d with SiLU fused: x (B, T, C) -> silu(conv(x)) (B, T, C)."""
+        y = conv_fn(x.transpose(1, 2).contiguous(), self.weight.to(x.dtype), self.bias.to(x.dtype), activation="silu")
+        return y.transpose(1, 2)
+
+
+def dt_bias_init(dim: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+    """softplus^-1 of dt ~ exp(U(log dt_min, log dt_max)), clamped below at `floor` (Mamba's init)."""
+    dt = torch.exp(torch.rand(dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+
+
+class MambaCache:
+    """Decode state of one Mamba or Mamba-2 block: conv inputs (B, k-1, C) and the SSM state (at least
+    fp32: (B, D, N) for Mamba, (B, H, P, N) for Mamba-2), plus how many tokens it has seen."""
+
+    def __init__(self, conv: torch.Tensor, ssm: torch.Tensor):
+        self.conv, self.ssm, self.seen = conv, ssm, 0
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for an fp64 model
+
+
+def _opt(o: dict, key: str, default):
+    v = o.get(key, default)
+    return default if v is None else v
+
+
+# -- Mamba ------------------------------------------------------------------------------------
+
+class MambaMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        o = cfg.options
+        d = cfg.d_model
+        self.d_inner = D = int(_opt(o, "expand", 2)) * d
+        self.d_state = N = int(_opt(o, "d_state", 16))
+        rank = _opt(o, "dt_rank", "auto")
+        self.dt_rank = R = math.ceil(d / 16) if rank == "auto" else int(rank)
+        self.chunk_size = int(_opt(o, "chunk_size", 64))
+        self.backend = resolve_backend(str(_opt(o, "backend", "auto")), "mamba")
+        self.in_proj = nn.Linear(d, 2 * D, bias=False)
+        self.conv = CausalConv(D, int(_opt(o, "d_conv", 4)))
+        self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
+        bound = R ** -0.5 * float(_opt(o, "dt_scale", 1.0))
+        self.dt_weight = nn.Parameter(torch.empty(D, R).uniform_(-bound, bound))  # dt_proj, "random" init
+        self.dt_bias = nn.Parameter(dt_bias_init(D, float(_opt(o, "dt_min", 1e-3)), float(_opt(o, "dt_max", 0.1)),
+                                                 float(_opt(o, "dt_init_floor", 1e-4))))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1))  # (D, N)
+        self.D = nn.Parameter(torch.ones(D))
+        self.out_proj = nn.Linear(D, d, bias=False)
+        self._compiled_steps = None  # set by compile_hot_path()
+
+    def compile_hot_path(self) -> None:
+        """torch.compile the scan's four loop bodies (training only; about 1.5x on 2 CPU cores). The loops
+        stay in Python, so each graph is one position of every chunk and compiles once per shape."""
+        self._compiled_steps = compiled_steps()
+
+    def forward(self, x: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d); a cache continues its sequence and is updated in place."""
+        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, D) each
+        fresh = cache is None or cache.seen == 0
+        if self.backend == "cuda" and fresh:
+            return self.out_proj(self._cuda_core(xi, z, cache))
+        xc, conv_state = self.conv(xi, None if fresh else cache.conv)
+        xc = F.silu(xc)
+        dt, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = dt @ self.dt_weight.t()  # (B, T, D), bias added in the scan
+        A = -torch.exp(self.A_log.float())  # (D, N)
+        if cache is not None and x.shape[1] == 1:
+            y = selective_state_step(cache.ssm, xc[:, 0], delta[:, 0], A, Bm[:, 0], Cm[:, 0], self.D, z[:, 0],
+                                     self.dt_bias)[:, None]
+        else:
+            y, last = selective_scan(xc, delta, A, Bm, Cm, self.D, z, self.dt_bias, True,
+                                     None if fresh else cache.ssm, self.chunk_size, return_last_state=True,
+                                     steps=self._compiled_steps if self.training else None)
+            if cache is not None:
+                cache.ssm.copy_(last)
+        if cache is not None:
+            cache.conv.copy_(conv_state)
+            cache.seen += x.shape[1]
+        return self.out_proj(y)
+
+    def _cuda_core(self, xi, z, cache):
+        """mamba-ssm's kernels from the zero state: causal_conv1d (+ SiLU) and selective_scan_fn."""
+        if not xi.is_cuda:
+            raise BackendUnavailable(f"mamba backend=cuda needs CUDA inputs, got {xi.device}")
+        k = cuda_kernels("mamba")
+        xc = self.conv.cuda_forward(xi, k["conv"])  # (B, T, D)
+        dt, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = dt @ self.dt_weight.t()
+        A = -torch.exp(self.A_log.float())
+        t = lambda v: v.transpose(1, 2).contiguous()  # (B, T, C) -> (B, C, T), the kernel's layout
+        y, last = k["scan"](t(xc), t(delta), A, t(Bm), t(Cm), self.D.float(), t(z), self.dt_bias.float(),
+                            delta_softplus=True, return_last_state=True)
+        if cache is not None:
+            cache.ssm.copy_(last)
+            cache.conv.copy_(_last_inputs(xi, self.conv.width))
+            cache.seen += xi.shape[1]
+        return y.transpose(1, 2)
+
+    def new_cache(self, batch: int, device, dtype) -> MambaCache:
+        return MambaCache(torch.zeros(batch, self.conv.width - 1, self.d_inner, device=device, dtype=dtype),
+                          torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=_state_dtype(dtype)))
+
+
+def _last_inputs(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The conv state after x (B, T, C) from the zero state: its last k - 1 inputs, zero-padded."""
+    return F.pad(x, (0, 0, max(0, width - 1 - x.shape[1]), 0))[:, -(width - 1):]
+
+
+# -- Mamba-2 ----------------------------------------------------------------------------------
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) * weight (Mamba-2's norm_before_gate=False), in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = y.float() * F.silu(z.float())
+        return (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(y.dtype)
+
+
+@lru_cache(maxsize=None)
+def compiled_ssd():
+    return torch.compile(ssd_chunked, dynamic=False)
+
+
+def head_dim_for(d_inner: int, headdim: int) -> int:
+    """The Mamba-2 head size: `headdim` when it divides d_inner (every size from 125m up, and the CPU
+    ladder), else the largest common divisor (e.g. 32 for the smoke size with d_inner 96)."""
+    return math.gcd(d_inner, headdim)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        o = cfg.options
+        d = cfg.d_model
+        self.d_inner = D = int(_opt(o, "expand", 2)) * d
+        self.d_state = N = int(_opt(o, "d_state", 128))
+        self.headdim = P = head_dim_for(D, int(_opt(o, "headdim", 64)))
+        self.n_heads = H = D // P
+        self.ngroups = G = int(_opt(o, "ngroups", 1))
+        if H % G:
+            raise ValueError(f"mamba2: {H} heads do not split into ngroups={G}")
+        self.chunk_size = int(_opt(o, "chunk_size", 256))
+        self.backend = resolve_backend(str(_opt(o, "backend", "auto")), "mamba2")
+        self.in_proj = nn.Linear(d, 2 * D + 2 * G * N + H, bias=False)  # z, x, B, C, dt
+        self.conv = CausalConv(D + 2 * G * N, int(_opt(o, "d_conv", 4)))
+        self.dt_bias = nn.Parameter(dt_bias_init(H, float(_opt(o, "dt_min", 1e-3)), float(_opt(o, "dt_max", 0.1)),
+                                                 float(_opt(o, "dt_init_floor", 1e-4))))
+        lo, hi = (float(v) for v in _opt(o, "A_init_range", (1, 16)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(lo, hi)))  # (H,)
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = GatedRMSNorm(D)
+        self.out_proj = nn.Linear(D, d, bias=False)
+        self._compiled_ssd = None  # set by compile_hot_path()
+
+    def compile_hot_path(self) -> None:
+        """torch.compile the chunked SSD (training only; about 2x on 2 CPU cores: the decays, masks and
+        scalings fuse around the matmuls). One graph per shape, shared by the layers."""
+        self._compiled_ssd = compiled_ssd()
+
+    def forward(self, x: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+        Bsz, T, _ = x.shape
+        D, N, G, H, P = self.d_inner, self.d_state, self.ngroups, self.n_heads, self.headdim
+        z, xBC, dt = self.in_proj(x).split([D, D + 2 * G * N, H], dim=-1)
+        fresh = cache is None or cache.seen == 0
+        use_cuda = self.backend == "cuda" and fresh
+        if use_cuda:
+            if not x.is_cuda:
+                raise BackendUnavailable(f"mamba2 backend=cuda needs CUDA inputs, got {x.device}")
+            xBC_c = self.conv.cuda_forward(xBC, cuda_kernels("mamba2")["conv"])
+            conv_state = _last_inputs(xBC, self.conv.width)
+        else:
+            xBC_c, conv_state = self.conv(xBC, None if fresh else cache.conv)
+            xBC_c = F.silu(xBC_c)
+        xs, Bm, Cm = xBC_c.split([D, G * N, G * N], dim=-1)
+        xs = xs.view(Bsz, T, H, P)
+        Bm, Cm = Bm.view(Bsz, T, G, N), Cm.view(Bsz, T, G, N)
+        if use_cuda:
+            y, last = cuda_kernels("mamba2")["scan"](
+                xs, dt, -torch.exp(self.A_log.float()), Bm, Cm, self.chunk_size, D=self.D.float(),
+                dt_bias=self.dt_bias.float(), dt_softplus=True, return_final_states=True)
+        else:
+            step = cache is not None and T == 1  # decode: update cache.ssm in place
+            y, last = self._torch_core(xs, dt, Bm, Cm, cache.ssm if step or not fresh else None, step)
+        if cache is not None:
+            cache.ssm.copy_(last)
+            cache.conv.copy_(conv_state)
+            cache.seen += T
+        y = self.norm(y.reshape(Bsz, T, D).to(x.dtype), z)
+        return self.out_proj(y)
+
+    def _torch_core(self, xs, dt, Bm, Cm, state, step: bool):
+        """Ours, in fp32 outside autocast. xs (B, T, H, P), dt (B, T, H), Bm, Cm (B, T, G, N)."""
+        ct = torch.promote_types(xs.dtype, torch.float32)
+        with torch.autocast(xs.device.type, enabled=False):
+            xs, Bm, Cm = xs.to(ct), Bm.to(ct), Cm.to(ct)
+            dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))  # (B, T, H)
+            a = dt * -torch.exp(self.A_log.to(ct))  # (B, T, H): log decay per step
+            xdt = xs * dt[..., None]
+            if step:  # one token: update the state in place
+                y = ssd_step(state, xdt[:, 0], a[:, 0], Bm[:, 0], Cm[:, 0])[:, None]
+                last = state
+            else:
+                ssd = self._compiled_ssd if self.training and self._compiled_ssd is not None else ssd_chunked
+                y, last = ssd(xdt, a, Bm, Cm, self.chunk_size, state)
+            return y + xs * self.D.to(ct)[:, None], last
+
+    def new_cache(self, batch: int, device, dtype) -> MambaCache:
+        conv = torch.zeros(batch, self.conv.width - 1, self.d_inner + 2 * self.ngroups * self.d_state,
+                           device=device, dtype=dtype)
+        return MambaCache(conv, torch.zeros(batch, self.n_heads, self.headdim, self.d_state, device=device,
+                                            dtype=_state_dtype(dtype)))
+
+
+# -- blocks -----------------------------------------------------------------------------------
+
+class MambaBlock(nn.Module):
+    """h + Mixer(RMSNorm(h)): the Mamba and Mamba-2 block (no FFN)."""
+
+    mixer_class: type = MambaMixer
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = self.mixer_class(cfg)
+
+    def forward(self, h: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+        return h + self.mixer(self.norm(h), cache)
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> MambaCache:
+        return self.mixer.new_cache(batch, device, dtype)
+
+    def backends(self) -> dict[str, str]:
+        return {"ssm": self.mixer.backend}
+
+
+class Mamba2Block(MambaBlock):
+    mixer_class = Mamba2Mixer

@@ -1,0 +1,149 @@
+"""Our Mamba selective scan and Mamba-2 SSD against mamba-ssm's pure-PyTorch references, forward and
+forward+backward, on this machine's CPU.
+
+    python -m bench.mamba_scan_speed [--L 2048 --d-inner 1536 --batch 1 --ref-repeats 1]
+    make bench-mamba
+
+  scan   architectures/mamba/scan.py selective_scan (chunked two-level scan, hand-written backward) vs
+         mamba_ssm selective_scan_ref (a Python loop over tokens), d_state 16, delta_softplus, D and z
+  ssd    architectures/mamba/ssd.py ssd_chunked vs mamba_ssm ssd_minimal_discrete (the SSD paper's
+         listing), heads of 64, d_state 128, chunk 256
+
+Both sides compute in fp32 on the same inputs; the ratio of each pair comes from one run of this script.
+The reference's backward re-allocates its (B, D, L, N) tensors once per token (autograd through its
+per-token indexing), so at L=2048 it takes minutes: it is timed --ref-repeats times (default once).
+mamba-ssm's CPU install lacks its CUDA extension; an empty `selective_scan_cuda` module lets the
+references import (a benchmark-only shim, as in the tests). Writes RESULTS/bench/mamba_scan_speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from architectures.mamba.scan import selective_scan
+from architectures.mamba.ssd import ssd_chunked
+from bench.results import atomic_write_json, device_name
+
+TARGET_FWD_BWD_SPEEDUP = 5.0
+
+
+def references():
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+    return selective_scan_ref, ssd_minimal_discrete
+
+
+def time_call(fn, repeats: int, warmup: bool = True) -> float:
+    """Median seconds of `repeats` calls (after one untimed call when `warmup`)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fwd_and_fwd_bwd(call, leaves, repeats: int, warmup: bool) -> dict:
+    def fwd():
+        with torch.no_grad():
+            call()
+
+    def fwd_bwd():
+        for t in leaves:
+            t.grad = None
+        sum(o.float().square().mean() for o in call()).backward()
+
+    return {"fwd_s": time_call(fwd, repeats, warmup), "fwd_bwd_s": time_call(fwd_bwd, repeats, warmup)}
+
+
+def scan_case(L: int, D: int, N: int, B: int):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)
+    x = {"u": r(B, L, D), "delta": 0.5 * r(B, L, D), "A": -torch.rand(D, N, generator=g) * 4, "B": r(B, L, N),
+         "C": r(B, L, N), "D": r(D), "z": r(B, L, D), "delta_bias": 0.5 * r(D)}
+    return {k: v.requires_grad_() for k, v in x.items()}
+
+
+def ssd_case(L: int, D: int, N: int, B: int, P: int = 64):
+    g = torch.Generator().manual_seed(0)
+    H = D // P
+    x = {"x": torch.randn(B, L, H, P, generator=g), "a": -torch.rand(B, L, H, generator=g),
+         "B": torch.randn(B, L, 1, N, generator=g), "C": torch.randn(B, L, 1, N, generator=g)}
+    return {k: v.requires_grad_() for k, v in x.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--L", type=int, default=2048)
+    p.add_argument("--d-inner", type=int, default=1536)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of ours (median)")
+    p.add_argument("--ref-repeats", type=int, default=1, help="timed calls of the references (median)")
+    p.add_argument("--chunk", type=int, default=256, help="SSD chunk size (both sides)")
+    p.add_argument("--skip", default="", help="comma list of cases to skip: scan, ssd")
+    p.add_argument("--results", default="results")
+    args = p.parse_args(argv)
+    selective_scan_ref, ssd_minimal_discrete = references()
+    L, D, B = args.L, args.d_inner, args.batch
+    skip = set(filter(None, args.skip.split(",")))
+    print(f"device: {device_name('cpu')}, {torch.get_num_threads()} threads; L={L}, d_inner={D}, batch={B}")
+    rows = []
+
+    def report(case, impl, res):
+        rows.append({"case": case, "impl": impl, **res, "fwd_tokens_per_s": B * L / res["fwd_s"],
+                     "fwd_bwd_tokens_per_s": B * L / res["fwd_bwd_s"]})
+        print(f"{case:<5} {impl:<22} fwd {res['fwd_s'] * 1e3:>10.1f} ms   fwd+bwd {res['fwd_bwd_s'] * 1e3:>10.1f} ms",
+              flush=True)
+
+    def ratio(case, ours, ref):
+        fwd, fb = ref["fwd_s"] / ours["fwd_s"], ref["fwd_bwd_s"] / ours["fwd_bwd_s"]
+        verdict = ""
+        if case == "scan":  # the target is the selective scan's; the SSD listing is itself chunked
+            met = "meets" if fb >= TARGET_FWD_BWD_SPEEDUP else "misses"
+            verdict = f" ({met} the {TARGET_FWD_BWD_SPEEDUP:.0f}x target)"
+        print(f"{case:<5} ours vs reference: forward {fwd:,.1f}x, forward+backward {fb:,.1f}x faster{verdict}",
+              flush=True)
+        rows.append({"case": case, "impl": "speedup", "fwd_speedup": fwd, "fwd_bwd_speedup": fb})
+
+    if "scan" not in skip:
+        x = scan_case(L, D, 16, B)
+        leaves = list(x.values())
+        t = lambda v: v.transpose(1, 2)
+        ours = fwd_and_fwd_bwd(lambda: (selective_scan(**x, delta_softplus=True),), leaves, args.repeats, True)
+        report("scan", "ours (chunked)", ours)
+        ref = fwd_and_fwd_bwd(lambda: (selective_scan_ref(t(x["u"]), t(x["delta"]), x["A"], t(x["B"]), t(x["C"]),
+                                                          x["D"], t(x["z"]), x["delta_bias"], delta_softplus=True),),
+                              leaves, args.ref_repeats, False)
+        report("scan", "selective_scan_ref", ref)
+        ratio("scan", ours, ref)
+    if "ssd" not in skip:
+        s = ssd_case(L, D, 128, B)
+        leaves = list(s.values())
+        Q = args.chunk
+        ours = fwd_and_fwd_bwd(lambda: ssd_chunked(s["x"], s["a"], s["B"], s["C"], Q)[:1], leaves, args.repeats, True)
+        report("ssd", "ours (chunked)", ours)
+        heads = lambda v: v.expand(-1, -1, s["x"].shape[2], -1)  # the listing takes B, C per head
+        ref = fwd_and_fwd_bwd(lambda: ssd_minimal_discrete(s["x"], s["a"], heads(s["B"]), heads(s["C"]), Q)[:1],
+                              leaves, args.repeats, True)
+        report("ssd", "ssd_minimal_discrete", ref)
+        ratio("ssd", ours, ref)
+    out = Path(args.results) / "bench" / "mamba_scan_speed.json"
+    atomic_write_json(out, {"device": device_name("cpu"), "threads": torch.get_num_threads(), "L": L, "d_inner": D,
+                            "batch": B, "scan_d_state": 16, "ssd_d_state": 128, "ssd_headdim": 64,
+                            "ssd_chunk": args.chunk, "rows": rows})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
