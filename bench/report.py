@@ -53,7 +53,9 @@ def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _label(row, multi_data: bool) -> str:
-    return f"{row['arch']} ({row['data']})" if multi_data else str(row["arch"])
+    """The architecture, the backend that ran, and the data when several are plotted."""
+    label = f"{row['arch']} [{row['backend']}]"
+    return f"{label} ({row['data']})" if multi_data else label
 
 
 def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
@@ -112,7 +114,7 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if rows:
             ax.plot([m["tokens"] for m in rows], [m["loss"] for m in rows],
-                    label=f"{r['arch']} {r['size']} ctx={r['ctx']}")
+                    label=f"{r['arch']} [{r['backend']}] {r['size']} ctx={r['ctx']}")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("training loss (nats / token)")
     ax.set_title("Training curves")
