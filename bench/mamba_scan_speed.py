@@ -18,9 +18,7 @@ references import (a benchmark-only shim, as in the tests). Writes RESULTS/bench
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch
 from architectures.mamba.scan import selective_scan
 from architectures.mamba.ssd import ssd_chunked
 from bench.results import atomic_write_json, device_name
+from bench.timing import time_call
 
 TARGET_FWD_BWD_SPEEDUP = 5.0
 
@@ -39,18 +38,6 @@ def references():
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
     return selective_scan_ref, ssd_minimal_discrete
-
-
-def time_call(fn, repeats: int, warmup: bool = True) -> float:
-    """Median seconds of `repeats` calls (after one untimed call when `warmup`)."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def fwd_and_fwd_bwd(call, leaves, repeats: int, warmup: bool) -> dict:

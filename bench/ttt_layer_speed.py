@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -27,19 +25,9 @@ import torch
 from architectures import ModelConfig
 from architectures.ttt.layer import TTTLayer
 from bench.results import atomic_write_json, device_name
+from bench.timing import time_call
 
 TARGET_FWD_BWD_SPEEDUP = 10.0
-
-
-def time_call(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure_inner(layer: TTTLayer, x: torch.Tensor, impl: str, repeats: int) -> dict:
