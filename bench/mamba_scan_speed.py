@@ -11,7 +11,8 @@ forward+backward, on this machine's CPU.
 
 Both sides compute in fp32 on the same inputs; the ratio of each pair comes from one run of this script.
 The reference's backward re-allocates its (B, D, L, N) tensors once per token (autograd through its
-per-token indexing), so at L=2048 it takes minutes: it is timed --ref-repeats times (default once).
+per-token indexing): at L=2048 it takes about 7.5 minutes on 2 cores, the whole script about 8. It is
+timed --ref-repeats times (default once).
 mamba-ssm's CPU install lacks its CUDA extension; an empty `selective_scan_cuda` module lets the
 references import (a benchmark-only shim, as in the tests). Writes RESULTS/bench/mamba_scan_speed.json.
 """
