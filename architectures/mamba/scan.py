@@ -40,6 +40,14 @@ import torch.nn.functional as F
 DEFAULT_CHUNK = 64
 
 
+def _effective_delta(delta, delta_bias, delta_softplus: bool, dtype):
+    """delta (+ delta_bias), through softplus when asked, in the compute dtype."""
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)
+    return F.softplus(delta) if delta_softplus else delta
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
                    initial_state=None, chunk_size: int = DEFAULT_CHUNK, return_last_state: bool = False,
                    steps: dict | None = None):
@@ -49,11 +57,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     dtype = u.dtype
     ct = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(u.device.type, enabled=False):
-        delta = delta.to(ct)
-        if delta_bias is not None:
-            delta = delta + delta_bias.to(ct)
-        if delta_softplus:
-            delta = F.softplus(delta)
+        delta = _effective_delta(delta, delta_bias, delta_softplus, ct)
         u32 = u.to(ct)
         x = delta * u32  # (B, L, D): the input of the recurrence
         h0 = None if initial_state is None else initial_state.to(ct).transpose(-1, -2)  # (B, N, D)
@@ -77,11 +81,7 @@ def selective_state_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=No
     Returns y (B, D)."""
     dtype = u.dtype
     ct = state.dtype
-    delta = delta.to(ct)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)
-    if delta_softplus:
-        delta = F.softplus(delta)
+    delta = _effective_delta(delta, delta_bias, delta_softplus, ct)
     u32 = u.to(ct)
     decay = torch.exp(delta[..., None] * A.to(ct))  # (B, D, N)
     state.mul_(decay).add_((delta * u32)[..., None] * B.to(ct)[:, None, :])
