@@ -20,16 +20,21 @@ PROFILE ?= cpu
 SIZES ?=
 TASK ?= lm
 DATA ?=
+MATCH ?=
+SIZE ?=
+VOCAB ?= 257
 RESULTS ?= results
 ARGS ?=
 
-.PHONY: help install test sweep plots bench-ttt bench-mamba clean
+.PHONY: help install test sweep sizes plots bench-ttt bench-mamba clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "variables: ARCH=name|a,b|all  CTX=2k|8k|32k|N  PROFILE=cpu|smoke|paper  SIZES=a,b  TASK=lm"
-	@echo "           DATA=shakespeare|pycode|text_files|hf  RESULTS=dir  ARGS='hydra.overrides ...'  TORCH_SPEC=..."
+	@echo "           DATA=shakespeare|pycode|text_files|hf  MATCH=flops|params  RESULTS=dir  ARGS='hydra.overrides ...'"
+	@echo "           sizes: SIZE=125m|a,b  CTX=2k|2k,32k  MATCH=flops|params|flops,params  VOCAB=257|32000"
+	@echo "           install: TORCH_SPEC=..."
 
 install: $(STAMP) ## create .venv and install the pinned stack (torch first)
 
@@ -56,7 +61,11 @@ test: $(STAMP) ## run the test suite (CPU, a few minutes)
 
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
 	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(CTX)" --profile "$(PROFILE)" --sizes "$(SIZES)" \
-	  --task "$(TASK)" --data "$(DATA)" --results "$(RESULTS)" -- $(ARGS)
+	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" -- $(ARGS)
+
+sizes: $(STAMP) ## every architecture at SIZE and CTX: dims, params, FLOPs/token, state; writes RESULTS/sizes.csv
+	$(PY) -m bench.sizes --size "$(SIZE)" --ctx "$(CTX)" --match "$(or $(MATCH),flops)" --vocab "$(VOCAB)" \
+	  --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" --results "$(RESULTS)"
 
 plots: $(STAMP) ## redraw RESULTS/summary.csv and RESULTS/plots from the runs there
 	$(PY) -m bench.report --results "$(RESULTS)"

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from architectures.accounting import Counts
 from architectures.config import ModelConfig
 
 
@@ -20,8 +21,8 @@ class ArchSpec:
     description: str
     # (config, layer index) -> block module following the interface in architectures/shell.py
     build_block: Callable[[ModelConfig, int], nn.Module]
-    # (config, context T) -> {"fwd": FLOPs per token forward, "train": training FLOPs per token}
-    flops_per_token: Callable[[ModelConfig, int], dict]
+    # (config, context T) -> parameters, FLOPs per token by term, decode-state size (accounting.py)
+    count: Callable[[ModelConfig, int], Counts]
 
 
 _REGISTRY: dict[str, ArchSpec] = {}

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from architectures.accounting import Counts
 from architectures.config import ModelConfig
 from architectures.layers import RMSNorm, SwiGLU, apply_rope, rope_angles
 from architectures.registry import ArchSpec, register
@@ -125,28 +126,33 @@ class TransformerBlock(nn.Module):
         return {"attention": self.attn.backend}
 
 
-def flops_per_token(cfg: ModelConfig, ctx: int) -> dict:
-    """Analytic FLOPs per token of a Transformer++ at context T = ctx.
+def count(cfg: ModelConfig, ctx: int) -> Counts:
+    """Transformer++ at context T (conventions in architectures/accounting.py).
 
-    Convention (used everywhere in ttt-bench): a multiply-add is 2 FLOPs; attention is counted with
-    causal halving, i.e. the average token attends to (T + 1) / 2 keys, which is the work a causal
-    flash kernel does.
-      projections   2 * L * (4 d^2 + 3 d ffn)            (Q, K, V, O; SwiGLU gate, up, down)
-      attention     2 * L * 2 d (T + 1) / 2              (QK^T and AV)
-      logits        2 * d * V                            (tied head)
-    Training = 3 x forward (backward costs twice the forward).
+    Parameters: embedding V d (tied with the head); per layer 4 d^2 (Q, K, V, O) + 3 d ffn (SwiGLU
+    gate, up, down) + 2 d (two RMSNorms); final RMSNorm d.
+    Forward FLOPs per token:
+      projections   2 L (4 d^2 + 3 d ffn)
+      attention     2 L 2 d (T + 1) / 2          QK^T and AV, causal-halved (sum over t of t + 1 keys,
+                                                 divided by T)
+      logits        2 d V
+    State: the KV cache, 2 L T d numbers per sequence after T tokens.
     """
-    L, d, V = cfg.n_layers, cfg.d_model, cfg.vocab_size
-    proj = 2 * L * (4 * d * d + 3 * d * cfg.ffn_dim)
-    attn = 2 * L * 2 * d * (ctx + 1) / 2
-    logits = 2 * d * V
-    fwd = proj + attn + logits
-    return {"fwd": fwd, "train": 3 * fwd, "attention_fwd": attn}
+    L, d, V, ffn = cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.ffn_dim
+    return Counts(
+        embedding_params=V * d,
+        non_embedding_params=L * (4 * d * d + 3 * d * ffn + 2 * d) + d,
+        fwd_terms={"projections": 2 * L * (4 * d * d + 3 * d * ffn),
+                   "attention": 2 * L * 2 * d * (ctx + 1) / 2,
+                   "logits": 2 * d * V},
+        state_numbers=2 * L * ctx * d,
+        attention="attention",
+    )
 
 
 register(ArchSpec(
     name="transformer",
     description="Transformer++ (Llama-style): RoPE attention + SwiGLU, pre-norm RMSNorm",
     build_block=TransformerBlock,
-    flops_per_token=flops_per_token,
+    count=count,
 ))

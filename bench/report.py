@@ -24,13 +24,20 @@ import pandas as pd  # noqa: E402
 
 from bench.results import atomic_write_text, read_summaries  # noqa: E402
 
-COLUMNS = ["arch", "size", "ctx", "task", "data", "params", "non_embedding_params", "flops_per_token",
-           "train_flops_per_token", "train_flops", "tokens", "val_loss", "val_ppl", "val_bpb", "val_unigram_bpb",
+COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "params", "non_embedding_params", "flops_per_token",
+           "train_flops_per_token", "flops_vs_ref", "train_flops", "state_size", "tokens", "val_loss", "val_ppl", "val_bpb", "val_unigram_bpb",
            "tokens_per_s", "wall_s", "train_wall_s", "backend", "device", "device_name", "threads", "precision",
-           "layers", "d_model", "heads", "vocab", "profile", "status", "error", "sweep", "run", "git_commit",
+           "layers", "d_model", "heads", "ffn_dim", "d_inner", "vocab", "profile", "status", "error", "sweep", "run", "git_commit",
            "run_dir"]
-KEY = ["arch", "size", "ctx", "task", "data"]
-FLOPS_NOTE = "training FLOPs (3 x forward; attention causal-halved)"
+KEY = ["arch", "size", "ctx", "task", "data", "match"]
+FLOPS_NOTE = "training FLOPs (architectures/accounting.py: 3 x forward, attention causal-halved)"
+
+
+def _with_match(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs from before size matching existed used the reference's dimensions: match=params."""
+    df = df.copy()
+    df["match"] = df["match"].fillna("params") if "match" in df else "params"
+    return df
 
 
 def summary_table(results: Path) -> pd.DataFrame:
@@ -38,6 +45,7 @@ def summary_table(results: Path) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
+    df = _with_match(df)
     for col in COLUMNS:
         if col not in df:
             df[col] = None
@@ -52,29 +60,31 @@ def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
     return ok.groupby(KEY, as_index=False).tail(1)
 
 
-def _label(row, multi_data: bool) -> str:
-    """The architecture, the backend that ran, and the data when several are plotted."""
+def _label(row, multi_data: bool, multi_match: bool = False) -> str:
+    """The architecture, the backend that ran, and the data / match rule when several are plotted."""
     label = f"{row['arch']} [{row['backend']}]"
-    return f"{label} ({row['data']})" if multi_data else label
+    label = f"{label} ({row['data']})" if multi_data else label
+    return f"{label} match={row['match']}" if multi_match else label
 
 
 def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
     lm = df[df["task"] == "lm"]
     ctxs = sorted(lm["ctx"].unique())
-    multi = lm["data"].nunique() > 1
+    multi, multi_match = lm["data"].nunique() > 1, lm["match"].nunique() > 1
     fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(6 * max(1, len(ctxs)), 4.5), squeeze=False)
     for ax, ctx in zip(axes[0], ctxs):
         sub = lm[lm["ctx"] == ctx]
-        for (arch, data), g in sub.groupby(["arch", "data"]):
+        for (arch, data, match), g in sub.groupby(["arch", "data", "match"]):
             g = g.sort_values("train_flops")
-            ax.plot(g["train_flops"], g["val_loss"], marker="o", label=_label(g.iloc[0], multi))
+            ax.plot(g["train_flops"], g["val_loss"], marker="o", label=_label(g.iloc[0], multi, multi_match))
             for _, r in g.iterrows():
                 ax.annotate(r["size"], (r["train_flops"], r["val_loss"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel(FLOPS_NOTE)
         ax.set_ylabel("validation loss (nats / token)")
-        ax.set_title(f"Loss vs training compute, context {ctx:,} tokens")
+        rules = "/".join(sorted(sub["match"].unique()))
+        ax.set_title(f"Loss vs training compute, context {ctx:,} tokens (sizes matched by {rules})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="architecture")
     fig.tight_layout()
@@ -136,7 +146,7 @@ def report(results: str | Path) -> pd.DataFrame:
     plots.mkdir(parents=True, exist_ok=True)
     full = pd.DataFrame(read_summaries(results))
     if not full.empty and (full.get("status") == "ok").any():
-        best = latest_ok(full)
+        best = latest_ok(_with_match(full))
         plot_loss_vs_flops(best, plots / "loss_vs_flops.png")
         plot_loss_by_position(best, plots / "loss_by_position.png")
         plot_training_curves(best, plots / "training_curves.png")

@@ -18,23 +18,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import architectures
-from architectures import ModelConfig
+from architectures.sizing import SizeSpec, Sized, size_model
 from bench.results import atomic_write_json, atomic_write_text, device_name, git_commit, package_versions
 from bench.tracking import NullTracker, build_tracker
 from bench.train import autocast_for, pick_device, train
 from tasks import build_task
 
 
-def model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
-    """The architecture's options plus the size's dimensions."""
+def model_config(cfg: DictConfig, vocab_size: int) -> Sized:
+    """The architecture's options at the size, matched to the size's reference Transformer by
+    `cfg.match` (params or flops; architectures/sizing.py)."""
     options = OmegaConf.to_container(cfg.arch, resolve=True)
-    options.pop("name")
-    s = cfg.size
-    # Mamba doubles the Transformer's layer count at the same size (the papers' size matching)
-    n_layers = int(s.n_layers) * int(options.pop("layer_multiplier", 1))
-    return ModelConfig(arch=str(cfg.arch.name), vocab_size=vocab_size, d_model=int(s.d_model),
-                       n_layers=n_layers, n_heads=int(s.n_heads), ffn_dim=int(s.ffn_dim),
-                       max_seq_len=int(cfg.ctx), options=options)
+    name = options.pop("name")
+    return size_model(str(name), options, SizeSpec.from_dict(cfg.size), int(cfg.ctx), vocab_size, str(cfg.match))
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -56,16 +52,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             torch.set_num_threads(int(cfg.trainer.threads))
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         task = build_task(cfg, ctx)
-        mcfg = model_config(cfg, task.vocab_size)
+        sized = model_config(cfg, task.vocab_size)
+        mcfg = sized.cfg
         model = task.build_model(mcfg)
-        flops = architectures.get(mcfg.arch).flops_per_token(mcfg, ctx)
         device = pick_device(str(cfg.trainer.device))
         autocast, precision = autocast_for(device, str(cfg.trainer.precision))
         summary.update(task.info)
+        summary.update(sized.row())  # resolved dimensions, analytic params/FLOPs/state, vs the reference
         summary.update({
             "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
-            "layers": mcfg.n_layers, "d_model": mcfg.d_model, "heads": mcfg.n_heads, "vocab": mcfg.vocab_size,
-            "flops_per_token": flops["fwd"], "train_flops_per_token": flops["train"],
+            "flops_per_token": sized.counts.fwd_flops,
             "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
             "precision": precision,
         })

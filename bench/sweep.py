@@ -1,7 +1,8 @@
 """`make sweep`: check the user's choices, run the Hydra multirun, then write the report.
 
     python -m bench.sweep --arch transformer --ctx 2k [--profile cpu] [--sizes a,b] [--task lm]
-                          [--data shakespeare] [--results results] [-- hydra overrides ...]
+                          [--data shakespeare] [--match flops|params] [--results results]
+                          [-- hydra overrides ...]
 
 Bad input fails at once, with one line, before anything is written.
 """
@@ -75,6 +76,10 @@ def build_overrides(args) -> tuple[list[str], str, Path]:
                  f"ctx={ctx}", f"results={results}", f"sweep_id={sweep_id}"]
     if args.data:
         overrides.append(f"data={parse_choice('DATA', args.data, group_options('data'))}")
+    if args.match:
+        from architectures.sizing import MATCH_RULES
+
+        overrides.append(f"match={parse_choice('MATCH', args.match, list(MATCH_RULES))}")
     return overrides + list(args.overrides), sweep_id, results
 
 
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="", help="comma list of conf/size names (default: the profile's ladder)")
     p.add_argument("--task", default="lm")
     p.add_argument("--data", default="", help="conf/data name (default: shakespeare)")
+    p.add_argument("--match", default="", help="flops | params (default: the profile's; flops except paper)")
     p.add_argument("--results", default="results", help="output root")
     p.add_argument("overrides", nargs="*", help="free Hydra overrides, e.g. trainer.lr=1e-3")
     args = p.parse_args(argv)
@@ -106,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in runs if r.get("status") != "ok"]
     for r in runs:
         print(f"[ttt-bench] {r['run']}: {r.get('status')}"
-              + (f"  val_bpb={r['val_bpb']:.3f} val_loss={r['val_loss']:.3f} tokens={r['tokens']:,} "
+              + (f"  val_bpb={r['val_bpb']:.3f} val_loss={r['val_loss']:.3f} "
+                 f"{r['layers']}x{r['d_model']} params={r['params'] / 1e6:.2f}M "
+                 f"train FLOPs/token={r['train_flops_per_token']:.3g} ({r['flops_vs_ref']:.3f}x ref, match={r['match']}) "
+                 f"tokens={r['tokens']:,} "
                  f"tok/s={r['tokens_per_s']:,.0f} wall={r['wall_s']:.0f}s" if r.get("status") == "ok"
                  else f"  {r.get('error')}"))
     from bench.report import report

@@ -23,7 +23,7 @@ def test_every_config_composes(group, option):
     cfg = compose_with(f"{group}={option}", "sweep_id=test", "results=/tmp/x")
     OmegaConf.resolve(cfg)  # every interpolation resolves
     assert cfg[group] is not None if group != "profile" else cfg.profile == option
-    mc = model_config(cfg, vocab_size=257)
+    mc = model_config(cfg, vocab_size=257).cfg
     assert isinstance(mc, ModelConfig) and mc.head_dim * mc.n_heads == mc.d_model
 
 

@@ -12,69 +12,98 @@ from __future__ import annotations
 
 import math
 
+from architectures.accounting import Counts
 from architectures.config import ModelConfig
-from architectures.mamba.layers import Mamba2Block, MambaBlock, head_dim_for
+from architectures.mamba.layers import Mamba2Block, MambaBlock, head_dim_for, mamba2_inner_width
 from architectures.registry import ArchSpec, register
 
 
-def mamba_flops_per_token(cfg: ModelConfig, ctx: int) -> dict:
-    """Analytic forward FLOPs per token of a Mamba LM (a multiply-add = 2 FLOPs; training = 3 x forward).
+def _dt_rank(cfg: ModelConfig) -> int:
+    rank = cfg.options.get("dt_rank", "auto")
+    return math.ceil(cfg.d_model / 16) if rank in (None, "auto") else int(rank)
 
-    D = expand * d, N = d_state, R = dt_rank, k = conv width, per layer:
-      in_proj     2 d (2 D)
-      conv        2 D k                      depthwise
-      x_proj      2 D (R + 2 N)
-      dt_proj     2 R D
-      scan        9 D N                      the selective scan (state-spaces/mamba issue 110: exp(delta A),
-                                             delta B u, the state update, C h: FLOP counters miss it)
-      out_proj    2 D d
-    logits 2 d V (tied head). Independent of the context.
+
+def mamba_count(cfg: ModelConfig, ctx: int) -> Counts:
+    """A Mamba LM at context T (conventions in architectures/accounting.py). D = expand d, N = d_state,
+    R = dt_rank, k = conv width, per layer:
+
+      parameters    d (norm) + 2 d D (in_proj) + D k + D (conv) + D (R + 2 N) (x_proj) + D R + D (dt_proj)
+                    + D N (A_log) + D (skip) + D d (out_proj)
+      in_proj       2 d (2 D)                 x and the gate z
+      conv          2 D k                     depthwise, k shifted multiply-adds (elementwise: unseen)
+      x_proj        2 D (R + 2 N)             delta (low rank), B, C
+      dt_proj       2 R D
+      scan_update   5 D N                     a = exp(delta A) (2 D N), delta B u (D N), h <- a h + . (2 D N):
+                                              elementwise (unseen), counted op by op in the decode step
+                                              `selective_state_step`; the methodology notes' estimate is
+                                              9 D N for the whole scan (state-spaces/mamba issue 110)
+      scan_readout  2 D N                     y = C h (a batched product: seen)
+      out_proj      2 D d
+    logits 2 d V (tied head). Independent of T. State per layer: the conv inputs (k - 1) D and the
+    SSM state D N.
     """
     o, d, L, V = cfg.options, cfg.d_model, cfg.n_layers, cfg.vocab_size
     D, N, k = int(o.get("expand", 2)) * d, int(o.get("d_state", 16)), int(o.get("d_conv", 4))
-    rank = o.get("dt_rank", "auto")
-    R = math.ceil(d / 16) if rank in (None, "auto") else int(rank)
-    scan = 9 * D * N
-    layer = 2 * d * 2 * D + 2 * D * k + 2 * D * (R + 2 * N) + 2 * R * D + scan + 2 * D * d
-    fwd = L * layer + 2 * d * V
-    return {"fwd": fwd, "train": 3 * fwd, "scan_fwd": L * scan}
+    R = _dt_rank(cfg)
+    layer_params = d + 2 * d * D + D * k + D + D * (R + 2 * N) + D * R + D + D * N + D + D * d
+    return Counts(
+        embedding_params=V * d,
+        non_embedding_params=L * layer_params + d,
+        fwd_terms={"projections": L * (2 * d * 2 * D + 2 * D * (R + 2 * N) + 2 * R * D + 2 * D * d),
+                   "conv": L * 2 * D * k, "scan_update": L * 5 * D * N, "scan_readout": L * 2 * D * N,
+                   "logits": 2 * d * V},
+        unseen=frozenset({"conv", "scan_update"}),
+        state_numbers=L * ((k - 1) * D + D * N),
+    )
 
 
-def mamba2_flops_per_token(cfg: ModelConfig, ctx: int) -> dict:
-    """Analytic forward FLOPs per token of a Mamba-2 LM (a multiply-add = 2 FLOPs; training = 3 x forward).
+def mamba2_count(cfg: ModelConfig, ctx: int) -> Counts:
+    """A Mamba-2 LM at context T (conventions in architectures/accounting.py). D = d_inner (expand d
+    unless set by FLOP matching), N = d_state, G groups, P head dim, H = D / P heads, k conv width,
+    Q = min(chunk_size, T), per layer:
 
-    D = expand * d, N = d_state, G groups, H = D / headdim heads, k = conv width, Q = chunk size
-    (min(chunk_size, ctx)), per layer:
-      in_proj     2 d (2 D + 2 G N + H)      z, x, B, C, dt
-      conv        2 (D + 2 G N) k
-      SSD         2 Q (D + G N)              intra-chunk: C B^T per group and the masked scores times x,
-                                             counted over the full Q x Q block, as computed
-                  + 4 D N                    chunk states (B^T x) and the carried-in read-out (C S)
-      out_proj    2 D d
-    logits 2 d V. The methodology notes estimate the state terms at about 6 D N, which also counts the
-    recurrent update of the decode form; the chunked algorithm that trains does 4 D N in matmuls
-    (checked with FlopCounterMode in tests/test_mamba.py) plus elementwise decays not counted here.
+      parameters    d (norm) + d (2 D + 2 G N + H) (in_proj) + (D + 2 G N)(k + 1) (conv) + 3 H (dt_bias,
+                    A_log, skip) + D (gated norm) + D d (out_proj)
+      in_proj       2 d (2 D + 2 G N + H)     z, x, B, C, dt
+      conv          2 (D + 2 G N) k           depthwise over x, B, C (elementwise: unseen)
+      ssd           2 Q (D + G N)             intra-chunk: C B^T per group and the masked scores times x,
+                                              over the full Q x Q block as computed
+                    + 4 D N                   chunk states (B^T x) and the carried-in read-out (C S);
+                                              times ceil(T / Q) Q / T: a partial last chunk is padded
+      out_proj      2 D d
+    logits 2 d V. The methodology notes estimate the state terms at about 6 D N, which counts the
+    recurrent update of the decode form; the chunked algorithm that trains does 4 D N in products.
+    Its elementwise decays (segment sums, O(Q H) per token) are not counted. State per layer: conv
+    inputs (k - 1)(D + 2 G N) and the SSM state D N (H x P x N).
     """
     o, d, L, V = cfg.options, cfg.d_model, cfg.n_layers, cfg.vocab_size
-    D, N, k = int(o.get("expand", 2)) * d, int(o.get("d_state", 128)), int(o.get("d_conv", 4))
-    G = int(o.get("ngroups", 1))
+    D = mamba2_inner_width(cfg)
+    N, k, G = int(o.get("d_state", 128)), int(o.get("d_conv", 4)), int(o.get("ngroups", 1))
     H = D // head_dim_for(D, int(o.get("headdim", 64)))
     Q = min(int(o.get("chunk_size", 256)), ctx)
-    ssd = 2 * Q * (D + G * N) + 4 * D * N
-    layer = 2 * d * (2 * D + 2 * G * N + H) + 2 * (D + 2 * G * N) * k + ssd + 2 * D * d
-    fwd = L * layer + 2 * d * V
-    return {"fwd": fwd, "train": 3 * fwd, "ssd_fwd": L * ssd}
+    padded = math.ceil(ctx / Q) * Q / ctx  # the last chunk is computed whole
+    layer_params = d + d * (2 * D + 2 * G * N + H) + (D + 2 * G * N) * (k + 1) + 3 * H + D + D * d
+    return Counts(
+        embedding_params=V * d,
+        non_embedding_params=L * layer_params + d,
+        fwd_terms={"projections": L * (2 * d * (2 * D + 2 * G * N + H) + 2 * D * d),
+                   "conv": L * 2 * (D + 2 * G * N) * k,
+                   "ssd": L * (2 * Q * (D + G * N) + 4 * D * N) * padded,
+                   "logits": 2 * d * V},
+        unseen=frozenset({"conv"}),
+        state_numbers=L * ((k - 1) * (D + 2 * G * N) + D * N),
+    )
 
 
 register(ArchSpec(
     name="mamba",
     description="Mamba: selective SSM blocks (d_state 16, expand 2), layers doubled to match a Transformer",
     build_block=MambaBlock,
-    flops_per_token=mamba_flops_per_token,
+    count=mamba_count,
 ))
 register(ArchSpec(
     name="mamba2",
     description="Mamba-2: SSD blocks (heads of 64, d_state 128, gated RMSNorm), layers doubled",
     build_block=Mamba2Block,
-    flops_per_token=mamba2_flops_per_token,
+    count=mamba2_count,
 ))

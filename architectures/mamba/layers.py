@@ -237,12 +237,18 @@ def head_dim_for(d_inner: int, headdim: int) -> int:
     return math.gcd(d_inner, headdim)
 
 
+def mamba2_inner_width(cfg: ModelConfig) -> int:
+    """D: `d_inner` when given (FLOP-matched sizing sets it to whole heads), else expand * d_model."""
+    o = cfg.options
+    return int(o["d_inner"]) if o.get("d_inner") else int(_opt(o, "expand", 2)) * cfg.d_model
+
+
 class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         o = cfg.options
         d = cfg.d_model
-        self.d_inner = D = int(_opt(o, "expand", 2)) * d
+        self.d_inner = D = mamba2_inner_width(cfg)
         self.d_state = N = int(_opt(o, "d_state", 128))
         self.headdim = P = head_dim_for(D, int(_opt(o, "headdim", 64)))
         self.n_heads = H = D // P

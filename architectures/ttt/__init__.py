@@ -7,38 +7,57 @@
 """
 from __future__ import annotations
 
+from architectures.accounting import Counts
 from architectures.config import ModelConfig
 from architectures.registry import ArchSpec, register
 from architectures.ttt.layer import TTTBlock
 
 
-def flops_per_token(cfg: ModelConfig, ctx: int) -> dict:
-    """Analytic forward FLOPs per token (a multiply-add = 2 FLOPs; training = 3 x forward).
+def count(cfg: ModelConfig, ctx: int) -> Counts:
+    """A TTT LM at context T (conventions in architectures/accounting.py). d width, H heads,
+    f = d / H head dim, b mini-batch, k conv width, L layers, V vocab.
 
-      projections   2 * L * (4 d^2 + d H)        Wq, Wv, Wo + (Wg on the Mamba backbone, Wk on the
-                                                 Transformer one); the lr gate d -> H
-      convs         2 * L * 3 d k                pre-conv, convq, convk (Mamba backbone only)
-      FFN           2 * L * 3 d ffn
-      inner loop, per head and token, b = mini-batch, f = head dim (from dual.py, one mini-batch):
-        linear      6 f^2 (K W, Q W, K^T (aG)) + 6 b f (tril(QK^T), (E*A) G, E G, counted over the
-                    full b x b block, as the dual form computes it)
-        mlp         56 f^2 (K W1, X2 W2, G2 W2^T, Q W1, Xbar2 W2, K^T aG1, X2^T aG2 at hidden 4f)
-                    + 30 b f (QK^T, Xbar2 X2^T and the E products at widths f and 4f)
-      logits        2 d V
-    Independent of the context: the state has a fixed size. Checked against FlopCounterMode in
-    the FLOP-accounting issue; elementwise terms (LN, GELU, its gradient) are not counted.
+    Parameters per layer:
+      projections   4 d^2                   Wq, Wv, Wo and Wg (Mamba backbone) or Wk (Transformer one)
+      lr gate       d H + H                 theta_h and beta_h
+      token offset  b                       delta
+      inner LN      2 d
+      inner model   H (f^2 + f)             linear: W, b;  mlp: H (8 f^2 + 5 f) for W1 (f x 4f), b1, W2, b2
+      post norm     2 d                     LayerNorm
+      norms, FFN    2 d + 3 d ffn
+      convs         3 (d k + d) + d         pre-conv, convq, convk and the conv norm (Mamba backbone)
+    Forward FLOPs per token (the dual form, dual.py, per head and token, for whole mini-batches):
+      projections   2 L 4 d^2,   lr gate 2 L d H,   FFN 2 L 3 d ffn,   logits 2 d V
+      convs         2 L 3 d k                                         (Mamba backbone)
+      inner linear  L H (6 f^2 + 4 b f)     [K; Q] W (4 f^2), K^T (a G) (2 f^2); Q K^T and M G over the
+                                            full b x b block as computed (2 b f each)
+      inner mlp     L H (56 f^2 + 20 b f)   [K; Q] W1 (16 f^2), X2 W2, G2 W2^T, Xbar2 W2, K^T aG1,
+                                            X2^T aG2 (8 f^2 each); Q K^T (2 b f), M G1 (8 b f),
+                                            Xbar2 X2^T (8 b f), (E * .) G2 (2 b f)
+    Independent of T: the state has a fixed size. LN, its closed-form gradient and GELU are O(d)
+    elementwise work, not counted.
+    State per sequence: per layer the inner weights plus their accumulators inside the current
+    mini-batch (2 x the inner model's parameters), plus 3 (k - 1) d conv inputs (Mamba backbone).
     """
     o = cfg.options
-    L, d, H, f, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.vocab_size
-    b = int(o.get("mini_batch", 16))
+    L, d, H, f, V, ffn = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.vocab_size, cfg.ffn_dim
+    b, k = int(o.get("mini_batch", 16)), int(o.get("conv_width", 4))
     mamba = o.get("backbone", "mamba") == "mamba"
-    k = int(o.get("conv_width", 4))
-    proj = 2 * (4 * d * d + d * H)
-    convs = 2 * 3 * d * k if mamba else 0
-    ffn = 2 * 3 * d * cfg.ffn_dim
-    inner = H * ((6 * f * f + 6 * b * f) if o.get("inner", "linear") == "linear" else (56 * f * f + 30 * b * f))
-    fwd = L * (proj + convs + ffn + inner) + 2 * d * V
-    return {"fwd": fwd, "train": 3 * fwd, "inner_fwd": L * inner}
+    linear = o.get("inner", "linear") == "linear"
+    inner_params = H * (f * f + f) if linear else H * (8 * f * f + 5 * f)
+    layer_params = (4 * d * d + d * H + H + b + 2 * d + inner_params + 2 * d + 2 * d + 3 * d * ffn
+                    + ((3 * (d * k + d) + d) if mamba else 0))
+    terms = {"projections": 2 * L * 4 * d * d, "lr_gate": 2 * L * d * H, "ffn": 2 * L * 3 * d * ffn,
+             "inner": L * H * ((6 * f * f + 4 * b * f) if linear else (56 * f * f + 20 * b * f)),
+             "logits": 2 * d * V}
+    if mamba:
+        terms["convs"] = 2 * L * 3 * d * k
+    return Counts(
+        embedding_params=V * d,
+        non_embedding_params=L * layer_params + d,
+        fwd_terms=terms,
+        state_numbers=L * (2 * inner_params + (3 * (k - 1) * d if mamba else 0)),
+    )
 
 
 for _name, _inner, _backbone, _desc in [
@@ -47,4 +66,4 @@ for _name, _inner, _backbone, _desc in [
     ("ttt_linear_base", "linear", "transformer", "TTT-Linear, Transformer backbone (separate Q, K, V)"),
     ("ttt_mlp_base", "mlp", "transformer", "TTT-MLP, Transformer backbone (separate Q, K, V)"),
 ]:
-    register(ArchSpec(name=_name, description=_desc, build_block=TTTBlock, flops_per_token=flops_per_token))
+    register(ArchSpec(name=_name, description=_desc, build_block=TTTBlock, count=count))

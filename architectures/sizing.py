@@ -1,0 +1,178 @@
+"""Model sizes matched to a reference Transformer, by parameters or by training FLOPs.
+
+A size (conf/size/*.yaml) names the reference: the Transformer++ with its (layers, d_model, heads,
+ffn). Every architecture is sized against it by one of two rules:
+
+  match=params   the papers' protocol: the same dimensions (TTT adds ~0.3% for its gates and convs),
+                 and Mamba / Mamba-2 with twice the layers (`layer_multiplier` in conf/arch), which
+                 brings a block without FFN to about the Transformer's parameters.
+  match=flops    equal compute: keep the layer count of `match=params` and solve the width so that the
+                 training FLOPs per token at the run's context T equal the reference's within 2%
+                 (architectures/accounting.py has the counts). Head dims stay valid: Transformer and
+                 TTT keep the reference's head count with an even head dim, and the FFN width (kept
+                 near the reference's ffn/d ratio) takes up the remainder; Mamba's width is any integer;
+                 Mamba-2 keeps whole heads of the reference's head size (d_inner near expand x d).
+
+At long context the Transformer's attention dominates its FLOPs, so FLOP-matched recurrent models
+are wider than the reference: that is the comparison "at equal compute" means.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from architectures.accounting import Counts
+from architectures.config import ModelConfig
+from architectures.registry import get
+
+MATCH_RULES = ("params", "flops")
+FLOPS_TOLERANCE = 0.02  # match=flops: |train FLOPs / reference's - 1| must be below this
+REFERENCE_ARCH = "transformer"
+
+
+class SizingError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """The reference Transformer of a size, as conf/size/*.yaml gives it."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    ffn_dim: int
+
+    @classmethod
+    def from_dict(cls, s) -> "SizeSpec":
+        return cls(str(s["name"]), int(s["n_layers"]), int(s["d_model"]), int(s["n_heads"]), int(s["ffn_dim"]))
+
+
+@dataclass(frozen=True)
+class Sized:
+    """An architecture's resolved model config at a size, with its counts and the reference's."""
+
+    cfg: ModelConfig
+    counts: Counts
+    reference: Counts
+    match: str
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.counts.train_flops / self.reference.train_flops
+
+    @property
+    def heads(self) -> int | None:
+        """Attention / TTT heads, Mamba-2's SSM heads, None for Mamba (no heads)."""
+        family = _family(self.cfg.arch)
+        if family == "mamba":
+            return None
+        if family == "mamba2":
+            from architectures.mamba.layers import head_dim_for, mamba2_inner_width
+
+            D = mamba2_inner_width(self.cfg)
+            return D // head_dim_for(D, int(self.cfg.options.get("headdim", 64)))
+        return self.cfg.n_heads
+
+    def row(self) -> dict:
+        """The resolved dimensions and counts, as written to summaries and sizes.csv."""
+        c = self.cfg
+        return {"arch": c.arch, "match": self.match, "vocab": c.vocab_size, "layers": c.n_layers,
+                "d_model": c.d_model, "heads": self.heads, "ffn_dim": c.ffn_dim if _family(c.arch) == "heads_ffn" else None,
+                "d_inner": c.options.get("d_inner") or (int(c.options.get("expand", 2)) * c.d_model
+                                                        if _family(c.arch) != "heads_ffn" else None),
+                **self.counts.row(),
+                "ref_train_flops_per_token": self.reference.train_flops, "flops_vs_ref": self.flops_ratio,
+                "params_vs_ref": self.counts.params / self.reference.params}
+
+
+def _family(arch: str) -> str:
+    """How an architecture's width scales: heads x head dim plus an FFN, or a Mamba mixer."""
+    return {"mamba": "mamba", "mamba2": "mamba2"}.get(arch, "heads_ffn")
+
+
+def reference_config(size: SizeSpec, ctx: int, vocab: int) -> ModelConfig:
+    return ModelConfig(arch=REFERENCE_ARCH, vocab_size=vocab, d_model=size.d_model, n_layers=size.n_layers,
+                       n_heads=size.n_heads, ffn_dim=size.ffn_dim, max_seq_len=ctx)
+
+
+def size_model(arch: str, options: dict, size: SizeSpec, ctx: int, vocab: int, match: str) -> Sized:
+    """The model config of `arch` (with its conf/arch options) at `size`, matched by `match`."""
+    if match not in MATCH_RULES:
+        raise SizingError(f"match must be one of {', '.join(MATCH_RULES)}; got {match!r}")
+    spec = get(arch)  # raises UnknownArchitecture with the list of names
+    options = dict(options)
+    n_layers = size.n_layers * int(options.pop("layer_multiplier", 1) or 1)
+    ref_cfg = reference_config(size, ctx, vocab)
+    reference = get(REFERENCE_ARCH).count(ref_cfg, ctx)
+    same = replace(ref_cfg, arch=arch, n_layers=n_layers, options=options)
+    if match == "params" or arch == REFERENCE_ARCH:
+        return Sized(same, spec.count(same, ctx), reference, match)
+    target = reference.train_flops
+    candidates = {"heads_ffn": _heads_ffn_candidates, "mamba": _mamba_candidates,
+                  "mamba2": _mamba2_candidates}[_family(arch)](same, size, target, ctx)
+    best = _pick(candidates, target, ctx)
+    if best is None or abs(spec.count(best, ctx).train_flops / target - 1) > FLOPS_TOLERANCE:
+        raise SizingError(f"no {arch} width at size {size.name} matches the reference's {target:.4g} training "
+                          f"FLOPs/token at ctx={ctx} within {FLOPS_TOLERANCE:.0%} (at this size its fixed costs, "
+                          f"e.g. Mamba-2's d_state 128, exceed the Transformer's); use match=params (MATCH=params)")
+    return Sized(best, spec.count(best, ctx), reference, match)
+
+
+def _pick(candidates: list[tuple[ModelConfig, float]], target: float, ctx: int) -> ModelConfig | None:
+    """Among the configs within a quarter of the tolerance, the one whose shape is closest to the
+    reference's (penalty 0 = same ratios); otherwise the closest in FLOPs."""
+    scored = []
+    for cfg, penalty in candidates:
+        err = abs(get(cfg.arch).count(cfg, ctx).train_flops / target - 1)
+        scored.append((err > FLOPS_TOLERANCE / 4, penalty if err <= FLOPS_TOLERANCE / 4 else err, err, cfg))
+    if not scored:
+        return None
+    return min(scored, key=lambda s: s[:3])[3]
+
+
+def _width_range(d_ref: int) -> range:
+    return range(8, 16 * d_ref + 1)
+
+
+def _heads_ffn_candidates(same: ModelConfig, size: SizeSpec, target: float, ctx: int):
+    """d = heads x head dim: a multiple of 8 from head dim 64 up (kernel-friendly), else even (RoPE
+    rotates pairs; finer steps for the small sizes); the FFN width (a multiple of 8, within 4x of the
+    reference's ffn/d ratio, the closest such) solved from the FLOPs, which are linear in it."""
+    count, H, ratio = get(same.arch).count, size.n_heads, size.ffn_dim / size.d_model
+    f_ref = size.d_model // H
+    step = 8 if f_ref >= 64 and f_ref % 8 == 0 else 2
+    out = []
+    for f in range(step, 16 * f_ref + 1, step):
+        d = H * f
+        lo, hi = (count(replace(same, d_model=d, ffn_dim=w), ctx).train_flops for w in (8, 16))
+        ffn = 8 + (target - lo) / ((hi - lo) / 8)
+        ffn = max(8, 8 * round(ffn / 8))
+        if ratio * d / 4 <= ffn <= 4 * ratio * d:
+            out.append((replace(same, d_model=d, ffn_dim=ffn), abs(math.log(ffn / (ratio * d)))))
+    return out
+
+
+def _mamba_candidates(same: ModelConfig, size: SizeSpec, target: float, ctx: int):
+    """Any integer width; no heads (n_heads 1 keeps ModelConfig's divisibility check trivially true)."""
+    return [(replace(same, d_model=d, n_heads=1), 0.0) for d in _width_range(size.d_model)]
+
+
+def _mamba2_candidates(same: ModelConfig, size: SizeSpec, target: float, ctx: int):
+    """d_inner = whole heads of the reference's head size; for each, the width d solved from the FLOPs
+    (linear in d at fixed d_inner), kept within 2x of d_inner / expand."""
+    from architectures.mamba.layers import head_dim_for
+
+    count = get(same.arch).count
+    expand = int(same.options.get("expand", 2))
+    P = head_dim_for(expand * size.d_model, int(same.options.get("headdim", 64)))
+    out = []
+    for D in range(P, 16 * expand * size.d_model + 1, P):
+        at = lambda d: count(replace(same, d_model=d, n_heads=1, options={**same.options, "d_inner": D}), ctx).train_flops
+        lo, hi = at(P), at(2 * P)
+        d = round(P + (target - lo) / ((hi - lo) / P))
+        if D / (2 * expand) <= d <= 2 * D / expand:
+            out.append((replace(same, d_model=d, n_heads=1, options={**same.options, "d_inner": D}),
+                        abs(math.log(D / (expand * d)))))
+    return out

@@ -1,0 +1,100 @@
+"""`make sizes`: what each architecture is at a size and context: dimensions, parameters, FLOPs, state.
+
+    python -m bench.sizes --size 125m --ctx 2k [--match flops|params|flops,params] [--vocab 32000]
+                          [--arch all] [--results results]
+
+Sizes, contexts and match rules take comma lists; every combination is a block of the table. The
+table is printed and written to RESULTS/sizes.csv. The counts are architectures/accounting.py's
+(a multiply-add = 2 FLOPs, attention causal-halved, training = 3 x forward); the widths are
+architectures/sizing.py's. `token_budget` is the size's training tokens (the same for every
+architecture: matched FLOPs per token then means matched training compute).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from architectures.sizing import MATCH_RULES, REFERENCE_ARCH, SizeSpec, SizingError, size_model
+from bench.results import atomic_write_text
+from bench.sweep import CONF, UsageError, group_options, parse_archs, parse_ctx, parse_list
+
+BYTE_VOCAB = 257  # tasks/lm's byte tokenizer: what `make sweep` trains with on the embedded data
+COLUMNS = ["arch", "size", "ctx", "match", "vocab", "layers", "d_model", "heads", "params", "non_embedding_params",
+           "fwd_flops_per_token", "train_flops_per_token", "state_size", "token_budget",
+           "ffn_dim", "d_inner", "flops_vs_ref", "params_vs_ref"]
+
+
+def size_rows(archs: list[str], sizes: list[str], ctxs: list[int], matches: list[str], vocab: int) -> pd.DataFrame:
+    archs = sorted(archs, key=lambda a: (a != REFERENCE_ARCH, a))  # the reference first
+    rows = []
+    for size_name in sizes:
+        size_cfg = OmegaConf.load(CONF / "size" / f"{size_name}.yaml")
+        size = SizeSpec.from_dict(size_cfg)
+        for ctx in ctxs:
+            for match in matches:
+                for arch in archs:
+                    options = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml"), resolve=True)
+                    options.pop("name")
+                    row = size_model(arch, options, size, ctx, vocab, match).row()
+                    rows.append({**row, "size": size.name, "ctx": ctx, "token_budget": int(size_cfg.tokens)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """Human units: parameters in millions, FLOPs per token in MFLOPs, state in thousands of numbers."""
+    out = pd.DataFrame({
+        "arch": df["arch"], "size": df["size"], "ctx": df["ctx"], "match": df["match"], "vocab": df["vocab"],
+        "layers": df["layers"], "d_model": df["d_model"],
+        "heads": df["heads"].map(lambda h: "-" if pd.isna(h) else str(int(h))),
+        "ffn|d_inner": [str(int(f)) if not pd.isna(f) else str(int(i)) for f, i in zip(df["ffn_dim"], df["d_inner"])],
+        "params(M)": (df["params"] / 1e6).map("{:.2f}".format),
+        "non-emb(M)": (df["non_embedding_params"] / 1e6).map("{:.2f}".format),
+        "fwd MFLOP/tok": (df["fwd_flops_per_token"] / 1e6).map("{:.2f}".format),
+        "train MFLOP/tok": (df["train_flops_per_token"] / 1e6).map("{:.2f}".format),
+        "vs ref": df["flops_vs_ref"].map("{:.3f}".format),
+        "params vs ref": df["params_vs_ref"].map("{:.3f}".format),
+        "state(k)": (df["state_size"] / 1e3).map("{:.1f}".format),
+        "tokens": df["token_budget"].map("{:,}".format),
+    })
+    return out.to_string(index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="make sizes", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", default="", help="conf/size names, comma list (default: the cpu profile's ladder)")
+    p.add_argument("--ctx", default="2k", help="2k, 32k, ... comma list")
+    p.add_argument("--match", default="flops", help="flops | params | flops,params")
+    p.add_argument("--vocab", default=str(BYTE_VOCAB),
+                   help=f"vocabulary size (default {BYTE_VOCAB}: the byte tokenizer; 32000: Llama-2, the paper's)")
+    p.add_argument("--arch", default="all", help="a name, a comma list, or 'all'")
+    p.add_argument("--results", default="results", help="output root: writes RESULTS/sizes.csv")
+    args = p.parse_args(argv)
+    try:
+        archs = parse_archs(args.arch)
+        sizes = (parse_list("SIZE", args.size, group_options("size")) if args.size
+                 else list(OmegaConf.load(CONF / "profile" / "cpu.yaml").ladder))
+        ctxs = [parse_ctx(c) for c in args.ctx.split(",") if c.strip()] or [parse_ctx("")]
+        matches = parse_list("MATCH", args.match, list(MATCH_RULES))
+        if not args.vocab.isdigit() or int(args.vocab) <= 0:
+            raise UsageError(f"VOCAB must be a positive integer; got {args.vocab!r}")
+        df = size_rows(archs, sizes, ctxs, matches, int(args.vocab))
+    except (UsageError, SizingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(df))
+    print("params: analytic (tests check them against the built models); FLOPs per token: a multiply-add = 2, "
+          "attention causal-halved, train = 3 x fwd; state: numbers kept per sequence to decode at ctx; "
+          "vs ref: train FLOPs (params) / the size's Transformer's")
+    out = Path(args.results).expanduser().resolve() / "sizes.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, df.to_csv(index=False))
+    print(f"[ttt-bench] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
