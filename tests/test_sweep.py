@@ -30,6 +30,7 @@ def test_parse_ctx():
     (["--profile", "laptop"], "unknown PROFILE 'laptop'; available: cpu, paper, smoke"),
     (["--sizes", "huge"], "unknown SIZES 'huge'"),
     (["--data", "nope"], "unknown DATA 'nope'"),
+    (["--match", "bytes"], "unknown MATCH 'bytes'; available: params, flops"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, args, message):
     import re
@@ -54,6 +55,9 @@ def test_smoke_sweep_end_to_end(tmp_path):
                     "tokens_per_s", "wall_s"):
             assert float(r[col]) > 0, col
         assert float(r["val_bpb"]) < 8.0  # better than uniform bytes after a few steps
+        # the smoke profile sizes by parameters; the Transformer is its own reference
+        assert r["match"] == "params" and float(r["flops_vs_ref"]) == 1.0
+        assert int(r["state_size"]) == 2 * int(r["layers"]) * 256 * int(r["d_model"])  # the KV cache
         run_dir = Path(r["run_dir"])
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["packages"]["torch"] and summary["git_commit"]
@@ -64,6 +68,25 @@ def test_smoke_sweep_end_to_end(tmp_path):
     for plot in ("loss_vs_flops.png", "loss_by_position.png", "training_curves.png"):
         assert (tmp_path / "plots" / plot).stat().st_size > 10_000, plot
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_flop_matched_sweep_records_the_resolved_size(tmp_path):
+    """MATCH=flops: TTT-Linear is widened to the smoke-s Transformer's training FLOPs at ctx 256; Mamba-2
+    cannot be matched at that size and its run fails with the reason and the remedy."""
+    import architectures
+    from architectures.sizing import FLOPS_TOLERANCE
+
+    res = sweep("--arch", "ttt_linear,mamba2", "--ctx", "256", "--profile", "smoke", "--sizes", "smoke-s",
+                "--match", "flops", "logger=none", results=tmp_path)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = {json.loads(p.read_text())["arch"]: json.loads(p.read_text()) for p in tmp_path.glob("runs/*/*/summary.json")}
+    ttt, mamba2 = runs["ttt_linear"], runs["mamba2"]
+    assert ttt["status"] == "ok" and ttt["match"] == "flops" and abs(ttt["flops_vs_ref"] - 1) < FLOPS_TOLERANCE
+    assert ttt["d_model"] > 48  # smoke-s is 48 wide; TTT has no attention term to pay for
+    cfg = architectures.ModelConfig("ttt_linear", ttt["vocab"], ttt["d_model"], ttt["layers"], ttt["heads"],
+                                    ttt["ffn_dim"], 256, options={"inner": "linear", "backbone": "mamba"})
+    assert ttt["params"] == architectures.get("ttt_linear").count(cfg, 256).params  # measured == analytic
+    assert mamba2["status"] == "failed" and "match=params" in mamba2["error"]
 
 
 def test_failed_run_is_recorded_and_fails_the_sweep(tmp_path):
