@@ -19,6 +19,7 @@ TTT(x), x the RMS-normed input (B, T, d), H heads of f = d / H:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from architectures.config import ModelConfig
 from architectures.layers import RMSNorm, SwiGLU, apply_rope, rope_angles
+from architectures.transformer import BackendUnavailable
 from architectures.ttt.dual import InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh
 from architectures.ttt.reference import ttt_reference
@@ -33,6 +35,39 @@ from architectures.ttt.reference import ttt_reference
 INNER = ("linear", "mlp")
 BACKBONES = ("mamba", "transformer")
 IMPLS = ("auto", "dual", "reference")
+BACKENDS = ("auto", "triton", "torch")
+TRITON_INNERS = ("linear",)  # inner models with Triton kernels (triton_linear.py)
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_ttt_backend(requested: str, inner: str) -> str:
+    """auto: Triton where it runs (CUDA with triton installed) and has a kernel for this inner model,
+    else our PyTorch dual form; an explicit `triton` that cannot run raises. The choice is recorded
+    in the run summary (backends())."""
+    if requested not in BACKENDS:
+        raise ValueError(f"TTT backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "torch":
+        return "torch"
+    runs = _triton_importable() and (torch.cuda.is_available() or _triton_interpreting())
+    if requested == "triton":
+        if inner not in TRITON_INNERS:
+            raise BackendUnavailable(f"no Triton kernel for TTT-{inner}; use ttt backend=torch or auto")
+        if not runs:
+            raise BackendUnavailable("TTT backend=triton needs triton and CUDA (or TRITON_INTERPRET=1 to run the "
+                                     "kernels on CPU, slowly); use backend=torch or auto")
+        return "triton"
+    return "triton" if runs and torch.cuda.is_available() and inner in TRITON_INNERS else "torch"
 
 
 class CausalConv(nn.Module):
@@ -73,6 +108,9 @@ class TTTLayer(nn.Module):
         if self.inner not in INNER or self.backbone not in BACKBONES or self.impl not in IMPLS:
             raise ValueError(f"TTT options: inner in {INNER}, backbone in {BACKBONES}, impl in {IMPLS}; got "
                              f"{self.inner!r}, {self.backbone!r}, {self.impl!r}")
+        self.backend = resolve_ttt_backend(str(o.get("backend", "auto")), self.inner)
+        if self.backend == "triton" and self.impl not in ("auto", "dual"):
+            raise ValueError(f"TTT impl={self.impl} is a PyTorch implementation; it needs backend=torch")
         self.mini_batch = int(o.get("mini_batch", 16))
         self.base_lr = float(o.get("base_lr", 1.0 if self.inner == "linear" else 0.1))
         self.base_lr_init = float(o.get("base_lr_init", self.base_lr))  # warmed up to base_lr with the outer lr
@@ -171,6 +209,8 @@ class TTTLayer(nn.Module):
                 if cache is not None:
                     raise ValueError("the reference TTT implementation has no decode state; use impl=dual")
                 return ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, self.mini_batch, self.inner)
+            if self.backend == "triton":
+                return self._triton_inner_loop(q, k, v, a, tok, ln_w, ln_b, init, cache)
             state = cache.inner if cache is not None and cache.inner is not None else InnerState(
                 {n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})  # (1, H, ...)
             out, new_state = ttt_dual(self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None],
@@ -179,6 +219,46 @@ class TTTLayer(nn.Module):
             if cache is not None:
                 cache.inner = new_state
             return out
+
+    def _triton_inner_loop(self, q, k, v, a, tok, ln_w, ln_b, init, cache: TTTCache | None) -> torch.Tensor:
+        """The Triton kernels (triton_linear.py): tokens that finish an open mini-batch, and single
+        decode tokens, go through the decode kernel; whole and trailing mini-batches through the
+        prefill kernel (which trains: it has a backward). The cache holds the same InnerState as dual.py."""
+        from architectures.ttt import triton_linear as kernels
+
+        if q.device.type != "cuda" and not _triton_interpreting():
+            raise BackendUnavailable(f"TTT backend=triton needs CUDA tensors, got {q.device}")
+        B, H, T, f = q.shape
+        b = self.mini_batch
+        state = cache.inner if cache is not None else None
+        if state is None:
+            W, bias, acc, off = init["W"][None], init["b"][None], {}, 0  # (1, H, f, f), (1, H, f)
+        else:
+            W, bias, acc, off = state.params["W"], state.params["b"][:, :, 0], state.acc, state.offset
+        outs, t = [], 0
+        n_decode = min((b - off) % b, T) if cache is not None else 0
+        if cache is not None and T == 1:
+            n_decode = 1
+        if n_decode:  # the primal form, token by token, in place on fp32 copies of the state
+            W = W.float().expand(B, -1, -1, -1).contiguous().clone()
+            bias = bias.float().expand(B, -1, -1).contiguous().clone()
+            GW = acc["W"].float().expand(B, -1, -1, -1).contiguous().clone() if acc else torch.zeros_like(W)
+            Gb = acc["b"][:, :, 0].float().expand(B, -1, -1).contiguous().clone() if acc else torch.zeros_like(bias)
+            for i in range(n_decode):
+                outs.append(kernels.ttt_linear_decode_step(q[:, :, i], k[:, :, i], v[:, :, i], a[:, :, i], tok,
+                                                           ln_w, ln_b, W, bias, GW, Gb, off)[:, :, None])
+                off = (off + 1) % b
+            acc = {"W": GW, "b": Gb[:, :, None]} if off else {}
+            t = n_decode
+        if t < T:
+            out, (W, bias), (GW, Gb) = kernels.ttt_linear_prefill(
+                q[:, :, t:], k[:, :, t:], v[:, :, t:], a[:, :, t:], tok, ln_w, ln_b, W, bias)
+            outs.append(out)
+            off = (T - t) % b
+            acc = {"W": GW, "b": Gb[:, :, None]} if off else {}
+        if cache is not None:
+            cache.inner = InnerState({"W": W, "b": bias[:, :, None]}, acc, off)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def compile_hot_path(self) -> None:
         """torch.compile the per-mini-batch step of the dual form (training only): it fuses the
@@ -189,7 +269,9 @@ class TTTLayer(nn.Module):
         self._compiled_piece = torch.compile(PIECE[self.inner], dynamic=False)
 
     def resolved_impl(self) -> str:
-        # issue 6 adds the Triton kernels; until then auto is the PyTorch dual form everywhere
+        """What runs: triton, or the PyTorch dual form / reference (backend=torch)."""
+        if self.backend == "triton":
+            return "triton"
         return "dual" if self.impl == "auto" else self.impl
 
 

@@ -1,0 +1,430 @@
+"""TTT-Linear in Triton: the causal dual form for training and prefill (forward and backward kernels)
+and the primal form for decoding, with the semantics of dual.py (its oracle) and the shared notes.
+
+One program per (sequence, head) walks the mini-batches with W (f x f) and b in fp32 on chip; inputs may
+be fp32, fp16 or bf16 (loaded, then computed in fp32). Head dims that are not a power of two (96) are
+padded to the next one with masked loads; the LayerNorms divide by the true f.
+
+    forward    per mini-batch: Z = K W + b, G = LNgrad(Z, V - K), M = tril(tok a^T) * (Q K^T + 1),
+               out = Q + LN(Q W + b - M G), then W -= tok_b K^T (a G), b -= tok_b sum(a G). The state is
+               saved every `group` mini-batches for the backward. A trailing partial mini-batch gets its
+               outputs and returns its accumulators (K^T aG, sum aG), uncommitted, as dual.py does.
+    backward   groups in reverse: recompute the group's states from its checkpoint into a per-program
+               scratch, then run each mini-batch's backward in reverse (linear_backward.py has the same
+               math in PyTorch, with the derivation), carrying dW and db.
+    decode     one token: accumulate a k^T G into (GW, Gb), output with W - tok_i GW, commit at the
+               end of the mini-batch (the primal form of the notes).
+
+Under TRITON_INTERPRET=1 these run on CPU tensors (tests/test_ttt_triton.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from architectures.ttt.inner import LN_EPS
+
+# -- shared pieces -----------------------------------------------------------------------------
+
+
+@triton.jit
+def _ln_stats(z, maskf, F: tl.constexpr, eps):
+    """Row-wise LN statistics of z (R, BF) over the first F columns: zhat (0 in the padding), 1/sigma."""
+    mu = tl.sum(z, axis=1) / F
+    zc = tl.where(maskf[None, :], z - mu[:, None], 0.0)
+    r = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / F + eps)
+    return zc * r[:, None], r
+
+
+@triton.jit
+def _ln_loss_grad(zhat, r, t, gamma, beta, maskf, F: tl.constexpr):
+    """G = dl/dZ of 0.5 ||gamma zhat + beta - t||^2 (inner.ln_loss_grad), and gx, mean(gx zhat)."""
+    gx = (gamma[None, :] * zhat + beta[None, :] - t) * gamma[None, :]
+    m1 = tl.sum(gx, axis=1) / F
+    m2 = tl.sum(gx * zhat, axis=1) / F
+    G = r[:, None] * (gx - m1[:, None] - zhat * m2[:, None])
+    return tl.where(maskf[None, :], G, 0.0), gx, m2
+
+
+@triton.jit
+def _ln_vjp(zhat, r, dy, gamma, maskf, F: tl.constexpr):
+    """y = gamma zhat + beta: dz (0 in the padding)."""
+    dzh = dy * gamma[None, :]
+    m1 = tl.sum(dzh, axis=1) / F
+    m2 = tl.sum(dzh * zhat, axis=1) / F
+    return tl.where(maskf[None, :], r[:, None] * (dzh - m1[:, None] - zhat * m2[:, None]), 0.0)
+
+
+@triton.jit
+def _load_rows(ptr, rows, offs_f, maskm, maskf, F: tl.constexpr):
+    return tl.load(ptr + rows[:, None] * F + offs_f[None, :], mask=maskm[:, None] & maskf[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, x, rows, offs_f, maskm, maskf, F: tl.constexpr):
+    tl.store(ptr + rows[:, None] * F + offs_f[None, :], x.to(ptr.dtype.element_ty),
+             mask=maskm[:, None] & maskf[None, :])
+
+
+@triton.jit
+def _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F: tl.constexpr, eps,
+                       PREC: tl.constexpr):
+    """One mini-batch: its outputs q + LN(Zbar) and a * G (for the update)."""
+    Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
+    zhat, r = _ln_stats(Z, maskf, F, eps)
+    G, gx, m2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
+    A = tl.dot(q, tl.trans(k), input_precision=PREC)
+    E = tl.where(offs_m[:, None] >= offs_m[None, :], tok[:, None] * a[None, :], 0.0)
+    zbar = tl.dot(q, W, input_precision=PREC) + bias[None, :] - tl.dot(E * (A + 1.0), G, input_precision=PREC)
+    zbhat, rb = _ln_stats(zbar, maskf, F, eps)
+    out = q + gamma[None, :] * zbhat + beta[None, :]
+    return out, a[:, None] * G
+
+
+@triton.jit
+def _minibatch_update(W, bias, k, v, a, gamma, beta, tok_last, maskf, F: tl.constexpr, eps, PREC: tl.constexpr):
+    """Only the state update of one mini-batch (the backward's recomputation)."""
+    Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
+    zhat, r = _ln_stats(Z, maskf, F, eps)
+    G, gx, m2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
+    aG = a[:, None] * G
+    return W - tok_last * tl.dot(tl.trans(k), aG, input_precision=PREC), bias - tok_last * tl.sum(aG, axis=0)
+
+
+# -- forward -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
+                T, H, n_full, n_ckpt, group, stride_w0, stride_b0, eps,
+                F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, HAS_PARTIAL: tl.constexpr,
+                SAVE: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)  # sequence * H + head
+    seq, h = pid // H, pid % H
+    offs_m, offs_f = tl.arange(0, MB), tl.arange(0, BF)
+    maskf = offs_f < F
+    all_m = offs_m < MB
+    wmask = maskf[:, None] & maskf[None, :]
+    w_off = offs_f[:, None] * F + offs_f[None, :]
+    W = tl.load(W0 + seq * stride_w0 + h * F * F + w_off, mask=wmask, other=0.0).to(tl.float32)
+    bias = tl.load(B0 + seq * stride_b0 + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    gamma = tl.load(LNW + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    beta = tl.load(LNB + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    tok = tl.load(TOK + offs_m).to(tl.float32)
+    tok_last = tl.load(TOK + MB - 1).to(tl.float32)
+    base = pid * T * F
+    for i in range(0, n_full):
+        if SAVE:
+            if i % group == 0:
+                c = pid * n_ckpt + i // group
+                tl.store(WC + c * F * F + w_off, W, mask=wmask)
+                tl.store(BC + c * F + offs_f, bias, mask=maskf)
+        rows = i * MB + offs_m
+        q = _load_rows(Q + base, rows, offs_f, all_m, maskf, F)
+        k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
+        v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
+        a = tl.load(A + pid * T + rows).to(tl.float32)
+        out, aG = _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F, eps, PREC)
+        _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
+        W = W - tok_last * tl.dot(tl.trans(k), aG, input_precision=PREC)
+        bias = bias - tok_last * tl.sum(aG, axis=0)
+    if HAS_PARTIAL:
+        rows = n_full * MB + offs_m
+        maskm = rows < T
+        q = _load_rows(Q + base, rows, offs_f, maskm, maskf, F)
+        k = _load_rows(K + base, rows, offs_f, maskm, maskf, F)
+        v = _load_rows(V + base, rows, offs_f, maskm, maskf, F)
+        a = tl.load(A + pid * T + rows, mask=maskm, other=0.0).to(tl.float32)
+        out, aG = _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F, eps, PREC)
+        _store_rows(OUT + base, out, rows, offs_f, maskm, maskf, F)
+        tl.store(AW + pid * F * F + w_off, tl.dot(tl.trans(k), aG, input_precision=PREC), mask=wmask)
+        tl.store(AB + pid * F + offs_f, tl.sum(aG, axis=0), mask=maskf)
+    tl.store(WN + pid * F * F + w_off, W, mask=wmask)
+    tl.store(BN + pid * F + offs_f, bias, mask=maskf)
+
+
+# -- backward ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _minibatch_backward(W, bias, q, k, v, a, tok, gamma, beta, dout, dW, db, maskf, offs_m,
+                        F: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
+    """linear_backward.minibatch_backward for one (sequence, head): returns dq, dk, dv, da, dtok (MB),
+    dgamma, dbeta (BF) and the gradients of the weights before the mini-batch."""
+    Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
+    t = v - k
+    zhat, r = _ln_stats(Z, maskf, F, eps)
+    G, gx, c2 = _ln_loss_grad(zhat, r, t, gamma, beta, maskf, F)
+    tril = offs_m[:, None] >= offs_m[None, :]
+    A = tl.dot(q, tl.trans(k), input_precision=PREC)
+    E = tl.where(tril, tok[:, None] * a[None, :], 0.0)
+    M = E * (A + 1.0)
+    zbar = tl.dot(q, W, input_precision=PREC) + bias[None, :] - tl.dot(M, G, input_precision=PREC)
+    zbhat, rb = _ln_stats(zbar, maskf, F, eps)
+
+    dzbar = _ln_vjp(zbhat, rb, dout, gamma, maskf, F)
+    dgamma = tl.sum(dout * zbhat, axis=0)
+    dbeta = tl.sum(dout, axis=0)
+    dq = dout + tl.dot(dzbar, tl.trans(W), input_precision=PREC)
+    dW_new = dW + tl.dot(tl.trans(q), dzbar, input_precision=PREC)
+    db_new = db + tl.sum(dzbar, axis=0)
+    dM = -tl.dot(dzbar, tl.trans(G), input_precision=PREC)
+    dG = -tl.dot(tl.trans(M), dzbar, input_precision=PREC)
+    dE = tl.where(tril, dM * (A + 1.0), 0.0)
+    dA = dM * E
+    dq += tl.dot(dA, k, input_precision=PREC)
+    dk = tl.dot(tl.trans(dA), q, input_precision=PREC)
+    dtok = tl.sum(dE * a[None, :], axis=1)
+    da = tl.sum(dE * tok[:, None], axis=0)
+    if COMMIT:
+        tok_last = tl.sum(tl.where(offs_m == MB - 1, tok, 0.0), axis=0)
+        aG = a[:, None] * G
+        daG = -tok_last * (tl.dot(k, dW, input_precision=PREC) + db[None, :])
+        dk -= tok_last * tl.dot(aG, tl.trans(dW), input_precision=PREC)
+        s = -tl.sum(tl.sum(tl.dot(tl.trans(k), aG, input_precision=PREC) * dW, axis=1), axis=0) \
+            - tl.sum(tl.sum(aG, axis=0) * db, axis=0)
+        dtok += tl.where(offs_m == MB - 1, s, 0.0)
+        da += tl.sum(daG * G, axis=1)
+        dG += a[:, None] * daG
+    # the VJP of G = LNgrad(Z, t) (linear_backward.ln_grad_vjp)
+    m_dG = tl.sum(dG, axis=1) / F
+    m_dGz = tl.sum(dG * zhat, axis=1) / F
+    dgx = tl.where(maskf[None, :], r[:, None] * (dG - m_dG[:, None] - zhat * m_dGz[:, None]), 0.0)
+    dzhat = -r[:, None] * (dG * c2[:, None] + gx * m_dGz[:, None]) + dgx * gamma[None, :] * gamma[None, :]
+    dgamma += tl.sum(dgx * (2.0 * gamma[None, :] * zhat + beta[None, :] - t), axis=0)
+    dbeta += tl.sum(dgx * gamma[None, :], axis=0)
+    dt = -dgx * gamma[None, :]
+    m1 = tl.sum(dzhat, axis=1) / F
+    m2 = tl.sum(dzhat * zhat, axis=1) / F
+    m3 = tl.sum(dG * G, axis=1) / F
+    dZ = tl.where(maskf[None, :], r[:, None] * (dzhat - m1[:, None] - zhat * m2[:, None] - zhat * m3[:, None]), 0.0)
+    dk += tl.dot(dZ, tl.trans(W), input_precision=PREC) - dt
+    dW_new += tl.dot(tl.trans(k), dZ, input_precision=PREC)
+    db_new += tl.sum(dZ, axis=0)
+    return dq, dk, dt, da, dtok, dgamma, dbeta, dW_new, db_new
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
+                DQ, DK, DV, DA, DTOK, DLNW, DLNB, DW0, DB0, WS, BS,
+                T, H, n_full, n_ckpt, group, eps,
+                F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, HAS_PARTIAL: tl.constexpr,
+                PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    h = pid % H
+    offs_m, offs_f = tl.arange(0, MB), tl.arange(0, BF)
+    maskf = offs_f < F
+    all_m = offs_m < MB
+    wmask = maskf[:, None] & maskf[None, :]
+    w_off = offs_f[:, None] * F + offs_f[None, :]
+    gamma = tl.load(LNW + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    beta = tl.load(LNB + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    tok = tl.load(TOK + offs_m).to(tl.float32)
+    tok_last = tl.load(TOK + MB - 1).to(tl.float32)
+    dW = tl.load(DWN + pid * F * F + w_off, mask=wmask, other=0.0).to(tl.float32)
+    db = tl.load(DBN + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    dgamma = tl.zeros([BF], dtype=tl.float32)
+    dbeta = tl.zeros([BF], dtype=tl.float32)
+    dtok = tl.zeros([MB], dtype=tl.float32)
+    base = pid * T * F
+    if HAS_PARTIAL:  # its outputs used the final committed state; it changed no state
+        rows = n_full * MB + offs_m
+        maskm = rows < T
+        W = tl.load(WN + pid * F * F + w_off, mask=wmask, other=0.0)
+        bias = tl.load(BN + pid * F + offs_f, mask=maskf, other=0.0)
+        q = _load_rows(Q + base, rows, offs_f, maskm, maskf, F)
+        k = _load_rows(K + base, rows, offs_f, maskm, maskf, F)
+        v = _load_rows(V + base, rows, offs_f, maskm, maskf, F)
+        a = tl.load(A + pid * T + rows, mask=maskm, other=0.0).to(tl.float32)
+        do = _load_rows(DOUT + base, rows, offs_f, maskm, maskf, F)
+        dq, dk, dv, da, dt_, dg_, db_, dW, db = _minibatch_backward(
+            W, bias, q, k, v, a, tok, gamma, beta, do, dW, db, maskf, offs_m, F, MB, eps, False, PREC)
+        _store_rows(DQ + base, dq, rows, offs_f, maskm, maskf, F)
+        _store_rows(DK + base, dk, rows, offs_f, maskm, maskf, F)
+        _store_rows(DV + base, dv, rows, offs_f, maskm, maskf, F)
+        tl.store(DA + pid * T + rows, da, mask=maskm)
+        dtok += dt_
+        dgamma += dg_
+        dbeta += db_
+    for gi in range(0, n_ckpt):
+        g = n_ckpt - 1 - gi
+        first = g * group
+        count = tl.minimum(group, n_full - first)
+        c = pid * n_ckpt + g
+        W = tl.load(WC + c * F * F + w_off, mask=wmask, other=0.0)
+        bias = tl.load(BC + c * F + offs_f, mask=maskf, other=0.0)
+        for j in range(0, count):  # recompute the states inside the group
+            tl.store(WS + (pid * group + j) * F * F + w_off, W, mask=wmask)
+            tl.store(BS + (pid * group + j) * F + offs_f, bias, mask=maskf)
+            rows = (first + j) * MB + offs_m
+            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
+            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
+            a = tl.load(A + pid * T + rows).to(tl.float32)
+            W, bias = _minibatch_update(W, bias, k, v, a, gamma, beta, tok_last, maskf, F, eps, PREC)
+        tl.debug_barrier()
+        for jj in range(0, count):
+            j = count - 1 - jj
+            W = tl.load(WS + (pid * group + j) * F * F + w_off, mask=wmask, other=0.0)
+            bias = tl.load(BS + (pid * group + j) * F + offs_f, mask=maskf, other=0.0)
+            rows = (first + j) * MB + offs_m
+            q = _load_rows(Q + base, rows, offs_f, all_m, maskf, F)
+            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
+            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
+            a = tl.load(A + pid * T + rows).to(tl.float32)
+            do = _load_rows(DOUT + base, rows, offs_f, all_m, maskf, F)
+            dq, dk, dv, da, dt_, dg_, db_, dW, db = _minibatch_backward(
+                W, bias, q, k, v, a, tok, gamma, beta, do, dW, db, maskf, offs_m, F, MB, eps, True, PREC)
+            _store_rows(DQ + base, dq, rows, offs_f, all_m, maskf, F)
+            _store_rows(DK + base, dk, rows, offs_f, all_m, maskf, F)
+            _store_rows(DV + base, dv, rows, offs_f, all_m, maskf, F)
+            tl.store(DA + pid * T + rows, da)
+            dtok += dt_
+            dgamma += dg_
+            dbeta += db_
+        tl.debug_barrier()
+    tl.store(DW0 + pid * F * F + w_off, dW, mask=wmask)
+    tl.store(DB0 + pid * F + offs_f, db, mask=maskf)
+    tl.store(DLNW + pid * F + offs_f, dgamma, mask=maskf)
+    tl.store(DLNB + pid * F + offs_f, dbeta, mask=maskf)
+    tl.store(DTOK + pid * MB + offs_m, dtok)
+
+
+# -- decode ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, A, TOK, LNW, LNB, W, B, GW, GB, OUT, H, pos, eps,
+                   F: tl.constexpr, BF: tl.constexpr, COMMIT: tl.constexpr):
+    """One token at in-mini-batch position `pos` (0-based) for every (sequence, head); W, B, GW, GB
+    (fp32) are updated in place."""
+    pid = tl.program_id(0)
+    h = pid % H
+    offs = tl.arange(0, BF)
+    maskf = offs < F
+    wmask = maskf[:, None] & maskf[None, :]
+    w_off = pid * F * F + offs[:, None] * F + offs[None, :]
+    Wt = tl.load(W + w_off, mask=wmask, other=0.0)
+    bt = tl.load(B + pid * F + offs, mask=maskf, other=0.0)
+    gW = tl.load(GW + w_off, mask=wmask, other=0.0)
+    gb = tl.load(GB + pid * F + offs, mask=maskf, other=0.0)
+    gamma = tl.load(LNW + h * F + offs, mask=maskf, other=0.0).to(tl.float32)
+    beta = tl.load(LNB + h * F + offs, mask=maskf, other=0.0).to(tl.float32)
+    q = tl.load(Q + pid * F + offs, mask=maskf, other=0.0).to(tl.float32)
+    k = tl.load(K + pid * F + offs, mask=maskf, other=0.0).to(tl.float32)
+    v = tl.load(V + pid * F + offs, mask=maskf, other=0.0).to(tl.float32)
+    a = tl.load(A + pid).to(tl.float32)
+    tok = tl.load(TOK + pos).to(tl.float32)
+    z = tl.sum(k[:, None] * Wt, axis=0) + bt  # k W + b, (BF,)
+    zhat, r = _ln_stats(z[None, :], maskf, F, eps)
+    G, gx, m2 = _ln_loss_grad(zhat, r, (v - k)[None, :], gamma, beta, maskf, F)
+    G = tl.sum(G, axis=0)  # (BF,)
+    gW += a * k[:, None] * G[None, :]
+    gb += a * G
+    Wbar = Wt - tok * gW
+    bbar = bt - tok * gb
+    zb = tl.sum(q[:, None] * Wbar, axis=0) + bbar
+    zbhat, rb = _ln_stats(zb[None, :], maskf, F, eps)
+    out = q + gamma * tl.sum(zbhat, axis=0) + beta
+    tl.store(OUT + pid * F + offs, out.to(OUT.dtype.element_ty), mask=maskf)
+    if COMMIT:
+        tl.store(W + w_off, Wbar, mask=wmask)
+        tl.store(B + pid * F + offs, bbar, mask=maskf)
+        tl.store(GW + w_off, tl.zeros([BF, BF], dtype=tl.float32), mask=wmask)
+        tl.store(GB + pid * F + offs, tl.zeros([BF], dtype=tl.float32), mask=maskf)
+    else:
+        tl.store(GW + w_off, gW, mask=wmask)
+        tl.store(GB + pid * F + offs, gb, mask=maskf)
+
+
+# -- launchers ---------------------------------------------------------------------------------
+
+DEFAULT_GROUP = 16  # mini-batches per checkpoint of the backward
+
+
+def _block(f: int) -> int:
+    return max(16, triton.next_power_of_2(f))
+
+
+def _precision(x: torch.Tensor) -> str:
+    # exact fp32 products (TF32 would cost ~1e-3 relative error); the interpreter ignores it
+    return "ieee"
+
+
+class TTTLinearFunction(torch.autograd.Function):
+    """Whole sequences from a mini-batch boundary. Inputs q, k, v (B, H, T, f), a (B, H, T), tok (b,),
+    ln_w, ln_b (H, f), W0 (B|1, H, f, f), b0 (B|1, H, f). Outputs out (B, H, T, f) in q's dtype and the
+    state after T tokens: W, b (fp32, committed) and the partial mini-batch's accumulators."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, a, tok, ln_w, ln_b, W0, b0, group: int):
+        Bsz, H, T, f = q.shape
+        MB = tok.shape[0]
+        n_full, partial = T // MB, T % MB
+        n_ckpt = max(1, math.ceil(n_full / group))
+        q, k, v, a = (x.contiguous() for x in (q, k, v, a))
+        f32 = dict(device=q.device, dtype=torch.float32)
+        tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
+        W0c, b0c = W0.float().contiguous(), b0.float().contiguous()
+        out = torch.empty_like(q)
+        Wn, bn = torch.empty(Bsz, H, f, f, **f32), torch.empty(Bsz, H, f, **f32)
+        aw, ab = torch.zeros(Bsz, H, f, f, **f32), torch.zeros(Bsz, H, f, **f32)
+        save = any(ctx.needs_input_grad)
+        wc = torch.empty(Bsz, H, n_ckpt if save else 1, f, f, **f32)
+        bc = torch.empty(Bsz, H, n_ckpt if save else 1, f, **f32)
+        _fwd_kernel[(Bsz * H,)](
+            q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
+            T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
+            LN_EPS, F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, SAVE=bool(save), PREC=_precision(q))
+        ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn)
+        ctx.meta = (group, n_full, n_ckpt, partial, W0.shape, b0.shape, tok.dtype, ln_w.dtype, W0.dtype)
+        ctx.mark_non_differentiable(aw, ab)
+        return out, Wn, bn, aw, ab
+
+    @staticmethod
+    def backward(ctx, dout, dWn, dbn, _daw, _dab):
+        q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn = ctx.saved_tensors
+        group, n_full, n_ckpt, partial, w_shape, b_shape, tok_dtype, ln_dtype, w_dtype = ctx.meta
+        Bsz, H, T, f = q.shape
+        MB = tok32.shape[0]
+        f32 = dict(device=q.device, dtype=torch.float32)
+        dout = torch.zeros_like(q) if dout is None else dout.contiguous()
+        dWn = torch.zeros(Bsz, H, f, f, **f32) if dWn is None else dWn.float().contiguous()
+        dbn = torch.zeros(Bsz, H, f, **f32) if dbn is None else dbn.float().contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        da = torch.empty_like(a)
+        dtok = torch.empty(Bsz, H, MB, **f32)
+        dlnw, dlnb = torch.empty(Bsz, H, f, **f32), torch.empty(Bsz, H, f, **f32)
+        dW0, db0 = torch.empty(Bsz, H, f, f, **f32), torch.empty(Bsz, H, f, **f32)
+        ws, bs = torch.empty(Bsz, H, group, f, f, **f32), torch.empty(Bsz, H, group, f, **f32)
+        _bwd_kernel[(Bsz * H,)](
+            q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn, dout, dWn, dbn,
+            dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
+            T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
+            F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, PREC=_precision(q))
+        if w_shape[0] == 1:
+            dW0, db0 = dW0.sum(0, keepdim=True), db0.sum(0, keepdim=True)
+        return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),
+                dW0.to(w_dtype), db0.to(w_dtype), None)
+
+
+def ttt_linear_prefill(q, k, v, a, tok, ln_w, ln_b, W0, b0, group: int = DEFAULT_GROUP):
+    """out (B, H, T, f), (W, b) after T tokens, (GW, Gb) of a trailing partial mini-batch."""
+    out, W, b, aw, ab = TTTLinearFunction.apply(q, k, v, a, tok, ln_w, ln_b, W0, b0, group)
+    return out, (W, b), (aw, ab)
+
+
+def ttt_linear_decode_step(q, k, v, a, tok, ln_w, ln_b, W, b, GW, Gb, pos: int):
+    """One token for every (sequence, head): q, k, v (B, H, f), a (B, H); W, b, GW, Gb fp32 (B, H, f, f) /
+    (B, H, f), contiguous, updated in place; pos the token's 0-based place in its mini-batch.
+    Returns out (B, H, f)."""
+    Bsz, H, f = q.shape
+    MB = tok.shape[0]
+    out = torch.empty_like(q)
+    _decode_kernel[(Bsz * H,)](q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(),
+                               tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous(),
+                               W, b, GW, Gb, out, H, pos, LN_EPS, F=f, BF=_block(f), COMMIT=pos == MB - 1)
+    return out
