@@ -26,7 +26,7 @@ VOCAB ?= 257
 RESULTS ?= results
 ARGS ?=
 
-.PHONY: help install test sweep sizes plots bench-ttt bench-mamba clean
+.PHONY: help install test test-kernels sweep sizes plots bench-ttt bench-mamba bench-kernels clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
@@ -59,6 +59,9 @@ $(STAMP): pyproject.toml requirements.txt
 test: $(STAMP) ## run the test suite (CPU, a few minutes)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests
 
+test-kernels: $(STAMP) ## only the Triton kernel tests (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests/test_ttt_triton.py
+
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
 	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(CTX)" --profile "$(PROFILE)" --sizes "$(SIZES)" \
 	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" -- $(ARGS)
@@ -75,6 +78,9 @@ bench-ttt: $(STAMP) ## tokens/s of one TTT layer: reference vs dual form (125M s
 
 bench-mamba: $(STAMP) ## our Mamba scan / Mamba-2 SSD vs mamba-ssm's references, forward+backward (CPU)
 	$(PY) -m bench.mamba_scan_speed --results "$(RESULTS)" $(ARGS)
+
+bench-kernels: $(STAMP) ## TTT Triton kernels vs dual form, attention, Mamba scan: time vs T (one GPU, < 8 min)
+	$(PY) -m bench.ttt_kernel_speed --results "$(RESULTS)" $(ARGS)
 
 clean: ## remove .venv and caches (results are kept)
 	rm -rf $(VENV) .pytest_cache outputs multirun

@@ -1,9 +1,12 @@
 """TTT layers (Sun et al. 2024, arXiv 2407.04620): TTT-Linear and TTT-MLP, on the Mamba backbone
 (the paper's default) and on the Transformer backbone.
 
-    reference.py  the primal form, token by token (the test oracle)
-    dual.py       the dual form over mini-batches (trains with autograd; decoding and any T)
-    layer.py      the layer and block modules
+    reference.py      the primal form, token by token (the test oracle)
+    dual.py           the dual form over mini-batches (trains with autograd; decoding and any T)
+    dual_backward.py  the dual form's backward derived by hand, in PyTorch (what the kernels compute)
+    triton_linear.py  TTT-Linear Triton kernels: prefill forward/backward, decode
+    triton_mlp.py     TTT-MLP Triton kernels: prefill forward/backward, decode
+    layer.py          the layer and block modules (backend auto | triton | torch)
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ INNER = ("linear", "mlp")
 BACKBONES = ("mamba", "transformer")
 IMPLS = ("auto", "dual", "reference")
 BACKENDS = ("auto", "triton", "torch")
-TRITON_INNERS = ("linear",)  # inner models with Triton kernels (triton_linear.py)
+TRITON_INNERS = ("linear", "mlp")  # inner models with Triton kernels (triton_linear.py, triton_mlp.py)
 
 
 def _triton_interpreting() -> bool:
@@ -221,43 +221,44 @@ class TTTLayer(nn.Module):
             return out
 
     def _triton_inner_loop(self, q, k, v, a, tok, ln_w, ln_b, init, cache: TTTCache | None) -> torch.Tensor:
-        """The Triton kernels (triton_linear.py): tokens that finish an open mini-batch, and single
-        decode tokens, go through the decode kernel; whole and trailing mini-batches through the
-        prefill kernel (which trains: it has a backward). The cache holds the same InnerState as dual.py."""
-        from architectures.ttt import triton_linear as kernels
+        """The Triton kernels (triton_linear.py, triton_mlp.py): tokens that finish an open mini-batch,
+        and single decode tokens, go through the decode kernel; whole and trailing mini-batches through
+        the prefill kernel (which trains: it has a backward). The cache holds dual.py's InnerState
+        (biases as (B, H, 1, n)); the kernels take biases as (B, H, n)."""
+        from architectures.ttt import triton_linear, triton_mlp
 
+        kernels = {"linear": triton_linear, "mlp": triton_mlp}[self.inner]
         if q.device.type != "cuda" and not _triton_interpreting():
             raise BackendUnavailable(f"TTT backend=triton needs CUDA tensors, got {q.device}")
         B, H, T, f = q.shape
         b = self.mini_batch
+        flat = lambda d: {n: (t[:, :, 0] if n.startswith("b") else t) for n, t in d.items()}  # (B, H, 1, n) -> (B, H, n)
         state = cache.inner if cache is not None else None
         if state is None:
-            W, bias, acc, off = init["W"][None], init["b"][None], {}, 0  # (1, H, f, f), (1, H, f)
+            params, acc, off = {n: p[None] for n, p in init.items()}, {}, 0  # (1, H, ...)
         else:
-            W, bias, acc, off = state.params["W"], state.params["b"][:, :, 0], state.acc, state.offset
+            params, acc, off = flat(state.params), flat(state.acc), state.offset
         outs, t = [], 0
-        n_decode = min((b - off) % b, T) if cache is not None else 0
-        if cache is not None and T == 1:
-            n_decode = 1
+        n_decode = 0 if cache is None else (1 if T == 1 else min((b - off) % b, T))
         if n_decode:  # the primal form, token by token, in place on fp32 copies of the state
-            W = W.float().expand(B, -1, -1, -1).contiguous().clone()
-            bias = bias.float().expand(B, -1, -1).contiguous().clone()
-            GW = acc["W"].float().expand(B, -1, -1, -1).contiguous().clone() if acc else torch.zeros_like(W)
-            Gb = acc["b"][:, :, 0].float().expand(B, -1, -1).contiguous().clone() if acc else torch.zeros_like(bias)
+            params = {n: p.float().expand(B, *p.shape[1:]).contiguous().clone() for n, p in params.items()}
+            acc = {n: (acc[n].float().expand(B, *p.shape[1:]).contiguous().clone() if acc else torch.zeros_like(p))
+                   for n, p in params.items()}
             for i in range(n_decode):
-                outs.append(kernels.ttt_linear_decode_step(q[:, :, i], k[:, :, i], v[:, :, i], a[:, :, i], tok,
-                                                           ln_w, ln_b, W, bias, GW, Gb, off)[:, :, None])
+                outs.append(kernels.decode_step(q[:, :, i], k[:, :, i], v[:, :, i], a[:, :, i], tok, ln_w, ln_b,
+                                                params, acc, off)[:, :, None])
                 off = (off + 1) % b
-            acc = {"W": GW, "b": Gb[:, :, None]} if off else {}
+            acc = acc if off else {}
             t = n_decode
         if t < T:
-            out, (W, bias), (GW, Gb) = kernels.ttt_linear_prefill(
-                q[:, :, t:], k[:, :, t:], v[:, :, t:], a[:, :, t:], tok, ln_w, ln_b, W, bias)
+            out, params, acc = kernels.prefill(q[:, :, t:], k[:, :, t:], v[:, :, t:], a[:, :, t:], tok, ln_w, ln_b,
+                                               params)
             outs.append(out)
             off = (T - t) % b
-            acc = {"W": GW, "b": Gb[:, :, None]} if off else {}
+            acc = acc if off else {}
         if cache is not None:
-            cache.inner = InnerState({"W": W, "b": bias[:, :, None]}, acc, off)
+            unflat = lambda d: {n: (x[:, :, None] if n.startswith("b") else x) for n, x in d.items()}
+            cache.inner = InnerState(unflat(params), unflat(acc), off)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def compile_hot_path(self) -> None:

@@ -10,7 +10,7 @@ padded to the next one with masked loads; the LayerNorms divide by the true f.
                saved every `group` mini-batches for the backward. A trailing partial mini-batch gets its
                outputs and returns its accumulators (K^T aG, sum aG), uncommitted, as dual.py does.
     backward   groups in reverse: recompute the group's states from its checkpoint into a per-program
-               scratch, then run each mini-batch's backward in reverse (linear_backward.py has the same
+               scratch, then run each mini-batch's backward in reverse (dual_backward.py has the same
                math in PyTorch, with the derivation), carrying dW and db.
     decode     one token: accumulate a k^T G into (GW, Gb), output with W - tok_i GW, commit at the
                end of the mini-batch (the primal form of the notes).
@@ -153,7 +153,7 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
 @triton.jit
 def _minibatch_backward(W, bias, q, k, v, a, tok, gamma, beta, dout, dW, db, maskf, offs_m,
                         F: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
-    """linear_backward.minibatch_backward for one (sequence, head): returns dq, dk, dv, da, dtok (MB),
+    """dual_backward.linear_minibatch_backward for one (sequence, head): returns dq, dk, dv, da, dtok (MB),
     dgamma, dbeta (BF) and the gradients of the weights before the mini-batch."""
     Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
     t = v - k
@@ -190,7 +190,7 @@ def _minibatch_backward(W, bias, q, k, v, a, tok, gamma, beta, dout, dW, db, mas
         dtok += tl.where(offs_m == MB - 1, s, 0.0)
         da += tl.sum(daG * G, axis=1)
         dG += a[:, None] * daG
-    # the VJP of G = LNgrad(Z, t) (linear_backward.ln_grad_vjp)
+    # the VJP of G = LNgrad(Z, t) (dual_backward.ln_grad_vjp)
     m_dG = tl.sum(dG, axis=1) / F
     m_dGz = tl.sum(dG * zhat, axis=1) / F
     dgx = tl.where(maskf[None, :], r[:, None] * (dG - m_dG[:, None] - zhat * m_dGz[:, None]), 0.0)
@@ -428,3 +428,20 @@ def ttt_linear_decode_step(q, k, v, a, tok, ln_w, ln_b, W, b, GW, Gb, pos: int):
                                tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous(),
                                W, b, GW, Gb, out, H, pos, LN_EPS, F=f, BF=_block(f), COMMIT=pos == MB - 1)
     return out
+
+
+# -- the interface the layer uses (the same in triton_mlp.py) ------------------------------------
+
+PARAMS = ("W", "b")
+
+
+def prefill(q, k, v, a, tok, ln_w, ln_b, params: dict, group: int = DEFAULT_GROUP):
+    """out (B, H, T, f), the inner weights after T tokens and a trailing partial mini-batch's accumulators,
+    as dicts keyed W, b (b as (B, H, f))."""
+    out, (W, b), (GW, Gb) = ttt_linear_prefill(q, k, v, a, tok, ln_w, ln_b, params["W"], params["b"], group)
+    return out, {"W": W, "b": b}, {"W": GW, "b": Gb}
+
+
+def decode_step(q, k, v, a, tok, ln_w, ln_b, params: dict, acc: dict, pos: int):
+    """One token; params and acc: fp32 contiguous (B, H, ...) dicts, updated in place. Returns (B, H, f)."""
+    return ttt_linear_decode_step(q, k, v, a, tok, ln_w, ln_b, params["W"], params["b"], acc["W"], acc["b"], pos)

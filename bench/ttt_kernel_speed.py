@@ -1,0 +1,260 @@
+"""TTT kernels vs context length on one GPU: our Triton kernels against our PyTorch dual form, causal
+attention (SDPA; flash-attn when installed), mamba-ssm's selective scan and fla's chunk_ttt_linear
+(when installed), forward and forward+backward, at the 1.3B layer shape.
+
+    python -m bench.ttt_kernel_speed                 # CUDA: T = 2k..32k, under 8 minutes on one H200
+    python -m bench.ttt_kernel_speed --smoke         # CPU: tiny shapes under TRITON_INTERPRET=1 (checks the script)
+    make bench-kernels
+
+Shape (paper Table 3, 1.3B): d = 2048, 32 heads of 64; batch 16 for the forward (the paper's latency
+figure), --bwd-batch (default 4) for forward+backward (memory). Inputs of the TTT kernels are the layer's
+q, k, v (B, H, T, 64) in bf16 with fp32 state; attention takes the same q, k, v (bf16); the Mamba scan
+runs at the same width (d_inner 4096 = 2 x 2048, d_state 16). Times: triton.testing.do_bench (median
+of repeats after warm-up) on CUDA, medians of time.perf_counter repeats on CPU. A point that fails (out
+of memory, missing package, over --max-seconds for the previous length) is recorded with its reason.
+
+fla's chunk_ttt_linear has different semantics (a learning rate per query token, o + LN(o) residual,
+no TTT-MLP): its times are labelled so and are not a like-for-like comparison.
+Writes RESULTS/bench/ttt_kernel_speed.json and RESULTS/plots/ttt_kernel_speed.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.results import atomic_write_json, device_name, package_versions
+
+LENGTHS = [2048, 4096, 8192, 16384, 32768]
+
+
+# -- the contenders: each returns fn() running one forward (and backward when asked) -----------------
+
+def _ttt_inputs(B, H, T, f, inner, device, requires_grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    r = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g)).to(device)
+    x = {"q": r(B, H, T, f).bfloat16(), "k": r(B, H, T, f).bfloat16(), "v": r(B, H, T, f).bfloat16(),
+         "a": (torch.rand(B, H, T, generator=g) * 0.3 / f).to(device),
+         "tok": (1 / torch.arange(1, 17)).to(device), "ln_w": torch.ones(H, f, device=device),
+         "ln_b": torch.zeros(H, f, device=device)}
+    if inner == "linear":
+        x.update(W=r(1, H, f, f, scale=0.02), b=torch.zeros(1, H, f, device=device))
+    else:
+        x.update(W1=r(1, H, f, 4 * f, scale=0.02), b1=torch.zeros(1, H, 4 * f, device=device),
+                 W2=r(1, H, 4 * f, f, scale=0.02), b2=torch.zeros(1, H, f, device=device))
+    for t in x.values():
+        t.requires_grad_(requires_grad and t.is_floating_point())
+    return x
+
+
+def ttt_triton(inner, B, H, T, f, device, backward):
+    from architectures.ttt import triton_linear, triton_mlp
+
+    kernels = {"linear": triton_linear, "mlp": triton_mlp}[inner]
+    x = _ttt_inputs(B, H, T, f, inner, device, backward)
+    names = ["W", "b"] if inner == "linear" else ["W1", "b1", "W2", "b2"]
+    io = [x[n] for n in ("q", "k", "v", "a", "tok", "ln_w", "ln_b")]
+
+    def fn():
+        out = kernels.prefill(*io, {n: x[n] for n in names})[0]
+        if backward:
+            out.float().sum().backward()
+    return fn
+
+
+def ttt_torch_dual(inner, B, H, T, f, device, backward):
+    from architectures.ttt.dual import InnerState, ttt_dual
+
+    x = _ttt_inputs(B, H, T, f, inner, device, backward)
+    names = ["W", "b"] if inner == "linear" else ["W1", "b1", "W2", "b2"]
+
+    def fn():
+        c = {n: t.float() for n, t in x.items()}
+        state = InnerState({n: (c[n][:, :, None] if n.startswith("b") else c[n]) for n in names})
+        out = ttt_dual(inner, state, c["q"], c["k"], c["v"], c["a"], c["tok"], c["ln_w"][:, None], c["ln_b"][:, None],
+                       16)[0]
+        if backward:
+            out.sum().backward()
+    return fn
+
+
+def attention_sdpa(B, H, T, f, device, backward):
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(B, H, T, f, device=device, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
+
+    def fn():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if backward:
+            out.float().sum().backward()
+    return fn
+
+
+def attention_flash(B, H, T, f, device, backward):
+    from flash_attn import flash_attn_func  # raises ImportError where it is not installed
+
+    q, k, v = (torch.randn(B, T, H, f, device=device, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
+
+    def fn():
+        out = flash_attn_func(q, k, v, causal=True)
+        if backward:
+            out.float().sum().backward()
+    return fn
+
+
+def mamba_scan(B, H, T, f, device, backward):
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # CUDA kernels
+
+    D, N = 2 * H * f, 16
+    u, delta, z = (torch.randn(B, D, T, device=device, dtype=torch.bfloat16, requires_grad=backward)
+                   for _ in range(3))
+    A = (-torch.rand(D, N, device=device)).requires_grad_(backward)
+    Bm, Cm = (torch.randn(B, N, T, device=device, dtype=torch.bfloat16, requires_grad=backward) for _ in range(2))
+    Dv = torch.ones(D, device=device, requires_grad=backward)
+
+    def fn():
+        out = selective_scan_fn(u, delta, A, Bm, Cm, Dv, z, delta_softplus=True)
+        if backward:
+            out.float().sum().backward()
+    return fn
+
+
+def fla_ttt_linear(B, H, T, f, device, backward):
+    from fla.ops.ttt import chunk_ttt_linear  # different semantics; raises ImportError where not installed
+
+    q, k, v = (torch.randn(B, T, H, f, device=device, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
+    w, b = torch.ones(H, f, device=device), torch.zeros(H, f, device=device)
+    eta = torch.full((B, T, H, 1), 0.01, device=device, dtype=torch.bfloat16)
+
+    def fn():
+        out = chunk_ttt_linear(q, k, v, w, b, eta=eta, chunk_size=16)[0]
+        if backward:
+            out.float().sum().backward()
+    return fn
+
+
+CONTENDERS = {
+    "ttt_linear [triton]": lambda *a: ttt_triton("linear", *a),
+    "ttt_mlp [triton]": lambda *a: ttt_triton("mlp", *a),
+    "ttt_linear [torch dual form]": lambda *a: ttt_torch_dual("linear", *a),
+    "ttt_mlp [torch dual form]": lambda *a: ttt_torch_dual("mlp", *a),
+    "attention [sdpa]": attention_sdpa,
+    "attention [flash_attn]": attention_flash,
+    "mamba scan [mamba-ssm cuda]": mamba_scan,
+    "fla chunk_ttt_linear (different semantics)": fla_ttt_linear,
+}
+
+
+def _time(fn, device) -> float:
+    """Median milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    from bench.timing import time_call
+
+    return 1e3 * time_call(fn, repeats=1)
+
+
+def measure(name, build, B, H, T, f, device, backward) -> dict:
+    row = {"impl": name, "T": T, "batch": B, "heads": H, "head_dim": f, "mode": "fwd+bwd" if backward else "fwd"}
+    try:
+        fn = build(B, H, T, f, device, backward)
+        ms = _time(fn, device)
+        row.update(status="ok", ms=ms, tokens_per_s=B * T / (ms / 1e3))
+    except ImportError as e:
+        row.update(status="not installed", error=str(e))
+    except torch.cuda.OutOfMemoryError as e:
+        row.update(status="out of memory", error=str(e).splitlines()[0])
+    except Exception as e:  # a contender that cannot run here is recorded, the others go on
+        row.update(status="failed", error=f"{type(e).__name__}: {e}"[:300])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for name in dict.fromkeys(r["impl"] for r in rows):
+            pts = [(r["T"], r["ms"]) for r in rows if r["impl"] == name and r["mode"] == mode and r["status"] == "ok"]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T (tokens)")
+        ax.set_ylabel("time per call (ms, median)")
+        batch = next((r["batch"] for r in rows if r["mode"] == mode), "?")
+        ax.set_title(f"{mode}, batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.ttt_kernel_speed", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--lengths", default=",".join(str(t) for t in LENGTHS))
+    p.add_argument("--batch", type=int, default=16, help="forward batch (the paper's latency figure: 16)")
+    p.add_argument("--bwd-batch", type=int, default=4, help="forward+backward batch (memory)")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--only", default="", help="comma list of contender names (substrings) to run")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="skip a contender's longer lengths once one call takes longer than this")
+    p.add_argument("--smoke", action="store_true", help="CPU check of the script: tiny shapes, interpreter")
+    p.add_argument("--results", default="results")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        args.lengths, args.batch, args.bwd_batch, args.heads, args.head_dim = "32,64", 1, 1, 2, 16
+    elif device.type != "cuda":
+        print("error: this benchmark needs a CUDA GPU (use --smoke to check it on CPU)", file=sys.stderr)
+        return 2
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        print("error: on CPU the Triton kernels need TRITON_INTERPRET=1 set before start", file=sys.stderr)
+        return 2
+    lengths = [int(t) for t in args.lengths.split(",") if t.strip()]
+    names = [n for n in CONTENDERS if not args.only or any(s.strip() and s.strip() in n for s in args.only.split(","))]
+    rows, t0 = [], time.perf_counter()
+    for backward, B in ((False, args.batch), (True, args.bwd_batch)):
+        for name in names:
+            slow = False
+            for T in lengths:
+                if slow:
+                    rows.append({"impl": name, "T": T, "batch": B, "mode": "fwd+bwd" if backward else "fwd",
+                                 "status": f"skipped: a shorter T took over {args.max_seconds} s"})
+                    continue
+                row = measure(name, CONTENDERS[name], B, args.heads, T, args.head_dim, device, backward)
+                rows.append(row)
+                shown = f"{row['ms']:.3f} ms" if row["status"] == "ok" else row["status"]
+                print(f"[ttt-bench] {row['mode']:8s} {name:44s} T={T:6d} B={B:3d}: {shown}", flush=True)
+                slow = row["status"] == "ok" and row["ms"] > 1e3 * args.max_seconds
+                if row["status"] in ("not installed",):
+                    break
+    out = Path(args.results)
+    result = {"device": device_name(device), "shape": {"heads": args.heads, "head_dim": args.head_dim},
+              "packages": package_versions(), "wall_s": time.perf_counter() - t0, "rows": rows}
+    atomic_write_json(out / "bench" / "ttt_kernel_speed.json", result)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    plot(rows, out / "plots" / "ttt_kernel_speed.png",
+         f"TTT kernels vs attention and Mamba, {args.heads} heads x {args.head_dim}, {result['device']}")
+    print(f"[ttt-bench] wrote {out / 'bench' / 'ttt_kernel_speed.json'} and {out / 'plots' / 'ttt_kernel_speed.png'} "
+          f"in {result['wall_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
