@@ -26,7 +26,7 @@ VOCAB ?= 257
 RESULTS ?= results
 ARGS ?=
 
-.PHONY: help install test test-kernels sweep sizes plots bench-ttt bench-mamba bench-kernels clean
+.PHONY: help install test test-kernels sweep sizes throughput plots bench-ttt bench-mamba bench-kernels clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
@@ -69,6 +69,15 @@ sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes
 sizes: $(STAMP) ## every architecture at SIZE and CTX: dims, params, FLOPs/token, state; writes RESULTS/sizes.csv
 	$(PY) -m bench.sizes --size "$(SIZE)" --ctx "$(CTX)" --match "$(or $(MATCH),flops)" --vocab "$(VOCAB)" \
 	  --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" --results "$(RESULTS)"
+
+throughput: $(STAMP) ## prefill/decode latency and training tokens/s vs context (1k..CTX) for ARCH at SIZE
+	MALLOC_MMAP_THRESHOLD_=65536 $(PY) -m bench.throughput --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" \
+	  --ctx "$(if $(filter command line,$(origin CTX)),$(CTX),32k)" --size "$(or $(SIZE),cpu-xs)" \
+	  --match "$(or $(MATCH),params)" --results "$(RESULTS)" $(ARGS)
+
+throughput-gpu: $(STAMP) ## the GPU throughput run: 1.3B shapes, batch 16 prefill/decode, 2k..32k (one GPU, < 8 min)
+	$(PY) -m bench.throughput --arch all --ctx 32k --size 1.3b --batch 16 --train-batch 1 --max-seconds 10 \
+	  --results "$(RESULTS)" $(ARGS)
 
 plots: $(STAMP) ## redraw RESULTS/summary.csv and RESULTS/plots from the runs there
 	$(PY) -m bench.report --results "$(RESULTS)"

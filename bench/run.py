@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import architectures
 from architectures.sizing import SizeSpec, Sized, size_model
 from bench.results import atomic_write_json, atomic_write_text, device_name, git_commit, package_versions
+from bench.throughput import sweep_point
 from bench.tracking import NullTracker, build_tracker
 from bench.train import autocast_for, pick_device, train
 from tasks import build_task
@@ -76,6 +77,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         summary.update(trained)
         summary["train_flops"] = summary["train_flops_per_token"] * trained["tokens"]
         summary.update(task.evaluate(model, device, autocast))
+        summary.update(sweep_point(model, ctx, device, task.vocab_size))  # prefill/decode tokens/s at ctx
         summary["status"] = "ok"
     except Exception as e:  # a failed point is recorded, the sweep goes on
         summary["status"] = "failed"

@@ -58,6 +58,9 @@ def test_smoke_sweep_end_to_end(tmp_path):
         # the smoke profile sizes by parameters; the Transformer is its own reference
         assert r["match"] == "params" and float(r["flops_vs_ref"]) == 1.0
         assert int(r["state_size"]) == 2 * int(r["layers"]) * 256 * int(r["d_model"])  # the KV cache
+        # the trained model's speed at the run's context (bench/throughput.py sweep_point)
+        assert r["throughput_status"] == "ok" and float(r["prefill_tokens_per_s"]) > 0
+        assert float(r["decode_tokens_per_s"]) > 0
         run_dir = Path(r["run_dir"])
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["packages"]["torch"] and summary["git_commit"]

@@ -1,0 +1,394 @@
+"""`make throughput`: wall-clock prefill and decode latency vs context, training tokens/s and peak memory,
+for every architecture on its best backend on this machine.
+
+    python -m bench.throughput --arch all --ctx 32k --size cpu-xs [--batch 1] [--match params]
+    make throughput ARCH=all CTX=32k SIZE=cpu-xs
+
+For each architecture and each context length T (doubling from 1k up to CTX):
+  prefill   one forward over a prompt of T tokens that fills the decode cache
+            time_per_token_s = wall / T (the latency per position at the batch; the paper's figure)
+  decode    single-token steps after that prompt, through each architecture's cache (KV cache, TTT
+            state, conv + SSM state): time_per_token_s = wall per step
+  train     forward + backward of a batch of T tokens (next-token loss): time_per_token_s = wall / T
+tokens_per_s = batch x positions / wall in every mode. `make sweep` adds the trained model's prefill and
+decode tokens/s at its context (batch 1) to each run's summary (sweep_point). Peak memory: CUDA max_memory_allocated during the
+point; CPU the peak growth of the process's resident memory, sampled every 2 ms.
+Timing (bench/timing.py): CUDA events after warm-up calls, median of repeats (CUDA graphs replay Mamba's
+decode step where capture works; the row says so); CPU time.perf_counter, one untimed warm-up call,
+then repeats (fewer for long calls), median and relative spread, thread count recorded. A point whose
+predicted time exceeds --max-seconds, or that runs out of memory, is a row with that reason, never a crash.
+Writes RESULTS/throughput.csv (rows keyed by arch, size, mode, ctx, batch, device; a new run replaces its
+keys), RESULTS/plots/{prefill,decode}_latency.png and train_throughput.png, and a W&B run (offline).
+Model widths follow architectures/sizing.py (`--match params` by default: the paper's latency figures
+compare models of equal parameters).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+import architectures
+from architectures.sizing import MATCH_RULES, SizeSpec, SizingError, size_model
+from bench.results import REPO_ROOT, atomic_write_text, device_name
+from bench.timing import measure
+
+CONF = REPO_ROOT / "conf"
+COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
+           "device", "status", "precision", "threads", "repeats", "spread", "graph", "params", "match", "d_model",
+           "layers"]
+KEY = ["arch", "size", "mode", "ctx", "batch", "device"]
+MODES = ("prefill", "decode", "train")
+DECODE_STEPS = 16  # timed single-token steps after each prompt: one TTT mini-batch
+BYTE_VOCAB = 257
+
+
+def lengths_up_to(ctx: int) -> list[int]:
+    """1k, 2k, 4k, ... up to ctx (ctx itself if it is below 1k)."""
+    out, t = [], 1024
+    while t <= ctx:
+        out.append(t)
+        t *= 2
+    return out if out else [ctx]
+
+
+def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_VOCAB):
+    options = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml"), resolve=True)
+    options.pop("name")
+    sized = size_model(arch, options, SizeSpec.from_dict(OmegaConf.load(CONF / "size" / f"{size}.yaml")), ctx, vocab,
+                       match)
+    cfg = sized.cfg
+    cfg.max_seq_len = ctx + DECODE_STEPS + 2
+    torch.manual_seed(0)
+    model = architectures.build_model(cfg).to(device)
+    return model, sized
+
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA allocator peak, or sampled process RSS growth on CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self.proc = psutil.Process()
+            self.base = self.proc.memory_info().rss
+            self.top, self.running = self.base, True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.top = max(self.top, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(0, self.top - self.base)
+        return False
+
+
+def _autocast(device):
+    """The training precision: bf16 autocast on CUDA, fp32 on CPU (bench/train.py)."""
+    from bench.train import autocast_for
+
+    return autocast_for(device, "auto")
+
+
+def _oom(e: Exception) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _row(arch, size, mode, T, B, device, model, sized, **kw) -> dict:
+    return {"arch": arch, "size": size, "mode": mode, "ctx": T, "batch": B, "device": device_name(device),
+            "backend": ",".join(f"{k}={v}" for k, v in sorted(model.backends().items())),
+            "threads": torch.get_num_threads(), "params": model.num_params(), "match": sized.match,
+            "precision": _autocast(device)[1],
+            "d_model": sized.cfg.d_model, "layers": sized.cfg.n_layers, "graph": "", **kw}
+
+
+def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool):
+    """Timed prefill of T tokens (untimed warm-up first), then timed decode steps from its cache.
+    Returns (prefill timing, peak memory, decode timing, graph note)."""
+    idx = torch.randint(0, vocab, (B, T), device=device)
+    extra = DECODE_STEPS + 2
+
+    def prefill():
+        state = model.new_state(B, T + extra)
+        model(idx, state)
+        return state
+
+    with torch.no_grad(), _autocast(device)[0]():
+        with PeakMemory(device) as mem:
+            pre = measure(prefill, device)
+        state = prefill()
+        step_in = torch.randint(0, vocab, (B, 1), device=device)
+        step = lambda: model(step_in, state)
+        graph_note = ""
+        if graphs and device.type == "cuda":
+            step, graph_note = _graphed(step)
+        step()  # warm-up: the first token after the prompt
+        dec = measure(step, device, repeats=DECODE_STEPS, warmup=False)
+    return pre, mem.peak, dec, graph_note
+
+
+def _graphed(step):
+    """Replay the decode step as a CUDA graph (its tensors update in place); say why not if capture fails."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        return g.replay, "cuda_graph"
+    except Exception as e:  # eager then, and the row says why
+        return step, f"eager (capture failed: {type(e).__name__})"
+
+
+def train_step(model, B: int, T: int, device, vocab: int):
+    idx = torch.randint(0, vocab, (B, T + 1), device=device)
+    model.train()
+
+    def step():
+        with _autocast(device)[0]():
+            logits = model(idx[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
+        model.zero_grad(set_to_none=True)
+
+    try:
+        with PeakMemory(device) as mem:
+            t = measure(step, device)
+    finally:
+        model.eval()
+    return t, mem.peak
+
+
+def _predicted(history: list[tuple[int, float]], T: int) -> float:
+    """Seconds a call at T is expected to take, from the last two measured points' scaling exponent
+    (1..2, 2 when there is only one point)."""
+    if not history:
+        return 0.0
+    (t1, s1), = history[-1:]
+    p = 2.0
+    if len(history) >= 2:
+        t0, s0 = history[-2]
+        if s0 > 0 and s1 > 0 and t1 != t0:
+            p = min(2.0, max(1.0, math.log(s1 / s0) / math.log(t1 / t0)))
+    return s1 * (T / t1) ** p
+
+
+def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None) -> list[dict]:
+    rows = []
+    try:
+        model, sized = build(arch, size, max(lengths), match, device, vocab)
+    except (SizingError, Exception) as e:
+        return [{"arch": arch, "size": size, "mode": m, "ctx": T, "batch": B, "device": device_name(device),
+                 "status": f"failed: {type(e).__name__}: {e}"[:300]} for m in modes for T in lengths]
+    model.eval()
+    history = {m: [] for m in MODES}
+    for T in lengths:
+        if "prefill" in modes or "decode" in modes:
+            guess = _predicted(history["prefill"], T)
+            if guess > max_s:
+                why = f"skipped: predicted {guess:.0f} s per call > --max-seconds {max_s:.0f}"
+                rows += [_row(arch, size, m, T, B, device, model, sized, status=why) for m in ("prefill", "decode")
+                         if m in modes]
+            else:
+                try:
+                    pre, mem, dec, graph = prefill_and_decode(model, B, T, device, vocab,
+                                                              graphs and arch in ("mamba", "mamba2"))
+                    history["prefill"].append((T, pre.median))
+                    if "prefill" in modes:
+                        rows.append(_row(arch, size, "prefill", T, B, device, model, sized, status="ok",
+                                         time_per_token_s=pre.median / T, tokens_per_s=B * T / pre.median,
+                                         peak_mem_bytes=mem, repeats=pre.repeats, spread=pre.spread))
+                    if "decode" in modes:
+                        rows.append(_row(arch, size, "decode", T, B, device, model, sized, status="ok",
+                                         time_per_token_s=dec.median, tokens_per_s=B / dec.median,
+                                         repeats=dec.repeats, spread=dec.spread, graph=graph))
+                except Exception as e:
+                    why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
+                    rows += [_row(arch, size, m, T, B, device, model, sized, status=why)
+                             for m in ("prefill", "decode") if m in modes]
+                    history["prefill"].append((T, float("inf")))
+        if "train" in modes:
+            Bt = train_batch or B
+            guess = _predicted(history["train"], T)
+            if guess > max_s:
+                rows.append(_row(arch, size, "train", T, Bt, device, model, sized,
+                                 status=f"skipped: predicted {guess:.0f} s per call > --max-seconds {max_s:.0f}"))
+                continue
+            try:
+                t, mem = train_step(model, Bt, T, device, vocab)
+                history["train"].append((T, t.median))
+                rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status="ok",
+                                 time_per_token_s=t.median / T, tokens_per_s=Bt * T / t.median, peak_mem_bytes=mem,
+                                 repeats=t.repeats, spread=t.spread))
+            except Exception as e:
+                why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
+                rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status=why))
+                history["train"].append((T, float("inf")))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_point(model, ctx: int, device, vocab: int) -> dict:
+    """What `make sweep` adds to a run's summary: prefill and decode speed of the trained model at the
+    run's context, batch 1 (never fails the run: a failure is recorded)."""
+    was_training = model.training
+    model.eval()
+    try:
+        pre, _, dec, _ = prefill_and_decode(model, 1, ctx, device, vocab, graphs=False)
+        return {"prefill_tokens_per_s": ctx / pre.median, "prefill_time_per_token_s": pre.median / ctx,
+                "decode_tokens_per_s": 1 / dec.median, "decode_time_per_token_s": dec.median,
+                "throughput_status": "ok"}
+    except Exception as e:
+        return {"throughput_status": f"failed: {type(e).__name__}: {e}"[:300]}
+    finally:
+        model.train(was_training)
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+
+def merge_csv(path: Path, rows: list[dict]) -> pd.DataFrame:
+    """RESULTS/throughput.csv: earlier rows whose key this run measured again are replaced."""
+    new = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    if path.exists():
+        old = pd.read_csv(path)
+        keys = set(map(tuple, new[KEY].astype(str).values))
+        old = old[[tuple(k) not in keys for k in old[KEY].astype(str).values]]
+        new = pd.concat([old.reindex(columns=COLUMNS), new], ignore_index=True)
+    atomic_write_text(path, new.to_csv(index=False))
+    return new
+
+
+def plot_latency(df: pd.DataFrame, mode: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sub = df[(df["mode"] == mode) & (df["status"] == "ok")]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for (arch, size, backend, batch, dev), g in sub.groupby(["arch", "size", "backend", "batch", "device"]):
+        g = g.sort_values("ctx")
+        y = g["time_per_token_s"] * 1e3 if mode != "train" else g["tokens_per_s"]
+        ax.plot(g["ctx"], y, marker="o", label=f"{arch} [{backend}] {size} B={batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)" if mode != "decode" else "tokens already in context")
+    if mode == "train":
+        ax.set_ylabel("training tokens / s (forward + backward)")
+        ax.set_title("Training throughput vs context")
+    else:
+        ax.set_yscale("log")
+        ax.set_ylabel("time per token (ms)")
+        ax.set_title("Prefill: time per token vs prompt length" if mode == "prefill"
+                     else "Decode: time per generated token vs context")
+    devices = ", ".join(sorted(sub["device"].unique())) if not sub.empty else "no successful points"
+    ax.text(0.01, 0.01, devices, transform=ax.transAxes, fontsize=7, alpha=0.7)
+    ax.grid(True, which="both", alpha=0.3)
+    if not sub.empty:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_wandb(df: pd.DataFrame, results: Path, plots: list[Path]) -> str:
+    mode = os.environ.get("WANDB_MODE", "offline")
+    if mode == "disabled":
+        return mode
+    import wandb
+
+    run = wandb.init(project="ttt-bench", name=f"throughput-{time.strftime('%Y%m%d-%H%M%S')}", dir=str(results),
+                     mode=mode, job_type="throughput")
+    run.log({"throughput": wandb.Table(dataframe=df.astype(str)),
+             **{p.stem: wandb.Image(str(p)) for p in plots if p.exists()}})
+    run.finish()
+    return mode
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.sweep import UsageError, group_options, parse_archs, parse_choice, parse_ctx
+
+    p = argparse.ArgumentParser(prog="make throughput", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", default="all", help="a name, a comma list, or 'all'")
+    p.add_argument("--ctx", default="32k", help="the longest context; lengths double from 1k up to it")
+    p.add_argument("--size", default="cpu-xs", help="a conf/size name")
+    p.add_argument("--batch", type=int, default=1, help="prefill and decode batch")
+    p.add_argument("--train-batch", type=int, default=None, help="training batch (default: --batch)")
+    p.add_argument("--match", default="params", help="params | flops (architectures/sizing.py)")
+    p.add_argument("--modes", default="prefill,decode,train")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="skip a point whose predicted single call exceeds this (default: 20 on CPU, 60 on CUDA)")
+    p.add_argument("--no-graphs", action="store_true", help="CUDA: decode eagerly (no CUDA graphs)")
+    p.add_argument("--results", default="results")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        archs = parse_archs(args.arch)
+        ctx = parse_ctx(args.ctx)
+        size = parse_choice("SIZE", args.size, group_options("size"))
+        match = parse_choice("MATCH", args.match, list(MATCH_RULES))
+        modes = [parse_choice("mode", m.strip(), list(MODES)) for m in args.modes.split(",") if m.strip()]
+        if args.batch <= 0 or (args.train_batch is not None and args.train_batch <= 0):
+            raise UsageError(f"batch must be positive; got {args.batch} / {args.train_batch}")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    max_s = args.max_seconds or (60.0 if device.type == "cuda" else 20.0)
+    lengths = lengths_up_to(ctx)
+    results = Path(args.results).expanduser().resolve()
+    t0 = time.perf_counter()
+    print(f"[ttt-bench] throughput on {device_name(device)} ({torch.get_num_threads()} threads): "
+          f"{', '.join(archs)} at {size} (match={match}), lengths {lengths}, batch {args.batch}", flush=True)
+    rows = []
+    for arch in archs:
+        for r in run_arch(arch, size, lengths, args.batch, device, match, max_s, BYTE_VOCAB, not args.no_graphs,
+                          modes, args.train_batch):
+            rows.append(r)
+            mem = f"mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB" if r.get("peak_mem_bytes") is not None else ""
+            shown = (f"{r['time_per_token_s'] * 1e3:9.4f} ms/token {r['tokens_per_s']:12,.0f} tok/s {mem}"
+                     if r["status"] == "ok" else r["status"])
+            print(f"[ttt-bench] {arch:16s} {r['mode']:7s} T={r['ctx']:6d}  {shown}", flush=True)
+    df = merge_csv(results / "throughput.csv", rows)
+    plots = results / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    paths = [plots / "prefill_latency.png", plots / "decode_latency.png", plots / "train_throughput.png"]
+    for mode, path in zip(MODES, paths):
+        plot_latency(df, mode, path)
+    wandb_mode = log_wandb(pd.DataFrame(rows).reindex(columns=COLUMNS), results, paths)
+    print(f"[ttt-bench] {len(rows)} points in {time.perf_counter() - t0:.0f}s; wrote {results / 'throughput.csv'}, "
+          f"{', '.join(str(p.relative_to(results)) for p in paths)} (W&B {wandb_mode})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

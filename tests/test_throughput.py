@@ -1,0 +1,79 @@
+"""`make throughput`: lengths, timing rows for every mode, skipped and failed points recorded instead of
+crashing, the merged CSV, plots, and the bad-input guard."""
+import csv
+
+import pytest
+import torch
+
+import bench.throughput as tp
+from bench.throughput import COLUMNS, _predicted, lengths_up_to, main
+
+
+def test_lengths_double_from_1k_up_to_ctx():
+    assert lengths_up_to(32768) == [1024, 2048, 4096, 8192, 16384, 32768]
+    assert lengths_up_to(3000) == [1024, 2048]
+    assert lengths_up_to(512) == [512]
+
+
+def test_prediction_follows_the_measured_scaling():
+    assert _predicted([], 2048) == 0.0
+    assert _predicted([(1024, 1.0)], 2048) == pytest.approx(4.0)  # one point: assume quadratic
+    assert _predicted([(1024, 1.0), (2048, 2.0)], 4096) == pytest.approx(4.0)  # linear so far
+    assert _predicted([(1024, 1.0), (2048, 8.0)], 4096) == pytest.approx(32.0)  # capped at quadratic
+
+
+def read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_throughput_end_to_end_and_merge(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["--arch", "transformer,ttt_linear", "--ctx", "2k", "--size", "smoke-xs", "--results",
+                 str(tmp_path)]) == 0
+    rows = read(tmp_path / "throughput.csv")
+    assert list(rows[0]) == COLUMNS and len(rows) == 2 * 2 * 3
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["time_per_token_s"]) > 0 and float(r["tokens_per_s"]) > 0
+        assert r["device"] and r["backend"] and int(r["threads"]) >= 1
+    by = {(r["arch"], r["mode"], r["ctx"]): r for r in rows}
+    assert by[("transformer", "prefill", "2048")]["backend"] == "attention=sdpa"
+    assert by[("ttt_linear", "decode", "1024")]["backend"] == "ttt=dual"
+    assert float(by[("transformer", "train", "2048")]["peak_mem_bytes"]) > 0
+    for plot in ("prefill_latency.png", "decode_latency.png", "train_throughput.png"):
+        assert (tmp_path / "plots" / plot).stat().st_size > 10_000
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    # a second run of one architecture replaces its rows and keeps the other's
+    assert main(["--arch", "transformer", "--ctx", "1k", "--size", "smoke-xs", "--modes", "prefill",
+                 "--results", str(tmp_path)]) == 0
+    rows = read(tmp_path / "throughput.csv")
+    assert len(rows) == 12 and sum(r["arch"] == "ttt_linear" for r in rows) == 6
+
+
+def test_slow_and_failing_points_are_rows_not_crashes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(["--arch", "mamba", "--ctx", "2k", "--size", "smoke-xs", "--max-seconds", "1e-6",
+                 "--results", str(tmp_path)]) == 0
+    rows = {(r["mode"], r["ctx"]): r["status"] for r in read(tmp_path / "throughput.csv")}
+    assert rows[("prefill", "1024")] == "ok" and rows[("prefill", "2048")].startswith("skipped: predicted")
+    assert rows[("train", "2048")].startswith("skipped: predicted")
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    monkeypatch.setattr(tp, "prefill_and_decode", oom)
+    out = tmp_path / "oom"
+    assert main(["--arch", "transformer", "--ctx", "1k", "--size", "smoke-xs", "--results", str(out)]) == 0
+    rows = {r["mode"]: r["status"] for r in read(out / "throughput.csv")}
+    assert rows == {"prefill": "out of memory", "decode": "out of memory", "train": "ok"}
+
+
+@pytest.mark.parametrize("args,message", [(["--size", "huge"], "unknown SIZE 'huge'"),
+                                          (["--match", "bytes"], "unknown MATCH"),
+                                          (["--ctx", "2x"], "CTX must be"),
+                                          (["--batch", "0"], "batch must be positive")])
+def test_bad_input(tmp_path, capsys, args, message):
+    assert main([*args, "--results", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "throughput.csv").exists()
