@@ -30,7 +30,7 @@ ARGS ?=
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-15s %s\n", $$1, $$2}'
 	@echo "variables: ARCH=name|a,b|all  CTX=2k|8k|32k|N  PROFILE=cpu|smoke|paper  SIZES=a,b  TASK=lm"
 	@echo "           DATA=shakespeare|pycode|text_files|hf  MATCH=flops|params  RESULTS=dir  ARGS='hydra.overrides ...'"
 	@echo "           sizes: SIZE=125m|a,b  CTX=2k|2k,32k  MATCH=flops|params|flops,params  VOCAB=257|32000"
@@ -71,7 +71,7 @@ sizes: $(STAMP) ## every architecture at SIZE and CTX: dims, params, FLOPs/token
 	  --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" --results "$(RESULTS)"
 
 throughput: $(STAMP) ## prefill/decode latency and training tokens/s vs context (1k..CTX) for ARCH at SIZE
-	MALLOC_MMAP_THRESHOLD_=65536 $(PY) -m bench.throughput --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" \
+	$(PY) -m bench.throughput --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" \
 	  --ctx "$(if $(filter command line,$(origin CTX)),$(CTX),32k)" --size "$(or $(SIZE),cpu-xs)" \
 	  --match "$(or $(MATCH),params)" --results "$(RESULTS)" $(ARGS)
 

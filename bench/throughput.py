@@ -12,7 +12,8 @@ For each architecture and each context length T (doubling from 1k up to CTX):
   train     forward + backward of a batch of T tokens (next-token loss): time_per_token_s = wall / T
 tokens_per_s = batch x positions / wall in every mode. `make sweep` adds the trained model's prefill and
 decode tokens/s at its context (batch 1) to each run's summary (sweep_point). Peak memory: CUDA max_memory_allocated during the
-point; CPU the peak growth of the process's resident memory, sampled every 2 ms.
+point; CPU the peak growth of the process's resident memory over the point, sampled every 2 ms, after
+freed heap pages are handed back to the OS (glibc malloc_trim).
 Timing (bench/timing.py): CUDA events after warm-up calls, median of repeats (CUDA graphs replay Mamba's
 decode step where capture works; the row says so); CPU time.perf_counter, one untimed warm-up call,
 then repeats (fewer for long calls), median and relative spread, thread count recorded. A point whose
@@ -73,6 +74,17 @@ def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_
     return model, sized
 
 
+def _release_free_memory() -> None:
+    """glibc's malloc_trim: hand freed heap pages back to the OS, so that the next point's resident
+    memory grows from what is live (elsewhere: a no-op, and the CPU figure is a lower bound)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak extra memory during a block: CUDA allocator peak, or sampled process RSS growth on CPU."""
 
@@ -87,6 +99,7 @@ class PeakMemory:
         else:
             import psutil
 
+            _release_free_memory()
             self.proc = psutil.Process()
             self.base = self.proc.memory_info().rss
             self.top, self.running = self.base, True
