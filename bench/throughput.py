@@ -49,7 +49,7 @@ COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_p
            "layers"]
 KEY = ["arch", "size", "mode", "ctx", "batch", "device"]
 MODES = ("prefill", "decode", "train")
-DECODE_STEPS = 16  # timed single-token steps after each prompt: one TTT mini-batch
+DECODE_STEPS = 48  # timed single-token steps after each prompt: three TTT mini-batches (median)
 BYTE_VOCAB = 257
 
 
