@@ -26,7 +26,7 @@ VOCAB ?= 257
 RESULTS ?= results
 ARGS ?=
 
-.PHONY: help install test test-kernels sweep sizes throughput plots bench-ttt bench-mamba bench-kernels clean
+.PHONY: help install test test-kernels check-kernels sweep sizes throughput plots bench-ttt bench-mamba bench-kernels clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
@@ -61,6 +61,9 @@ test: $(STAMP) ## run the test suite (CPU, a few minutes)
 
 test-kernels: $(STAMP) ## only the Triton kernel tests (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests/test_ttt_triton.py
+
+check-kernels: $(STAMP) ## compile the TTT Triton kernels for sm_90 without a GPU; ptxas registers/spills/shared memory
+	env -u TRITON_INTERPRET $(PY) -m bench.kernel_compile_check --results "$(RESULTS)" $(ARGS)
 
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
 	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(CTX)" --profile "$(PROFILE)" --sizes "$(SIZES)" \

@@ -1,0 +1,115 @@
+"""Compile every TTT Triton kernel for a GPU architecture without a GPU, and report what ptxas says:
+registers per thread, spilled bytes, shared memory. Catches compile errors and resource blow-ups on
+machines that have no GPU (the interpreter tests check the math, not what the compiler makes of it).
+
+    python -m bench.kernel_compile_check [--arch 90] [--head-dims 64,96,128]
+    make check-kernels
+
+Needs the `triton` package only (it ships ptxas); must not run under TRITON_INTERPRET.
+Writes RESULTS/bench/kernel_compile_check.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.results import atomic_write_json
+
+SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on sm_90 (H100 / H200)
+
+
+def _signature(fn, consts: dict) -> dict:
+    """Pointers (capitalised names) fp32 except q/k/v/out bf16, eps fp32, the rest i32, constexprs."""
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in ("Q", "K", "V", "OUT"):
+            sig[n] = "*bf16"
+        elif n in ("T", "H") or not n[:1].isupper():
+            sig[n] = "fp32" if n == "eps" else "i32"
+        else:
+            sig[n] = "*fp32"
+    return sig
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    import triton.backends.nvidia as nv
+
+    ptxas = Path(nv.__file__).parent / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        res = subprocess.run([str(ptxas), f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", str(src),
+                              "-o", str(Path(d) / "k.cubin")], capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill_st = re.search(r"(\d+) bytes spill stores", text)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spill_st.group(1)) if spill_st else None, "ptxas_ok": res.returncode == 0}
+
+
+def compile_one(fn, consts: dict, arch: int, num_warps: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=_signature(fn, consts),
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    try:
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    except Exception as e:
+        return {"status": "compile failed", "error": f"{type(e).__name__}: {e}"[:500]}
+    row = {"status": "ok", "shared_bytes": k.metadata.shared, **_ptxas_report(k.asm["ptx"], arch)}
+    if row["shared_bytes"] > SHARED_LIMIT:
+        row["status"] = f"too much shared memory ({row['shared_bytes']} > {SHARED_LIMIT})"
+    return row
+
+
+def kernels(f: int) -> list[tuple[str, object, dict]]:
+    from architectures.ttt import triton_linear as lin
+    from architectures.ttt import triton_mlp as mlp
+
+    bf, bh = lin._block(f), lin._block(4 * f)
+    common = {"F": f, "BF": bf, "MB": 16}
+    return [
+        ("linear forward", lin._fwd_kernel, {**common, "HAS_PARTIAL": True, "SAVE": True, "PREC": "ieee"}),
+        ("linear backward", lin._bwd_kernel, {**common, "HAS_PARTIAL": True, "PREC": "ieee"}),
+        ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}),
+        ("mlp forward", mlp._fwd_kernel, {**common, "BH": bh, "HAS_PARTIAL": True, "SAVE": True, "PREC": "ieee"}),
+        ("mlp backward", mlp._bwd_kernel, {**common, "BH": bh, "HAS_PARTIAL": True, "PREC": "ieee"}),
+        ("mlp decode", mlp._decode_kernel, {"F": f, "BF": bf, "BH": bh, "COMMIT": True}),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.kernel_compile_check", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    p.add_argument("--head-dims", default="64,96,128")
+    p.add_argument("--num-warps", type=int, default=4, help="what the launchers use (Triton's default)")
+    p.add_argument("--results", default="results")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("error: unset TRITON_INTERPRET: this compiles the kernels for the GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for f in (int(x) for x in args.head_dims.split(",")):
+        for name, fn, consts in kernels(f):
+            row = {"kernel": name, "head_dim": f, "arch": f"sm_{args.arch}", "num_warps": args.num_warps,
+                   **compile_one(fn, consts, args.arch, args.num_warps)}
+            rows.append(row)
+            print(f"[ttt-bench] {name:16s} f={f:4d} sm_{args.arch}: {row['status']:10s} "
+                  f"regs={row.get('registers')} spill_stores={row.get('spill_store_bytes')}B "
+                  f"shared={row.get('shared_bytes')}B", flush=True)
+    atomic_write_json(Path(args.results) / "bench" / "kernel_compile_check.json", rows)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
