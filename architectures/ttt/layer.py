@@ -251,8 +251,9 @@ class TTTLayer(nn.Module):
             acc = acc if off else {}
             t = n_decode
         if t < T:
+            group = self.checkpoint_group if self.checkpoint_group > 0 else triton_linear.DEFAULT_GROUP
             out, params, acc = kernels.prefill(q[:, :, t:], k[:, :, t:], v[:, :, t:], a[:, :, t:], tok, ln_w, ln_b,
-                                               params)
+                                               params, group)  # states saved every `group` mini-batches
             outs.append(out)
             off = (T - t) % b
             acc = acc if off else {}
