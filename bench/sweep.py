@@ -83,6 +83,13 @@ def build_overrides(args) -> tuple[list[str], str, Path]:
     return overrides + list(args.overrides), sweep_id, results
 
 
+def _metric(r: dict) -> str:
+    """The task's headline metric: bits per byte for language modeling, accuracy otherwise."""
+    if r.get("val_bpb") is not None:
+        return f"val_bpb={r['val_bpb']:.3f}"
+    return f"val_acc={r.get('val_acc', float('nan')):.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make sweep", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", default="transformer", help="a name, a comma list, or 'all'")
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in runs if r.get("status") != "ok"]
     for r in runs:
         print(f"[ttt-bench] {r['run']}: {r.get('status')}"
-              + (f"  val_bpb={r['val_bpb']:.3f} val_loss={r['val_loss']:.3f} "
+              + (f"  {_metric(r)} val_loss={r['val_loss']:.3f} "
                  f"{r['layers']}x{r['d_model']} params={r['params'] / 1e6:.2f}M "
                  f"train FLOPs/token={r['train_flops_per_token']:.3g} ({r['flops_vs_ref']:.3f}x ref, match={r['match']}) "
                  f"tokens={r['tokens']:,} "

@@ -1,7 +1,7 @@
 """Task runners. Each task turns a config into data, a model head, a loss and an evaluation."""
 from __future__ import annotations
 
-TASKS = ("lm",)
+TASKS = ("lm", "longqa")
 
 
 def build_task(cfg, ctx: int):
@@ -11,4 +11,8 @@ def build_task(cfg, ctx: int):
         from tasks.lm import LMTask
 
         return LMTask(cfg.task, cfg.data, ctx, seed=int(cfg.seed))
+    if name == "longqa":
+        from tasks.longqa import LongQATask
+
+        return LongQATask(cfg.task, cfg.data, ctx, seed=int(cfg.seed))
     raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")

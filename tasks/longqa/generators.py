@@ -1,0 +1,177 @@
+"""Long-context QA examples generated offline: pure functions of (config, seed), exact lengths.
+
+Each generator returns an `Example`: token ids of the whole sequence (prompt + answer) of exactly the
+requested length, and the positions of the answer tokens (the only ones scored). Text tasks use the
+byte tokenizer (ids 0..255, 256 = EOS); MQAR uses its own symbols above the byte range.
+
+    passkey            Mohtashami & Jaggi 2023: filler, "The pass key is NNNNN. Remember it." at a depth,
+                       the question at the end; answer the number.
+    niah_single        RULER-style needle "One of the special magic numbers for KEY is: VALUE." in a noise
+                       haystack (repeated filler)
+    niah_multikey      the same in a needle haystack: distractor needles with other keys
+    niah_multivalue    several values for the one key; answer all of them, in order
+    niah_multiquery    several keys, each with its value; answer every queried value
+    variable_tracking  chains "VAR X = 12345", "VAR Y = VAR X", ... hidden in filler; answer every
+                       variable holding the value, in chain order
+    mqar               Zoology's multi-query associative recall: key-value pairs from disjoint symbol
+                       halves, then queries of the keys; the value follows each query
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+BYTE_VOCAB = 257  # bytes and EOS, tasks/lm/tokenizers.py
+MQAR_KEYS = 256   # symbols for MQAR keys and, as many again, values: ids 257 .. 257 + 2 * 256
+VOCAB = BYTE_VOCAB + 2 * MQAR_KEYS
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+WORDS = ("apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano", "lemon", "eagle", "candle",
+         "forest", "silver", "window", "garden", "rocket", "violet", "harbor", "meadow", "falcon")
+
+
+@dataclass
+class Example:
+    task: str
+    ids: list[int]            # the whole sequence, prompt then answer: exactly `length` tokens
+    answer_pos: list[int]     # positions (into ids) of the answer tokens: each is predicted from ids[:pos]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def answer(self) -> list[int]:
+        return [self.ids[p] for p in self.answer_pos]
+
+
+def _b(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def _number(rng: random.Random, digits: int = 5) -> str:
+    return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+
+
+def _key(rng: random.Random) -> str:
+    return f"{rng.choice(WORDS)}-{rng.choice(WORDS)}"
+
+
+def _fill(n: int) -> list[int]:
+    """Exactly n bytes of filler text."""
+    unit = _b(FILLER)
+    return (unit * (n // len(unit) + 1))[:n]
+
+
+def _assemble(task: str, length: int, inserts: list[tuple[float, list[int]]], question: list[int],
+              answer: list[int], meta: dict) -> Example:
+    """Filler of exactly the right size with each insert placed at its depth (0 = start, 1 = just
+    before the question), then the question and the answer: len(ids) == length."""
+    body = length - len(question) - len(answer) - sum(len(x) for _, x in inserts)
+    if body < 0:
+        raise ValueError(f"{task}: length {length} is too short for its needles and question "
+                         f"(needs at least {length - body})")
+    cuts = sorted((min(max(d, 0.0), 1.0), x) for d, x in inserts)
+    ids, used = [], 0
+    for depth, x in cuts:
+        upto = int(round(depth * body))
+        ids += _fill(upto - used) + x if upto > used else x
+        used = max(used, upto)
+    ids += _fill(body - used)
+    start = len(ids) + len(question)
+    ids += question + answer
+    assert len(ids) == length
+    return Example(task, ids, list(range(start, start + len(answer))), meta)
+
+
+def passkey(length: int, depth: float, seed: int) -> Example:
+    rng = random.Random(f"passkey-{length}-{depth}-{seed}")
+    key = _number(rng)
+    needle = _b(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    return _assemble("passkey", length, [(depth, needle)], _b("What is the pass key? The pass key is "),
+                     _b(key), {"depth": depth, "key": key})
+
+
+def _needle(key: str, value: str) -> list[int]:
+    return _b(f"One of the special magic numbers for {key} is: {value}. ")
+
+
+def _niah_question(key: str) -> list[int]:
+    return _b(f"What are all the special magic numbers for {key} mentioned in the text? The special magic "
+              f"numbers for {key} are: ")
+
+
+def niah(length: int, depth: float, seed: int, variant: str = "single", n_distractors: int = 3,
+         n_values: int = 2, n_queries: int = 2) -> Example:
+    """RULER's needle-in-a-haystack variants (module docstring); the scored needle sits at `depth`,
+    distractor / extra needles at depths drawn from the seed."""
+    rng = random.Random(f"niah-{variant}-{length}-{depth}-{seed}")
+    keys = []
+    while len(keys) < 1 + max(n_distractors, n_queries):
+        k = _key(rng)
+        if k not in keys:
+            keys.append(k)
+    if variant == "single":
+        v = _number(rng, 7)
+        return _assemble("niah_single", length, [(depth, _needle(keys[0], v))], _niah_question(keys[0]),
+                         _b(v + "."), {"depth": depth})
+    if variant == "multikey":
+        v = _number(rng, 7)
+        inserts = [(depth, _needle(keys[0], v))] + [(rng.random(), _needle(k, _number(rng, 7)))
+                                                     for k in keys[1:1 + n_distractors]]
+        return _assemble("niah_multikey", length, inserts, _niah_question(keys[0]), _b(v + "."), {"depth": depth})
+    if variant == "multivalue":
+        vs = [_number(rng, 7) for _ in range(n_values)]
+        depths = [depth] + sorted(rng.random() for _ in vs[1:])
+        order = sorted(range(n_values), key=lambda i: depths[i])  # the answer lists values in text order
+        inserts = [(depths[i], _needle(keys[0], vs[i])) for i in range(n_values)]
+        return _assemble("niah_multivalue", length, inserts, _niah_question(keys[0]),
+                         _b(", ".join(vs[i] for i in order) + "."), {"depth": depth})
+    if variant == "multiquery":
+        qk = keys[:n_queries]
+        vs = [_number(rng, 7) for _ in qk]
+        inserts = [(depth if i == 0 else rng.random(), _needle(k, v)) for i, (k, v) in enumerate(zip(qk, vs))]
+        question = _b(f"What are the special magic numbers for {', '.join(qk)}? They are: ")
+        return _assemble("niah_multiquery", length, inserts, question, _b(", ".join(vs) + "."), {"depth": depth})
+    raise ValueError(f"unknown NIAH variant {variant!r}; available: single, multikey, multivalue, multiquery")
+
+
+def variable_tracking(length: int, seed: int, hops: int = 4) -> Example:
+    """One chain of `hops` assignments spread through filler (in order); the answer names every
+    variable of the chain."""
+    rng = random.Random(f"vt-{length}-{hops}-{seed}")
+    names = []
+    while len(names) < hops:
+        n = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        if n not in names:
+            names.append(n)
+    value = _number(rng)
+    lines = [f"VAR {names[0]} = {value}. "] + [f"VAR {names[i]} = VAR {names[i - 1]}. " for i in range(1, hops)]
+    depths = sorted(rng.random() for _ in lines)
+    question = _b(f"Find all variables that are assigned the value {value} in the text above. Answer: ")
+    return _assemble("variable_tracking", length, [(d, _b(x)) for d, x in zip(depths, lines)], question,
+                     _b(" ".join(names) + "."), {"depth": depths[0], "hops": hops})
+
+
+def mqar(length: int, n_pairs: int, seed: int, power: float = 0.5) -> Example:
+    """Zoology's MQAR layout: k1 v1 k2 v2 ... kn vn, then a query region in which every key is asked once
+    (in random order) at distinct slots drawn with a power-law preference for short gaps
+    (weight (slot + 1)^-power); each query is the key followed by its value (scored). Unused
+    positions of the query region hold EOS (256)."""
+    slots = (length - 2 * n_pairs) // 2  # a query takes two positions: the key, then its value
+    if n_pairs > MQAR_KEYS or n_pairs > slots:
+        raise ValueError(f"mqar: {n_pairs} pairs need 4 x pairs <= length ({length}) and <= {MQAR_KEYS} pairs")
+    rng = random.Random(f"mqar-{length}-{n_pairs}-{seed}")
+    keys = rng.sample(range(MQAR_KEYS), n_pairs)
+    values = [rng.randrange(MQAR_KEYS) for _ in keys]
+    k_id = lambda k: BYTE_VOCAB + k
+    v_id = lambda v: BYTE_VOCAB + MQAR_KEYS + v
+    ids = [t for k, v in zip(keys, values) for t in (k_id(k), v_id(v))]
+    free, chosen = list(range(slots)), []
+    for _ in range(n_pairs):  # weighted sampling without replacement
+        slot = rng.choices(free, weights=[(s + 1) ** -power for s in free])[0]
+        free.remove(slot)
+        chosen.append(slot)
+    tail, answer_pos = [256] * (length - len(ids)), []
+    for slot, i in sorted(zip(chosen, rng.sample(range(n_pairs), n_pairs))):
+        tail[2 * slot], tail[2 * slot + 1] = k_id(keys[i]), v_id(values[i])
+        answer_pos.append(len(ids) + 2 * slot + 1)
+    ids += tail
+    assert len(ids) == length
+    return Example("mqar", ids, answer_pos, {"pairs": n_pairs})

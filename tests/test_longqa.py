@@ -1,0 +1,118 @@
+"""Long-context QA generators: deterministic for a seed, exact lengths, and they contain what they claim."""
+import pytest
+
+from tasks.longqa.generators import BYTE_VOCAB, MQAR_KEYS, VOCAB, mqar, niah, passkey, variable_tracking
+
+
+def text(ex, upto=None):
+    return bytes(i for i in ex.ids[:upto] if i < 256).decode("utf-8")
+
+
+@pytest.mark.parametrize("length", [200, 1024, 3001])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_at_its_depth_with_exact_length(length, depth):
+    ex = passkey(length, depth, seed=7)
+    assert len(ex.ids) == length and ex == passkey(length, depth, seed=7)
+    key = ex.meta["key"]
+    assert bytes(ex.answer).decode() == key and ex.answer_pos[-1] == length - 1
+    prompt = text(ex, ex.answer_pos[0])
+    at = prompt.index(f"The pass key is {key}.")
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    filler = len(prompt) - len("What is the pass key? The pass key is ") - len(needle)
+    assert abs(at - depth * filler) <= 1  # the needle starts at the requested depth of the filler
+    assert prompt.endswith("The pass key is ") and key not in prompt[at + 60:]
+
+
+def test_seeds_differ():
+    assert passkey(512, 0.5, 0).meta["key"] != passkey(512, 0.5, 1).meta["key"]
+
+
+@pytest.mark.parametrize("variant", ["single", "multikey", "multivalue", "multiquery"])
+def test_niah_needles_answer_the_question(variant):
+    ex = niah(2048, 0.3, seed=3, variant=variant)
+    assert len(ex.ids) == 2048 and ex == niah(2048, 0.3, seed=3, variant=variant)
+    prompt, answer = text(ex, ex.answer_pos[0]), bytes(ex.answer).decode()
+    values = answer.rstrip(".").split(", ")
+    for v in values:
+        assert f"is: {v}." in prompt  # every answer value is a needle in the text
+    if variant in ("single", "multikey"):
+        assert len(values) == 1
+    if variant == "multikey":
+        assert prompt.count("special magic numbers for") >= 4  # the distractors
+    if variant == "multivalue":
+        assert [prompt.index(v) for v in values] == sorted(prompt.index(v) for v in values)  # in text order
+    with pytest.raises(ValueError, match="unknown NIAH variant"):
+        niah(512, 0.5, 0, variant="double")
+
+
+def test_variable_tracking_chain():
+    ex = variable_tracking(1500, seed=2, hops=4)
+    assert len(ex.ids) == 1500
+    prompt, names = text(ex, ex.answer_pos[0]), bytes(ex.answer).decode().rstrip(".").split(" ")
+    value = prompt.split("assigned the value ")[1].split(" ")[0]
+    assert f"VAR {names[0]} = {value}." in prompt
+    for a, b in zip(names, names[1:]):
+        assert f"VAR {b} = VAR {a}." in prompt
+        assert prompt.index(f"VAR {a} =") < prompt.index(f"VAR {b} =")  # chain order
+
+
+def test_mqar_queries_refer_to_keys_present_with_their_values():
+    ex = mqar(256, 8, seed=5)
+    assert len(ex.ids) == 256 and ex == mqar(256, 8, seed=5) and max(ex.ids) < VOCAB
+    pairs = {ex.ids[2 * i]: ex.ids[2 * i + 1] for i in range(8)}
+    assert all(BYTE_VOCAB <= k < BYTE_VOCAB + MQAR_KEYS for k in pairs)
+    assert all(BYTE_VOCAB + MQAR_KEYS <= v < VOCAB for v in pairs.values())
+    assert len(ex.answer_pos) == 8  # every key is queried once
+    for p in ex.answer_pos:
+        assert p >= 16 and pairs[ex.ids[p - 1]] == ex.ids[p]
+    with pytest.raises(ValueError):
+        mqar(20, 8, 0)
+
+
+def test_too_short_for_its_content_fails_clearly():
+    with pytest.raises(ValueError, match="too short"):
+        passkey(40, 0.5, 0)
+
+
+def test_targets_are_the_answer_tokens_only():
+    from tasks.longqa import IGNORE, to_tensors
+
+    exs = [passkey(300, 0.5, 0), mqar(300, 8, 1)]
+    x, y = to_tensors(exs)
+    assert x.shape == y.shape == (2, 299)
+    for b, e in enumerate(exs):
+        scored = (y[b] != IGNORE).nonzero().flatten().tolist()
+        assert [p + 1 for p in scored] == e.answer_pos  # logits at p predict the token at p + 1
+        assert y[b, scored].tolist() == e.answer
+
+
+def test_a_subtask_that_does_not_fit_the_context_fails_clearly():
+    from omegaconf import OmegaConf
+
+    from tasks.longqa import LongQATask
+
+    cfg = OmegaConf.create({"mixture": {"niah_multikey": 1.0}, "mqar_pairs": 8})
+    with pytest.raises(ValueError, match="does not fit ctx=256"):
+        LongQATask(cfg, None, 256)
+
+
+def test_longqa_smoke_sweep_end_to_end(tmp_path):
+    """TASK=longqa through make sweep's entry point: runs train, evaluate every cell, write summaries."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-m", "bench.sweep", "--arch", "transformer,mamba", "--ctx", "512",
+                          "--profile", "smoke", "--sizes", "smoke-xs", "--task", "longqa", "--results", str(tmp_path),
+                          "logger=none"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for p in tmp_path.glob("runs/*/*/summary.json"):
+        s = json.loads(p.read_text())
+        assert s["status"] == "ok" and s["task"] == "longqa" and s["data"] == "generated"
+        assert 0.0 <= s["val_acc"] <= 1.0 and s["val_loss"] > 0
+        cells = s["longqa_cells"]
+        assert {c["subtask"] for c in cells} >= {"passkey", "mqar", "variable_tracking"}
+        assert {c["length"] for c in cells} == {256, 512, 1024}
+        assert {c["depth"] for c in cells if c["subtask"] == "passkey"} == {0.0, 0.25, 0.5, 0.75, 1.0}
