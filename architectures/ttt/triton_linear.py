@@ -71,6 +71,24 @@ def _store_rows(ptr, x, rows, offs_f, maskm, maskf, F: tl.constexpr):
 
 
 @triton.jit
+def _load_minibatch(Q, K, V, A, DOUT, base, a_base, rows, offs_f, maskm, maskf, F: tl.constexpr):
+    """q, k, v, the key factor a and the output gradient of one mini-batch's rows (masked rows read 0)."""
+    return (_load_rows(Q + base, rows, offs_f, maskm, maskf, F), _load_rows(K + base, rows, offs_f, maskm, maskf, F),
+            _load_rows(V + base, rows, offs_f, maskm, maskf, F),
+            tl.load(A + a_base + rows, mask=maskm, other=0.0).to(tl.float32),
+            _load_rows(DOUT + base, rows, offs_f, maskm, maskf, F))
+
+
+@triton.jit
+def _store_minibatch_grads(DQ, DK, DV, DA, base, a_base, rows, dq, dk, dv, da, offs_f, maskm, maskf,
+                           F: tl.constexpr):
+    _store_rows(DQ + base, dq, rows, offs_f, maskm, maskf, F)
+    _store_rows(DK + base, dk, rows, offs_f, maskm, maskf, F)
+    _store_rows(DV + base, dv, rows, offs_f, maskm, maskf, F)
+    tl.store(DA + a_base + rows, da, mask=maskm)
+
+
+@triton.jit
 def _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F: tl.constexpr, eps,
                        PREC: tl.constexpr):
     """One mini-batch: its outputs q + LN(Zbar) and a * G (for the update)."""
@@ -236,17 +254,10 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
         maskm = rows < T
         W = tl.load(WN + pid * F * F + w_off, mask=wmask, other=0.0)
         bias = tl.load(BN + pid * F + offs_f, mask=maskf, other=0.0)
-        q = _load_rows(Q + base, rows, offs_f, maskm, maskf, F)
-        k = _load_rows(K + base, rows, offs_f, maskm, maskf, F)
-        v = _load_rows(V + base, rows, offs_f, maskm, maskf, F)
-        a = tl.load(A + pid * T + rows, mask=maskm, other=0.0).to(tl.float32)
-        do = _load_rows(DOUT + base, rows, offs_f, maskm, maskf, F)
+        q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, maskm, maskf, F)
         dq, dk, dv, da, dt_, dg_, db_, dW, db = _minibatch_backward(
             W, bias, q, k, v, a, tok, gamma, beta, do, dW, db, maskf, offs_m, F, MB, eps, False, PREC)
-        _store_rows(DQ + base, dq, rows, offs_f, maskm, maskf, F)
-        _store_rows(DK + base, dk, rows, offs_f, maskm, maskf, F)
-        _store_rows(DV + base, dv, rows, offs_f, maskm, maskf, F)
-        tl.store(DA + pid * T + rows, da, mask=maskm)
+        _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, maskm, maskf, F)
         dtok += dt_
         dgamma += dg_
         dbeta += db_
@@ -271,17 +282,10 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
             W = tl.load(WS + (pid * group + j) * F * F + w_off, mask=wmask, other=0.0)
             bias = tl.load(BS + (pid * group + j) * F + offs_f, mask=maskf, other=0.0)
             rows = (first + j) * MB + offs_m
-            q = _load_rows(Q + base, rows, offs_f, all_m, maskf, F)
-            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
-            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
-            a = tl.load(A + pid * T + rows).to(tl.float32)
-            do = _load_rows(DOUT + base, rows, offs_f, all_m, maskf, F)
+            q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
             dq, dk, dv, da, dt_, dg_, db_, dW, db = _minibatch_backward(
                 W, bias, q, k, v, a, tok, gamma, beta, do, dW, db, maskf, offs_m, F, MB, eps, True, PREC)
-            _store_rows(DQ + base, dq, rows, offs_f, all_m, maskf, F)
-            _store_rows(DK + base, dk, rows, offs_f, all_m, maskf, F)
-            _store_rows(DV + base, dv, rows, offs_f, all_m, maskf, F)
-            tl.store(DA + pid * T + rows, da)
+            _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, all_m, maskf, F)
             dtok += dt_
             dgamma += dg_
             dbeta += db_

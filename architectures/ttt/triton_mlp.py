@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from architectures.ttt.inner import LN_EPS
-from architectures.ttt.triton_linear import (DEFAULT_GROUP, _block, _ln_loss_grad, _ln_stats, _ln_vjp, _load_rows,
-                                             _precision, _store_rows)
+from architectures.ttt.triton_linear import (DEFAULT_GROUP, _block, _ln_loss_grad, _ln_stats, _ln_vjp,
+                                             _load_minibatch, _load_rows, _precision, _store_minibatch_grads,
+                                             _store_rows)
 
 
 @triton.jit
@@ -251,18 +252,11 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
         b1 = tl.load(B1N + pid * 4 * F + offs_h, mask=maskh, other=0.0)
         W2 = _load_w(W2N + pid * 4 * F * F, offs_h, offs_f, maskh, maskf, F)
         b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
-        q = _load_rows(Q + base, rows, offs_f, maskm, maskf, F)
-        k = _load_rows(K + base, rows, offs_f, maskm, maskf, F)
-        v = _load_rows(V + base, rows, offs_f, maskm, maskf, F)
-        a = tl.load(A + pid * T + rows, mask=maskm, other=0.0).to(tl.float32)
-        do = _load_rows(DOUT + base, rows, offs_f, maskm, maskf, F)
+        q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, maskm, maskf, F)
         dq, dk, dv, da, dt_, dg_, db_, gW1, gb1, gW2, gb2 = _mb_backward(
             W1, b1, W2, b2, q, k, v, a, tok, gamma, beta, do, gW1, gb1, gW2, gb2, maskf, offs_m, F, MB, eps, False,
             PREC)
-        _store_rows(DQ + base, dq, rows, offs_f, maskm, maskf, F)
-        _store_rows(DK + base, dk, rows, offs_f, maskm, maskf, F)
-        _store_rows(DV + base, dv, rows, offs_f, maskm, maskf, F)
-        tl.store(DA + pid * T + rows, da, mask=maskm)
+        _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, maskm, maskf, F)
         dtok += dt_
         dgamma += dg_
         dbeta += db_
@@ -295,18 +289,11 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
             W2 = _load_w(WS2 + s * 4 * F * F, offs_h, offs_f, maskh, maskf, F)
             b2 = tl.load(BS2 + s * F + offs_f, mask=maskf, other=0.0)
             rows = (first + j) * MB + offs_m
-            q = _load_rows(Q + base, rows, offs_f, all_m, maskf, F)
-            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
-            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
-            a = tl.load(A + pid * T + rows).to(tl.float32)
-            do = _load_rows(DOUT + base, rows, offs_f, all_m, maskf, F)
+            q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
             dq, dk, dv, da, dt_, dg_, db_, gW1, gb1, gW2, gb2 = _mb_backward(
                 W1, b1, W2, b2, q, k, v, a, tok, gamma, beta, do, gW1, gb1, gW2, gb2, maskf, offs_m, F, MB, eps,
                 True, PREC)
-            _store_rows(DQ + base, dq, rows, offs_f, all_m, maskf, F)
-            _store_rows(DK + base, dk, rows, offs_f, all_m, maskf, F)
-            _store_rows(DV + base, dv, rows, offs_f, all_m, maskf, F)
-            tl.store(DA + pid * T + rows, da)
+            _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, all_m, maskf, F)
             dtok += dt_
             dgamma += dg_
             dbeta += db_
