@@ -71,6 +71,22 @@ def _store_rows(ptr, x, rows, offs_f, maskm, maskf, F: tl.constexpr):
 
 
 @triton.jit
+def _ln_grad_vjp(dG, G, zhat, r, gx, c2, t, gamma, beta, maskf, F: tl.constexpr):
+    """The VJP of G = LNgrad(Z, t) (dual_backward.ln_grad_vjp): dZ, dt and the row sums for dgamma, dbeta."""
+    m_dG = tl.sum(dG, axis=1) / F
+    m_dGz = tl.sum(dG * zhat, axis=1) / F
+    dgx = tl.where(maskf[None, :], r[:, None] * (dG - m_dG[:, None] - zhat * m_dGz[:, None]), 0.0)
+    dzhat = -r[:, None] * (dG * c2[:, None] + gx * m_dGz[:, None]) + dgx * gamma[None, :] * gamma[None, :]
+    dgamma = tl.sum(dgx * (2.0 * gamma[None, :] * zhat + beta[None, :] - t), axis=0)
+    dbeta = tl.sum(dgx * gamma[None, :], axis=0)
+    m1 = tl.sum(dzhat, axis=1) / F
+    m2 = tl.sum(dzhat * zhat, axis=1) / F
+    m3 = tl.sum(dG * G, axis=1) / F
+    dZ = tl.where(maskf[None, :], r[:, None] * (dzhat - m1[:, None] - zhat * m2[:, None] - zhat * m3[:, None]), 0.0)
+    return dZ, -dgx * gamma[None, :], dgamma, dbeta
+
+
+@triton.jit
 def _load_minibatch(Q, K, V, A, DOUT, base, a_base, rows, offs_f, maskm, maskf, F: tl.constexpr):
     """q, k, v, the key factor a and the output gradient of one mini-batch's rows (masked rows read 0)."""
     return (_load_rows(Q + base, rows, offs_f, maskm, maskf, F), _load_rows(K + base, rows, offs_f, maskm, maskf, F),
@@ -208,18 +224,9 @@ def _minibatch_backward(W, bias, q, k, v, a, tok, gamma, beta, dout, dW, db, mas
         dtok += tl.where(offs_m == MB - 1, s, 0.0)
         da += tl.sum(daG * G, axis=1)
         dG += a[:, None] * daG
-    # the VJP of G = LNgrad(Z, t) (dual_backward.ln_grad_vjp)
-    m_dG = tl.sum(dG, axis=1) / F
-    m_dGz = tl.sum(dG * zhat, axis=1) / F
-    dgx = tl.where(maskf[None, :], r[:, None] * (dG - m_dG[:, None] - zhat * m_dGz[:, None]), 0.0)
-    dzhat = -r[:, None] * (dG * c2[:, None] + gx * m_dGz[:, None]) + dgx * gamma[None, :] * gamma[None, :]
-    dgamma += tl.sum(dgx * (2.0 * gamma[None, :] * zhat + beta[None, :] - t), axis=0)
-    dbeta += tl.sum(dgx * gamma[None, :], axis=0)
-    dt = -dgx * gamma[None, :]
-    m1 = tl.sum(dzhat, axis=1) / F
-    m2 = tl.sum(dzhat * zhat, axis=1) / F
-    m3 = tl.sum(dG * G, axis=1) / F
-    dZ = tl.where(maskf[None, :], r[:, None] * (dzhat - m1[:, None] - zhat * m2[:, None] - zhat * m3[:, None]), 0.0)
+    dZ, dt, dg2, db2 = _ln_grad_vjp(dG, G, zhat, r, gx, c2, t, gamma, beta, maskf, F)
+    dgamma += dg2
+    dbeta += db2
     dk += tl.dot(dZ, tl.trans(W), input_precision=PREC) - dt
     dW_new += tl.dot(tl.trans(k), dZ, input_precision=PREC)
     db_new += tl.sum(dZ, axis=0)

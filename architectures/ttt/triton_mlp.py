@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 from architectures.ttt.inner import LN_EPS
-from architectures.ttt.triton_linear import (DEFAULT_GROUP, _block, _ln_loss_grad, _ln_stats, _ln_vjp,
-                                             _load_minibatch, _load_rows, _precision, _store_minibatch_grads,
-                                             _store_rows)
+from architectures.ttt.triton_linear import (DEFAULT_GROUP, _block, _ln_grad_vjp, _ln_loss_grad, _ln_stats,
+                                             _ln_vjp, _load_minibatch, _load_rows, _precision,
+                                             _store_minibatch_grads, _store_rows)
 
 
 @triton.jit
@@ -201,18 +201,9 @@ def _mb_backward(W1, b1, W2, b2, q, k, v, a, tok, gamma, beta, dout, dW1, db1, d
     ds1 = dG1 * P
     dG2 += tl.dot(dP, W2, input_precision=PREC)
     dW2n += tl.dot(tl.trans(dP), G2, input_precision=PREC)
-    # the VJP of G2 = LNgrad(Z2, t)
-    m_dG = tl.sum(dG2, axis=1) / F
-    m_dGz = tl.sum(dG2 * zhat, axis=1) / F
-    dgx = tl.where(maskf[None, :], r[:, None] * (dG2 - m_dG[:, None] - zhat * m_dGz[:, None]), 0.0)
-    dzhat = -r[:, None] * (dG2 * c2[:, None] + gx * m_dGz[:, None]) + dgx * gamma[None, :] * gamma[None, :]
-    dgamma += tl.sum(dgx * (2.0 * gamma[None, :] * zhat + beta[None, :] - t), axis=0)
-    dbeta += tl.sum(dgx * gamma[None, :], axis=0)
-    dt = -dgx * gamma[None, :]
-    m1 = tl.sum(dzhat, axis=1) / F
-    m2 = tl.sum(dzhat * zhat, axis=1) / F
-    m3 = tl.sum(dG2 * G2, axis=1) / F
-    dZ2 = tl.where(maskf[None, :], r[:, None] * (dzhat - m1[:, None] - zhat * m2[:, None] - zhat * m3[:, None]), 0.0)
+    dZ2, dt, dg2, db2 = _ln_grad_vjp(dG2, G2, zhat, r, gx, c2, t, gamma, beta, maskf, F)
+    dgamma += dg2
+    dbeta += db2
     dX2 += tl.dot(dZ2, tl.trans(W2), input_precision=PREC)
     dW2n += tl.dot(tl.trans(X2), dZ2, input_precision=PREC)
     db2n += tl.sum(dZ2, axis=0)
