@@ -87,6 +87,14 @@ def _ln_grad_vjp(dG, G, zhat, r, gx, c2, t, gamma, beta, maskf, F: tl.constexpr)
 
 
 @triton.jit
+def _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F: tl.constexpr, MB: tl.constexpr):
+    """The head's inner-LN weight and bias, the token factors and the last one (it scales the update)."""
+    gamma = tl.load(LNW + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    beta = tl.load(LNB + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    return gamma, beta, tl.load(TOK + offs_m).to(tl.float32), tl.load(TOK + MB - 1).to(tl.float32)
+
+
+@triton.jit
 def _load_minibatch(Q, K, V, A, DOUT, base, a_base, rows, offs_f, maskm, maskf, F: tl.constexpr):
     """q, k, v, the key factor a and the output gradient of one mini-batch's rows (masked rows read 0)."""
     return (_load_rows(Q + base, rows, offs_f, maskm, maskf, F), _load_rows(K + base, rows, offs_f, maskm, maskf, F),
@@ -146,10 +154,7 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
     w_off = offs_f[:, None] * F + offs_f[None, :]
     W = tl.load(W0 + seq * stride_w0 + h * F * F + w_off, mask=wmask, other=0.0).to(tl.float32)
     bias = tl.load(B0 + seq * stride_b0 + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    gamma = tl.load(LNW + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    beta = tl.load(LNB + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    tok = tl.load(TOK + offs_m).to(tl.float32)
-    tok_last = tl.load(TOK + MB - 1).to(tl.float32)
+    gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     base = pid * T * F
     for i in range(0, n_full):
         if SAVE:
@@ -246,10 +251,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
     all_m = offs_m < MB
     wmask = maskf[:, None] & maskf[None, :]
     w_off = offs_f[:, None] * F + offs_f[None, :]
-    gamma = tl.load(LNW + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    beta = tl.load(LNB + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    tok = tl.load(TOK + offs_m).to(tl.float32)
-    tok_last = tl.load(TOK + MB - 1).to(tl.float32)
+    gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     dW = tl.load(DWN + pid * F * F + w_off, mask=wmask, other=0.0).to(tl.float32)
     db = tl.load(DBN + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
     dgamma = tl.zeros([BF], dtype=tl.float32)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from architectures.ttt.inner import LN_EPS
 from architectures.ttt.triton_linear import (DEFAULT_GROUP, _block, _ln_grad_vjp, _ln_loss_grad, _ln_stats,
-                                             _ln_vjp, _load_minibatch, _load_rows, _precision,
+                                             _ln_vjp, _load_minibatch, _load_outer, _load_rows, _precision,
                                              _store_minibatch_grads, _store_rows)
 
 
@@ -88,10 +88,7 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W10, B10, W20, B20, OUT, W1N, B1N, W2
     b1 = tl.load(B10 + seq * s_b1 + h * 4 * F + offs_h, mask=maskh, other=0.0).to(tl.float32)
     W2 = _load_w(W20 + seq * s_w2 + h * 4 * F * F, offs_h, offs_f, maskh, maskf, F)
     b2 = tl.load(B20 + seq * s_b2 + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    gamma = tl.load(LNW + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    beta = tl.load(LNB + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    tok = tl.load(TOK + offs_m).to(tl.float32)
-    tok_last = tl.load(TOK + MB - 1).to(tl.float32)
+    gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     base = pid * T * F
     for i in range(0, n_full):
         if SAVE:
@@ -224,10 +221,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
     h = pid % H
     offs_m, offs_f, offs_h = tl.arange(0, MB), tl.arange(0, BF), tl.arange(0, BH)
     maskf, maskh, all_m = offs_f < F, offs_h < 4 * F, offs_m < MB
-    gamma = tl.load(LNW + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    beta = tl.load(LNB + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    tok = tl.load(TOK + offs_m).to(tl.float32)
-    tok_last = tl.load(TOK + MB - 1).to(tl.float32)
+    gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     gW1 = _load_w(DW1N + pid * F * 4 * F, offs_f, offs_h, maskf, maskh, 4 * F)
     gb1 = tl.load(DB1N + pid * 4 * F + offs_h, mask=maskh, other=0.0)
     gW2 = _load_w(DW2N + pid * 4 * F * F, offs_h, offs_f, maskh, maskf, F)
