@@ -148,15 +148,16 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool):
     idx = torch.randint(0, vocab, (B, T), device=device)
     extra = DECODE_STEPS + 2
 
+    last = {}
+
     def prefill():
-        state = model.new_state(B, T + extra)
-        model(idx, state)
-        return state
+        last["state"] = model.new_state(B, T + extra)
+        model(idx, last["state"])
 
     with torch.no_grad(), _autocast(device)[0]():
         with PeakMemory(device) as mem:
             pre = measure(prefill, device)
-        state = prefill()
+        state = last["state"]  # the cache the last timed prefill filled
         step_in = torch.randint(0, vocab, (B, 1), device=device)
         step = lambda: model(step_in, state)
         graph_note = ""
