@@ -123,6 +123,12 @@ class SequenceClassifier(nn.Module):
         nn.init.normal_(self.head.weight, std=lm.cfg.init_std)
         nn.init.zeros_(self.head.bias)
 
+    def num_params(self, non_embedding: bool = False) -> int:
+        return self.lm.num_params(non_embedding) + sum(p.numel() for p in self.head.parameters())
+
+    def backends(self) -> dict[str, str]:
+        return self.lm.backends()
+
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         h = self.lm.hidden(idx)  # (B, T, d)
         B, T, _ = h.shape

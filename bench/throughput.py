@@ -275,6 +275,7 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
 def sweep_point(model, ctx: int, device, vocab: int) -> dict:
     """What `make sweep` adds to a run's summary: prefill and decode speed of the trained model at the
     run's context, batch 1 (never fails the run: a failure is recorded)."""
+    model = getattr(model, "lm", model)  # a classifier's language model carries the decode cache
     was_training = model.training
     model.eval()
     try:

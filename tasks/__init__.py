@@ -1,7 +1,7 @@
 """Task runners. Each task turns a config into data, a model head, a loss and an evaluation."""
 from __future__ import annotations
 
-TASKS = ("lm", "longqa")
+TASKS = ("lm", "longqa", "classification")
 
 
 def build_task(cfg, ctx: int):
@@ -15,4 +15,8 @@ def build_task(cfg, ctx: int):
         from tasks.longqa import LongQATask
 
         return LongQATask(cfg.task, cfg.data, ctx, seed=int(cfg.seed))
+    if name == "classification":
+        from tasks.classification import ClassificationTask
+
+        return ClassificationTask(cfg.task, cfg.data, ctx, seed=int(cfg.seed))
     raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
