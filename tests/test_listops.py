@@ -48,12 +48,12 @@ def test_bad_lengths():
         example(0, 100, 50)
 
 
-def test_a_source_that_is_not_there_yet_fails_clearly():
+def test_an_unknown_source_fails_clearly():
     from omegaconf import OmegaConf
 
     from tasks.classification import ClassificationTask
 
-    with pytest.raises(ValueError, match="not available yet; available: listops"):
+    with pytest.raises(ValueError, match="not available; available: listops, text_files, hf"):
         ClassificationTask(OmegaConf.create({"source": "imdb"}), None, 256)
 
 
@@ -91,3 +91,28 @@ def test_classification_smoke_sweep_end_to_end(tmp_path):
     for s in runs:
         assert s["status"] == "ok" and s["task"] == "classification" and s["data"] == "listops"
         assert 0.0 <= s["val_acc"] <= 1.0 and s["val_loss"] > 0 and s["params"] > 0
+
+
+def test_text_files_source_reads_jsonl_and_csv(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from tasks.classification import PAD, ClassificationTask
+
+    with open(tmp_path / "a.jsonl", "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": f"review {i} " + ("good " if i % 2 else "bad ") * 5, "label": "pos" if i % 2
+                                else "neg"}) + "\n")
+    (tmp_path / "b.csv").write_text("text,label\n" + "".join(f"csv row {i},neutral\n" for i in range(20)))
+    cfg = OmegaConf.create({"source": "text_files", "paths": [str(tmp_path / "*.jsonl"), str(tmp_path / "*.csv")],
+                            "val_fraction": 0.2, "pooling": "last", "eval_examples": 512})
+    task = ClassificationTask(cfg, None, 16)
+    assert task.labels == ["neg", "neutral", "pos"] and task.n_classes == 3
+    assert len(task.train_rows) + len(task.val_rows) == 80 and 5 <= len(task.val_rows) <= 30
+    assert not set(task.train_rows) & set(task.val_rows)  # held-out rows never train
+    x, y = task.batch(3, 8)
+    assert x.shape == (8, 16) and torch.equal(task.batch(3, 8)[0], x)  # texts cut to ctx bytes
+    assert ((x != PAD).sum(-1) == 16).any() and set(y.tolist()) <= {0, 1, 2}
+    with pytest.raises(FileNotFoundError, match="matched no files"):
+        ClassificationTask(OmegaConf.create({**cfg, "paths": [str(tmp_path / "none*.jsonl")]}), None, 16)
