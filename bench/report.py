@@ -8,6 +8,11 @@ Plots (RESULTS/plots/):
   loss_by_position.png   validation loss at each token position (log2-spaced buckets) of the largest
                          model per architecture: does the model use long context?
   training_curves.png    training loss vs tokens seen, every run.
+  longqa_accuracy.png    TASK=longqa: accuracy vs evaluation length, one panel per sub-task, one line per
+                         architecture (its largest model); the trained length is marked.
+  passkey_heatmap.png    TASK=longqa: passkey accuracy by needle depth x length, one panel per architecture.
+  classification_accuracy.png  TASK=classification: accuracy vs parameters, one line per architecture,
+                         one panel per context length, with the majority-class baseline.
 """
 from __future__ import annotations
 
@@ -135,6 +140,78 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def _largest(g: pd.DataFrame):
+    return g.sort_values("params").iloc[-1]
+
+
+def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
+    """Accuracy vs evaluation length per sub-task, and the passkey depth x length heatmaps."""
+    qa = df[(df["task"] == "longqa") & df.get("longqa_cells", pd.Series(index=df.index, dtype=object)).notna()]
+    if qa.empty:
+        return
+    runs = [(f"{arch} [{g.iloc[0]['backend']}] {_largest(g)['size']} ctx={ctx}", _largest(g))
+            for (arch, ctx), g in qa.groupby(["arch", "ctx"])]
+    cells = pd.DataFrame([{**c, "label": label, "ctx": r["ctx"]} for label, r in runs for c in r["longqa_cells"]])
+    subtasks = sorted(cells["subtask"].unique())
+    fig, axes = plt.subplots(1, len(subtasks), figsize=(4 * len(subtasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], subtasks):
+        for label, g in cells[cells["subtask"] == task].groupby("label"):
+            acc = g.groupby("length")["acc"].mean()
+            ax.plot(acc.index, acc.values, marker="o", label=label)
+            ax.axvline(g["ctx"].iloc[0], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("evaluation length (tokens; dotted: trained)")
+        ax.set_ylabel("accuracy (exact match; MQAR per value)")
+        ax.set_title(task)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plots / "longqa_accuracy.png", dpi=120)
+    plt.close(fig)
+    pk = cells[cells["subtask"] == "passkey"]
+    if pk.empty:
+        return
+    labels = sorted(pk["label"].unique())
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.5 * len(labels), 3.8), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        grid = pk[pk["label"] == label].pivot_table(index="depth", columns="length", values="acc")
+        im = ax.imshow(grid.values, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns])
+        ax.set_yticks(range(len(grid.index)), [f"{d:.2f}" for d in grid.index])
+        ax.set_xlabel("length (tokens)")
+        ax.set_ylabel("needle depth (0 = start)")
+        ax.set_title(label, fontsize=8)
+        fig.colorbar(im, ax=ax, label="passkey accuracy")
+    fig.tight_layout()
+    fig.savefig(plots / "passkey_heatmap.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_classification(df: pd.DataFrame, plots: Path) -> None:
+    cl = df[df["task"] == "classification"]
+    if cl.empty:
+        return
+    ctxs = sorted(cl["ctx"].unique())
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4.5), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        sub = cl[cl["ctx"] == ctx]
+        for arch, g in sub.groupby("arch"):
+            g = g.sort_values("params")
+            ax.plot(g["params"], g["val_acc"], marker="o", label=f"{arch} [{g.iloc[0]['backend']}]")
+        if "val_majority_acc" in sub:
+            ax.axhline(sub["val_majority_acc"].max(), color="grey", linestyle="--", label="majority class")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(f"{sub['data'].iloc[0]} classification, context {ctx:,} tokens")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plots / "classification_accuracy.png", dpi=120)
+    plt.close(fig)
+
+
 def report(results: str | Path) -> pd.DataFrame:
     """Write RESULTS/summary.csv and RESULTS/plots/*.png from every summary.json; returns the table."""
     results = Path(results)
@@ -150,6 +227,8 @@ def report(results: str | Path) -> pd.DataFrame:
         plot_loss_vs_flops(best, plots / "loss_vs_flops.png")
         plot_loss_by_position(best, plots / "loss_by_position.png")
         plot_training_curves(best, plots / "training_curves.png")
+        plot_longqa(best, plots)
+        plot_classification(best, plots)
     return table
 
 

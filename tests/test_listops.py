@@ -91,6 +91,7 @@ def test_classification_smoke_sweep_end_to_end(tmp_path):
     for s in runs:
         assert s["status"] == "ok" and s["task"] == "classification" and s["data"] == "listops"
         assert 0.0 <= s["val_acc"] <= 1.0 and s["val_loss"] > 0 and s["params"] > 0
+    assert (tmp_path / "plots" / "classification_accuracy.png").stat().st_size > 10_000
 
 
 def test_text_files_source_reads_jsonl_and_csv(tmp_path):
