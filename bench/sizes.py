@@ -28,19 +28,25 @@ COLUMNS = ["arch", "size", "ctx", "match", "vocab", "layers", "d_model", "heads"
            "ffn_dim", "d_inner", "flops_vs_ref", "params_vs_ref"]
 
 
+def sized_from_conf(arch: str, size: str, ctx: int, vocab: int, match: str):
+    """conf/arch/<arch>.yaml at conf/size/<size>.yaml, matched by `match` (architectures/sizing.py); the
+    one place the benchmarks resolve a model outside a Hydra run. Returns (Sized, the size's config)."""
+    options = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml"), resolve=True)
+    options.pop("name")
+    size_cfg = OmegaConf.load(CONF / "size" / f"{size}.yaml")
+    return size_model(arch, options, SizeSpec.from_dict(size_cfg), ctx, vocab, match), size_cfg
+
+
 def size_rows(archs: list[str], sizes: list[str], ctxs: list[int], matches: list[str], vocab: int) -> pd.DataFrame:
     archs = sorted(archs, key=lambda a: (a != REFERENCE_ARCH, a))  # the reference first
     rows = []
-    for size_name in sizes:
-        size_cfg = OmegaConf.load(CONF / "size" / f"{size_name}.yaml")
-        size = SizeSpec.from_dict(size_cfg)
+    for size in sizes:
         for ctx in ctxs:
             for match in matches:
                 for arch in archs:
-                    options = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml"), resolve=True)
-                    options.pop("name")
-                    row = size_model(arch, options, size, ctx, vocab, match).row()
-                    rows.append({**row, "size": size.name, "ctx": ctx, "token_budget": int(size_cfg.tokens)})
+                    sized, size_cfg = sized_from_conf(arch, size, ctx, vocab, match)
+                    rows.append({**sized.row(), "size": str(size_cfg.name), "ctx": ctx,
+                                 "token_budget": int(size_cfg.tokens)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -36,14 +36,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 import architectures
-from architectures.sizing import MATCH_RULES, SizeSpec, SizingError, size_model
-from bench.results import REPO_ROOT, atomic_write_text, device_name
+from architectures.sizing import MATCH_RULES
+from bench.results import atomic_write_text, device_name
 from bench.timing import measure
 
-CONF = REPO_ROOT / "conf"
 COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
            "device", "status", "precision", "threads", "repeats", "spread", "graph", "params", "match", "d_model",
            "layers"]
@@ -63,10 +61,9 @@ def lengths_up_to(ctx: int) -> list[int]:
 
 
 def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_VOCAB):
-    options = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml"), resolve=True)
-    options.pop("name")
-    sized = size_model(arch, options, SizeSpec.from_dict(OmegaConf.load(CONF / "size" / f"{size}.yaml")), ctx, vocab,
-                       match)
+    from bench.sizes import sized_from_conf
+
+    sized, _ = sized_from_conf(arch, size, ctx, vocab, match)
     cfg = sized.cfg
     cfg.max_seq_len = ctx + DECODE_STEPS + 2
     torch.manual_seed(0)
@@ -220,7 +217,7 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
     rows = []
     try:
         model, sized = build(arch, size, max(lengths), match, device, vocab)
-    except (SizingError, Exception) as e:
+    except Exception as e:  # e.g. a SizingError: every point of the architecture says why
         return [{"arch": arch, "size": size, "mode": m, "ctx": T, "batch": B, "device": device_name(device),
                  "status": f"failed: {type(e).__name__}: {e}"[:300]} for m in modes for T in lengths]
     model.eval()

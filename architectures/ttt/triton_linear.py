@@ -362,9 +362,7 @@ def _block(f: int) -> int:
     return max(16, triton.next_power_of_2(f))
 
 
-def _precision(x: torch.Tensor) -> str:
-    # exact fp32 products (TF32 would cost ~1e-3 relative error); the interpreter ignores it
-    return "ieee"
+PRECISION = "ieee"  # exact fp32 products (TF32 would cost ~1e-3 relative error); the interpreter ignores it
 
 
 class TTTLinearFunction(torch.autograd.Function):
@@ -391,7 +389,7 @@ class TTTLinearFunction(torch.autograd.Function):
         _fwd_kernel[(Bsz * H,)](
             q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
             T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
-            LN_EPS, F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, SAVE=bool(save), PREC=_precision(q))
+            LN_EPS, F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, SAVE=bool(save), PREC=PRECISION)
         ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn)
         ctx.meta = (group, n_full, n_ckpt, partial, W0.shape, b0.shape, tok.dtype, ln_w.dtype, W0.dtype)
         ctx.mark_non_differentiable(aw, ab)
@@ -417,30 +415,11 @@ class TTTLinearFunction(torch.autograd.Function):
             q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn, dout, dWn, dbn,
             dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
             T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
-            F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, PREC=_precision(q))
+            F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, PREC=PRECISION)
         if w_shape[0] == 1:
             dW0, db0 = dW0.sum(0, keepdim=True), db0.sum(0, keepdim=True)
         return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),
                 dW0.to(w_dtype), db0.to(w_dtype), None)
-
-
-def ttt_linear_prefill(q, k, v, a, tok, ln_w, ln_b, W0, b0, group: int = DEFAULT_GROUP):
-    """out (B, H, T, f), (W, b) after T tokens, (GW, Gb) of a trailing partial mini-batch."""
-    out, W, b, aw, ab = TTTLinearFunction.apply(q, k, v, a, tok, ln_w, ln_b, W0, b0, group)
-    return out, (W, b), (aw, ab)
-
-
-def ttt_linear_decode_step(q, k, v, a, tok, ln_w, ln_b, W, b, GW, Gb, pos: int):
-    """One token for every (sequence, head): q, k, v (B, H, f), a (B, H); W, b, GW, Gb fp32 (B, H, f, f) /
-    (B, H, f), contiguous, updated in place; pos the token's 0-based place in its mini-batch.
-    Returns out (B, H, f)."""
-    Bsz, H, f = q.shape
-    MB = tok.shape[0]
-    out = torch.empty_like(q)
-    _decode_kernel[(Bsz * H,)](q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(),
-                               tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous(),
-                               W, b, GW, Gb, out, H, pos, LN_EPS, F=f, BF=_block(f), COMMIT=pos == MB - 1)
-    return out
 
 
 # -- the interface the layer uses (the same in triton_mlp.py) ------------------------------------
@@ -451,10 +430,18 @@ PARAMS = ("W", "b")
 def prefill(q, k, v, a, tok, ln_w, ln_b, params: dict, group: int = DEFAULT_GROUP):
     """out (B, H, T, f), the inner weights after T tokens and a trailing partial mini-batch's accumulators,
     as dicts keyed W, b (b as (B, H, f))."""
-    out, (W, b), (GW, Gb) = ttt_linear_prefill(q, k, v, a, tok, ln_w, ln_b, params["W"], params["b"], group)
+    out, W, b, GW, Gb = TTTLinearFunction.apply(q, k, v, a, tok, ln_w, ln_b, params["W"], params["b"], group)
     return out, {"W": W, "b": b}, {"W": GW, "b": Gb}
 
 
 def decode_step(q, k, v, a, tok, ln_w, ln_b, params: dict, acc: dict, pos: int):
-    """One token; params and acc: fp32 contiguous (B, H, ...) dicts, updated in place. Returns (B, H, f)."""
-    return ttt_linear_decode_step(q, k, v, a, tok, ln_w, ln_b, params["W"], params["b"], acc["W"], acc["b"], pos)
+    """One token for every (sequence, head): q, k, v (B, H, f), a (B, H); params and acc fp32 contiguous
+    (B, H, f, f) / (B, H, f) dicts, updated in place; pos the token's 0-based place in its mini-batch.
+    Returns out (B, H, f)."""
+    Bsz, H, f = q.shape
+    out = torch.empty_like(q)
+    _decode_kernel[(Bsz * H,)](q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(),
+                               tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous(),
+                               params["W"], params["b"], acc["W"], acc["b"], out, H, pos, LN_EPS, F=f, BF=_block(f),
+                               COMMIT=pos == tok.shape[0] - 1)
+    return out
