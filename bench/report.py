@@ -8,9 +8,10 @@ Plots (RESULTS/plots/):
   loss_by_position.png   validation loss at each token position (log2-spaced buckets) of the largest
                          model per architecture: does the model use long context?
   training_curves.png    training loss vs tokens seen, every run.
-  longqa_accuracy.png    TASK=longqa: accuracy vs evaluation length, one panel per sub-task, one line per
-                         architecture (its largest model); the trained length is marked.
-  passkey_heatmap.png    TASK=longqa: passkey accuracy by needle depth x length, one panel per architecture.
+  longqa_accuracy.png    TASK=longqa (and its presets mqar, passkey): accuracy vs evaluation length, one
+                         panel per sub-task, one line per (task, architecture, ctx) at its largest model;
+                         the trained length is marked.
+  passkey_heatmap.png    passkey accuracy by needle depth x length, one panel per (architecture, task, ctx).
   classification_accuracy.png  TASK=classification: accuracy vs parameters, one line per architecture,
                          one panel per context length, with the majority-class baseline.
 """
@@ -146,15 +147,19 @@ def _largest(g: pd.DataFrame):
 
 def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
     """Accuracy vs evaluation length per sub-task, and the passkey depth x length heatmaps."""
-    qa = df[(df["task"] == "longqa") & df.get("longqa_cells", pd.Series(index=df.index, dtype=object)).notna()]
+    qa = df[df.get("longqa_cells", pd.Series(index=df.index, dtype=object)).notna()]  # longqa and its presets
     if qa.empty:
         return
-    runs = [(f"{arch} [{g.iloc[0]['backend']}] {_largest(g)['size']} ctx={ctx}", _largest(g))
-            for (arch, ctx), g in qa.groupby(["arch", "ctx"])]
+    runs = [(f"{arch} [{g.iloc[0]['backend']}] {_largest(g)['size']} {task} ctx={ctx}", _largest(g))
+            for (task, arch, ctx), g in qa.groupby(["task", "arch", "ctx"])]
     cells = pd.DataFrame([{**c, "label": label, "ctx": r["ctx"]} for label, r in runs for c in r["longqa_cells"]])
     subtasks = sorted(cells["subtask"].unique())
-    fig, axes = plt.subplots(1, len(subtasks), figsize=(4 * len(subtasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], subtasks):
+    cols = min(4, len(subtasks))
+    rows = -(-len(subtasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(subtasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, subtasks):
         for label, g in cells[cells["subtask"] == task].groupby("label"):
             acc = g.groupby("length")["acc"].mean()
             ax.plot(acc.index, acc.values, marker="o", label=label)

@@ -63,13 +63,21 @@ def parse_archs(text: str) -> list[str]:
     return parse_list("ARCH", text, known)
 
 
+def default_ladder(task: str, profile: str) -> list[str]:
+    """The sizes a sweep runs: the task's budget under the profile may name its own ladder
+    (conf/budget/<task>_<profile>.yaml), else the profile's."""
+    budget = CONF / "budget" / f"{task}_{profile}.yaml"
+    if budget.exists() and "ladder" in (cfg := OmegaConf.load(budget)):
+        return list(cfg.ladder)
+    return list(OmegaConf.load(CONF / "profile" / f"{profile}.yaml").ladder)
+
+
 def build_overrides(args) -> tuple[list[str], str, Path]:
     archs = parse_archs(args.arch)
     ctx = parse_ctx(args.ctx)
     profile = parse_choice("PROFILE", args.profile, group_options("profile"))
     task = parse_choice("TASK", args.task, group_options("task"))
-    sizes = (parse_list("SIZES", args.sizes, group_options("size")) if args.sizes
-             else list(OmegaConf.load(CONF / "profile" / f"{profile}.yaml").ladder))
+    sizes = (parse_list("SIZES", args.sizes, group_options("size")) if args.sizes else default_ladder(task, profile))
     results = Path(args.results).expanduser().resolve()
     sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{task}-ctx{ctx}"
     overrides = [f"arch={','.join(archs)}", f"size={','.join(sizes)}", f"profile={profile}", f"task={task}",

@@ -6,7 +6,7 @@ TASKS = ("lm", "longqa", "classification")
 
 def build_task(cfg, ctx: int):
     """cfg: the full run config (task, data, seed); returns a task object (see tasks/lm/__init__.py)."""
-    name = cfg.task.name
+    name = cfg.task.get("runner", cfg.task.name)  # a preset (conf/task/mqar.yaml) names its runner
     if name == "lm":
         from tasks.lm import LMTask
 

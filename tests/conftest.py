@@ -12,3 +12,8 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# generated evaluation sets (tasks/cache.py) go to a fresh directory, not the user's cache
+import tempfile  # noqa: E402
+
+os.environ.setdefault("TTT_BENCH_CACHE", tempfile.mkdtemp(prefix="ttt-bench-cache-"))

@@ -69,6 +69,29 @@ def test_mqar_queries_refer_to_keys_present_with_their_values():
         mqar(20, 8, 0)
 
 
+def test_mqar_alphabet_and_training_pair_counts():
+    from omegaconf import OmegaConf
+
+    from tasks.longqa import LongQATask
+
+    ex = mqar(256, 8, seed=5, n_symbols=16)
+    keys, values = ex.ids[0:16:2], ex.ids[1:16:2]
+    assert all(BYTE_VOCAB <= k < BYTE_VOCAB + 16 for k in keys) and len(set(keys)) == 8
+    assert all(BYTE_VOCAB + MQAR_KEYS <= v < BYTE_VOCAB + MQAR_KEYS + 16 for v in values)
+    with pytest.raises(ValueError, match="pairs <= symbols"):
+        mqar(256, 8, 0, n_symbols=4)
+    cfg = OmegaConf.create({"mixture": {"mqar": 1.0}, "mqar_pairs": 8, "mqar_train_pairs": [8, 32, 64, 128],
+                            "mqar_symbols": 256})
+    task = LongQATask(cfg, None, 256)
+    assert task.mqar_train_pairs == [8, 32, 64]  # 128 pairs need 512 tokens: dropped
+    counts = {len(e.answer_pos) for e in task.examples(0, 64)}
+    assert counts == {8, 32, 64}
+    assert all(len(e.answer_pos) == 8 for e in task.eval_examples("mqar", 256, None, 4))  # evaluated at mqar_pairs
+    cfg.mqar_train_pairs = [128]
+    with pytest.raises(ValueError, match="none fits ctx=256"):
+        LongQATask(cfg, None, 256)
+
+
 def test_too_short_for_its_content_fails_clearly():
     with pytest.raises(ValueError, match="too short"):
         passkey(40, 0.5, 0)

@@ -22,6 +22,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from tasks.cache import cached
 from tasks.classification import listops
 
 PAD = 256  # EOS of the byte tokenizer; never inside a ListOps expression
@@ -112,9 +113,16 @@ class ClassificationTask:
 
     def _examples(self, tag: str, n: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.source == "listops":
-            lo = min(self.min_len, max_len)
-            return self._encode([listops.example(f"{tag}-{i}", lo, max_len, int(self.cfg.max_depth),
-                                                 int(self.cfg.max_args)) for i in range(n)], max_len)
+            lo, depth, args = min(self.min_len, max_len), int(self.cfg.max_depth), int(self.cfg.max_args)
+
+            def build() -> list[tuple[str, int]]:
+                return [listops.example(f"{tag}-{i}", lo, max_len, depth, args) for i in range(n)]
+
+            if not tag.startswith("val"):
+                return self._encode(build(), max_len)
+            config = {"generator": listops.VERSION, "tag": tag, "n": n, "min_len": lo, "max_len": max_len,
+                      "max_depth": depth, "max_args": args}  # the held-out set: generated once per machine
+            return self._encode([tuple(r) for r in cached("listops", config, build)], max_len)
         if tag.startswith("val"):
             rows = self.val_rows[:n]
         else:  # a pure function of the step: resumed runs see the same rows

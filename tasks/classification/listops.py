@@ -19,6 +19,8 @@ OPERATORS = {
     "SM": lambda xs: sum(xs) % 10,
 }
 
+VERSION = 1  # bump when an expression changes for the same arguments: cached sets are keyed by it
+
 
 def _grow(rng: random.Random, min_len: int, max_len: int, max_depth: int, max_args: int):
     """Grow a tree by replacing random leaves (above max_depth) with operators over new leaves until

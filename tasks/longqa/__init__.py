@@ -4,7 +4,8 @@ Models train from scratch on a mixture of the sub-tasks at the sweep's context (
 answer tokens only) and are evaluated at several lengths (shorter, equal and longer than trained) and
 needle depths. Exact match: every answer token is the model's argmax given the true prefix, which is
 what greedy decoding would produce. MQAR is scored per queried value (Zoology's accuracy).
-generators.py has the pure example generators. (In progress: plots, the classification task.)
+generators.py has the pure example generators; evaluation sets are cached by their config (tasks/cache.py).
+Presets of this runner: conf/task/mqar.yaml (MQAR alone), conf/task/passkey.yaml (passkey alone).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+from tasks.cache import cached
 from tasks.longqa import generators as gen
 
 IGNORE = -100
@@ -20,7 +22,8 @@ DEPTH_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "ni
 SUBTASKS = DEPTH_TASKS + ("variable_tracking", "mqar")
 
 
-def make_example(task: str, length: int, depth: float, seed, mqar_pairs: int) -> gen.Example:
+def make_example(task: str, length: int, depth: float, seed, mqar_pairs: int,
+                 mqar_symbols: int = gen.MQAR_KEYS) -> gen.Example:
     if task == "passkey":
         return gen.passkey(length, depth, seed)
     if task.startswith("niah_"):
@@ -28,7 +31,7 @@ def make_example(task: str, length: int, depth: float, seed, mqar_pairs: int) ->
     if task == "variable_tracking":
         return gen.variable_tracking(length, seed)
     if task == "mqar":
-        return gen.mqar(length, mqar_pairs, seed)
+        return gen.mqar(length, mqar_pairs, seed, n_symbols=mqar_symbols)
     raise ValueError(f"unknown long-QA sub-task {task!r}; available: {', '.join(SUBTASKS)}")
 
 
@@ -51,10 +54,17 @@ class LongQATask:
         for name in self.mixture:
             if name not in SUBTASKS:
                 raise ValueError(f"task.mixture names unknown sub-task {name!r}; available: {', '.join(SUBTASKS)}")
-        self.mqar_pairs = int(task_cfg.mqar_pairs)
+        self.mqar_pairs = int(task_cfg.mqar_pairs)  # evaluated
+        # trained: a mix of pair counts, as Zoology trains; more pairs = more answers per sequence
+        self.mqar_symbols = int(task_cfg.get("mqar_symbols", gen.MQAR_KEYS))
+        fits = lambda p: 4 * p <= ctx + 1 and p <= self.mqar_symbols
+        self.mqar_train_pairs = [int(p) for p in (task_cfg.get("mqar_train_pairs") or [self.mqar_pairs]) if fits(int(p))]
+        if "mqar" in self.mixture and not self.mqar_train_pairs:
+            raise ValueError(f"task.mqar_train_pairs={list(task_cfg.mqar_train_pairs)}: none fits ctx={ctx} "
+                             f"(4 x pairs <= ctx + 1)")
         for name in self.mixture:  # every sub-task must fit the training context
             try:
-                make_example(name, ctx + 1, 0.5, "check", self.mqar_pairs)
+                make_example(name, ctx + 1, 0.5, "check", self.mqar_pairs, self.mqar_symbols)
             except ValueError as e:
                 raise ValueError(f"long-QA sub-task {name} does not fit ctx={ctx} ({e}); use a longer CTX or "
                                  f"task.mixture.{name}=0") from None
@@ -76,7 +86,9 @@ class LongQATask:
         out = []
         for i in range(n):
             task = rng.choices(names, weights)[0]
-            out.append(make_example(task, self.ctx + 1, rng.random(), f"train-{self.seed}-{step}-{i}", self.mqar_pairs))
+            pairs = rng.choice(self.mqar_train_pairs) if task == "mqar" else self.mqar_pairs
+            out.append(make_example(task, self.ctx + 1, rng.random(), f"train-{self.seed}-{step}-{i}", pairs,
+                                    self.mqar_symbols))
         return out
 
     def batch(self, step: int, batch_size: int):
@@ -96,6 +108,25 @@ class LongQATask:
                 for depth in depths:
                     yield task, length, depth
 
+    def eval_examples(self, task: str, length: int, depth: float | None, n: int) -> list[gen.Example]:
+        """The n held-out examples of one cell (cached on disk by their config, tasks/cache.py); none
+        when the sub-task does not fit the length. Depth None: drawn per example."""
+        config = {"generator": gen.VERSION, "task": task, "length": length, "depth": depth, "n": n,
+                  "seed": self.seed, "mqar_pairs": self.mqar_pairs, "mqar_symbols": self.mqar_symbols}
+
+        def build() -> list[dict]:
+            out = []
+            for i in range(n):
+                d = depth if depth is not None else random.Random(f"eval-depth-{i}").random()
+                try:
+                    e = make_example(task, length + 1, d, f"eval-{self.seed}-{i}", self.mqar_pairs, self.mqar_symbols)
+                except ValueError:  # a shorter eval length than this sub-task needs: no cell
+                    break
+                out.append({"ids": e.ids, "answer_pos": e.answer_pos})
+            return out
+
+        return [gen.Example(task, r["ids"], r["answer_pos"]) for r in cached("longqa", config, build)]
+
     @torch.no_grad()
     def evaluate(self, model, device, autocast) -> dict:
         model.eval()
@@ -103,13 +134,7 @@ class LongQATask:
         cells, losses = [], []
         for task, length, depth in self.eval_cells():
             correct = 0
-            exs = []
-            for i in range(n):
-                d = depth if depth is not None else random.Random(f"eval-depth-{i}").random()
-                try:
-                    exs.append(make_example(task, length + 1, d, f"eval-{self.seed}-{i}", self.mqar_pairs))
-                except ValueError:  # a shorter eval length than this sub-task needs: no cell
-                    break
+            exs = self.eval_examples(task, length, depth, n)
             if not exs:
                 continue
             for lo in range(0, len(exs), bs):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+VERSION = 1  # bump when an example changes for the same (config, seed): cached sets are keyed by it
 BYTE_VOCAB = 257  # bytes and EOS, tasks/lm/tokenizers.py
 MQAR_KEYS = 256   # symbols for MQAR keys and, as many again, values: ids 257 .. 257 + 2 * 256
 VOCAB = BYTE_VOCAB + 2 * MQAR_KEYS
@@ -149,17 +150,19 @@ def variable_tracking(length: int, seed: int, hops: int = 4) -> Example:
                      _b(" ".join(names) + "."), {"depth": depths[0], "hops": hops})
 
 
-def mqar(length: int, n_pairs: int, seed: int, power: float = 0.5) -> Example:
+def mqar(length: int, n_pairs: int, seed: int, power: float = 0.5, n_symbols: int = MQAR_KEYS) -> Example:
     """Zoology's MQAR layout: k1 v1 k2 v2 ... kn vn, then a query region in which every key is asked once
     (in random order) at distinct slots drawn with a power-law preference for short gaps
     (weight (slot + 1)^-power); each query is the key followed by its value (scored). Unused
-    positions of the query region hold EOS (256)."""
+    positions of the query region hold EOS (256). Keys and values are drawn from the first n_symbols
+    of their ranges (a smaller alphabet is learnt in fewer steps; Zoology's quick examples use 64)."""
     slots = (length - 2 * n_pairs) // 2  # a query takes two positions: the key, then its value
-    if n_pairs > MQAR_KEYS or n_pairs > slots:
-        raise ValueError(f"mqar: {n_pairs} pairs need 4 x pairs <= length ({length}) and <= {MQAR_KEYS} pairs")
-    rng = random.Random(f"mqar-{length}-{n_pairs}-{seed}")
-    keys = rng.sample(range(MQAR_KEYS), n_pairs)
-    values = [rng.randrange(MQAR_KEYS) for _ in keys]
+    if not n_pairs <= n_symbols <= MQAR_KEYS or n_pairs > slots:
+        raise ValueError(f"mqar: {n_pairs} pairs need 4 x pairs <= length ({length}) and pairs <= symbols "
+                         f"({n_symbols}) <= {MQAR_KEYS}")
+    rng = random.Random(f"mqar-{length}-{n_pairs}-{seed}" + ("" if n_symbols == MQAR_KEYS else f"-{n_symbols}"))
+    keys = rng.sample(range(n_symbols), n_pairs)
+    values = [rng.randrange(n_symbols) for _ in keys]
     k_id = lambda k: BYTE_VOCAB + k
     v_id = lambda v: BYTE_VOCAB + MQAR_KEYS + v
     ids = [t for k, v in zip(keys, values) for t in (k_id(k), v_id(v))]

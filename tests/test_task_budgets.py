@@ -1,0 +1,86 @@
+"""Task presets and budgets (conf/task/mqar.yaml, conf/budget/<task>_<profile>.yaml) and the disk cache of
+generated evaluation sets (tasks/cache.py)."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from bench.sweep import default_ladder
+from tasks import build_task
+from tasks.cache import cached, config_hash
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_with(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=["sweep_id=t", "results=/tmp/x", *overrides])
+
+
+@pytest.mark.parametrize("budget", sorted(p.stem for p in (CONF / "budget").glob("*.yaml")))
+def test_a_budget_applies_to_its_task_under_its_profile_only(budget):
+    task, profile = budget.rsplit("_", 1)
+    spec = OmegaConf.load(CONF / "budget" / f"{budget}.yaml")
+    cfg = compose_with(f"task={task}", f"profile={profile}", "size=cpu-s")
+    OmegaConf.resolve(cfg)
+    for key in ("tokens", "lr", "batch_tokens"):
+        if key in spec.trainer:
+            assert cfg.trainer[key] == spec.trainer[key], key
+    assert default_ladder(task, profile) == list(spec.get("ladder", OmegaConf.load(CONF / "profile" / f"{profile}.yaml").ladder))
+    other = compose_with(f"task={task}", "profile=smoke", "size=cpu-s")  # no smoke budget: the size's
+    OmegaConf.resolve(other)
+    assert other.trainer.tokens == OmegaConf.load(CONF / "size" / "cpu-s.yaml").tokens
+    # the command line still wins over a budget
+    assert compose_with(f"task={task}", f"profile={profile}", "trainer.tokens=1234").trainer.tokens == 1234
+
+
+def test_lm_keeps_the_profile_ladder():
+    assert default_ladder("lm", "cpu") == list(OmegaConf.load(CONF / "profile" / "cpu.yaml").ladder)
+
+
+@pytest.mark.parametrize("preset,subtask", [("mqar", "mqar"), ("passkey", "passkey")])
+def test_presets_run_the_longqa_runner_on_one_subtask(preset, subtask):
+    cfg = compose_with(f"task={preset}", "ctx=256")
+    task = build_task(cfg, 256)
+    assert cfg.task.name == preset and type(task).__name__ == "LongQATask"
+    assert list(task.mixture) == [subtask]
+    assert {e.task for e in task.examples(0, 8)} == {subtask}
+
+
+def test_cached_builds_once_per_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path))
+    calls = []
+    build = lambda: calls.append(1) or {"ids": [[1, 2, 3]], "t": torch.arange(3)}
+    a = cached("kind", {"n": 1, "seed": 0}, build)
+    b = cached("kind", {"seed": 0, "n": 1}, build)  # same config, other key order: loaded
+    assert len(calls) == 1 and a["ids"] == b["ids"] and torch.equal(a["t"], b["t"])
+    cached("kind", {"n": 2, "seed": 0}, build)
+    assert len(calls) == 2
+    path = tmp_path / "generated" / "kind" / f"{config_hash({'n': 1, 'seed': 0})}.pt"
+    path.write_bytes(b"torn")  # a damaged file is rebuilt
+    assert cached("kind", {"n": 1, "seed": 0}, build)["ids"] == [[1, 2, 3]] and len(calls) == 3
+    monkeypatch.setenv("TTT_BENCH_CACHE", "off")
+    cached("kind", {"n": 1, "seed": 0}, build)
+    assert len(calls) == 4
+
+
+def test_cached_evaluation_sets_equal_fresh_ones(tmp_path, monkeypatch):
+    cfg = compose_with("task=longqa", "ctx=512")
+    monkeypatch.setenv("TTT_BENCH_CACHE", "off")
+    fresh = build_task(cfg, 512).eval_examples("niah_multikey", 512, 0.25, 3)
+    monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path))
+    first = build_task(cfg, 512).eval_examples("niah_multikey", 512, 0.25, 3)
+    again = build_task(cfg, 512).eval_examples("niah_multikey", 512, 0.25, 3)
+    assert [(e.ids, e.answer_pos) for e in fresh] == [(e.ids, e.answer_pos) for e in first] \
+        == [(e.ids, e.answer_pos) for e in again]
+    assert len(list((tmp_path / "generated" / "longqa").glob("*.pt"))) == 1
+    cl = compose_with("task=classification", "ctx=256", "task.eval_examples=4")
+    monkeypatch.setenv("TTT_BENCH_CACHE", "off")
+    x0, y0 = build_task(cl, 256)._examples("val-0", 4, 256)
+    monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path))
+    x1, y1 = build_task(cl, 256)._examples("val-0", 4, 256)
+    x2, y2 = build_task(cl, 256)._examples("val-0", 4, 256)
+    assert torch.equal(x0, x1) and torch.equal(x1, x2) and torch.equal(y0, y2)
+    assert len(list((tmp_path / "generated" / "listops").glob("*.pt"))) == 1
