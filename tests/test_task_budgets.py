@@ -29,6 +29,8 @@ def test_a_budget_applies_to_its_task_under_its_profile_only(budget):
         if key in spec.trainer:
             assert cfg.trainer[key] == spec.trainer[key], key
     assert default_ladder(task, profile) == list(spec.get("ladder", OmegaConf.load(CONF / "profile" / f"{profile}.yaml").ladder))
+    assert set(default_ladder(task, profile)) <= {p.stem for p in (CONF / "size").glob("*.yaml")}
+    assert (CONF / "task" / f"{task}.yaml").exists() and (CONF / "profile" / f"{profile}.yaml").exists()
     other = compose_with(f"task={task}", "profile=smoke", "size=cpu-s")  # no smoke budget: the size's
     OmegaConf.resolve(other)
     assert other.trainer.tokens == OmegaConf.load(CONF / "size" / "cpu-s.yaml").tokens
