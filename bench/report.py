@@ -75,6 +75,8 @@ def _label(row, multi_data: bool, multi_match: bool = False) -> str:
 
 def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
     lm = df[df["task"] == "lm"]
+    if lm.empty:  # task runs only: no language-modeling plot
+        return
     ctxs = sorted(lm["ctx"].unique())
     multi, multi_match = lm["data"].nunique() > 1, lm["match"].nunique() > 1
     fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(6 * max(1, len(ctxs)), 4.5), squeeze=False)
@@ -100,6 +102,8 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
 
 def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
     lm = df[(df["task"] == "lm") & df["loss_by_position"].notna()] if "loss_by_position" in df else df.iloc[:0]
+    if lm.empty:
+        return
     ctxs = sorted(lm["ctx"].unique())
     multi = lm["data"].nunique() > 1
     fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(6 * max(1, len(ctxs)), 4.5), squeeze=False)
@@ -130,9 +134,9 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if rows:
             ax.plot([m["tokens"] for m in rows], [m["loss"] for m in rows],
-                    label=f"{r['arch']} [{r['backend']}] {r['size']} ctx={r['ctx']}")
+                    label=f"{r['arch']} [{r['backend']}] {r['size']} {r['task']} ctx={r['ctx']}")
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("training loss (nats / token)")
+    ax.set_ylabel("training loss (nats per scored token)")
     ax.set_title("Training curves")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)

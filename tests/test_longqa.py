@@ -139,5 +139,6 @@ def test_longqa_smoke_sweep_end_to_end(tmp_path):
         assert {c["subtask"] for c in cells} >= {"passkey", "mqar", "variable_tracking"}
         assert {c["length"] for c in cells} == {256, 512, 1024}
         assert {c["depth"] for c in cells if c["subtask"] == "passkey"} == {0.0, 0.25, 0.5, 0.75, 1.0}
-    for plot in ("longqa_accuracy.png", "passkey_heatmap.png"):
+    for plot in ("longqa_accuracy.png", "passkey_heatmap.png", "training_curves.png"):
         assert (tmp_path / "plots" / plot).stat().st_size > 10_000, plot
+    assert not (tmp_path / "plots" / "loss_vs_flops.png").exists()  # no language-modeling runs: no LM plots
