@@ -35,16 +35,17 @@ def cached(kind: str, config: dict, build: Callable[[], Any]) -> Any:
     if root is None:
         return build()
     path = root / kind / f"{config_hash(config)}.pt"
+    plain = json.loads(json.dumps(config, default=str))  # the config as it reads back from the file
     if path.exists():
         try:
             stored = torch.load(path, weights_only=True)
-            if stored["config"] == json.loads(json.dumps(config, default=str)):
+            if stored["config"] == plain:
                 return stored["value"]
         except Exception:  # a torn or foreign file: rebuild it
             pass
     value = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"config": json.loads(json.dumps(config, default=str)), "value": value}, tmp)
+    torch.save({"config": plain, "value": value}, tmp)
     os.replace(tmp, path)
     return value
