@@ -1,5 +1,6 @@
 """Long-context QA generators: deterministic for a seed, exact lengths, and they contain what they claim."""
 import pytest
+import torch
 
 from tasks.longqa.generators import BYTE_VOCAB, MQAR_KEYS, VOCAB, mqar, niah, passkey, variable_tracking
 
@@ -142,3 +143,48 @@ def test_longqa_smoke_sweep_end_to_end(tmp_path):
     for plot in ("longqa_accuracy.png", "passkey_heatmap.png", "training_curves.png"):
         assert (tmp_path / "plots" / plot).stat().st_size > 10_000, plot
     assert not (tmp_path / "plots" / "loss_vs_flops.png").exists()  # no language-modeling runs: no LM plots
+
+
+def test_attention_maps_reproduce_each_layers_attention_output():
+    from architectures import ModelConfig, build_model
+    from tasks.longqa.heads import attention_maps
+
+    torch.manual_seed(0)
+    cfg = ModelConfig("transformer", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48,
+                      max_seq_len=64, options={"attn_backend": "sdpa"})
+    model = build_model(cfg).double().eval()
+    outputs, inputs = [], []
+
+    def keep(_module, args, out):  # returns None: the output is left as it is
+        inputs.append(args[0])
+        outputs.append(out)
+
+    for block in model.blocks:
+        block.attn.register_forward_hook(keep)
+    x = torch.tensor([mqar(40, 4, s).ids[:-1] for s in range(3)])
+    maps = attention_maps(model, x)
+    for block, p, a, out in zip(model.blocks, maps, inputs[-2:], outputs[-2:]):
+        attn = block.attn
+        B, T, _ = a.shape
+        v = attn.wv(a).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, f)
+        y = (p @ v).transpose(1, 2).reshape(B, T, -1)
+        torch.testing.assert_close(attn.wo(y), out, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(p.sum(-1), torch.ones_like(p[..., 0]))
+
+
+def test_head_report_reads_the_recall_circuit_at_the_right_positions():
+    from tasks.longqa.heads import head_report
+
+    examples = [mqar(41, 4, s) for s in range(2)]
+    T = 40
+    previous = torch.zeros(2, 1, T, T)  # every position attends to the one before it
+    previous[:, :, 0, 0] = 1
+    previous[:, :, torch.arange(1, T), torch.arange(T - 1)] = 1
+    induction = torch.zeros(2, 1, T, T)  # each query attends to the value of its key
+    for b, e in enumerate(examples):
+        for answer in e.answer_pos:
+            key_pos = e.ids[:8].index(e.ids[answer - 1])
+            induction[b, 0, answer - 1, key_pos + 1] = 1
+    prev_row, ind_row = head_report([previous, induction], examples)
+    assert (prev_row["prev@values"], prev_row["match@query"]) == (1.0, 0.0)
+    assert (ind_row["prev@values"], ind_row["match@query"], ind_row["values@query"]) == (0.0, 1.0, 1.0)

@@ -1,0 +1,112 @@
+"""Where a trained Transformer's attention heads look on MQAR: the recall circuit, measured.
+
+Recall in MQAR takes two heads in order (the induction circuit, Olsson et al. 2022): a previous-token
+head at the value positions of the key-value region (it writes "my key was k" into each value) in one
+layer, then, in a later layer, a head at the query (key k) that attends to the value whose previous
+token was k. Per layer and head this reports, over MQAR examples at the run's ctx:
+
+    prev@values    attention of each value position of the key-value region on the key just before it
+    match@query    attention of each query position on the value of its key (the answer)
+    values@query   attention of each query position on all the values of the key-value region (a head
+                   that spreads it evenly guesses "one of the values in context")
+
+    python -m tasks.longqa.heads RESULTS/runs/<sweep>/<run> [--examples 32]
+
+Transformer runs only (the other architectures have no attention maps to read).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from architectures.layers import apply_rope, rope_angles
+from architectures.transformer import Attention
+from tasks.longqa import generators as gen
+
+
+@torch.no_grad()
+def attention_maps(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Causal attention probabilities of every layer, (B, H, T, T) each, for inputs x (B, T).
+
+    Recomputed from each attention module's input (captured by a hook) with its own projections and
+    RoPE, exactly as `Attention.forward` scores them."""
+    attns = [getattr(block, "attn", None) for block in model.blocks]
+    if not all(isinstance(a, Attention) for a in attns):
+        raise ValueError("attention maps need a transformer (every block with RoPE attention)")
+    inputs: list[torch.Tensor] = []
+    hooks = [a.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for a in attns]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    maps = []
+    for attn, a in zip(attns, inputs):
+        B, T, _ = a.shape
+        H, f = attn.n_heads, attn.head_dim
+        q = attn.wq(a).view(B, T, H, f).transpose(1, 2)  # (B, H, T, f)
+        k = attn.wk(a).view(B, T, H, f).transpose(1, 2)
+        cos, sin = rope_angles(f, torch.arange(T, device=x.device), attn.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(f)  # (B, H, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        maps.append(scores.masked_fill(future, float("-inf")).softmax(-1))
+    return maps
+
+
+def head_report(maps: list[torch.Tensor], examples: list[gen.Example]) -> list[dict]:
+    """prev@values, match@query and values@query (module docstring) per layer and head, averaged
+    over the examples (MQAR, as `gen.mqar` lays them out: k1 v1 ... kn vn, then the queries)."""
+    rows = []
+    for layer, p in enumerate(maps):  # p (B, H, T, T), row t = the position that predicts ids[t + 1]
+        for head in range(p.shape[1]):
+            prev, match, values = [], [], []
+            for b, e in enumerate(examples):
+                n = e.meta["pairs"]
+                value_pos = list(range(1, 2 * n, 2))
+                prev += [float(p[b, head, v, v - 1]) for v in value_pos]
+                key_at = {e.ids[i]: i for i in range(0, 2 * n, 2)}
+                for answer in e.answer_pos:
+                    t = answer - 1  # the query key, whose next token is the answer
+                    match.append(float(p[b, head, t, key_at[e.ids[t]] + 1]))
+                    values.append(float(p[b, head, t, value_pos].sum()))
+            mean = lambda xs: sum(xs) / len(xs)
+            rows.append({"layer": layer, "head": head, "prev@values": mean(prev),
+                         "match@query": mean(match), "values@query": mean(values)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    from omegaconf import OmegaConf
+
+    from bench.run import model_config
+    from tasks import build_task
+    from tasks.longqa import to_tensors
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a transformer run of TASK=mqar (with checkpoint.pt)")
+    parser.add_argument("--examples", type=int, default=32)
+    args = parser.parse_args(argv)
+    cfg = OmegaConf.load(args.run_dir / "config.yaml")
+    if "mqar" not in cfg.task.mixture or float(cfg.task.mixture.mqar) <= 0:
+        raise SystemExit(f"{args.run_dir} did not train on MQAR")
+    task = build_task(cfg, int(cfg.ctx))
+    model = task.build_model(model_config(cfg, task.vocab_size).cfg)
+    state = torch.load(args.run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    model.eval()
+    examples = [gen.mqar(int(cfg.ctx) + 1, task.mqar_pairs, f"heads-{i}", n_symbols=task.mqar_symbols)
+                for i in range(args.examples)]
+    x, _ = to_tensors(examples)
+    print(f"{args.run_dir.name}: {args.examples} MQAR examples of {cfg.ctx} tokens, {task.mqar_pairs} pairs")
+    print(f"{'layer':>5} {'head':>4} {'prev@values':>11} {'match@query':>11} {'values@query':>12}")
+    for r in head_report(attention_maps(model, x), examples):
+        print(f"{r['layer']:>5} {r['head']:>4} {r['prev@values']:>11.2f} {r['match@query']:>11.2f} "
+              f"{r['values@query']:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
