@@ -57,22 +57,28 @@ def attention_maps(model, x: torch.Tensor) -> list[torch.Tensor]:
     return maps
 
 
+def _positions(e: gen.Example) -> tuple[list[int], list[int], list[int]]:
+    """Value positions of the key-value region, the query positions (each holds a key; its next token
+    is scored) and, for each query, the position of its key's value."""
+    n = e.meta["pairs"]
+    key_at = {e.ids[i]: i for i in range(0, 2 * n, 2)}
+    queries = [answer - 1 for answer in e.answer_pos]
+    return list(range(1, 2 * n, 2)), queries, [key_at[e.ids[t]] + 1 for t in queries]
+
+
 def head_report(maps: list[torch.Tensor], examples: list[gen.Example]) -> list[dict]:
     """prev@values, match@query and values@query (module docstring) per layer and head, averaged
     over the examples (MQAR, as `gen.mqar` lays them out: k1 v1 ... kn vn, then the queries)."""
+    positions = [_positions(e) for e in examples]
     rows = []
     for layer, p in enumerate(maps):  # p (B, H, T, T), row t = the position that predicts ids[t + 1]
         for head in range(p.shape[1]):
             prev, match, values = [], [], []
-            for b, e in enumerate(examples):
-                n = e.meta["pairs"]
-                value_pos = list(range(1, 2 * n, 2))
-                prev += [float(p[b, head, v, v - 1]) for v in value_pos]
-                key_at = {e.ids[i]: i for i in range(0, 2 * n, 2)}
-                for answer in e.answer_pos:
-                    t = answer - 1  # the query key, whose next token is the answer
-                    match.append(float(p[b, head, t, key_at[e.ids[t]] + 1]))
-                    values.append(float(p[b, head, t, value_pos].sum()))
+            for b, (value_pos, queries, answers) in enumerate(positions):
+                a = p[b, head]  # (T, T)
+                prev += a[value_pos, [v - 1 for v in value_pos]].tolist()
+                match += a[queries, answers].tolist()
+                values += a[queries][:, value_pos].sum(-1).tolist()
             mean = lambda xs: sum(xs) / len(xs)
             rows.append({"layer": layer, "head": head, "prev@values": mean(prev),
                          "match@query": mean(match), "values@query": mean(values)})
