@@ -73,15 +73,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        B, T, d = x.shape
+    def rotated_qk(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys (B, H, T, f) of x (B, T, d) at positions start.., RoPE applied."""
+        B, T, _ = x.shape
         H, f = self.n_heads, self.head_dim
         q = self.wq(x).view(B, T, H, f).transpose(1, 2)  # (B, H, T, f)
         k = self.wk(x).view(B, T, H, f).transpose(1, 2)
-        v = self.wv(x).view(B, T, H, f).transpose(1, 2)
-        start = 0 if cache is None else cache.length
         cos, sin = rope_angles(f, torch.arange(start, start + T, device=x.device), self.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k = self.rotated_qk(x, 0 if cache is None else cache.length)
+        v = self.wv(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, f)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start + T, f)
         y = self._attend(q, k, v)  # (B, H, T, f)

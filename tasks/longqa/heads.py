@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from architectures.layers import apply_rope, rope_angles
 from architectures.transformer import Attention
 from tasks.longqa import generators as gen
 
@@ -31,8 +30,8 @@ from tasks.longqa import generators as gen
 def attention_maps(model, x: torch.Tensor) -> list[torch.Tensor]:
     """Causal attention probabilities of every layer, (B, H, T, T) each, for inputs x (B, T).
 
-    Recomputed from each attention module's input (captured by a hook) with its own projections and
-    RoPE, exactly as `Attention.forward` scores them."""
+    Recomputed from each attention module's input (captured by a hook) with `Attention.rotated_qk`,
+    the queries and keys its forward scores."""
     attns = [getattr(block, "attn", None) for block in model.blocks]
     if not all(isinstance(a, Attention) for a in attns):
         raise ValueError("attention maps need a transformer (every block with RoPE attention)")
@@ -45,13 +44,9 @@ def attention_maps(model, x: torch.Tensor) -> list[torch.Tensor]:
             h.remove()
     maps = []
     for attn, a in zip(attns, inputs):
-        B, T, _ = a.shape
-        H, f = attn.n_heads, attn.head_dim
-        q = attn.wq(a).view(B, T, H, f).transpose(1, 2)  # (B, H, T, f)
-        k = attn.wk(a).view(B, T, H, f).transpose(1, 2)
-        cos, sin = rope_angles(f, torch.arange(T, device=x.device), attn.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(f)  # (B, H, T, T)
+        T = a.shape[1]
+        q, k = attn.rotated_qk(a)  # (B, H, T, f)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)  # (B, H, T, T)
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         maps.append(scores.masked_fill(future, float("-inf")).softmax(-1))
     return maps
