@@ -26,6 +26,12 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 TRAIN_FACTOR = 3.0  # training FLOPs per token / forward FLOPs per token
 
 
+def embedding_params(cfg) -> int:
+    """The embedding V d, and as many again for an LM head not tied to it (cfg a ModelConfig). The
+    logits cost 2 d V FLOPs per token either way."""
+    return cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+
+
 @dataclass(frozen=True)
 class Counts:
     """One architecture at one context length T. FLOPs are per token, forward, by named term."""

@@ -22,6 +22,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    tie_embeddings: bool = True  # the LM head is the embedding matrix (False: a head of its own)
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):

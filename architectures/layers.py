@@ -1,10 +1,13 @@
-"""Building blocks shared by every architecture: RMSNorm, SwiGLU, rotary embeddings.
+"""Building blocks shared by every architecture: RMSNorm, SwiGLU, rotary embeddings, the causal
+depthwise convolution of the Mamba backbone.
 
 Llama-style ("Transformer++") conventions, as in the TTT paper's backbone
 (Sun et al. 2024, arXiv 2407.04620, App. "Experiment details"): pre-norm RMSNorm with eps 1e-6,
 SwiGLU FFN without biases, RoPE with theta 1e4.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -36,6 +39,26 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution over time, width k, with bias. Decode state: last k-1 inputs."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.width = width
+        bound = 1 / math.sqrt(width)  # nn.Conv1d's default init for a depthwise kernel
+        self.weight = nn.Parameter(torch.empty(dim, width).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d), state (B, k-1, d) or None (zeros) -> y (B, T, d), new state (B, k-1, d)."""
+        B, T, d = x.shape
+        if state is None:
+            state = x.new_zeros(B, self.width - 1, d)
+        xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, T + k - 1, d)
+        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], self.bias.to(x.dtype), groups=d)
+        return y.transpose(1, 2), xp[:, T:]  # (B, T, d), the last k - 1 inputs
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float = 1e4):

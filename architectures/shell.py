@@ -1,4 +1,5 @@
-"""The LM shell every architecture shares: embedding -> blocks -> final RMSNorm -> tied head.
+"""The LM shell every architecture shares: embedding -> blocks -> final RMSNorm -> head (tied to the
+embedding unless ModelConfig.tie_embeddings is False).
 
 Block interface (what an architecture provides through the registry):
 
@@ -43,6 +44,7 @@ class LanguageModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(build_block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -64,9 +66,9 @@ class LanguageModel(nn.Module):
         return self.norm(h)
 
     def forward(self, idx: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, V), head tied to the embedding."""
+        """idx (B, T) -> logits (B, T, V)."""
         h = self.hidden(idx, state)
-        return F.linear(h, self.embed.weight)  # (B, T, V)
+        return F.linear(h, self.embed.weight if self.head is None else self.head.weight)  # (B, T, V)
 
     def new_state(self, batch: int, max_len: int) -> DecodeState:
         p = self.embed.weight
@@ -93,8 +95,11 @@ class LanguageModel(nn.Module):
         return merged
 
     def num_params(self, non_embedding: bool = False) -> int:
+        """All parameters, or without the embedding and an untied head (non_embedding, Kaplan et al.)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        if not non_embedding:
+            return n
+        return n - self.embed.weight.numel() - (0 if self.head is None else self.head.weight.numel())
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

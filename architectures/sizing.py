@@ -92,19 +92,21 @@ def _family(arch: str) -> str:
     return {"mamba": "mamba", "mamba2": "mamba2"}.get(arch, "heads_ffn")
 
 
-def reference_config(size: SizeSpec, ctx: int, vocab: int) -> ModelConfig:
+def reference_config(size: SizeSpec, ctx: int, vocab: int, tie_embeddings: bool = True) -> ModelConfig:
     return ModelConfig(arch=REFERENCE_ARCH, vocab_size=vocab, d_model=size.d_model, n_layers=size.n_layers,
-                       n_heads=size.n_heads, ffn_dim=size.ffn_dim, max_seq_len=ctx)
+                       n_heads=size.n_heads, ffn_dim=size.ffn_dim, max_seq_len=ctx, tie_embeddings=tie_embeddings)
 
 
-def size_model(arch: str, options: dict, size: SizeSpec, ctx: int, vocab: int, match: str) -> Sized:
-    """The model config of `arch` (with its conf/arch options) at `size`, matched by `match`."""
+def size_model(arch: str, options: dict, size: SizeSpec, ctx: int, vocab: int, match: str,
+               tie_embeddings: bool = True) -> Sized:
+    """The model config of `arch` (with its conf/arch options) at `size`, matched by `match`; the LM
+    head tied to the embedding or not (the same for the reference)."""
     if match not in MATCH_RULES:
         raise SizingError(f"match must be one of {', '.join(MATCH_RULES)}; got {match!r}")
     spec = get(arch)  # raises UnknownArchitecture with the list of names
     options = dict(options)
     n_layers = size.n_layers * int(options.pop("layer_multiplier", 1) or 1)
-    ref_cfg = reference_config(size, ctx, vocab)
+    ref_cfg = reference_config(size, ctx, vocab, tie_embeddings)
     reference = get(REFERENCE_ARCH).count(ref_cfg, ctx)
     same = replace(ref_cfg, arch=arch, n_layers=n_layers, options=options)
     if match == "params" or arch == REFERENCE_ARCH:

@@ -1,5 +1,14 @@
 """Transformer++ (Llama-style): pre-norm blocks of RoPE multi-head attention and a SwiGLU FFN.
 
+    h += Attn(RMSNorm(h))                   (arch transformer)
+    h += Attn(CausalConv_k(RMSNorm(h)))     (arch transformer_conv: short_conv = k = 4)
+    h += SwiGLU(RMSNorm(h))
+
+The optional short convolution feeds attention, as in Zoology's attention baseline (a Hybrid of a
+width-3 BaseConv then MHA; Arora et al. 2023, arXiv 2312.04927): queries, keys and values each see
+their token and its k - 1 predecessors, the previous-token half of a recall circuit that plain
+attention must otherwise learn in a layer of its own.
+
 Attention backends: `flash_attn` (flash-attn 2 kernels, CUDA with fp16/bf16 inputs) and `sdpa`
 (torch.nn.functional.scaled_dot_product_attention, any device). `auto` takes flash_attn where it
 is importable and CUDA is present, sdpa otherwise; the choice is recorded in `backends()`.
@@ -11,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from architectures.accounting import Counts
+from architectures.accounting import Counts, embedding_params
 from architectures.config import ModelConfig
-from architectures.layers import RMSNorm, SwiGLU, apply_rope, rope_angles
+from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles
 from architectures.registry import ArchSpec, register
 
 ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa")
@@ -43,12 +52,14 @@ def resolve_attention_backend(requested: str) -> str:
 
 
 class KVCache:
-    """Preallocated keys and values (B, H, max_len, f); `length` tokens are filled."""
+    """Preallocated keys and values (B, H, max_len, f); `length` tokens are filled. With a short conv,
+    also its last k - 1 inputs (B, k-1, d)."""
 
     def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
         self.k = torch.zeros(batch, n_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.length = 0
+        self.conv: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
@@ -108,19 +119,33 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (T, S), True = attend
 
 
+def short_conv_width(cfg: ModelConfig) -> int:
+    """k of the conv before attention, 0 for none (options.short_conv; conf/arch/transformer_conv.yaml: 4)."""
+    k = int(cfg.options.get("short_conv", 0))
+    if k < 0 or k == 1:
+        raise ValueError(f"short_conv must be 0 (none) or a conv width >= 2, got {k}")
+    return k
+
+
 class TransformerBlock(nn.Module):
-    """h += Attn(RMSNorm(h)); h += SwiGLU(RMSNorm(h))."""
+    """h += Attn([CausalConv_k](RMSNorm(h))); h += SwiGLU(RMSNorm(h))."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
+        self.conv = CausalConv(cfg.d_model, short_conv_width(cfg)) if short_conv_width(cfg) else None
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
     def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), cache)
+        x = self.attn_norm(h)  # (B, T, d)
+        if self.conv is not None:
+            x, state = self.conv(x, None if cache is None else cache.conv)
+            if cache is not None:
+                cache.conv = state
+        h = h + self.attn(x, cache)
         return h + self.ffn(self.ffn_norm(h))
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
@@ -134,22 +159,26 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
     """Transformer++ at context T (conventions in architectures/accounting.py).
 
     Parameters: embedding V d (tied with the head); per layer 4 d^2 (Q, K, V, O) + 3 d ffn (SwiGLU
-    gate, up, down) + 2 d (two RMSNorms); final RMSNorm d.
+    gate, up, down) + 2 d (two RMSNorms) [+ d k + d: short conv weight and bias]; final RMSNorm d.
     Forward FLOPs per token:
       projections   2 L (4 d^2 + 3 d ffn)
       attention     2 L 2 d (T + 1) / 2          QK^T and AV, causal-halved (sum over t of t + 1 keys,
                                                  divided by T)
+      convs         2 L d k                      (short conv only)
       logits        2 d V
-    State: the KV cache, 2 L T d numbers per sequence after T tokens.
+    State: the KV cache, 2 L T d numbers per sequence after T tokens [+ L (k - 1) d conv inputs].
     """
-    L, d, V, ffn = cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.ffn_dim
+    L, d, V, ffn, k = cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.ffn_dim, short_conv_width(cfg)
+    terms = {"projections": 2 * L * (4 * d * d + 3 * d * ffn),
+             "attention": 2 * L * 2 * d * (ctx + 1) / 2,
+             "logits": 2 * d * V}
+    if k:
+        terms["convs"] = 2 * L * d * k
     return Counts(
-        embedding_params=V * d,
-        non_embedding_params=L * (4 * d * d + 3 * d * ffn + 2 * d) + d,
-        fwd_terms={"projections": 2 * L * (4 * d * d + 3 * d * ffn),
-                   "attention": 2 * L * 2 * d * (ctx + 1) / 2,
-                   "logits": 2 * d * V},
-        state_numbers=2 * L * ctx * d,
+        embedding_params=embedding_params(cfg),
+        non_embedding_params=L * (4 * d * d + 3 * d * ffn + 2 * d + ((d * k + d) if k else 0)) + d,
+        fwd_terms=terms,
+        state_numbers=2 * L * ctx * d + (L * (k - 1) * d if k else 0),
         attention="attention",
     )
 
@@ -157,6 +186,12 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
 register(ArchSpec(
     name="transformer",
     description="Transformer++ (Llama-style): RoPE attention + SwiGLU, pre-norm RMSNorm",
+    build_block=TransformerBlock,
+    count=count,
+))
+register(ArchSpec(
+    name="transformer_conv",
+    description="Transformer++ with a short causal conv (width 4) feeding attention, as Zoology's attention",
     build_block=TransformerBlock,
     count=count,
 ))

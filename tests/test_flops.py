@@ -4,6 +4,7 @@ against an op-by-op count of the reference code, training = 3 x forward, the sta
 cache; and the size matching of architectures/sizing.py (parity by parameters, equal training FLOPs)."""
 import csv
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from architectures.mamba.scan import selective_state_step
 from architectures.sizing import FLOPS_TOLERANCE, SizeSpec, SizingError, size_model
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-ARCHS = ["transformer", "ttt_linear", "ttt_mlp", "ttt_linear_base", "ttt_mlp_base", "mamba", "mamba2"]
+ARCHS = ["transformer", "transformer_conv", "ttt_linear", "ttt_mlp", "ttt_linear_base", "ttt_mlp_base", "mamba", "mamba2"]
 # (width, depth, heads, T): T a multiple of TTT's mini-batch (16) and of the Mamba-2 chunk (64), so every
 # count is exact, and one T that is neither (the trailing partial mini-batch / chunk costs less)
 SHAPES = [(64, 2, 2, 128), (96, 3, 3, 192), (128, 1, 4, 200)]
@@ -56,6 +57,15 @@ def test_analytic_parameters_equal_the_model(arch, d, L, H, T):
     model = build_model(cfg)
     assert counts.params == model.num_params()
     assert counts.non_embedding_params == model.num_params(non_embedding=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_untied_head_adds_its_parameters_and_no_flops(arch):
+    tied, untied = config(arch), replace(config(arch), tie_embeddings=False)
+    a, b = architectures.get(arch).count(tied, 128), architectures.get(arch).count(untied, 128)
+    assert b.params == build_model(untied).num_params() == a.params + untied.vocab_size * untied.d_model
+    assert b.non_embedding_params == build_model(untied).num_params(non_embedding=True) == a.non_embedding_params
+    assert b.fwd_terms == a.fwd_terms
 
 
 def test_mamba2_inner_width_override_builds_whole_heads():

@@ -10,9 +10,14 @@ from architectures.transformer import BackendUnavailable, resolve_attention_back
 
 def tiny(arch="transformer", **opts):
     torch.manual_seed(0)
+    if arch == "transformer_conv":
+        opts = {"short_conv": 4, **opts}
     cfg = ModelConfig(arch, vocab_size=61, d_model=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64,
                       options={"attn_backend": "sdpa", **opts})
     return build_model(cfg).double().eval()
+
+
+WITH_AND_WITHOUT_SHORT_CONV = pytest.mark.parametrize("arch", ["transformer", "transformer_conv"])
 
 
 def test_registry_lists_names_for_unknown_arch():
@@ -20,8 +25,9 @@ def test_registry_lists_names_for_unknown_arch():
         architectures.get("nonexistent")
 
 
-def test_kv_cache_decode_equals_full_forward():
-    model = tiny()
+@WITH_AND_WITHOUT_SHORT_CONV
+def test_kv_cache_decode_equals_full_forward(arch):
+    model = tiny(arch)
     x = torch.randint(0, 61, (3, 23))
     full = model(x)  # (B, T, V)
     state = model.new_state(3, 23)
@@ -29,16 +35,18 @@ def test_kv_cache_decode_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
 
 
-def test_chained_prefills_equal_one_prefill():
-    model = tiny()
+@WITH_AND_WITHOUT_SHORT_CONV
+def test_chained_prefills_equal_one_prefill(arch):
+    model = tiny(arch)
     x = torch.randint(0, 61, (2, 30))
     state = model.new_state(2, 30)
     out = torch.cat([model(x[:, :11], state), model(x[:, 11:19], state), model(x[:, 19:], state)], 1)
     torch.testing.assert_close(out, model(x), rtol=1e-9, atol=1e-9)
 
 
-def test_causality():
-    model = tiny()
+@WITH_AND_WITHOUT_SHORT_CONV
+def test_causality(arch):
+    model = tiny(arch)
     x = torch.randint(0, 61, (2, 20))
     y = x.clone()
     y[:, 12:] = torch.randint(0, 61, (2, 8))
@@ -54,14 +62,48 @@ def test_decode_state_overflow_is_an_error():
         model(torch.zeros(1, 5, dtype=torch.long), state)
 
 
-def test_generate_greedy_matches_argmax_of_full_forward():
-    model = tiny()
+@WITH_AND_WITHOUT_SHORT_CONV
+def test_generate_greedy_matches_argmax_of_full_forward(arch):
+    model = tiny(arch)
     prompt = torch.randint(0, 61, (2, 5))
     out = model.generate(prompt, max_new_tokens=6, temperature=0)
     assert out.shape == (2, 11)
     # each generated token is the argmax of a fresh full forward over what precedes it
     for t in range(5, 11):
         torch.testing.assert_close(out[:, t], model(out[:, :t])[:, -1].argmax(-1))
+
+
+def test_short_conv_feeds_attention_each_position_and_its_predecessors():
+    """With the short conv, a change at position t reaches the first block's attention input at
+    t .. t + k - 1 and nowhere else; without it (short_conv 0), only at t."""
+    for k, moved in [(0, [5]), (4, [5, 6, 7, 8])]:
+        block = tiny("transformer_conv", short_conv=k).blocks[0]
+        seen = []
+        block.attn.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+        h = torch.randn(1, 12, 32, dtype=torch.float64)
+        g = h.clone()
+        g[0, 5] += 1.0
+        block(h), block(g)
+        changed = ((seen[1] - seen[0]).abs().amax(-1)[0] > 1e-12).nonzero().flatten().tolist()
+        assert changed == moved, (k, changed)
+
+
+def test_short_conv_width_is_checked():
+    with pytest.raises(ValueError, match="short_conv must be 0"):
+        tiny("transformer_conv", short_conv=1)
+
+
+def test_untied_head_is_its_own_matrix():
+    torch.manual_seed(0)
+    cfg = ModelConfig("transformer", vocab_size=61, d_model=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64,
+                      options={"attn_backend": "sdpa"}, tie_embeddings=False)
+    model = build_model(cfg).double().eval()
+    assert model.head.weight.data_ptr() != model.embed.weight.data_ptr()
+    x = torch.randint(0, 61, (2, 9))
+    torch.testing.assert_close(model(x), model.hidden(x) @ model.head.weight.T)
+    model.head.weight.grad = None
+    model(x).sum().backward()
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
 
 
 def test_init_and_tied_head():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from architectures.accounting import Counts
+from architectures.accounting import Counts, embedding_params
 from architectures.config import ModelConfig
 from architectures.mamba.layers import Mamba2Block, MambaBlock, head_dim_for, mamba2_inner_width
 from architectures.registry import ArchSpec, register
@@ -47,7 +47,7 @@ def mamba_count(cfg: ModelConfig, ctx: int) -> Counts:
     R = _dt_rank(cfg)
     layer_params = d + 2 * d * D + D * k + D + D * (R + 2 * N) + D * R + D + D * N + D + D * d
     return Counts(
-        embedding_params=V * d,
+        embedding_params=embedding_params(cfg),
         non_embedding_params=L * layer_params + d,
         fwd_terms={"projections": L * (2 * d * 2 * D + 2 * D * (R + 2 * N) + 2 * R * D + 2 * D * d),
                    "conv": L * 2 * D * k, "scan_update": L * 5 * D * N, "scan_readout": L * 2 * D * N,
@@ -84,7 +84,7 @@ def mamba2_count(cfg: ModelConfig, ctx: int) -> Counts:
     padded = math.ceil(ctx / Q) * Q / ctx  # the last chunk is computed whole
     layer_params = d + d * (2 * D + 2 * G * N + H) + (D + 2 * G * N) * (k + 1) + 3 * H + D + D * d
     return Counts(
-        embedding_params=V * d,
+        embedding_params=embedding_params(cfg),
         non_embedding_params=L * layer_params + d,
         fwd_terms={"projections": L * (2 * d * (2 * D + 2 * G * N + H) + 2 * D * d),
                    "conv": L * 2 * (D + 2 * G * N) * k,

@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from architectures.accounting import Counts
+from architectures.accounting import Counts, embedding_params
 from architectures.config import ModelConfig
 from architectures.registry import ArchSpec, register
 from architectures.ttt.layer import TTTBlock
@@ -56,7 +56,7 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
     if mamba:
         terms["convs"] = 2 * L * 3 * d * k
     return Counts(
-        embedding_params=V * d,
+        embedding_params=embedding_params(cfg),
         non_embedding_params=L * layer_params + d,
         fwd_terms=terms,
         state_numbers=L * (2 * inner_params + (3 * (k - 1) * d if mamba else 0)),

@@ -18,7 +18,6 @@ TTT(x), x the RMS-normed input (B, T, d), H heads of f = d / H:
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.config import ModelConfig
-from architectures.layers import RMSNorm, SwiGLU, apply_rope, rope_angles
+from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles
 from architectures.transformer import BackendUnavailable
 from architectures.ttt.dual import InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh
@@ -68,26 +67,6 @@ def resolve_ttt_backend(requested: str, inner: str) -> str:
                                      "kernels on CPU, slowly); use backend=torch or auto")
         return "triton"
     return "triton" if runs and torch.cuda.is_available() and inner in TRITON_INNERS else "torch"
-
-
-class CausalConv(nn.Module):
-    """Depthwise causal convolution over time, width k, with bias. Decode state: last k-1 inputs."""
-
-    def __init__(self, dim: int, width: int):
-        super().__init__()
-        self.width = width
-        bound = 1 / math.sqrt(width)  # nn.Conv1d's default init for a depthwise kernel
-        self.weight = nn.Parameter(torch.empty(dim, width).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, d), state (B, k-1, d) or None (zeros) -> y (B, T, d), new state (B, k-1, d)."""
-        B, T, d = x.shape
-        if state is None:
-            state = x.new_zeros(B, self.width - 1, d)
-        xp = torch.cat([state.to(x.dtype), x], dim=1)  # (B, T + k - 1, d)
-        y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], self.bias.to(x.dtype), groups=d)
-        return y.transpose(1, 2), xp[:, T:]  # (B, T, d), the last k - 1 inputs
 
 
 class TTTCache:
