@@ -188,3 +188,13 @@ def test_head_report_reads_the_recall_circuit_at_the_right_positions():
     prev_row, ind_row = head_report([previous, induction], examples)
     assert (prev_row["prev@values"], prev_row["match@query"]) == (1.0, 0.0)
     assert (ind_row["prev@values"], ind_row["match@query"], ind_row["values@query"]) == (0.0, 1.0, 1.0)
+    assert "window@query" not in ind_row
+    # with a width-4 conv, a query may read its answer two positions past the value (the next pair's value,
+    # whose conv window still holds the key and value): window@query sees it, match@query does not
+    shifted = torch.zeros(2, 1, T, T)
+    for b, e in enumerate(examples):
+        for answer in e.answer_pos:
+            shifted[b, 0, answer - 1, e.ids[:8].index(e.ids[answer - 1]) + 3] = 1
+    (row,) = head_report([shifted], examples, conv_width=4)
+    assert (row["match@query"], row["window@query"]) == (0.0, 1.0)
+    assert head_report([shifted], examples, conv_width=3)[0]["window@query"] == 0.0

@@ -34,8 +34,21 @@ def test_a_budget_applies_to_its_task_under_its_profile_only(budget):
     other = compose_with(f"task={task}", "profile=smoke", "size=cpu-s")  # no smoke budget: the size's
     OmegaConf.resolve(other)
     assert other.trainer.tokens == OmegaConf.load(CONF / "size" / "cpu-s.yaml").tokens
+    plain = compose_with("task=lm", f"profile={profile}", "size=cpu-s")
+    for key in set(spec) - {"trainer", "ladder"}:  # run-level settings (tie_embeddings): this budget's only
+        assert cfg[key] == spec[key] and other[key] == plain[key], key
     # the command line still wins over a budget
     assert compose_with(f"task={task}", f"profile={profile}", "trainer.tokens=1234").trainer.tokens == 1234
+
+
+def test_untied_head_reaches_the_model_from_the_config():
+    from bench.run import model_config
+
+    tied = model_config(compose_with("size=cpu-xs", "ctx=256"), 769)
+    untied = model_config(compose_with("size=cpu-xs", "ctx=256", "tie_embeddings=false"), 769)
+    assert tied.cfg.tie_embeddings and not untied.cfg.tie_embeddings
+    assert untied.counts.params - tied.counts.params == 769 * tied.cfg.d_model
+    assert untied.flops_ratio == tied.flops_ratio == 1.0
 
 
 def test_lm_keeps_the_profile_ladder():

@@ -9,6 +9,9 @@ token was k. Per layer and head this reports, over MQAR examples at the run's ct
     match@query    attention of each query position on the value of its key (the answer)
     values@query   attention of each query position on all the values of the key-value region (a head
                    that spreads it evenly guesses "one of the values in context")
+    window@query   (transformer_conv only) attention of each query position on every position whose
+                   width-k short conv sees both its key and that key's value: the value and the k - 2
+                   positions after it. With the conv one head suffices: it can read the answer there.
 
     python -m tasks.longqa.heads RESULTS/runs/<sweep>/<run> [--examples 32]
 
@@ -61,22 +64,26 @@ def _positions(e: gen.Example) -> tuple[list[int], list[int], list[int]]:
     return list(range(1, 2 * n, 2)), queries, [key_at[e.ids[t]] + 1 for t in queries]
 
 
-def head_report(maps: list[torch.Tensor], examples: list[gen.Example]) -> list[dict]:
+def head_report(maps: list[torch.Tensor], examples: list[gen.Example], conv_width: int = 0) -> list[dict]:
     """prev@values, match@query and values@query (module docstring) per layer and head, averaged
-    over the examples (MQAR, as `gen.mqar` lays them out: k1 v1 ... kn vn, then the queries)."""
+    over the examples (MQAR, as `gen.mqar` lays them out: k1 v1 ... kn vn, then the queries); with a
+    short conv of width conv_width also window@query."""
     positions = [_positions(e) for e in examples]
     rows = []
     for layer, p in enumerate(maps):  # p (B, H, T, T), row t = the position that predicts ids[t + 1]
         for head in range(p.shape[1]):
-            prev, match, values = [], [], []
+            prev, match, values, window = [], [], [], []
             for b, (value_pos, queries, answers) in enumerate(positions):
                 a = p[b, head]  # (T, T)
                 prev += a[value_pos, [v - 1 for v in value_pos]].tolist()
                 match += a[queries, answers].tolist()
                 values += a[queries][:, value_pos].sum(-1).tolist()
+                window += [a[q, v:v + conv_width - 1].sum().item() for q, v in zip(queries, answers)]
             mean = lambda xs: sum(xs) / len(xs)
             rows.append({"layer": layer, "head": head, "prev@values": mean(prev),
                          "match@query": mean(match), "values@query": mean(values)})
+            if conv_width:
+                rows[-1]["window@query"] = mean(window)
     return rows
 
 
@@ -103,10 +110,12 @@ def main(argv: list[str] | None = None) -> None:
                 for i in range(args.examples)]
     x, _ = to_tensors(examples)
     print(f"{args.run_dir.name}: {args.examples} MQAR examples of {cfg.ctx} tokens, {task.mqar_pairs} pairs")
-    print(f"{'layer':>5} {'head':>4} {'prev@values':>11} {'match@query':>11} {'values@query':>12}")
-    for r in head_report(attention_maps(model, x), examples):
-        print(f"{r['layer']:>5} {r['head']:>4} {r['prev@values']:>11.2f} {r['match@query']:>11.2f} "
-              f"{r['values@query']:>12.2f}")
+    conv = getattr(model.blocks[0], "conv", None)
+    rows = head_report(attention_maps(model, x), examples, conv.width if conv is not None else 0)
+    columns = [c for c in rows[0] if "@" in c]
+    print(f"{'layer':>5} {'head':>4} " + " ".join(f"{c:>12}" for c in columns))
+    for r in rows:
+        print(f"{r['layer']:>5} {r['head']:>4} " + " ".join(f"{r[c]:>12.2f}" for c in columns))
 
 
 if __name__ == "__main__":
