@@ -158,7 +158,7 @@ class TransformerBlock(nn.Module):
 def count(cfg: ModelConfig, ctx: int) -> Counts:
     """Transformer++ at context T (conventions in architectures/accounting.py).
 
-    Parameters: embedding V d (tied with the head); per layer 4 d^2 (Q, K, V, O) + 3 d ffn (SwiGLU
+    Parameters: embedding V d (2 V d with an untied head); per layer 4 d^2 (Q, K, V, O) + 3 d ffn (SwiGLU
     gate, up, down) + 2 d (two RMSNorms) [+ d k + d: short conv weight and bias]; final RMSNorm d.
     Forward FLOPs per token:
       projections   2 L (4 d^2 + 3 d ffn)

@@ -31,8 +31,9 @@ def model_config(cfg: DictConfig, vocab_size: int) -> Sized:
     `cfg.match` (params or flops; architectures/sizing.py)."""
     options = OmegaConf.to_container(cfg.arch, resolve=True)
     name = options.pop("name")
+    tied = bool(cfg.get("tie_embeddings", True))  # run configs older than the option: tied
     return size_model(str(name), options, SizeSpec.from_dict(cfg.size), int(cfg.ctx), vocab_size, str(cfg.match),
-                      tie_embeddings=bool(cfg.tie_embeddings))
+                      tie_embeddings=tied)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
