@@ -133,7 +133,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
-        self.conv = CausalConv(cfg.d_model, short_conv_width(cfg)) if short_conv_width(cfg) else None
+        k = short_conv_width(cfg)
+        self.conv = CausalConv(cfg.d_model, k) if k else None
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)

@@ -78,7 +78,8 @@ def head_report(maps: list[torch.Tensor], examples: list[gen.Example], conv_widt
                 prev += a[value_pos, [v - 1 for v in value_pos]].tolist()
                 match += a[queries, answers].tolist()
                 values += a[queries][:, value_pos].sum(-1).tolist()
-                window += [a[q, v:v + conv_width - 1].sum().item() for q, v in zip(queries, answers)]
+                if conv_width:
+                    window += [a[q, v:v + conv_width - 1].sum().item() for q, v in zip(queries, answers)]
             mean = lambda xs: sum(xs) / len(xs)
             rows.append({"layer": layer, "head": head, "prev@values": mean(prev),
                          "match@query": mean(match), "values@query": mean(values)})
