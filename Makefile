@@ -26,7 +26,7 @@ VOCAB ?= 257
 RESULTS ?= results
 ARGS ?=
 
-.PHONY: help install test test-kernels check-kernels sweep sizes throughput plots bench-ttt bench-mamba bench-kernels clean
+.PHONY: help install test test-kernels check-kernels sweep sizes throughput contention plots bench-ttt bench-mamba bench-kernels clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
@@ -77,6 +77,10 @@ throughput: $(STAMP) ## prefill/decode latency and training tokens/s vs context 
 	$(PY) -m bench.throughput --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" \
 	  --ctx "$(if $(filter command line,$(origin CTX)),$(CTX),32k)" --size "$(or $(SIZE),cpu-xs)" \
 	  --match "$(or $(MATCH),params)" --results "$(RESULTS)" $(ARGS)
+
+contention: $(STAMP) ## a training step of ARCH at SIZE and CTX, idle and beside a busy process (threads on a shared CPU)
+	$(PY) -m bench.contention --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),ttt_linear)" \
+	  --ctx "$(if $(filter command line,$(origin CTX)),$(CTX),2k)" --size "$(or $(SIZE),cpu-xs)" $(ARGS)
 
 throughput-gpu: $(STAMP) ## the GPU throughput run: 1.3B shapes, batch 16 prefill/decode, 2k..32k (one GPU, < 8 min)
 	$(PY) -m bench.throughput --arch all --ctx 32k --size 1.3b --batch 16 --train-batch 1 --max-seconds 10 \

@@ -31,10 +31,10 @@ import pandas as pd  # noqa: E402
 from bench.results import atomic_write_text, read_summaries  # noqa: E402
 
 COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "params", "non_embedding_params", "flops_per_token",
-           "train_flops_per_token", "flops_vs_ref", "train_flops", "state_size", "tokens", "val_loss", "val_ppl", "val_bpb", "val_unigram_bpb",
-           "tokens_per_s", "wall_s", "train_wall_s", "backend", "device", "device_name", "threads", "precision",
-           "layers", "d_model", "heads", "ffn_dim", "d_inner", "vocab", "profile", "status", "error", "sweep", "run", "git_commit",
-           "run_dir"]
+           "train_flops_per_token", "flops_vs_ref", "train_flops", "state_size", "tokens", "token_rule", "val_loss",
+           "val_ppl", "val_bpb", "val_unigram_bpb", "tokens_per_s", "wall_s", "train_wall_s", "backend", "device",
+           "device_name", "threads", "threads_min", "cpu_busy_others_max", "precision", "layers", "d_model", "heads",
+           "ffn_dim", "d_inner", "vocab", "profile", "status", "error", "sweep", "run", "git_commit", "run_dir"]
 KEY = ["arch", "size", "ctx", "task", "data", "match"]
 FLOPS_NOTE = "training FLOPs (architectures/accounting.py: 3 x forward, attention causal-halved)"
 

@@ -20,9 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 import architectures
 from architectures.sizing import SizeSpec, Sized, size_model
 from bench.results import atomic_write_json, atomic_write_text, device_name, git_commit, package_versions
+from bench.threads import ThreadGovernor
 from bench.throughput import sweep_point
 from bench.tracking import NullTracker, build_tracker
-from bench.train import autocast_for, pick_device, train
+from bench.train import autocast_for, budget_tokens, pick_device, train
 from tasks import build_task
 
 
@@ -51,22 +52,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         architectures.get(summary["arch"])  # fail early, with the list of names
         torch.manual_seed(int(cfg.seed))
-        if cfg.trainer.get("threads"):
-            torch.set_num_threads(int(cfg.trainer.threads))
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         task = build_task(cfg, ctx)
         sized = model_config(cfg, task.vocab_size)
         mcfg = sized.cfg
+        compute = cfg.trainer.get("compute")
+        tokens, rule = budget_tokens(int(cfg.trainer.tokens), None if compute is None else float(compute),
+                                     sized.reference.train_flops)
+        cfg.trainer.tokens = tokens  # config.yaml records what is trained
+        summary.update({"compute_budget": None if compute is None else float(compute), "token_rule": rule})
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         model = task.build_model(mcfg)
         device = pick_device(str(cfg.trainer.device))
+        governor = ThreadGovernor(cfg.trainer.get("threads"), enabled=bool(cfg.trainer.get("thread_governor", True))
+                                  and device.type == "cpu")
         autocast, precision = autocast_for(device, str(cfg.trainer.precision))
         summary.update(task.info)
         summary.update(sized.row())  # resolved dimensions, analytic params/FLOPs/state, vs the reference
         summary.update({
             "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
             "flops_per_token": sized.counts.fwd_flops,
-            "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-            "precision": precision,
+            "device": str(device), "device_name": device_name(device), "precision": precision,
         })
         backends = model.backends()
         summary["backends"] = backends
@@ -75,11 +80,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                 OmegaConf.to_container(cfg, resolve=True))
         summary["wandb_mode"] = tracker.mode
         trained = train(model, task, cfg.trainer, ctx, run_dir, tracker, device, autocast,
-                        desc=f"{summary['arch']} {summary['size']} ctx={ctx}")
+                        desc=f"{summary['arch']} {summary['size']} ctx={ctx}", governor=governor)
         summary.update(trained)
         summary["train_flops"] = summary["train_flops_per_token"] * trained["tokens"]
+        governor.update(force=True)
         summary.update(task.evaluate(model, device, autocast))
+        governor.update(force=True)
         summary.update(sweep_point(model, ctx, device, task.vocab_size))  # prefill/decode tokens/s at ctx
+        summary.update(governor.summary())  # threads used and the machine's load while the run ran
         summary["status"] = "ok"
     except Exception as e:  # a failed point is recorded, the sweep goes on
         summary["status"] = "failed"

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from architectures.sizing import MATCH_RULES, REFERENCE_ARCH, SizeSpec, SizingError, size_model
 from bench.results import atomic_write_text
 from bench.sweep import CONF, UsageError, group_options, parse_archs, parse_ctx, parse_list
+from bench.train import budget_tokens
 
 BYTE_VOCAB = 257  # tasks/lm's byte tokenizer: what `make sweep` trains with on the embedded data
 COLUMNS = ["arch", "size", "ctx", "match", "vocab", "layers", "d_model", "heads", "params", "non_embedding_params",
@@ -45,8 +46,10 @@ def size_rows(archs: list[str], sizes: list[str], ctxs: list[int], matches: list
             for match in matches:
                 for arch in archs:
                     sized, size_cfg = sized_from_conf(arch, size, ctx, vocab, match)
-                    rows.append({**sized.row(), "size": str(size_cfg.name), "ctx": ctx,
-                                 "token_budget": int(size_cfg.tokens)})
+                    compute = size_cfg.get("compute")
+                    tokens = budget_tokens(int(size_cfg.tokens), None if compute is None else float(compute),
+                                           sized.reference.train_flops)[0]
+                    rows.append({**sized.row(), "size": str(size_cfg.name), "ctx": ctx, "token_budget": tokens})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

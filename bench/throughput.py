@@ -40,11 +40,13 @@ import torch.nn.functional as F
 import architectures
 from architectures.sizing import MATCH_RULES
 from bench.results import atomic_write_text, device_name
+from bench.threads import ThreadGovernor
 from bench.timing import measure
+from bench.train import COMPILE_MODES, compile_for_training
 
 COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
-           "device", "status", "precision", "threads", "repeats", "spread", "graph", "params", "match", "d_model",
-           "layers"]
+           "device", "status", "precision", "threads", "repeats", "spread", "graph", "compile", "params", "match",
+           "d_model", "layers"]
 KEY = ["arch", "size", "mode", "ctx", "batch", "device"]
 MODES = ("prefill", "decode", "train")
 DECODE_STEPS = 48  # timed single-token steps after each prompt: three TTT mini-batches (median)
@@ -181,16 +183,20 @@ def _graphed(step):
         return step, f"eager (capture failed: {type(e).__name__})"
 
 
-def train_step(model, B: int, T: int, device, vocab: int):
+def train_step(model, B: int, T: int, device, vocab: int, compile_mode: str = "none"):
+    """Forward + backward of a (B, T) batch, with the hot path compiled as training compiles it."""
     idx = torch.randint(0, vocab, (B, T + 1), device=device)
     model.train()
+    step_model = compile_for_training(model, compile_mode)
 
     def step():
         with _autocast(device)[0]():
-            logits = model(idx[:, :-1])
+            logits = step_model(idx[:, :-1])
         F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
         model.zero_grad(set_to_none=True)
 
+    if compile_mode != "none":
+        step()  # compiles forward and backward (once per shape); measure()'s own warm-up call then runs warm
     try:
         with PeakMemory(device) as mem:
             t = measure(step, device)
@@ -213,7 +219,8 @@ def _predicted(history: list[tuple[int, float]], T: int) -> float:
     return s1 * (T / t1) ** p
 
 
-def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None) -> list[dict]:
+def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None,
+             compile_mode: str = "none", governor=None) -> list[dict]:
     rows = []
     try:
         model, sized = build(arch, size, max(lengths), match, device, vocab)
@@ -223,6 +230,8 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
     model.eval()
     history = {m: [] for m in MODES}
     for T in lengths:
+        if governor is not None:
+            governor.update(force=True)
         if "prefill" in modes or "decode" in modes:
             guess = _predicted(history["prefill"], T)
             if guess > max_s:
@@ -255,9 +264,9 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                                  status=f"skipped: predicted {guess:.0f} s per call > --max-seconds {max_s:.0f}"))
                 continue
             try:
-                t, mem = train_step(model, Bt, T, device, vocab)
+                t, mem = train_step(model, Bt, T, device, vocab, compile_mode)
                 history["train"].append((T, t.median))
-                rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status="ok",
+                rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status="ok", compile=compile_mode,
                                  time_per_token_s=t.median / T, tokens_per_s=Bt * T / t.median, peak_mem_bytes=mem,
                                  repeats=t.repeats, spread=t.spread))
             except Exception as e:
@@ -361,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="skip a point whose predicted single call exceeds this (default: 20 on CPU, 60 on CUDA)")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: decode eagerly (no CUDA graphs)")
+    p.add_argument("--compile", default=None, help="train points: none | hot_path | model (default: hot_path on CPU, "
+                                                   "as the cpu profile trains; none on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads at most (default: every free core)")
+    p.add_argument("--no-governor", action="store_true",
+                   help="CPU: keep a fixed thread count instead of fitting it to the free cores (bench/threads.py)")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -370,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         size = parse_choice("SIZE", args.size, group_options("size"))
         match = parse_choice("MATCH", args.match, list(MATCH_RULES))
         modes = [parse_choice("mode", m.strip(), list(MODES)) for m in args.modes.split(",") if m.strip()]
+        compile_mode = parse_choice("compile mode", args.compile or ("none" if device.type == "cuda" else "hot_path"),
+                                    list(COMPILE_MODES))
         if args.batch <= 0 or (args.train_batch is not None and args.train_batch <= 0):
             raise UsageError(f"batch must be positive; got {args.batch} / {args.train_batch}")
     except UsageError as e:
@@ -379,12 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     lengths = lengths_up_to(ctx)
     results = Path(args.results).expanduser().resolve()
     t0 = time.perf_counter()
-    print(f"[ttt-bench] throughput on {device_name(device)} ({torch.get_num_threads()} threads): "
-          f"{', '.join(archs)} at {size} (match={match}), lengths {lengths}, batch {args.batch}", flush=True)
+    governor = ThreadGovernor(args.threads, enabled=device.type == "cpu" and not args.no_governor)
+    print(f"[ttt-bench] throughput on {device_name(device)} ({torch.get_num_threads()} threads, "
+          f"{governor.summary()['omp_wait']}): {', '.join(archs)} at {size} (match={match}), lengths {lengths}, "
+          f"batch {args.batch}, train compile={compile_mode}", flush=True)
     rows = []
     for arch in archs:
         for r in run_arch(arch, size, lengths, args.batch, device, match, max_s, BYTE_VOCAB, not args.no_graphs,
-                          modes, args.train_batch):
+                          modes, args.train_batch, compile_mode, governor):
             rows.append(r)
             mem = f"mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB" if r.get("peak_mem_bytes") is not None else ""
             shown = (f"{r['time_per_token_s'] * 1e3:9.4f} ms/token {r['tokens_per_s']:12,.0f} tok/s {mem}"

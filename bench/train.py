@@ -44,6 +44,19 @@ class Plan:
         return cls(steps, seqs, micro, accum, seqs * ctx)
 
 
+def budget_tokens(tokens: int, compute: float | None, ref_train_flops_per_token: float) -> tuple[int, str]:
+    """The training tokens of a run and the rule that set them: the size's token budget, capped by its
+    compute budget (training FLOPs) divided by the training FLOPs per token of the size's reference
+    Transformer at the run's context. Every architecture of a size gets the same tokens (the reference
+    sets them, whatever the match rule), and a longer context gets fewer tokens for the same compute."""
+    if compute is None:
+        return int(tokens), "tokens"
+    if compute <= 0 or ref_train_flops_per_token <= 0:
+        raise ValueError(f"trainer.compute must be positive (or null); got {compute}")
+    capped = int(compute / ref_train_flops_per_token)
+    return (capped, "compute") if capped < tokens else (int(tokens), "tokens")
+
+
 def lr_at(step: int, steps: int, peak: float, min_lr: float, warmup_frac: float) -> float:
     """Linear warmup from 0 over warmup_frac of the steps, then cosine from peak to min_lr."""
     warmup = max(1, int(warmup_frac * steps))
@@ -103,8 +116,9 @@ def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> Non
 
 
 def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.device, autocast,
-          desc: str = "train") -> dict:
-    """Train `model` on `task` for the token budget in `tcfg`; returns what the summary needs."""
+          desc: str = "train", governor=None) -> dict:
+    """Train `model` on `task` for the token budget in `tcfg`; returns what the summary needs.
+    governor: a bench.threads.ThreadGovernor that refits the CPU threads between steps (None: fixed)."""
     model.to(device)
     plan = Plan.resolve(int(tcfg.tokens), int(tcfg.batch_tokens), int(tcfg.micro_batch), ctx)
     optimizer = make_optimizer(model, tcfg)
@@ -127,6 +141,8 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
     bar = tqdm(total=plan.steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
                disable=bool(tcfg.get("quiet", False)))
     for step in range(start_step, plan.steps):
+        if governor is not None:
+            governor.update()
         lr = lr_at(step, plan.steps, float(tcfg.lr), float(tcfg.min_lr), float(tcfg.warmup_frac))
         for group in optimizer.param_groups:
             group["lr"] = lr

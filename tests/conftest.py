@@ -7,6 +7,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# OpenMP's spin-waiting bounded before torch loads, as `import bench` does for the entry points
+from bench.threads import configure_openmp  # noqa: E402
+
+configure_openmp()
+
 # Triton kernels run on CPU under the interpreter; it must be chosen before a kernel is defined
 import torch  # noqa: E402
 

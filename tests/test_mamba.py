@@ -54,7 +54,7 @@ def transposed(t):
 # -- Mamba's selective scan ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("L", LENGTHS)
-@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("chunk", [4, 16, 64])
 def test_scan_matches_selective_scan_ref_fp32(L, chunk):
     """Forward and every gradient against mamba-ssm's selective_scan_ref (which computes in fp32)."""
     x = {k: v.requires_grad_() for k, v in scan_inputs(L, F32).items()}
@@ -103,12 +103,14 @@ def test_scan_backward_fp64_gradcheck():
     assert torch.autograd.gradcheck(f, (*x.values(), h0), eps=1e-6, atol=1e-7)
 
 
-def test_compiled_loop_bodies_match_eager():
-    """trainer.compile=hot_path runs the scan's loop bodies through torch.compile: same numbers."""
+@pytest.mark.parametrize("chunk", [16, 13, 4])
+def test_compiled_loop_bodies_match_eager(chunk):
+    """trainer.compile=hot_path runs the scan's loop bodies through torch.compile: same numbers (an odd chunk
+    leaves short blocks of positions; 18 chunks of 4, two blocks of chunk boundaries)."""
     x = {k: v.requires_grad_() for k, v in scan_inputs(70, F32, seed=5).items()}
     h0 = torch.randn(2, 12, 16, requires_grad=True)
     leaves = [*x.values(), h0]
-    runs = [selective_scan(**x, initial_state=h0, chunk_size=16, return_last_state=True, steps=steps)
+    runs = [selective_scan(**x, initial_state=h0, chunk_size=chunk, return_last_state=True, steps=steps)
             for steps in (None, compiled_steps())]
     for a, b in zip(*runs):
         assert_close(a, b, 1e-6)

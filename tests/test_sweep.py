@@ -1,6 +1,7 @@
 """The `make sweep` entry point: bad input fails at once; the smoke profile runs end to end."""
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,23 @@ def test_flop_matched_sweep_records_the_resolved_size(tmp_path):
                                     ttt["ffn_dim"], 256, options={"inner": "linear", "backbone": "mamba"})
     assert ttt["params"] == architectures.get("ttt_linear").count(cfg, 256).params  # measured == analytic
     assert mamba2["status"] == "failed" and "match=params" in mamba2["error"]
+
+
+def test_compute_budget_gives_every_architecture_the_same_tokens(tmp_path):
+    """trainer.compute caps the tokens at compute / the reference's training FLOPs per token, for every
+    architecture alike; the summary says which rule set them and the config records the tokens trained."""
+    res = sweep("--arch", "transformer,ttt_linear", "--ctx", "256", "--profile", "smoke", "--sizes", "smoke-xs",
+                "logger=none", "trainer.compute=1e9", results=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/*/summary.json")]
+    ref = next(r for r in runs if r["arch"] == "transformer")
+    expected = math.ceil(int(1e9 / ref["ref_train_flops_per_token"]) / 4096) * 4096  # whole steps of 4096 tokens
+    assert expected < 16384  # smoke-xs's own token budget
+    for r in runs:
+        assert (r["token_rule"], r["compute_budget"], r["tokens"]) == ("compute", 1e9, expected)
+        assert r["threads"] >= 1 and r["cpu_cores"] >= 1 and "omp_wait" in r
+        trained = (Path(r["run_dir"]) / "config.yaml").read_text()
+        assert f"tokens: {int(1e9 / ref['ref_train_flops_per_token'])}" in trained
 
 
 def test_failed_run_is_recorded_and_fails_the_sweep(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.train import Plan, lr_at
+from bench.train import Plan, budget_tokens, lr_at
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -24,6 +24,31 @@ def test_plan_resolves_batches():
     assert long.seqs_per_step == 1 and long.tokens_per_step == 32768
     with pytest.raises(ValueError):
         Plan.resolve(tokens=0, batch_tokens=1, micro_batch=1, ctx=1)
+
+
+def test_budget_tokens_caps_the_tokens_by_the_compute_budget():
+    assert budget_tokens(1_000_000, None, 5e6) == (1_000_000, "tokens")
+    assert budget_tokens(1_000_000, 1e13, 5e6) == (1_000_000, "tokens")  # 2M would fit: the token budget binds
+    assert budget_tokens(1_000_000, 1e12, 5e6) == (200_000, "compute")
+    with pytest.raises(ValueError, match="compute must be positive"):
+        budget_tokens(1_000, 0.0, 5e6)
+
+
+@pytest.mark.parametrize("size", ["cpu-xs", "cpu-s", "cpu-m", "cpu-l"])
+def test_cpu_ladder_compute_budget_binds_only_at_long_context(size):
+    """The CPU sizes keep their token budgets up to 8k (cpu-l: 2k) and train on compute / reference FLOPs per
+    token beyond, the same tokens for every architecture and match rule (the reference sets them)."""
+    from bench.sizes import sized_from_conf
+
+    def tokens(arch, ctx, match):
+        sized, size_cfg = sized_from_conf(arch, size, ctx, 257, match)
+        return budget_tokens(int(size_cfg.tokens), float(size_cfg.compute), sized.reference.train_flops)
+
+    short = 2048 if size == "cpu-l" else 8192
+    assert tokens("transformer", short, "flops")[1] == "tokens"
+    at_32k = {tokens(a, 32768, m) for a in ("transformer", "ttt_linear", "mamba") for m in ("flops", "params")}
+    (n, rule), = at_32k  # one value for every architecture
+    assert rule == "compute" and 8 * 32768 <= n < tokens("transformer", short, "flops")[0]
 
 
 class CopyTask:

@@ -154,8 +154,8 @@ class MambaMixer(nn.Module):
         self._compiled_steps = None  # set by compile_hot_path()
 
     def compile_hot_path(self) -> None:
-        """torch.compile the scan's four loop bodies (training only; about 1.5x on 2 CPU cores). The loops
-        stay in Python, so each graph is one position of every chunk and compiles once per shape."""
+        """torch.compile the scan's loop bodies (training only). The loops stay in Python, so each graph is a
+        block of positions of every chunk (or of chunk boundaries) and compiles once per shape."""
         self._compiled_steps = compiled_steps()
 
     def forward(self, x: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
