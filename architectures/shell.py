@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from architectures.config import ModelConfig
 from architectures.layers import RMSNorm
@@ -45,6 +46,7 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(build_block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.recompute_blocks = False  # training: keep only each block's input, recompute the block in backward
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -59,8 +61,12 @@ class LanguageModel(nn.Module):
         if state is not None and state.seen + idx.shape[1] > state.max_len:
             raise ValueError(f"decode state holds {state.max_len} tokens; {state.seen} seen + {idx.shape[1]} new")
         h = self.embed(idx)  # (B, T, d)
+        recompute = self.recompute_blocks and state is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            h = block(h, None if state is None else state.caches[i])
+            if recompute:  # activation checkpointing: one block's activations alive at a time in backward
+                h = checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h, None if state is None else state.caches[i])
         if state is not None:
             state.seen += idx.shape[1]
         return self.norm(h)

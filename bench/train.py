@@ -109,6 +109,35 @@ def compile_for_training(model, mode: str):
     return model
 
 
+ACTIVATION_FLOATS_PER_WIDTH = 48  # fp32 numbers a block keeps per token per unit of width (measured: TTT and
+                                  # Mamba blocks keep 30-70 d-wide tensors for backward, the scan's states too)
+RECOMPUTE_MEMORY_FRACTION = 0.4   # recompute_blocks=auto: on when the estimate exceeds this share of memory
+
+
+def activation_bytes(n_layers: int, d_model: int, tokens: int) -> int:
+    """A rough estimate of the activations one forward keeps for backward: 4 bytes x 48 x d per token
+    and layer (a 32k sequence at cpu-m's FLOP-matched TTT width, 4 x 576: 14.5 GB)."""
+    return 4 * ACTIVATION_FLOATS_PER_WIDTH * d_model * n_layers * tokens
+
+
+def resolve_recompute(mode, model, micro_batch: int, ctx: int, device: torch.device) -> bool:
+    """trainer.recompute_blocks: true | false | auto (on when the estimated activations of a micro-batch
+    exceed 40% of the machine's memory, or of the GPU's)."""
+    mode = str(mode).lower()
+    if mode in ("true", "false"):
+        return mode == "true"
+    if mode != "auto":
+        raise ValueError(f"trainer.recompute_blocks must be auto, true or false; got {mode!r}")
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    cfg = model.cfg
+    return activation_bytes(cfg.n_layers, cfg.d_model, micro_batch * ctx) > RECOMPUTE_MEMORY_FRACTION * total
+
+
 def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, **extra}, tmp)
@@ -130,6 +159,8 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
         optimizer.load_state_dict(state["optimizer"])
         start_step, prior_wall = int(state["step"]), float(state.get("train_wall_s", 0.0))
     metrics_path = run_dir / "metrics.jsonl"
+    lm = getattr(model, "lm", model)  # a classifier's language model holds the blocks
+    lm.recompute_blocks = resolve_recompute(tcfg.get("recompute_blocks", "auto"), lm, plan.micro_batch, ctx, device)
     step_model = compile_for_training(model, str(tcfg.compile))
     model.train()
     # modules that schedule something by training progress (TTT-MLP's inner base lr warmup)
@@ -186,6 +217,7 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
         "tokens": plan.steps * plan.tokens_per_step,
         "batch_seqs": plan.seqs_per_step,
         "micro_batch": plan.micro_batch,
+        "recompute_blocks": lm.recompute_blocks,
         "train_loss": loss_val,
         "train_wall_s": wall,
         # throughput of the steps this process ran (a resumed run does not count earlier steps)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.train import Plan, budget_tokens, lr_at
+from bench.train import Plan, activation_bytes, budget_tokens, lr_at, resolve_recompute
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -49,6 +49,41 @@ def test_cpu_ladder_compute_budget_binds_only_at_long_context(size):
     at_32k = {tokens(a, 32768, m) for a in ("transformer", "ttt_linear", "mamba") for m in ("flops", "params")}
     (n, rule), = at_32k  # one value for every architecture
     assert rule == "compute" and 8 * 32768 <= n < tokens("transformer", short, "flops")[0]
+
+
+@pytest.mark.parametrize("arch", ["ttt_linear", "mamba", "transformer"])
+def test_recomputed_blocks_give_the_same_loss_and_gradients(arch):
+    import architectures
+    import torch.nn.functional as F
+
+    cfg = architectures.ModelConfig(arch, 257, 32, 2, 2, 64, 64, options={"mini_batch": 16} if "ttt" in arch else {})
+    torch.manual_seed(0)
+    model = architectures.build_model(cfg).double()
+    idx = torch.randint(0, 257, (2, 49))
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.recompute_blocks = recompute
+        F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_recompute_auto_turns_on_for_activations_over_40_percent_of_memory():
+    import psutil
+    import architectures
+
+    total = psutil.virtual_memory().total
+    cfg = architectures.ModelConfig("ttt_linear", 257, 64, 2, 2, 128, 64)
+    model = architectures.build_model(cfg)
+    cpu = torch.device("cpu")
+    assert resolve_recompute("auto", model, 1, 1024, cpu) is False
+    tokens = int(0.41 * total / activation_bytes(2, 64, 1)) + 1  # just past 40% of this machine's memory
+    assert resolve_recompute("auto", model, 1, tokens, cpu) is True
+    assert resolve_recompute("true", model, 1, 8, cpu) is True and resolve_recompute(False, model, 1, 8, cpu) is False
+    with pytest.raises(ValueError, match="recompute_blocks"):
+        resolve_recompute("sometimes", model, 1, 8, cpu)
 
 
 class CopyTask:
