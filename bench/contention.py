@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -75,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = p.parse_args(argv)
     from bench.sweep import parse_ctx
+    from bench.threads import omp_wait
 
     ctx = parse_ctx(args.ctx)
     common = (args.arch, args.size, ctx, args.steps, not args.no_governor, args.threads)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         busy_proc.kill()
         busy_proc.wait()
     out = {"arch": args.arch, "size": args.size, "ctx": ctx, "governor": not args.no_governor,
-           "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"spin {os.environ.get('GOMP_SPINCOUNT', 'default')}",
+           "omp_wait": omp_wait(),
            "busy_threads": args.busy_threads, "idle_step_s": idle_s, "busy_step_s": busy_s, "ratio": busy_s / idle_s}
     if args.json:
         print(json.dumps(out))

@@ -56,8 +56,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         sized = model_config(cfg, task.vocab_size)
         mcfg = sized.cfg
         compute = cfg.trainer.get("compute")
-        tokens, rule = budget_tokens(int(cfg.trainer.tokens), None if compute is None else float(compute),
-                                     sized.reference.train_flops)
+        tokens, rule = budget_tokens(int(cfg.trainer.tokens), compute, sized.reference.train_flops)
         cfg.trainer.tokens = tokens  # config.yaml records what is trained
         summary.update({"compute_budget": None if compute is None else float(compute), "token_rule": rule})
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -46,9 +46,7 @@ def size_rows(archs: list[str], sizes: list[str], ctxs: list[int], matches: list
             for match in matches:
                 for arch in archs:
                     sized, size_cfg = sized_from_conf(arch, size, ctx, vocab, match)
-                    compute = size_cfg.get("compute")
-                    tokens = budget_tokens(int(size_cfg.tokens), None if compute is None else float(compute),
-                                           sized.reference.train_flops)[0]
+                    tokens = budget_tokens(int(size_cfg.tokens), size_cfg.get("compute"), sized.reference.train_flops)[0]
                     rows.append({**sized.row(), "size": str(size_cfg.name), "ctx": ctx, "token_budget": tokens})
     return pd.DataFrame(rows, columns=COLUMNS)
 

@@ -60,22 +60,24 @@ def fit_threads(cores: int, others_busy: float, requested: int | None = None) ->
     return max(1, min(free, requested or cores))
 
 
-def _busy_cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds the whole machine has been busy, CPU seconds this process has used)."""
+def _sample() -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds the whole machine has been busy, CPU seconds this process has used)."""
     import psutil
 
     t = psutil.cpu_times()
     busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
     own = psutil.Process().cpu_times()
-    return busy, own.user + own.system
+    return time.perf_counter(), busy, own.user + own.system
 
 
-def others_busy_now(seconds: float = 0.5) -> float:
-    """Cores other processes keep busy, sampled over `seconds` while this process waits."""
-    t0, busy0, own0 = time.perf_counter(), *_busy_cpu_seconds()
-    time.sleep(seconds)
-    t1, busy1, own1 = time.perf_counter(), *_busy_cpu_seconds()
-    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9))
+def _others_busy(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """Cores other processes kept busy between two samples: the machine's busy time less ours, per second."""
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / max(b[0] - a[0], 1e-9))
+
+
+def omp_wait() -> str:
+    """How OpenMP threads wait in this process: the policy, or the spin count."""
+    return os.environ.get("OMP_WAIT_POLICY") or f"spin {os.environ.get('GOMP_SPINCOUNT', 'default')}"
 
 
 class ThreadGovernor:
@@ -97,7 +99,7 @@ class ThreadGovernor:
         self.threads_min = torch.get_num_threads()
         self.warned = False
         # a short idle sample before work starts: this process is (nearly) idle, so what is busy is others'
-        self._last = (time.perf_counter(), *_busy_cpu_seconds())
+        self._last = _sample()
         time.sleep(0.5)
         self.update(force=True)
         self.threads_start = torch.get_num_threads()
@@ -105,10 +107,8 @@ class ThreadGovernor:
 
     def others_busy(self) -> float:
         """Cores other processes kept busy since the last look."""
-        now, busy, own = time.perf_counter(), *_busy_cpu_seconds()
-        t0, busy0, own0 = self._last
-        self._last = (now, busy, own)
-        return max(0.0, ((busy - busy0) - (own - own0)) / max(now - t0, 1e-9))
+        last, self._last = self._last, _sample()
+        return _others_busy(last, self._last)
 
     def update(self, force: bool = False) -> int:
         """Look at the machine (at most every MIN_INTERVAL_S unless forced); set and return the threads."""
@@ -140,7 +140,7 @@ class ThreadGovernor:
         return {"threads": self.threads_start, "threads_min": self.threads_min, "cpu_cores": self.cores,
                 "cpu_busy_others_max": round(self.others_max, 2), "loadavg_1m_start": self.loadavg_start,
                 "loadavg_1m_end": _loadavg(), "oversubscribed": self.warned,
-                "omp_wait": os.environ.get("OMP_WAIT_POLICY") or f"spin {os.environ.get('GOMP_SPINCOUNT', 'default')}"}
+                "omp_wait": omp_wait()}
 
 
 def _loadavg() -> float | None:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import architectures
 from architectures.sizing import MATCH_RULES
 from bench.results import atomic_write_text, device_name
-from bench.threads import ThreadGovernor
+from bench.threads import ThreadGovernor, omp_wait
 from bench.timing import measure
 from bench.train import COMPILE_MODES, compile_for_training
 
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     governor = ThreadGovernor(args.threads, enabled=device.type == "cpu" and not args.no_governor)
     print(f"[ttt-bench] throughput on {device_name(device)} ({torch.get_num_threads()} threads, "
-          f"{governor.summary()['omp_wait']}): {', '.join(archs)} at {size} (match={match}), lengths {lengths}, "
+          f"{omp_wait()}): {', '.join(archs)} at {size} (match={match}), lengths {lengths}, "
           f"batch {args.batch}, train compile={compile_mode}", flush=True)
     rows = []
     for arch in archs:

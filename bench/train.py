@@ -44,13 +44,14 @@ class Plan:
         return cls(steps, seqs, micro, accum, seqs * ctx)
 
 
-def budget_tokens(tokens: int, compute: float | None, ref_train_flops_per_token: float) -> tuple[int, str]:
+def budget_tokens(tokens: int, compute, ref_train_flops_per_token: float) -> tuple[int, str]:
     """The training tokens of a run and the rule that set them: the size's token budget, capped by its
     compute budget (training FLOPs) divided by the training FLOPs per token of the size's reference
     Transformer at the run's context. Every architecture of a size gets the same tokens (the reference
     sets them, whatever the match rule), and a longer context gets fewer tokens for the same compute."""
     if compute is None:
         return int(tokens), "tokens"
+    compute = float(compute)  # YAML may give 1.5e13 as a string
     if compute <= 0 or ref_train_flops_per_token <= 0:
         raise ValueError(f"trainer.compute must be positive (or null); got {compute}")
     capped = int(compute / ref_train_flops_per_token)
