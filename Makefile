@@ -24,15 +24,18 @@ MATCH ?=
 SIZE ?=
 VOCAB ?= 257
 RESULTS ?= results
+RESUME ?=
+FRESH ?=
 ARGS ?=
 
-.PHONY: help install test test-kernels check-kernels sweep sizes throughput contention plots bench-ttt bench-mamba bench-kernels clean
+.PHONY: help install test test-slow test-kernels check-kernels sweep sizes throughput contention plots bench-ttt bench-mamba bench-kernels clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-15s %s\n", $$1, $$2}'
 	@echo "variables: ARCH=name|a,b|all  CTX=2k|8k|32k|N  PROFILE=cpu|smoke|paper  SIZES=a,b  TASK=lm|longqa|mqar|passkey|classification"
 	@echo "           DATA=shakespeare|pycode|text_files|hf  MATCH=flops|params  RESULTS=dir  ARGS='hydra.overrides ...'"
+	@echo "           sweep: RESUME=last|<sweep id> (default: the same command continues its sweep)  FRESH=1 (a new sweep)"
 	@echo "           sizes: SIZE=125m|a,b  CTX=2k|2k,32k  MATCH=flops|params|flops,params  VOCAB=257|32000"
 	@echo "           install: TORCH_SPEC=..."
 
@@ -56,8 +59,11 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP) ## run the test suite (CPU, a few minutes)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests
+test: $(STAMP) ## the fast test tier (CPU, under 5 minutes on 2 cores); CI runs this
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP) ## the slow tier: end-to-end checks that take minutes (kill -9 at every point, concurrent sweeps)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q -m slow tests
 
 test-kernels: $(STAMP) ## only the Triton kernel tests (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests/test_ttt_triton.py
@@ -67,7 +73,8 @@ check-kernels: $(STAMP) ## compile the TTT Triton kernels for sm_90 without a GP
 
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
 	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(CTX)" --profile "$(PROFILE)" --sizes "$(SIZES)" \
-	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" -- $(ARGS)
+	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" --resume "$(RESUME)" \
+	  $(if $(filter 1 true yes,$(FRESH)),--fresh) -- $(ARGS)
 
 sizes: $(STAMP) ## every architecture at SIZE and CTX: dims, params, FLOPs/token, state; writes RESULTS/sizes.csv
 	$(PY) -m bench.sizes --size "$(SIZE)" --ctx "$(CTX)" --match "$(or $(MATCH),flops)" --vocab "$(VOCAB)" \

@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.results import atomic_write_text, read_summaries  # noqa: E402
+from bench.results import atomic_write_bytes, atomic_write_text, read_summaries, results_lock  # noqa: E402
 
 COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "params", "non_embedding_params", "flops_per_token",
            "train_flops_per_token", "flops_vs_ref", "train_flops", "state_size", "tokens", "token_rule", "val_loss",
@@ -96,7 +96,7 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="architecture")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -121,7 +121,7 @@ def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="architecture, size")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -141,7 +141,7 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -176,7 +176,7 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(plots / "longqa_accuracy.png", dpi=120)
+    save_figure(fig, plots / "longqa_accuracy.png")
     plt.close(fig)
     pk = cells[cells["subtask"] == "passkey"]
     if pk.empty:
@@ -193,7 +193,7 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
         ax.set_title(label, fontsize=8)
         fig.colorbar(im, ax=ax, label="passkey accuracy")
     fig.tight_layout()
-    fig.savefig(plots / "passkey_heatmap.png", dpi=120)
+    save_figure(fig, plots / "passkey_heatmap.png")
     plt.close(fig)
 
 
@@ -217,27 +217,36 @@ def plot_classification(df: pd.DataFrame, plots: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(plots / "classification_accuracy.png", dpi=120)
+    save_figure(fig, plots / "classification_accuracy.png")
     plt.close(fig)
 
 
+def save_figure(fig, path: Path) -> None:
+    """PNG written whole (a kill mid-write leaves the previous plot)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def report(results: str | Path) -> pd.DataFrame:
-    """Write RESULTS/summary.csv and RESULTS/plots/*.png from every summary.json; returns the table."""
+    """Write RESULTS/summary.csv and RESULTS/plots/*.png from every summary.json; returns the table.
+    Holds RESULTS/.lock meanwhile: concurrent sweeps into one folder report in turn."""
     results = Path(results)
-    table = summary_table(results)
-    buf = io.StringIO()
-    table.to_csv(buf, index=False)
-    atomic_write_text(results / "summary.csv", buf.getvalue())
-    plots = results / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    full = pd.DataFrame(read_summaries(results))
-    if not full.empty and (full.get("status") == "ok").any():
-        best = latest_ok(_with_match(full))
-        plot_loss_vs_flops(best, plots / "loss_vs_flops.png")
-        plot_loss_by_position(best, plots / "loss_by_position.png")
-        plot_training_curves(best, plots / "training_curves.png")
-        plot_longqa(best, plots)
-        plot_classification(best, plots)
+    with results_lock(results):
+        table = summary_table(results)
+        buf = io.StringIO()
+        table.to_csv(buf, index=False)
+        atomic_write_text(results / "summary.csv", buf.getvalue(), crash_at="report")
+        plots = results / "plots"
+        plots.mkdir(parents=True, exist_ok=True)
+        full = pd.DataFrame(read_summaries(results))
+        if not full.empty and (full.get("status") == "ok").any():
+            best = latest_ok(_with_match(full))
+            plot_loss_vs_flops(best, plots / "loss_vs_flops.png")
+            plot_loss_by_position(best, plots / "loss_by_position.png")
+            plot_training_curves(best, plots / "training_curves.png")
+            plot_longqa(best, plots)
+            plot_classification(best, plots)
     return table
 
 

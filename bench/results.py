@@ -1,6 +1,7 @@
 """Run directories and result files: atomic writes, run metadata, reading summaries back."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -9,22 +10,74 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from bench.faults import crash_point
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "triton", "mamba-ssm", "flash-attn", "hydra-core", "wandb", "lm-eval", "pandas", "numpy")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+def atomic_write_bytes(path: str | Path, data: bytes, crash_at: str | None = None) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: readers (and a
+    rerun after kill -9 or a power cut) see the old file or the new one, never half of one.
+    crash_at: a bench.faults point reached half-way through the bytes (the kill -9 tests)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            if crash_at:
+                f.flush()
+                crash_point(crash_at)
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Temporary files a killed writer left behind (`.<name>.*.tmp`)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str, crash_at: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), crash_at)
+
+
+@contextlib.contextmanager
+def results_lock(results_root: str | Path):
+    """An exclusive lock on RESULTS (RESULTS/.lock, flock): two sweeps writing into one folder take
+    turns at summary.csv and the plots, so each report reads every finished run and writes whole files."""
+    import fcntl
+
+    root = Path(results_root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

@@ -7,7 +7,11 @@ Writes RESULTS/runs/<sweep_id>/<run_name>/: config.yaml, metrics.jsonl, checkpoi
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -19,11 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import architectures
 from architectures.sizing import SizeSpec, Sized, size_model
-from bench.results import atomic_write_json, atomic_write_text, device_name, git_commit, package_versions
+from bench.faults import crash_point
+from bench.results import (atomic_write_json, atomic_write_text, device_name, git_commit, package_versions,
+                           remove_stale_temporaries)
 from bench.threads import ThreadGovernor
 from bench.throughput import sweep_point
 from bench.tracking import NullTracker, build_tracker
-from bench.train import autocast_for, budget_tokens, pick_device, train
+from bench.train import Diverged, autocast_for, budget_tokens, pick_device, train
 from tasks import build_task
 
 
@@ -37,16 +43,85 @@ def model_config(cfg: DictConfig, vocab_size: int) -> Sized:
                       tie_embeddings=tied)
 
 
+# settings that change how a run is carried out, not what it computes: a run that differs only in
+# these is the same run (a rerun sweep reuses or resumes it)
+NOT_IN_FINGERPRINT = {"sweep_id", "results", "logger"}
+TRAINER_NOT_IN_FINGERPRINT = {"quiet", "resume", "ckpt_every", "ckpt_every_s", "log_every", "threads",
+                              "thread_governor"}
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """sha256 (16 hex digits) of the resolved config, less NOT_IN_FINGERPRINT."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IN_FINGERPRINT:
+        plain.pop(key, None)
+    for key in TRAINER_NOT_IN_FINGERPRINT:
+        plain.get("trainer", {}).pop(key, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+FINAL = ("ok", "diverged")  # a rerun reuses these; failed runs are run again
+
+
+def finished_summary(run_dir: Path, fingerprint: str) -> dict | None:
+    """The run's summary.json when it finished (ok or diverged) with this config; else None."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if summary.get("status") in FINAL and summary.get("config_hash") == fingerprint:
+        return summary
+    return None
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train and evaluate one (arch, size, ctx, task, data) point; always leaves a whole summary.json."""
+    """Train and evaluate one (arch, size, ctx, task, data) point; always leaves a whole summary.json.
+    A run folder that already holds a finished summary of the same config is reused as it is; one with
+    a checkpoint (an interrupted attempt) resumes from it."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = config_fingerprint(cfg)
+    if (done := finished_summary(run_dir, fingerprint)) is not None:
+        print(f"[ttt-bench] run {run_dir.name}: reused ({done['status']}, finished earlier)", flush=True)
+        return done
+    with run_lock(run_dir):
+        return _run(cfg, run_dir, fingerprint)
+
+
+class RunBusy(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """RUN_DIR/.lock (flock, released when the process dies): one process trains a run folder at a time."""
+    import fcntl
+
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"{run_dir} is being trained by another process (the same sweep started twice?); "
+                          f"wait for it, or start a new sweep with FRESH=1") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
+    remove_stale_temporaries(run_dir)
+    (run_dir / "error.txt").unlink(missing_ok=True)
     ctx = int(cfg.ctx)
     summary: dict = {
         "arch": str(cfg.arch.name), "size": str(cfg.size.name), "ctx": ctx, "task": str(cfg.task.name),
         "data": str(cfg.data.name), "profile": str(cfg.profile), "seed": int(cfg.seed),
-        "sweep": str(cfg.sweep_id), "run": run_dir.name, "run_dir": str(run_dir),
+        "sweep": str(cfg.sweep_id), "run": run_dir.name, "run_dir": str(run_dir), "config_hash": fingerprint,
         "git_commit": git_commit(), "packages": package_versions(),
     }
+    identity = {"arch": summary["arch"], "size": summary["size"], "ctx": ctx, "config_hash": fingerprint}
     tracker = NullTracker()
     t0 = time.perf_counter()
     try:
@@ -79,7 +154,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                 OmegaConf.to_container(cfg, resolve=True))
         summary["wandb_mode"] = tracker.mode
         trained = train(model, task, cfg.trainer, ctx, run_dir, tracker, device, autocast,
-                        desc=f"{summary['arch']} {summary['size']} ctx={ctx}", governor=governor)
+                        desc=f"{summary['arch']} {summary['size']} ctx={ctx}", governor=governor, identity=identity)
         summary.update(trained)
         summary["train_flops"] = summary["train_flops_per_token"] * trained["tokens"]
         governor.update(force=True)
@@ -88,6 +163,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         summary.update(sweep_point(model, ctx, device, task.vocab_size))  # prefill/decode tokens/s at ctx
         summary.update(governor.summary())  # threads used and the machine's load while the run ran
         summary["status"] = "ok"
+    except Diverged as e:  # recorded with its step; the last good checkpoint stays
+        summary.update({"status": "diverged", "error": str(e), "diverged_step": e.step})
+        print(f"[ttt-bench] run {run_dir.name} {e}", flush=True)
     except Exception as e:  # a failed point is recorded, the sweep goes on
         summary["status"] = "failed"
         summary["error"] = f"{type(e).__name__}: {e}"
@@ -97,14 +175,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     summary["wall_s"] = time.perf_counter() - t0
     tracker.summary({k: v for k, v in summary.items() if k != "loss_by_position"})
     tracker.finish()
+    summary["finished_at"] = time.time()
     atomic_write_json(run_dir / "summary.json", summary)
+    crash_point("summary")
     return summary
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except RunBusy as e:  # another process owns this run folder: leave it alone, the sweep goes on
+        print(f"[ttt-bench] error: {e}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

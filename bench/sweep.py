@@ -2,13 +2,18 @@
 
     python -m bench.sweep --arch transformer --ctx 2k [--profile cpu] [--sizes a,b] [--task lm]
                           [--data shakespeare] [--match flops|params] [--results results]
-                          [-- hydra overrides ...]
+                          [--resume last|<sweep id>] [--fresh] [-- hydra overrides ...]
+
+The same command run again continues its sweep (finished runs reused, interrupted ones resumed from
+their checkpoints, failed ones run again); --fresh starts a new one.
 
 Bad input fails at once, with one line, before anything is written.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -18,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from bench.results import REPO_ROOT, read_summaries
+from bench.results import REPO_ROOT, atomic_write_json, read_summaries
 
 CONF = REPO_ROOT / "conf"
 
@@ -79,16 +84,68 @@ def build_overrides(args) -> tuple[list[str], str, Path]:
     task = parse_choice("TASK", args.task, group_options("task"))
     sizes = (parse_list("SIZES", args.sizes, group_options("size")) if args.sizes else default_ladder(task, profile))
     results = Path(args.results).expanduser().resolve()
-    sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{task}-ctx{ctx}"
     overrides = [f"arch={','.join(archs)}", f"size={','.join(sizes)}", f"profile={profile}", f"task={task}",
-                 f"ctx={ctx}", f"results={results}", f"sweep_id={sweep_id}"]
+                 f"ctx={ctx}", f"results={results}"]
     if args.data:
         overrides.append(f"data={parse_choice('DATA', args.data, group_options('data'))}")
     if args.match:
         from architectures.sizing import MATCH_RULES
 
         overrides.append(f"match={parse_choice('MATCH', args.match, list(MATCH_RULES))}")
-    return overrides + list(args.overrides), sweep_id, results
+    return overrides + list(args.overrides), f"{task}-ctx{ctx}", results
+
+
+# RESULTS/sweeps/<sweep_id>.json records the command (its Hydra overrides) that made each sweep, so the
+# same command run again continues that sweep: finished runs are reused, interrupted ones resume from
+# their checkpoints, failed ones run again (bench/run.py).
+MANIFESTS = "sweeps"
+
+
+def read_manifests(results: Path) -> list[dict]:
+    """Every sweep's manifest, oldest first."""
+    out = []
+    for path in sorted((results / MANIFESTS).glob("*.json")):
+        try:
+            out.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return sorted(out, key=lambda m: m.get("created", ""))
+
+
+def choose_sweep(results: Path, overrides: list[str], label: str, resume: str, fresh: bool) -> tuple[str, list[str], str]:
+    """(sweep id, overrides, how): a new sweep (FRESH=1, or no earlier sweep of this command), the newest
+    sweep made by the same command, or the one RESUME names (`last` or an id), run with its own command."""
+    if fresh and resume:
+        raise UsageError("FRESH=1 and RESUME= contradict each other; give one")
+    manifests = read_manifests(results)
+    if resume:
+        if resume == "last":
+            if not manifests:
+                raise UsageError(f"RESUME=last: no sweep recorded in {results / MANIFESTS}")
+            chosen = manifests[-1]
+        else:
+            chosen = next((m for m in manifests if m["sweep_id"] == resume), None)
+            if chosen is None:
+                known = ", ".join(m["sweep_id"] for m in manifests[-5:]) or "none"
+                raise UsageError(f"RESUME={resume}: no such sweep in {results / MANIFESTS} (latest: {known})")
+        return chosen["sweep_id"], list(chosen["overrides"]), "resumed"
+    if not fresh:
+        same = [m for m in manifests if m.get("overrides") == overrides]
+        if same:
+            return same[-1]["sweep_id"], overrides, "continued"
+    digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:6]  # two commands started in one second
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{digest}", overrides, "new"
+
+
+def write_manifest(results: Path, sweep_id: str, overrides: list[str], attempt: dict) -> None:
+    path = results / MANIFESTS / f"{sweep_id}.json"
+    manifest = {"sweep_id": sweep_id, "overrides": overrides, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "attempts": []}
+    if path.exists():
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    attempts = [a for a in manifest["attempts"] if a.get("started") != attempt["started"]]
+    manifest["attempts"] = attempts + [attempt]
+    atomic_write_json(path, manifest)
 
 
 def _metric(r: dict) -> str:
@@ -108,25 +165,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="", help="conf/data name (default: shakespeare)")
     p.add_argument("--match", default="", help="flops | params (default: the profile's; flops except paper)")
     p.add_argument("--results", default="results", help="output root")
+    p.add_argument("--resume", default="", help="continue a sweep: 'last' or a sweep id (default: the newest "
+                   "sweep made by the same command, if any)")
+    p.add_argument("--fresh", action="store_true", help="start a new sweep even if this command ran before")
     p.add_argument("overrides", nargs="*", help="free Hydra overrides, e.g. trainer.lr=1e-3")
     args = p.parse_args(argv)
     try:
-        overrides, sweep_id, results = build_overrides(args)
+        overrides, label, results = build_overrides(args)
+        sweep_id, overrides, how = choose_sweep(results, overrides, label, args.resume.strip(), args.fresh)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "bench.run", "--multirun", *overrides]
+    cmd = [sys.executable, "-m", "bench.run", "--multirun", *overrides, f"sweep_id={sweep_id}"]
+    if how != "new":
+        print(f"[ttt-bench] {how} sweep {sweep_id}: finished runs are reused, interrupted ones resume "
+              f"(FRESH=1 starts a new sweep)", flush=True)
     print("[ttt-bench] " + " ".join(cmd[1:]), flush=True)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
+    attempt = {"started": started, "how": how}
+    write_manifest(results, sweep_id, overrides, attempt)
     env = {**os.environ, "HYDRA_FULL_ERROR": os.environ.get("HYDRA_FULL_ERROR", "1")}
     code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+    write_manifest(results, sweep_id, overrides, {**attempt, "ended": time.time(), "exit": code})
     if code != 0:
-        print(f"error: the Hydra multirun exited with status {code}", file=sys.stderr)
+        print(f"error: the Hydra multirun exited with status {code}; run the same command again to continue "
+              f"sweep {sweep_id}", file=sys.stderr)
         return code
     runs = [r for r in read_summaries(results) if r.get("sweep") == sweep_id]
     failed = [r for r in runs if r.get("status") != "ok"]
     for r in runs:
-        print(f"[ttt-bench] {r['run']}: {r.get('status')}"
+        reused = " (reused)" if float(r.get("finished_at", started)) < started else ""
+        print(f"[ttt-bench] {r['run']}: {r.get('status')}{reused}"
               + (f"  {_metric(r)} val_loss={r['val_loss']:.3f} "
                  f"{r['layers']}x{r['d_model']} params={r['params'] / 1e6:.2f}M "
                  f"train FLOPs/token={r['train_flops_per_token']:.3g} ({r['flops_vs_ref']:.3f}x ref, match={r['match']}) "

@@ -8,6 +8,8 @@ optimizer, step and the training curve position, so a killed run resumes where i
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import math
 import os
 import time
@@ -17,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bench.results import append_jsonl
+from bench.faults import crash_point
+from bench.results import append_jsonl, atomic_write_bytes, atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -139,27 +142,92 @@ def resolve_recompute(mode, model, micro_batch: int, ctx: int, device: torch.dev
     return activation_bytes(cfg.n_layers, cfg.d_model, micro_batch * ctx) > RECOMPUTE_MEMORY_FRACTION * total
 
 
+class Diverged(FloatingPointError):
+    """A non-finite loss or gradient norm: the run stops before the optimizer applies it."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint: int | None):
+        self.step, self.loss, self.grad_norm, self.last_checkpoint = step, loss, grad_norm, last_checkpoint
+        kept = (f"the last good checkpoint (step {last_checkpoint}) is kept" if last_checkpoint is not None
+                else "no checkpoint was written before it")
+        super().__init__(f"diverged at step {step}: loss {loss}, gradient norm {grad_norm}; {kept}. "
+                         f"Lower trainer.lr or raise trainer.warmup_frac")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or belongs to another run: the message names the file and the fix."""
+
+
+CHECKPOINT_FORMAT = 1
+
+
 def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, **extra}, tmp)
-    os.replace(tmp, path)
+    """Serialise, then write atomically (temporary file, fsync, rename): a kill at any moment leaves the
+    previous checkpoint whole."""
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, **extra}, buf)
+    atomic_write_bytes(path, buf.getvalue(), crash_at="checkpoint")
+
+
+def load_checkpoint(path: Path, device: torch.device, identity: dict | None = None) -> dict:
+    """torch.load(weights_only=True); an unreadable file or one written by another run (`identity`:
+    architecture, size, context and config fingerprint) raises CheckpointError naming the file and the fix."""
+    fix = (f"delete {path} to train this run from step 0, or start a new sweep with FRESH=1 "
+           f"(make sweep ... FRESH=1)")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # zip, pickle and EOF errors alike
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= state.keys():
+        raise CheckpointError(f"checkpoint {path} is not a ttt-bench training checkpoint; {fix}")
+    for key, want in (identity or {}).items():
+        have = state.get(key)
+        if have is not None and have != want:
+            raise CheckpointError(f"checkpoint {path} belongs to another run ({key} {have!r}, this run "
+                                  f"{want!r}); {fix}")
+    return state
+
+
+def resume_metrics(metrics_path: Path, step: int) -> None:
+    """Cut metrics.jsonl back to the checkpoint's step: rows logged after it are trained again."""
+    if not metrics_path.exists():
+        return
+    keep = []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if int(row.get("step", 0)) <= step:
+            keep.append(line)
+    atomic_write_text(metrics_path, "".join(f"{line}\n" for line in keep))
 
 
 def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.device, autocast,
-          desc: str = "train", governor=None) -> dict:
+          desc: str = "train", governor=None, identity: dict | None = None) -> dict:
     """Train `model` on `task` for the token budget in `tcfg`; returns what the summary needs.
-    governor: a bench.threads.ThreadGovernor that refits the CPU threads between steps (None: fixed)."""
+    governor: a bench.threads.ThreadGovernor that refits the CPU threads between steps (None: fixed).
+    identity: what the checkpoint records and a resumed one must match (architecture, size, ctx, config).
+
+    Checkpoints: every `ckpt_every` steps and every `ckpt_every_s` seconds (0: off), and at the end;
+    a run started again resumes from its checkpoint with metrics.jsonl cut back to that step, so an
+    interrupted run ends with the same weights and curve as an uninterrupted one (bit-exact on CPU
+    with a fixed thread count). A non-finite loss or gradient norm raises Diverged before the update."""
     model.to(device)
     plan = Plan.resolve(int(tcfg.tokens), int(tcfg.batch_tokens), int(tcfg.micro_batch), ctx)
     optimizer = make_optimizer(model, tcfg)
     ckpt_path = run_dir / CHECKPOINT
-    start_step, prior_wall = 0, 0.0
+    identity = dict(identity or {})
+    start_step, prior_wall, last_ckpt = 0, 0.0, None
     if bool(tcfg.resume) and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt_path, device, identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, prior_wall = int(state["step"]), float(state.get("train_wall_s", 0.0))
+        last_ckpt = start_step
     metrics_path = run_dir / "metrics.jsonl"
+    resume_metrics(metrics_path, start_step)
+    ckpt_steps, ckpt_seconds = int(tcfg.get("ckpt_every", 0) or 0), float(tcfg.get("ckpt_every_s", 0) or 0)
     lm = getattr(model, "lm", model)  # a classifier's language model holds the blocks
     lm.recompute_blocks = resolve_recompute(tcfg.get("recompute_blocks", "auto"), lm, plan.micro_batch, ctx, device)
     step_model = compile_for_training(model, str(tcfg.compile))
@@ -168,7 +236,12 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
     scheduled = [m for m in model.modules() if hasattr(m, "set_train_progress")]
     warmup_steps = max(1, int(float(tcfg.warmup_frac) * plan.steps))
     t0 = time.perf_counter()
-    tokens_since, t_since = 0, t0
+    tokens_since, t_since, t_ckpt = 0, t0, t0
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt_path, model, optimizer, step,
+                        {"train_wall_s": prior_wall + time.perf_counter() - t0, **identity})
+
     loss_val = float("nan")
     bar = tqdm(total=plan.steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
                disable=bool(tcfg.get("quiet", False)))
@@ -190,10 +263,11 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
             loss.backward()
             loss_sum += float(loss.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.grad_clip)))
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            bar.close()
+            raise Diverged(step, loss_sum, grad_norm, last_ckpt)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"training loss is {loss_sum} at step {step}; lower trainer.lr?")
         loss_val = loss_sum
         tokens_since += plan.tokens_per_step
         done = step + 1
@@ -206,13 +280,17 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
             tracker.log(row, step=done)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}")
             tokens_since, t_since = 0, now
-        if int(tcfg.ckpt_every) and done % int(tcfg.ckpt_every) == 0 and done < plan.steps:
-            save_checkpoint(ckpt_path, model, optimizer, done, {"train_wall_s": prior_wall + time.perf_counter() - t0})
+        if done < plan.steps and ((ckpt_steps and done % ckpt_steps == 0)
+                                  or (ckpt_seconds and time.perf_counter() - t_ckpt >= ckpt_seconds)):
+            checkpoint(done)
+            last_ckpt, t_ckpt = done, time.perf_counter()
         bar.update(1)
+        crash_point("step")
     bar.close()
     wall = prior_wall + time.perf_counter() - t0
     trained_steps = plan.steps - start_step
-    save_checkpoint(ckpt_path, model, optimizer, plan.steps, {"train_wall_s": wall})
+    if trained_steps or not ckpt_path.exists():
+        checkpoint(plan.steps)
     return {
         "steps": plan.steps,
         "tokens": plan.steps * plan.tokens_per_step,

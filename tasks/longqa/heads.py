@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.run_dir} did not train on MQAR")
     task = build_task(cfg, int(cfg.ctx))
     model = task.build_model(model_config(cfg, task.vocab_size).cfg)
-    state = torch.load(args.run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    state = torch.load(args.run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.eval()
     examples = [gen.mqar(int(cfg.ctx) + 1, task.mqar_pairs, f"heads-{i}", n_symbols=task.mqar_symbols)
