@@ -25,10 +25,14 @@ SIZE ?=
 VOCAB ?= 257
 RESULTS ?= results
 RESUME ?=
+RUN ?=
+TASKS ?=
+LIMIT ?=
+ONLINE ?=
 FRESH ?=
 ARGS ?=
 
-.PHONY: help install test test-slow test-kernels check-kernels sweep sizes throughput contention plots bench-ttt bench-mamba bench-kernels clean
+.PHONY: help install eval test test-slow test-kernels check-kernels sweep sizes throughput contention plots bench-ttt bench-mamba bench-kernels clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
@@ -75,6 +79,11 @@ sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes
 	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(CTX)" --profile "$(PROFILE)" --sizes "$(SIZES)" \
 	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" --resume "$(RESUME)" \
 	  $(if $(filter 1 true yes,$(FRESH)),--fresh) -- $(ARGS)
+
+eval: $(STAMP) ## zero-shot lm-eval tasks on finished runs: RUN=<run or sweep folder> [TASKS=local|a,b] [LIMIT=n] [ONLINE=1]
+	@test -n "$(RUN)" || { echo "error: RUN= a run folder or a sweep folder (RESULTS/runs/<sweep>)" >&2; exit 2; }
+	$(PY) -m bench.harness --run "$(RUN)" --tasks "$(or $(TASKS),local)" $(if $(LIMIT),--limit $(LIMIT)) \
+	  $(if $(filter 1 true yes,$(ONLINE)),--online) $(ARGS)
 
 sizes: $(STAMP) ## every architecture at SIZE and CTX: dims, params, FLOPs/token, state; writes RESULTS/sizes.csv
 	$(PY) -m bench.sizes --size "$(SIZE)" --ctx "$(CTX)" --match "$(or $(MATCH),flops)" --vocab "$(VOCAB)" \

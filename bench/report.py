@@ -247,7 +247,29 @@ def report(results: str | Path) -> pd.DataFrame:
             plot_training_curves(best, plots / "training_curves.png")
             plot_longqa(best, plots)
             plot_classification(best, plots)
+            write_eval_table(best, results / "eval.md")
     return table
+
+
+EVAL_BOOKKEEPING = ("eval_wall_s", "eval_limit")
+
+
+def write_eval_table(best: pd.DataFrame, path: Path) -> None:
+    """RESULTS/eval.md: the lm-eval metrics (`make eval`) of the newest run of each point, when any."""
+    cols = sorted(c for c in best.columns if c.startswith("eval_") and not c.endswith("_stderr")
+                  and c not in EVAL_BOOKKEEPING)
+    rows = best.dropna(subset=cols, how="all") if cols else best.iloc[0:0]
+    if rows.empty:
+        return
+    rows = rows.sort_values(["task", "ctx", "arch", "params"])
+    head = ["arch [backend]", "size", "ctx", "params (M)"] + [c[5:].removeprefix("ttt_") for c in cols]
+    lines = ["# Zero-shot evaluation (lm-evaluation-harness, `make eval`)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in rows.iterrows():
+        vals = ["" if pd.isna(r[c]) else f"{r[c]:.4g}" for c in cols]
+        lines.append(f"| {r['arch']} [{r['backend']}] | {r['size']} | {r['ctx']} | {r['params'] / 1e6:.2f} | "
+                     + " | ".join(vals) + " |")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
