@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import architectures
 from architectures.sizing import SizeSpec, Sized, size_model
 from bench.faults import crash_point
+from bench.hardware import mfu
 from bench.results import (atomic_write_json, atomic_write_text, device_name, git_commit, package_versions,
                            remove_stale_temporaries)
 from bench.threads import ThreadGovernor
@@ -157,6 +158,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
                         desc=f"{summary['arch']} {summary['size']} ctx={ctx}", governor=governor, identity=identity)
         summary.update(trained)
         summary["train_flops"] = summary["train_flops_per_token"] * trained["tokens"]
+        summary["mfu"] = mfu(summary["train_flops_per_token"], trained["tokens_per_s"], summary["device_name"])
         governor.update(force=True)
         summary.update(task.evaluate(model, device, autocast))
         governor.update(force=True)

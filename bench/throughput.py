@@ -14,9 +14,11 @@ tokens_per_s = batch x positions / wall in every mode. `make sweep` adds the tra
 decode tokens/s at its context (batch 1) to each run's summary (sweep_point). Peak memory: CUDA max_memory_allocated during the
 point; CPU the peak growth of the process's resident memory over the point, sampled every 2 ms, after
 freed heap pages are handed back to the OS (glibc malloc_trim).
-Timing (bench/timing.py): CUDA events after warm-up calls, median of repeats (CUDA graphs replay Mamba's
-decode step where capture works; the row says so); CPU time.perf_counter, one untimed warm-up call,
-then repeats (fewer for long calls), median and relative spread, thread count recorded. A point whose
+Timing (bench/timing.py): warm-up calls until two consecutive ones agree within 10% (at most 6 calls
+or 30 s; `settled` says whether they did), then repeats (fewer for long calls; 48 decode steps), the
+median and the relative spread; a point whose spread is over 50% is measured again and, if still
+noisy, flagged `noisy` in the CSV and drawn hollow. CUDA events on GPU (CUDA graphs replay Mamba's
+decode step where capture works; the row says so), time.perf_counter on CPU; thread count recorded. A point whose
 predicted time exceeds --max-seconds, or that runs out of memory, is a row with that reason, never a crash.
 Writes RESULTS/throughput.csv (rows keyed by arch, size, mode, ctx, batch, device; a new run replaces its
 keys), RESULTS/plots/{prefill,decode}_latency.png and train_throughput.png, and a W&B run (offline).
@@ -41,15 +43,16 @@ import architectures
 from architectures.sizing import MATCH_RULES
 from bench.results import atomic_write_text, device_name
 from bench.threads import ThreadGovernor, omp_wait
-from bench.timing import measure
+from bench.timing import MAX_WARMUP_CALLS, Timing, measure
 from bench.train import COMPILE_MODES, compile_for_training
 
 COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
-           "device", "status", "precision", "threads", "repeats", "spread", "graph", "compile", "params", "match",
-           "d_model", "layers"]
+           "device", "status", "precision", "threads", "repeats", "spread", "noisy", "warmup_calls", "settled", "graph",
+           "compile", "params", "match", "d_model", "layers"]
 KEY = ["arch", "size", "mode", "ctx", "batch", "device"]
 MODES = ("prefill", "decode", "train")
 DECODE_STEPS = 48  # timed single-token steps after each prompt: three TTT mini-batches (median)
+DECODE_ROOM = 2 * DECODE_STEPS + MAX_WARMUP_CALLS + 2  # cache slots after the prompt: warm-up, steps, a re-measure
 BYTE_VOCAB = 257
 
 
@@ -67,7 +70,7 @@ def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_
 
     sized, _ = sized_from_conf(arch, size, ctx, vocab, match)
     cfg = sized.cfg
-    cfg.max_seq_len = ctx + DECODE_STEPS + 2
+    cfg.max_seq_len = ctx + DECODE_ROOM
     torch.manual_seed(0)
     model = architectures.build_model(cfg).to(device)
     return model, sized
@@ -133,6 +136,12 @@ def _oom(e: Exception) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def _timed(t: Timing) -> dict:
+    """The columns every timed point carries: how it was measured and how much to trust it."""
+    return {"repeats": t.repeats, "spread": t.spread, "noisy": t.noisy, "warmup_calls": t.warmup_calls,
+            "settled": t.settled}
+
+
 def _row(arch, size, mode, T, B, device, model, sized, **kw) -> dict:
     return {"arch": arch, "size": size, "mode": mode, "ctx": T, "batch": B, "device": device_name(device),
             "backend": ",".join(f"{k}={v}" for k, v in sorted(model.backends().items())),
@@ -141,11 +150,13 @@ def _row(arch, size, mode, T, B, device, model, sized, **kw) -> dict:
             "d_model": sized.cfg.d_model, "layers": sized.cfg.n_layers, "graph": "", **kw}
 
 
-def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool):
-    """Timed prefill of T tokens (untimed warm-up first), then timed decode steps from its cache.
-    Returns (prefill timing, peak memory, decode timing, graph note)."""
+def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, quick: bool = False):
+    """Timed prefill of T tokens (after warm-up calls), then timed decode steps from its cache.
+    quick: one untimed warm-up call each (the probe `make sweep` runs). Returns (prefill timing,
+    peak memory, decode timing, graph note)."""
+    warm = 1 if quick else MAX_WARMUP_CALLS
     idx = torch.randint(0, vocab, (B, T), device=device)
-    extra = DECODE_STEPS + 2
+    extra = DECODE_ROOM
 
     last = {}
 
@@ -155,15 +166,14 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool):
 
     with torch.no_grad(), _autocast(device)[0]():
         with PeakMemory(device) as mem:
-            pre = measure(prefill, device)
+            pre = measure(prefill, device, max_warmup_calls=warm)
         state = last["state"]  # the cache the last timed prefill filled
         step_in = torch.randint(0, vocab, (B, 1), device=device)
         step = lambda: model(step_in, state)
         graph_note = ""
         if graphs and device.type == "cuda":
             step, graph_note = _graphed(step)
-        step()  # warm-up: the first token after the prompt
-        dec = measure(step, device, repeats=DECODE_STEPS, warmup=False)
+        dec = measure(step, device, repeats=DECODE_STEPS, max_warmup_calls=warm)  # warm-up: the first tokens
     return pre, mem.peak, dec, graph_note
 
 
@@ -246,11 +256,11 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                     if "prefill" in modes:
                         rows.append(_row(arch, size, "prefill", T, B, device, model, sized, status="ok",
                                          time_per_token_s=pre.median / T, tokens_per_s=B * T / pre.median,
-                                         peak_mem_bytes=mem, repeats=pre.repeats, spread=pre.spread))
+                                         peak_mem_bytes=mem, **_timed(pre)))
                     if "decode" in modes:
                         rows.append(_row(arch, size, "decode", T, B, device, model, sized, status="ok",
                                          time_per_token_s=dec.median, tokens_per_s=B / dec.median,
-                                         repeats=dec.repeats, spread=dec.spread, graph=graph))
+                                         graph=graph, **_timed(dec)))
                 except Exception as e:
                     why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
                     rows += [_row(arch, size, m, T, B, device, model, sized, status=why)
@@ -268,7 +278,7 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                 history["train"].append((T, t.median))
                 rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status="ok", compile=compile_mode,
                                  time_per_token_s=t.median / T, tokens_per_s=Bt * T / t.median, peak_mem_bytes=mem,
-                                 repeats=t.repeats, spread=t.spread))
+                                 **_timed(t)))
             except Exception as e:
                 why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
                 rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status=why))
@@ -285,7 +295,7 @@ def sweep_point(model, ctx: int, device, vocab: int) -> dict:
     was_training = model.training
     model.eval()
     try:
-        pre, _, dec, _ = prefill_and_decode(model, 1, ctx, device, vocab, graphs=False)
+        pre, _, dec, _ = prefill_and_decode(model, 1, ctx, device, vocab, graphs=False, quick=True)
         return {"prefill_tokens_per_s": ctx / pre.median, "prefill_time_per_token_s": pre.median / ctx,
                 "decode_tokens_per_s": 1 / dec.median, "decode_time_per_token_s": dec.median,
                 "throughput_status": "ok"}
@@ -320,7 +330,10 @@ def plot_latency(df: pd.DataFrame, mode: str, path: Path) -> None:
     for (arch, size, backend, batch, dev), g in sub.groupby(["arch", "size", "backend", "batch", "device"]):
         g = g.sort_values("ctx")
         y = g["time_per_token_s"] * 1e3 if mode != "train" else g["tokens_per_s"]
-        ax.plot(g["ctx"], y, marker="o", label=f"{arch} [{backend}] {size} B={batch}")
+        noisy = g["noisy"].astype(str).str.lower().eq("true") if "noisy" in g else pd.Series(False, index=g.index)
+        line, = ax.plot(g["ctx"], y, label=f"{arch} [{backend}] {size} B={batch}")
+        ax.plot(g["ctx"][~noisy], y[~noisy], "o", color=line.get_color())
+        ax.plot(g["ctx"][noisy], y[noisy], "o", color=line.get_color(), markerfacecolor="none")  # spread > 50% twice
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)" if mode != "decode" else "tokens already in context")
     if mode == "train":
@@ -332,6 +345,7 @@ def plot_latency(df: pd.DataFrame, mode: str, path: Path) -> None:
         ax.set_title("Prefill: time per token vs prompt length" if mode == "prefill"
                      else "Decode: time per generated token vs context")
     devices = ", ".join(sorted(sub["device"].unique())) if not sub.empty else "no successful points"
+    devices += "; hollow: noisy (spread > 50% after a re-measurement)"
     ax.text(0.01, 0.01, devices, transform=ax.transAxes, fontsize=7, alpha=0.7)
     ax.grid(True, which="both", alpha=0.3)
     if not sub.empty:
@@ -405,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                           modes, args.train_batch, compile_mode, governor):
             rows.append(r)
             mem = f"mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB" if r.get("peak_mem_bytes") is not None else ""
-            shown = (f"{r['time_per_token_s'] * 1e3:9.4f} ms/token {r['tokens_per_s']:12,.0f} tok/s {mem}"
+            trust = (f" spread {r['spread']:.0%}" + (" NOISY" if r.get("noisy") else "")
+                     + ("" if r.get("settled", True) else " (warm-up unsettled)")) if r["status"] == "ok" else ""
+            shown = (f"{r['time_per_token_s'] * 1e3:9.4f} ms/token {r['tokens_per_s']:12,.0f} tok/s {mem}{trust}"
                      if r["status"] == "ok" else r["status"])
             print(f"[ttt-bench] {arch:16s} {r['mode']:7s} T={r['ctx']:6d}  {shown}", flush=True)
     df = merge_csv(results / "throughput.csv", rows)

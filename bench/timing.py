@@ -1,6 +1,8 @@
-"""Wall-clock timing shared by the benchmarks: medians of repeats after warm-up.
+"""Wall-clock timing shared by the benchmarks: medians of repeats after a warm-up that settles.
 
 CPU: time.perf_counter around each call. CUDA: CUDA events around each call, synchronised.
+`measure` warms up until two consecutive calls agree within 10%, times repeats, reports median and
+spread, re-measures a point whose spread is over 50% and flags it `noisy` if it stays so.
 """
 from __future__ import annotations
 
@@ -23,9 +25,19 @@ def time_call(fn, repeats: int, warmup: bool = True) -> float:
 
 @dataclass(frozen=True)
 class Timing:
-    median: float  # seconds per call
+    median: float       # seconds per call
     repeats: int
-    spread: float  # (max - min) / median over the repeats
+    spread: float       # relative spread of the repeats: (max - min) / median, or (p90 - p10) / median
+                        #   from 10 repeats on (decode: a TTT step that updates W is a few of 48)
+    warmup_calls: int = 0
+    settled: bool = True  # warm-up ended with two consecutive calls within SETTLE_TOL of each other
+    noisy: bool = False   # the spread stayed over NOISY_SPREAD after one re-measurement
+
+
+SETTLE_TOL = 0.10      # warm-up: until two consecutive calls agree within 10%
+MAX_WARMUP_CALLS = 6
+MAX_WARMUP_S = 30.0    # ... or this much warm-up time has passed (then settled=False)
+NOISY_SPREAD = 0.5     # a point whose spread exceeds 50% is measured again; still over: flagged noisy
 
 
 def _adaptive_repeats(first: float, cuda: bool) -> int:
@@ -35,40 +47,67 @@ def _adaptive_repeats(first: float, cuda: bool) -> int:
     return 5 if first < 0.2 else 3 if first < 1.0 else 2 if first < 5.0 else 1
 
 
-def measure(fn, device, repeats: int | None = None, warmup: bool = True) -> Timing:
-    """Seconds per call of fn() on `device` (a torch.device): an untimed warm-up call (two more on CUDA
-    when calls are short), then timed repeats (None: adaptive to the warm-up call's length)."""
+def relative_spread(times: list[float]) -> float:
+    med = statistics.median(times)
+    if med <= 0 or len(times) < 2:
+        return 0.0
+    if len(times) >= 10:
+        deciles = statistics.quantiles(times, n=10)
+        return (deciles[-1] - deciles[0]) / med
+    return (max(times) - min(times)) / med
+
+
+def _timer(fn, cuda: bool):
+    """One call of fn(), timed: CUDA events around it (synchronised), else time.perf_counter."""
     import torch
 
-    cuda = device.type == "cuda"
-    first = 0.0
-    if warmup:
-        t0 = time.perf_counter()
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-        if cuda:
-            torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        if cuda and first < 0.1:
-            fn()
-            fn()
-    times: list[float] = []
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
-    def once():
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
 
-    once()
-    n = repeats or _adaptive_repeats(max(first, times[0]), cuda)
-    while len(times) < n:
-        once()
-    med = statistics.median(times)
-    return Timing(med, len(times), (max(times) - min(times)) / med if med > 0 else 0.0)
+def settle(fn, cuda: bool, max_calls: int = MAX_WARMUP_CALLS) -> tuple[int, bool, float]:
+    """Warm-up: call fn() until two consecutive calls agree within SETTLE_TOL (compilation, allocator
+    growth, caches and frequency settle), at most MAX_WARMUP_CALLS calls or MAX_WARMUP_S seconds.
+    Returns (calls, settled, the last call's seconds)."""
+    t0 = time.perf_counter()
+    prev = _timer(fn, cuda)
+    calls = 1
+    while calls < max_calls and time.perf_counter() - t0 < MAX_WARMUP_S:
+        cur = _timer(fn, cuda)
+        calls += 1
+        if abs(cur - prev) <= SETTLE_TOL * min(cur, prev):
+            return calls, True, cur
+        prev = cur
+    return calls, max_calls == 1, prev
+
+
+def measure(fn, device, repeats: int | None = None, warmup: bool = True,
+            max_warmup_calls: int = MAX_WARMUP_CALLS) -> Timing:
+    """Seconds per call of fn() on `device` (a torch.device): warm-up until settled (see `settle`), then
+    timed repeats (None: adaptive to the warm-up's last call), median and spread; a spread over
+    NOISY_SPREAD is measured once more and, if it stays, the Timing says noisy. max_warmup_calls=1: one
+    untimed call (a cheap probe, e.g. the prefill/decode speed `make sweep` adds to each summary)."""
+    cuda = device.type == "cuda"
+    calls, settled, last = settle(fn, cuda, max_warmup_calls) if warmup else (0, True, 0.0)
+    times = [_timer(fn, cuda)]
+    n = repeats or _adaptive_repeats(max(last, times[0]), cuda)
+
+    def take(times):
+        while len(times) < n:
+            times.append(_timer(fn, cuda))
+        return times
+
+    times = take(times)
+    noisy = False
+    if relative_spread(times) > NOISY_SPREAD and len(times) > 1:
+        times = take([])  # once more, from scratch
+        noisy = relative_spread(times) > NOISY_SPREAD
+    return Timing(statistics.median(times), len(times), relative_spread(times), calls, settled, noisy)

@@ -1,0 +1,60 @@
+"""bench/timing.py: warm-up until two calls agree, median and spread, re-measurement of noisy points;
+bench/hardware.py: MFU from the peak table."""
+import pytest
+import torch
+
+import bench.timing as timing
+
+CPU = torch.device("cpu")
+
+
+def fake_clock(monkeypatch, durations):
+    """Each timed call 'takes' the next of `durations` seconds; returns the list of calls made."""
+    it = iter(durations)
+    calls = []
+
+    def timer(fn, cuda):
+        calls.append(1)
+        return next(it)
+
+    monkeypatch.setattr(timing, "_timer", timer)
+    return calls
+
+
+def test_warm_up_runs_until_two_consecutive_calls_agree(monkeypatch):
+    # compile (5 s), allocator growth (0.5), then steady 0.20 / 0.21: settled after 4 warm-up calls
+    fake_clock(monkeypatch, [5.0, 0.5, 0.20, 0.21] + [0.2] * 5)
+    t = timing.measure(lambda: None, CPU)
+    assert (t.warmup_calls, t.settled, t.noisy) == (4, True, False)
+    assert t.median == pytest.approx(0.2) and t.repeats == 3 and t.spread == 0.0
+
+
+def test_warm_up_is_bounded_and_says_it_did_not_settle(monkeypatch):
+    fake_clock(monkeypatch, [1.0, 0.5, 1.0, 0.5, 1.0, 0.5] + [0.5] * 3)
+    t = timing.measure(lambda: None, CPU)
+    assert t.warmup_calls == timing.MAX_WARMUP_CALLS and not t.settled
+
+
+def test_a_noisy_point_is_measured_again_and_flagged_only_if_it_stays_noisy(monkeypatch):
+    # warm-up 0.1, 0.1; repeats 0.1 0.1 0.1 0.1 0.5 (spread 400%) -> again: steady -> not noisy
+    calls = fake_clock(monkeypatch, [0.1, 0.1] + [0.1, 0.1, 0.1, 0.1, 0.5] + [0.1] * 5)
+    t = timing.measure(lambda: None, CPU)
+    assert len(calls) == 12 and not t.noisy and t.spread == 0.0 and t.median == pytest.approx(0.1)
+    fake_clock(monkeypatch, [0.1, 0.1] + [0.1, 0.1, 0.1, 0.1, 0.5] + [0.1, 0.5, 0.1, 0.5, 0.1])
+    t = timing.measure(lambda: None, CPU)
+    assert t.noisy and t.spread == pytest.approx(4.0)
+
+
+def test_spread_of_many_repeats_ignores_the_rare_slow_call():
+    """48 decode steps of which 3 update TTT's weights (10x slower): the spread is the 10-90% range."""
+    times = [1.0] * 45 + [10.0] * 3
+    assert timing.relative_spread(times) == 0.0
+    assert timing.relative_spread([1.0, 1.2, 2.0]) == pytest.approx(1.0 / 1.2)
+
+
+def test_mfu_uses_the_datasheet_peak_and_none_where_unknown():
+    from bench.hardware import mfu, peak_flops
+
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert mfu(6 * 125e6, 1e6, "NVIDIA H100 80GB HBM3") == pytest.approx(6 * 125e6 * 1e6 / 989e12)
+    assert mfu(1e9, 1e3, "Intel(R) Xeon(R) CPU") is None and mfu(1e9, None, "NVIDIA H200") is None
