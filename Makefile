@@ -25,6 +25,7 @@ SIZE ?=
 VOCAB ?= 257
 RESULTS ?= results
 RESUME ?=
+LRS ?=
 RUN ?=
 TASKS ?=
 LIMIT ?=
@@ -39,7 +40,7 @@ help: ## list the targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-15s %s\n", $$1, $$2}'
 	@echo "variables: ARCH=name|a,b|all  CTX=2k|8k|32k|N  PROFILE=cpu|smoke|paper  SIZES=a,b  TASK=lm|longqa|mqar|passkey|classification"
 	@echo "           DATA=shakespeare|pycode|text_files|hf  MATCH=flops|params  RESULTS=dir  ARGS='hydra.overrides ...'"
-	@echo "           sweep: RESUME=last|<sweep id> (default: the same command continues its sweep)  FRESH=1 (a new sweep)"
+	@echo "           sweep: LRS=1e-4,1e-3 (an lr sweep; the report keeps the best)  RESUME=last|<sweep id>  FRESH=1"
 	@echo "           sizes: SIZE=125m|a,b  CTX=2k|2k,32k  MATCH=flops|params|flops,params  VOCAB=257|32000"
 	@echo "           install: TORCH_SPEC=..."
 
@@ -77,7 +78,7 @@ check-kernels: $(STAMP) ## compile the TTT Triton kernels for sm_90 without a GP
 
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
 	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(CTX)" --profile "$(PROFILE)" --sizes "$(SIZES)" \
-	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" --resume "$(RESUME)" \
+	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" --resume "$(RESUME)" --lrs "$(LRS)" \
 	  $(if $(filter 1 true yes,$(FRESH)),--fresh) -- $(ARGS)
 
 eval: $(STAMP) ## zero-shot lm-eval tasks on finished runs: RUN=<run or sweep folder> [TASKS=local|a,b] [LIMIT=n] [ONLINE=1]

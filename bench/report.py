@@ -14,6 +14,8 @@ Plots (RESULTS/plots/):
   passkey_heatmap.png    passkey accuracy by needle depth x length, one panel per (architecture, task, ctx).
   classification_accuracy.png  TASK=classification: accuracy vs parameters, one line per architecture,
                          one panel per context length, with the majority-class baseline.
+  metric_vs_lr.png       LRS= sweeps: validation bits per byte (or accuracy) vs learning rate; every other
+                         plot uses each point's best lr (lowest validation loss, highest accuracy).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import pandas as pd  # noqa: E402
 
 from bench.results import atomic_write_bytes, atomic_write_text, read_summaries, results_lock  # noqa: E402
 
-COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "params", "non_embedding_params", "flops_per_token",
+COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "lr", "params", "non_embedding_params", "flops_per_token",
            "train_flops_per_token", "flops_vs_ref", "train_flops", "state_size", "tokens", "token_rule", "val_loss",
            "val_ppl", "val_bpb", "val_unigram_bpb", "tokens_per_s", "wall_s", "train_wall_s", "backend", "device",
            "device_name", "threads", "threads_min", "cpu_busy_others_max", "precision", "layers", "d_model", "heads",
@@ -60,10 +62,26 @@ def summary_table(results: Path) -> pd.DataFrame:
     return df[COLUMNS + sorted(extra)]
 
 
+def selection_metric(task: str) -> tuple[str, bool]:
+    """(column, higher is better) that picks a point's best learning rate: the validation loss for
+    language modeling, the validation accuracy for the QA and classification tasks."""
+    return ("val_loss", False) if task == "lm" else ("val_acc", True)
+
+
 def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
-    """The newest successful run of each (arch, size, ctx, task, data)."""
-    ok = df[df["status"] == "ok"].sort_values("sweep")
-    return ok.groupby(KEY, as_index=False).tail(1)
+    """One run per (arch, size, ctx, task, data, match): from the newest sweep that has it, and when that
+    sweep tried several learning rates (LRS=), the one with the best validation metric."""
+    ok = df[df["status"] == "ok"].copy()
+    if ok.empty:
+        return ok
+    newest = ok.groupby(KEY)["sweep"].transform("max")
+    ok = ok[ok["sweep"] == newest]
+    picked = []
+    for _, g in ok.groupby(KEY):
+        col, higher = selection_metric(str(g.iloc[0]["task"]))
+        col = col if col in g and g[col].notna().any() else "val_loss"
+        picked.append(g.sort_values(col, ascending=not higher).iloc[0])
+    return pd.DataFrame(picked)
 
 
 def _label(row, multi_data: bool, multi_match: bool = False) -> str:
@@ -248,7 +266,40 @@ def report(results: str | Path) -> pd.DataFrame:
             plot_longqa(best, plots)
             plot_classification(best, plots)
             write_eval_table(best, results / "eval.md")
+            plot_metric_vs_lr(_with_match(full), plots / "metric_vs_lr.png")
     return table
+
+
+def plot_metric_vs_lr(df: pd.DataFrame, path: Path) -> None:
+    """LRS sweeps: the validation metric vs learning rate, one line per (arch, size, ctx) of the newest
+    sweep that tried several lrs, one panel per task; the best lr (the one the other plots use) ringed."""
+    ok = df[(df["status"] == "ok") & df["lr"].notna()] if "lr" in df else df.iloc[0:0]
+    if ok.empty:
+        return
+    ok = ok[ok["sweep"] == ok.groupby(KEY)["sweep"].transform("max")]
+    swept = ok.groupby(KEY)["lr"].transform("nunique") > 1
+    ok = ok[swept]
+    if ok.empty:
+        return
+    tasks = sorted(ok["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        col, higher = selection_metric(task)
+        shown = "val_bpb" if task == "lm" else col
+        for (arch, size, ctx), g in ok[ok["task"] == task].groupby(["arch", "size", "ctx"]):
+            g = g.sort_values("lr")
+            line, = ax.plot(g["lr"], g[shown], marker="o", label=f"{arch} {size} ctx={ctx}")
+            best = g.sort_values(col, ascending=not higher).iloc[0]
+            ax.plot([best["lr"]], [best[shown]], "o", markersize=12, markerfacecolor="none", color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("validation bits per byte" if shown == "val_bpb" else "validation accuracy")
+        ax.set_title(f"{task}: metric vs learning rate (ringed: best)", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 EVAL_BOOKKEEPING = ("eval_wall_s", "eval_limit")

@@ -2,7 +2,7 @@
 
     python -m bench.sweep --arch transformer --ctx 2k [--profile cpu] [--sizes a,b] [--task lm]
                           [--data shakespeare] [--match flops|params] [--results results]
-                          [--resume last|<sweep id>] [--fresh] [-- hydra overrides ...]
+                          [--lrs 1e-4,1e-3] [--resume last|<sweep id>] [--fresh] [-- hydra overrides ...]
 
 The same command run again continues its sweep (finished runs reused, interrupted ones resumed from
 their checkpoints, failed ones run again); --fresh starts a new one.
@@ -68,6 +68,25 @@ def parse_archs(text: str) -> list[str]:
     return parse_list("ARCH", text, known)
 
 
+LR_RUN_NAME = "run_name=${arch.name}-${size.name}-ctx${ctx}-lr${trainer.lr}"  # one folder per lr of a sweep
+
+
+def parse_lrs(text: str) -> list[str]:
+    """LRS=1e-4,4.6e-4,2.15e-3: positive learning rates, as written."""
+    out = []
+    for item in (t.strip() for t in str(text).split(",") if t.strip()):
+        try:
+            ok = float(item) > 0 and float(item) < float("inf")
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(f"LRS must be a comma list of positive learning rates like 1e-4,4.6e-4; got {item!r}")
+        out.append(item)
+    if not out:
+        raise UsageError("LRS is empty")
+    return list(dict.fromkeys(out))
+
+
 def default_ladder(task: str, profile: str) -> list[str]:
     """The sizes a sweep runs: the task's budget under the profile may name its own ladder
     (conf/budget/<task>_<profile>.yaml), else the profile's."""
@@ -88,6 +107,8 @@ def build_overrides(args) -> tuple[list[str], str, Path]:
                  f"ctx={ctx}", f"results={results}"]
     if args.data:
         overrides.append(f"data={parse_choice('DATA', args.data, group_options('data'))}")
+    if args.lrs:
+        overrides += [f"trainer.lr={','.join(parse_lrs(args.lrs))}", LR_RUN_NAME]
     if args.match:
         from architectures.sizing import MATCH_RULES
 
@@ -165,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="", help="conf/data name (default: shakespeare)")
     p.add_argument("--match", default="", help="flops | params (default: the profile's; flops except paper)")
     p.add_argument("--results", default="results", help="output root")
+    p.add_argument("--lrs", default="", help="a learning-rate sweep: every (architecture, size) at each lr, e.g. "
+                   "1e-4,4.6e-4,2.15e-3; the report keeps each one's best lr by its validation metric")
     p.add_argument("--resume", default="", help="continue a sweep: 'last' or a sweep id (default: the newest "
                    "sweep made by the same command, if any)")
     p.add_argument("--fresh", action="store_true", help="start a new sweep even if this command ran before")

@@ -134,3 +134,25 @@ def test_smoke_sweep_every_architecture_learns(tmp_path):
         assert curve[-1]["loss"] < curve[0]["loss"], r["run"]
         if r["arch"].startswith("ttt"):
             assert r["backend"] == "ttt=dual"
+
+
+def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
+    """LRS=: every size at each lr, one folder per lr, lr in every summary; the plots and the report's
+    best-run table take each point's best lr by validation loss; metric_vs_lr.png draws them all."""
+    import pandas as pd
+
+    from bench.report import latest_ok, summary_table
+
+    res = sweep("--arch", "transformer", "--ctx", "128", "--profile", "smoke", "--sizes", "smoke-xs",
+                "--lrs", "1e-5,1e-2", "--", "logger=none", "trainer.quiet=true", results=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = summary_table(tmp_path)
+    assert sorted(table["lr"]) == [1e-5, 1e-2]
+    folders = sorted(p.parent.name for p in tmp_path.glob("runs/*/*/summary.json"))
+    assert folders == ["transformer-smoke-xs-ctx128-lr0.01", "transformer-smoke-xs-ctx128-lr1e-05"]
+    best = latest_ok(table)
+    assert len(best) == 1 and float(best.iloc[0]["val_loss"]) == table["val_loss"].min()
+    assert float(best.iloc[0]["lr"]) == 1e-2  # 1e-5 barely moves in a few steps
+    assert (tmp_path / "plots" / "metric_vs_lr.png").exists()
+    bad = sweep("--lrs", "1e-3,fast", results=tmp_path / "bad")
+    assert bad.returncode == 2 and "LRS must be a comma list" in bad.stderr
