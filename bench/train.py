@@ -104,6 +104,11 @@ def compile_for_training(model, mode: str):
         mode = "none"
     if mode not in COMPILE_MODES:
         raise ValueError(f"trainer.compile must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode != "none":
+        # A fresh compile cache per model: a sweep trains its sizes one after another in one process, and
+        # every size's shapes counted against dynamo's recompile limit (8 per function), so from the third
+        # size on the hot path silently ran eagerly (seen at cpu-m in TTT's and Mamba's sweeps).
+        torch._dynamo.reset()
     if mode == "model":
         return torch.compile(model)
     if mode == "hot_path":

@@ -128,3 +128,26 @@ def test_training_learns_and_resumes(tmp_path):
     again = train(build_model(cfg), CopyTask(), trainer_cfg(), 32, tmp_path, NullTracker(), torch.device("cpu"),
                   contextlib.nullcontext)
     assert again["tokens_per_s"] is None and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_each_compiled_model_starts_with_a_fresh_compile_cache(caplog):
+    """A sweep trains its sizes in one process: with a recompile limit of 1, a second and third width
+    would fall back to eager (dynamo's recompile_limit warning) unless compile_for_training resets."""
+    import logging
+
+    import torch._dynamo
+
+    from architectures import ModelConfig, build_model
+    from bench.train import compile_for_training
+
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 1
+    try:
+        with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+            for d in (32, 48, 64):
+                model = build_model(ModelConfig("ttt_linear", 257, d, 1, 2, 64, 64)).train()
+                compile_for_training(model, "hot_path")(torch.randint(0, 257, (1, 64))).sum().backward()
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.reset()
+    assert "recompile_limit" not in caplog.text
