@@ -31,6 +31,13 @@ TASKS ?=
 LIMIT ?=
 ONLINE ?=
 FRESH ?=
+LAUNCHER ?= local
+NPROC ?= 1
+NODES ?=
+GPUS_PER_NODE ?=
+PARTITION ?=
+ACCOUNT ?=
+TIMEOUT_MIN ?=
 ARGS ?=
 
 .PHONY: help install eval test test-slow test-kernels check-kernels sweep sizes throughput contention plots bench-ttt bench-mamba bench-kernels clean
@@ -38,9 +45,11 @@ ARGS ?=
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-15s %s\n", $$1, $$2}'
-	@echo "variables: ARCH=name|a,b|all  CTX=2k|8k|32k|N  PROFILE=cpu|smoke|paper  SIZES=a,b  TASK=lm|longqa|mqar|passkey|classification"
+	@echo "variables: ARCH=name|a,b|all|table1  CTX=2k|8k|32k|N  PROFILE=cpu|smoke|paper  SIZES=a,b  TASK=lm|longqa|mqar|passkey|classification"
 	@echo "           DATA=shakespeare|pycode|text_files|hf  MATCH=flops|params  RESULTS=dir  ARGS='hydra.overrides ...'"
 	@echo "           sweep: LRS=1e-4,1e-3 (an lr sweep; the report keeps the best)  RESUME=last|<sweep id>  FRESH=1"
+	@echo "                  NPROC=8 (torchrun on this machine)  LAUNCHER=local|slurm (slurm: one job per run;"
+	@echo "                  NODES= GPUS_PER_NODE= PARTITION= ACCOUNT= TIMEOUT_MIN=; conf/hydra/launcher/slurm.yaml)"
 	@echo "           sizes: SIZE=125m|a,b  CTX=2k|2k,32k  MATCH=flops|params|flops,params  VOCAB=257|32000"
 	@echo "           install: TORCH_SPEC=..."
 
@@ -79,7 +88,9 @@ check-kernels: $(STAMP) ## compile the TTT Triton kernels for sm_90 without a GP
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
 	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(CTX)" --profile "$(PROFILE)" --sizes "$(SIZES)" \
 	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" --resume "$(RESUME)" --lrs "$(LRS)" \
-	  $(if $(filter 1 true yes,$(FRESH)),--fresh) -- $(ARGS)
+	  $(if $(filter 1 true yes,$(FRESH)),--fresh) --launcher "$(LAUNCHER)" --nproc "$(NPROC)" --nodes "$(NODES)" \
+	  --gpus-per-node "$(GPUS_PER_NODE)" --partition "$(PARTITION)" --account "$(ACCOUNT)" \
+	  --timeout-min "$(TIMEOUT_MIN)" -- $(ARGS)
 
 eval: $(STAMP) ## zero-shot lm-eval tasks on finished runs: RUN=<run or sweep folder> [TASKS=local|a,b] [LIMIT=n] [ONLINE=1]
 	@test -n "$(RUN)" || { echo "error: RUN= a run folder or a sweep folder (RESULTS/runs/<sweep>)" >&2; exit 2; }

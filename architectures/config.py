@@ -4,13 +4,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from architectures.recipe import Recipe
+
 
 @dataclass
 class ModelConfig:
     """Dimensions shared by every architecture, plus architecture-specific `options`.
 
     `options` holds what only one family understands (attention backend, RoPE theta, TTT mini-batch
-    size, Mamba state size, ...), so that adding an architecture never changes this class.
+    size, Mamba state size, ...), so that adding an architecture never changes this class. `recipe` is
+    the training recipe (init scheme and std, norm eps, no-decay set, lr multipliers;
+    architectures/recipe.py); `norm_eps` and `init_std` read it.
     """
 
     arch: str
@@ -20,9 +24,8 @@ class ModelConfig:
     n_heads: int
     ffn_dim: int
     max_seq_len: int = 2048
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
     tie_embeddings: bool = True  # the LM head is the embedding matrix (False: a head of its own)
+    recipe: Recipe = field(default_factory=Recipe)  # the shared recipe unless given
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -31,6 +34,14 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+    @property
+    def norm_eps(self) -> float:
+        return self.recipe.norm_eps
+
+    @property
+    def init_std(self) -> float:
+        return self.recipe.init_std
 
     @property
     def head_dim(self) -> int:

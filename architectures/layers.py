@@ -47,7 +47,7 @@ class CausalConv(nn.Module):
     def __init__(self, dim: int, width: int):
         super().__init__()
         self.width = width
-        bound = 1 / math.sqrt(width)  # nn.Conv1d's default init for a depthwise kernel
+        bound = 1 / math.sqrt(width)  # nn.Conv1d's default init (recipe init ttt_jax redraws it as flax's)
         self.weight = nn.Parameter(torch.empty(dim, width).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from architectures import recipe
 from architectures.config import ModelConfig
 from architectures.layers import RMSNorm
 
@@ -47,14 +48,7 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.recompute_blocks = False  # training: keep only each block's input, recompute the block in backward
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # N(0, 0.02) for every linear and embedding (the paper's init); biases zero.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        recipe.init_weights(self, cfg)  # the recipe's init scheme (architectures/recipe.py)
 
     def hidden(self, idx: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> (B, T, d) final-normed hidden states."""

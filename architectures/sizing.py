@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from architectures.accounting import Counts
 from architectures.config import ModelConfig
+from architectures.recipe import Recipe
 from architectures.registry import get
 
 MATCH_RULES = ("params", "flops")
@@ -98,17 +99,19 @@ def reference_config(size: SizeSpec, ctx: int, vocab: int, tie_embeddings: bool 
 
 
 def size_model(arch: str, options: dict, size: SizeSpec, ctx: int, vocab: int, match: str,
-               tie_embeddings: bool = True) -> Sized:
+               tie_embeddings: bool = True, recipe: Recipe | None = None) -> Sized:
     """The model config of `arch` (with its conf/arch options) at `size`, matched by `match`; the LM
-    head tied to the embedding or not (the same for the reference)."""
+    head tied to the embedding or not (the same for the reference); trained by `recipe` (None: the shared
+    one; architectures/recipe.py), which changes no count."""
     if match not in MATCH_RULES:
         raise SizingError(f"match must be one of {', '.join(MATCH_RULES)}; got {match!r}")
     spec = get(arch)  # raises UnknownArchitecture with the list of names
     options = dict(options)
+    options.pop("native", None)  # the arch's native training recipe (conf/recipe/native.yaml reads it), not an option
     n_layers = size.n_layers * int(options.pop("layer_multiplier", 1) or 1)
     ref_cfg = reference_config(size, ctx, vocab, tie_embeddings)
     reference = get(REFERENCE_ARCH).count(ref_cfg, ctx)
-    same = replace(ref_cfg, arch=arch, n_layers=n_layers, options=options)
+    same = replace(ref_cfg, arch=arch, n_layers=n_layers, options=options, recipe=recipe or Recipe())
     if match == "params" or arch == REFERENCE_ARCH:
         return Sized(same, spec.count(same, ctx), reference, match)
     target = reference.train_flops

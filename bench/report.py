@@ -32,12 +32,12 @@ import pandas as pd  # noqa: E402
 
 from bench.results import atomic_write_bytes, atomic_write_text, read_summaries, results_lock  # noqa: E402
 
-COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "lr", "params", "non_embedding_params", "flops_per_token",
+COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "recipe", "lr", "params", "non_embedding_params", "flops_per_token",
            "train_flops_per_token", "flops_vs_ref", "train_flops", "state_size", "tokens", "token_rule", "val_loss",
            "val_ppl", "val_bpb", "val_unigram_bpb", "tokens_per_s", "wall_s", "train_wall_s", "backend", "device",
            "device_name", "threads", "threads_min", "cpu_busy_others_max", "precision", "layers", "d_model", "heads",
            "ffn_dim", "d_inner", "vocab", "profile", "status", "error", "sweep", "run", "git_commit", "run_dir"]
-KEY = ["arch", "size", "ctx", "task", "data", "match"]
+KEY = ["arch", "size", "ctx", "task", "data", "match", "recipe"]
 FLOPS_NOTE = "training FLOPs (architectures/accounting.py: 3 x forward, attention causal-halved)"
 
 
@@ -45,6 +45,7 @@ def _with_match(df: pd.DataFrame) -> pd.DataFrame:
     """Runs from before size matching existed used the reference's dimensions: match=params."""
     df = df.copy()
     df["match"] = df["match"].fillna("params") if "match" in df else "params"
+    df["recipe"] = df["recipe"].fillna("shared") if "recipe" in df else "shared"  # runs from before recipes
     return df
 
 
@@ -88,7 +89,9 @@ def _label(row, multi_data: bool, multi_match: bool = False) -> str:
     """The architecture, the backend that ran, and the data / match rule when several are plotted."""
     label = f"{row['arch']} [{row['backend']}]"
     label = f"{label} ({row['data']})" if multi_data else label
-    return f"{label} match={row['match']}" if multi_match else label
+    label = f"{label} match={row['match']}" if multi_match else label
+    recipe = row.get("recipe")
+    return label if recipe in (None, "native") or pd.isna(recipe) else f"{label} recipe={recipe}"
 
 
 def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:

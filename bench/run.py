@@ -2,8 +2,11 @@
 
     python -m bench.run arch=transformer size=cpu-s ctx=2048
     python -m bench.run --multirun arch=transformer size=cpu-xs,cpu-s ctx=2048
+    torchrun --standalone --nproc_per_node 8 -m bench.run arch=transformer size=760m profile=paper  (ranks:
+        bench/distributed.py; make sweep ... NPROC=8, or LAUNCHER=slurm for a SLURM job per run)
 
-Writes RESULTS/runs/<sweep_id>/<run_name>/: config.yaml, metrics.jsonl, checkpoint.pt, summary.json.
+Writes RESULTS/runs/<sweep_id>/<run_name>/: config.yaml, metrics.jsonl, checkpoint.pt (one process) or
+checkpoint.dcp/ (several), summary.json.
 """
 from __future__ import annotations
 
@@ -22,11 +25,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import architectures
+from architectures.recipe import Recipe
 from architectures.sizing import SizeSpec, Sized, size_model
+from bench import distributed
 from bench.faults import crash_point
 from bench.hardware import mfu
-from bench.results import (atomic_write_json, atomic_write_text, device_name, git_commit, package_versions,
-                           remove_stale_temporaries)
+from bench.results import (REPO_ROOT, atomic_write_json, atomic_write_text, device_name, git_commit,
+                           package_versions, remove_stale_temporaries)
 from bench.threads import ThreadGovernor
 from bench.throughput import sweep_point
 from bench.tracking import NullTracker, build_tracker
@@ -36,19 +41,30 @@ from tasks import build_task
 
 def model_config(cfg: DictConfig, vocab_size: int) -> Sized:
     """The architecture's options at the size, matched to the size's reference Transformer by
-    `cfg.match` (params or flops; architectures/sizing.py)."""
+    `cfg.match` (params or flops; architectures/sizing.py), trained by the recipe `cfg.recipe`."""
     options = OmegaConf.to_container(cfg.arch, resolve=True)
     name = options.pop("name")
     tied = bool(cfg.get("tie_embeddings", True))  # run configs older than the option: tied
     return size_model(str(name), options, SizeSpec.from_dict(cfg.size), int(cfg.ctx), vocab_size, str(cfg.match),
-                      tie_embeddings=tied)
+                      tie_embeddings=tied, recipe=training_recipe(cfg))
+
+
+def training_recipe(cfg: DictConfig) -> Recipe:
+    """cfg.recipe (conf/recipe/: native, the arch's `native:` block; or shared) as a Recipe. Run configs
+    older than the option trained with the shared recipe, and get it."""
+    if cfg.get("recipe") is None:
+        return Recipe()
+    if cfg.recipe.get("name") == "native" and "native" not in cfg.arch:
+        raise ValueError(f"recipe=native: conf/arch/{cfg.arch.name}.yaml has no `native:` recipe; add one "
+                         f"(architectures/recipe.py) or use recipe=shared")
+    return Recipe.from_dict(OmegaConf.to_container(cfg.recipe, resolve=True))
 
 
 # settings that change how a run is carried out, not what it computes: a run that differs only in
 # these is the same run (a rerun sweep reuses or resumes it)
 NOT_IN_FINGERPRINT = {"sweep_id", "results", "logger"}
 TRAINER_NOT_IN_FINGERPRINT = {"quiet", "resume", "ckpt_every", "ckpt_every_s", "log_every", "threads",
-                              "thread_governor"}
+                              "thread_governor", "parallel"}
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
@@ -81,11 +97,17 @@ def finished_summary(run_dir: Path, fingerprint: str) -> dict | None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train and evaluate one (arch, size, ctx, task, data) point; always leaves a whole summary.json.
     A run folder that already holds a finished summary of the same config is reused as it is; one with
-    a checkpoint (an interrupted attempt) resumes from it."""
+    a checkpoint (an interrupted attempt) resumes from it.
+
+    Under torchrun (or a submitit job of several tasks) every rank calls this (bench/distributed.py):
+    all train, rank 0 decides what the ranks do together and writes the run's files."""
+    distributed.init(str(cfg.trainer.get("parallel", "auto")), str(cfg.trainer.device))
+    run_dir = Path(distributed.broadcast(str(run_dir)))  # rank 0's folder (`${now:}` may tick between ranks)
     run_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = config_fingerprint(cfg)
-    if (done := finished_summary(run_dir, fingerprint)) is not None:
-        print(f"[ttt-bench] run {run_dir.name}: reused ({done['status']}, finished earlier)", flush=True)
+    if (done := distributed.broadcast(finished_summary(run_dir, fingerprint))) is not None:
+        if distributed.is_main():
+            print(f"[ttt-bench] run {run_dir.name}: reused ({done['status']}, finished earlier)", flush=True)
         return done
     with run_lock(run_dir):
         return _run(cfg, run_dir, fingerprint)
@@ -97,24 +119,32 @@ class RunBusy(RuntimeError):
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """RUN_DIR/.lock (flock, released when the process dies): one process trains a run folder at a time."""
+    """RUN_DIR/.lock (flock, released when the process dies): one process (rank 0 of several) trains a
+    run folder at a time."""
     import fcntl
 
     with open(run_dir / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        busy = False
+        if distributed.is_main():
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy = True
+        if distributed.broadcast(busy):
             raise RunBusy(f"{run_dir} is being trained by another process (the same sweep started twice?); "
-                          f"wait for it, or start a new sweep with FRESH=1") from None
+                          f"wait for it, or start a new sweep with FRESH=1")
         try:
             yield
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            if distributed.is_main():
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
-    remove_stale_temporaries(run_dir)
-    (run_dir / "error.txt").unlink(missing_ok=True)
+    main = distributed.is_main()  # rank 0 writes the run's files; one process is rank 0
+    if main:
+        remove_stale_temporaries(run_dir)
+        (run_dir / "error.txt").unlink(missing_ok=True)
     ctx = int(cfg.ctx)
     summary: dict = {
         "arch": str(cfg.arch.name), "size": str(cfg.size.name), "ctx": ctx, "task": str(cfg.task.name),
@@ -132,13 +162,15 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
         task = build_task(cfg, ctx)
         sized = model_config(cfg, task.vocab_size)
         mcfg = sized.cfg
+        summary["recipe"] = mcfg.recipe.name  # native | shared (conf/recipe/)
         compute = cfg.trainer.get("compute")
         tokens, rule = budget_tokens(int(cfg.trainer.tokens), compute, sized.reference.train_flops)
         cfg.trainer.tokens = tokens  # config.yaml records what is trained
         summary.update({"compute_budget": None if compute is None else float(compute), "token_rule": rule})
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if main:
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         model = task.build_model(mcfg)
-        device = pick_device(str(cfg.trainer.device))
+        device = distributed.rank_device(pick_device(str(cfg.trainer.device)))  # cuda:LOCAL_RANK under torchrun
         governor = ThreadGovernor(cfg.trainer.get("threads"), enabled=bool(cfg.trainer.get("thread_governor", True))
                                   and device.type == "cpu")
         autocast, precision = autocast_for(device, str(cfg.trainer.precision))
@@ -153,13 +185,19 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
         summary["backends"] = backends
         summary["backend"] = ",".join(f"{k}={v}" for k, v in sorted(backends.items()))
         tracker = build_tracker(cfg.logger, str(run_dir), run_dir.name, str(cfg.sweep_id),
-                                OmegaConf.to_container(cfg, resolve=True))
+                                OmegaConf.to_container(cfg, resolve=True)) if main else NullTracker()
         summary["wandb_mode"] = tracker.mode
         trained = train(model, task, cfg.trainer, ctx, run_dir, tracker, device, autocast,
-                        desc=f"{summary['arch']} {summary['size']} ctx={ctx}", governor=governor, identity=identity)
+                        desc=f"{summary['arch']} {summary['size']} ctx={ctx}", governor=governor, identity=identity,
+                        parallel=distributed.resolve_mode(cfg.trainer.get("parallel", "auto"), summary["params"]),
+                        precision=precision)
         summary.update(trained)
         summary["train_flops"] = summary["train_flops_per_token"] * trained["tokens"]
-        summary["mfu"] = mfu(summary["train_flops_per_token"], trained["tokens_per_s"], summary["device_name"])
+        summary["mfu"] = mfu(summary["train_flops_per_token"], trained["tokens_per_s"] and
+                             trained["tokens_per_s"] / trained["world_size"], summary["device_name"])  # per device
+        model = distributed.unsharded(model, trained["parallel"], lambda: task.build_model(mcfg).to(device))
+        if model is None:  # the other ranks: rank 0 evaluates alone and writes the summary
+            return summary
         governor.update(force=True)
         summary.update(task.evaluate(model, device, autocast))
         governor.update(force=True)
@@ -168,23 +206,30 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
         summary["status"] = "ok"
     except Diverged as e:  # recorded with its step; the last good checkpoint stays
         summary.update({"status": "diverged", "error": str(e), "diverged_step": e.step})
-        print(f"[ttt-bench] run {run_dir.name} {e}", flush=True)
-    except Exception as e:  # a failed point is recorded, the sweep goes on
+        if main:
+            print(f"[ttt-bench] run {run_dir.name} {e}", flush=True)
+    except Exception as e:  # a failed point is recorded, the sweep goes on (one process)
+        if not main:
+            raise  # rank 0 records the run (below), and ends the job too
         summary["status"] = "failed"
         summary["error"] = f"{type(e).__name__}: {e}"
         atomic_write_text(run_dir / "error.txt", traceback.format_exc())
         print(f"[ttt-bench] run {run_dir.name} failed: {summary['error']} (traceback in {run_dir / 'error.txt'})",
               flush=True)
     summary["wall_s"] = time.perf_counter() - t0
+    if not main:
+        return summary  # diverged: every rank saw it at the same step
     tracker.summary({k: v for k, v in summary.items() if k != "loss_by_position"})
     tracker.finish()
     summary["finished_at"] = time.time()
     atomic_write_json(run_dir / "summary.json", summary)
     crash_point("summary")
+    if summary["status"] == "failed" and distributed.world_size() > 1:  # the ranks cannot go on together
+        raise RuntimeError(f"run {run_dir.name} failed ({summary['error']}); the same command continues the sweep")
     return summary
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(REPO_ROOT / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
@@ -194,4 +239,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the app as bench.run, not __main__: a submitit job (LAUNCHER=slurm) then unpickles the task function
+    # by reference (cloudpickle cannot copy this module by value: it names torch.backends)
+    from bench.run import main as app
+
+    app()

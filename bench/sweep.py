@@ -2,7 +2,9 @@
 
     python -m bench.sweep --arch transformer --ctx 2k [--profile cpu] [--sizes a,b] [--task lm]
                           [--data shakespeare] [--match flops|params] [--results results]
-                          [--lrs 1e-4,1e-3] [--resume last|<sweep id>] [--fresh] [-- hydra overrides ...]
+                          [--lrs 1e-4,1e-3] [--resume last|<sweep id>] [--fresh]
+                          [--nproc N | --launcher slurm [--nodes N] [--gpus-per-node G] [--partition P]
+                          [--account A] [--timeout-min M]] [-- hydra overrides ...]
 
 The same command run again continues its sweep (finished runs reused, interrupted ones resumed from
 their checkpoints, failed ones run again); --fresh starts a new one.
@@ -60,11 +62,18 @@ def parse_list(kind: str, text: str, options: list[str]) -> list[str]:
 
 
 def parse_archs(text: str) -> list[str]:
+    """Names, a comma list, `all` (the main architectures, without the Table 1 ablation rows) or `table1`
+    (the paper's Table 1 ladder, rows 1-8 in order; architectures/ttt/__init__.py: TABLE1)."""
     import architectures
+    from architectures.ttt import TABLE1
 
     known = [a for a in architectures.names() if (CONF / "arch" / f"{a}.yaml").exists()]
-    if str(text).strip() == "all":
-        return known
+    ladder = [name for _, _, name in TABLE1]
+    text = str(text).strip()
+    if text == "all":
+        return [a for a in known if a not in ladder[:-2]]  # rows 7 and 8 are ttt_linear_base and ttt_linear
+    if text == "table1":
+        return ladder
     return parse_list("ARCH", text, known)
 
 
@@ -114,6 +123,39 @@ def build_overrides(args) -> tuple[list[str], str, Path]:
 
         overrides.append(f"match={parse_choice('MATCH', args.match, list(MATCH_RULES))}")
     return overrides + list(args.overrides), f"{task}-ctx{ctx}", results
+
+
+LAUNCHERS = ("local", "slurm")
+SLURM_OPTIONS = {"nodes": "NODES", "gpus_per_node": "GPUS_PER_NODE", "timeout_min": "TIMEOUT_MIN",
+                 "partition": "PARTITION", "account": "ACCOUNT"}  # conf/hydra/launcher/slurm.yaml key: make variable
+
+
+def parse_positive(kind: str, text: str) -> int:
+    if not re.fullmatch(r"\s*[1-9]\d*\s*", str(text)):
+        raise UsageError(f"{kind} must be a positive integer; got {text!r}")
+    return int(text)
+
+
+def run_command(args) -> list[str]:
+    """How the Hydra multirun starts: `python -m bench.run` (LAUNCHER=local, one process); torchrun over
+    NPROC processes of this machine, one per GPU (NPROC>1); or Hydra's submitit launcher, one SLURM job of
+    NODES x GPUS_PER_NODE ranks per run (LAUNCHER=slurm; conf/hydra/launcher/slurm.yaml). Not part of the
+    sweep's identity: a sweep started under one launcher continues under another."""
+    launcher = parse_choice("LAUNCHER", args.launcher, list(LAUNCHERS))
+    nproc = parse_positive("NPROC", args.nproc)
+    slurm = {key: str(getattr(args, key)).strip() for key in SLURM_OPTIONS if str(getattr(args, key)).strip()}
+    if launcher == "local":
+        if slurm:
+            raise UsageError(f"{', '.join(SLURM_OPTIONS[k] + '=' for k in slurm)} need LAUNCHER=slurm")
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+        return [sys.executable, *torchrun, "-m", "bench.run", "--multirun"]
+    if nproc > 1:
+        raise UsageError("NPROC is for one machine (LAUNCHER=local); LAUNCHER=slurm takes NODES and GPUS_PER_NODE")
+    for key in ("nodes", "gpus_per_node", "timeout_min"):
+        if key in slurm:
+            parse_positive(SLURM_OPTIONS[key], slurm[key])
+    return [sys.executable, "-m", "bench.run", "--multirun", "hydra/launcher=slurm",
+            *(f"hydra.launcher.{key}={value}" for key, value in slurm.items())]
 
 
 # RESULTS/sweeps/<sweep_id>.json records the command (its Hydra overrides) that made each sweep, so the
@@ -191,15 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", default="", help="continue a sweep: 'last' or a sweep id (default: the newest "
                    "sweep made by the same command, if any)")
     p.add_argument("--fresh", action="store_true", help="start a new sweep even if this command ran before")
+    p.add_argument("--launcher", default="local", help="local (this machine) | slurm (one job per run)")
+    p.add_argument("--nproc", default="1", help="local: torchrun over this many processes (one per GPU)")
+    for key, var in SLURM_OPTIONS.items():
+        p.add_argument(f"--{key.replace('_', '-')}", default="", help=f"slurm: hydra.launcher.{key} (make {var}=)")
     p.add_argument("overrides", nargs="*", help="free Hydra overrides, e.g. trainer.lr=1e-3")
     args = p.parse_args(argv)
     try:
         overrides, label, results = build_overrides(args)
+        head = run_command(args)
         sweep_id, overrides, how = choose_sweep(results, overrides, label, args.resume.strip(), args.fresh)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "bench.run", "--multirun", *overrides, f"sweep_id={sweep_id}"]
+    cmd = [*head, *overrides, f"sweep_id={sweep_id}"]
     if how != "new":
         print(f"[ttt-bench] {how} sweep {sweep_id}: finished runs are reused, interrupted ones resume "
               f"(FRESH=1 starts a new sweep)", flush=True)

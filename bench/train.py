@@ -2,8 +2,10 @@
 
 Recipe (the paper's, App. C of arXiv 2407.04620): AdamW (0.9, 0.95), weight decay 0.1, gradient
 clip 1.0, linear warmup over the first 10% of steps then cosine decay to min_lr; bf16 autocast on
-CUDA, fp32 on CPU. Batches are a pure function of the step, and the checkpoint holds model,
-optimizer, step and the training curve position, so a killed run resumes where it stopped.
+CUDA, fp32 on CPU. Which parameters are decayed, and any lr multipliers, follow the model's training
+recipe (recipe=native|shared; architectures/recipe.py). Batches are a pure function of the step, and
+the checkpoint holds model, optimizer, step and the training curve position, so a killed run resumes
+where it stopped.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from architectures.recipe import param_groups
+from bench import distributed
 from bench.faults import crash_point
 from bench.results import append_jsonl, atomic_write_bytes, atomic_write_text
 
@@ -45,6 +49,17 @@ class Plan:
         seqs = micro * accum
         steps = max(1, math.ceil(tokens / (seqs * ctx)))
         return cls(steps, seqs, micro, accum, seqs * ctx)
+
+    def split(self, world: int) -> tuple[int, int, int]:
+        """(sequences, micro-batch, accumulation steps) of one of `world` ranks: the step's global batch is
+        cut into `world` equal slices, so the data do not depend on the world size; a rank accumulates its
+        slice in micro-batches of at most micro_batch (the last one may be shorter). split(1) is the plan."""
+        if self.seqs_per_step % world:
+            raise ValueError(f"a step's {self.seqs_per_step} sequences do not split over {world} processes; "
+                             f"make trainer.batch_tokens / ctx a multiple of {world}")
+        seqs = self.seqs_per_step // world
+        micro = min(self.micro_batch, seqs)
+        return seqs, micro, math.ceil(seqs / micro)
 
 
 def budget_tokens(tokens: int, compute, ref_train_flops_per_token: float) -> tuple[int, str]:
@@ -88,8 +103,12 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def make_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.AdamW:
-    # The paper's JAX recipe decays every parameter (ttt_semantics.md, "Outer training recipe").
-    return torch.optim.AdamW(model.parameters(), lr=float(tcfg.lr), betas=tuple(tcfg.betas),
+    """AdamW over the model's parameter groups under its training recipe (architectures/recipe.py): the
+    recipe's no-decay parameters get weight decay 0 and its lr multipliers a group of their own (the
+    shared recipe: one group, every parameter decayed, as the TTT paper's JAX code does)."""
+    lm = getattr(model, "lm", model)  # a classifier's language model holds the config
+    groups = param_groups(model, lm.cfg.recipe, float(tcfg.weight_decay))
+    return torch.optim.AdamW(groups, lr=float(tcfg.lr), betas=tuple(tcfg.betas),
                              weight_decay=float(tcfg.weight_decay), eps=float(tcfg.eps))
 
 
@@ -174,22 +193,63 @@ def save_checkpoint(path: Path, model, optimizer, step: int, extra: dict) -> Non
     atomic_write_bytes(path, buf.getvalue(), crash_at="checkpoint")
 
 
-def load_checkpoint(path: Path, device: torch.device, identity: dict | None = None) -> dict:
-    """torch.load(weights_only=True); an unreadable file or one written by another run (`identity`:
-    architecture, size, context and config fingerprint) raises CheckpointError naming the file and the fix."""
-    fix = (f"delete {path} to train this run from step 0, or start a new sweep with FRESH=1 "
-           f"(make sweep ... FRESH=1)")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # zip, pickle and EOF errors alike
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); {fix}") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= state.keys():
-        raise CheckpointError(f"checkpoint {path} is not a ttt-bench training checkpoint; {fix}")
+def _fix(path: Path) -> str:
+    return f"delete {path} to train this run from step 0, or start a new sweep with FRESH=1 (make sweep ... FRESH=1)"
+
+
+def check_identity(path: Path, state: dict, identity: dict | None) -> None:
     for key, want in (identity or {}).items():
         have = state.get(key)
         if have is not None and have != want:
             raise CheckpointError(f"checkpoint {path} belongs to another run ({key} {have!r}, this run "
-                                  f"{want!r}); {fix}")
+                                  f"{want!r}); {_fix(path)}")
+
+
+def load_checkpoint(path: Path, device: torch.device, identity: dict | None = None) -> dict:
+    """torch.load(weights_only=True); an unreadable file or one written by another run (`identity`:
+    architecture, size, context and config fingerprint) raises CheckpointError naming the file and the fix."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # zip, pickle and EOF errors alike
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); {_fix(path)}") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= state.keys():
+        raise CheckpointError(f"checkpoint {path} is not a ttt-bench training checkpoint; {_fix(path)}")
+    check_identity(path, state, identity)
+    return state
+
+
+def load_sharded_checkpoint(path: Path, model, optimizer, identity: dict | None) -> dict:
+    """A sharded checkpoint folder (bench/distributed.py) into model and optimizer; returns its meta.json
+    (step, train_wall_s, identity). Errors as load_checkpoint's."""
+    try:
+        meta = distributed.read_meta(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); {_fix(path)}") from None
+    check_identity(path, meta, identity)
+    try:
+        distributed.load_sharded(path, model, optimizer)
+    except Exception as e:  # missing shards, other shapes
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); "
+                              f"{_fix(path.parent)}") from None
+    return meta
+
+
+def restore(run_dir: Path, model, optimizer, device: torch.device, identity: dict, mode: str) -> dict | None:
+    """Load the run's newest checkpoint into model and optimizer; its state (step, train_wall_s), or None
+    without one. checkpoint.pt is written by one process (parallel=none), checkpoint.dcp/ by several;
+    either loads under any parallel mode and world size."""
+    pt, sharded = run_dir / CHECKPOINT, distributed.latest_sharded(run_dir)
+    if sharded is not None and (not pt.exists() or distributed.saved_at(run_dir) >= pt.stat().st_mtime):
+        return load_sharded_checkpoint(sharded, model, optimizer, identity)
+    if not pt.exists():
+        return None
+    if mode == "none":
+        state = load_checkpoint(pt, device, identity)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return state
+    state = load_checkpoint(pt, torch.device("cpu"), identity)
+    distributed.load_full(model, optimizer, state)
     return state
 
 
@@ -209,7 +269,8 @@ def resume_metrics(metrics_path: Path, step: int) -> None:
 
 
 def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.device, autocast,
-          desc: str = "train", governor=None, identity: dict | None = None) -> dict:
+          desc: str = "train", governor=None, identity: dict | None = None, parallel: str = "none",
+          precision: str = "fp32") -> dict:
     """Train `model` on `task` for the token budget in `tcfg`; returns what the summary needs.
     governor: a bench.threads.ThreadGovernor that refits the CPU threads between steps (None: fixed).
     identity: what the checkpoint records and a resumed one must match (architecture, size, ctx, config).
@@ -217,25 +278,31 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
     Checkpoints: every `ckpt_every` steps and every `ckpt_every_s` seconds (0: off), and at the end;
     a run started again resumes from its checkpoint with metrics.jsonl cut back to that step, so an
     interrupted run ends with the same weights and curve as an uninterrupted one (bit-exact on CPU
-    with a fixed thread count). A non-finite loss or gradient norm raises Diverged before the update."""
+    with a fixed thread count). A non-finite loss or gradient norm raises Diverged before the update.
+
+    parallel: none | ddp | fsdp (bench/distributed.py; the process group is already joined). Each rank
+    trains on its slice of every step's global batch and accumulates over it (Plan.split); rank 0 writes
+    metrics.jsonl; the checkpoint is sharded (checkpoint.dcp/). precision: bf16 makes FSDP gather bf16."""
     model.to(device)
     plan = Plan.resolve(int(tcfg.tokens), int(tcfg.batch_tokens), int(tcfg.micro_batch), ctx)
+    seqs, micro, accum = plan.split(distributed.world_size())  # this rank's share of a step
+    first, main = distributed.rank() * seqs, distributed.is_main()  # its slice starts at `first`
+    wrapped = distributed.wrap(model, parallel, device, precision)  # fsdp shards `model` in place
     optimizer = make_optimizer(model, tcfg)
     ckpt_path = run_dir / CHECKPOINT
     identity = dict(identity or {})
     start_step, prior_wall, last_ckpt = 0, 0.0, None
-    if bool(tcfg.resume) and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, device, identity)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    state = restore(run_dir, model, optimizer, device, identity, parallel) if bool(tcfg.resume) else None
+    if state is not None:
         start_step, prior_wall = int(state["step"]), float(state.get("train_wall_s", 0.0))
         last_ckpt = start_step
     metrics_path = run_dir / "metrics.jsonl"
-    resume_metrics(metrics_path, start_step)
+    if main:
+        resume_metrics(metrics_path, start_step)
     ckpt_steps, ckpt_seconds = int(tcfg.get("ckpt_every", 0) or 0), float(tcfg.get("ckpt_every_s", 0) or 0)
     lm = getattr(model, "lm", model)  # a classifier's language model holds the blocks
-    lm.recompute_blocks = resolve_recompute(tcfg.get("recompute_blocks", "auto"), lm, plan.micro_batch, ctx, device)
-    step_model = compile_for_training(model, str(tcfg.compile))
+    lm.recompute_blocks = resolve_recompute(tcfg.get("recompute_blocks", "auto"), lm, micro, ctx, device)
+    step_model = compile_for_training(wrapped, str(tcfg.compile))
     model.train()
     # modules that schedule something by training progress (TTT-MLP's inner base lr warmup)
     scheduled = [m for m in model.modules() if hasattr(m, "set_train_progress")]
@@ -244,30 +311,38 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
     tokens_since, t_since, t_ckpt = 0, t0, t0
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_path, model, optimizer, step,
-                        {"train_wall_s": prior_wall + time.perf_counter() - t0, **identity})
+        extra = {"train_wall_s": prior_wall + time.perf_counter() - t0, **identity}
+        if parallel == "none":
+            save_checkpoint(ckpt_path, model, optimizer, step, extra)
+            distributed.remove_sharded(run_dir)
+        else:
+            distributed.save_sharded(run_dir, model, optimizer, step, extra)
 
     loss_val = float("nan")
     bar = tqdm(total=plan.steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
-               disable=bool(tcfg.get("quiet", False)))
+               disable=bool(tcfg.get("quiet", False)) or not main)
     for step in range(start_step, plan.steps):
         if governor is not None:
             governor.update()
         lr = lr_at(step, plan.steps, float(tcfg.lr), float(tcfg.min_lr), float(tcfg.warmup_frac))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)  # the recipe's lr multiplier (make_optimizer)
         for m in scheduled:
             m.set_train_progress(step, warmup_steps)
-        x_all, y_all = task.batch(step, plan.seqs_per_step)  # (seqs, ctx) each
+        x_all, y_all = task.batch(step, plan.seqs_per_step)  # (seqs_per_step, ctx) each: the global batch
+        x_all, y_all = x_all[first:first + seqs], y_all[first:first + seqs]  # (seqs, ctx): this rank's slice
         loss_sum = 0.0
-        for m in range(plan.accum):
-            sl = slice(m * plan.micro_batch, (m + 1) * plan.micro_batch)
-            x, y = x_all[sl].to(device), y_all[sl].to(device)
-            with autocast():
-                loss = task.loss(step_model, x, y) / plan.accum
-            loss.backward()
+        for m in range(accum):
+            sl = slice(m * micro, (m + 1) * micro)
+            x, y = x_all[sl].to(device), y_all[sl].to(device)  # (<= micro, ctx)
+            with distributed.grad_sync(wrapped, parallel, last=m == accum - 1):
+                with autocast():  # weight len(x)/seqs: 1/accum for equal micro-batches
+                    loss = task.loss(step_model, x, y) / (seqs / len(x))
+                loss.backward()
             loss_sum += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.grad_clip)))
+        loss_sum = distributed.mean(loss_sum)  # the step's loss over the global batch
+        grad_norm = (distributed.clip_grad_norm(model, float(tcfg.grad_clip)) if parallel == "fsdp" else
+                     float(torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.grad_clip))))
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             bar.close()
             raise Diverged(step, loss_sum, grad_norm, last_ckpt)
@@ -281,12 +356,14 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
             tps = tokens_since / max(now - t_since, 1e-9)
             row = {"step": done, "tokens": done * plan.tokens_per_step, "loss": loss_val, "lr": lr,
                    "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": prior_wall + now - t0}
-            append_jsonl(metrics_path, row)
+            if main:
+                append_jsonl(metrics_path, row)
             tracker.log(row, step=done)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}")
             tokens_since, t_since = 0, now
         if done < plan.steps and ((ckpt_steps and done % ckpt_steps == 0)
-                                  or (ckpt_seconds and time.perf_counter() - t_ckpt >= ckpt_seconds)):
+                                  or (ckpt_seconds and distributed.any_rank(
+                                      time.perf_counter() - t_ckpt >= ckpt_seconds))):
             checkpoint(done)
             last_ckpt, t_ckpt = done, time.perf_counter()
         bar.update(1)
@@ -294,13 +371,15 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
     bar.close()
     wall = prior_wall + time.perf_counter() - t0
     trained_steps = plan.steps - start_step
-    if trained_steps or not ckpt_path.exists():
+    if trained_steps or not (ckpt_path.exists() or distributed.latest_sharded(run_dir)):
         checkpoint(plan.steps)
     return {
         "steps": plan.steps,
         "tokens": plan.steps * plan.tokens_per_step,
         "batch_seqs": plan.seqs_per_step,
         "micro_batch": plan.micro_batch,
+        "parallel": parallel,
+        "world_size": distributed.world_size(),
         "recompute_blocks": lm.recompute_blocks,
         "train_loss": loss_val,
         "train_wall_s": wall,

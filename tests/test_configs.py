@@ -9,7 +9,7 @@ from architectures import ModelConfig
 from bench.run import model_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ["arch", "size", "task", "data", "trainer", "logger", "profile"]
+GROUPS = ["arch", "recipe", "size", "task", "data", "trainer", "logger", "profile"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 

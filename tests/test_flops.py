@@ -20,7 +20,11 @@ from architectures.mamba.scan import selective_state_step
 from architectures.sizing import FLOPS_TOLERANCE, SizeSpec, SizingError, size_model
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-ARCHS = ["transformer", "transformer_conv", "ttt_linear", "ttt_mlp", "ttt_linear_base", "ttt_mlp_base", "mamba", "mamba2"]
+ARCHS = ["transformer", "transformer_conv", "ttt_linear", "ttt_mlp", "ttt_linear_base", "ttt_mlp_base",
+         "mamba", "mamba2",
+         # the Table 1 ablation ladder (architectures/ttt TABLE1): linear attention, TTT with options off
+         "table1_1_linear_attention", "table1_2_linear_attention_improved", "table1_3_ttt_equivalence",
+         "table1_4_learnable_w0", "table1_5_ln_residual", "table1_6_mini_batch"]
 # (width, depth, heads, T): T a multiple of TTT's mini-batch (16) and of the Mamba-2 chunk (64), so every
 # count is exact, and one T that is neither (the trailing partial mini-batch / chunk costs less)
 SHAPES = [(64, 2, 2, 128), (96, 3, 3, 192), (128, 1, 4, 200)]
@@ -94,7 +98,8 @@ def test_matmul_flops_match_flop_counter(arch, d, L, H, T):
     assert measured == pytest.approx(expected, rel=1e-9 if exact else 0.05), counts.fwd_terms
 
 
-@pytest.mark.parametrize("arch", ["transformer", "ttt_linear", "ttt_mlp", "mamba", "mamba2"])
+@pytest.mark.parametrize("arch", ["transformer", "ttt_linear", "ttt_mlp", "mamba", "mamba2", "table1_1_linear_attention",
+                                  "table1_3_ttt_equivalence"])
 def test_training_costs_three_forwards(arch):
     """Training FLOPs = 3 x forward: measured forward + backward over forward, for every architecture's
     PyTorch path (our grouped-conv backward formula; torch 2.13's charges depthwise convs d times)."""
@@ -177,6 +182,8 @@ def test_state_size_is_the_decode_cache(arch):
     of one sequence holds exactly the analytic number of numbers."""
     T = 2 * 16 + 5
     cfg = config(arch, 64, 2, 2, T)
+    if cfg.options.get("mini_batch") == "seq":  # b = max_seq_len: longer than the prefill, so it ends mid mini-batch
+        cfg = replace(cfg, max_seq_len=2 * T)
     model = build_model(cfg)
     state = model.new_state(1, T)
     with torch.no_grad():
@@ -253,7 +260,9 @@ def test_sizes_command_writes_the_table(tmp_path, capsys):
     assert main(["--size", "125m", "--ctx", "2k,32k", "--match", "params,flops", "--vocab", "32000",
                  "--results", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "sizes.csv")))
-    assert list(rows[0]) == COLUMNS and len(rows) == 2 * 2 * len(architectures.names())
+    from bench.sweep import parse_archs
+
+    assert list(rows[0]) == COLUMNS and len(rows) == 2 * 2 * len(parse_archs("all"))  # the main architectures
     need = ["arch", "size", "ctx", "match", "vocab", "layers", "d_model", "heads", "params", "non_embedding_params",
             "fwd_flops_per_token", "train_flops_per_token", "state_size", "token_budget"]
     assert set(need) <= set(COLUMNS)

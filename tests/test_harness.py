@@ -172,10 +172,10 @@ def test_make_eval_runs_the_local_tasks_offline(smoke_sweep):
     assert "shakespeare_mc_acc" in (smoke_sweep / "eval.md").read_text()
 
 
-def test_make_eval_refuses_what_it_cannot_do(smoke_sweep, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "bench.harness", "--run", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 2 and "no finished run under" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "bench.harness", "--run", str(smoke_sweep / "runs"), "--tasks",
-                          "no_such_task"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 2 and "unknown lm-eval task(s) no_such_task" in res.stderr
+def test_make_eval_refuses_what_it_cannot_do(smoke_sweep, tmp_path, capsys):
+    from bench.harness import main
+
+    assert main(["--run", str(tmp_path)]) == 2
+    assert "no finished run under" in capsys.readouterr().err
+    assert main(["--run", str(smoke_sweep / "runs"), "--tasks", "no_such_task"]) == 2
+    assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err

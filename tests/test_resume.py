@@ -80,6 +80,7 @@ def test_killed_mid_training_the_same_command_finishes_with_identical_numbers(tm
     assert outcome(tmp_path) == uninterrupted
 
 
+@pytest.mark.slow
 def test_fresh_starts_a_new_sweep_and_resume_names_one(tmp_path):
     args = SWEEP[:-5] + ["trainer.tokens=8192", "trainer.quiet=true", "logger=none"]
     assert run_sweep(tmp_path, args).returncode == 0

@@ -120,14 +120,15 @@ def test_failed_run_is_recorded_and_fails_the_sweep(tmp_path):
 
 
 def test_smoke_sweep_every_architecture_learns(tmp_path):
-    """ARCH=all through the same entry point: every architecture trains, and its loss falls."""
+    """ARCH=all through the same entry point: every main architecture trains, and its loss falls."""
     import architectures
 
     res = sweep("--arch", "all", "--ctx", "64", "--profile", "smoke", "logger=none", results=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted({r["arch"] for r in rows}) == architectures.names()
+    ladder_rows = {name for _, _, name in architectures.ttt.TABLE1[:-2]}  # ARCH=table1 runs those
+    assert sorted({r["arch"] for r in rows}) == [a for a in architectures.names() if a not in ladder_rows]
     for r in rows:
         assert r["status"] == "ok" and float(r["val_bpb"]) < 8.0, r
         curve = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -156,3 +157,14 @@ def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
     assert (tmp_path / "plots" / "metric_vs_lr.png").exists()
     bad = sweep("--lrs", "1e-3,fast", results=tmp_path / "bad")
     assert bad.returncode == 2 and "LRS must be a comma list" in bad.stderr
+
+
+def test_arch_all_and_table1():
+    """`all`: the main architectures; `table1`: the paper's Table 1 ladder, rows 1-8 in order."""
+    from architectures.ttt import TABLE1
+    from bench.sweep import parse_archs
+
+    assert parse_archs("table1") == [name for _, _, name in TABLE1]
+    main = parse_archs("all")
+    assert {"transformer", "ttt_linear", "ttt_linear_base", "mamba", "mamba2", "ttt_mlp"} <= set(main)
+    assert not any(a.startswith("table1_") for a in main)

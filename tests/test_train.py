@@ -36,15 +36,15 @@ def test_budget_tokens_caps_the_tokens_by_the_compute_budget():
 
 @pytest.mark.parametrize("size", ["cpu-xs", "cpu-s", "cpu-m", "cpu-l"])
 def test_cpu_ladder_compute_budget_binds_only_at_long_context(size):
-    """The CPU sizes keep their token budgets up to 8k (cpu-l: 2k) and train on compute / reference FLOPs per
-    token beyond, the same tokens for every architecture and match rule (the reference sets them)."""
+    """The CPU sizes keep their token budgets at 2k (cpu-xs up to 8k) and train on compute / reference FLOPs
+    per token beyond, the same tokens for every architecture and match rule (the reference sets them)."""
     from bench.sizes import sized_from_conf
 
     def tokens(arch, ctx, match):
         sized, size_cfg = sized_from_conf(arch, size, ctx, 257, match)
         return budget_tokens(int(size_cfg.tokens), float(size_cfg.compute), sized.reference.train_flops)
 
-    short = 2048 if size == "cpu-l" else 8192
+    short = 8192 if size == "cpu-xs" else 2048
     assert tokens("transformer", short, "flops")[1] == "tokens"
     at_32k = {tokens(a, 32768, m) for a in ("transformer", "ttt_linear", "mamba") for m in ("flops", "params")}
     (n, rule), = at_32k  # one value for every architecture

@@ -126,6 +126,65 @@ def test_every_parameter_gradient_through_dual_equals_reference(arch):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=name)
 
 
+# the Table 1 ablation options (layer.py): each off, against the reference (autograd of the loss as written)
+ABLATIONS = [("linear", {"inner_ln": False}), ("linear", {"inner_residual": False}), ("linear", {"inner_bias": False}),
+             ("linear", {"learnable_lr": False, "base_lr": 0.5}), ("linear", {"mini_batch": "seq"}),
+             ("linear", {"learnable_w0": False, "inner_ln": False}),
+             ("mlp", {"inner_ln": False, "inner_residual": False})]
+
+
+@pytest.mark.parametrize("inner,opts", ABLATIONS, ids=[f"{i}-{'-'.join(o)}" for i, o in ABLATIONS])
+def test_ablation_options_dual_equals_reference(inner, opts):
+    dual = perturbed_layer(layer_cfg(inner, "transformer", impl="dual", **opts))
+    ref = copy.deepcopy(dual)
+    ref.impl = "reference"
+    x = torch.randn(2, 35, 32, dtype=F64)
+    proj = torch.randn(2, 35, 32, dtype=F64)
+    out = dual(x)
+    torch.testing.assert_close(out, ref(x), rtol=1e-10, atol=1e-10)
+    (out * proj).sum().backward()
+    (ref(x) * proj).sum().backward()
+    for (name, p), (_, p_ref) in zip(dual.named_parameters(), ref.named_parameters()):
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_long_minibatch_in_pieces_equals_one_block_and_the_reference(inner, monkeypatch):
+    """b > dual.LONG_PIECE (b = T, "seq"): pieces of 64 through the accumulators equal one b x b block, and the
+    reference; so does a prefill that stops inside a piece, continued."""
+    import architectures.ttt.dual as dual_mod
+
+    B, H, T, f = 1, 2, 150, 16
+    q, k, v, a, _, ln_w, ln_b = random_inputs(B, H, T, f, F64)
+    tok = 1.0 / torch.arange(1, T + 1, dtype=F64)
+    init = initial(inner, H, f, F64)
+    state = lambda: InnerState({n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})
+    run = lambda st, sl: ttt_dual(inner, st, q[:, :, sl], k[:, :, sl], v[:, :, sl], a[:, :, sl], tok,
+                                  ln_w[:, None], ln_b[:, None], T)
+    pieces, _ = run(state(), slice(0, T))
+    first, st = run(state(), slice(0, 70))
+    rest, _ = run(st, slice(70, T))
+    monkeypatch.setattr(dual_mod, "LONG_PIECE", 10 ** 6)
+    block, _ = run(state(), slice(0, T))
+    torch.testing.assert_close(pieces, block, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(torch.cat([first, rest], 2), block, rtol=1e-11, atol=1e-11)
+    ref = ttt_reference(init, q[..., :100, :], k[..., :100, :], v[..., :100, :], a[..., :100], tok[:100], ln_w, ln_b,
+                        T, inner)
+    torch.testing.assert_close(pieces[..., :100, :], ref, rtol=1e-10, atol=1e-10)
+
+
+def test_ablation_options_default_to_the_paper_ttt():
+    """Unset options are the paper's TTT: the same parameters, and the same outputs, as all set to true."""
+    paper = perturbed_layer(layer_cfg("linear", "mamba"))
+    explicit = TTTLayer(layer_cfg("linear", "mamba", inner_ln=True, inner_residual=True, inner_bias=True,
+                                  learnable_w0=True, learnable_lr=True)).to(F64)
+    explicit.load_state_dict(paper.state_dict())
+    assert [n for n, _ in paper.named_parameters()] == [n for n, _ in explicit.named_parameters()]
+    x = torch.randn(1, 20, 32, dtype=F64)
+    torch.testing.assert_close(explicit(x), paper(x), rtol=0, atol=0)
+
+
 def test_gradient_checkpointing_changes_nothing():
     a = perturbed_layer(layer_cfg("mlp", checkpoint_group=2))
     b = copy.deepcopy(a)

@@ -21,8 +21,9 @@ mamba_chunk_scan_combined, causal_conv1d); `torch` runs ours (scan.py, ssd.py); 
 CUDA is present and the kernels import, torch otherwise. A backend that is asked for and cannot run
 raises. Continuing from a decode state always runs ours (the kernels start from the zero state).
 
-dt_proj and A_log are plain parameters, not nn.Linear, so the shell's N(0, 0.02) init leaves their
-initialisation (below) alone.
+dt_proj and A_log are plain parameters, not nn.Linear, so no recipe's init scheme (architectures/recipe.py)
+touches their initialisation (below); under recipe=native (init mamba_ssm) in_proj, x_proj and out_proj keep
+PyTorch's default Linear init and out_proj is rescaled by 1 / sqrt(n_layers), as mamba-ssm does.
 """
 from __future__ import annotations
 
@@ -214,16 +215,25 @@ def _last_inputs(x: torch.Tensor, width: int) -> torch.Tensor:
 # -- Mamba-2 ----------------------------------------------------------------------------------
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * silu(z)) * weight (Mamba-2's norm_before_gate=False), in fp32."""
+    """RMSNorm(y * silu(z)) * weight (Mamba-2's norm_before_gate=False), in fp32, normalised per group of
+    `group_size` channels: Mamba-2 takes group_size = d_inner / ngroups, so each group of heads that shares
+    B and C is normalised on its own (mamba_ssm/modules/mamba2.py: RMSNormGated(..., group_size=d_ssm //
+    ngroups); mamba_ssm/ops/triton/layernorm_gated.py: rms_norm_ref). eps 1e-5 as there, in every recipe."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None):
         super().__init__()
-        self.eps = eps
+        group_size = dim if group_size is None else group_size
+        if group_size <= 0 or dim % group_size:
+            raise ValueError(f"GatedRMSNorm: group_size {group_size} does not divide dim {dim}")
+        self.eps, self.group_size = eps, group_size
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z (..., dim) -> (..., dim)."""
         g = y.float() * F.silu(z.float())
-        return (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(y.dtype)
+        g = g.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g.flatten(-2) * self.weight.float()).to(y.dtype)
 
 
 @lru_cache(maxsize=None)
@@ -264,7 +274,7 @@ class Mamba2Mixer(nn.Module):
         lo, hi = (float(v) for v in _opt(o, "A_init_range", (1, 16)))
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(lo, hi)))  # (H,)
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GatedRMSNorm(D)
+        self.norm = GatedRMSNorm(D, group_size=D // G)
         self.out_proj = nn.Linear(D, d, bias=False)
         self._compiled_ssd = None  # set by compile_hot_path()
 

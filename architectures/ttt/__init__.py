@@ -13,53 +13,68 @@ from __future__ import annotations
 from architectures.accounting import Counts, embedding_params
 from architectures.config import ModelConfig
 from architectures.registry import ArchSpec, register
-from architectures.ttt.layer import TTTBlock
+from architectures.ttt.dual import LONG_PIECE
+from architectures.ttt.layer import TTTBlock, resolve_mini_batch, ttt_flags
 
 
 def count(cfg: ModelConfig, ctx: int) -> Counts:
     """A TTT LM at context T (conventions in architectures/accounting.py). d width, H heads,
     f = d / H head dim, b mini-batch, k conv width, L layers, V vocab.
 
-    Parameters per layer:
+    Parameters per layer (the Table 1 options, layer.py, drop the terms marked with theirs):
       projections   4 d^2                   Wq, Wv, Wo and Wg (Mamba backbone) or Wk (Transformer one)
-      lr gate       d H + H                 theta_h and beta_h
-      token offset  b                       delta
-      inner LN      2 d
-      inner model   H (f^2 + f)             linear: W, b;  mlp: H (8 f^2 + 5 f) for W1 (f x 4f), b1, W2, b2
+      lr gate       d H + H                 theta_h and beta_h                      (learnable_lr)
+      token offset  b                       delta; b = max_seq_len for "seq"        (learnable_lr)
+      inner LN      2 d                                                             (inner_ln)
+      inner model   H (f^2 + f)             linear: W0, b0 (H f^2 without inner_bias)   (learnable_w0)
+                                            mlp: H (8 f^2 + 5 f) for W1 (f x 4f), b1, W2, b2
+                                            (none without learnable_w0: W0 = 0 is a fixed buffer)
       post norm     2 d                     LayerNorm
       norms, FFN    2 d + 3 d ffn
       convs         3 (d k + d) + d         pre-conv, convq, convk and the conv norm (Mamba backbone)
     Forward FLOPs per token (the dual form, dual.py, per head and token, for whole mini-batches):
-      projections   2 L 4 d^2,   lr gate 2 L d H,   FFN 2 L 3 d ffn,   logits 2 d V
+      projections   2 L 4 d^2,   lr gate 2 L d H (learnable_lr),   FFN 2 L 3 d ffn,   logits 2 d V
       convs         2 L 3 d k                                         (Mamba backbone)
       inner linear  L H (6 f^2 + 4 b f)     [K; Q] W (4 f^2), K^T (a G) (2 f^2); Q K^T and M G over the
                                             full b x b block as computed (2 b f each)
       inner mlp     L H (56 f^2 + 20 b f)   [K; Q] W1 (16 f^2), X2 W2, G2 W2^T, Xbar2 W2, K^T aG1,
                                             X2^T aG2 (8 f^2 each); Q K^T (2 b f), M G1 (8 b f),
                                             Xbar2 X2^T (8 b f), (E * .) G2 (2 b f)
-    Independent of T: the state has a fixed size. LN, its closed-form gradient and GELU are O(d)
-    elementwise work, not counted.
+    with b the mini-batch, or T when T < b. A mini-batch longer than c = 64 tokens (dual.LONG_PIECE;
+    "seq": b = T) is processed in pieces of c through the accumulators, which adds the accumulator's
+    product with Q (linear 2 f^2; mlp Q accW1 and Xbar2 accW2, 8 f^2 each) in place of b by c:
+      long linear   L H (8 f^2 + 4 c f),    long mlp   L H (72 f^2 + 20 c f),    c = min(64, T)
+    Independent of T otherwise: the state has a fixed size. LN, its closed-form gradient and GELU are
+    O(d) elementwise work, not counted; so are the bias, LN and residual the options remove.
     State per sequence: per layer the inner weights plus their accumulators inside the current
     mini-batch (2 x the inner model's parameters), plus 3 (k - 1) d conv inputs (Mamba backbone).
     """
     o = cfg.options
     L, d, H, f, V, ffn = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.vocab_size, cfg.ffn_dim
-    b, k = int(o.get("mini_batch", 16)), int(o.get("conv_width", 4))
+    b, k = resolve_mini_batch(cfg), int(o.get("conv_width", 4))
+    flags = ttt_flags(cfg)
     mamba = o.get("backbone", "mamba") == "mamba"
     linear = o.get("inner", "linear") == "linear"
-    inner_params = H * (f * f + f) if linear else H * (8 * f * f + 5 * f)
-    layer_params = (4 * d * d + d * H + H + b + 2 * d + inner_params + 2 * d + 2 * d + 3 * d * ffn
-                    + ((3 * (d * k + d) + d) if mamba else 0))
+    inner_state = H * (f * f + (f if flags["inner_bias"] else 0)) if linear else H * (8 * f * f + 5 * f)
+    inner_params = inner_state if flags["learnable_w0"] else 0
+    lr_params = d * H + H + b if flags["learnable_lr"] else 0
+    layer_params = (4 * d * d + lr_params + (2 * d if flags["inner_ln"] else 0) + inner_params + 2 * d + 2 * d
+                    + 3 * d * ffn + ((3 * (d * k + d) + d) if mamba else 0))
+    long = b > LONG_PIECE  # pieces through the accumulators (dual.py)
+    bf = min(LONG_PIECE if long else b, ctx)  # the side of the blocks as computed
+    acc_q = (2 if linear else 16) * f * f if long else 0
     terms = {"projections": 2 * L * 4 * d * d, "lr_gate": 2 * L * d * H, "ffn": 2 * L * 3 * d * ffn,
-             "inner": L * H * ((6 * f * f + 4 * b * f) if linear else (56 * f * f + 20 * b * f)),
+             "inner": L * H * ((6 * f * f + 4 * bf * f) if linear else (56 * f * f + 20 * bf * f)) + L * H * acc_q,
              "logits": 2 * d * V}
+    if not flags["learnable_lr"]:
+        del terms["lr_gate"]
     if mamba:
         terms["convs"] = 2 * L * 3 * d * k
     return Counts(
         embedding_params=embedding_params(cfg),
         non_embedding_params=L * layer_params + d,
         fwd_terms=terms,
-        state_numbers=L * (2 * inner_params + (3 * (k - 1) * d if mamba else 0)),
+        state_numbers=L * (2 * inner_state + (3 * (k - 1) * d if mamba else 0)),
     )
 
 
@@ -68,5 +83,26 @@ for _name, _inner, _backbone, _desc in [
     ("ttt_mlp", "mlp", "mamba", "TTT-MLP, Mamba backbone (pre-conv, shared QK + convs, gate)"),
     ("ttt_linear_base", "linear", "transformer", "TTT-Linear, Transformer backbone (separate Q, K, V)"),
     ("ttt_mlp_base", "mlp", "transformer", "TTT-MLP, Transformer backbone (separate Q, K, V)"),
+    # the Table 1 ablation ladder, rows 3-6 (conf/arch/table1_*.yaml set the options; layer.py)
+    ("table1_3_ttt_equivalence", "linear", "transformer",
+     "Table 1 row 3: TTT with f(x) = W x, batch GD over the sequence (b = T), eta = 1/2, W0 = 0 (= row 2)"),
+    ("table1_4_learnable_w0", "linear", "transformer", "Table 1 row 4: row 3 + learnable W0"),
+    ("table1_5_ln_residual", "linear", "transformer", "Table 1 row 5: row 4 + LN and residual in f"),
+    ("table1_6_mini_batch", "linear", "transformer", "Table 1 row 6: row 5 + mini-batch TTT (b = 16)"),
 ]:
     register(ArchSpec(name=_name, description=_desc, build_block=TTTBlock, count=count))
+
+# Table 1 of the paper (v2; results/published/table1.csv): from linear attention to TTT-Linear, one change
+# per row, each row a registered arch. Rows 1-2: architectures/linear_attention.py; rows 3-6 turn the TTT
+# options (layer.py) off; row 7 is ttt_linear_base (learnable eta, Transformer backbone), row 8 ttt_linear.
+# (row, the paper's row label, arch)
+TABLE1 = [
+    (1, "Linear attention", "table1_1_linear_attention"),
+    (2, "Linear attn. improved", "table1_2_linear_attention_improved"),
+    (3, "TTT equivalence", "table1_3_ttt_equivalence"),
+    (4, "+ learnable W0", "table1_4_learnable_w0"),
+    (5, "+ LN and residual in f", "table1_5_ln_residual"),
+    (6, "+ mini-batch TTT", "table1_6_mini_batch"),
+    (7, "+ learnable η", "ttt_linear_base"),
+    (8, "+ Mamba backbone", "ttt_linear"),
+]

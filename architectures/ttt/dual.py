@@ -14,7 +14,13 @@ and TTT-MLP applies the same twice (layer 2 with X2 = gelu(K W1 + b1) in place o
 Decoding and prefills that stop mid mini-batch carry the partial sums GW = K^T (a * G) and
 Gb = sum_j a_j G_j of the mini-batch so far ("accumulators"): row i then also subtracts
 tok_i (q_i GW + Gb). A trailing partial mini-batch is processed with the same formulas and
-committed only when it completes.
+committed only when it completes. Mini-batches longer than LONG_PIECE tokens go the same way, one
+piece of LONG_PIECE tokens at a time.
+
+The Table 1 ablation options (layer.py) change only what the formulas above make of it:
+inner_ln=false drops the LN (G = Z - t, out = Q + Zbar), inner_residual=false the residual
+(t = V, out = LN(Zbar)), inner_bias=false the bias (M = E * QK^T); a constant eta is tok = 1,
+a = eta. With all four and W0 = 0, b = T, eta = 1 this is linear attention (Theorem 1).
 """
 from __future__ import annotations
 
@@ -24,6 +30,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from architectures.ttt.inner import gelu_tanh, gelu_tanh_and_grad, layer_norm, ln_loss_grad
+
+# mini-batches longer than this many tokens are processed in pieces of it, carrying the accumulators between
+# pieces (exact: every gradient of a mini-batch is taken at the weights of its start). Batch GD over the whole
+# sequence (b = T) then costs O(T (f^2 + LONG_PIECE f)) per head rather than the O(T^2 f) of one T x T block.
+LONG_PIECE = 64
 
 # inner weights of each inner model, as (name of the weight, name of its bias) per layer
 LAYERS = {"linear": [("W", "b")], "mlp": [("W1", "b1"), ("W2", "b2")]}
@@ -43,15 +54,20 @@ def _piece_linear(p, acc, q, k, t, a, tok, E, M):
     """One piece (c <= b tokens) of a mini-batch, TTT-Linear. q, k, t = v - k: (B, H, c, f);
     a (B, H, c); tok (c,); E = tril(tok a^T), M = E * (Q K^T + 1): (B, H, c, c).
     Returns Zbar (B, H, c, f) and the accumulator increments of this piece."""
-    W, b = p["W"], p["b"]  # (B|1, H, f, f), (B|1, H, 1, f)
+    W, b = p["W"], p.get("b")  # (B|1, H, f, f), (B|1, H, 1, f) or None (inner_bias=false)
     c = q.shape[-2]
-    Z = torch.cat([k, q], dim=-2) @ W + b  # (B, H, 2c, f): K W + b, Q W + b in one matmul
-    G = ln_loss_grad(Z[..., :c, :], t, *_ln(p))  # (B, H, c, f)
+    Z = torch.cat([k, q], dim=-2) @ W  # (B, H, 2c, f): K W, Q W in one matmul
+    if b is not None:
+        Z = Z + b
+    G = _loss_grad(Z[..., :c, :], t, p)  # (B, H, c, f)
     zbar = Z[..., c:, :] - M @ G  # row i: q_i (W - sum_j E_ij k_j^T G_j) + b - sum_j E_ij G_j
     if acc:
-        zbar = zbar - tok[:, None] * (q @ acc["W"] + acc["b"])
+        zbar = zbar - tok[:, None] * (q @ acc["W"] + acc["b"] if b is not None else q @ acc["W"])
     aG = a[..., None] * G
-    return zbar, {"W": k.transpose(-1, -2) @ aG, "b": aG.sum(-2, keepdim=True)}
+    inc = {"W": k.transpose(-1, -2) @ aG}
+    if b is not None:
+        inc["b"] = aG.sum(-2, keepdim=True)
+    return zbar, inc
 
 
 def _piece_mlp(p, acc, q, k, t, a, tok, E, M):
@@ -60,7 +76,7 @@ def _piece_mlp(p, acc, q, k, t, a, tok, E, M):
     c = q.shape[-2]
     Z1 = torch.cat([k, q], dim=-2) @ W1 + b1  # (B, H, 2c, 4f)
     X2, dX2 = gelu_tanh_and_grad(Z1[..., :c, :])  # (B, H, c, 4f)
-    G2 = ln_loss_grad(X2 @ W2 + b2, t, *_ln(p))  # (B, H, c, f)
+    G2 = _loss_grad(X2 @ W2 + b2, t, p)  # (B, H, c, f)
     G1 = (G2 @ W2.transpose(-1, -2)) * dX2  # (B, H, c, 4f)
     zbar1 = Z1[..., c:, :] - M @ G1
     if acc:
@@ -77,14 +93,24 @@ def _piece_mlp(p, acc, q, k, t, a, tok, E, M):
 PIECE = {"linear": _piece_linear, "mlp": _piece_mlp}
 
 
-def _ln(p):
-    return p["_ln_w"], p["_ln_b"]
+def _loss_grad(z, t, p):
+    """dl/dZ of l = 0.5 ||LN(Z) - t||^2, or of 0.5 ||Z - t||^2 = Z - t without the inner LN
+    (inner_ln=false: no "_ln_w" rides along with the weights)."""
+    if "_ln_w" in p:
+        return ln_loss_grad(z, t, p["_ln_w"], p["_ln_b"])
+    return z - t
 
 
-def _lr_matrices(q, k, a, tok):
-    """E[i, j] = tok_i a_j for j <= i and M = E * (Q K^T + 1), over the last two dims: (..., c, c)."""
+def _lr_matrices(q, k, a, tok, bias: bool = True):
+    """E[i, j] = tok_i a_j for j <= i and M = E * (Q K^T + 1), over the last two dims: (..., c, c).
+    The + 1 is the bias's gradient; without an inner bias (inner_bias=false) M = E * Q K^T."""
     E = torch.tril(tok[:, None] * a[..., None, :])
-    return E, E * (q @ k.transpose(-1, -2) + 1)
+    scores = q @ k.transpose(-1, -2)
+    return E, E * (scores + 1 if bias else scores)
+
+
+def _has_bias(inner: str, params) -> bool:
+    return inner == "mlp" or "b" in params
 
 
 def _step(inner, params, acc, q, k, t, a, tok, E, M, complete: bool, piece=None):
@@ -104,7 +130,7 @@ def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int, piece=
     n = T // b
     qs, ks, ts = (x.reshape(B, H, n, b, f) for x in (q, k, t))  # (B, H, n, b, f)
     As = a.reshape(B, H, n, b)
-    Es, Ms = _lr_matrices(qs, ks, As, tok)  # (B, H, n, b, b)
+    Es, Ms = _lr_matrices(qs, ks, As, tok, _has_bias(inner, params))  # (B, H, n, b, b)
     # unbind, not indexing: the backward of n index ops would add n full-size zero tensors
     per_mb = list(zip(*(x.unbind(2) for x in (qs, ks, ts, As, Es, Ms))))
     names = sorted(params)
@@ -133,41 +159,59 @@ def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int, piece=
 
 
 def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_batch: int,
-             checkpoint_group: int = 0, full_piece=None):
+             checkpoint_group: int = 0, full_piece=None, ln: bool = True, residual: bool = True):
     """Outputs (B, H, T, f) for T new tokens continuing `state`, and the state after them.
 
     q, k, v (B, H, T, f); a (B, H, T) key factor base_lr * gate / f; tok (b,) query factor
     tok_i = max(0, 1/i + delta_i); ln_w, ln_b (H, 1, f). Any T, any starting offset.
     full_piece: an optional drop-in for PIECE[inner] on whole mini-batches (e.g. torch.compile'd).
+    ln=False, residual=False: f without its LN (ln_w, ln_b unused) or its residual, i.e.
+    out = [q +] [LN](Zbar) with the target [v - k | v] (the options inner_ln, inner_residual).
+    A TTT-Linear state without "b" has no inner bias (inner_bias=false).
     """
     b, T = mini_batch, q.shape[2]
-    t_all = v - k  # reconstruction target
-    params = {**state.params, "_ln_w": ln_w, "_ln_b": ln_b}  # the LN rides along with the weights
+    t_all = v - k if residual else v  # reconstruction target: f(k) = k + LN(f_res(k)) should be v
+    params = dict(state.params)
+    if ln:
+        params.update(_ln_w=ln_w, _ln_b=ln_b)  # the LN rides along with the weights
+    bias = _has_bias(inner, params)
     acc, off = state.acc, state.offset
     zbars, t = [], 0
 
     def piece(lo: int, hi: int, tok_piece, complete: bool):
         nonlocal params, acc
         sl = slice(lo, hi)
-        E, M = _lr_matrices(q[:, :, sl], k[:, :, sl], a[:, :, sl], tok_piece)
+        E, M = _lr_matrices(q[:, :, sl], k[:, :, sl], a[:, :, sl], tok_piece, bias)
         zbar, params, acc = _step(inner, params, acc, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
                                   tok_piece, E, M, complete)
         zbars.append(zbar)
 
-    if off:  # finish the mini-batch a previous call left open
-        c = min(b - off, T)
-        piece(0, c, tok[off:off + c], off + c == b)
-        t, off = c, (off + c) % b
-    n_full = (T - t) // b
-    if n_full:
-        sl = slice(t, t + n_full * b)
-        full, params = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
-                                         tok, b, checkpoint_group, full_piece)
-        zbars.extend(full)
-        t += n_full * b
-    if t < T:  # a trailing partial mini-batch: processed, its update kept as accumulators
-        piece(t, T, tok[: T - t], False)
-        off = T - t
-    out = q + layer_norm(torch.cat(zbars, dim=2), ln_w, ln_b)  # the residual is with Q
+    if b > LONG_PIECE:  # long mini-batches (b = T, "seq"): pieces of LONG_PIECE through the accumulators
+        while t < T:
+            c = min(LONG_PIECE, b - off, T - t)  # a piece never crosses a mini-batch boundary
+            if not acc:  # zeros at a mini-batch's start: every piece computes the same products
+                acc = {n: torch.zeros_like(p) for n, p in params.items() if not n.startswith("_")}
+            piece(t, t + c, tok[off:off + c], off + c == b)
+            t, off = t + c, (off + c) % b
+    else:
+        if off:  # finish the mini-batch a previous call left open
+            c = min(b - off, T)
+            piece(0, c, tok[off:off + c], off + c == b)
+            t, off = c, (off + c) % b
+        n_full = (T - t) // b
+        if n_full:
+            sl = slice(t, t + n_full * b)
+            full, params = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
+                                             tok, b, checkpoint_group, full_piece)
+            zbars.extend(full)
+            t += n_full * b
+        if t < T:  # a trailing partial mini-batch: processed, its update kept as accumulators
+            piece(t, T, tok[: T - t], False)
+            off = T - t
+    out = torch.cat(zbars, dim=2)
+    if ln:
+        out = layer_norm(out, ln_w, ln_b)
+    if residual:
+        out = q + out  # the residual is with Q
     weights = {n: p for n, p in params.items() if not n.startswith("_")}
     return out, InnerState(weights, acc, off)

@@ -15,9 +15,23 @@ TTT(x), x the RMS-normed input (B, T, d), H heads of f = d / H:
     tok_i = max(0, 1/i + delta_i), i = 1..b                      (query factor)
     Z     = inner loop (dual form, architectures/ttt/dual.py)    (B, H, T, f)
     out   = Wo( LayerNorm_d(concat_heads(Z)) [* g] )
+
+Options (conf/arch/*.yaml; the defaults are the paper's TTT, and the Table 1 ablation ladder,
+conf/arch/table1_*.yaml, turns them off one by one; TABLE1 in architectures/ttt/__init__.py):
+    mini_batch     b, an int (16), or "seq": b = max_seq_len, batch GD over the whole sequence
+    inner_ln       true: f(x) = x + LN(f_res(x)) has its per-head LN (false: no LN, no LN parameters)
+    inner_residual true: ... and its residual x; the target is v - k (false: f = [LN](f_res), target v)
+    inner_bias     true: TTT-Linear's f_res(x) = x W + b (false: x W)              (TTT-Linear only)
+    learnable_w0   true: W0 (and b0) are outer parameters (false: W0 = 0, b0 = 0, fixed) (TTT-Linear only)
+    learnable_lr   true: eta[i, j] = tok_i a_j above (false: a constant eta = base_lr for every j <= i,
+                   no lr gate, no token offset). The inner loss is 0.5 ||f(k) - v||^2, so eta = 1 here is
+                   the paper's eta = 1/2 on ||f(k) - v||^2 (Theorem 1)
+Without inner_ln, inner_residual, inner_bias, or with mini-batches longer than dual.LONG_PIECE (64), the
+Triton kernels do not apply (backend auto: torch).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -27,7 +41,7 @@ import torch.nn.functional as F
 from architectures.config import ModelConfig
 from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles
 from architectures.transformer import BackendUnavailable
-from architectures.ttt.dual import InnerState, ttt_dual
+from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh
 from architectures.ttt.reference import ttt_reference
 
@@ -50,10 +64,12 @@ def _triton_importable() -> bool:
     return True
 
 
-def resolve_ttt_backend(requested: str, inner: str) -> str:
+def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True) -> str:
     """auto: Triton where it runs (CUDA with triton installed) and has a kernel for this inner model,
     else our PyTorch dual form; an explicit `triton` that cannot run raises. The choice is recorded
-    in the run summary (backends())."""
+    in the run summary (backends()). paper_f=False (inner_ln, inner_residual or inner_bias off, or a
+    mini-batch longer than dual.LONG_PIECE): the kernels compute only f(x) = x + LN(f_res(x)) with a
+    bias over short mini-batches, so auto is torch and triton raises."""
     if requested not in BACKENDS:
         raise ValueError(f"TTT backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "torch":
@@ -62,11 +78,36 @@ def resolve_ttt_backend(requested: str, inner: str) -> str:
     if requested == "triton":
         if inner not in TRITON_INNERS:
             raise BackendUnavailable(f"no Triton kernel for TTT-{inner}; use ttt backend=torch or auto")
+        if not paper_f:
+            raise BackendUnavailable(f"the TTT Triton kernels compute f(x) = x + LN(x W + b) over mini-batches of "
+                                     f"at most {LONG_PIECE} tokens: inner_ln, inner_residual and inner_bias must be "
+                                     f"true and mini_batch <= {LONG_PIECE} (or use backend=torch or auto)")
         if not runs:
             raise BackendUnavailable("TTT backend=triton needs triton and CUDA (or TRITON_INTERPRET=1 to run the "
                                      "kernels on CPU, slowly); use backend=torch or auto")
         return "triton"
-    return "triton" if runs and torch.cuda.is_available() and inner in TRITON_INNERS else "torch"
+    return "triton" if runs and torch.cuda.is_available() and inner in TRITON_INNERS and paper_f else "torch"
+
+
+def resolve_mini_batch(cfg: ModelConfig) -> int:
+    """The inner mini-batch size b: options.mini_batch, an int, or "seq" for the whole sequence
+    (b = max_seq_len: batch gradient descent, Table 1 rows 3-5)."""
+    b = cfg.options.get("mini_batch", 16)
+    b = cfg.max_seq_len if str(b) == "seq" else int(b)
+    if b <= 0:
+        raise ValueError(f"TTT mini_batch must be a positive int or 'seq', got {cfg.options.get('mini_batch')!r}")
+    return b
+
+
+def ttt_flags(cfg: ModelConfig) -> dict[str, bool]:
+    """The Table 1 ablation options (module docstring), all true by default (the paper's TTT)."""
+    o = cfg.options
+    flags = {n: bool(o.get(n, True)) for n in ("inner_ln", "inner_residual", "inner_bias", "learnable_w0",
+                                                 "learnable_lr")}
+    if str(o.get("inner", "linear")) != "linear" and not (flags["inner_bias"] and flags["learnable_w0"]):
+        raise ValueError("TTT options inner_bias=false and learnable_w0=false are for TTT-Linear only "
+                         "(a TTT-MLP from W0 = 0 has zero gradients)")
+    return flags
 
 
 class TTTCache:
@@ -87,10 +128,15 @@ class TTTLayer(nn.Module):
         if self.inner not in INNER or self.backbone not in BACKBONES or self.impl not in IMPLS:
             raise ValueError(f"TTT options: inner in {INNER}, backbone in {BACKBONES}, impl in {IMPLS}; got "
                              f"{self.inner!r}, {self.backbone!r}, {self.impl!r}")
-        self.backend = resolve_ttt_backend(str(o.get("backend", "auto")), self.inner)
+        flags = ttt_flags(cfg)
+        self.inner_ln, self.inner_residual, self.inner_bias = (flags[n] for n in ("inner_ln", "inner_residual",
+                                                                                "inner_bias"))
+        self.learnable_w0, self.learnable_lr = flags["learnable_w0"], flags["learnable_lr"]
+        self.mini_batch = resolve_mini_batch(cfg)
+        paper_f = self.inner_ln and self.inner_residual and self.inner_bias and self.mini_batch <= LONG_PIECE
+        self.backend = resolve_ttt_backend(str(o.get("backend", "auto")), self.inner, paper_f)
         if self.backend == "triton" and self.impl not in ("auto", "dual"):
             raise ValueError(f"TTT impl={self.impl} is a PyTorch implementation; it needs backend=torch")
-        self.mini_batch = int(o.get("mini_batch", 16))
         self.base_lr = float(o.get("base_lr", 1.0 if self.inner == "linear" else 0.1))
         self.base_lr_init = float(o.get("base_lr_init", self.base_lr))  # warmed up to base_lr with the outer lr
         self.base_lr_now = self.base_lr
@@ -107,21 +153,36 @@ class TTTLayer(nn.Module):
             self.wg = nn.Linear(d, d, bias=False)
         else:
             self.wk = nn.Linear(d, d, bias=False)
-        self.lr_gate = nn.Linear(d, H)  # theta_h (d) and beta_h per head
-        self.token_offset = nn.Parameter(torch.zeros(self.mini_batch))  # delta
-        self.ln_weight = nn.Parameter(torch.ones(H, f))
-        self.ln_bias = nn.Parameter(torch.zeros(H, f))
+        if self.learnable_lr:
+            self.lr_gate = nn.Linear(d, H)  # theta_h (d) and beta_h per head
+            self.token_offset = nn.Parameter(torch.zeros(self.mini_batch))  # delta
+        if self.inner_ln:
+            self.ln_weight = nn.Parameter(torch.ones(H, f))
+            self.ln_bias = nn.Parameter(torch.zeros(H, f))
         std = cfg.init_std
         if self.inner == "linear":
-            self.W = nn.Parameter(torch.randn(H, f, f) * std)
-            self.b = nn.Parameter(torch.zeros(H, f))
+            w0 = nn.Parameter(torch.randn(H, f, f) * std) if self.learnable_w0 else torch.zeros(H, f, f)
+            self._inner_init("W", w0)
+            if self.inner_bias:
+                self._inner_init("b", nn.Parameter(torch.zeros(H, f)) if self.learnable_w0 else torch.zeros(H, f))
         else:
             self.W1 = nn.Parameter(torch.randn(H, f, 4 * f) * std)
             self.b1 = nn.Parameter(torch.zeros(H, 4 * f))
-            self.W2 = nn.Parameter(torch.randn(H, 4 * f, f) * std)
+            # recipe init ttt_jax: W2_0 ~ N(0, std / sqrt(2 L)) as ttt-lm-jax draws it (ttt/models/ttt_layer.py,
+            # TTTMLPBase.setup: initializer_range / sqrt(2 num_hidden_layers)); W1_0 N(0, std) in both
+            w2_std = std / math.sqrt(2 * cfg.n_layers) if cfg.recipe.init == "ttt_jax" else std
+            self.W2 = nn.Parameter(torch.randn(H, 4 * f, f) * w2_std)
             self.b2 = nn.Parameter(torch.zeros(H, f))
         self.post_norm = nn.LayerNorm(d, eps=1e-6)
         self._compiled_piece = None  # set by compile_hot_path()
+
+    def _inner_init(self, name: str, value: torch.Tensor) -> None:
+        """An initial inner weight: an outer parameter, or (learnable_w0=false) a fixed zero buffer
+        (not in the state dict: it is always zero)."""
+        if isinstance(value, nn.Parameter):
+            setattr(self, name, value)
+        else:
+            self.register_buffer(name, value, persistent=False)
 
     # -- the inner learning rate ------------------------------------------------------------
     def set_train_progress(self, step: int, warmup_steps: int) -> None:
@@ -130,13 +191,20 @@ class TTTLayer(nn.Module):
         self.base_lr_now = self.base_lr_init + frac * (self.base_lr - self.base_lr_init)
 
     def token_factor(self) -> torch.Tensor:
-        """tok_i = max(0, 1/i + delta_i), i = 1..b: (b,)."""
+        """tok_i = max(0, 1/i + delta_i), i = 1..b: (b,). A constant eta (learnable_lr=false): 1."""
+        if not self.learnable_lr:
+            return torch.ones(self.mini_batch, device=self.post_norm.weight.device, dtype=self.post_norm.weight.dtype)
         delta = self.token_offset
         i = torch.arange(1, self.mini_batch + 1, device=delta.device, dtype=delta.dtype)
         return torch.clamp(1.0 / i + delta, min=0.0)
 
     def key_factor(self, x: torch.Tensor) -> torch.Tensor:
-        """a_j = base_lr * sigmoid(theta_h . x_j + beta_h) / f: (B, H, T)."""
+        """a_j = base_lr * sigmoid(theta_h . x_j + beta_h) / f: (B, H, T). A constant eta
+        (learnable_lr=false): a_j = base_lr."""
+        if not self.learnable_lr:
+            B, T = x.shape[:2]
+            return torch.full((B, self.n_heads, T), self.base_lr_now, device=x.device,
+                              dtype=torch.promote_types(x.dtype, torch.float32))
         gate = torch.sigmoid(self.lr_gate(x).to(torch.promote_types(x.dtype, torch.float32)))  # (B, T, H)
         return self.base_lr_now * gate.transpose(1, 2) / self.head_dim
 
@@ -148,7 +216,15 @@ class TTTLayer(nn.Module):
 
     def initial_params(self) -> dict[str, torch.Tensor]:
         names = ("W", "b") if self.inner == "linear" else ("W1", "b1", "W2", "b2")
-        return {n: getattr(self, n) for n in names}
+        return {n: getattr(self, n) for n in names if hasattr(self, n)}  # no "b": inner_bias=false
+
+    def inner_ln_params(self, dt) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inner LN's (H, f) weight and bias in dtype dt; without it (inner_ln=false), ones and
+        zeros that the inner loop does not use."""
+        if self.inner_ln:
+            return self.ln_weight.to(dt), self.ln_bias.to(dt)
+        H, f, dev = self.n_heads, self.head_dim, self.post_norm.weight.device
+        return torch.ones(H, f, device=dev, dtype=dt), torch.zeros(H, f, device=dev, dtype=dt)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: TTTCache | None = None) -> torch.Tensor:
@@ -179,22 +255,23 @@ class TTTLayer(nn.Module):
 
     def _inner_loop(self, q, k, v, a, cache: TTTCache | None) -> torch.Tensor:
         """The inner loop in fp32 (W and its accumulators stay fp32 under autocast)."""
-        dt = torch.promote_types(self.ln_weight.dtype, torch.float32)  # fp32, or fp64 in tests
+        dt = torch.promote_types(self.post_norm.weight.dtype, torch.float32)  # fp32, or fp64 in tests
         with torch.autocast(q.device.type, enabled=False):
             q, k, v, a = q.to(dt), k.to(dt), v.to(dt), a.to(dt)
-            tok, ln_w, ln_b = self.token_factor().to(dt), self.ln_weight.to(dt), self.ln_bias.to(dt)
+            tok, (ln_w, ln_b) = self.token_factor().to(dt), self.inner_ln_params(dt)
+            opts = {"ln": self.inner_ln, "residual": self.inner_residual}
             init = {n: p.to(dt) for n, p in self.initial_params().items()}
             if self.resolved_impl() == "reference":
                 if cache is not None:
                     raise ValueError("the reference TTT implementation has no decode state; use impl=dual")
-                return ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, self.mini_batch, self.inner)
+                return ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, self.mini_batch, self.inner, **opts)
             if self.backend == "triton":
                 return self._triton_inner_loop(q, k, v, a, tok, ln_w, ln_b, init, cache)
             state = cache.inner if cache is not None and cache.inner is not None else InnerState(
                 {n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})  # (1, H, ...)
             out, new_state = ttt_dual(self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None],
                                       self.mini_batch, self.checkpoint_group if self.training else 0,
-                                      self._compiled_piece if self.training else None)
+                                      self._compiled_piece if self.training else None, **opts)
             if cache is not None:
                 cache.inner = new_state
             return out

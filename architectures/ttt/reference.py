@@ -7,8 +7,9 @@ Sec. 2.4-2.7; shared notes ttt_semantics.md):
     theta_i = theta - sum_{j <= i} eta[i, j] * g_j,   eta[i, j] = tok_i * a_j (rank 1)
     out_i  = q_i + LN(f_res(q_i; theta_i))
 
-and theta <- theta_b once the mini-batch is complete. The gradients come from torch.func.grad of
-the loss as written, not from the closed form the fast paths use, so this is an independent check.
+and theta <- theta_b once the mini-batch is complete. Under the Table 1 options (layer.py) f loses its LN
+or its residual (l = 0.5 * ||f(k_j) - v_j||^2 with f as configured), TTT-Linear its bias.
+The gradients come from torch.func.grad of the loss as written, not from the closed form the fast paths use, so this is an independent check.
 Slow (a Python loop over tokens): it is the oracle of the tests, never used for training.
 """
 from __future__ import annotations
@@ -20,20 +21,32 @@ from architectures.ttt.inner import gelu_tanh, layer_norm
 
 
 def f_res(params: dict, x: torch.Tensor, inner: str) -> torch.Tensor:
-    """The inner model without its LN and residual, for one head. x (f,)."""
+    """The inner model without its LN and residual, for one head. x (f,). TTT-Linear without "b" has
+    no bias (inner_bias=false)."""
     if inner == "linear":
-        return x @ params["W"] + params["b"]
+        return x @ params["W"] + params["b"] if "b" in params else x @ params["W"]
     return gelu_tanh(x @ params["W1"] + params["b1"]) @ params["W2"] + params["b2"]
 
 
-def inner_loss(params: dict, k: torch.Tensor, v: torch.Tensor, ln_w, ln_b, inner: str) -> torch.Tensor:
-    """l(theta; k, v) = 0.5 * ||LN(f_res(k)) - (v - k)||^2 for one token of one head."""
-    return 0.5 * (layer_norm(f_res(params, k, inner), ln_w, ln_b) - (v - k)).pow(2).sum()
+def f(params: dict, x: torch.Tensor, ln_w, ln_b, inner: str, ln: bool = True, residual: bool = True):
+    """The inner model f(x) = x + LN(f_res(x)), without its LN (ln=False) or its residual
+    (residual=False): the options inner_ln, inner_residual. One token of one head."""
+    z = f_res(params, x, inner)
+    z = layer_norm(z, ln_w, ln_b) if ln else z
+    return x + z if residual else z
 
 
-def inner_output(params: dict, q: torch.Tensor, ln_w, ln_b, inner: str) -> torch.Tensor:
-    """f(q) = q + LN(f_res(q)) for one token of one head."""
-    return q + layer_norm(f_res(params, q, inner), ln_w, ln_b)
+def inner_loss(params: dict, k: torch.Tensor, v: torch.Tensor, ln_w, ln_b, inner: str, ln: bool = True,
+               residual: bool = True) -> torch.Tensor:
+    """l(theta; k, v) = 0.5 * ||f(k) - v||^2 for one token of one head; with the residual this is the
+    paper's 0.5 * ||LN(f_res(k)) - (v - k)||^2."""
+    return 0.5 * (f(params, k, ln_w, ln_b, inner, ln, residual) - v).pow(2).sum()
+
+
+def inner_output(params: dict, q: torch.Tensor, ln_w, ln_b, inner: str, ln: bool = True,
+                 residual: bool = True) -> torch.Tensor:
+    """f(q) = q + LN(f_res(q)) (or without LN / residual) for one token of one head."""
+    return f(params, q, ln_w, ln_b, inner, ln, residual)
 
 
 def _per_batch_head(fn, n_batched: int):
@@ -43,18 +56,20 @@ def _per_batch_head(fn, n_batched: int):
     return vmap(over_heads, in_dims=(0,) * (1 + n_batched) + (None, None))
 
 
-def ttt_reference(init: dict, q, k, v, lr_key, tok, ln_w, ln_b, mini_batch: int, inner: str):
+def ttt_reference(init: dict, q, k, v, lr_key, tok, ln_w, ln_b, mini_batch: int, inner: str,
+                  ln: bool = True, residual: bool = True):
     """Outputs (B, H, T, f) of the TTT inner loop from fresh initial weights.
 
     init: per-head initial weights, e.g. {"W": (H, f, f), "b": (H, f)} (linear) or W1, b1, W2, b2 (mlp)
     q, k, v: (B, H, T, f); lr_key: (B, H, T) the key factor a_j = base_lr * gate_j / f
     tok: (mini_batch,) the query factor tok_i = max(0, 1/i + delta_i); ln_w, ln_b: (H, f)
+    ln, residual: f with its LN and its residual (inner_ln, inner_residual; ln_w, ln_b unused without LN)
     A trailing partial mini-batch is processed and its update is not committed.
     """
     B, H, T, f = q.shape
     theta = {n: p.expand(B, *p.shape) for n, p in init.items()}  # (B, H, ...)
-    g_fn = _per_batch_head(lambda p, kk, vv, w, bb: grad(inner_loss)(p, kk, vv, w, bb, inner), 2)
-    out_fn = _per_batch_head(lambda p, qq, w, bb: inner_output(p, qq, w, bb, inner), 1)
+    g_fn = _per_batch_head(lambda p, kk, vv, w, bb: grad(inner_loss)(p, kk, vv, w, bb, inner, ln, residual), 2)
+    out_fn = _per_batch_head(lambda p, qq, w, bb: inner_output(p, qq, w, bb, inner, ln, residual), 1)
     outs = []
     for start in range(0, T, mini_batch):
         end = min(start + mini_batch, T)
