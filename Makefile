@@ -40,12 +40,13 @@ ACCOUNT ?=
 TIMEOUT_MIN ?=
 ARGS ?=
 
-.PHONY: help install eval test test-slow test-kernels check-kernels sweep sizes throughput contention plots bench-ttt bench-mamba bench-kernels clean
+.PHONY: help install eval test test-slow test-kernels check-kernels sweep sizes throughput contention plots paper bench-ttt bench-mamba bench-kernels clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-15s %s\n", $$1, $$2}'
-	@echo "variables: ARCH=name|a,b|all|table1  CTX=2k|8k|32k|N  PROFILE=cpu|smoke|paper  SIZES=a,b  TASK=lm|longqa|mqar|passkey|classification"
+	@echo "variables: ARCH=name|a,b|all|table1  CTX=2k|8k|32k|N|a,b  PROFILE=cpu|smoke|paper  SIZES=a,b"
+	@echo "           TASK=lm|longqa|mqar|mqar_zoology|passkey|classification (sweep CTX: default 2k, or the task's grid)"
 	@echo "           DATA=shakespeare|pycode|text_files|hf  MATCH=flops|params  RESULTS=dir  ARGS='hydra.overrides ...'"
 	@echo "           sweep: LRS=1e-4,1e-3 (an lr sweep; the report keeps the best)  RESUME=last|<sweep id>  FRESH=1"
 	@echo "                  NPROC=8 (torchrun on this machine)  LAUNCHER=local|slurm (slurm: one job per run;"
@@ -86,7 +87,7 @@ check-kernels: $(STAMP) ## compile the TTT Triton kernels for sm_90 without a GP
 	env -u TRITON_INTERPRET $(PY) -m bench.kernel_compile_check --results "$(RESULTS)" $(ARGS)
 
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
-	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(CTX)" --profile "$(PROFILE)" --sizes "$(SIZES)" \
+	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(if $(filter file,$(origin CTX)),,$(CTX))" --profile "$(PROFILE)" --sizes "$(SIZES)" \
 	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" --resume "$(RESUME)" --lrs "$(LRS)" \
 	  $(if $(filter 1 true yes,$(FRESH)),--fresh) --launcher "$(LAUNCHER)" --nproc "$(NPROC)" --nodes "$(NODES)" \
 	  --gpus-per-node "$(GPUS_PER_NODE)" --partition "$(PARTITION)" --account "$(ACCOUNT)" \
@@ -116,6 +117,9 @@ throughput-gpu: $(STAMP) ## the GPU throughput run: 1.3B shapes, batch 16 prefil
 
 plots: $(STAMP) ## redraw RESULTS/summary.csv and RESULTS/plots from the runs there
 	$(PY) -m bench.report --results "$(RESULTS)"
+
+paper: $(STAMP) ## the paper's tables and figures next to its numbers: runs what PROFILE=smoke|cpu|paper lacks, writes RESULTS/paper/
+	$(PY) -m bench.paper --profile "$(PROFILE)" --results "$(RESULTS)" -- $(ARGS)
 
 bench-ttt: $(STAMP) ## tokens/s of one TTT layer: reference vs dual form (125M shape, CPU)
 	$(PY) -m bench.ttt_layer_speed --results "$(RESULTS)" $(ARGS)

@@ -27,9 +27,11 @@ TRAIN_FACTOR = 3.0  # training FLOPs per token / forward FLOPs per token
 
 
 def embedding_params(cfg) -> int:
-    """The embedding V d, and as many again for an LM head not tied to it (cfg a ModelConfig). The
-    logits cost 2 d V FLOPs per token either way."""
-    return cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    """The embedding V d, as many again for an LM head not tied to it, and max_seq_len d for learned
+    absolute positions (cfg a ModelConfig; Kaplan et al. count positions with the embeddings). The logits
+    cost 2 d V FLOPs per token either way; adding a position embedding is elementwise (not counted)."""
+    positions = cfg.max_seq_len * cfg.d_model if cfg.learned_positions else 0
+    return cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2) + positions
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ class ModelConfig:
     """Dimensions shared by every architecture, plus architecture-specific `options`.
 
     `options` holds what only one family understands (attention backend, RoPE theta, TTT mini-batch
-    size, Mamba state size, ...), so that adding an architecture never changes this class. `recipe` is
+    size, Mamba state size, ...), so that adding an architecture never changes this class; one option
+    the shell reads for any of them: `positions: learned` adds absolute position embeddings, max_seq_len
+    of them, to the token embeddings (GPT-2's, Zoology's attention; the Transformer then drops RoPE). `recipe` is
     the training recipe (init scheme and std, norm eps, no-decay set, lr multipliers;
     architectures/recipe.py); `norm_eps` and `init_std` read it.
     """
@@ -25,6 +27,8 @@ class ModelConfig:
     ffn_dim: int
     max_seq_len: int = 2048
     tie_embeddings: bool = True  # the LM head is the embedding matrix (False: a head of its own)
+    ffn: bool = True             # each block's FFN (SwiGLU, ffn_dim wide) and its norm; False: the FFN slot is
+                                 #   the identity, no parameters (Zoology's MQAR models). Mamba blocks have none
     recipe: Recipe = field(default_factory=Recipe)  # the shared recipe unless given
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -42,6 +46,11 @@ class ModelConfig:
     @property
     def init_std(self) -> float:
         return self.recipe.init_std
+
+    @property
+    def learned_positions(self) -> bool:
+        """options.positions == "learned": the shell adds a learned embedding of each position < max_seq_len."""
+        return self.options.get("positions") == "learned"
 
     @property
     def head_dim(self) -> int:

@@ -123,18 +123,18 @@ class LinearAttention(nn.Module):
 
 
 class LinearAttentionBlock(nn.Module):
-    """h += LinAttn(RMSNorm(h)); h += SwiGLU(RMSNorm(h))."""
+    """h += LinAttn(RMSNorm(h)); [h += SwiGLU(RMSNorm(h))] (cfg.ffn)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = LinearAttention(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.ffn else None
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim) if cfg.ffn else None
 
     def forward(self, h: torch.Tensor, cache: LinearAttentionCache | None = None) -> torch.Tensor:
         h = h + self.attn(self.attn_norm(h), cache)
-        return h + self.ffn(self.ffn_norm(h))
+        return h if self.ffn is None else h + self.ffn(self.ffn_norm(h))
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> LinearAttentionCache:
         return LinearAttentionCache()
@@ -149,7 +149,8 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
     C = min(chunk_size, T), L layers, V vocab.
 
     Parameters: embedding V d (2 V d untied); per layer 4 d^2 (Q, K, V, O) + 2 d (post-norm LayerNorm)
-    + 2 d (two RMSNorms) + 3 d ffn (SwiGLU); final RMSNorm d.
+    + 2 d (two RMSNorms) + 3 d ffn (SwiGLU); final RMSNorm d. Without the FFN (cfg.ffn false) its 3 d ffn,
+    its norm's d and its FLOPs go.
     Forward FLOPs per token:
       projections   2 L 4 d^2,   FFN 2 L 3 d ffn,   logits 2 d V
       linear_attn   L H (4 f f' + 2 C f + 2 C f')   Q_c S (2 f f'), K_c^T V_c' (2 f f'); Q_c K_c^T (2 C f)
@@ -159,14 +160,18 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
     and the cumulative sum of the chunk states (f f' / C per head and token) are elementwise, not counted.
     State per sequence: L H f f' (S, whose last column is sum_s k_s with the normalizer).
     """
-    L, d, H, f, V, ffn = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.vocab_size, cfg.ffn_dim
+    L, d, H, f, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.vocab_size
+    ffn = cfg.ffn_dim if cfg.ffn else 0
     _, normalizer, chunk = linear_attention_options(cfg)
     fv, C = f + int(normalizer), min(chunk, ctx)
+    terms = {"projections": 2 * L * 4 * d * d, "ffn": 2 * L * 3 * d * ffn,
+             "linear_attn": L * H * (4 * f * fv + 2 * C * f + 2 * C * fv), "logits": 2 * d * V}
+    if not cfg.ffn:
+        del terms["ffn"]
     return Counts(
         embedding_params=embedding_params(cfg),
-        non_embedding_params=L * (4 * d * d + 2 * d + 2 * d + 3 * d * ffn) + d,
-        fwd_terms={"projections": 2 * L * 4 * d * d, "ffn": 2 * L * 3 * d * ffn,
-                   "linear_attn": L * H * (4 * f * fv + 2 * C * f + 2 * C * fv), "logits": 2 * d * V},
+        non_embedding_params=L * (4 * d * d + 2 * d + (2 * d if cfg.ffn else d) + 3 * d * ffn) + d,
+        fwd_terms=terms,
         state_numbers=L * H * f * fv,
     )
 

@@ -1,5 +1,6 @@
-"""The LM shell every architecture shares: embedding -> blocks -> final RMSNorm -> head (tied to the
-embedding unless ModelConfig.tie_embeddings is False).
+"""The LM shell every architecture shares: embedding [+ learned positions] -> blocks -> final RMSNorm ->
+head (tied to the embedding unless ModelConfig.tie_embeddings is False). Learned absolute positions
+(options.positions: learned, GPT-2's and Zoology's) cover max_seq_len tokens.
 
 Block interface (what an architecture provides through the registry):
 
@@ -44,6 +45,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.learned_positions else None
         self.blocks = nn.ModuleList(build_block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -55,6 +57,12 @@ class LanguageModel(nn.Module):
         if state is not None and state.seen + idx.shape[1] > state.max_len:
             raise ValueError(f"decode state holds {state.max_len} tokens; {state.seen} seen + {idx.shape[1]} new")
         h = self.embed(idx)  # (B, T, d)
+        if self.pos_embed is not None:
+            start, T = 0 if state is None else state.seen, idx.shape[1]
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"learned positions cover {self.cfg.max_seq_len} tokens (max_seq_len, the run's ctx); "
+                                 f"got positions up to {start + T - 1}")
+            h = h + self.pos_embed(torch.arange(start, start + T, device=idx.device))  # (T, d) broadcast over B
         recompute = self.recompute_blocks and state is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute:  # activation checkpointing: one block's activations alive at a time in backward
@@ -65,10 +73,13 @@ class LanguageModel(nn.Module):
             state.seen += idx.shape[1]
         return self.norm(h)
 
-    def forward(self, idx: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, V)."""
+    def forward(self, idx: torch.Tensor, state: DecodeState | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, V); with `at` (a (B, T) bool mask) only the logits at those positions,
+        (N, V) in row-major order: a task scored on a few positions skips the rest of the head's product."""
         h = self.hidden(idx, state)
-        return F.linear(h, self.embed.weight if self.head is None else self.head.weight)  # (B, T, V)
+        if at is not None:
+            h = h[at]  # (N, d)
+        return F.linear(h, self.embed.weight if self.head is None else self.head.weight)  # (B, T, V) or (N, V)
 
     def new_state(self, batch: int, max_len: int) -> DecodeState:
         p = self.embed.weight
@@ -95,11 +106,12 @@ class LanguageModel(nn.Module):
         return merged
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """All parameters, or without the embedding and an untied head (non_embedding, Kaplan et al.)."""
+        """All parameters, or without the embeddings (tokens, learned positions) and an untied head
+        (non_embedding, Kaplan et al.)."""
         n = sum(p.numel() for p in self.parameters())
         if not non_embedding:
             return n
-        return n - self.embed.weight.numel() - (0 if self.head is None else self.head.weight.numel())
+        return n - sum(m.weight.numel() for m in (self.embed, self.head, self.pos_embed) if m is not None)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

@@ -10,8 +10,12 @@ ffn). Every architecture is sized against it by one of two rules:
                  training FLOPs per token at the run's context T equal the reference's within 2%
                  (architectures/accounting.py has the counts). Head dims stay valid: Transformer and
                  TTT keep the reference's head count with an even head dim, and the FFN width (kept
-                 near the reference's ffn/d ratio) takes up the remainder; Mamba's width is any integer;
-                 Mamba-2 keeps whole heads of the reference's head size (d_inner near expand x d).
+                 near the reference's ffn/d ratio) takes up the remainder; without FFNs (ffn=false) the
+                 head dim alone, which may miss 2% at small sizes (then a SizingError says so); Mamba's
+                 width is any integer; Mamba-2 keeps whole heads of the reference's head size (d_inner
+                 near expand x d).
+
+The reference has the run's head (tied or not) and FFN setting (ffn=false: every block without one).
 
 At long context the Transformer's attention dominates its FLOPs, so FLOP-matched recurrent models
 are wider than the reference: that is the comparison "at equal compute" means.
@@ -80,7 +84,8 @@ class Sized:
         """The resolved dimensions and counts, as written to summaries and sizes.csv."""
         c = self.cfg
         return {"arch": c.arch, "match": self.match, "vocab": c.vocab_size, "layers": c.n_layers,
-                "d_model": c.d_model, "heads": self.heads, "ffn_dim": c.ffn_dim if _family(c.arch) == "heads_ffn" else None,
+                "d_model": c.d_model, "heads": self.heads,
+                "ffn_dim": c.ffn_dim if _family(c.arch) == "heads_ffn" and c.ffn else None,
                 "d_inner": c.options.get("d_inner") or (int(c.options.get("expand", 2)) * c.d_model
                                                         if _family(c.arch) != "heads_ffn" else None),
                 **self.counts.row(),
@@ -93,23 +98,25 @@ def _family(arch: str) -> str:
     return {"mamba": "mamba", "mamba2": "mamba2"}.get(arch, "heads_ffn")
 
 
-def reference_config(size: SizeSpec, ctx: int, vocab: int, tie_embeddings: bool = True) -> ModelConfig:
+def reference_config(size: SizeSpec, ctx: int, vocab: int, tie_embeddings: bool = True,
+                     ffn: bool = True) -> ModelConfig:
     return ModelConfig(arch=REFERENCE_ARCH, vocab_size=vocab, d_model=size.d_model, n_layers=size.n_layers,
-                       n_heads=size.n_heads, ffn_dim=size.ffn_dim, max_seq_len=ctx, tie_embeddings=tie_embeddings)
+                       n_heads=size.n_heads, ffn_dim=size.ffn_dim, max_seq_len=ctx, tie_embeddings=tie_embeddings,
+                       ffn=ffn)
 
 
 def size_model(arch: str, options: dict, size: SizeSpec, ctx: int, vocab: int, match: str,
-               tie_embeddings: bool = True, recipe: Recipe | None = None) -> Sized:
+               tie_embeddings: bool = True, recipe: Recipe | None = None, ffn: bool = True) -> Sized:
     """The model config of `arch` (with its conf/arch options) at `size`, matched by `match`; the LM
-    head tied to the embedding or not (the same for the reference); trained by `recipe` (None: the shared
-    one; architectures/recipe.py), which changes no count."""
+    head tied to the embedding or not and every block with or without its FFN (the same for the
+    reference); trained by `recipe` (None: the shared one; architectures/recipe.py), which changes no count."""
     if match not in MATCH_RULES:
         raise SizingError(f"match must be one of {', '.join(MATCH_RULES)}; got {match!r}")
     spec = get(arch)  # raises UnknownArchitecture with the list of names
     options = dict(options)
     options.pop("native", None)  # the arch's native training recipe (conf/recipe/native.yaml reads it), not an option
     n_layers = size.n_layers * int(options.pop("layer_multiplier", 1) or 1)
-    ref_cfg = reference_config(size, ctx, vocab, tie_embeddings)
+    ref_cfg = reference_config(size, ctx, vocab, tie_embeddings, ffn)
     reference = get(REFERENCE_ARCH).count(ref_cfg, ctx)
     same = replace(ref_cfg, arch=arch, n_layers=n_layers, options=options, recipe=recipe or Recipe())
     if match == "params" or arch == REFERENCE_ARCH:
@@ -151,6 +158,9 @@ def _heads_ffn_candidates(same: ModelConfig, size: SizeSpec, target: float, ctx:
     out = []
     for f in range(step, 16 * f_ref + 1, step):
         d = H * f
+        if not same.ffn:  # the width alone; `_pick` takes the closest in FLOPs
+            out.append((replace(same, d_model=d), 0.0))
+            continue
         lo, hi = (count(replace(same, d_model=d, ffn_dim=w), ctx).train_flops for w in (8, 16))
         ffn = 8 + (target - lo) / ((hi - lo) / 8)
         ffn = max(8, 8 * round(ffn / 8))

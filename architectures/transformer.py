@@ -2,7 +2,10 @@
 
     h += Attn(RMSNorm(h))                   (arch transformer)
     h += Attn(CausalConv_k(RMSNorm(h)))     (arch transformer_conv: short_conv = k = 4)
-    h += SwiGLU(RMSNorm(h))
+    h += SwiGLU(RMSNorm(h))                 (ModelConfig.ffn; false: no FFN, the block is its first line)
+
+Positions (options.positions): rope (RoPE on queries and keys, the default), learned (absolute position
+embeddings added to the token embeddings by the shell, GPT-2's and Zoology's attention; no RoPE) or none.
 
 The optional short convolution feeds attention, as in Zoology's attention baseline (a Hybrid of a
 width-3 BaseConv then MHA; Arora et al. 2023, arXiv 2312.04927): queries, keys and values each see
@@ -72,11 +75,23 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, end, f)
 
 
+POSITIONS = ("rope", "learned", "none")
+
+
+def positions(cfg: ModelConfig) -> str:
+    """options.positions: rope | learned | none (module docstring)."""
+    p = str(cfg.options.get("positions", "rope"))
+    if p not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {p!r}")
+    return p
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.d_model
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.rope = positions(cfg) == "rope"
         self.rope_theta = float(cfg.options.get("rope_theta", 1e4))
         self.backend = resolve_attention_backend(cfg.options.get("attn_backend", "auto"))
         self.wq = nn.Linear(d, d, bias=False)
@@ -85,11 +100,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(d, d, bias=False)
 
     def rotated_qk(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries and keys (B, H, T, f) of x (B, T, d) at positions start.., RoPE applied."""
+        """Queries and keys (B, H, T, f) of x (B, T, d) at positions start.., RoPE applied (positions: rope)."""
         B, T, _ = x.shape
         H, f = self.n_heads, self.head_dim
         q = self.wq(x).view(B, T, H, f).transpose(1, 2)  # (B, H, T, f)
         k = self.wk(x).view(B, T, H, f).transpose(1, 2)
+        if not self.rope:
+            return q, k
         cos, sin = rope_angles(f, torch.arange(start, start + T, device=x.device), self.rope_theta)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -128,7 +145,7 @@ def short_conv_width(cfg: ModelConfig) -> int:
 
 
 class TransformerBlock(nn.Module):
-    """h += Attn([CausalConv_k](RMSNorm(h))); h += SwiGLU(RMSNorm(h))."""
+    """h += Attn([CausalConv_k](RMSNorm(h))); [h += SwiGLU(RMSNorm(h))]."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -137,8 +154,8 @@ class TransformerBlock(nn.Module):
         self.conv = CausalConv(cfg.d_model, k) if k else None
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.ffn else None
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim) if cfg.ffn else None
 
     def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = self.attn_norm(h)  # (B, T, d)
@@ -147,7 +164,7 @@ class TransformerBlock(nn.Module):
             if cache is not None:
                 cache.conv = state
         h = h + self.attn(x, cache)
-        return h + self.ffn(self.ffn_norm(h))
+        return h if self.ffn is None else h + self.ffn(self.ffn_norm(h))
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch, self.cfg.n_heads, max_len, self.cfg.head_dim, device, dtype)
@@ -159,17 +176,20 @@ class TransformerBlock(nn.Module):
 def count(cfg: ModelConfig, ctx: int) -> Counts:
     """Transformer++ at context T (conventions in architectures/accounting.py).
 
-    Parameters: embedding V d (2 V d with an untied head); per layer 4 d^2 (Q, K, V, O) + 3 d ffn (SwiGLU
-    gate, up, down) + 2 d (two RMSNorms) [+ d k + d: short conv weight and bias]; final RMSNorm d.
+    Parameters: embedding V d (2 V d with an untied head; + T_max d learned positions); per layer 4 d^2
+    (Q, K, V, O) + 3 d ffn (SwiGLU gate, up, down) + 2 d (two RMSNorms) [+ d k + d: short conv weight and
+    bias]; final RMSNorm d. Without the FFN (cfg.ffn false) the 3 d ffn + d of the FFN and its norm go.
     Forward FLOPs per token:
-      projections   2 L (4 d^2 + 3 d ffn)
+      projections   2 L (4 d^2 + 3 d ffn)        (2 L 4 d^2 without the FFN)
       attention     2 L 2 d (T + 1) / 2          QK^T and AV, causal-halved (sum over t of t + 1 keys,
                                                  divided by T)
       convs         2 L d k                      (short conv only)
       logits        2 d V
     State: the KV cache, 2 L T d numbers per sequence after T tokens [+ L (k - 1) d conv inputs].
     """
-    L, d, V, ffn, k = cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.ffn_dim, short_conv_width(cfg)
+    L, d, V, k = cfg.n_layers, cfg.d_model, cfg.vocab_size, short_conv_width(cfg)
+    ffn = cfg.ffn_dim if cfg.ffn else 0
+    norms = 2 * d if cfg.ffn else d
     terms = {"projections": 2 * L * (4 * d * d + 3 * d * ffn),
              "attention": 2 * L * 2 * d * (ctx + 1) / 2,
              "logits": 2 * d * V}
@@ -177,7 +197,7 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
         terms["convs"] = 2 * L * d * k
     return Counts(
         embedding_params=embedding_params(cfg),
-        non_embedding_params=L * (4 * d * d + 3 * d * ffn + 2 * d + ((d * k + d) if k else 0)) + d,
+        non_embedding_params=L * (4 * d * d + 3 * d * ffn + norms + ((d * k + d) if k else 0)) + d,
         fwd_terms=terms,
         state_numbers=2 * L * ctx * d + (L * (k - 1) * d if k else 0),
         attention="attention",

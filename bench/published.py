@@ -7,6 +7,7 @@ the transcription notes give them; nothing is interpolated.
     load("table1")    # Table 1: the ablation from linear attention to TTT-Linear
     load("scaling")   # perplexity vs training FLOPs, Pile 2k and 8k, every architecture and size
     load("latency")   # forward time per token vs context, 1.3B on an A100
+    load("token_index")  # perplexity by token index, Books 32k, FLOPs of Mamba 1.4B (v1 Fig 2 right)
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "latency": {"phase": "str", "ctx": "int", "arch": "str", "label": "str", "model_size": "str", "batch": "int",
                 "hardware": "str", "seconds_per_token": "float", "overlapping": "bool", "source": "str",
                 "certainty": "str"},
+    "token_index": {"data": "str", "ctx": "int", "arch": "str", "label": "str", "model_size": "str", "position": "int",
+                    "ppl": "float", "source": "str", "certainty": "str"},
 }
 OPTIONAL = {("table1", "diff")}  # may be empty (row 1 has no difference)
 

@@ -14,8 +14,12 @@ Plots (RESULTS/plots/):
   passkey_heatmap.png    passkey accuracy by needle depth x length, one panel per (architecture, task, ctx).
   classification_accuracy.png  TASK=classification: accuracy vs parameters, one line per architecture,
                          one panel per context length, with the majority-class baseline.
+  mqar_grid.png          tasks with a (sequence length, pairs) grid (TASK=mqar_zoology): accuracy vs d_model,
+                         one panel per grid point, one line per architecture (Zoology's figure 2); the
+                         same numbers in RESULTS/recall.md.
   metric_vs_lr.png       LRS= sweeps: validation bits per byte (or accuracy) vs learning rate; every other
-                         plot uses each point's best lr (lowest validation loss, highest accuracy).
+                         plot uses each point's best lr (lowest validation loss, highest accuracy: on the
+                         dev split where the task has one, task.dev_examples, not on the reported one).
 """
 from __future__ import annotations
 
@@ -63,10 +67,15 @@ def summary_table(results: Path) -> pd.DataFrame:
     return df[COLUMNS + sorted(extra)]
 
 
-def selection_metric(task: str) -> tuple[str, bool]:
+def selection_metric(task: str, runs: pd.DataFrame | None = None) -> tuple[str, bool]:
     """(column, higher is better) that picks a point's best learning rate: the validation loss for
-    language modeling, the validation accuracy for the QA and classification tasks."""
-    return ("val_loss", False) if task == "lm" else ("val_acc", True)
+    language modeling; for the QA and classification tasks the dev split's accuracy where the runs have
+    one (task.dev_examples: held out from the reported test examples), else the validation accuracy."""
+    if task == "lm":
+        return "val_loss", False
+    if runs is not None and "dev_acc" in runs and runs["dev_acc"].notna().all():
+        return "dev_acc", True
+    return "val_acc", True
 
 
 def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
@@ -79,7 +88,7 @@ def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
     ok = ok[ok["sweep"] == newest]
     picked = []
     for _, g in ok.groupby(KEY):
-        col, higher = selection_metric(str(g.iloc[0]["task"]))
+        col, higher = selection_metric(str(g.iloc[0]["task"]), g)
         col = col if col in g and g[col].notna().any() else "val_loss"
         picked.append(g.sort_values(col, ascending=not higher).iloc[0])
     return pd.DataFrame(picked)
@@ -242,6 +251,66 @@ def plot_classification(df: pd.DataFrame, plots: Path) -> None:
     plt.close(fig)
 
 
+def _grid_runs(best: pd.DataFrame) -> pd.DataFrame:
+    """The runs of tasks with a (sequence length, pairs) grid: their summaries carry mqar_pairs."""
+    if "mqar_pairs" not in best:
+        return best.iloc[0:0]
+    return best[best["mqar_pairs"].notna()]
+
+
+def plot_mqar_grid(best: pd.DataFrame, path: Path) -> None:
+    """Zoology's figure 2: accuracy vs model width, one panel per (sequence length, pairs), one line per
+    architecture, each point at its best lr."""
+    runs = _grid_runs(best)
+    if runs.empty:
+        return
+    points = sorted({(int(r["ctx"]), int(r["mqar_pairs"])) for _, r in runs.iterrows()})
+    fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 3.8), squeeze=False)
+    for ax, (ctx, pairs) in zip(axes[0], points):
+        sub = runs[(runs["ctx"] == ctx) & (runs["mqar_pairs"] == pairs)]
+        for (task, arch), g in sub.groupby(["task", "arch"]):
+            g = g.sort_values("d_model")
+            ax.plot(g["d_model"], g["val_acc"], marker="o", label=f"{arch} ({task})")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("model dimension")
+        ax.set_ylabel("MQAR accuracy (best lr)")
+        ax.set_title(f"sequence length {ctx}, {pairs} key-value pairs", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_recall_table(best: pd.DataFrame, path: Path) -> None:
+    """RESULTS/recall.md: per (task, architecture, size) the test accuracy at each (sequence length, pairs)
+    point, at the lr chosen on the dev split, with that lr and the step of an early stop."""
+    runs = _grid_runs(best)
+    if runs.empty:
+        return
+    points = sorted({(int(r["ctx"]), int(r["mqar_pairs"])) for _, r in runs.iterrows()})
+    lines = ["# MQAR recall at each (sequence length, key-value pairs) point", "",
+             "Accuracy on the reported test examples (the fraction of queried values recalled), each point at its "
+             "best lr chosen on the dev split; in brackets that lr, and the step of an early stop (0.99 on the dev "
+             "split).", "",
+             "| task | architecture | size | " + " | ".join(f"({c}, {p})" for c, p in points) + " |",
+             "|" + "---|" * (3 + len(points))]
+    for (task, arch, size), g in runs.groupby(["task", "arch", "size"]):
+        cells = []
+        for ctx, pairs in points:
+            r = g[(g["ctx"] == ctx) & (g["mqar_pairs"] == pairs)]
+            if r.empty:
+                cells.append("")
+                continue
+            r = r.iloc[0]
+            stop = r.get("early_stop_step")
+            stop = "" if stop is None or pd.isna(stop) else f", stopped at step {int(stop)}"
+            cells.append(f"{r['val_acc']:.3f} (lr {r['lr']:.3g}{stop})")
+        lines.append(f"| {task} | {arch} | {size} | " + " | ".join(cells) + " |")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def save_figure(fig, path: Path) -> None:
     """PNG written whole (a kill mid-write leaves the previous plot)."""
     buf = io.BytesIO()
@@ -268,6 +337,8 @@ def report(results: str | Path) -> pd.DataFrame:
             plot_training_curves(best, plots / "training_curves.png")
             plot_longqa(best, plots)
             plot_classification(best, plots)
+            plot_mqar_grid(best, plots / "mqar_grid.png")
+            write_recall_table(best, results / "recall.md")
             write_eval_table(best, results / "eval.md")
             plot_metric_vs_lr(_with_match(full), plots / "metric_vs_lr.png")
     return table
@@ -287,9 +358,9 @@ def plot_metric_vs_lr(df: pd.DataFrame, path: Path) -> None:
     tasks = sorted(ok["task"].unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        col, higher = selection_metric(task)
-        shown = "val_bpb" if task == "lm" else col
+        shown = "val_bpb" if task == "lm" else "val_acc"
         for (arch, size, ctx), g in ok[ok["task"] == task].groupby(["arch", "size", "ctx"]):
+            col, higher = selection_metric(task, g)
             g = g.sort_values("lr")
             line, = ax.plot(g["lr"], g[shown], marker="o", label=f"{arch} {size} ctx={ctx}")
             best = g.sort_values(col, ascending=not higher).iloc[0]

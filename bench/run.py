@@ -39,14 +39,23 @@ from bench.train import Diverged, autocast_for, budget_tokens, pick_device, trai
 from tasks import build_task
 
 
+def arch_options(cfg: DictConfig) -> dict:
+    """conf/arch/<name>.yaml's options, with `cfg.arch_options[<name>]` over them (a task's per-architecture
+    settings, as Zoology's sweeps give each mixer its own kwargs: conf/budget/mqar_zoology_*.yaml)."""
+    options = OmegaConf.to_container(cfg.arch, resolve=True)
+    extra = cfg.get("arch_options")
+    extra = OmegaConf.to_container(extra, resolve=True) if extra else {}
+    return {**options, **(extra.get(str(options["name"])) or {})}
+
+
 def model_config(cfg: DictConfig, vocab_size: int) -> Sized:
     """The architecture's options at the size, matched to the size's reference Transformer by
     `cfg.match` (params or flops; architectures/sizing.py), trained by the recipe `cfg.recipe`."""
-    options = OmegaConf.to_container(cfg.arch, resolve=True)
+    options = arch_options(cfg)
     name = options.pop("name")
     tied = bool(cfg.get("tie_embeddings", True))  # run configs older than the option: tied
     return size_model(str(name), options, SizeSpec.from_dict(cfg.size), int(cfg.ctx), vocab_size, str(cfg.match),
-                      tie_embeddings=tied, recipe=training_recipe(cfg))
+                      tie_embeddings=tied, recipe=training_recipe(cfg), ffn=bool(cfg.get("ffn", True)))
 
 
 def training_recipe(cfg: DictConfig) -> Recipe:
@@ -67,13 +76,27 @@ TRAINER_NOT_IN_FINGERPRINT = {"quiet", "resume", "ckpt_every", "ckpt_every_s", "
                               "thread_governor", "parallel"}
 
 
+# settings added after runs were fingerprinted: at these values (what every run before them did) they are
+# left out, so finished runs of an earlier sweep are still reused. (dotted path, value)
+ADDED_WITH_DEFAULTS = (("ffn", True), ("arch_options", {}), ("arch.positions", "rope"), ("trainer.early_stop", None),
+                       ("task.mqar_format", "suite"), ("task.mqar_grid", None), ("task.train_examples", None),
+                       ("task.epochs", None), ("task.dev_examples", 0))
+
+
 def config_fingerprint(cfg: DictConfig) -> str:
-    """sha256 (16 hex digits) of the resolved config, less NOT_IN_FINGERPRINT."""
+    """sha256 (16 hex digits) of the resolved config, less NOT_IN_FINGERPRINT and ADDED_WITH_DEFAULTS."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_IN_FINGERPRINT:
         plain.pop(key, None)
     for key in TRAINER_NOT_IN_FINGERPRINT:
         plain.get("trainer", {}).pop(key, None)
+    for path, default in ADDED_WITH_DEFAULTS:
+        *parents, key = path.split(".")
+        node = plain
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] == default:
+            del node[key]
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -160,6 +183,13 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
         architectures.get(summary["arch"])  # fail early, with the list of names
         torch.manual_seed(int(cfg.seed))
         task = build_task(cfg, ctx)
+        for key, value in getattr(task, "budget", dict)().items():  # a protocol's budget (examples x epochs)
+            if cfg.trainer.get(key) is None:  # where the config leaves it to the task
+                cfg.trainer[key] = value
+        for key in ("tokens", "batch_tokens"):
+            if cfg.trainer.get(key) is None:
+                raise ValueError(f"trainer.{key} is null and task {cfg.task.name} sets no budget for it "
+                                 f"(task.train_examples, task.epochs, task.mqar_grid batch); give trainer.{key}=N")
         sized = model_config(cfg, task.vocab_size)
         mcfg = sized.cfg
         summary["recipe"] = mcfg.recipe.name  # native | shared (conf/recipe/)

@@ -1,6 +1,6 @@
 """`make sweep`: check the user's choices, run the Hydra multirun, then write the report.
 
-    python -m bench.sweep --arch transformer --ctx 2k [--profile cpu] [--sizes a,b] [--task lm]
+    python -m bench.sweep --arch transformer [--ctx 2k|64,128] [--profile cpu] [--sizes a,b] [--task lm]
                           [--data shakespeare] [--match flops|params] [--results results]
                           [--lrs 1e-4,1e-3] [--resume last|<sweep id>] [--fresh]
                           [--nproc N | --launcher slurm [--nodes N] [--gpus-per-node G] [--partition P]
@@ -44,6 +44,14 @@ def parse_ctx(text: str) -> int:
     if not m or int(m.group(1)) <= 0:
         raise UsageError(f"CTX must be a positive integer or a multiple of 1024 written like 2k, 8k, 32k; got {text!r}")
     return int(m.group(1)) * (1024 if m.group(2) else 1)
+
+
+def parse_ctxs(text: str) -> list[int]:
+    """'2k' -> [2048]; '64,128' -> [64, 128]: a sweep over several contexts (one run each)."""
+    items = [t for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"CTX must be a positive integer or a multiple of 1024 written like 2k, 8k, 32k; got {text!r}")
+    return list(dict.fromkeys(parse_ctx(t) for t in items))
 
 
 def parse_choice(kind: str, text: str, options: list[str]) -> str:
@@ -105,15 +113,27 @@ def default_ladder(task: str, profile: str) -> list[str]:
     return list(OmegaConf.load(CONF / "profile" / f"{profile}.yaml").ladder)
 
 
+DEFAULT_CTX = "2k"
+
+
+def default_ctxs(task: str, profile: str) -> list[int]:
+    """The contexts a sweep runs when CTX is not given: the task budget's `sweep_ctx` (a protocol's grid
+    points, e.g. TASK=mqar_zoology), else 2k."""
+    budget = CONF / "budget" / f"{task}_{profile}.yaml"
+    if budget.exists() and "sweep_ctx" in (cfg := OmegaConf.load(budget)):
+        return [int(c) for c in cfg.sweep_ctx]
+    return [parse_ctx(DEFAULT_CTX)]
+
+
 def build_overrides(args) -> tuple[list[str], str, Path]:
     archs = parse_archs(args.arch)
-    ctx = parse_ctx(args.ctx)
     profile = parse_choice("PROFILE", args.profile, group_options("profile"))
     task = parse_choice("TASK", args.task, group_options("task"))
+    ctxs = parse_ctxs(args.ctx) if str(args.ctx).strip() else default_ctxs(task, profile)
     sizes = (parse_list("SIZES", args.sizes, group_options("size")) if args.sizes else default_ladder(task, profile))
     results = Path(args.results).expanduser().resolve()
     overrides = [f"arch={','.join(archs)}", f"size={','.join(sizes)}", f"profile={profile}", f"task={task}",
-                 f"ctx={ctx}", f"results={results}"]
+                 f"ctx={','.join(map(str, ctxs))}", f"results={results}"]
     if args.data:
         overrides.append(f"data={parse_choice('DATA', args.data, group_options('data'))}")
     if args.lrs:
@@ -122,7 +142,7 @@ def build_overrides(args) -> tuple[list[str], str, Path]:
         from architectures.sizing import MATCH_RULES
 
         overrides.append(f"match={parse_choice('MATCH', args.match, list(MATCH_RULES))}")
-    return overrides + list(args.overrides), f"{task}-ctx{ctx}", results
+    return overrides + list(args.overrides), f"{task}-ctx{'-'.join(map(str, ctxs))}", results
 
 
 LAUNCHERS = ("local", "slurm")
@@ -221,7 +241,8 @@ def _metric(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make sweep", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", default="transformer", help="a name, a comma list, or 'all'")
-    p.add_argument("--ctx", default="2k", help="2k, 8k, 32k or a number of tokens")
+    p.add_argument("--ctx", default="", help="2k, 8k, 32k or a number of tokens; a comma list runs each (default: "
+                   "the task budget's sweep_ctx, else 2k)")
     p.add_argument("--profile", default="cpu", help="cpu | smoke | paper")
     p.add_argument("--sizes", default="", help="comma list of conf/size names (default: the profile's ladder)")
     p.add_argument("--task", default="lm")

@@ -292,6 +292,8 @@ def sweep_point(model, ctx: int, device, vocab: int) -> dict:
     """What `make sweep` adds to a run's summary: prefill and decode speed of the trained model at the
     run's context, batch 1 (never fails the run: a failure is recorded)."""
     model = getattr(model, "lm", model)  # a classifier's language model carries the decode cache
+    if getattr(model, "pos_embed", None) is not None:
+        return {"throughput_status": "skipped: learned positions end at ctx, no room to decode past it"}
     was_training = model.training
     model.eval()
     try:

@@ -253,6 +253,36 @@ def restore(run_dir: Path, model, optimizer, device: torch.device, identity: dic
     return state
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    """trainer.early_stop: every `every` steps the task's `validate` (a held-out dev split, never the
+    reported test examples) gives `metric`; training stops once it reaches `threshold` (Zoology stops at
+    0.99 validation accuracy). The lr schedule keeps the full budget's length, as Zoology's does."""
+
+    metric: str
+    threshold: float
+    every: int
+
+    @classmethod
+    def from_config(cls, spec) -> "EarlyStop | None":
+        if spec is None:
+            return None
+        out = cls(str(spec["metric"]), float(spec["threshold"]), int(spec["every"]))
+        if out.every <= 0:
+            raise ValueError(f"trainer.early_stop.every must be a positive number of steps, got {out.every}")
+        return out
+
+    def check(self, task, model, device, autocast) -> tuple[dict, bool]:
+        """(the task's validation metrics, whether to stop), the same on every rank (rank 0's decision)."""
+        if not hasattr(task, "validate"):
+            raise ValueError(f"trainer.early_stop: task {getattr(task, 'name', task)!r} has no validation split")
+        metrics = task.validate(model, device, autocast)
+        if self.metric not in metrics:
+            raise ValueError(f"trainer.early_stop.metric {self.metric!r}: the task's validation gives "
+                             f"{', '.join(metrics)}")
+        return metrics, bool(distributed.broadcast(metrics[self.metric] >= self.threshold))
+
+
 def resume_metrics(metrics_path: Path, step: int) -> None:
     """Cut metrics.jsonl back to the checkpoint's step: rows logged after it are trained again."""
     if not metrics_path.exists():
@@ -275,6 +305,10 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
     governor: a bench.threads.ThreadGovernor that refits the CPU threads between steps (None: fixed).
     identity: what the checkpoint records and a resumed one must match (architecture, size, ctx, config).
 
+    Early stopping (trainer.early_stop, EarlyStop): the task's dev split every `every` steps, logged with
+    that step's row of metrics.jsonl; the run ends at the first check that reaches the threshold, and its
+    checkpoint remembers it (a resumed run does not train on).
+
     Checkpoints: every `ckpt_every` steps and every `ckpt_every_s` seconds (0: off), and at the end;
     a run started again resumes from its checkpoint with metrics.jsonl cut back to that step, so an
     interrupted run ends with the same weights and curve as an uninterrupted one (bit-exact on CPU
@@ -291,11 +325,13 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
     optimizer = make_optimizer(model, tcfg)
     ckpt_path = run_dir / CHECKPOINT
     identity = dict(identity or {})
-    start_step, prior_wall, last_ckpt = 0, 0.0, None
+    start_step, prior_wall, last_ckpt, stopped_at = 0, 0.0, None, None
+    early_stop = EarlyStop.from_config(tcfg.get("early_stop"))
     state = restore(run_dir, model, optimizer, device, identity, parallel) if bool(tcfg.resume) else None
     if state is not None:
         start_step, prior_wall = int(state["step"]), float(state.get("train_wall_s", 0.0))
         last_ckpt = start_step
+        stopped_at = state.get("early_stop_step")  # it stopped there: nothing left to train
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         resume_metrics(metrics_path, start_step)
@@ -312,6 +348,8 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
 
     def checkpoint(step: int) -> None:
         extra = {"train_wall_s": prior_wall + time.perf_counter() - t0, **identity}
+        if stopped_at is not None:
+            extra["early_stop_step"] = stopped_at
         if parallel == "none":
             save_checkpoint(ckpt_path, model, optimizer, step, extra)
             distributed.remove_sharded(run_dir)
@@ -321,7 +359,7 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
     loss_val = float("nan")
     bar = tqdm(total=plan.steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
                disable=bool(tcfg.get("quiet", False)) or not main)
-    for step in range(start_step, plan.steps):
+    for step in range(start_step, plan.steps if stopped_at is None else start_step):
         if governor is not None:
             governor.update()
         lr = lr_at(step, plan.steps, float(tcfg.lr), float(tcfg.min_lr), float(tcfg.warmup_frac))
@@ -351,11 +389,16 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
         loss_val = loss_sum
         tokens_since += plan.tokens_per_step
         done = step + 1
-        if done % int(tcfg.log_every) == 0 or done == plan.steps:
+        validated, stop = {}, False
+        if early_stop is not None and (done % early_stop.every == 0 or done == plan.steps):
+            validated, stop = early_stop.check(task, model, device, autocast)
+            if stop:
+                stopped_at = done
+        if done % int(tcfg.log_every) == 0 or done == plan.steps or validated:
             now = time.perf_counter()
             tps = tokens_since / max(now - t_since, 1e-9)
             row = {"step": done, "tokens": done * plan.tokens_per_step, "loss": loss_val, "lr": lr,
-                   "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": prior_wall + now - t0}
+                   "grad_norm": grad_norm, "tokens_per_s": tps, "elapsed_s": prior_wall + now - t0, **validated}
             if main:
                 append_jsonl(metrics_path, row)
             tracker.log(row, step=done)
@@ -368,14 +411,22 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
             last_ckpt, t_ckpt = done, time.perf_counter()
         bar.update(1)
         crash_point("step")
+        if stop:
+            if main:
+                bar.write(f"[ttt-bench] early stop at step {done}: {early_stop.metric} "
+                          f"{validated[early_stop.metric]:.4f} >= {early_stop.threshold}")
+            break
     bar.close()
     wall = prior_wall + time.perf_counter() - t0
-    trained_steps = plan.steps - start_step
+    end = plan.steps if stopped_at is None else int(stopped_at)
+    trained_steps = end - start_step
     if trained_steps or not (ckpt_path.exists() or distributed.latest_sharded(run_dir)):
-        checkpoint(plan.steps)
+        checkpoint(end)
     return {
-        "steps": plan.steps,
-        "tokens": plan.steps * plan.tokens_per_step,
+        "steps": end,
+        "planned_steps": plan.steps,
+        "early_stop_step": stopped_at,
+        "tokens": end * plan.tokens_per_step,
         "batch_seqs": plan.seqs_per_step,
         "micro_batch": plan.micro_batch,
         "parallel": parallel,

@@ -39,3 +39,25 @@ def test_paper_sizes_match_table_3():
     for name, (L, d, H) in expect.items():
         s = OmegaConf.load(CONF / "size" / f"{name}.yaml")
         assert (s.n_layers, s.d_model, s.n_heads, s.batch_tokens) == (L, d, H, 524288)
+
+
+def test_options_added_at_their_defaults_leave_run_fingerprints_unchanged():
+    """ffn, arch_options, arch.positions, trainer.early_stop and the long-QA protocol options came after runs were
+    fingerprinted: at their defaults they hash as if absent (a rerun sweep still reuses those runs)."""
+    from omegaconf import open_dict
+
+    from bench.run import ADDED_WITH_DEFAULTS, config_fingerprint
+
+    for task in ("lm", "mqar"):
+        cfg = compose_with(f"task={task}", "sweep_id=t", "results=/tmp/x")
+        before = OmegaConf.create(OmegaConf.to_container(cfg))
+        with open_dict(before):
+            for path, _ in ADDED_WITH_DEFAULTS:
+                *parents, key = path.split(".")
+                node = before
+                for p in parents:
+                    node = node[p]
+                node.pop(key, None)
+        assert config_fingerprint(cfg) == config_fingerprint(before)
+        assert config_fingerprint(compose_with(f"task={task}", "sweep_id=t", "results=/tmp/x", "ffn=false")) \
+            != config_fingerprint(cfg)

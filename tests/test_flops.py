@@ -17,7 +17,7 @@ from architectures import ModelConfig, build_model
 from architectures.accounting import OpCounter, flop_counter
 from architectures.mamba.layers import CausalConv, head_dim_for, mamba2_inner_width
 from architectures.mamba.scan import selective_state_step
-from architectures.sizing import FLOPS_TOLERANCE, SizeSpec, SizingError, size_model
+from architectures.sizing import FLOPS_TOLERANCE, SizeSpec, SizingError, reference_config, size_model
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 ARCHS = ["transformer", "transformer_conv", "ttt_linear", "ttt_mlp", "ttt_linear_base", "ttt_mlp_base",
@@ -70,6 +70,68 @@ def test_untied_head_adds_its_parameters_and_no_flops(arch):
     assert b.params == build_model(untied).num_params() == a.params + untied.vocab_size * untied.d_model
     assert b.non_embedding_params == build_model(untied).num_params(non_embedding=True) == a.non_embedding_params
     assert b.fwd_terms == a.fwd_terms
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_without_ffn_the_counts_drop_the_ffn_and_match_the_model(arch):
+    """ffn=false: every block's FFN slot is the identity. The counts lose the SwiGLU (3 d ffn per layer), its
+    norm (d) and its FLOPs; Mamba blocks, which have none, do not change; the model computes the same shape."""
+    with_ffn, without = config(arch), replace(config(arch), ffn=False)
+    a, b = architectures.get(arch).count(with_ffn, 128), architectures.get(arch).count(without, 128)
+    model = build_model(without)
+    assert b.params == model.num_params() and b.non_embedding_params == model.num_params(non_embedding=True)
+    assert not any("ffn" in name for name, _ in model.named_parameters())
+    L, d, ffn = with_ffn.n_layers, with_ffn.d_model, with_ffn.ffn_dim
+    has_ffn = not arch.startswith("mamba")
+    assert a.params - b.params == (L * (3 * d * ffn + d) if has_ffn else 0)
+    assert a.fwd_flops - b.fwd_flops == (2 * L * 3 * d * ffn if has_ffn else 0)
+    x = torch.randint(0, without.vocab_size, (2, 128))
+    assert model(x).shape == (2, 128, without.vocab_size)
+    measured = counted_forward(model, x) / (2 * 128)
+    expected = b.seen_fwd_flops
+    if b.attention:
+        expected += b.fwd_terms[b.attention] * (2 * 128 / 129 - 1)
+    assert measured == pytest.approx(expected, rel=1e-9)
+
+
+def test_learned_positions_count_with_the_embeddings_and_replace_rope():
+    """positions: learned adds max_seq_len x d embedding parameters (no FLOPs counted); the attention then has
+    no RoPE, and a decode continues the positions where the prefill stopped."""
+    cfg = config("transformer", T=64, positions="learned")
+    rope = config("transformer", T=64)
+    model = build_model(cfg)
+    counts = architectures.get("transformer").count(cfg, 64)
+    assert counts.params == model.num_params() == architectures.get("transformer").count(rope, 64).params + 64 * 64
+    assert counts.non_embedding_params == model.num_params(non_embedding=True)
+    assert not model.blocks[0].attn.rope and build_model(rope).blocks[0].attn.rope
+    x = torch.randint(0, cfg.vocab_size, (2, 64))
+    full = model(x)
+    state = model.new_state(2, 64)
+    steps = torch.cat([model(x[:, :40], state)] + [model(x[:, t:t + 1], state) for t in range(40, 64)], dim=1)
+    assert torch.allclose(full, steps, atol=1e-5)
+    with pytest.raises(ValueError, match="learned positions cover 64"):
+        model(torch.randint(0, cfg.vocab_size, (1, 65)))
+    with pytest.raises(ValueError, match="positions must be one of"):
+        build_model(config("transformer", positions="alibi"))
+
+
+def test_logits_at_chosen_positions_are_those_of_the_full_forward():
+    cfg = config("transformer", T=32)
+    model = build_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (3, 32))
+    at = torch.rand(3, 32) < 0.2
+    assert torch.allclose(model(x, at=at), model(x)[at], atol=1e-6)
+
+
+def test_sizing_without_ffn_uses_a_reference_without_ffn():
+    spec = SizeSpec.from_dict(OmegaConf.load(CONF / "size" / "cpu-s.yaml"))
+    for arch in ("transformer", "ttt_linear", "mamba"):
+        s = size_model(arch, arch_options(arch), spec, 512, 257, "params", ffn=False)
+        assert not s.cfg.ffn and s.row()["ffn_dim"] is None
+        ref = reference_config(spec, 512, 257, ffn=False)
+        assert not ref.ffn and s.reference == architectures.get("transformer").count(ref, 512)
+    flops = size_model("ttt_linear", arch_options("ttt_linear"), spec, 512, 257, "flops", ffn=False)
+    assert abs(flops.flops_ratio - 1) < FLOPS_TOLERANCE and not flops.cfg.ffn
 
 
 def test_mamba2_inner_width_override_builds_whole_heads():
@@ -212,8 +274,9 @@ def test_paper_sizes_match_by_parameters(size):
     assert sized("mamba", size, 2048, "params").cfg.n_layers == 2 * ref.cfg.n_layers
 
 
-# the smoke sizes use match=params (conf/profile/smoke.yaml): they are too small to FLOP-match Mamba-2
-SIZES = sorted(p.stem for p in (CONF / "size").glob("*.yaml") if not p.stem.startswith("smoke"))
+# the smoke sizes use match=params (conf/profile/smoke.yaml): they are too small to FLOP-match Mamba-2; so do
+# Zoology's (TASK=mqar_zoology compares every model at one width)
+SIZES = sorted(p.stem for p in (CONF / "size").glob("*.yaml") if not p.stem.startswith(("smoke", "zoology")))
 
 
 @pytest.mark.parametrize("vocab", [257, 32000])

@@ -1,4 +1,6 @@
 """Long-context QA generators: deterministic for a seed, exact lengths, and they contain what they claim."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -198,3 +200,75 @@ def test_head_report_reads_the_recall_circuit_at_the_right_positions():
     (row,) = head_report([shifted], examples, conv_width=4)
     assert (row["match@query"], row["window@query"]) == (0.0, 1.0)
     assert head_report([shifted], examples, conv_width=3)[0]["window@query"] == 0.0
+
+
+@pytest.mark.parametrize("length,pairs", [(64, 4), (128, 8), (256, 16), (512, 64)])
+def test_mqar_zoology_keys_and_values_from_disjoint_halves(length, pairs):
+    """Zoology's layout (zoology/data/multiquery_ar.py, figure 2): k1 v1 .. kn vn, then zeros with each key once
+    at a query slot; keys from 1 .. 4095 and values from 4096 .. 8191, each distinct; the value is a label only."""
+    from tasks.longqa.generators import mqar_zoology
+
+    ex = mqar_zoology(length + 1, pairs, seed=3)
+    assert len(ex.ids) == length + 1 and ex == mqar_zoology(length + 1, pairs, seed=3)
+    keys, values = ex.ids[0:2 * pairs:2], ex.ids[1:2 * pairs:2]
+    assert all(1 <= k < 4096 for k in keys) and all(4096 <= v < 8192 for v in values)
+    assert len(set(keys)) == len(set(values)) == pairs
+    value_of = dict(zip(keys, values))
+    assert len(ex.answer_pos) == pairs and ex.answer_pos == sorted(ex.answer_pos)
+    queried = [ex.ids[p - 1] for p in ex.answer_pos]
+    assert sorted(queried) == sorted(keys)  # every key asked once
+    assert ex.answer == [value_of[k] for k in queried]
+    assert all(ex.ids[p] == 0 for p in ex.answer_pos)  # the input after a query stays 0
+    assert sum(t != 0 for t in ex.ids[2 * pairs:]) == pairs  # zeros everywhere else
+    assert all((p - 1 - 2 * pairs) % 2 == 0 for p in ex.answer_pos)  # queries at even slots of the query region
+    with pytest.raises(ValueError, match="4 x pairs"):
+        mqar_zoology(length, length // 2, 0)
+
+
+def test_mqar_zoology_queries_prefer_early_slots():
+    """power_a 0.01: slot i drawn with weight ~1/i; key j takes the j-th slot drawn, so early keys tend to come first."""
+    from tasks.longqa.generators import mqar_zoology
+
+    slots = [(p - 1 - 16) // 2 for i in range(400) for p in mqar_zoology(129, 8, i).answer_pos]
+    first = sum(s < 8 for s in slots) / len(slots)
+    assert first > 0.35  # uniform over the 56 slots would give 8/56 = 0.14
+
+
+def zoology_task(ctx=128, **kw):
+    from omegaconf import OmegaConf
+
+    from tasks.longqa import LongQATask
+
+    base = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "task" / "mqar_zoology.yaml")
+    base.pop("defaults")
+    cfg = OmegaConf.merge(OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "task" / "longqa.yaml"),
+                          base, OmegaConf.create(kw))
+    return LongQATask(cfg, None, ctx)
+
+
+def test_mqar_zoology_task_grid_vocab_training_set_and_splits():
+    from tasks.longqa import IGNORE
+
+    task = zoology_task(128, train_examples=50, epochs=3, dev_examples=4, eval_examples=4)
+    assert task.vocab_size == 8192 and task.mqar_pairs == 8 and task.mqar_train_pairs == [8]
+    assert task.budget() == {"tokens": 50 * 3 * 128, "batch_tokens": 512 * 128}
+    assert zoology_task(64).mqar_pairs == 4 and zoology_task(512).mqar_pairs == 64
+    with pytest.raises(ValueError, match="CTX=100 is not a point of its grid"):
+        zoology_task(100)
+    x, y = task.batch(0, 8)
+    assert x.shape == y.shape == (8, 128) and x.dtype == torch.long
+    for b in range(8):  # the logits at each queried key are trained on that key's value
+        pos = (y[b] != IGNORE).nonzero().flatten().tolist()
+        pairs = dict(zip(x[b, 0:16:2].tolist(), x[b, 1:16:2].tolist()))
+        assert len(pos) == 8 and all(y[b, p].item() == pairs[x[b, p].item()] for p in pos)
+    # a fixed set of 50: step 6's batch of 8 holds examples 48, 49, 0 .. 5 (the second epoch begins)
+    x6, _ = task.batch(6, 8)
+    assert torch.equal(x6[2:], x[:6]) and torch.equal(x6[:2], task.batch(0, 50)[0][48:])
+    # the dev split, the reported test examples and the training set are drawn from different seeds
+    dev = task._held_out("dev", "mqar", 128, None, 4)
+    test = task.eval_examples("mqar", 128, None, 4)
+    assert not {tuple(e.ids) for e in dev} & {tuple(e.ids) for e in test}
+    train_set = {tuple(task.train_example(i).ids[:-1]) for i in range(50)}
+    assert not train_set & {tuple(e.ids[:-1]) for e in dev + test}
+    with pytest.raises(ValueError, match="MQAR alone"):
+        zoology_task(128, mixture={"passkey": 1.0, "mqar": 1.0})

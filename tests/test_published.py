@@ -41,7 +41,7 @@ def test_key_numbers():
 def test_arch_names_are_registered():
     import architectures
 
-    for name in ("scaling", "latency"):
+    for name in ("scaling", "latency", "token_index"):
         assert set(published.load(name)["arch"]) <= set(architectures.names())
 
 
@@ -124,3 +124,14 @@ def test_latency_equals_the_notes():
             got = lat.loc[(int(ctx.rstrip("k")) * 1024, label)]
             assert got["seconds_per_token"] == pytest.approx(num(cell) * 1e-5, rel=1e-12)
             assert got["overlapping"] == cell.startswith("~") and source.startswith(got["source"])
+
+
+def test_token_index_equals_the_notes():
+    """v1 Fig 2 right: "@256: 10.03 / 9.82 / 9.87; @1k: ..." (TF finetune / Mamba / TTT-Linear)."""
+    row = next(line for line in notes().splitlines() if line.startswith("| v1 Fig 2-right"))
+    points = re.findall(r"@(\d+)(k?): ([\d.]+) / ([\d.]+) / ([\d.]+)", row)
+    got = published.load("token_index").set_index(["position", "label"])
+    assert len(points) * 3 == len(got) == 18 and (got["certainty"] == "APPROX").all()
+    for n, k, *values in points:
+        for label, value in zip(["TF finetune", "Mamba", "TTT-Linear"], values):
+            assert got.loc[(int(n) * (1024 if k else 1), label), "ppl"] == float(value)

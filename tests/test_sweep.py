@@ -168,3 +168,48 @@ def test_arch_all_and_table1():
     main = parse_archs("all")
     assert {"transformer", "ttt_linear", "ttt_linear_base", "mamba", "mamba2", "ttt_mlp"} <= set(main)
     assert not any(a.startswith("table1_") for a in main)
+
+
+def test_ctx_lists_and_the_task_budgets_default_contexts():
+    from bench.sweep import default_ctxs, parse_ctxs
+
+    assert parse_ctxs("64,128") == [64, 128] and parse_ctxs("2k") == [2048] and parse_ctxs("64,64") == [64]
+    with pytest.raises(UsageError):
+        parse_ctxs("64,x")
+    assert default_ctxs("lm", "cpu") == [2048] and default_ctxs("mqar_zoology", "cpu") == [64, 128]
+    assert default_ctxs("mqar_zoology", "paper") == [64, 128, 256, 512]
+
+
+def test_best_lr_is_chosen_on_the_dev_split_not_the_reported_one():
+    import pandas as pd
+
+    from bench.report import latest_ok
+
+    rows = [{"arch": "transformer", "size": "s", "ctx": 64, "task": "mqar_zoology", "data": "generated",
+             "match": "params", "recipe": "native", "status": "ok", "sweep": "a", "lr": lr, "val_loss": 1.0,
+             "val_acc": val, "dev_acc": dev} for lr, val, dev in [(1e-3, 0.9, 0.5), (1e-2, 0.6, 0.8)]]
+    assert float(latest_ok(pd.DataFrame(rows)).iloc[0]["lr"]) == 1e-2  # dev 0.8 wins; its test accuracy is reported
+    for r in rows:
+        r["dev_acc"] = None  # runs without a dev split: the validation accuracy, as before
+    assert float(latest_ok(pd.DataFrame(rows)).iloc[0]["lr"]) == 1e-3
+
+
+@pytest.mark.slow
+def test_mqar_zoology_smoke_sweep_end_to_end(tmp_path):
+    """make sweep TASK=mqar_zoology PROFILE=smoke LRS=...: without CTX, its grid points (64, 4) and (128, 8), one
+    run each per lr; dev_acc (early stopping's split) next to the reported val_acc; recall.md and the grid plot."""
+    res = sweep("--arch", "transformer", "--profile", "smoke", "--task", "mqar_zoology", "--lrs", "1e-3,1e-2",
+                "--", "logger=none", "trainer.quiet=true", results=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in tmp_path.glob("runs/*/*/summary.json")]
+    assert sorted((r["ctx"], r["lr"]) for r in runs) == [(64, 1e-3), (64, 1e-2), (128, 1e-3), (128, 1e-2)]
+    for r in runs:
+        assert r["status"] == "ok" and r["vocab"] == 8192 and r["ffn_dim"] is None and r["tokenizer"] == "mqar_zoology8192"
+        assert r["mqar_pairs"] == {64: 4, 128: 8}[r["ctx"]] and 0 <= r["dev_acc"] <= 1 and 0 <= r["val_acc"] <= 1
+        assert r["planned_steps"] == 16 and r["steps"] == (r["early_stop_step"] or 16)
+        rows = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        dev_steps = [row["step"] for row in rows if "dev_acc" in row]  # checked every 8 steps
+        assert dev_steps and set(dev_steps) <= {8, 16}
+    table = (tmp_path / "recall.md").read_text()
+    assert "| transformer |" in table and "(64, 4)" in table and "(128, 8)" in table
+    assert (tmp_path / "plots" / "mqar_grid.png").exists()

@@ -26,16 +26,21 @@ def test_a_budget_applies_to_its_task_under_its_profile_only(budget):
     cfg = compose_with(f"task={task}", f"profile={profile}", "size=cpu-s")
     OmegaConf.resolve(cfg)
     for key in ("tokens", "lr", "batch_tokens"):
-        if key in spec.trainer:
+        if key in spec.get("trainer", {}):
             assert cfg.trainer[key] == spec.trainer[key], key
     assert default_ladder(task, profile) == list(spec.get("ladder", OmegaConf.load(CONF / "profile" / f"{profile}.yaml").ladder))
     assert set(default_ladder(task, profile)) <= {p.stem for p in (CONF / "size").glob("*.yaml")}
     assert (CONF / "task" / f"{task}.yaml").exists() and (CONF / "profile" / f"{profile}.yaml").exists()
+    for key, value in spec.get("task", {}).items():  # the task settings it overrides
+        if not OmegaConf.is_dict(value):
+            assert cfg.task[key] == value, key
+    if (CONF / "budget" / f"{task}_smoke.yaml").exists():  # the task has a smoke budget of its own
+        return
     other = compose_with(f"task={task}", "profile=smoke", "size=cpu-s")  # no smoke budget: the size's
     OmegaConf.resolve(other)
     assert other.trainer.tokens == OmegaConf.load(CONF / "size" / "cpu-s.yaml").tokens
     plain = compose_with("task=lm", f"profile={profile}", "size=cpu-s")
-    for key in set(spec) - {"trainer", "ladder"}:  # run-level settings (tie_embeddings): this budget's only
+    for key in set(spec) - {"trainer", "ladder", "defaults", "task"}:  # run-level settings (tie_embeddings)
         assert cfg[key] == spec[key] and other[key] == plain[key], key
     # the command line still wins over a budget
     assert compose_with(f"task={task}", f"profile={profile}", "trainer.tokens=1234").trainer.tokens == 1234
@@ -99,3 +104,45 @@ def test_cached_evaluation_sets_equal_fresh_ones(tmp_path, monkeypatch):
     x2, y2 = build_task(cl, 256)._examples("val-0", 4, 256)
     assert torch.equal(x0, x1) and torch.equal(x1, x2) and torch.equal(y0, y2)
     assert len(list((tmp_path / "generated" / "listops").glob("*.pt"))) == 1
+
+
+ZOOLOGY_ARCHS = ["transformer", "ttt_linear", "mamba", "mamba2"]
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "paper"])
+def test_mqar_zoology_composes_for_every_profile_and_grid_point(profile):
+    """TASK=mqar_zoology: Zoology's figure-2 models at each profile's grid points (sweep_ctx): 2 layers for
+    every architecture, no FFN, the head tied, one attention head with learned positions (the Transformer only),
+    vocab 8192; the budget N x epochs sequences at the grid's batch, the dev split for early stopping."""
+    from bench.run import model_config
+    from bench.sweep import default_ctxs
+
+    spec = OmegaConf.load(CONF / "budget" / f"mqar_zoology_{profile}.yaml")
+    ctxs = default_ctxs("mqar_zoology", profile)
+    assert ctxs == list(spec.sweep_ctx) and {64, 128} <= set(ctxs)
+    for ctx in ctxs:
+        for arch in ZOOLOGY_ARCHS:
+            cfg = compose_with("task=mqar_zoology", f"profile={profile}", f"arch={arch}", f"ctx={ctx}",
+                               f"size={spec.ladder[0]}")
+            OmegaConf.resolve(cfg)
+            task = build_task(cfg, ctx)
+            budget = task.budget()
+            assert cfg.trainer.tokens is None and cfg.trainer.batch_tokens is None  # the task's budget
+            assert budget["tokens"] == cfg.task.train_examples * cfg.task.epochs * ctx
+            assert budget["batch_tokens"] == cfg.task.mqar_grid[ctx].batch * ctx
+            assert task.vocab_size == 8192 and task.mqar_pairs == {64: 4, 128: 8, 256: 16, 512: 64}[ctx]
+            assert task.dev_examples > 0 and cfg.trainer.early_stop.metric == "dev_acc"
+            assert cfg.trainer.early_stop.threshold == 0.99 and cfg.trainer.warmup_frac == 0
+            assert cfg.trainer.weight_decay == 0.1 and cfg.trainer.grad_clip == float("inf")
+            m = model_config(cfg, task.vocab_size).cfg
+            assert (m.n_layers, m.ffn, m.tie_embeddings, m.vocab_size) == (2 if profile != "smoke" else 1, False,
+                                                                            True, 8192)
+            assert m.learned_positions == (arch == "transformer") and m.max_seq_len == ctx
+            if arch == "transformer" and profile != "smoke":
+                assert m.n_heads == 1
+    if profile == "paper":
+        assert ctxs == [64, 128, 256, 512] and list(spec.ladder) == [f"zoology-d{d}" for d in (64, 128, 256, 512)]
+        cfg = compose_with("task=mqar_zoology", "profile=paper", "ctx=256")
+        assert (cfg.task.train_examples, cfg.task.epochs, cfg.task.mqar_grid[256].batch) == (100000, 64, 256)
+    if profile == "cpu":
+        assert list(spec.ladder) == ["zoology-d64"] and ctxs == [64, 128]

@@ -131,8 +131,8 @@ def test_training_learns_and_resumes(tmp_path):
 
 
 def test_each_compiled_model_starts_with_a_fresh_compile_cache(caplog):
-    """A sweep trains its sizes in one process: with a recompile limit of 1, a second and third width
-    would fall back to eager (dynamo's recompile_limit warning) unless compile_for_training resets."""
+    """A sweep trains its sizes in one process: with a recompile limit of 1, a second width would fall
+    back to eager (dynamo's recompile_limit warning) unless compile_for_training resets."""
     import logging
 
     import torch._dynamo
@@ -144,10 +144,56 @@ def test_each_compiled_model_starts_with_a_fresh_compile_cache(caplog):
     torch._dynamo.config.recompile_limit = 1
     try:
         with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
-            for d in (32, 48, 64):
+            for d in (32, 48):
                 model = build_model(ModelConfig("ttt_linear", 257, d, 1, 2, 64, 64)).train()
                 compile_for_training(model, "hot_path")(torch.randint(0, 257, (1, 64))).sum().backward()
     finally:
         torch._dynamo.config.recompile_limit = limit
         torch._dynamo.reset()
     assert "recompile_limit" not in caplog.text
+
+
+class ScheduledDevTask(CopyTask):
+    """CopyTask with a dev split whose accuracy is the fraction of `reach` steps validated so far."""
+
+    def __init__(self, reach: int):
+        self.reach, self.calls = reach, []
+
+    def validate(self, model, device, autocast):
+        self.calls.append(len(self.calls))
+        return {"dev_acc": min(1.0, len(self.calls) * 10 / self.reach), "dev_loss": 0.0}
+
+
+def test_early_stop_ends_training_at_the_first_check_over_the_threshold(tmp_path):
+    """trainer.early_stop: validated every 10 steps, the metric in that step's metrics row; the run stops at the
+    first check >= threshold, reports the steps and tokens it trained, and a rerun does not train on."""
+    import contextlib
+    import json
+
+    from architectures import ModelConfig, build_model
+    from bench.tracking import NullTracker
+    from bench.train import train
+
+    cfg = ModelConfig("transformer", 16, 32, 1, 2, 64, 32)
+    tc = trainer_cfg(early_stop={"metric": "dev_acc", "threshold": 0.99, "every": 10})
+    task = ScheduledDevTask(reach=30)  # dev_acc 1/3, 2/3, 1.0 at steps 10, 20, 30
+    out = train(build_model(cfg), task, tc, 32, tmp_path, NullTracker(), torch.device("cpu"), contextlib.nullcontext)
+    assert (out["steps"], out["early_stop_step"], out["planned_steps"]) == (30, 30, 60)
+    assert out["tokens"] == 30 * 32 * 8 and len(task.calls) == 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], round(r["dev_acc"], 2)) for r in rows] == [(10, 0.33), (20, 0.67), (30, 1.0)]
+    again = train(build_model(cfg), ScheduledDevTask(30), tc, 32, tmp_path, NullTracker(), torch.device("cpu"),
+                  contextlib.nullcontext)
+    assert (again["steps"], again["early_stop_step"], again["tokens_per_s"]) == (30, 30, None)
+    # unset (the default) or never reached: the whole budget, as before
+    for sub in "bcd":
+        (tmp_path / sub).mkdir()
+    out = train(build_model(cfg), ScheduledDevTask(10 ** 6), tc, 32, tmp_path / "b", NullTracker(), torch.device("cpu"),
+                contextlib.nullcontext)
+    assert (out["steps"], out["early_stop_step"]) == (60, None)
+    out = train(build_model(cfg), CopyTask(), trainer_cfg(early_stop=None), 32, tmp_path / "c", NullTracker(),
+                torch.device("cpu"), contextlib.nullcontext)
+    assert (out["steps"], out["early_stop_step"]) == (60, None)
+    with pytest.raises(ValueError, match="no validation split"):
+        train(build_model(cfg), CopyTask(), tc, 32, tmp_path / "d", NullTracker(), torch.device("cpu"),
+              contextlib.nullcontext)

@@ -6,7 +6,8 @@
 
 Size matching follows the papers: a Mamba block has about half the parameters of a Transformer block
 (no FFN), so Mamba doubles the layer count of the Transformer of the same size (`layer_multiplier: 2`
-in conf/arch: 125m -> 24 x 768, 350m -> 48 x 1024, 760m -> 48 x 1536, 1.3b -> 48 x 2048).
+in conf/arch: 125m -> 24 x 768, 350m -> 48 x 1024, 760m -> 48 x 1536, 1.3b -> 48 x 2048). Having no FFN,
+a Mamba block is the same under ModelConfig.ffn true or false.
 """
 from __future__ import annotations
 

@@ -30,10 +30,10 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
                                             mlp: H (8 f^2 + 5 f) for W1 (f x 4f), b1, W2, b2
                                             (none without learnable_w0: W0 = 0 is a fixed buffer)
       post norm     2 d                     LayerNorm
-      norms, FFN    2 d + 3 d ffn
+      norms, FFN    2 d + 3 d ffn           (d without the FFN, cfg.ffn false: its norm and SwiGLU go)
       convs         3 (d k + d) + d         pre-conv, convq, convk and the conv norm (Mamba backbone)
     Forward FLOPs per token (the dual form, dual.py, per head and token, for whole mini-batches):
-      projections   2 L 4 d^2,   lr gate 2 L d H (learnable_lr),   FFN 2 L 3 d ffn,   logits 2 d V
+      projections   2 L 4 d^2,   lr gate 2 L d H (learnable_lr),   FFN 2 L 3 d ffn (cfg.ffn),   logits 2 d V
       convs         2 L 3 d k                                         (Mamba backbone)
       inner linear  L H (6 f^2 + 4 b f)     [K; Q] W (4 f^2), K^T (a G) (2 f^2); Q K^T and M G over the
                                             full b x b block as computed (2 b f each)
@@ -50,7 +50,8 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
     mini-batch (2 x the inner model's parameters), plus 3 (k - 1) d conv inputs (Mamba backbone).
     """
     o = cfg.options
-    L, d, H, f, V, ffn = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.vocab_size, cfg.ffn_dim
+    L, d, H, f, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.vocab_size
+    ffn = cfg.ffn_dim if cfg.ffn else 0
     b, k = resolve_mini_batch(cfg), int(o.get("conv_width", 4))
     flags = ttt_flags(cfg)
     mamba = o.get("backbone", "mamba") == "mamba"
@@ -58,8 +59,8 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
     inner_state = H * (f * f + (f if flags["inner_bias"] else 0)) if linear else H * (8 * f * f + 5 * f)
     inner_params = inner_state if flags["learnable_w0"] else 0
     lr_params = d * H + H + b if flags["learnable_lr"] else 0
-    layer_params = (4 * d * d + lr_params + (2 * d if flags["inner_ln"] else 0) + inner_params + 2 * d + 2 * d
-                    + 3 * d * ffn + ((3 * (d * k + d) + d) if mamba else 0))
+    layer_params = (4 * d * d + lr_params + (2 * d if flags["inner_ln"] else 0) + inner_params + 2 * d
+                    + (2 * d if cfg.ffn else d) + 3 * d * ffn + ((3 * (d * k + d) + d) if mamba else 0))
     long = b > LONG_PIECE  # pieces through the accumulators (dual.py)
     bf = min(LONG_PIECE if long else b, ctx)  # the side of the blocks as computed
     acc_q = (2 if linear else 16) * f * f if long else 0
@@ -68,6 +69,8 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
              "logits": 2 * d * V}
     if not flags["learnable_lr"]:
         del terms["lr_gate"]
+    if not cfg.ffn:
+        del terms["ffn"]
     if mamba:
         terms["convs"] = 2 * L * 3 * d * k
     return Counts(

@@ -341,8 +341,8 @@ class TTTBlock(nn.Module):
             self.conv_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.pre_conv = CausalConv(cfg.d_model, int(cfg.options.get("conv_width", 4)))
         self.ttt_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.ffn else None  # cfg.ffn false: no FFN
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim) if cfg.ffn else None
 
     def forward(self, h: torch.Tensor, cache: TTTCache | None = None) -> torch.Tensor:
         if self.ttt.backbone == "mamba":
@@ -351,7 +351,7 @@ class TTTBlock(nn.Module):
                 cache.conv_pre = state
             h = h + y
         h = h + self.ttt(self.ttt_norm(h), cache)
-        return h + self.ffn(self.ffn_norm(h))
+        return h if self.ffn is None else h + self.ffn(self.ffn_norm(h))
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> TTTCache:
         return TTTCache()

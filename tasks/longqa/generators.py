@@ -15,9 +15,13 @@ byte tokenizer (ids 0..255, 256 = EOS); MQAR uses its own symbols above the byte
                        variable holding the value, in chain order
     mqar               Zoology's multi-query associative recall: key-value pairs from disjoint symbol
                        halves, then queries of the keys; the value follows each query
+    mqar_zoology       the same in Zoology's own layout and token space (its figure 2; TASK=mqar_zoology): a
+                       vocabulary of its own (8192), keys and values from its two halves, zeros around the
+                       queries, the value a label only
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -36,10 +40,12 @@ class Example:
     ids: list[int]            # the whole sequence, prompt then answer: exactly `length` tokens
     answer_pos: list[int]     # positions (into ids) of the answer tokens: each is predicted from ids[:pos]
     meta: dict = field(default_factory=dict)
+    targets: list[int] | None = None  # the answer tokens when they are not ids[answer_pos] (mqar_zoology: the
+                                      #   input there is 0, the value only a label); None: ids[answer_pos]
 
     @property
     def answer(self) -> list[int]:
-        return [self.ids[p] for p in self.answer_pos]
+        return list(self.targets) if self.targets is not None else [self.ids[p] for p in self.answer_pos]
 
 
 def _b(text: str) -> list[int]:
@@ -178,3 +184,40 @@ def mqar(length: int, n_pairs: int, seed: int, power: float = 0.5, n_symbols: in
     ids += tail
     assert len(ids) == length
     return Example("mqar", ids, answer_pos, {"pairs": n_pairs})
+
+
+ZOOLOGY_VOCAB = 8192  # Zoology's MQAR vocabulary (figure 2)
+
+
+def mqar_zoology(length: int, n_pairs: int, seed, vocab: int = ZOOLOGY_VOCAB, power_a: float = 0.01) -> Example:
+    """Zoology's `multiquery_ar` (zoology/data/multiquery_ar.py, figure 2's settings: random_non_queries
+    false), one example of `length` tokens (the model reads length - 1 of them, as `to_tensors` cuts):
+
+        k1 v1 k2 v2 ... kn vn | 0 .. 0 k_a 0 .. 0 k_b 0 ...      keys from 1 .. vocab/2 - 1, values from
+                                                                 vocab/2 .. vocab - 1, each distinct
+    The query region has (length - 1 - 2n) // 2 slots of two tokens; the n slots are drawn without
+    replacement with probability proportional to a i^(a - 1) for slot i = 1, 2, ... (power_a a = 0.01:
+    nearly 1 / i, early slots first), key j of the key-value region taking the j-th slot drawn. At a queried
+    key the label is its value; the input after it stays 0 (`targets`). Token 0 fills every other
+    position; the sequence is a pure function of (length, n_pairs, seed, vocab, power_a)."""
+    context = 2 * n_pairs
+    slots = (length - 1 - context) // 2
+    if n_pairs < 1 or n_pairs > slots or n_pairs >= vocab // 2:
+        raise ValueError(f"mqar_zoology: {n_pairs} pairs need 4 x pairs <= length - 1 ({length - 1}) and "
+                         f"pairs < vocab / 2 ({vocab // 2})")
+    rng = random.Random(f"mqar-zoology-{length}-{n_pairs}-{seed}-{vocab}-{power_a}")
+    keys = rng.sample(range(1, vocab // 2), n_pairs)
+    values = rng.sample(range(vocab // 2, vocab), n_pairs)
+    ids = [t for k, v in zip(keys, values) for t in (k, v)] + [0] * (length - context)
+    # weighted sampling without replacement (Efraimidis & Spirakis 2006): the n slots with the largest
+    # log(u) / w, in that order, are distributed as n successive draws, np.random.choice's order
+    score = lambda s: math.log(1.0 - rng.random()) / (power_a * (s + 1) ** (power_a - 1))
+    drawn = sorted(range(slots), key=score, reverse=True)[:n_pairs]
+    answer_pos = []
+    for k, slot in zip(keys, drawn):  # key j of the key-value region takes the j-th slot drawn
+        ids[context + 2 * slot] = k
+        answer_pos.append(context + 2 * slot + 1)
+    order = sorted(range(n_pairs), key=lambda j: answer_pos[j])
+    assert len(ids) == length
+    return Example("mqar", ids, [answer_pos[j] for j in order], {"pairs": n_pairs, "format": "zoology"},
+                   targets=[values[j] for j in order])

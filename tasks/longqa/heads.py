@@ -37,7 +37,7 @@ def attention_maps(model, x: torch.Tensor) -> list[torch.Tensor]:
     the queries and keys its forward scores."""
     attns = [getattr(block, "attn", None) for block in model.blocks]
     if not all(isinstance(a, Attention) for a in attns):
-        raise ValueError("attention maps need a transformer (every block with RoPE attention)")
+        raise ValueError("attention maps need a transformer (every block with softmax attention)")
     inputs: list[torch.Tensor] = []
     hooks = [a.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for a in attns]
     try:
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     state = torch.load(args.run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     model.eval()
-    examples = [gen.mqar(int(cfg.ctx) + 1, task.mqar_pairs, f"heads-{i}", n_symbols=task.mqar_symbols)
-                for i in range(args.examples)]
+    examples = [task.mqar.example(int(cfg.ctx) + 1, task.mqar_pairs, f"heads-{i}") for i in range(args.examples)]
     x, _ = to_tensors(examples)
     print(f"{args.run_dir.name}: {args.examples} MQAR examples of {cfg.ctx} tokens, {task.mqar_pairs} pairs")
     conv = getattr(model.blocks[0], "conv", None)

@@ -1,0 +1,153 @@
+"""`make paper`: what each profile runs, the tables and figures written from a fixture of smoke runs
+(tests/fixtures/paper_results: 19 summary.json files and a throughput.csv), the notebook executed on them,
+and (slow) `make paper PROFILE=smoke` end to end."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from bench import paper
+from bench.report import summary_table
+from bench.results import read_summaries
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "paper_results"
+SMOKE = paper.PLANS["smoke"]
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A copy of the fixture, with summary.csv and RESULTS/paper/ written from it."""
+    shutil.copytree(FIXTURE, tmp_path, dirs_exist_ok=True)
+    summary_table(tmp_path).to_csv(tmp_path / "summary.csv", index=False)
+    fr = paper.frames(pd.DataFrame(read_summaries(tmp_path)), paper.latency_rows(tmp_path, SMOKE), SMOKE)
+    paper.write(tmp_path / "paper", fr, "smoke")
+    return tmp_path
+
+
+def test_plans_name_real_configs():
+    from bench.sweep import group_options
+
+    sizes, archs = set(group_options("size")), set(group_options("arch"))
+    for plan in paper.PLANS.values():
+        assert set(plan.sizes) | {plan.table1_size, plan.latency_size} <= sizes
+        assert set(plan.archs) | set(paper.table1_archs()) <= archs
+    assert len(paper.planned_points(SMOKE)) == 6 * 2 * 2 + 6  # Table 1 rows 7 and 8 are scaling points too
+
+
+def test_missing_points_become_one_sweep_per_context_and_sizes(tmp_path):
+    missing = [("transformer", "cpu-xs", 2048), ("transformer", "cpu-s", 2048), ("mamba", "cpu-xs", 2048),
+               ("mamba", "cpu-s", 2048), ("table1_1_linear_attention", "cpu-xs", 2048), ("mamba", "cpu-s", 8192)]
+    cmds = paper.sweep_commands(missing, "cpu", tmp_path, ["seed=1"])
+    got = sorted((c[c.index("--ctx") + 1], c[c.index("--sizes") + 1], c[c.index("--arch") + 1], c[-1]) for c in cmds)
+    assert got == [("2048", "cpu-xs", "table1_1_linear_attention", "seed=1"),
+                   ("2048", "cpu-xs,cpu-s", "transformer,mamba", "seed=1"), ("8192", "cpu-s", "mamba", "seed=1")]
+
+
+def test_throughput_csv_with_the_points_is_reused():
+    assert paper.latency_command(SMOKE, FIXTURE) is None
+    cmd = paper.latency_command(paper.PLANS["cpu"], FIXTURE)  # the fixture has smoke-xs only
+    assert cmd[cmd.index("--size") + 1] == "cpu-xs" and "prefill,decode" in cmd
+
+
+def test_table1_steps_ranks_and_agreement():
+    """Our perplexities 10x the paper's: every step goes the same way, the rankings match."""
+    from architectures.ttt import TABLE1
+
+    pub = paper.published.load("table1")
+    runs = pd.DataFrame([{"arch": name, "size": "s", "ctx": 256, "status": "ok", "val_ppl": ppl, "val_bpb": 1.0}
+                         for (_, _, name), ppl in zip(TABLE1, pub["ppl"] * 10)])
+    t1 = paper.table1_frame(runs, paper.Plan(SMOKE.archs, ("s",), (256, 1024), "s", "s", ()))
+    assert (t1["agrees"][1:] == "yes").all() and t1["agrees"][0] == ""
+    assert list(t1["published_step"][1:]) == ["↓", "=", "↑", "↓", "↓", "↓", "↓"]
+    assert list(t1["ours_rank"]) == list(t1["published_rank"])
+    assert "ordering reproduces: 7 of 7 steps" in paper.verdict_table1(t1)
+    runs.loc[runs["arch"] == "ttt_linear", "status"] = "diverged"
+    t1 = paper.table1_frame(runs, paper.Plan(SMOKE.archs, ("s",), (256, 1024), "s", "s", ()))
+    assert t1.iloc[-1]["status"] == "diverged" and pd.isna(t1.iloc[-1]["ours_ppl"]) and t1.iloc[-1]["agrees"] == ""
+
+
+def test_tables_figures_and_readme_from_the_fixture(results):
+    out = results / "paper"
+    fr = paper.read_frames(out)
+    assert sorted(fr) == ["latency", "scaling", "table1", "token_index"]
+    t1 = fr["table1"]
+    assert list(t1["row"]) == list(range(1, 9)) and (t1["status"] == "ok").all()
+    assert t1["published_ppl"].tolist() == paper.published.load("table1")["ppl"].tolist()
+    assert t1["ours_diff"][1:].round(6).tolist() == t1["ours_ppl"].diff()[1:].round(6).tolist()
+    assert set(t1["agrees"].dropna()) <= {"yes", "no"}
+    sc = fr["scaling"]
+    assert len(sc) == 3 * 2 * 2 + 1 and sorted(sc["ctx"].unique()) == [256, 1024]  # + Table 1 row 7 at smoke-xs
+    assert (sc["val_ppl"] > 1).all() and (sc["train_flops"] > 0).all()
+    assert set(fr["token_index"]["arch"]) == {"transformer", "mamba", "ttt_linear", "ttt_linear_base"}
+    assert set(fr["latency"]["mode"]) == {"prefill", "decode"}
+    for png in ("ppl_vs_flops.png", "loss_by_token_index.png", "latency.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    text = (out / "README.md").read_text()
+    for heading in ("## Table 1", "## Perplexity vs training FLOPs", "## Loss by token index", "## Prefill and decode"):
+        assert heading in text
+    assert text.count("reproduce") >= 5 and "Not measured" not in text and "per byte" in text
+
+
+def test_notebook_runs_on_the_fixture(results, monkeypatch):
+    monkeypatch.setenv("TTT_BENCH_RESULTS", str(results))
+    nb = nbformat.read(ROOT / "notebooks" / "paper.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
+    text = "".join(o.get("text", "") for o in outputs)
+    assert str(results) in text and "19 runs, 18 latency points" in text and "Table 1 ordering" in text
+
+
+@pytest.mark.slow
+def test_make_paper_smoke_end_to_end(tmp_path):
+    """`make paper PROFILE=smoke` from nothing within 3 minutes; run again, it trains nothing."""
+    cmd = [sys.executable, "-m", "bench.paper", "--profile", "smoke", "--results", str(tmp_path)]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    t0 = time.perf_counter()
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - t0
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert elapsed < 180, f"make paper PROFILE=smoke took {elapsed:.0f}s"
+    fr = paper.read_frames(tmp_path / "paper")
+    assert fr["table1"]["ours_ppl"].notna().all() and len(fr["scaling"]) == 6 * 2 * 2
+    assert "Not measured" not in (tmp_path / "paper" / "README.md").read_text()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "30 of 30 runs already" in again.stdout and "bench.sweep" not in again.stdout
+
+
+def test_an_interrupted_sweep_of_make_paper_is_continued(tmp_path):
+    """`make paper` run again continues its interrupted sweep (the interrupted run resumes from its checkpoint)
+    rather than starting the missing points in a new one; a finished sweep, another profile's, one with other
+    overrides, or one that would retrain what is done elsewhere, is left alone."""
+    import json
+
+    def manifest(sid, arch, size, ctx, exit_code, extra=(), profile="smoke"):
+        overrides = [f"arch={arch}", f"size={size}", f"profile={profile}", "task=lm", f"ctx={ctx}",
+                     f"results={tmp_path}", *extra]
+        attempt = {"started": 1.0, "how": "new", **({} if exit_code is None else {"ended": 2.0, "exit": exit_code})}
+        (tmp_path / "sweeps").mkdir(exist_ok=True)
+        (tmp_path / "sweeps" / f"{sid}.json").write_text(json.dumps(
+            {"sweep_id": sid, "overrides": overrides, "created": sid, "attempts": [attempt]}))
+
+    manifest("1-done", "transformer", "smoke-xs", 256, 0)
+    manifest("2-killed", "transformer,mamba", "smoke-xs,smoke-s", 256, None)
+    manifest("3-other-profile", "mamba", "smoke-s", 1024, None, profile="cpu")
+    manifest("4-other-overrides", "mamba", "smoke-s", 1024, 1, extra=["seed=1"])
+    manifest("5-failed", "ttt_linear", "smoke-xs", 1024, 1)
+    unfinished = paper.unfinished_sweeps(tmp_path, "smoke", [])
+    assert list(unfinished) == ["5-failed", "2-killed"]
+    assert unfinished["2-killed"] == {(a, s, 256) for a in ("transformer", "mamba") for s in ("smoke-xs", "smoke-s")}
+    runs = pd.DataFrame([{"arch": "transformer", "size": "smoke-xs", "ctx": 256, "sweep": "2-killed"},
+                         {"arch": "ttt_linear", "size": "smoke-xs", "ctx": 1024, "sweep": "0-elsewhere"}])
+    missing = [("transformer", "smoke-s", 256), ("mamba", "smoke-xs", 256), ("mamba", "smoke-s", 256)]
+    assert list(paper.resumable(missing, runs, unfinished)) == ["2-killed"]  # 5 would retrain a finished point
