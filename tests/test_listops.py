@@ -74,6 +74,7 @@ def test_classification_batches_pad_after_the_expression():
     assert torch.equal(task.batch(0, 4)[0], x)  # a pure function of the step
 
 
+@pytest.mark.slow
 def test_classification_smoke_sweep_end_to_end(tmp_path):
     import json
     import subprocess

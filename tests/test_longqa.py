@@ -122,6 +122,7 @@ def test_a_subtask_that_does_not_fit_the_context_fails_clearly():
         LongQATask(cfg, None, 256)
 
 
+@pytest.mark.slow
 def test_longqa_smoke_sweep_end_to_end(tmp_path):
     """TASK=longqa through make sweep's entry point: runs train, evaluate every cell, write summaries."""
     import json

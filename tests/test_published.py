@@ -83,6 +83,7 @@ def num(cell: str) -> float:
     return float(cell.replace("**", "").replace("~", "").replace("−", "-").replace("+", "").strip())
 
 
+@pytest.mark.slow
 def test_table1_equals_the_notes():
     rows = md_table(notes(), "## 1. Table 1")
     t1 = published.load("table1")
@@ -97,6 +98,7 @@ def test_table1_equals_the_notes():
 
 
 @pytest.mark.parametrize("ctx,heading", [(2048, "### 2a."), (8192, "### 2b.")])
+@pytest.mark.slow
 def test_scaling_equals_the_notes(ctx, heading):
     text = notes()
     header = next(line for line in text[text.index(heading):].splitlines() if line.startswith("|"))
@@ -115,6 +117,7 @@ def test_scaling_equals_the_notes(ctx, heading):
     assert cells == len(s) == 24
 
 
+@pytest.mark.slow
 def test_latency_equals_the_notes():
     rows = md_table(notes(), "**v1 Fig 3")
     lat = published.load("latency").set_index(["ctx", "label"])
@@ -126,6 +129,7 @@ def test_latency_equals_the_notes():
             assert got["overlapping"] == cell.startswith("~") and source.startswith(got["source"])
 
 
+@pytest.mark.slow
 def test_token_index_equals_the_notes():
     """v1 Fig 2 right: "@256: 10.03 / 9.82 / 9.87; @1k: ..." (TF finetune / Mamba / TTT-Linear)."""
     row = next(line for line in notes().splitlines() if line.startswith("| v1 Fig 2-right"))

@@ -43,6 +43,7 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, args, messag
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_smoke_sweep_end_to_end(tmp_path):
     res = sweep("--arch", "transformer", "--ctx", "256", "--profile", "smoke", results=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -74,6 +75,7 @@ def test_smoke_sweep_end_to_end(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_flop_matched_sweep_records_the_resolved_size(tmp_path):
     """MATCH=flops: TTT-Linear is widened to the smoke-s Transformer's training FLOPs at ctx 256; Mamba-2
     cannot be matched at that size and its run fails with the reason and the remedy."""
@@ -93,6 +95,7 @@ def test_flop_matched_sweep_records_the_resolved_size(tmp_path):
     assert mamba2["status"] == "failed" and "match=params" in mamba2["error"]
 
 
+@pytest.mark.slow
 def test_compute_budget_gives_every_architecture_the_same_tokens(tmp_path):
     """trainer.compute caps the tokens at compute / the reference's training FLOPs per token, for every
     architecture alike; the summary says which rule set them and the config records the tokens trained."""
