@@ -45,20 +45,22 @@ KEY = ["arch", "size", "ctx", "task", "data", "match", "recipe"]
 FLOPS_NOTE = "training FLOPs (architectures/accounting.py: 3 x forward, attention causal-halved)"
 
 
-def _with_match(df: pd.DataFrame) -> pd.DataFrame:
-    """Runs from before size matching existed used the reference's dimensions: match=params."""
+def _with_defaults(df: pd.DataFrame) -> pd.DataFrame:
+    """Keys older runs lack: before size matching runs used the reference's dimensions (match=params), and
+    before recipes every architecture trained with the shared one."""
     df = df.copy()
     df["match"] = df["match"].fillna("params") if "match" in df else "params"
     df["recipe"] = df["recipe"].fillna("shared") if "recipe" in df else "shared"  # runs from before recipes
     return df
 
 
-def summary_table(results: Path) -> pd.DataFrame:
-    rows = read_summaries(results)
+def summary_table(results: Path, rows: list[dict] | None = None) -> pd.DataFrame:
+    """summary.csv's table from the runs' summaries (`rows`: already read from RESULTS)."""
+    rows = read_summaries(results) if rows is None else rows
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=COLUMNS)
-    df = _with_match(df)
+    df = _with_defaults(df)
     for col in COLUMNS:
         if col not in df:
             df[col] = None
@@ -323,15 +325,16 @@ def report(results: str | Path) -> pd.DataFrame:
     Holds RESULTS/.lock meanwhile: concurrent sweeps into one folder report in turn."""
     results = Path(results)
     with results_lock(results):
-        table = summary_table(results)
+        rows = read_summaries(results)  # every summary.json, read once
+        table = summary_table(results, rows)
         buf = io.StringIO()
         table.to_csv(buf, index=False)
         atomic_write_text(results / "summary.csv", buf.getvalue(), crash_at="report")
         plots = results / "plots"
         plots.mkdir(parents=True, exist_ok=True)
-        full = pd.DataFrame(read_summaries(results))
+        full = _with_defaults(pd.DataFrame(rows)) if rows else pd.DataFrame()
         if not full.empty and (full.get("status") == "ok").any():
-            best = latest_ok(_with_match(full))
+            best = latest_ok(full)
             plot_loss_vs_flops(best, plots / "loss_vs_flops.png")
             plot_loss_by_position(best, plots / "loss_by_position.png")
             plot_training_curves(best, plots / "training_curves.png")
@@ -340,7 +343,7 @@ def report(results: str | Path) -> pd.DataFrame:
             plot_mqar_grid(best, plots / "mqar_grid.png")
             write_recall_table(best, results / "recall.md")
             write_eval_table(best, results / "eval.md")
-            plot_metric_vs_lr(_with_match(full), plots / "metric_vs_lr.png")
+            plot_metric_vs_lr(full, plots / "metric_vs_lr.png")
     return table
 
 
