@@ -280,12 +280,14 @@ def test_ttt_mlp_base_lr_warms_up_with_the_outer_lr():
     assert layer.base_lr_now == pytest.approx(0.1)
 
 
-def test_compiled_hot_path_matches_eager():
-    """trainer.compile=hot_path (the CPU profile) compiles the per-mini-batch step: same numbers."""
+@pytest.mark.parametrize("impl", ["scan", "dual"])
+def test_compiled_hot_path_matches_eager(impl):
+    """trainer.compile=hot_path (the CPU profile) compiles the per-mini-batch work: same numbers."""
     from bench.train import compile_for_training
 
     torch.manual_seed(0)
-    cfg = ModelConfig("ttt_linear", 61, 32, 1, 2, 48, 64, options={"inner": "linear", "backbone": "mamba"})
+    cfg = ModelConfig("ttt_linear", 61, 32, 1, 2, 48, 64, options={"inner": "linear", "backbone": "mamba",
+                                                                  "impl": impl})
     eager = build_model(cfg)
     compiled = copy.deepcopy(eager)
     compile_for_training(compiled, "hot_path")
@@ -295,3 +297,97 @@ def test_compiled_hot_path_matches_eager():
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
     for (n, p), (_, pc) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(pc.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# -- scan.py: the loop over whole mini-batches as one autograd op, against autograd through dual.py ---------
+
+def _scan_case(B=2, H=2, T=87, f=8, offset=5, seed=0):
+    """Inputs that exercise every path: a batch over a broadcast W0, a state left mid mini-batch (offset), whole
+    mini-batches, a trailing partial one; every tensor a leaf that needs its gradient."""
+    q, k, v, a, tok, ln_w, ln_b = random_inputs(B, H, T, f, F64, seed)
+    init = initial("linear", H, f, F64)
+    W, b = init["W"][None], init["b"][:, None, :][None]  # (1, H, f, f), (1, H, 1, f)
+    acc = {"W": 0.05 * torch.randn(B, H, f, f, dtype=F64), "b": 0.05 * torch.randn(B, H, 1, f, dtype=F64)}
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, a, tok, ln_w, ln_b, W, b, acc["W"], acc["b"])]
+    return leaves, offset
+
+
+def _run_scan_case(leaves, offset, scan):
+    q, k, v, a, tok, ln_w, ln_b, W, b, accW, accb = leaves
+    state = InnerState({"W": W, "b": b}, {"W": accW, "b": accb} if offset else {}, offset)
+    out, new = ttt_dual("linear", state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], 16, scan=scan)
+    g = torch.Generator().manual_seed(7)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    loss = loss + sum((x * torch.randn(x.shape, generator=g, dtype=x.dtype)).sum()
+                      for x in (*new.params.values(), *new.acc.values()))  # through the final state too
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return out, new, grads
+
+
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+@pytest.mark.parametrize("T,offset", [(87, 5), (64, 0), (16, 0)])
+def test_scan_equals_autograd_through_the_dual_form_fp64(kernels, T, offset):
+    """Outputs, the state after the call and the gradient of every input (q, k, v, a, tok, the LN, W0, b0
+    and the accumulators of an open mini-batch) through scan.py equal autograd through dual.py."""
+    from architectures.ttt.scan import EAGER, ScanKernels
+
+    scan = EAGER if kernels == "eager" else ScanKernels.compiled()
+    leaves, off = _scan_case(T=T, offset=offset)
+    out, new, grads = _run_scan_case(leaves, off, scan)
+    out_d, new_d, grads_d = _run_scan_case(leaves, off, None)
+    torch.testing.assert_close(out, out_d, rtol=1e-12, atol=1e-12)
+    for n in new_d.params:
+        torch.testing.assert_close(new.params[n], new_d.params[n], rtol=1e-12, atol=1e-12)
+    names = ["q", "k", "v", "a", "tok", "ln_w", "ln_b", "W0", "b0", "accW", "accb"]
+    for name, g, gd in zip(names, grads, grads_d):
+        if gd is None:  # the accumulators without an open mini-batch
+            assert g is None, name
+            continue
+        assert gd.abs().max() > 0, name
+        torch.testing.assert_close(g, gd, rtol=1e-10, atol=1e-11, msg=name)
+
+
+def test_scan_equals_autograd_through_the_dual_form_fp32():
+    """fp32 at a longer sequence and a real head dim: 16 mini-batches, errors stay at fp32 rounding."""
+    from architectures.ttt.scan import EAGER
+
+    leaves, off = _scan_case(B=1, H=2, T=256, f=64, offset=0)
+    leaves = [x.detach().float().requires_grad_() for x in leaves]
+    out, _, grads = _run_scan_case(leaves, off, EAGER)
+    out_d, _, grads_d = _run_scan_case(leaves, off, None)
+    torch.testing.assert_close(out, out_d, rtol=1e-4, atol=1e-4)
+    for g, gd in zip(grads, grads_d):
+        if gd is not None:
+            torch.testing.assert_close(g, gd, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_linear_base"])
+def test_every_parameter_gradient_through_scan_equals_reference(arch):
+    """The layer on impl=scan against the token-by-token reference (the paper's equations): outputs and the
+    gradient of every parameter, fp64."""
+    inner, backbone = ARCHS[arch]
+    scan = perturbed_layer(layer_cfg(inner, backbone, impl="scan"))
+    ref = copy.deepcopy(scan)
+    ref.impl = "reference"
+    x = torch.randn(2, 35, 32, dtype=F64)
+    proj = torch.randn(2, 35, 32, dtype=F64)
+    out = scan(x)
+    torch.testing.assert_close(out, ref(x), rtol=1e-10, atol=1e-10)
+    (out * proj).sum().backward()
+    (ref(x) * proj).sum().backward()
+    for (name, p), (_, p_ref) in zip(scan.named_parameters(), ref.named_parameters()):
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_impl_auto_runs_scan_where_it_applies():
+    """auto: scan for TTT-Linear with the paper's inner model, dual for TTT-MLP and the Table 1 options that
+    scan does not cover; impl=scan where it does not apply is an error, not a silent dual."""
+    assert TTTLayer(layer_cfg("linear", impl="auto")).resolved_impl() == "scan"
+    assert TTTLayer(layer_cfg("linear", "transformer", impl="auto")).resolved_impl() == "scan"
+    assert TTTLayer(layer_cfg("mlp", impl="auto")).resolved_impl() == "dual"
+    assert TTTLayer(layer_cfg("linear", impl="auto", inner_ln=False)).resolved_impl() == "dual"
+    assert TTTLayer(layer_cfg("linear", impl="auto", mini_batch="seq")).resolved_impl() == "dual"
+    for bad in ({"inner": "mlp"}, {"inner_bias": False}):
+        with pytest.raises(ValueError, match="impl=scan"):
+            TTTLayer(layer_cfg(**{"impl": "scan", **bad}))

@@ -26,8 +26,11 @@ conf/arch/table1_*.yaml, turns them off one by one; TABLE1 in architectures/ttt/
     learnable_lr   true: eta[i, j] = tok_i a_j above (false: a constant eta = base_lr for every j <= i,
                    no lr gate, no token offset). The inner loss is 0.5 ||f(k) - v||^2, so eta = 1 here is
                    the paper's eta = 1/2 on ||f(k) - v||^2 (Theorem 1)
+    impl           backend=torch: auto | scan | dual | reference. scan (scan.py): TTT-Linear's loop over whole
+                   mini-batches as one autograd op with the hand-derived backward, ~2x faster to train on CPU
+                   than dual (dual.py: autograd through every mini-batch); auto picks scan where it applies
 Without inner_ln, inner_residual, inner_bias, or with mini-batches longer than dual.LONG_PIECE (64), the
-Triton kernels do not apply (backend auto: torch).
+Triton kernels and scan do not apply (backend auto: torch, impl auto: dual).
 """
 from __future__ import annotations
 
@@ -43,11 +46,12 @@ from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_a
 from architectures.transformer import BackendUnavailable
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh
+from architectures.ttt.scan import EAGER, ScanKernels
 from architectures.ttt.reference import ttt_reference
 
 INNER = ("linear", "mlp")
 BACKBONES = ("mamba", "transformer")
-IMPLS = ("auto", "dual", "reference")
+IMPLS = ("auto", "scan", "dual", "reference")
 BACKENDS = ("auto", "triton", "torch")
 TRITON_INNERS = ("linear", "mlp")  # inner models with Triton kernels (triton_linear.py, triton_mlp.py)
 
@@ -134,7 +138,11 @@ class TTTLayer(nn.Module):
         self.learnable_w0, self.learnable_lr = flags["learnable_w0"], flags["learnable_lr"]
         self.mini_batch = resolve_mini_batch(cfg)
         paper_f = self.inner_ln and self.inner_residual and self.inner_bias and self.mini_batch <= LONG_PIECE
+        self._paper_f = paper_f
         self.backend = resolve_ttt_backend(str(o.get("backend", "auto")), self.inner, paper_f)
+        if self.impl == "scan" and not (self.inner == "linear" and paper_f):
+            raise ValueError("TTT impl=scan is TTT-Linear with its inner LN, residual and bias and mini-batches "
+                             f"of at most {LONG_PIECE} tokens; use impl=dual")
         if self.backend == "triton" and self.impl not in ("auto", "dual"):
             raise ValueError(f"TTT impl={self.impl} is a PyTorch implementation; it needs backend=torch")
         self.base_lr = float(o.get("base_lr", 1.0 if self.inner == "linear" else 0.1))
@@ -175,6 +183,7 @@ class TTTLayer(nn.Module):
             self.b2 = nn.Parameter(torch.zeros(H, f))
         self.post_norm = nn.LayerNorm(d, eps=1e-6)
         self._compiled_piece = None  # set by compile_hot_path()
+        self._scan_kernels = EAGER  # compiled by compile_hot_path()
 
     def _inner_init(self, name: str, value: torch.Tensor) -> None:
         """An initial inner weight: an outer parameter, or (learnable_w0=false) a fixed zero buffer
@@ -269,9 +278,10 @@ class TTTLayer(nn.Module):
                 return self._triton_inner_loop(q, k, v, a, tok, ln_w, ln_b, init, cache)
             state = cache.inner if cache is not None and cache.inner is not None else InnerState(
                 {n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})  # (1, H, ...)
+            scan = (self._scan_kernels if self.training else EAGER) if self.resolved_impl() == "scan" else None
             out, new_state = ttt_dual(self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None],
                                       self.mini_batch, self.checkpoint_group if self.training else 0,
-                                      self._compiled_piece if self.training else None, **opts)
+                                      self._compiled_piece if self.training else None, **opts, scan=scan)
             if cache is not None:
                 cache.inner = new_state
             return out
@@ -319,18 +329,24 @@ class TTTLayer(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def compile_hot_path(self) -> None:
-        """torch.compile the per-mini-batch step of the dual form (training only): it fuses the
-        elementwise work of the LN gradient and GELU, about 1.5x faster on CPU. The loop over
-        mini-batches stays in Python, so the graph is small and compiles once per shape."""
+        """torch.compile the per-mini-batch work (training only): scan's elementwise kernels, or the dual
+        form's whole per-mini-batch step (fusing the LN gradient and GELU, about 1.5x on CPU). The loop
+        over mini-batches stays in Python, so the graphs are small and compile once per shape."""
         from architectures.ttt.dual import PIECE
 
-        self._compiled_piece = torch.compile(PIECE[self.inner], dynamic=False)
+        if self.resolved_impl() == "scan":
+            self._scan_kernels = ScanKernels.compiled()
+        else:
+            self._compiled_piece = torch.compile(PIECE[self.inner], dynamic=False)
 
     def resolved_impl(self) -> str:
-        """What runs: triton, or the PyTorch dual form / reference (backend=torch)."""
+        """What runs: triton, or (backend=torch) scan.py's one-op loop (auto, for TTT-Linear with the paper's
+        inner model and mini-batches of at most 64), the dual form, or the token-by-token reference."""
         if self.backend == "triton":
             return "triton"
-        return "dual" if self.impl == "auto" else self.impl
+        if self.impl != "auto":
+            return self.impl
+        return "scan" if self.inner == "linear" and self._paper_f else "dual"
 
 
 class TTTBlock(nn.Module):

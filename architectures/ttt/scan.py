@@ -1,0 +1,142 @@
+"""TTT-Linear's whole mini-batches as one autograd op: the dual form's loop without autograd inside it.
+
+dual.py trains through autograd, which records every mini-batch's dozen ops: at 32k tokens and
+b = 16 that is 2,048 mini-batches per layer, and on a CPU the graph's bookkeeping, the per-op
+dispatch and the f x f temporaries of the weight update cost several times the matmuls. Here the
+forward runs the same formulas under no_grad, writing the weights at the start of every mini-batch
+into one preallocated stack, and the backward walks the mini-batches in reverse with the gradient
+derived by hand (dual_backward.py derives it, and tests/test_ttt_triton.py checks it against
+autograd; the Triton kernels run the same math). Per head, mini-batch i (rows c = b tokens):
+
+  forward                                     backward (d. = gradient of the loss wrt .)
+  [Zk; Zq] = [K; Q] W + b                     [dK; dQ] += [dZ; dZbar] W^T, dW += [K; Q]^T [dZ; dZbar]
+  G   = LNgrad(Zk, t; gamma, beta)            (dZ, dt, dgamma, dbeta) = LNgrad's VJP of dG
+  Zbar = Zq - M G                             dM = -dZbar G^T,  dG = -M^T dZbar
+  W'  = W - tok_c K^T (a G)                   P = K dW' + db',  d(aG) = -tok_c P,  dtok_c = -sum(P * aG),
+  b'  = b - tok_c 1^T (a G)                   dK -= tok_c (aG) dW'^T,  dW += dW',  db += db'
+
+M = E * (Q K^T + 1) with E = tril(tok a^T), t = V - K, the LN after the loop and the residual stay
+outside, in autograd (dual.py computes them for all mini-batches at once), so this op's inputs are
+(q, k, t, a, M, tok_c, W0, b0, gamma, beta) and its outputs (Zbar, W_n, b_n). It covers TTT-Linear
+with the paper's inner model (LN, residual, bias: the default options) on whole mini-batches; dual.py
+keeps everything else. Memory: the n + 1 weight states (n x H x f^2 floats per sequence), as many as
+autograd saves through dual.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from dataclasses import dataclass
+from typing import Callable
+
+from architectures.ttt.dual_backward import _ln_stats, ln_grad_vjp
+
+
+def ln_loss_grad_stats(z, t, gamma, beta):
+    """G = dl/dZ of l = 0.5 ||gamma LN(Z) + beta - t||^2 (inner.ln_loss_grad), with the LN's zhat and
+    1/sigma that the backward needs. z, t (..., c, f); gamma, beta broadcast to them."""
+    zhat, r = _ln_stats(z)
+    gx = (gamma * zhat + beta - t) * gamma
+    G = r * (gx - gx.mean(-1, keepdim=True) - zhat * (gx * zhat).mean(-1, keepdim=True))
+    return G, zhat, r
+
+
+@dataclass(frozen=True)
+class ScanKernels:
+    """The elementwise work of one mini-batch: the LN gradient (forward) and its VJP (backward)."""
+
+    forward: Callable = ln_loss_grad_stats
+    backward: Callable = ln_grad_vjp
+
+    @classmethod
+    def compiled(cls) -> "ScanKernels":
+        """torch.compile'd (inductor fuses each into one loop; compiled once per shape): ~1.2x on CPU."""
+        return cls(torch.compile(ln_loss_grad_stats, dynamic=False), torch.compile(ln_grad_vjp, dynamic=False))
+
+
+EAGER = ScanKernels()
+
+
+def _batch_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, n, ...) -> (n, B H, ...), contiguous: mini-batch i is one contiguous (B H, ...) block."""
+    B, H, n = x.shape[:3]
+    return x.reshape(B * H, n, *x.shape[3:]).transpose(0, 1).contiguous()
+
+
+def _heads_first(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
+    """(n, B H, ...) -> (B, H, n, ...)."""
+    return x.transpose(0, 1).reshape(B, H, *x.shape[0:1], *x.shape[2:])
+
+
+class LinearScan(torch.autograd.Function):
+    """q, k, t (B, H, n, c, f); a (B, H, n, c); M (B, H, n, c, c); tok_c (1,) the last token factor;
+    W0 (B|1, H, f, f); b0 (B|1, H, 1, f); gamma, beta H f numbers (e.g. (H, 1, f)). Returns Zbar (B, H, n, c, f) and the
+    weights after the n mini-batches, W_n (B, H, f, f), b_n (B, H, 1, f)."""
+
+    @staticmethod
+    def forward(ctx, q, k, t, a, M, tok_c, W0, b0, gamma, beta, kernels: ScanKernels):
+        B, H, n, c, f = q.shape
+        BH, tok = B * H, float(tok_c)
+        kq = torch.cat([_batch_first(k), _batch_first(q)], dim=-2)  # (n, BH, 2c, f)
+        tb, ab, Mb = _batch_first(t), _batch_first(a)[..., None], _batch_first(M)  # (n, BH, c, f|1|c)
+        gam, bet = (x.reshape(H, 1, f).repeat(B, 1, 1) for x in (gamma, beta))  # (BH, 1, f)
+        Ws = q.new_empty(n + 1, BH, f, f)  # the weights at the start of every mini-batch, and after the last
+        bs = q.new_empty(n + 1, BH, 1, f)
+        Ws[0], bs[0] = W0.expand(B, H, f, f).reshape(BH, f, f), b0.expand(B, H, 1, f).reshape(BH, 1, f)
+        Gs, zhats, rs = (q.new_empty(n, BH, c, f), q.new_empty(n, BH, c, f), q.new_empty(n, BH, c, 1))
+        zbar = q.new_empty(n, BH, c, f)
+        fwd = kernels.forward
+        for i in range(n):
+            Z = torch.baddbmm(bs[i], kq[i], Ws[i])  # (BH, 2c, f): [K W + b; Q W + b]
+            G, zhat, r = fwd(Z[:, :c], tb[i], gam, bet)
+            Gs[i], zhats[i], rs[i] = G, zhat, r
+            torch.baddbmm(Z[:, c:], Mb[i], G, alpha=-1.0, out=zbar[i])  # Zq - M G
+            aG = ab[i] * G
+            torch.baddbmm(Ws[i], kq[i, :, :c].transpose(-1, -2), aG, alpha=-tok, out=Ws[i + 1])
+            torch.sub(bs[i], aG.sum(-2, keepdim=True), alpha=tok, out=bs[i + 1])
+        ctx.save_for_backward(kq, tb, ab, Mb, tok_c, Ws, Gs, zhats, rs, gam, bet)
+        ctx.kernels = kernels
+        ctx.dims, ctx.w0_batch, ctx.b0_batch, ctx.ln_shape = (B, H), W0.shape[0], b0.shape[0], gamma.shape
+        return _heads_first(zbar, B, H), Ws[n].view(B, H, f, f).clone(), bs[n].view(B, H, 1, f).clone()
+
+    @staticmethod
+    def backward(ctx, dzbar, dW_n, db_n):
+        kq, tb, ab, Mb, tok_c, Ws, Gs, zhats, rs, gam, bet = ctx.saved_tensors
+        n, BH, c2, f = kq.shape
+        c, tok, (B, H) = c2 // 2, float(tok_c), ctx.dims
+        dzb = _batch_first(dzbar) if dzbar is not None else kq.new_zeros(n, BH, c, f)
+        dW = dW_n.reshape(BH, f, f).clone() if dW_n is not None else kq.new_zeros(BH, f, f)
+        db = db_n.reshape(BH, 1, f).clone() if db_n is not None else kq.new_zeros(BH, 1, f)
+        dkq = torch.empty_like(kq)  # [dK; dQ] per mini-batch
+        dt, da, dM = torch.empty_like(tb), torch.empty_like(ab), torch.empty_like(Mb)
+        dgam, dbet = torch.zeros_like(gam), torch.zeros_like(bet)
+        dtok = kq.new_zeros(())
+        bwd = ctx.kernels.backward
+        for i in reversed(range(n)):
+            G, k, dZbar = Gs[i], kq[i, :, :c], dzb[i]
+            aG = ab[i] * G
+            P = torch.baddbmm(db, k, dW)  # (BH, c, f): K dW' + db'
+            dtok -= (P * aG).sum()
+            daG = P.mul_(-tok)
+            da[i] = (daG * G).sum(-1, keepdim=True)
+            dG = torch.baddbmm(ab[i] * daG, Mb[i].transpose(-1, -2), dZbar, alpha=-1.0)  # a d(aG) - M^T dZbar
+            torch.bmm(dZbar, G.transpose(-1, -2), out=dM[i]).neg_()  # -dZbar G^T
+            dZ, dt[i], dg, dbt = bwd(zhats[i], rs[i], tb[i], gam, bet, dG)
+            dgam += dg.sum(-2, keepdim=True)
+            dbet += dbt.sum(-2, keepdim=True)
+            dZZ = torch.cat([dZ, dZbar], dim=-2)  # (BH, 2c, f)
+            torch.bmm(dZZ, Ws[i].transpose(-1, -2), out=dkq[i])  # [dZ W^T; dZbar W^T]
+            dkq[i, :, :c].add_(torch.bmm(aG, dW.transpose(-1, -2)), alpha=-tok)  # through W' = W - tok K^T aG
+            dW.baddbmm_(kq[i].transpose(-1, -2), dZZ)  # + K^T dZ + Q^T dZbar
+            db += dZZ.sum(-2, keepdim=True)
+        dk, dq = _heads_first(dkq[:, :, :c], B, H), _heads_first(dkq[:, :, c:], B, H)
+        dW0 = dW.view(B, H, f, f).sum(0, keepdim=True) if ctx.w0_batch == 1 else dW.view(B, H, f, f)
+        db0 = db.view(B, H, 1, f).sum(0, keepdim=True) if ctx.b0_batch == 1 else db.view(B, H, 1, f)
+        dgamma, dbeta = (x.view(B, H, 1, f).sum(0).reshape(ctx.ln_shape) for x in (dgam, dbet))
+        return (dq, dk, _heads_first(dt, B, H), _heads_first(da, B, H)[..., 0], _heads_first(dM, B, H),
+                dtok.reshape(tok_c.shape), dW0, db0, dgamma, dbeta, None)
+
+
+def linear_scan(q, k, t, a, M, tok_c, W0, b0, gamma, beta, kernels: ScanKernels = EAGER):
+    """LinearScan.apply (shapes there): Zbar of whole mini-batches and the weights after them."""
+    return LinearScan.apply(q, k, t, a, M, tok_c, W0, b0, gamma, beta, kernels)
