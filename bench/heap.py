@@ -14,8 +14,8 @@ gets new pages from the kernel and faults them in, zero-filled, one 4 KB page at
 come from the heap and are reused, and keeps up to 2 GB of freed memory at the heap's top instead of
 returning it (M_TRIM_THRESHOLD, M_TOP_PAD 256 MB). The process then holds its peak memory, as PyTorch's
 CUDA caching allocator does; `malloc_trim(0)` still returns what is free (bench/throughput.py does so
-before it measures memory). A user's own MALLOC_* environment variables win; other C libraries and
-other systems are left as they are. TTT_BENCH_HEAP=default turns it off.
+before it measures memory). A user's own MALLOC_* environment variables (or glibc.malloc tunables) win;
+other C libraries and other systems are left as they are. TTT_BENCH_HEAP=default turns it off.
 """
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def _glibc():
 def configure_heap() -> str:
     """Recycle large blocks (module docstring); returns the policy now in force."""
     global _policy
-    user = sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
+    user = sorted(k for k in os.environ if k.startswith("MALLOC_"))
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        user.append("GLIBC_TUNABLES")
     if os.environ.get("TTT_BENCH_HEAP") == "default":
         return _policy
     if user:

@@ -24,10 +24,10 @@ autograd saves through dual.py.
 """
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from architectures.ttt.dual_backward import _ln_stats, ln_grad_vjp
 
@@ -65,13 +65,13 @@ def _batch_first(x: torch.Tensor) -> torch.Tensor:
 
 def _heads_first(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
     """(n, B H, ...) -> (B, H, n, ...)."""
-    return x.transpose(0, 1).reshape(B, H, *x.shape[0:1], *x.shape[2:])
+    return x.transpose(0, 1).reshape(B, H, x.shape[0], *x.shape[2:])
 
 
 class LinearScan(torch.autograd.Function):
     """q, k, t (B, H, n, c, f); a (B, H, n, c); M (B, H, n, c, c); tok_c (1,) the last token factor;
-    W0 (B|1, H, f, f); b0 (B|1, H, 1, f); gamma, beta H f numbers (e.g. (H, 1, f)). Returns Zbar (B, H, n, c, f) and the
-    weights after the n mini-batches, W_n (B, H, f, f), b_n (B, H, 1, f)."""
+    W0 (B|1, H, f, f); b0 (B|1, H, 1, f); gamma, beta: H f numbers, e.g. (H, 1, f). Returns Zbar
+    (B, H, n, c, f) and the weights after the n mini-batches, W_n (B, H, f, f), b_n (B, H, 1, f)."""
 
     @staticmethod
     def forward(ctx, q, k, t, a, M, tok_c, W0, b0, gamma, beta, kernels: ScanKernels):
