@@ -111,19 +111,28 @@ def test_dual_equals_reference_fp32(inner):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_every_parameter_gradient_through_dual_equals_reference(arch):
-    inner, backbone = ARCHS[arch]
-    dual = perturbed_layer(layer_cfg(inner, backbone, impl="dual"))
-    ref = copy.deepcopy(dual)
+def assert_layer_equals_reference(layer):
+    """The layer's outputs and the gradient of every parameter equal the token-by-token reference's (fp64),
+    over two full mini-batches and a partial one; no gradient may be zero."""
+    ref = copy.deepcopy(layer)
     ref.impl = "reference"
-    x = torch.randn(2, 35, 32, dtype=F64)  # T = 35: two full mini-batches and a partial one
+    x = torch.randn(2, 35, 32, dtype=F64)
     proj = torch.randn(2, 35, 32, dtype=F64)
-    (dual(x) * proj).sum().backward()
+    out = layer(x)
+    torch.testing.assert_close(out, ref(x), rtol=1e-10, atol=1e-10)
+    (out * proj).sum().backward()
     (ref(x) * proj).sum().backward()
-    for (name, p), (_, p_ref) in zip(dual.named_parameters(), ref.named_parameters()):
+    for (name, p), (_, p_ref) in zip(layer.named_parameters(), ref.named_parameters()):
         assert p.grad is not None and p.grad.abs().max() > 0, name
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("arch,impl", [(a, "dual") for a in ARCHS]
+                         + [("ttt_linear", "scan"), ("ttt_linear_base", "scan")])
+def test_every_parameter_gradient_equals_reference(arch, impl):
+    """dual.py (autograd) and scan.py (the hand-derived backward) against the reference, fp64."""
+    inner, backbone = ARCHS[arch]
+    assert_layer_equals_reference(perturbed_layer(layer_cfg(inner, backbone, impl=impl)))
 
 
 # the Table 1 ablation options (layer.py): each off, against the reference (autograd of the loss as written)
@@ -135,18 +144,7 @@ ABLATIONS = [("linear", {"inner_ln": False}), ("linear", {"inner_residual": Fals
 
 @pytest.mark.parametrize("inner,opts", ABLATIONS, ids=[f"{i}-{'-'.join(o)}" for i, o in ABLATIONS])
 def test_ablation_options_dual_equals_reference(inner, opts):
-    dual = perturbed_layer(layer_cfg(inner, "transformer", impl="dual", **opts))
-    ref = copy.deepcopy(dual)
-    ref.impl = "reference"
-    x = torch.randn(2, 35, 32, dtype=F64)
-    proj = torch.randn(2, 35, 32, dtype=F64)
-    out = dual(x)
-    torch.testing.assert_close(out, ref(x), rtol=1e-10, atol=1e-10)
-    (out * proj).sum().backward()
-    (ref(x) * proj).sum().backward()
-    for (name, p), (_, p_ref) in zip(dual.named_parameters(), ref.named_parameters()):
-        assert p.grad is not None and p.grad.abs().max() > 0, name
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=name)
+    assert_layer_equals_reference(perturbed_layer(layer_cfg(inner, "transformer", impl="dual", **opts)))
 
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
@@ -359,25 +357,6 @@ def test_scan_equals_autograd_through_the_dual_form_fp32():
     for g, gd in zip(grads, grads_d):
         if gd is not None:
             torch.testing.assert_close(g, gd, rtol=2e-3, atol=2e-4)
-
-
-@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_linear_base"])
-def test_every_parameter_gradient_through_scan_equals_reference(arch):
-    """The layer on impl=scan against the token-by-token reference (the paper's equations): outputs and the
-    gradient of every parameter, fp64."""
-    inner, backbone = ARCHS[arch]
-    scan = perturbed_layer(layer_cfg(inner, backbone, impl="scan"))
-    ref = copy.deepcopy(scan)
-    ref.impl = "reference"
-    x = torch.randn(2, 35, 32, dtype=F64)
-    proj = torch.randn(2, 35, 32, dtype=F64)
-    out = scan(x)
-    torch.testing.assert_close(out, ref(x), rtol=1e-10, atol=1e-10)
-    (out * proj).sum().backward()
-    (ref(x) * proj).sum().backward()
-    for (name, p), (_, p_ref) in zip(scan.named_parameters(), ref.named_parameters()):
-        assert p.grad is not None and p.grad.abs().max() > 0, name
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=name)
 
 
 def test_impl_auto_runs_scan_where_it_applies():
