@@ -372,7 +372,10 @@ def log_wandb(df: pd.DataFrame, results: Path, plots: list[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.heap import configure_heap
     from bench.sweep import UsageError, group_options, parse_archs, parse_choice, parse_ctx
+
+    configure_heap()  # large tensors recycled, not mapped afresh per op (bench/heap.py)
 
     p = argparse.ArgumentParser(prog="make throughput", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
