@@ -27,11 +27,16 @@ def ln_loss_grad(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bi
         G = (f * Gx - sum_f(Gx) - zhat * sum_f(Gx * zhat)) / (f * sigma)
           = (Gx - mean_f(Gx) - zhat * mean_f(Gx * zhat)) / sigma
     """
+    return ln_loss_grad_stats(z, target, weight, bias, eps)[0]
+
+
+def ln_loss_grad_stats(z, target, weight, bias, eps: float = LN_EPS):
+    """ln_loss_grad's G with the LN's zhat and 1/sigma, which the hand-derived backward reads (scan.py)."""
     var, mu = torch.var_mean(z, dim=-1, keepdim=True, correction=0)
     rstd = torch.rsqrt(var + eps)
     zhat = (z - mu) * rstd
     gx = (weight * zhat + bias - target) * weight
-    return (gx - gx.mean(-1, keepdim=True) - zhat * (gx * zhat).mean(-1, keepdim=True)) * rstd
+    return (gx - gx.mean(-1, keepdim=True) - zhat * (gx * zhat).mean(-1, keepdim=True)) * rstd, zhat, rstd
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

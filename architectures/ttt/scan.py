@@ -29,16 +29,8 @@ from typing import Callable
 
 import torch
 
-from architectures.ttt.dual_backward import _ln_stats, ln_grad_vjp
-
-
-def ln_loss_grad_stats(z, t, gamma, beta):
-    """G = dl/dZ of l = 0.5 ||gamma LN(Z) + beta - t||^2 (inner.ln_loss_grad), with the LN's zhat and
-    1/sigma that the backward needs. z, t (..., c, f); gamma, beta broadcast to them."""
-    zhat, r = _ln_stats(z)
-    gx = (gamma * zhat + beta - t) * gamma
-    G = r * (gx - gx.mean(-1, keepdim=True) - zhat * (gx * zhat).mean(-1, keepdim=True))
-    return G, zhat, r
+from architectures.ttt.dual_backward import ln_grad_vjp
+from architectures.ttt.inner import ln_loss_grad_stats
 
 
 @dataclass(frozen=True)
