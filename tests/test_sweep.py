@@ -33,14 +33,17 @@ def test_parse_ctx():
     (["--data", "nope"], "unknown DATA 'nope'"),
     (["--match", "bytes"], "unknown MATCH 'bytes'; available: params, flops"),
 ])
-def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, args, message):
+def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    """In-process (`make sweep` runs this main): a subprocess per case cost 4 s of imports each."""
     import re
 
-    res = sweep(*args, results=tmp_path / "out")
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.search(message, lines[0]), res.stderr
-    assert not (tmp_path / "out").exists()
+    from bench.sweep import main
+
+    assert main(["--results", str(tmp_path / "out"), *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), captured.err
+    assert captured.out == "" and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -126,7 +129,8 @@ def test_smoke_sweep_every_architecture_learns(tmp_path):
     """ARCH=all through the same entry point: every main architecture trains, and its loss falls."""
     import architectures
 
-    res = sweep("--arch", "all", "--ctx", "64", "--profile", "smoke", "logger=none", results=tmp_path)
+    res = sweep("--arch", "all", "--ctx", "64", "--profile", "smoke", "--sizes", "smoke-xs", "logger=none",
+                results=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -160,7 +164,7 @@ def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
     assert len(best) == 1 and float(best.iloc[0]["val_loss"]) == table["val_loss"].min()
     assert float(best.iloc[0]["lr"]) == 1e-2  # 1e-5 barely moves in a few steps
     assert (tmp_path / "plots" / "metric_vs_lr.png").exists()
-    bad = sweep("--lrs", "1e-3,fast", results=tmp_path / "bad")
+    bad = sweep("--lrs", "1e-3,fast", results=tmp_path / "bad")  # one subprocess: the real exit status
     assert bad.returncode == 2 and "LRS must be a comma list" in bad.stderr
 
 
