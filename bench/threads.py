@@ -30,6 +30,7 @@ import os
 import sys
 import time
 
+from bench.denormals import denormal_policy
 from bench.heap import heap_policy
 
 SPIN_COUNT = "20000"  # libgomp spin iterations before a waiting thread sleeps (default ~300,000)
@@ -142,7 +143,7 @@ class ThreadGovernor:
         return {"threads": self.threads_start, "threads_min": self.threads_min, "cpu_cores": self.cores,
                 "cpu_busy_others_max": round(self.others_max, 2), "loadavg_1m_start": self.loadavg_start,
                 "loadavg_1m_end": _loadavg(), "oversubscribed": self.warned,
-                "omp_wait": omp_wait(), "heap": heap_policy()}
+                "omp_wait": omp_wait(), "heap": heap_policy(), "denormals": denormal_policy()}
 
 
 def _loadavg() -> float | None:

@@ -2,6 +2,7 @@
 fitted to the free cores, and a training step beside a busy process within 2x of the idle one."""
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,29 @@ def test_importing_bench_sets_the_heap_to_recycle_large_blocks_unless_told_other
     assert _heap_policy() == "default recycle"
     assert _heap_policy(MALLOC_ARENA_MAX="2") == "default user MALLOC_ARENA_MAX"
     assert _heap_policy(TTT_BENCH_HEAP="default") == "default default"
+
+
+def _denormal_policy(start_workers_first: bool = False, **env) -> str:
+    """bench.denormals' policy in a fresh 2-thread interpreter: flush_denormals() called first thing, or
+    after PyTorch's OpenMP workers were started by a parallel op."""
+    code = ("import bench, torch; from bench.denormals import flush_denormals, denormal_policy; "
+            "torch.set_num_threads(2); "
+            + ("torch.ones(1 << 22).mul(2).sum(); " if start_workers_first else "")
+            + "flush_denormals(); print(denormal_policy())")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**{k: v for k, v in os.environ.items() if k != "TTT_BENCH_DENORMALS"}, **env})
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="flush-to-zero probed on x86 only")
+def test_subnormals_are_flushed_in_every_worker_when_set_first():
+    """bench/denormals.py: set before the workers start, every worker flushes (a parallel product of
+    subnormals is all zero); set after, the policy says partial, not flush; TTT_BENCH_DENORMALS=keep keeps."""
+    assert _denormal_policy() == "flush"
+    if cpu_cores() > 1:
+        assert _denormal_policy(start_workers_first=True) == "partial"
+    assert _denormal_policy(TTT_BENCH_DENORMALS="keep") == "keep"
 
 
 def test_governor_gives_the_busy_core_back_and_records_it():
