@@ -78,7 +78,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
     interleaved=False: the half-split convention (pairs are (i, i + f/2)), used by our attention.
     interleaved=True: adjacent pairs (2i, 2i+1) rotate together as complex numbers, the convention of
-    the official TTT JAX code, which TTT layers must match (see shared notes, ttt_semantics.md).
+    the official TTT JAX code, which TTT layers must match (see docs/ttt_math.md).
     """
     x32 = x.float()
     cos, sin = cos.to(x32.dtype), sin.to(x32.dtype)

@@ -1,5 +1,5 @@
 """TTT-Linear / TTT-MLP: the dual form against the token-by-token reference, the reference against
-the paper's equations, decoding against prefill (shared notes ttt_semantics.md)."""
+the paper's equations, decoding against prefill (docs/ttt_math.md)."""
 import copy
 
 import pytest

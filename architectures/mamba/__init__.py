@@ -36,7 +36,7 @@ def mamba_count(cfg: ModelConfig, ctx: int) -> Counts:
       dt_proj       2 R D
       scan_update   5 D N                     a = exp(delta A) (2 D N), delta B u (D N), h <- a h + . (2 D N):
                                               elementwise (unseen), counted op by op in the decode step
-                                              `selective_state_step`; the methodology notes' estimate is
+                                              `selective_state_step`; the mamba maintainers' estimate is
                                               9 D N for the whole scan (state-spaces/mamba issue 110)
       scan_readout  2 D N                     y = C h (a batched product: seen)
       out_proj      2 D d
@@ -72,7 +72,7 @@ def mamba2_count(cfg: ModelConfig, ctx: int) -> Counts:
                     + 4 D N                   chunk states (B^T x) and the carried-in read-out (C S);
                                               times ceil(T / Q) Q / T: a partial last chunk is padded
       out_proj      2 D d
-    logits 2 d V. The methodology notes estimate the state terms at about 6 D N, which counts the
+    logits 2 d V. A common estimate puts the state terms at about 6 D N, which counts the
     recurrent update of the decode form; the chunked algorithm that trains does 4 D N in products.
     Its elementwise decays (segment sums, O(Q H) per token) are not counted. State per layer: conv
     inputs (k - 1)(D + 2 G N) and the SSM state D N (H x P x N).

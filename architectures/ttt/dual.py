@@ -2,7 +2,7 @@
 
 Inside a mini-batch every gradient is taken at the weights W of its start, so the b updated
 weights never need to be materialised: with E[i, j] = tok_i * a_j for j <= i (the rank-1 inner
-learning rate, lower-triangular), TTT-Linear is (shared notes ttt_semantics.md, "Dual form")
+learning rate, lower-triangular), TTT-Linear is (docs/ttt_math.md, "Dual form")
 
     Z = K W + b,  G = LNgrad(Z, V - K)                       G: (b, f)
     Zbar = Q W + b - (E * QK^T) G - E G                        row i uses W_i = W - sum_j E[i,j] k_j^T G_j

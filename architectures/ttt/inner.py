@@ -1,6 +1,6 @@
 """The TTT inner model's pieces: per-head LayerNorm, its closed-form gradient, tanh-GELU.
 
-Notation (shared notes, ttt_semantics.md): f = head dim, Z = f_res(x) the inner model's pre-norm
+Notation (docs/ttt_math.md): f = head dim, Z = f_res(x) the inner model's pre-norm
 output, t = XV - XK the reconstruction target, loss per token l = 0.5 * ||LN(Z) - t||^2.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """TTT-Linear and TTT-MLP layers and blocks, with the paper's exact semantics (arXiv 2407.04620;
-shared notes ttt_semantics.md, which restates the official JAX code).
+docs/ttt_math.md, which restates the paper and the official JAX code).
 
 Block, Mamba backbone (ttt_linear, ttt_mlp; the paper's default):
     h += CausalConv_k4(RMSNorm(h))          "pre-conv"

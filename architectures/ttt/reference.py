@@ -1,7 +1,7 @@
 """The plain reference of the TTT inner loop: the primal form, token by token, read off the paper.
 
 For each mini-batch of b tokens, with weights theta at its start (Sun et al. 2024, eq. 5-6 and
-Sec. 2.4-2.7; shared notes ttt_semantics.md):
+Sec. 2.4-2.7; docs/ttt_math.md):
 
     g_j    = grad_theta l(theta; k_j, v_j),  l = 0.5 * ||LN(f_res(k_j; theta)) - (v_j - k_j)||^2
     theta_i = theta - sum_{j <= i} eta[i, j] * g_j,   eta[i, j] = tok_i * a_j (rank 1)

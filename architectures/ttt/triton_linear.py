@@ -1,5 +1,5 @@
 """TTT-Linear in Triton: the causal dual form for training and prefill (forward and backward kernels)
-and the primal form for decoding, with the semantics of dual.py (its oracle) and the shared notes.
+and the primal form for decoding, with the semantics of dual.py (its oracle) and docs/ttt_math.md.
 
 One program per (sequence, head) walks the mini-batches with W (f x f) and b in fp32 on chip; inputs may
 be fp32, fp16 or bf16 (loaded, then computed in fp32). Head dims that are not a power of two (96) are
