@@ -40,7 +40,7 @@ ACCOUNT ?=
 TIMEOUT_MIN ?=
 ARGS ?=
 
-.PHONY: help install eval test test-slow test-kernels check-kernels sweep sizes throughput contention plots paper bench-ttt bench-mamba bench-kernels clean
+.PHONY: help install eval test test-slow test-all test-kernels gpu-check gpu-wheels check-kernels sweep sizes throughput contention plots paper bench-ttt bench-mamba bench-kernels clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
@@ -80,6 +80,9 @@ test: $(STAMP) ## the fast test tier (CPU, under 5 minutes on 2 cores); CI runs 
 test-slow: $(STAMP) ## the slow tier: end-to-end checks that take minutes (kill -9 at every point, concurrent sweeps)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q -m slow tests
 
+test-all: $(STAMP) ## both tiers: the fast one and the slow one
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests
+
 test-kernels: $(STAMP) ## only the Triton kernel tests (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests/test_ttt_triton.py
 
@@ -110,6 +113,15 @@ throughput: $(STAMP) ## prefill/decode latency and training tokens/s vs context 
 contention: $(STAMP) ## a training step of ARCH at SIZE and CTX, idle and beside a busy process (threads on a shared CPU)
 	$(PY) -m bench.contention --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),ttt_linear)" \
 	  --ctx "$(if $(filter command line,$(origin CTX)),$(CTX),2k)" --size "$(or $(SIZE),cpu-xs)" $(ARGS)
+
+gpu-check: ## on a lent GPU machine (no install: its own torch): kernel tests on CUDA, kernel speed, throughput; logs in OUT
+	OUT="$(or $(OUT),$(RESULTS)/gpu-check)" bash .ci/gpu-check
+
+gpu-wheels: ## fetch what the GPU machine lacks (hydra, omegaconf, fla, ...) as wheels into gpu/wheels/ (git-ignored)
+	mkdir -p gpu/wheels
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+	  -d gpu/wheels omegaconf==2.3.0 hydra-core==1.3.8 psutil==7.2.2 fla-core==0.6.0 flash-linear-attention==0.6.0
+	python3 -m pip wheel -q --no-deps -w gpu/wheels antlr4-python3-runtime==4.9.3
 
 throughput-gpu: $(STAMP) ## the GPU throughput run: 1.3B shapes, batch 16 prefill/decode, 2k..32k (one GPU, < 8 min)
 	$(PY) -m bench.throughput --arch all --ctx 32k --size 1.3b --batch 16 --train-batch 1 --max-seconds 10 \

@@ -24,15 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.accounting import Counts, embedding_params
+from architectures.backends import BackendUnavailable
 from architectures.config import ModelConfig
 from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles
 from architectures.registry import ArchSpec, register
 
 ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa")
-
-
-class BackendUnavailable(RuntimeError):
-    pass
 
 
 def _flash_attn_func():

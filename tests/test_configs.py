@@ -22,7 +22,16 @@ def compose_with(*overrides):
 def test_every_config_composes(group, option):
     cfg = compose_with(f"{group}={option}", "sweep_id=test", "results=/tmp/x")
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    assert cfg[group] is not None if group != "profile" else cfg.profile == option
+    path = CONF / group / f"{option}.yaml"
+    raw = OmegaConf.load(path)
+    is_global = "@package _global_" in path.read_text().split("\n", 1)[0]
+    target = cfg if is_global else cfg[group]  # where the option's keys land
+    missing = [k for k in raw if k != "defaults" and k not in target]
+    assert not missing, f"{path.name}: {missing} not in the composed config"
+    if "name" in raw and not is_global:
+        assert target.name == raw.name, f"{group}={option} composed as {target.name}"
+    if is_global and group == "profile":
+        assert cfg.profile == option
     mc = model_config(cfg, vocab_size=257).cfg
     assert isinstance(mc, ModelConfig) and mc.head_dim * mc.n_heads == mc.d_model
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from architectures import ModelConfig, build_model
-from architectures.mamba.layers import BackendUnavailable, resolve_backend
+from architectures.backends import BackendUnavailable
+from architectures.mamba.layers import resolve_backend
 from architectures.mamba.scan import compiled_steps, selective_scan
 from architectures.mamba.ssd import ssd_chunked
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 import architectures
 from architectures import ModelConfig, build_model
 from architectures.layers import apply_rope, rope_angles
-from architectures.transformer import BackendUnavailable
+from architectures.backends import BackendUnavailable
 from architectures.ttt import TABLE1
 from architectures.ttt.layer import TTTLayer, resolve_ttt_backend
 from bench import published

@@ -5,7 +5,8 @@ import architectures
 from architectures import ModelConfig, build_model
 from architectures.layers import apply_rope, rope_angles
 from architectures.shell import SequenceClassifier
-from architectures.transformer import BackendUnavailable, resolve_attention_backend
+from architectures.backends import BackendUnavailable
+from architectures.transformer import resolve_attention_backend
 
 
 def tiny(arch="transformer", **opts):

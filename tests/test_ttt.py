@@ -246,12 +246,16 @@ def test_generate_runs_with_the_ttt_cache():
     torch.testing.assert_close(out[:, 9 + 5], model(out[:, :14])[:, -1].argmax(-1))
 
 
-def test_causality():
-    model = tiny_model("ttt_mlp")
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp"])
+def test_causality(arch):
+    """A change at position 25 leaves every earlier output as it was and changes the later ones."""
+    model = tiny_model(arch)
     x = torch.randint(0, 61, (1, 40))
     y = x.clone()
     y[:, 25:] = (y[:, 25:] + 1) % 61
-    torch.testing.assert_close(model(x)[:, :25], model(y)[:, :25])
+    out_x, out_y = model(x), model(y)
+    torch.testing.assert_close(out_x[:, :25], out_y[:, :25])
+    assert (out_x[:, 25:] - out_y[:, 25:]).abs().amax(-1).min() > 1e-6  # every later position moved
 
 
 # -- the inner learning rate ---------------------------------------------------------------------

@@ -2,7 +2,8 @@
 reference and the paper's equations in test_ttt.py): outputs, final state and every gradient, any T,
 padded head dims, bf16 inputs, the decode kernel, and the layer's backend selection.
 
-On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it); shapes stay small.
+Where CUDA is present the inputs and layers live on the GPU and the kernels run compiled (`make gpu-check`);
+on CPU they run under TRITON_INTERPRET=1 (tests/conftest.py sets it). Shapes stay small either way.
 `make test-kernels` runs this file alone."""
 import copy
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from architectures import ModelConfig, build_model
-from architectures.transformer import BackendUnavailable
+from architectures.backends import BackendUnavailable
 from architectures.ttt.dual import InnerState, ttt_dual
 from architectures.ttt.layer import TTTLayer, resolve_ttt_backend
 from architectures.ttt.dual_backward import gelu_tanh_second, linear_minibatch_backward, mlp_minibatch_backward
@@ -19,6 +20,7 @@ from architectures.ttt import triton_linear, triton_mlp
 
 F32, F64 = torch.float32, torch.float64
 B_MB = 16  # mini-batch
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the kernels run
 
 
 def rel_rmse(x, y) -> float:
@@ -42,7 +44,7 @@ def inputs(inner="linear", B=2, H=2, T=37, f=16, dtype=F32, seed=0):
     else:
         x.update(W1=r(1, H, f, 4 * f) / f ** 0.5, b1=0.3 * r(1, H, 4 * f), W2=r(1, H, 4 * f, f) / (2 * f ** 0.5),
                  b2=0.3 * r(1, H, f))
-    return {n: t.to(dtype if n in "qkv" else F32).requires_grad_() for n, t in x.items()}
+    return {n: t.to(DEVICE, dtype if n in "qkv" else F32).requires_grad_() for n, t in x.items()}
 
 
 def dual(x, inner="linear", dtype=F32):
@@ -192,7 +194,7 @@ def layer_cfg(backbone="mamba", backend="triton", inner="linear", d=64, heads=2)
 @pytest.mark.parametrize("inner,backbone", [("linear", "mamba"), ("linear", "transformer"), ("mlp", "mamba")])
 def test_layer_backends_agree_forward_and_backward(inner, backbone):
     torch.manual_seed(0)
-    tri = TTTLayer(layer_cfg(backbone, inner=inner))
+    tri = TTTLayer(layer_cfg(backbone, inner=inner)).to(DEVICE)
     ref = copy.deepcopy(tri)
     ref.backend, ref.impl = "torch", "dual"  # autograd through the dual form
     assert (tri.resolved_impl(), ref.resolved_impl()) == ("triton", "dual")
@@ -200,8 +202,8 @@ def test_layer_backends_agree_forward_and_backward(inner, backbone):
         for p in tri.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ref.load_state_dict(tri.state_dict())
-    x = torch.randn(2, 35, 64)
-    proj = torch.randn(2, 35, 64)
+    x = torch.randn(2, 35, 64, device=DEVICE)
+    proj = torch.randn(2, 35, 64, device=DEVICE)
     y_tri, y_ref = tri(x), ref(x)
     assert rel_rmse(y_tri, y_ref) < 1e-5
     (y_tri * proj).sum().backward()
@@ -216,9 +218,9 @@ def test_generate_with_the_triton_decode_kernel_equals_one_prefill(arch):
     torch.manual_seed(0)
     inner = arch.split("_")[1]
     cfg = ModelConfig(arch, 61, 32, 2, 2, 64, 64, options={"inner": inner, "mini_batch": B_MB, "backend": "triton"})
-    model = build_model(cfg).eval()
+    model = build_model(cfg).to(DEVICE).eval()
     assert model.backends() == {"ttt": "triton"}
-    idx = torch.randint(0, 61, (2, 33))
+    idx = torch.randint(0, 61, (2, 33), device=DEVICE)
     with torch.no_grad():
         full = model(idx)
         state = model.new_state(2, 33)

@@ -38,7 +38,7 @@ from architectures.config import ModelConfig
 from architectures.layers import RMSNorm
 from architectures.mamba.scan import compiled_steps, selective_scan, selective_state_step
 from architectures.mamba.ssd import ssd_chunked, ssd_step
-from architectures.transformer import BackendUnavailable
+from architectures.backends import BackendUnavailable
 
 BACKENDS = ("auto", "cuda", "torch")
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from architectures.config import ModelConfig
 from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles
-from architectures.transformer import BackendUnavailable
+from architectures.backends import BackendUnavailable
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh
 from architectures.ttt.scan import EAGER, ScanKernels
