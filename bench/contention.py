@@ -28,12 +28,56 @@ while True:
 """
 
 
-def start_busy_process(threads: int) -> subprocess.Popen:
-    """Another PyTorch process keeping `threads` cores busy until killed."""
-    proc = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(threads)], stdout=subprocess.PIPE, text=True)
-    proc.stdout.readline()  # "ready": torch loaded, the loop starts
+# starts BUSY_LOOP in a new session and exits: the busy process is then not ours (no parent-child link),
+# as another user's job would be; the thread governor counts our own descendants as our load
+DETACH = """
+import subprocess, sys
+p = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True,
+                     stdout=sys.stdout)
+print(p.pid, flush=True)
+"""
+
+
+class BusyProcess:
+    """Another PyTorch process keeping cores busy, started detached; kill() ends it."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+
+    def kill(self) -> None:
+        import psutil
+
+        try:
+            self.proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Until it is gone or a zombie (not our child: its new parent reaps it)."""
+        import psutil
+
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            try:
+                if self.proc.status() == psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"busy process {self.proc.pid} still running {timeout:.0f} s after kill")
+
+
+def start_busy_process(threads: int) -> BusyProcess:
+    """Another PyTorch process, not a descendant of this one, keeping `threads` cores busy until killed."""
+    launcher = subprocess.Popen([sys.executable, "-c", DETACH, BUSY_LOOP, str(threads)], stdout=subprocess.PIPE,
+                                text=True)
+    busy = BusyProcess(int(launcher.stdout.readline()))
+    launcher.wait()  # the launcher exits at once; the busy process lives on, reparented
+    launcher.stdout.readline()  # "ready" (the busy process writes to the same pipe): torch loaded, the loop starts
     time.sleep(1.0)
-    return proc
+    return busy
 
 
 def step_seconds(arch: str, size: str, ctx: int, steps: int, governed: bool, threads: int | None) -> float:

@@ -63,18 +63,37 @@ def fit_threads(cores: int, others_busy: float, requested: int | None = None) ->
     return max(1, min(free, requested or cores))
 
 
+def _own_cpu_seconds() -> float:
+    """CPU seconds used by this process and every process it started: the live ones (torch.compile's
+    compile workers and their compilers, data workers) and the finished ones it has reaped. Work done
+    on our behalf is not another process's load."""
+    import psutil
+
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+        except psutil.Error:  # exited since it was listed
+            continue
+        total += c.user + c.system
+    return total
+
+
 def _sample() -> tuple[float, float, float]:
-    """(wall seconds, CPU seconds the whole machine has been busy, CPU seconds this process has used)."""
+    """(wall seconds, CPU seconds the whole machine has been busy, CPU seconds this process and its
+    descendants have used)."""
     import psutil
 
     t = psutil.cpu_times()
     busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
-    own = psutil.Process().cpu_times()
-    return time.perf_counter(), busy, own.user + own.system
+    return time.perf_counter(), busy, _own_cpu_seconds()
 
 
 def _others_busy(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
-    """Cores other processes kept busy between two samples: the machine's busy time less ours, per second."""
+    """Cores other processes kept busy between two samples: the machine's busy time less ours (this
+    process and its descendants), per second."""
     return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / max(b[0] - a[0], 1e-9))
 
 

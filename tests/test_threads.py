@@ -5,12 +5,13 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.contention import start_busy_process
-from bench.threads import SPIN_COUNT, ThreadGovernor, cpu_cores, fit_threads
+from bench.threads import MIN_INTERVAL_S, SPIN_COUNT, ThreadGovernor, cpu_cores, fit_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,6 +102,29 @@ def test_governor_gives_the_busy_core_back_and_records_it():
         assert s["oversubscribed"] is True and s["cpu_cores"] == cpu_cores()
         assert s["loadavg_1m_start"] is None or s["loadavg_1m_start"] >= 0
     finally:
+        torch.set_num_threads(before)
+
+
+def test_our_own_child_processes_are_not_counted_as_others():
+    """Work this process started (torch.compile's compile workers, their compilers) is our load: a busy
+    child leaves the governor's count of other processes' cores near zero, where the same loop in a
+    detached process (start_busy_process: not our descendant) counts as one core."""
+    import torch
+
+    from bench.contention import BUSY_LOOP
+
+    before = torch.get_num_threads()
+    child = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, "1"], stdout=subprocess.PIPE, text=True)
+    try:
+        child.stdout.readline()  # "ready"
+        time.sleep(1.0)
+        gov = ThreadGovernor(verbose=False)
+        time.sleep(MIN_INTERVAL_S)
+        gov.update()
+        assert gov.others_max < 0.4, gov.others_max  # the child's core is ours
+    finally:
+        child.kill()
+        child.wait()
         torch.set_num_threads(before)
 
 
