@@ -30,11 +30,9 @@ from architectures.sizing import SizeSpec, Sized, size_model
 from bench import distributed
 from bench.faults import crash_point
 from bench.hardware import mfu
-from bench.denormals import flush_denormals
-from bench.heap import configure_heap
 from bench.results import (REPO_ROOT, atomic_write_json, atomic_write_text, device_name, git_commit,
                            package_versions, remove_stale_temporaries)
-from bench.threads import ThreadGovernor
+from bench.threads import ThreadGovernor, configure_compute_process
 from bench.throughput import sweep_point
 from bench.tracking import NullTracker, build_tracker
 from bench.train import Diverged, autocast_for, budget_tokens, pick_device, train
@@ -264,8 +262,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
 @hydra.main(config_path=str(REPO_ROOT / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
-    flush_denormals()  # before PyTorch starts its worker threads, which inherit it (bench/denormals.py)
-    configure_heap()  # large tensors recycled, not mapped afresh per op (bench/heap.py)
+    configure_compute_process()  # subnormals flushed, heap recycling, before any compute (bench/threads.py)
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except RunBusy as e:  # another process owns this run folder: leave it alone, the sweep goes on

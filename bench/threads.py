@@ -30,8 +30,8 @@ import os
 import sys
 import time
 
-from bench.denormals import denormal_policy
-from bench.heap import heap_policy
+from bench.denormals import denormal_policy, flush_denormals
+from bench.heap import configure_heap, heap_policy
 
 SPIN_COUNT = "20000"  # libgomp spin iterations before a waiting thread sleeps (default ~300,000)
 MIN_INTERVAL_S = 2.0  # the governor looks again at most this often: shorter windows are noise
@@ -46,6 +46,14 @@ def configure_openmp() -> None:
               f"(export GOMP_SPINCOUNT={SPIN_COUNT} to bound it)", file=sys.stderr)
         return
     os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+
+
+def configure_compute_process() -> None:
+    """What a process that trains or times sets first, before PyTorch starts its worker threads (which
+    inherit it): subnormals flushed to zero (bench/denormals.py) and large tensors recycled by the heap
+    (bench/heap.py). Run summaries record both (ThreadGovernor.summary)."""
+    flush_denormals()
+    configure_heap()
 
 
 def cpu_cores() -> int:

@@ -372,12 +372,10 @@ def log_wandb(df: pd.DataFrame, results: Path, plots: list[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.denormals import flush_denormals
-    from bench.heap import configure_heap
     from bench.sweep import UsageError, group_options, parse_archs, parse_choice, parse_ctx
+    from bench.threads import configure_compute_process
 
-    flush_denormals()  # before PyTorch starts its worker threads, which inherit it (bench/denormals.py)
-    configure_heap()  # large tensors recycled, not mapped afresh per op (bench/heap.py)
+    configure_compute_process()  # subnormals flushed, heap recycling, before any compute (bench/threads.py)
 
     p = argparse.ArgumentParser(prog="make throughput", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)

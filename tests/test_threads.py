@@ -40,14 +40,20 @@ def test_importing_bench_bounds_the_spin_before_torch_loads():
     assert out == ["None", "False"]
 
 
+def _fresh_python(code: str, drop, **env) -> str:
+    """stdout of `code` in a fresh interpreter, without the environment variables `drop` accepts, with `env`."""
+    clean = {k: v for k, v in os.environ.items() if not drop(k)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**clean, **env}, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
 def _heap_policy(**env) -> str:
     """bench.heap's policy in a fresh interpreter, after `import bench`, with these environment changes."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "TTT_BENCH_HEAP"}
     code = ("import bench; from bench.heap import configure_heap, heap_policy; before = heap_policy(); "
             "print(before, configure_heap())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True,
-                         check=True)
-    return out.stdout.strip()
+    return _fresh_python(code, lambda k: k.startswith("MALLOC_") or k == "TTT_BENCH_HEAP", **env)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
@@ -67,10 +73,7 @@ def _denormal_policy(start_workers_first: bool = False, **env) -> str:
             "torch.set_num_threads(2); "
             + ("torch.ones(1 << 22).mul(2).sum(); " if start_workers_first else "")
             + "flush_denormals(); print(denormal_policy())")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**{k: v for k, v in os.environ.items() if k != "TTT_BENCH_DENORMALS"}, **env})
-    assert res.returncode == 0, res.stderr
-    return res.stdout.strip()
+    return _fresh_python(code, lambda k: k == "TTT_BENCH_DENORMALS", **env)
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="flush-to-zero probed on x86 only")
