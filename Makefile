@@ -102,13 +102,14 @@ eval: $(STAMP) ## zero-shot lm-eval tasks on finished runs: RUN=<run or sweep fo
 	  $(if $(filter 1 true yes,$(ONLINE)),--online) $(ARGS)
 
 sizes: $(STAMP) ## every architecture at SIZE and CTX: dims, params, FLOPs/token, state; writes RESULTS/sizes.csv
-	$(PY) -m bench.sizes --size "$(SIZE)" --ctx "$(CTX)" --match "$(or $(MATCH),flops)" --vocab "$(VOCAB)" \
-	  --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" --results "$(RESULTS)"
+	$(PY) -m bench.sizes --size "$(SIZE)" --ctx "$(CTX)" --match "$(MATCH)" --vocab "$(VOCAB)" \
+	  --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" --profile "$(PROFILE)" --task "$(TASK)" \
+	  --results "$(RESULTS)" -- $(ARGS)
 
 throughput: $(STAMP) ## prefill/decode latency and training tokens/s vs context (1k..CTX) for ARCH at SIZE
 	$(PY) -m bench.throughput --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" \
 	  --ctx "$(if $(filter command line,$(origin CTX)),$(CTX),32k)" --size "$(or $(SIZE),cpu-xs)" \
-	  --match "$(or $(MATCH),params)" --results "$(RESULTS)" $(ARGS)
+	  --match "$(MATCH)" --profile "$(PROFILE)" --results "$(RESULTS)" $(ARGS)
 
 contention: $(STAMP) ## a training step of ARCH at SIZE and CTX, idle and beside a busy process (threads on a shared CPU)
 	$(PY) -m bench.contention --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),ttt_linear)" \

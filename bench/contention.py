@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-governor", action="store_true", help="a fixed thread count, whatever the load")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = p.parse_args(argv)
-    from bench.sweep import parse_ctx
+    from bench.config import parse_ctx
     from bench.threads import omp_wait
 
     ctx = parse_ctx(args.ctx)

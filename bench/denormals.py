@@ -2,11 +2,8 @@
 
 x86 CPUs compute with subnormal operands (|x| < 1.2e-38 in fp32) in microcode, 10-100x slower than
 with normal ones. Training makes them: attention probabilities over a 32k context once attention
-sharpens, their gradients, Adam's second moments of tiny gradients. Measured on 2 cores (Intel Xeon;
-`python -m bench.run arch=transformer size=cpu-xs ctx=32768 trainer.lr=0.05`, one 32k sequence per
-step): steps 1-4 took 5.8-6.1 s, steps 5-8 18-80 s, with nothing else changed; with subnormals flushed
-every step takes the first steps' time. (An elementwise product of 8M subnormal floats: 222 ms kept,
-19 ms flushed.)
+sharpens, their gradients, Adam's second moments of tiny gradients (a 32k Transformer run whose steps
+went from 6 s to 18-80 s: README "Subnormal floats").
 
 `flush_denormals()` sets the CPU's flush-to-zero and denormals-are-zero modes (torch.set_flush_denormal)
 in the calling thread. Threads inherit the mode when they are created, so it must run before PyTorch

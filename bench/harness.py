@@ -44,7 +44,7 @@ def load_run(run_dir: Path, device: torch.device):
     """(model in eval mode, tokenizer, run config) of a finished run folder."""
     from omegaconf import OmegaConf
 
-    from bench.run import model_config
+    from bench.config import model_config
     from bench.train import CHECKPOINT, load_checkpoint
     from tasks import build_task
 

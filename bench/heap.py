@@ -3,22 +3,17 @@
 glibc's malloc serves every block over its mmap threshold (at most 32 MB) with a fresh mmap and hands
 it back with munmap when freed. At long contexts most tensors are that large (one 32k x 388 fp32
 activation is 50 MB; TTT-Linear's weight stack is 600 MB per layer), so each op of a training step
-gets new pages from the kernel and faults them in, zero-filled, one 4 KB page at a time. Measured on
-2 cores (Intel Xeon; `make sweep ARCH=ttt_linear CTX=32k SIZES=cpu-xs`, 5 steps):
-
-    heap                                 s per step    system CPU time of the run
-    glibc default                        13.0-13.6     55 s
-    mmap off, freed memory kept (here)   11.0-12.4     18 s
+gets new pages from the kernel and faults them in, zero-filled, one 4 KB page at a time (what it costs:
+README "Long contexts on a CPU: the heap").
 
 `configure_heap()` (called by the entry points that train or time: `bench.run`, the Hydra app every sweep
 runs, and `make throughput`) turns glibc's mmap off (M_MMAP_MAX 0), so large blocks
 come from the heap and are reused, and keeps up to 2 GB of freed memory at the heap's top instead of
 returning it (M_TRIM_THRESHOLD, M_TOP_PAD 256 MB). The process then holds its peak memory, as PyTorch's
-CUDA caching allocator does; `malloc_trim(0)` still returns what is free (bench/throughput.py does so
+CUDA caching allocator does; `malloc_trim(0)` still returns what is free (bench/latency.py does so
 before it measures memory). A user's own MALLOC_* environment variables (or glibc.malloc tunables) win;
 other C libraries and other systems are left as they are. TTT_BENCH_HEAP=default turns it off. It is not
-set on `import bench`: a process that forks often (the test suite: 15-20% slower with it) pays for the
-memory it keeps.
+set on `import bench`: a process that forks often (the test suite) pays for the memory it keeps.
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def planned_points(plan: Plan) -> list[tuple[str, str, int]]:
 
 def shown_points(plan: Plan, profile: str) -> list[tuple[str, str, int]]:
     """The planned points and the rest of the profile's size ladder, shown when RESULTS has them."""
-    from bench.sweep import default_ladder
+    from bench.config import default_ladder
 
     extra = [(a, s, c) for c in plan.ctxs for a in plan.archs for s in default_ladder("lm", profile)]
     return list(dict.fromkeys(planned_points(plan) + extra))
@@ -102,14 +102,13 @@ def shown_points(plan: Plan, profile: str) -> list[tuple[str, str, int]]:
 def fingerprints(points, profile: str, overrides: list[str]) -> dict[tuple, str]:
     """point -> the config fingerprint a run of it records (bench/run.py config_fingerprint), composed the way
     bench.sweep's Hydra jobs are."""
-    from hydra import compose, initialize_config_dir
-
+    from bench.config import compose_all
     from bench.run import config_fingerprint
 
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return {(a, s, c): config_fingerprint(compose(config_name="config", overrides=[
-            f"arch={a}", f"size={s}", f"profile={profile}", "task=lm", f"ctx={c}", *overrides]))
-            for a, s, c in points}
+    points = list(points)
+    configs = compose_all([f"arch={a}", f"size={s}", f"profile={profile}", "task=lm", f"ctx={c}", *overrides]
+                          for a, s, c in points)
+    return {point: config_fingerprint(cfg) for point, cfg in zip(points, configs)}
 
 
 def finished_runs(results: Path, hashes: dict[tuple, str]) -> pd.DataFrame:

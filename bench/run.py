@@ -1,6 +1,6 @@
 """One training + evaluation run; the Hydra app behind `make sweep` (which calls it with --multirun).
 
-    python -m bench.run arch=transformer size=cpu-s ctx=2048
+    python -m bench.run arch=transformer size=cpu-s ctx=2k
     python -m bench.run --multirun arch=transformer size=cpu-xs,cpu-s ctx=2048
     torchrun --standalone --nproc_per_node 8 -m bench.run arch=transformer size=760m profile=paper  (ranks:
         bench/distributed.py; make sweep ... NPROC=8, or LAUNCHER=slurm for a SLURM job per run)
@@ -25,48 +25,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import architectures
-from architectures.recipe import Recipe
-from architectures.sizing import SizeSpec, Sized, size_model
 from bench import distributed
+from bench.config import UsageError, model_config, normalize
 from bench.faults import crash_point
 from bench.hardware import mfu
+from bench.latency import latency_probe
 from bench.results import (REPO_ROOT, atomic_write_json, atomic_write_text, device_name, git_commit,
                            package_versions, remove_stale_temporaries)
 from bench.threads import ThreadGovernor, configure_compute_process
-from bench.throughput import sweep_point
 from bench.tracking import NullTracker, build_tracker
 from bench.train import Diverged, autocast_for, budget_tokens, pick_device, train
 from tasks import build_task
-
-
-def arch_options(cfg: DictConfig) -> dict:
-    """conf/arch/<name>.yaml's options, with `cfg.arch_options[<name>]` over them (a task's per-architecture
-    settings, as Zoology's sweeps give each mixer its own kwargs: conf/budget/mqar_zoology_*.yaml)."""
-    options = OmegaConf.to_container(cfg.arch, resolve=True)
-    extra = cfg.get("arch_options")
-    extra = OmegaConf.to_container(extra, resolve=True) if extra else {}
-    return {**options, **(extra.get(str(options["name"])) or {})}
-
-
-def model_config(cfg: DictConfig, vocab_size: int) -> Sized:
-    """The architecture's options at the size, matched to the size's reference Transformer by
-    `cfg.match` (params or flops; architectures/sizing.py), trained by the recipe `cfg.recipe`."""
-    options = arch_options(cfg)
-    name = options.pop("name")
-    tied = bool(cfg.get("tie_embeddings", True))  # run configs older than the option: tied
-    return size_model(str(name), options, SizeSpec.from_dict(cfg.size), int(cfg.ctx), vocab_size, str(cfg.match),
-                      tie_embeddings=tied, recipe=training_recipe(cfg), ffn=bool(cfg.get("ffn", True)))
-
-
-def training_recipe(cfg: DictConfig) -> Recipe:
-    """cfg.recipe (conf/recipe/: native, the arch's `native:` block; or shared) as a Recipe. Run configs
-    older than the option trained with the shared recipe, and get it."""
-    if cfg.get("recipe") is None:
-        return Recipe()
-    if cfg.recipe.get("name") == "native" and "native" not in cfg.arch:
-        raise ValueError(f"recipe=native: conf/arch/{cfg.arch.name}.yaml has no `native:` recipe; add one "
-                         f"(architectures/recipe.py) or use recipe=shared")
-    return Recipe.from_dict(OmegaConf.to_container(cfg.recipe, resolve=True))
 
 
 # settings that change how a run is carried out, not what it computes: a run that differs only in
@@ -231,7 +200,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
         governor.update(force=True)
         summary.update(task.evaluate(model, device, autocast))
         governor.update(force=True)
-        summary.update(sweep_point(model, ctx, device, task.vocab_size))  # prefill/decode tokens/s at ctx
+        summary.update(latency_probe(model, ctx, device, task.vocab_size))  # prefill/decode tokens/s at ctx
         summary.update(governor.summary())  # threads used and the machine's load while the run ran
         summary["status"] = "ok"
     except Diverged as e:  # recorded with its step; the last good checkpoint stays
@@ -263,6 +232,11 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     configure_compute_process()  # subnormals flushed, heap recycling, before any compute (bench/threads.py)
+    try:
+        normalize(cfg)  # ctx=2k -> 2048 (bench/config.py)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except RunBusy as e:  # another process owns this run folder: leave it alone, the sweep goes on

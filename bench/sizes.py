@@ -1,13 +1,16 @@
 """`make sizes`: what each architecture is at a size and context: dimensions, parameters, FLOPs, state.
 
     python -m bench.sizes --size 125m --ctx 2k [--match flops|params|flops,params] [--vocab 32000]
-                          [--arch all] [--results results]
+                          [--arch all] [--profile cpu] [--task lm] [--results results] [-- overrides ...]
 
 Sizes, contexts and match rules take comma lists; every combination is a block of the table. The
-table is printed and written to RESULTS/sizes.csv. The counts are architectures/accounting.py's
-(a multiply-add = 2 FLOPs, attention causal-halved, training = 3 x forward); the widths are
-architectures/sizing.py's. `token_budget` is the size's training tokens (the same for every
-architecture: matched FLOPs per token then means matched training compute).
+table is printed and written to RESULTS/sizes.csv. Each model is the one `make sweep` would train:
+its config composed as the run composes it (bench/config.py: the profile, the task's budget and any
+override apply; MATCH defaults to the profile's). The counts are architectures/accounting.py's (a
+multiply-add = 2 FLOPs, attention causal-halved, training = 3 x forward); the widths are
+architectures/sizing.py's. `token_budget` is the run's training tokens (the same for every
+architecture: matched FLOPs per token then means matched training compute; empty where the task
+sets its budget in examples x epochs).
 """
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import OmegaConf
 
-from architectures.sizing import MATCH_RULES, REFERENCE_ARCH, SizeSpec, SizingError, size_model
+from architectures.sizing import MATCH_RULES, REFERENCE_ARCH, Sized, SizingError
+from bench.config import (UsageError, compose_all, default_ladder, group_options, model_config, parse_archs,
+                          parse_choice, parse_ctx, parse_list)
 from bench.results import atomic_write_text
-from bench.sweep import CONF, UsageError, group_options, parse_archs, parse_ctx, parse_list
 from bench.train import budget_tokens
 
 BYTE_VOCAB = 257  # tasks/lm's byte tokenizer: what `make sweep` trains with on the embedded data
@@ -29,25 +32,26 @@ COLUMNS = ["arch", "size", "ctx", "match", "vocab", "layers", "d_model", "heads"
            "ffn_dim", "d_inner", "flops_vs_ref", "params_vs_ref"]
 
 
-def sized_from_conf(arch: str, size: str, ctx: int, vocab: int, match: str):
-    """conf/arch/<arch>.yaml at conf/size/<size>.yaml, matched by `match` (architectures/sizing.py); the
-    one place the benchmarks resolve a model outside a Hydra run. Returns (Sized, the size's config)."""
-    options = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml"), resolve=True)
-    options.pop("name")
-    size_cfg = OmegaConf.load(CONF / "size" / f"{size}.yaml")
-    return size_model(arch, options, SizeSpec.from_dict(size_cfg), ctx, vocab, match), size_cfg
+def run_tokens(cfg, sized: Sized) -> int | None:
+    """The training tokens the run of `cfg` trains (trainer.tokens capped by trainer.compute; bench/train.py),
+    None where the task sets its budget itself (examples x epochs)."""
+    if cfg.trainer.get("tokens") is None:
+        return None
+    return budget_tokens(int(cfg.trainer.tokens), cfg.trainer.get("compute"), sized.reference.train_flops)[0]
 
 
-def size_rows(archs: list[str], sizes: list[str], ctxs: list[int], matches: list[str], vocab: int) -> pd.DataFrame:
+def size_rows(archs: list[str], sizes: list[str], ctxs: list[int], matches: list[str] | None, vocab: int,
+              profile: str = "cpu", task: str = "lm", overrides: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per (size, ctx, match, arch); matches None: the profile's match rule."""
     archs = sorted(archs, key=lambda a: (a != REFERENCE_ARCH, a))  # the reference first
+    points = [(size, ctx, match, arch) for size in sizes for ctx in ctxs for match in (matches or [None])
+              for arch in archs]
+    configs = compose_all([f"arch={arch}", f"size={size}", f"ctx={ctx}", f"profile={profile}", f"task={task}",
+                           *([f"match={match}"] if match else []), *overrides] for size, ctx, match, arch in points)
     rows = []
-    for size in sizes:
-        for ctx in ctxs:
-            for match in matches:
-                for arch in archs:
-                    sized, size_cfg = sized_from_conf(arch, size, ctx, vocab, match)
-                    tokens = budget_tokens(int(size_cfg.tokens), size_cfg.get("compute"), sized.reference.train_flops)[0]
-                    rows.append({**sized.row(), "size": str(size_cfg.name), "ctx": ctx, "token_budget": tokens})
+    for cfg in configs:
+        sized = model_config(cfg, vocab)
+        rows.append({**sized.row(), "size": str(cfg.size.name), "ctx": int(cfg.ctx), "token_budget": run_tokens(cfg, sized)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -65,30 +69,35 @@ def format_table(df: pd.DataFrame) -> str:
         "vs ref": df["flops_vs_ref"].map("{:.3f}".format),
         "params vs ref": df["params_vs_ref"].map("{:.3f}".format),
         "state(k)": (df["state_size"] / 1e3).map("{:.1f}".format),
-        "tokens": df["token_budget"].map("{:,}".format),
+        "tokens": df["token_budget"].map(lambda n: "-" if pd.isna(n) else f"{int(n):,}"),
     })
     return out.to_string(index=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make sizes", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", default="", help="conf/size names, comma list (default: the cpu profile's ladder)")
+    p.add_argument("--size", default="", help="conf/size names, comma list (default: the profile's ladder)")
     p.add_argument("--ctx", default="2k", help="2k, 32k, ... comma list")
-    p.add_argument("--match", default="flops", help="flops | params | flops,params")
+    p.add_argument("--match", default="", help="flops | params | flops,params (default: the profile's)")
     p.add_argument("--vocab", default=str(BYTE_VOCAB),
                    help=f"vocabulary size (default {BYTE_VOCAB}: the byte tokenizer; 32000: Llama-2, the paper's)")
     p.add_argument("--arch", default="all", help="a name, a comma list, or 'all'")
+    p.add_argument("--profile", default="cpu", help="cpu | smoke | paper: the runs' profile")
+    p.add_argument("--task", default="lm", help="the runs' task (its budget may change the models, e.g. no FFN)")
     p.add_argument("--results", default="results", help="output root: writes RESULTS/sizes.csv")
+    p.add_argument("overrides", nargs="*", help="free Hydra overrides, as `make sweep` takes them")
     args = p.parse_args(argv)
     try:
         archs = parse_archs(args.arch)
+        profile = parse_choice("PROFILE", args.profile, group_options("profile"))
+        task = parse_choice("TASK", args.task, group_options("task"))
         sizes = (parse_list("SIZE", args.size, group_options("size")) if args.size
-                 else list(OmegaConf.load(CONF / "profile" / "cpu.yaml").ladder))
+                 else default_ladder(task, profile))
         ctxs = [parse_ctx(c) for c in args.ctx.split(",") if c.strip()] or [parse_ctx("")]
-        matches = parse_list("MATCH", args.match, list(MATCH_RULES))
+        matches = parse_list("MATCH", args.match, list(MATCH_RULES)) if args.match.strip() else None
         if not args.vocab.isdigit() or int(args.vocab) <= 0:
             raise UsageError(f"VOCAB must be a positive integer; got {args.vocab!r}")
-        df = size_rows(archs, sizes, ctxs, matches, int(args.vocab))
+        df = size_rows(archs, sizes, ctxs, matches, int(args.vocab), profile, task, tuple(args.overrides))
     except (UsageError, SizingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

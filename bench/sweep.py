@@ -23,106 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
+from bench.config import (UsageError, default_ctxs, default_ladder, group_options, parse_archs, parse_choice,
+                          parse_ctxs, parse_list, parse_lrs)
 from bench.results import REPO_ROOT, atomic_write_json, read_summaries
 
-CONF = REPO_ROOT / "conf"
-
-
-class UsageError(ValueError):
-    pass
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def parse_ctx(text: str) -> int:
-    """'2k' -> 2048, '32K' -> 32768, '256' -> 256."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", str(text))
-    if not m or int(m.group(1)) <= 0:
-        raise UsageError(f"CTX must be a positive integer or a multiple of 1024 written like 2k, 8k, 32k; got {text!r}")
-    return int(m.group(1)) * (1024 if m.group(2) else 1)
-
-
-def parse_ctxs(text: str) -> list[int]:
-    """'2k' -> [2048]; '64,128' -> [64, 128]: a sweep over several contexts (one run each)."""
-    items = [t for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise UsageError(f"CTX must be a positive integer or a multiple of 1024 written like 2k, 8k, 32k; got {text!r}")
-    return list(dict.fromkeys(parse_ctx(t) for t in items))
-
-
-def parse_choice(kind: str, text: str, options: list[str]) -> str:
-    if text not in options:
-        raise UsageError(f"unknown {kind} {text!r}; available: {', '.join(options)}")
-    return text
-
-
-def parse_list(kind: str, text: str, options: list[str]) -> list[str]:
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise UsageError(f"{kind} is empty; available: {', '.join(options)}")
-    for item in items:
-        parse_choice(kind, item, options)
-    return list(dict.fromkeys(items))
-
-
-def parse_archs(text: str) -> list[str]:
-    """Names, a comma list, `all` (the main architectures, without the Table 1 ablation rows) or `table1`
-    (the paper's Table 1 ladder, rows 1-8 in order; architectures/ttt/__init__.py: TABLE1)."""
-    import architectures
-    from architectures.ttt import TABLE1
-
-    known = [a for a in architectures.names() if (CONF / "arch" / f"{a}.yaml").exists()]
-    ladder = [name for _, _, name in TABLE1]
-    text = str(text).strip()
-    if text == "all":
-        return [a for a in known if a not in ladder[:-2]]  # rows 7 and 8 are ttt_linear_base and ttt_linear
-    if text == "table1":
-        return ladder
-    return parse_list("ARCH", text, known)
-
-
 LR_RUN_NAME = "run_name=${arch.name}-${size.name}-ctx${ctx}-lr${trainer.lr}"  # one folder per lr of a sweep
-
-
-def parse_lrs(text: str) -> list[str]:
-    """LRS=1e-4,4.6e-4,2.15e-3: positive learning rates, as written."""
-    out = []
-    for item in (t.strip() for t in str(text).split(",") if t.strip()):
-        try:
-            ok = float(item) > 0 and float(item) < float("inf")
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UsageError(f"LRS must be a comma list of positive learning rates like 1e-4,4.6e-4; got {item!r}")
-        out.append(item)
-    if not out:
-        raise UsageError("LRS is empty")
-    return list(dict.fromkeys(out))
-
-
-def default_ladder(task: str, profile: str) -> list[str]:
-    """The sizes a sweep runs: the task's budget under the profile may name its own ladder
-    (conf/budget/<task>_<profile>.yaml), else the profile's."""
-    budget = CONF / "budget" / f"{task}_{profile}.yaml"
-    if budget.exists() and "ladder" in (cfg := OmegaConf.load(budget)):
-        return list(cfg.ladder)
-    return list(OmegaConf.load(CONF / "profile" / f"{profile}.yaml").ladder)
-
-
-DEFAULT_CTX = "2k"
-
-
-def default_ctxs(task: str, profile: str) -> list[int]:
-    """The contexts a sweep runs when CTX is not given: the task budget's `sweep_ctx` (a protocol's grid
-    points, e.g. TASK=mqar_zoology), else 2k."""
-    budget = CONF / "budget" / f"{task}_{profile}.yaml"
-    if budget.exists() and "sweep_ctx" in (cfg := OmegaConf.load(budget)):
-        return [int(c) for c in cfg.sweep_ctx]
-    return [parse_ctx(DEFAULT_CTX)]
 
 
 def build_overrides(args) -> tuple[list[str], str, Path]:

@@ -4,16 +4,9 @@ to the cores other processes leave free.
 PyTorch runs its CPU ops in OpenMP parallel regions, and libgomp's threads spin-wait for the next
 region (hundreds of thousands of iterations by default). With more runnable threads than cores (any
 other busy process beside ours) a spinning thread holds the core its partner needs, and the thousands
-of small ops of TTT's and Mamba's loops slow down 20-35x. Passive waiting (OMP_WAIT_POLICY=PASSIVE)
-cures that but puts every region through a sleep and a wake-up: 1.7x slower on an idle machine.
-Measured on 2 cores (Intel Xeon; ttt_linear cpu-xs FLOP-matched, one training step, eager):
-
-    OpenMP setting               idle, T=8k     beside a 2-thread PyTorch matmul loop, T=2k
-    default (spin)               1.62-1.74 s    0.26-22 s (collapses)
-    GOMP_SPINCOUNT=20000         1.65-1.79 s    2.0 s
-    GOMP_SPINCOUNT=2000          1.95-2.02 s    0.52 s
-    OMP_WAIT_POLICY=PASSIVE      2.74-3.08 s    0.34 s
-    1 thread                     1.90-2.24 s    0.28 s
+of small ops of TTT's and Mamba's loops slow down 6-35x. Passive waiting (OMP_WAIT_POLICY=PASSIVE)
+cures that but puts every region through a sleep and a wake-up, slower on an idle machine (measured:
+README "A shared CPU: threads"; `make contention` measures it again).
 
 Hence two things, both on by default:
 1. `configure_openmp()` bounds the spin (GOMP_SPINCOUNT=20000: the idle speed of the default) before

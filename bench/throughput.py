@@ -11,7 +11,7 @@ For each architecture and each context length T (doubling from 1k up to CTX):
             state, conv + SSM state): time_per_token_s = wall per step
   train     forward + backward of a batch of T tokens (next-token loss): time_per_token_s = wall / T
 tokens_per_s = batch x positions / wall in every mode. `make sweep` adds the trained model's prefill and
-decode tokens/s at its context (batch 1) to each run's summary (sweep_point). Peak memory: CUDA max_memory_allocated during the
+decode tokens/s at its context (batch 1) to each run's summary (bench/latency.py). Peak memory: CUDA max_memory_allocated during the
 point; CPU the peak growth of the process's resident memory over the point, sampled every 2 ms, after
 freed heap pages are handed back to the OS (glibc malloc_trim).
 Timing (bench/timing.py): warm-up calls until two consecutive ones agree within 10% (at most 6 calls
@@ -22,8 +22,9 @@ decode step where capture works; the row says so), time.perf_counter on CPU; thr
 predicted time exceeds --max-seconds, or that runs out of memory, is a row with that reason, never a crash.
 Writes RESULTS/throughput.csv (rows keyed by arch, size, mode, ctx, batch, device; a new run replaces its
 keys), RESULTS/plots/{prefill,decode}_latency.png and train_throughput.png, and a W&B run (offline).
-Model widths follow architectures/sizing.py (`--match params` by default: the paper's latency figures
-compare models of equal parameters).
+Models are composed as a run under --profile composes them (bench/config.py); widths follow
+architectures/sizing.py (`--match params` by default: the paper's latency figures compare models of
+equal parameters).
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ import argparse
 import math
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,19 +41,20 @@ import torch.nn.functional as F
 
 import architectures
 from architectures.sizing import MATCH_RULES
+from bench.config import UsageError, compose, group_options, model_config, parse_archs, parse_choice, parse_ctx
+from bench.latency import DECODE_ROOM, PeakMemory, prefill_and_decode
 from bench.results import atomic_write_text, device_name
-from bench.threads import ThreadGovernor, omp_wait
-from bench.timing import MAX_WARMUP_CALLS, Timing, measure
-from bench.train import COMPILE_MODES, compile_for_training
+from bench.threads import ThreadGovernor, configure_compute_process, omp_wait
+from bench.timing import Timing, measure
+from bench.train import COMPILE_MODES, autocast_for, compile_for_training
 
 COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
            "device", "status", "precision", "threads", "repeats", "spread", "noisy", "warmup_calls", "settled", "graph",
            "compile", "params", "match", "d_model", "layers"]
 KEY = ["arch", "size", "mode", "ctx", "batch", "device"]
 MODES = ("prefill", "decode", "train")
-DECODE_STEPS = 48  # timed single-token steps after each prompt: three TTT mini-batches (median)
-DECODE_ROOM = 2 * DECODE_STEPS + MAX_WARMUP_CALLS + 2  # cache slots after the prompt: warm-up, steps, a re-measure
 BYTE_VOCAB = 257
+LATENCY_MATCH = "params"  # the default sizing rule here (the paper's latency figures: equal parameters)
 
 
 def lengths_up_to(ctx: int) -> list[int]:
@@ -65,10 +66,12 @@ def lengths_up_to(ctx: int) -> list[int]:
     return out if out else [ctx]
 
 
-def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_VOCAB):
-    from bench.sizes import sized_from_conf
-
-    sized, _ = sized_from_conf(arch, size, ctx, vocab, match)
+def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_VOCAB, profile: str = "cpu",
+          overrides: tuple[str, ...] = ()):
+    """The model a run of (arch, size, ctx) under the profile trains (bench/config.py), sized by `match`,
+    with room to decode past ctx."""
+    cfg = compose([f"arch={arch}", f"size={size}", f"ctx={ctx}", f"match={match}", f"profile={profile}", *overrides])
+    sized = model_config(cfg, vocab)
     cfg = sized.cfg
     cfg.max_seq_len = ctx + DECODE_ROOM
     torch.manual_seed(0)
@@ -76,59 +79,8 @@ def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_
     return model, sized
 
 
-def _release_free_memory() -> None:
-    """glibc's malloc_trim: hand freed heap pages back to the OS, so that the next point's resident
-    memory grows from what is live (elsewhere: a no-op, and the CPU figure is a lower bound)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak extra memory during a block: CUDA allocator peak, or sampled process RSS growth on CPU."""
-
-    def __init__(self, device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            import psutil
-
-            _release_free_memory()
-            self.proc = psutil.Process()
-            self.base = self.proc.memory_info().rss
-            self.top, self.running = self.base, True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.top = max(self.top, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.running = False
-            self.thread.join()
-            self.peak = max(0, self.top - self.base)
-        return False
-
-
 def _autocast(device):
     """The training precision: bf16 autocast on CUDA, fp32 on CPU (bench/train.py)."""
-    from bench.train import autocast_for
-
     return autocast_for(device, "auto")
 
 
@@ -148,49 +100,6 @@ def _row(arch, size, mode, T, B, device, model, sized, **kw) -> dict:
             "threads": torch.get_num_threads(), "params": model.num_params(), "match": sized.match,
             "precision": _autocast(device)[1],
             "d_model": sized.cfg.d_model, "layers": sized.cfg.n_layers, "graph": "", **kw}
-
-
-def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, quick: bool = False):
-    """Timed prefill of T tokens (after warm-up calls), then timed decode steps from its cache.
-    quick: one untimed warm-up call each (the probe `make sweep` runs). Returns (prefill timing,
-    peak memory, decode timing, graph note)."""
-    warm = 1 if quick else MAX_WARMUP_CALLS
-    idx = torch.randint(0, vocab, (B, T), device=device)
-    extra = DECODE_ROOM
-
-    last = {}
-
-    def prefill():
-        last["state"] = model.new_state(B, T + extra)
-        model(idx, last["state"])
-
-    with torch.no_grad(), _autocast(device)[0]():
-        with PeakMemory(device) as mem:
-            pre = measure(prefill, device, max_warmup_calls=warm)
-        state = last["state"]  # the cache the last timed prefill filled
-        step_in = torch.randint(0, vocab, (B, 1), device=device)
-        step = lambda: model(step_in, state)
-        graph_note = ""
-        if graphs and device.type == "cuda":
-            step, graph_note = _graphed(step)
-        dec = measure(step, device, repeats=DECODE_STEPS, max_warmup_calls=warm)  # warm-up: the first tokens
-    return pre, mem.peak, dec, graph_note
-
-
-def _graphed(step):
-    """Replay the decode step as a CUDA graph (its tensors update in place); say why not if capture fails."""
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        return g.replay, "cuda_graph"
-    except Exception as e:  # eager then, and the row says why
-        return step, f"eager (capture failed: {type(e).__name__})"
 
 
 def train_step(model, B: int, T: int, device, vocab: int, compile_mode: str = "none"):
@@ -230,10 +139,10 @@ def _predicted(history: list[tuple[int, float]], T: int) -> float:
 
 
 def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None,
-             compile_mode: str = "none", governor=None) -> list[dict]:
+             compile_mode: str = "none", governor=None, profile: str = "cpu") -> list[dict]:
     rows = []
     try:
-        model, sized = build(arch, size, max(lengths), match, device, vocab)
+        model, sized = build(arch, size, max(lengths), match, device, vocab, profile)
     except Exception as e:  # e.g. a SizingError: every point of the architecture says why
         return [{"arch": arch, "size": size, "mode": m, "ctx": T, "batch": B, "device": device_name(device),
                  "status": f"failed: {type(e).__name__}: {e}"[:300]} for m in modes for T in lengths]
@@ -286,25 +195,6 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-def sweep_point(model, ctx: int, device, vocab: int) -> dict:
-    """What `make sweep` adds to a run's summary: prefill and decode speed of the trained model at the
-    run's context, batch 1 (never fails the run: a failure is recorded)."""
-    model = getattr(model, "lm", model)  # a classifier's language model carries the decode cache
-    if getattr(model, "pos_embed", None) is not None:
-        return {"throughput_status": "skipped: learned positions end at ctx, no room to decode past it"}
-    was_training = model.training
-    model.eval()
-    try:
-        pre, _, dec, _ = prefill_and_decode(model, 1, ctx, device, vocab, graphs=False, quick=True)
-        return {"prefill_tokens_per_s": ctx / pre.median, "prefill_time_per_token_s": pre.median / ctx,
-                "decode_tokens_per_s": 1 / dec.median, "decode_time_per_token_s": dec.median,
-                "throughput_status": "ok"}
-    except Exception as e:
-        return {"throughput_status": f"failed: {type(e).__name__}: {e}"[:300]}
-    finally:
-        model.train(was_training)
 
 
 # -- outputs ----------------------------------------------------------------------------------------
@@ -372,9 +262,6 @@ def log_wandb(df: pd.DataFrame, results: Path, plots: list[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.sweep import UsageError, group_options, parse_archs, parse_choice, parse_ctx
-    from bench.threads import configure_compute_process
-
     configure_compute_process()  # subnormals flushed, heap recycling, before any compute (bench/threads.py)
 
     p = argparse.ArgumentParser(prog="make throughput", description=__doc__,
@@ -384,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="cpu-xs", help="a conf/size name")
     p.add_argument("--batch", type=int, default=1, help="prefill and decode batch")
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default: --batch)")
-    p.add_argument("--match", default="params", help="params | flops (architectures/sizing.py)")
+    p.add_argument("--match", default="", help=f"params | flops (architectures/sizing.py; default {LATENCY_MATCH}: "
+                                               "the paper's latency figures compare models of equal parameters)")
+    p.add_argument("--profile", default="cpu", help="the conf/profile the models are composed under (bench/config.py)")
     p.add_argument("--modes", default="prefill,decode,train")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="skip a point whose predicted single call exceeds this (default: 20 on CPU, 60 on CUDA)")
@@ -401,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         archs = parse_archs(args.arch)
         ctx = parse_ctx(args.ctx)
         size = parse_choice("SIZE", args.size, group_options("size"))
-        match = parse_choice("MATCH", args.match, list(MATCH_RULES))
+        match = parse_choice("MATCH", args.match or LATENCY_MATCH, list(MATCH_RULES))
+        profile = parse_choice("PROFILE", args.profile, group_options("profile"))
         modes = [parse_choice("mode", m.strip(), list(MODES)) for m in args.modes.split(",") if m.strip()]
         compile_mode = parse_choice("compile mode", args.compile or ("none" if device.type == "cuda" else "hot_path"),
                                     list(COMPILE_MODES))
@@ -421,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for arch in archs:
         for r in run_arch(arch, size, lengths, args.batch, device, match, max_s, BYTE_VOCAB, not args.no_graphs,
-                          modes, args.train_batch, compile_mode, governor):
+                          modes, args.train_batch, compile_mode, governor, profile):
             rows.append(r)
             mem = f"mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB" if r.get("peak_mem_bytes") is not None else ""
             trust = (f" spread {r['spread']:.0%}" + (" NOISY" if r.get("noisy") else "")

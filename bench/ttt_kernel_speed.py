@@ -9,8 +9,9 @@ attention (SDPA; flash-attn when installed), mamba-ssm's selective scan and fla'
 Shape (paper Table 3, 1.3B): d = 2048, 32 heads of 64; batch 16 for the forward (the paper's latency
 figure), --bwd-batch (default 4) for forward+backward (memory). Inputs of the TTT kernels are the layer's
 q, k, v (B, H, T, 64) in bf16 with fp32 state; attention takes the same q, k, v (bf16); the Mamba scan
-runs at the same width (d_inner 4096 = 2 x 2048, d_state 16). Times: triton.testing.do_bench (median
-of repeats after warm-up) on CUDA, medians of time.perf_counter repeats on CPU. A point that fails (out
+runs at the same width (d_inner 4096 = 2 x 2048, d_state 16). Times: bench/timing.py, the suite's one timer
+(CUDA events; warm-up until two calls agree, median and spread of repeats; on CPU one warm-up call and one
+timed call, as a check of the script). A point that fails (out
 of memory, missing package, over --max-seconds for the previous length) is recorded with its reason.
 
 fla's chunk_ttt_linear has different semantics (a learning rate per query token, o + LN(o) residual,
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.results import atomic_write_json, device_name, package_versions
+from bench.timing import measure
 
 LENGTHS = [2048, 4096, 8192, 16384, 32768]
 
@@ -149,23 +151,14 @@ CONTENDERS = {
 }
 
 
-def _time(fn, device) -> float:
-    """Median milliseconds."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    from bench.timing import time_call
-
-    return 1e3 * time_call(fn, repeats=1)
-
-
-def measure(name, build, B, H, T, f, device, backward) -> dict:
+def kernel_row(name, build, B, H, T, f, device, backward) -> dict:
+    """One contender at one shape: median milliseconds per call (bench/timing.py) and its spread."""
     row = {"impl": name, "T": T, "batch": B, "heads": H, "head_dim": f, "mode": "fwd+bwd" if backward else "fwd"}
     try:
         fn = build(B, H, T, f, device, backward)
-        ms = _time(fn, device)
-        row.update(status="ok", ms=ms, tokens_per_s=B * T / (ms / 1e3))
+        t = measure(fn, device, **({} if device.type == "cuda" else {"repeats": 1, "max_warmup_calls": 1}))
+        ms = 1e3 * t.median
+        row.update(status="ok", ms=ms, spread=t.spread, tokens_per_s=B * T / (ms / 1e3))
     except ImportError as e:
         row.update(status="not installed", error=str(e))
     except torch.cuda.OutOfMemoryError as e:
@@ -237,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"impl": name, "T": T, "batch": B, "mode": "fwd+bwd" if backward else "fwd",
                                  "status": f"skipped: a shorter T took over {args.max_seconds} s"})
                     continue
-                row = measure(name, CONTENDERS[name], B, args.heads, T, args.head_dim, device, backward)
+                row = kernel_row(name, CONTENDERS[name], B, args.heads, T, args.head_dim, device, backward)
                 rows.append(row)
                 shown = f"{row['ms']:.3f} ms" if row["status"] == "ok" else row["status"]
                 print(f"[ttt-bench] {row['mode']:8s} {name:44s} T={T:6d} B={B:3d}: {shown}", flush=True)

@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from architectures import ModelConfig
-from bench.run import model_config
+from bench.config import model_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ["arch", "recipe", "size", "task", "data", "trainer", "logger", "profile"]
@@ -70,3 +70,38 @@ def test_options_added_at_their_defaults_leave_run_fingerprints_unchanged():
         assert config_fingerprint(cfg) == config_fingerprint(before)
         assert config_fingerprint(compose_with(f"task={task}", "sweep_id=t", "results=/tmp/x", "ffn=false")) \
             != config_fingerprint(cfg)
+
+
+def test_ctx_is_parsed_by_the_config_path_the_app_and_the_tools_share():
+    """`python -m bench.run ctx=2k` (bench.run's main normalizes as compose does) is the run ctx=2048 is: the
+    same fingerprint, folder name and model."""
+    from bench.config import UsageError, compose
+    from bench.run import config_fingerprint
+
+    short, long = compose(["ctx=2k", "sweep_id=t"]), compose(["ctx=2048", "sweep_id=t"])
+    assert short.ctx == 2048 and short.run_name == long.run_name == "transformer-cpu-s-ctx2048"
+    assert config_fingerprint(short) == config_fingerprint(long)
+    with pytest.raises(UsageError, match="ctx=2q"):
+        compose(["ctx=2q"])
+    with pytest.raises(UsageError, match="arch=nope"):
+        compose(["arch=nope"])
+
+
+def test_arch_configs_that_build_on_a_base_write_only_their_differences():
+    """conf/arch/base/: the TTT layer's options once; each TTT arch and Table 1 row composes them with its own
+    changes (a row's change is the paper's: row 4 = row 3 + learnable W0, ...)."""
+    def arch(name):
+        return OmegaConf.to_container(compose_with(f"arch={name}").arch, resolve=True)
+
+    base = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / "base" / "ttt.yaml"))
+    for name in ("ttt_linear", "ttt_mlp", "ttt_linear_base", "ttt_mlp_base", "table1_3_ttt_equivalence"):
+        assert set(base) <= set(arch(name)), name
+
+    def delta(a, b):
+        a, b = arch(a), arch(b)
+        return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} - {"name"}
+
+    assert delta("table1_3_ttt_equivalence", "table1_4_learnable_w0") == {"learnable_w0"}
+    assert delta("table1_4_learnable_w0", "table1_5_ln_residual") == {"inner_ln", "inner_residual", "inner_bias"}
+    assert delta("table1_5_ln_residual", "table1_6_mini_batch") == {"mini_batch"}
+    assert delta("ttt_linear_base", "ttt_linear") == {"backbone"}

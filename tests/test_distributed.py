@@ -303,7 +303,8 @@ def test_the_slurm_job_trains_a_run_on_two_ranks_under_submitits_local_executor(
 def test_sweep_launchers(tmp_path):
     from argparse import Namespace
 
-    from bench.sweep import UsageError, run_command
+    from bench.config import UsageError
+    from bench.sweep import run_command
 
     def cmd(**kw):
         args = dict(launcher="local", nproc="1", nodes="", gpus_per_node="", timeout_min="", partition="",

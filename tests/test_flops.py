@@ -18,6 +18,7 @@ from architectures.accounting import OpCounter, flop_counter
 from architectures.mamba.layers import CausalConv, head_dim_for, mamba2_inner_width
 from architectures.mamba.scan import selective_state_step
 from architectures.sizing import FLOPS_TOLERANCE, SizeSpec, SizingError, reference_config, size_model
+from bench.config import arch_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 ARCHS = ["transformer", "transformer_conv", "ttt_linear", "ttt_mlp", "ttt_linear_base", "ttt_mlp_base",
@@ -32,7 +33,7 @@ PAPER_SIZES = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9}
 
 
 def arch_options(arch: str, **overrides) -> dict:
-    o = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml"), resolve=True)
+    o = arch_config(arch)
     o.pop("name"), o.pop("layer_multiplier", None)
     if arch == "mamba2":
         o["chunk_size"] = 64  # several chunks at test lengths
@@ -257,7 +258,7 @@ def test_state_size_is_the_decode_cache(arch):
 
 def sized(arch, size, ctx, match, vocab=32000):
     spec = SizeSpec.from_dict(OmegaConf.load(CONF / "size" / f"{size}.yaml"))
-    options = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml"), resolve=True)
+    options = arch_config(arch)
     options.pop("name")
     return size_model(arch, options, spec, ctx, vocab, match)
 
@@ -323,7 +324,7 @@ def test_sizes_command_writes_the_table(tmp_path, capsys):
     assert main(["--size", "125m", "--ctx", "2k,32k", "--match", "params,flops", "--vocab", "32000",
                  "--results", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "sizes.csv")))
-    from bench.sweep import parse_archs
+    from bench.config import parse_archs
 
     assert list(rows[0]) == COLUMNS and len(rows) == 2 * 2 * len(parse_archs("all"))  # the main architectures
     need = ["arch", "size", "ctx", "match", "vocab", "layers", "d_model", "heads", "params", "non_embedding_params",

@@ -150,7 +150,7 @@ def test_longqa_smoke_sweep_end_to_end(tmp_path):
 
 def test_attention_maps_reproduce_each_layers_attention_output():
     from architectures import ModelConfig, build_model
-    from tasks.longqa.heads import attention_maps
+    from bench.attention_heads import attention_maps
 
     torch.manual_seed(0)
     cfg = ModelConfig("transformer", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48,
@@ -176,7 +176,7 @@ def test_attention_maps_reproduce_each_layers_attention_output():
 
 
 def test_head_report_reads_the_recall_circuit_at_the_right_positions():
-    from tasks.longqa.heads import head_report
+    from bench.attention_heads import head_report
 
     examples = [mqar(41, 4, s) for s in range(2)]
     T = 40

@@ -33,7 +33,7 @@ def results(tmp_path):
 
 
 def test_plans_name_real_configs():
-    from bench.sweep import group_options
+    from bench.config import group_options
 
     sizes, archs = set(group_options("size")), set(group_options("arch"))
     for plan in paper.PLANS.values():

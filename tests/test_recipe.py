@@ -19,7 +19,7 @@ from architectures import recipe as recipes
 from architectures.layers import CausalConv, RMSNorm
 from architectures.mamba.layers import GatedRMSNorm
 from architectures.recipe import Recipe, no_decay_names
-from bench.run import model_config
+from bench.config import arch_config, model_config
 from bench.train import make_optimizer
 
 sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))  # as in test_mamba.py
@@ -36,12 +36,12 @@ def compose_with(*overrides):
 
 
 def native(arch: str) -> Recipe:
-    return Recipe(name="native", **OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml").native))
+    return Recipe(name="native", **arch_config(arch)["native"])
 
 
 def tiny(arch: str, recipe: Recipe, d=32, L=2, **opts) -> ModelConfig:
     """A small model of `arch` with the options of conf/arch/<arch>.yaml, on PyTorch backends."""
-    o = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml"), resolve=True)
+    o = arch_config(arch)
     for key in ("name", "native", "layer_multiplier"):
         o.pop(key, None)
     o.update(backend="torch", attn_backend="sdpa")
@@ -245,7 +245,7 @@ def test_summary_records_the_recipe(tmp_path, monkeypatch):
 
     choice = "shared"
 
-    monkeypatch.setattr(bench.run, "sweep_point", lambda *a, **k: {})  # the prefill/decode timing: not needed here
+    monkeypatch.setattr(bench.run, "latency_probe", lambda *a, **k: {})  # the prefill/decode timing: not needed here
     cfg = compose_with("arch=mamba", f"recipe={choice}", "profile=smoke", "size=smoke-xs", "logger=none",
                        "ctx=64", "trainer.tokens=512", "trainer.batch_tokens=256", "task.eval_tokens=256",
                        "trainer.quiet=true", "trainer.compile=none", "trainer.thread_governor=false")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.sweep import UsageError, parse_ctx
+from bench.config import UsageError, parse_ctx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def test_smoke_sweep_end_to_end(tmp_path):
         # the smoke profile sizes by parameters; the Transformer is its own reference
         assert r["match"] == "params" and float(r["flops_vs_ref"]) == 1.0
         assert int(r["state_size"]) == 2 * int(r["layers"]) * 256 * int(r["d_model"])  # the KV cache
-        # the trained model's speed at the run's context (bench/throughput.py sweep_point)
+        # the trained model's speed at the run's context (bench/latency.py latency_probe)
         assert r["throughput_status"] == "ok" and float(r["prefill_tokens_per_s"]) > 0
         assert float(r["decode_tokens_per_s"]) > 0
         run_dir = Path(r["run_dir"])
@@ -175,7 +175,7 @@ def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
 def test_arch_all_and_table1():
     """`all`: the main architectures; `table1`: the paper's Table 1 ladder, rows 1-8 in order."""
     from architectures.ttt import TABLE1
-    from bench.sweep import parse_archs
+    from bench.config import parse_archs
 
     assert parse_archs("table1") == [name for _, _, name in TABLE1]
     main = parse_archs("all")
@@ -184,7 +184,7 @@ def test_arch_all_and_table1():
 
 
 def test_ctx_lists_and_the_task_budgets_default_contexts():
-    from bench.sweep import default_ctxs, parse_ctxs
+    from bench.config import default_ctxs, parse_ctxs
 
     assert parse_ctxs("64,128") == [64, 128] and parse_ctxs("2k") == [2048] and parse_ctxs("64,64") == [64]
     with pytest.raises(UsageError):

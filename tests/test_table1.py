@@ -16,6 +16,7 @@ from architectures.backends import BackendUnavailable
 from architectures.ttt import TABLE1
 from architectures.ttt.layer import TTTLayer, resolve_ttt_backend
 from bench import published
+from bench.config import arch_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 F64 = torch.float64
@@ -23,7 +24,7 @@ V = 61
 
 
 def arch_options(arch: str, **overrides) -> dict:
-    o = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / f"{arch}.yaml"), resolve=True)
+    o = arch_config(arch)
     for key in ("name", "native", "layer_multiplier"):
         o.pop(key, None)
     return {**o, **overrides}

@@ -7,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bench.sweep import default_ladder
+from bench.config import default_ladder
 from tasks import build_task
 from tasks.cache import cached, config_hash
 
@@ -115,7 +115,7 @@ def test_mqar_zoology_composes_for_every_profile_and_grid_point(profile):
     every architecture, no FFN, the head tied, one attention head with learned positions (the Transformer only),
     vocab 8192; the budget N x epochs sequences at the grid's batch, the dev split for early stopping."""
     from bench.run import model_config
-    from bench.sweep import default_ctxs
+    from bench.config import default_ctxs
 
     spec = OmegaConf.load(CONF / "budget" / f"mqar_zoology_{profile}.yaml")
     ctxs = default_ctxs("mqar_zoology", profile)

@@ -38,11 +38,12 @@ def test_budget_tokens_caps_the_tokens_by_the_compute_budget():
 def test_cpu_ladder_compute_budget_binds_only_at_long_context(size):
     """The CPU sizes keep their token budgets at 2k (cpu-xs up to 8k) and train on compute / reference FLOPs
     per token beyond, the same tokens for every architecture and match rule (the reference sets them)."""
-    from bench.sizes import sized_from_conf
+    from bench.config import compose, model_config
 
     def tokens(arch, ctx, match):
-        sized, size_cfg = sized_from_conf(arch, size, ctx, 257, match)
-        return budget_tokens(int(size_cfg.tokens), float(size_cfg.compute), sized.reference.train_flops)
+        cfg = compose([f"arch={arch}", f"size={size}", f"ctx={ctx}", f"match={match}"])  # as a run composes it
+        sized = model_config(cfg, 257)
+        return budget_tokens(int(cfg.trainer.tokens), float(cfg.trainer.compute), sized.reference.train_flops)
 
     short = 8192 if size == "cpu-xs" else 2048
     assert tokens("transformer", short, "flops")[1] == "tokens"

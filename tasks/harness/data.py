@@ -8,6 +8,7 @@ conf/data/shakespeare.yaml (never seen in training) or from tasks/longqa/generat
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -114,10 +115,11 @@ def jsonl_path(name: str, **params) -> Path:
     root = (root.parent if root is not None else Path.home() / ".cache" / "ttt-bench") / "harness"
     path = root / f"{name}-{config_hash({'name': name, 'version': VERSION, **params})}.jsonl"
     if not path.exists():
-        from bench.results import atomic_write_text
-
         rows = BUILDERS[name](**params)
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")  # renamed into place: readers see the whole file or none
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, path)
     return path
 
 

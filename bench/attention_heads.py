@@ -13,7 +13,7 @@ token was k. Per layer and head this reports, over MQAR examples at the run's ct
                    width-k short conv sees both its key and that key's value: the value and the k - 2
                    positions after it. With the conv one head suffices: it can read the answer there.
 
-    python -m tasks.longqa.heads RESULTS/runs/<sweep>/<run> [--examples 32]
+    python -m bench.attention_heads RESULTS/runs/<sweep>/<run> [--examples 32]
 
 Transformer runs only (the other architectures have no attention maps to read).
 """
@@ -91,7 +91,7 @@ def head_report(maps: list[torch.Tensor], examples: list[gen.Example], conv_widt
 def main(argv: list[str] | None = None) -> None:
     from omegaconf import OmegaConf
 
-    from bench.run import model_config
+    from bench.config import model_config
     from bench.train import CHECKPOINT
     from tasks import build_task
     from tasks.longqa import to_tensors

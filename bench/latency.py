@@ -1,0 +1,133 @@
+"""Prefill and decode latency of a model: the probe every training run ends with, and what `make
+throughput` (bench/throughput.py) times at each context.
+
+  prefill   one forward over a prompt of T tokens that fills the decode cache
+  decode    single-token steps after that prompt, through each architecture's cache (KV cache, TTT
+            state, conv + SSM state)
+Timing: bench/timing.py (warm-up until two calls agree, median of repeats, spread). Peak memory: CUDA
+max_memory_allocated during the block; CPU the peak growth of the process's resident memory, sampled
+every 2 ms, after freed heap pages are handed back to the OS (glibc malloc_trim).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from bench.timing import MAX_WARMUP_CALLS, measure
+from bench.train import autocast_for
+
+DECODE_STEPS = 48  # timed single-token steps after each prompt: three TTT mini-batches (median)
+DECODE_ROOM = 2 * DECODE_STEPS + MAX_WARMUP_CALLS + 2  # cache slots after the prompt: warm-up, steps, a re-measure
+
+
+def _release_free_memory() -> None:
+    """glibc's malloc_trim: hand freed heap pages back to the OS, so that the next point's resident
+    memory grows from what is live (elsewhere: a no-op, and the CPU figure is a lower bound)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA allocator peak, or sampled process RSS growth on CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            _release_free_memory()
+            self.proc = psutil.Process()
+            self.base = self.proc.memory_info().rss
+            self.top, self.running = self.base, True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.top = max(self.top, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(0, self.top - self.base)
+        return False
+
+
+def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, quick: bool = False):
+    """Timed prefill of T tokens (after warm-up calls), then timed decode steps from its cache.
+    quick: one untimed warm-up call each (the probe `make sweep` runs). Returns (prefill timing,
+    peak memory, decode timing, graph note)."""
+    warm = 1 if quick else MAX_WARMUP_CALLS
+    idx = torch.randint(0, vocab, (B, T), device=device)
+    extra = DECODE_ROOM
+
+    last = {}
+
+    def prefill():
+        last["state"] = model.new_state(B, T + extra)
+        model(idx, last["state"])
+
+    with torch.no_grad(), autocast_for(device, "auto")[0]():
+        with PeakMemory(device) as mem:
+            pre = measure(prefill, device, max_warmup_calls=warm)
+        state = last["state"]  # the cache the last timed prefill filled
+        step_in = torch.randint(0, vocab, (B, 1), device=device)
+        step = lambda: model(step_in, state)
+        graph_note = ""
+        if graphs and device.type == "cuda":
+            step, graph_note = _graphed(step)
+        dec = measure(step, device, repeats=DECODE_STEPS, max_warmup_calls=warm)  # warm-up: the first tokens
+    return pre, mem.peak, dec, graph_note
+
+
+def _graphed(step):
+    """Replay the decode step as a CUDA graph (its tensors update in place); say why not if capture fails."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        return g.replay, "cuda_graph"
+    except Exception as e:  # eager then, and the row says why
+        return step, f"eager (capture failed: {type(e).__name__})"
+
+
+def latency_probe(model, ctx: int, device, vocab: int) -> dict:
+    """What every training run (bench/run.py) adds to its summary: prefill and decode speed of the trained
+    model at the run's context, batch 1 (never fails the run: a failure is recorded)."""
+    model = getattr(model, "lm", model)  # a classifier's language model carries the decode cache
+    if getattr(model, "pos_embed", None) is not None:
+        return {"throughput_status": "skipped: learned positions end at ctx, no room to decode past it"}
+    was_training = model.training
+    model.eval()
+    try:
+        pre, _, dec, _ = prefill_and_decode(model, 1, ctx, device, vocab, graphs=False, quick=True)
+        return {"prefill_tokens_per_s": ctx / pre.median, "prefill_time_per_token_s": pre.median / ctx,
+                "decode_tokens_per_s": 1 / dec.median, "decode_time_per_token_s": dec.median,
+                "throughput_status": "ok"}
+    except Exception as e:
+        return {"throughput_status": f"failed: {type(e).__name__}: {e}"[:300]}
+    finally:
+        model.train(was_training)
