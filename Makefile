@@ -125,7 +125,7 @@ gpu-wheels: ## fetch what the GPU machine lacks (hydra, omegaconf, fla, ...) as 
 	python3 -m pip wheel -q --no-deps -w gpu/wheels antlr4-python3-runtime==4.9.3
 
 throughput-gpu: $(STAMP) ## the GPU throughput run: 1.3B shapes, batch 16 prefill/decode, 2k..32k (one GPU, < 8 min)
-	$(PY) -m bench.throughput --arch all --ctx 32k --size 1.3b --batch 16 --train-batch 1 --max-seconds 10 \
+	$(PY) -m bench.throughput --arch all --ctx 32k --size 1.3b --profile paper --batch 16 --train-batch 1 --max-seconds 10 \
 	  --results "$(RESULTS)" $(ARGS)
 
 plots: $(STAMP) ## redraw RESULTS/summary.csv and RESULTS/plots from the runs there

@@ -41,8 +41,8 @@ class Counts:
     embedding_params: int
     non_embedding_params: int
     fwd_terms: dict[str, float]
-    # terms FlopCounterMode does not see on the PyTorch path (elementwise scans, shifted-add convs);
-    # every other term is a matrix product or an F.conv1d it counts
+    # terms FlopCounterMode does not see on the PyTorch path (elementwise scans, layers.CausalConv's
+    # shifted multiply-adds); every other term is a matrix product it counts
     unseen: frozenset[str] = frozenset()
     state_numbers: int = 0  # numbers kept per sequence to decode after T tokens (KV cache, TTT W/b, SSM state)
     attention: str | None = None  # the name of the causal-halved attention term, if any
@@ -62,7 +62,7 @@ class Counts:
 
     @property
     def seen_fwd_flops(self) -> float:
-        """The part a FLOP counter sees: the matrix products (and F.conv1d convs)."""
+        """The part a FLOP counter sees: the matrix products."""
         return float(sum(v for k, v in self.fwd_terms.items() if k not in self.unseen))
 
     def row(self) -> dict:

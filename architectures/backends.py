@@ -1,13 +1,43 @@
-"""What every architecture's backend choice shares: the error for a backend that was asked for and
-cannot run here.
+"""The one backend contract every architecture follows.
 
-Each architecture resolves its own choice (attention: `resolve_attention_backend` in transformer.py;
-Mamba: `resolve_backend` in mamba/layers.py; TTT: `resolve_ttt_backend` in ttt/layer.py): `auto` takes
-the fastest that is present, a named backend that cannot run raises BackendUnavailable, never falls
-back, and the model's `backends()` says what ran (recorded in every run's summary).
+An architecture names its backends, fastest first, each with a check that says why it cannot run here
+(None when it can); the last is plain PyTorch, which always runs. `resolve` then applies one rule for all
+of them (attention: `attn_backend` in transformer.py; Mamba and Mamba-2: `backend` in mamba/layers.py;
+TTT: `backend` in ttt/layer.py):
+  auto     the first backend that runs here (and that auto may pick: `prefer`)
+  a name   that backend, or BackendUnavailable with the reason: never a silent fall-back
+  other    ValueError naming the choices
+The model's `backends()` says what ran; every run's summary records it.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 
 class BackendUnavailable(RuntimeError):
     """A backend was asked for by name and cannot run on this machine or these inputs."""
+
+
+Check = Callable[[], "str | None"]  # None: runs here; else why not, as "needs ..."
+
+
+def resolve(option: str, requested: str, checks: dict[str, Check],
+            prefer: Callable[[str], bool] = lambda name: True) -> str:
+    """The backend to run for `option=requested`. checks: every backend by name, fastest first, with its
+    check. prefer(name) False: auto never picks it (it runs only when asked for, e.g. Triton's CPU
+    interpreter)."""
+    choices = ("auto", *checks)
+    if requested not in choices:
+        raise ValueError(f"{option} must be one of {choices}, got {requested!r}")
+    if requested == "auto":
+        return next(name for name, why in checks.items() if prefer(name) and why() is None)
+    why = checks[requested]()
+    if why is not None:
+        others = ", ".join(f"{option}={c}" for c in choices if c != requested)
+        raise BackendUnavailable(f"{option}={requested} {why}; use {others}")
+    return requested
+
+
+def runs() -> None:
+    """The check of a backend that always runs (plain PyTorch)."""
+    return None

@@ -39,6 +39,19 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
+    def opt(self, key: str) -> Any:
+        """An architecture option: `options[key]` when given (and not None), else the architecture's default
+        (its ArchSpec's `options`, architectures/registry.py: the one place defaults are written)."""
+        value = self.options.get(key)
+        if value is not None:
+            return value
+        from architectures.registry import get  # registry imports this module
+
+        defaults = get(self.arch).options
+        if key not in defaults:
+            raise KeyError(f"architecture {self.arch!r} has no option {key!r}")
+        return defaults[key]
+
     @property
     def norm_eps(self) -> float:
         return self.recipe.norm_eps

@@ -46,9 +46,8 @@ NORMALIZER_EPS = 1e-6  # Katharopoulos et al.'s code (fast_transformers, LinearA
 
 
 def linear_attention_options(cfg: ModelConfig) -> tuple[str, bool, int]:
-    """(feature_map, normalizer, chunk_size) from cfg.options, validated."""
-    o = cfg.options
-    fmap, norm, chunk = str(o.get("feature_map", "elu1")), bool(o.get("normalizer", True)), int(o.get("chunk_size", 64))
+    """(feature_map, normalizer, chunk_size) from the config's options, validated."""
+    fmap, norm, chunk = str(cfg.opt("feature_map")), bool(cfg.opt("normalizer")), int(cfg.opt("chunk_size"))
     if fmap not in FEATURE_MAPS or chunk <= 0:
         raise ValueError(f"linear attention: feature_map in {FEATURE_MAPS}, chunk_size > 0; got {fmap!r}, {chunk}")
     return fmap, norm, chunk
@@ -90,7 +89,7 @@ class LinearAttention(nn.Module):
         d = cfg.d_model
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.feature_map, self.normalizer, self.chunk = linear_attention_options(cfg)
-        self.rope_theta = float(cfg.options.get("rope_theta", 1e4))
+        self.rope_theta = float(cfg.opt("rope_theta"))
         self.wq = nn.Linear(d, d, bias=False)
         self.wk = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
@@ -176,10 +175,14 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
     )
 
 
-for _name, _desc in [
+for _name, _desc, _fmap, _norm in [
     ("table1_1_linear_attention", "Table 1 row 1: linear attention (Katharopoulos et al.: elu+1 feature map, "
-                                  "normalizer), Transformer backbone"),
+                                  "normalizer), Transformer backbone", "elu1", True),
     ("table1_2_linear_attention_improved", "Table 1 row 2: linear attention without normalizer or feature map, "
-                                           "Transformer backbone (= row 3 by Theorem 1)"),
+                                           "Transformer backbone (= row 3 by Theorem 1)", "identity", False),
 ]:
-    register(ArchSpec(name=_name, description=_desc, build_block=LinearAttentionBlock, count=count))
+    register(ArchSpec(name=_name, description=_desc, build_block=LinearAttentionBlock, count=count,
+                      options={"feature_map": _fmap,  # elu1 (elu + 1 on q and k, after RoPE) | identity
+                               "normalizer": _norm,   # divide by sum_s q_t . k_s
+                               "chunk_size": 64,      # C of the chunked form; the result does not depend on it
+                               "rope_theta": 1e4}))

@@ -1,14 +1,23 @@
 """Maps `arch=` names to builders. A new architecture is a module that calls `register` plus a
-file in conf/arch/; nothing else changes."""
+file in conf/arch/; nothing else changes.
+
+An ArchSpec owns its architecture: the blocks it builds, its counts, every option its code reads with the
+option's default (conf/arch/<name>.yaml overrides them; ModelConfig.opt reads them), and how its width
+scales when sizes are FLOP-matched (architectures/sizing.py). `ModelConfig(arch="transformer_conv")` is a
+Transformer with its short conv whether or not the YAML was read.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
 from architectures.accounting import Counts
 from architectures.config import ModelConfig
+
+SHELL_OPTIONS = frozenset({"positions"})  # read by the shell for any architecture (ModelConfig.learned_positions)
+WIDTH_RULES = ("heads_ffn", "mamba", "mamba2")  # architectures/sizing.py: how match=flops widens a model
 
 
 class UnknownArchitecture(ValueError):
@@ -23,6 +32,22 @@ class ArchSpec:
     build_block: Callable[[ModelConfig, int], nn.Module]
     # (config, context T) -> parameters, FLOPs per token by term, decode-state size (accounting.py)
     count: Callable[[ModelConfig, int], Counts]
+    # every option the architecture's code reads, at its default (None: computed, see the module)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    # heads_ffn: heads x head dim plus an FFN (Transformer, TTT, linear attention); mamba: any width;
+    # mamba2: whole SSM heads (sizing.py)
+    width_rule: str = "heads_ffn"
+
+    def __post_init__(self):
+        if self.width_rule not in WIDTH_RULES:
+            raise ValueError(f"{self.name}: width_rule must be one of {WIDTH_RULES}, got {self.width_rule!r}")
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Every given option is one this architecture reads (a misspelt one is an error, not ignored)."""
+        unknown = sorted(set(options) - set(self.options) - SHELL_OPTIONS)
+        if unknown:
+            raise ValueError(f"architecture {self.name!r} has no option(s) {', '.join(unknown)}; it takes "
+                             f"{', '.join(sorted(set(self.options) | SHELL_OPTIONS))}")
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -49,4 +74,6 @@ def get(name: str) -> ArchSpec:
 def build_model(cfg: ModelConfig):
     from architectures.shell import LanguageModel
 
-    return LanguageModel(cfg, get(cfg.arch).build_block)
+    spec = get(cfg.arch)
+    spec.check_options(cfg.options)
+    return LanguageModel(cfg, spec.build_block)

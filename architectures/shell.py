@@ -14,12 +14,19 @@ Block interface (what an architecture provides through the registry):
         def backends(self) -> dict[str, str]
             # which implementation ran, e.g. {"attention": "sdpa"}; recorded in run summaries.
 
+Optional hooks, on any module of a model (the trainer looks for them by these protocols, below):
+
+    CompilesHotPath.compile_hot_path()              trainer.compile=hot_path: compile the module's own
+                                                    hot path (TTT's per-mini-batch step, Mamba's scan bodies)
+    FollowsTrainProgress.set_train_progress(step, warmup_steps)   called before every optimizer step
+                                                    (TTT-MLP's inner base-lr warmup)
+
 The shell knows nothing about attention or recurrences, so TTT and Mamba plug in unchanged, and
 `SequenceClassifier` puts a classification head on any of them.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -29,6 +36,16 @@ from torch.utils.checkpoint import checkpoint
 from architectures import recipe
 from architectures.config import ModelConfig
 from architectures.layers import RMSNorm
+
+
+@runtime_checkable
+class CompilesHotPath(Protocol):
+    def compile_hot_path(self) -> None: ...
+
+
+@runtime_checkable
+class FollowsTrainProgress(Protocol):
+    def set_train_progress(self, step: int, warmup_steps: int) -> None: ...
 
 
 class DecodeState:

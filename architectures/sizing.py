@@ -77,8 +77,20 @@ class Sized:
             from architectures.mamba.layers import head_dim_for, mamba2_inner_width
 
             D = mamba2_inner_width(self.cfg)
-            return D // head_dim_for(D, int(self.cfg.options.get("headdim", 64)))
+            return D // head_dim_for(D, int(self.cfg.opt("headdim")))
         return self.cfg.n_heads
+
+    @property
+    def d_inner(self) -> int | None:
+        """The Mamba / Mamba-2 mixer's inner width D; None for the others."""
+        family = _family(self.cfg.arch)
+        if family == "heads_ffn":
+            return None
+        if family == "mamba2":
+            from architectures.mamba.layers import mamba2_inner_width
+
+            return mamba2_inner_width(self.cfg)
+        return int(self.cfg.opt("expand")) * self.cfg.d_model
 
     def row(self) -> dict:
         """The resolved dimensions and counts, as written to summaries and sizes.csv."""
@@ -86,16 +98,16 @@ class Sized:
         return {"arch": c.arch, "match": self.match, "vocab": c.vocab_size, "layers": c.n_layers,
                 "d_model": c.d_model, "heads": self.heads,
                 "ffn_dim": c.ffn_dim if _family(c.arch) == "heads_ffn" and c.ffn else None,
-                "d_inner": c.options.get("d_inner") or (int(c.options.get("expand", 2)) * c.d_model
-                                                        if _family(c.arch) != "heads_ffn" else None),
+                "d_inner": self.d_inner,
                 **self.counts.row(),
                 "ref_train_flops_per_token": self.reference.train_flops, "flops_vs_ref": self.flops_ratio,
                 "params_vs_ref": self.counts.params / self.reference.params}
 
 
 def _family(arch: str) -> str:
-    """How an architecture's width scales: heads x head dim plus an FFN, or a Mamba mixer."""
-    return {"mamba": "mamba", "mamba2": "mamba2"}.get(arch, "heads_ffn")
+    """How an architecture's width scales (its ArchSpec's width_rule): heads x head dim plus an FFN, or a
+    Mamba / Mamba-2 mixer."""
+    return get(arch).width_rule
 
 
 def reference_config(size: SizeSpec, ctx: int, vocab: int, tie_embeddings: bool = True,
@@ -116,6 +128,7 @@ def size_model(arch: str, options: dict, size: SizeSpec, ctx: int, vocab: int, m
     options = dict(options)
     options.pop("native", None)  # the arch's native training recipe (conf/recipe/native.yaml reads it), not an option
     n_layers = size.n_layers * int(options.pop("layer_multiplier", 1) or 1)
+    spec.check_options(options)
     ref_cfg = reference_config(size, ctx, vocab, tie_embeddings, ffn)
     reference = get(REFERENCE_ARCH).count(ref_cfg, ctx)
     same = replace(ref_cfg, arch=arch, n_layers=n_layers, options=options, recipe=recipe or Recipe())
@@ -180,8 +193,8 @@ def _mamba2_candidates(same: ModelConfig, size: SizeSpec, target: float, ctx: in
     from architectures.mamba.layers import head_dim_for
 
     count = get(same.arch).count
-    expand = int(same.options.get("expand", 2))
-    P = head_dim_for(expand * size.d_model, int(same.options.get("headdim", 64)))
+    expand = int(same.opt("expand"))
+    P = head_dim_for(expand * size.d_model, int(same.opt("headdim")))
     out = []
     for D in range(P, 16 * expand * size.d_model + 1, P):
         at = lambda d: count(replace(same, d_model=d, n_heads=1, options={**same.options, "d_inner": D}), ctx).train_flops

@@ -24,12 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.accounting import Counts, embedding_params
-from architectures.backends import BackendUnavailable
+from architectures.backends import BackendUnavailable, resolve, runs
 from architectures.config import ModelConfig
 from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles
 from architectures.registry import ArchSpec, register
-
-ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa")
 
 
 def _flash_attn_func():
@@ -41,14 +39,13 @@ def _flash_attn_func():
 
 
 def resolve_attention_backend(requested: str) -> str:
-    if requested not in ATTENTION_BACKENDS:
-        raise ValueError(f"attn_backend must be one of {ATTENTION_BACKENDS}, got {requested!r}")
-    flash_ok = torch.cuda.is_available() and _flash_attn_func() is not None
-    if requested == "flash_attn" and not flash_ok:
-        raise BackendUnavailable("attn_backend=flash_attn needs CUDA and an importable flash-attn; use sdpa or auto")
-    if requested == "auto":
-        return "flash_attn" if flash_ok else "sdpa"
-    return requested
+    """attn_backend: flash_attn where CUDA and flash-attn are present, else PyTorch's SDPA (architectures/backends.py)."""
+    def flash_attn() -> str | None:
+        if torch.cuda.is_available() and _flash_attn_func() is not None:
+            return None
+        return "needs CUDA and an importable flash-attn"
+
+    return resolve("attn_backend", requested, {"flash_attn": flash_attn, "sdpa": runs})
 
 
 class KVCache:
@@ -77,7 +74,7 @@ POSITIONS = ("rope", "learned", "none")
 
 def positions(cfg: ModelConfig) -> str:
     """options.positions: rope | learned | none (module docstring)."""
-    p = str(cfg.options.get("positions", "rope"))
+    p = str(cfg.opt("positions"))
     if p not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {p!r}")
     return p
@@ -89,8 +86,8 @@ class Attention(nn.Module):
         d = cfg.d_model
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.rope = positions(cfg) == "rope"
-        self.rope_theta = float(cfg.options.get("rope_theta", 1e4))
-        self.backend = resolve_attention_backend(cfg.options.get("attn_backend", "auto"))
+        self.rope_theta = float(cfg.opt("rope_theta"))
+        self.backend = resolve_attention_backend(str(cfg.opt("attn_backend")))
         self.wq = nn.Linear(d, d, bias=False)
         self.wk = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
@@ -135,7 +132,7 @@ class Attention(nn.Module):
 
 def short_conv_width(cfg: ModelConfig) -> int:
     """k of the conv before attention, 0 for none (options.short_conv; conf/arch/transformer_conv.yaml: 4)."""
-    k = int(cfg.options.get("short_conv", 0))
+    k = int(cfg.opt("short_conv"))
     if k < 0 or k == 1:
         raise ValueError(f"short_conv must be 0 (none) or a conv width >= 2, got {k}")
     return k
@@ -198,18 +195,27 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
         fwd_terms=terms,
         state_numbers=2 * L * ctx * d + (L * (k - 1) * d if k else 0),
         attention="attention",
+        unseen=frozenset({"convs"}),  # layers.CausalConv: shifted multiply-adds, elementwise
     )
 
 
+OPTIONS = {
+    "attn_backend": "auto",  # auto | flash_attn | sdpa (resolve_attention_backend)
+    "rope_theta": 1e4,
+    "positions": "rope",     # rope | learned | none (module docstring)
+    "short_conv": 0,         # k of a causal conv before attention (0: none)
+}
 register(ArchSpec(
     name="transformer",
     description="Transformer++ (Llama-style): RoPE attention + SwiGLU, pre-norm RMSNorm",
     build_block=TransformerBlock,
     count=count,
+    options=OPTIONS,
 ))
 register(ArchSpec(
     name="transformer_conv",
     description="Transformer++ with a short causal conv (width 4) feeding attention, as Zoology's attention",
     build_block=TransformerBlock,
     count=count,
+    options={**OPTIONS, "short_conv": 4},
 ))

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench.config import model_config
     from bench.train import CHECKPOINT
     from tasks import build_task
-    from tasks.longqa import to_tensors
+    from tasks.longqa.task import to_tensors
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a transformer run of TASK=mqar (with checkpoint.pt)")

@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench import published  # noqa: E402
-from bench.report import save_figure  # noqa: E402
+from bench.report import log_axis, save_figure  # noqa: E402
 from bench.results import REPO_ROOT, atomic_write_text, read_summaries  # noqa: E402
 
 SCALING_ARCHS = ("transformer", "mamba", "ttt_linear", "ttt_mlp", "ttt_linear_base", "ttt_mlp_base")  # the paper's six
@@ -323,7 +323,7 @@ def plot_scaling(scaling: pd.DataFrame) -> plt.Figure:
 
 def _axes(ax, title: str, xlabel: str, ylabel: str, xbase: int = 10) -> None:
     """Log x axis, title, axis labels with units, grid, legend."""
-    ax.set_xscale("log", base=xbase)
+    log_axis(ax, "x", xbase)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -42,7 +42,7 @@ COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "recipe", "lr", "para
            "device_name", "threads", "threads_min", "cpu_busy_others_max", "precision", "layers", "d_model", "heads",
            "ffn_dim", "d_inner", "vocab", "profile", "status", "error", "sweep", "run", "git_commit", "run_dir"]
 KEY = ["arch", "size", "ctx", "task", "data", "match", "recipe"]
-FLOPS_NOTE = "training FLOPs (architectures/accounting.py: 3 x forward, attention causal-halved)"
+FLOPS_NOTE = "training FLOPs\n(architectures/accounting.py: 3 x forward, attention causal-halved)"
 
 
 def _with_defaults(df: pd.DataFrame) -> pd.DataFrame:
@@ -120,13 +120,13 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
             for _, r in g.iterrows():
                 ax.annotate(r["size"], (r["train_flops"], r["val_loss"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
-        ax.set_xscale("log")
+        log_axis(ax)
         ax.set_xlabel(FLOPS_NOTE)
         ax.set_ylabel("validation loss (nats / token)")
         rules = "/".join(sorted(sub["match"].unique()))
-        ax.set_title(f"Loss vs training compute, context {ctx:,} tokens (sizes matched by {rules})")
+        ax.set_title(f"Loss vs training compute, context {ctx:,} tokens\n(sizes matched by {rules})", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(title="architecture")
+        ax.legend(title="architecture", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -242,7 +242,7 @@ def plot_classification(df: pd.DataFrame, plots: Path) -> None:
             ax.plot(g["params"], g["val_acc"], marker="o", label=f"{arch} [{g.iloc[0]['backend']}]")
         if "val_majority_acc" in sub:
             ax.axhline(sub["val_majority_acc"].max(), color="grey", linestyle="--", label="majority class")
-        ax.set_xscale("log")
+        log_axis(ax)
         ax.set_xlabel("parameters")
         ax.set_ylabel("validation accuracy")
         ax.set_title(f"{sub['data'].iloc[0]} classification, context {ctx:,} tokens")
@@ -314,10 +314,27 @@ def write_recall_table(best: pd.DataFrame, path: Path) -> None:
 
 
 def save_figure(fig, path: Path) -> None:
-    """PNG written whole (a kill mid-write leaves the previous plot)."""
+    """PNG written whole (a kill mid-write leaves the previous plot); the canvas grows to hold every title,
+    label and legend, so no text runs past the figure's edge."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", pad_inches=0.1)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def log_axis(ax, axis: str = "x", base: int = 10) -> None:
+    """A log axis (call it after plotting) whose tick labels never pile up: over less than one factor of
+    `base` matplotlib falls back to linear ticks labelled in long scientific notation (1.2 x 10^13,
+    1.4 x 10^13, ... on top of each other); there three log-spaced ticks with short labels (1.2e13) instead."""
+    import numpy as np
+    from matplotlib.ticker import NullFormatter
+
+    getattr(ax, f"set_{axis}scale")("log", base=base)
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    if lo > 0 and hi / lo < base:
+        ticks = [float(f"{t:.2g}") for t in np.geomspace(lo, hi, 5)[1:-1]]
+        target = ax.xaxis if axis == "x" else ax.yaxis
+        target.set_ticks(ticks, [f"{t:.2g}".replace("e+", "e") for t in ticks])
+        target.set_minor_formatter(NullFormatter())
 
 
 def report(results: str | Path) -> pd.DataFrame:
@@ -368,7 +385,7 @@ def plot_metric_vs_lr(df: pd.DataFrame, path: Path) -> None:
             line, = ax.plot(g["lr"], g[shown], marker="o", label=f"{arch} {size} ctx={ctx}")
             best = g.sort_values(col, ascending=not higher).iloc[0]
             ax.plot([best["lr"]], [best[shown]], "o", markersize=12, markerfacecolor="none", color=line.get_color())
-        ax.set_xscale("log")
+        log_axis(ax)
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("validation bits per byte" if shown == "val_bpb" else "validation accuracy")
         ax.set_title(f"{task}: metric vs learning rate (ringed: best)", fontsize=10)

@@ -243,7 +243,7 @@ def plot_latency(df: pd.DataFrame, mode: str, path: Path) -> None:
     if not sub.empty:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.1)  # no text past the edge
     plt.close(fig)
 
 

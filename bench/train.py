@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from architectures.recipe import param_groups
+from architectures.shell import CompilesHotPath, FollowsTrainProgress
 from bench import distributed
 from bench.faults import crash_point
 from bench.results import append_jsonl, atomic_write_bytes, atomic_write_text
@@ -132,7 +133,7 @@ def compile_for_training(model, mode: str):
         return torch.compile(model)
     if mode == "hot_path":
         for m in model.modules():
-            if hasattr(m, "compile_hot_path"):
+            if isinstance(m, CompilesHotPath):
                 m.compile_hot_path()
     return model
 
@@ -341,7 +342,7 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
     step_model = compile_for_training(wrapped, str(tcfg.compile))
     model.train()
     # modules that schedule something by training progress (TTT-MLP's inner base lr warmup)
-    scheduled = [m for m in model.modules() if hasattr(m, "set_train_progress")]
+    scheduled = [m for m in model.modules() if isinstance(m, FollowsTrainProgress)]
     warmup_steps = max(1, int(float(tcfg.warmup_frac) * plan.steps))
     t0 = time.perf_counter()
     tokens_since, t_since, t_ckpt = 0, t0, t0

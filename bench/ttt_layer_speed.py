@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     print(f"device: {device_name('cpu')}, {torch.get_num_threads()} threads; d={args.d}, {args.heads} heads, T={args.T}")
     print(f"{'layer':<11} {'scope':<6} {'B':>2} {'impl':<9} {'T':>5} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14}")
     for inner in args.inner.split(","):
-        cfg = ModelConfig("ttt", 257, args.d, 1, args.heads, 4 * args.d, args.T,
+        cfg = ModelConfig(f"ttt_{inner}", 257, args.d, 1, args.heads, 4 * args.d, args.T,
                           options={"inner": inner, "backbone": "mamba", "impl": "dual"})
         layer = TTTLayer(cfg)
         for scope in ("layer", "inner"):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from architectures import ModelConfig
 from bench.config import model_config
@@ -105,3 +105,18 @@ def test_arch_configs_that_build_on_a_base_write_only_their_differences():
     assert delta("table1_4_learnable_w0", "table1_5_ln_residual") == {"inner_ln", "inner_residual", "inner_bias"}
     assert delta("table1_5_ln_residual", "table1_6_mini_batch") == {"mini_batch"}
     assert delta("ttt_linear_base", "ttt_linear") == {"backbone"}
+
+
+def test_every_task_config_names_a_registered_runner():
+    """Tasks register like architectures (tasks/registry.py): each conf/task preset's runner exists, and an
+    unknown one fails with the list."""
+    import tasks
+
+    for path in sorted((CONF / "task").glob("*.yaml")):
+        raw = OmegaConf.load(path)
+        assert str(raw.get("runner", raw.name)) in tasks.names(), path.name
+    cfg = compose_with("task=lm")
+    with open_dict(cfg):
+        cfg.task.runner = "nope"
+    with pytest.raises(ValueError, match="unknown task runner 'nope'; available: classification, lm, longqa"):
+        tasks.build_task(cfg, 64)

@@ -15,7 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import architectures
 from architectures import ModelConfig, build_model
 from architectures.accounting import OpCounter, flop_counter
-from architectures.mamba.layers import CausalConv, head_dim_for, mamba2_inner_width
+from architectures.layers import CausalConv
+from architectures.mamba.layers import head_dim_for, mamba2_inner_width
 from architectures.mamba.scan import selective_state_step
 from architectures.sizing import FLOPS_TOLERANCE, SizeSpec, SizingError, reference_config, size_model
 from bench.config import arch_config
@@ -34,7 +35,8 @@ PAPER_SIZES = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9}
 
 def arch_options(arch: str, **overrides) -> dict:
     o = arch_config(arch)
-    o.pop("name"), o.pop("layer_multiplier", None)
+    for key in ("name", "native", "layer_multiplier"):  # not model options: the recipe's, sizing's
+        o.pop(key, None)
     if arch == "mamba2":
         o["chunk_size"] = 64  # several chunks at test lengths
     return {**o, **overrides}
@@ -147,7 +149,7 @@ def test_mamba2_inner_width_override_builds_whole_heads():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("d,L,H,T", SHAPES)
 def test_matmul_flops_match_flop_counter(arch, d, L, H, T):
-    """FlopCounterMode counts matrix products (and F.conv1d); the analytic terms it can see must agree.
+    """FlopCounterMode counts matrix products; the analytic terms it can see must agree.
     The math attention path computes all T x T scores: the analytic attention term is causal-halved,
     so the masked half, T(T-1)/2 of T^2, is added back before comparing."""
     cfg = config(arch, d, L, H, T)
@@ -218,6 +220,21 @@ def test_mamba_conv_counted_op_by_op(arch):
         conv(torch.randn(B, T, conv.weight.shape[0]))
     assert ops.flops() / (B * T) == counts.fwd_terms["conv"]
     assert "conv" in counts.unseen
+
+
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp", "transformer_conv"])
+def test_ttt_and_short_convs_counted_op_by_op(arch):
+    """TTT's pre-conv and Q/K convs (Mamba backbone) and transformer_conv's short conv are the same
+    CausalConv: elementwise, unseen by FlopCounterMode, counted op by op as the `convs` term."""
+    cfg = config(arch, d=64, L=1)
+    counts = architectures.get(arch).count(cfg, 128)
+    convs = [m for m in build_model(cfg).modules() if isinstance(m, CausalConv)]
+    assert convs and "convs" in counts.unseen
+    B, T = 2, 50
+    with OpCounter() as ops, torch.no_grad():
+        for conv in convs:
+            conv(torch.randn(B, T, conv.weight.shape[0]))
+    assert ops.flops() / (B * T) == counts.fwd_terms["convs"]
 
 
 # -- state -------------------------------------------------------------------------------------

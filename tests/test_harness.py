@@ -27,7 +27,7 @@ def tiny(arch: str):
     torch.manual_seed(0)
     options = {"attn_backend": "sdpa"} if arch == "transformer" else {}
     if arch.startswith("ttt"):
-        options = {"ttt_impl": "dual"}
+        options = {"impl": "dual"}  # was misspelt "ttt_impl" and silently ignored until options were checked
     model = build_model(ModelConfig(arch, 257, 32, 2, 2, 64, CTX, options=options)).eval()
     for p in model.parameters():  # trained-looking weights: sharper distributions than the init
         p.data.add_(0.05 * torch.randn_like(p))
@@ -151,6 +151,7 @@ def smoke_sweep(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow  # a smoke sweep, then make eval in a subprocess (~30 s); the bridge's math is tested above
 def test_make_eval_runs_the_local_tasks_offline(smoke_sweep):
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-m", "bench.harness", "--run", str(smoke_sweep / "runs"), "--limit", "4"],
@@ -172,6 +173,7 @@ def test_make_eval_runs_the_local_tasks_offline(smoke_sweep):
     assert "shakespeare_mc_acc" in (smoke_sweep / "eval.md").read_text()
 
 
+@pytest.mark.slow  # needs the smoke sweep above
 def test_make_eval_refuses_what_it_cannot_do(smoke_sweep, tmp_path, capsys):
     from bench.harness import main
 

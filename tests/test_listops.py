@@ -51,7 +51,7 @@ def test_bad_lengths():
 def test_an_unknown_source_fails_clearly():
     from omegaconf import OmegaConf
 
-    from tasks.classification import ClassificationTask
+    from tasks.classification.task import ClassificationTask
 
     with pytest.raises(ValueError, match="not available; available: listops, text_files, hf"):
         ClassificationTask(OmegaConf.create({"source": "imdb"}), None, 256)
@@ -60,7 +60,7 @@ def test_an_unknown_source_fails_clearly():
 def test_classification_batches_pad_after_the_expression():
     from omegaconf import OmegaConf
 
-    from tasks.classification import PAD, ClassificationTask
+    from tasks.classification.task import PAD, ClassificationTask
 
     cfg = OmegaConf.create({"source": "listops", "min_len_frac": 0.25, "max_depth": 10, "max_args": 10,
                             "pooling": "last"})
@@ -100,7 +100,7 @@ def test_text_files_source_reads_jsonl_and_csv(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from tasks.classification import PAD, ClassificationTask
+    from tasks.classification.task import PAD, ClassificationTask
 
     with open(tmp_path / "a.jsonl", "w") as f:
         for i in range(60):

@@ -75,7 +75,7 @@ def test_mqar_queries_refer_to_keys_present_with_their_values():
 def test_mqar_alphabet_and_training_pair_counts():
     from omegaconf import OmegaConf
 
-    from tasks.longqa import LongQATask
+    from tasks.longqa.task import LongQATask
 
     ex = mqar(256, 8, seed=5, n_symbols=16)
     keys, values = ex.ids[0:16:2], ex.ids[1:16:2]
@@ -101,7 +101,7 @@ def test_too_short_for_its_content_fails_clearly():
 
 
 def test_targets_are_the_answer_tokens_only():
-    from tasks.longqa import IGNORE, to_tensors
+    from tasks.longqa.task import IGNORE, to_tensors
 
     exs = [passkey(300, 0.5, 0), mqar(300, 8, 1)]
     x, y = to_tensors(exs)
@@ -115,7 +115,7 @@ def test_targets_are_the_answer_tokens_only():
 def test_a_subtask_that_does_not_fit_the_context_fails_clearly():
     from omegaconf import OmegaConf
 
-    from tasks.longqa import LongQATask
+    from tasks.longqa.task import LongQATask
 
     cfg = OmegaConf.create({"mixture": {"niah_multikey": 1.0}, "mqar_pairs": 8})
     with pytest.raises(ValueError, match="does not fit ctx=256"):
@@ -238,7 +238,7 @@ def test_mqar_zoology_queries_prefer_early_slots():
 def zoology_task(ctx=128, **kw):
     from omegaconf import OmegaConf
 
-    from tasks.longqa import LongQATask
+    from tasks.longqa.task import LongQATask
 
     base = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "task" / "mqar_zoology.yaml")
     base.pop("defaults")
@@ -248,7 +248,7 @@ def zoology_task(ctx=128, **kw):
 
 
 def test_mqar_zoology_task_grid_vocab_training_set_and_splits():
-    from tasks.longqa import IGNORE
+    from tasks.longqa.task import IGNORE
 
     task = zoology_task(128, train_examples=50, epochs=3, dev_examples=4, eval_examples=4)
     assert task.vocab_size == 8192 and task.mqar_pairs == 8 and task.mqar_train_pairs == [8]

@@ -169,7 +169,8 @@ def test_compiled_ssd_matches_eager():
 # -- the models -----------------------------------------------------------------------------------
 
 def test_causal_conv_is_a_depthwise_conv1d():
-    from architectures.mamba.layers import CausalConv
+    """layers.CausalConv, the one conv of every architecture (Mamba's, TTT's, transformer_conv's)."""
+    from architectures.layers import CausalConv
 
     conv = CausalConv(6, 4).double()
     x, state = torch.randn(2, 9, 6, dtype=F64), torch.randn(2, 3, 6, dtype=F64)

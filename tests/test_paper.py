@@ -151,3 +151,23 @@ def test_an_interrupted_sweep_of_make_paper_is_continued(tmp_path):
                          {"arch": "ttt_linear", "size": "smoke-xs", "ctx": 1024, "sweep": "0-elsewhere"}])
     missing = [("transformer", "smoke-s", 256), ("mamba", "smoke-xs", 256), ("mamba", "smoke-s", 256)]
     assert list(paper.resumable(missing, runs, unfinished)) == ["2-killed"]  # 5 would retrain a finished point
+
+
+def test_a_log_axis_under_a_decade_gets_a_few_short_labels():
+    """bench/report.py log_axis: matplotlib's fallback labels every linear tick of a short log axis in long
+    scientific notation, on top of each other (the 8k loss-vs-FLOPs panel); ours: three short labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.report import log_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([1.05e13, 2.6e13], [1, 2])
+    log_axis(ax)
+    fig.canvas.draw()
+    major = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+    plt.close(fig)
+    assert len(major) == 3 and all(len(label) <= 6 for label in major) and not minor, (major, minor)

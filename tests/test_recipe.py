@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from architectures import ModelConfig, build_model
+from architectures import get as get_arch
 from architectures import recipe as recipes
 from architectures.layers import CausalConv, RMSNorm
 from architectures.mamba.layers import GatedRMSNorm
@@ -44,7 +45,7 @@ def tiny(arch: str, recipe: Recipe, d=32, L=2, **opts) -> ModelConfig:
     o = arch_config(arch)
     for key in ("name", "native", "layer_multiplier"):
         o.pop(key, None)
-    o.update(backend="torch", attn_backend="sdpa")
+    o.update({k: v for k, v in {"backend": "torch", "attn_backend": "sdpa"}.items() if k in get_arch(arch).options})
     if arch == "mamba2":
         o.update(headdim=16, d_state=16)
     return ModelConfig(arch, 61, d, L, 2, 2 * d, 64, recipe=recipe, options={**o, **opts})

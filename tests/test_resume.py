@@ -64,6 +64,7 @@ def kill_and_rerun(results: Path, crash_at: str, args=SWEEP):
     return killed, again
 
 
+@pytest.mark.slow  # ~60 s of sweep subprocesses; with the five crash points below in `make test-slow`
 def test_killed_mid_training_the_same_command_finishes_with_identical_numbers(tmp_path, uninterrupted):
     killed, again = kill_and_rerun(tmp_path, "step:5")  # after step 5; the last checkpoint is step 4
     assert "continued sweep" in again.stdout

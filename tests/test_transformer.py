@@ -11,8 +11,6 @@ from architectures.transformer import resolve_attention_backend
 
 def tiny(arch="transformer", **opts):
     torch.manual_seed(0)
-    if arch == "transformer_conv":
-        opts = {"short_conv": 4, **opts}
     cfg = ModelConfig(arch, vocab_size=61, d_model=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64,
                       options={"attn_backend": "sdpa", **opts})
     return build_model(cfg).double().eval()
@@ -24,6 +22,26 @@ WITH_AND_WITHOUT_SHORT_CONV = pytest.mark.parametrize("arch", ["transformer", "t
 def test_registry_lists_names_for_unknown_arch():
     with pytest.raises(architectures.UnknownArchitecture, match="available: .*transformer"):
         architectures.get("nonexistent")
+
+
+def test_an_arch_name_alone_builds_that_architecture():
+    """ArchSpec owns its options' defaults (architectures/registry.py): the name is enough, without the YAML."""
+    def built(arch):
+        return build_model(ModelConfig(arch, vocab_size=61, d_model=32, n_layers=1, n_heads=4, ffn_dim=48))
+
+    assert built("transformer_conv").blocks[0].conv.width == 4 and built("transformer").blocks[0].conv is None
+    assert built("ttt_mlp").blocks[0].ttt.inner == "mlp" and built("ttt_linear").blocks[0].ttt.inner == "linear"
+    row3 = built("table1_3_ttt_equivalence").blocks[0].ttt
+    assert row3.backbone == "transformer" and not (row3.inner_ln or row3.learnable_w0 or row3.learnable_lr)
+
+
+def test_an_option_the_architecture_does_not_read_is_an_error():
+    cfg = ModelConfig("mamba", vocab_size=61, d_model=32, n_layers=1, n_heads=1, ffn_dim=48,
+                      options={"d_stat": 16})  # misspelt
+    with pytest.raises(ValueError, match="'mamba' has no option.*d_stat; it takes .*d_state"):
+        build_model(cfg)
+    with pytest.raises(KeyError, match="no option 'mini_batch'"):
+        cfg.opt("mini_batch")
 
 
 @WITH_AND_WITHOUT_SHORT_CONV

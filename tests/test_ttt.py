@@ -19,7 +19,7 @@ F64 = torch.float64
 def layer_cfg(inner="linear", backbone="mamba", d=32, heads=2, impl="dual", **kw):
     opts = {"inner": inner, "backbone": backbone, "mini_batch": 16, "base_lr": 1.0 if inner == "linear" else 0.1,
             "impl": impl, **kw}
-    return ModelConfig("ttt", 61, d, 1, heads, 2 * d, 256, options=opts)
+    return ModelConfig("ttt_linear", 61, d, 1, heads, 2 * d, 256, options=opts)  # inner, backbone: opts
 
 
 def perturbed_layer(cfg, seed=0):

@@ -186,7 +186,7 @@ def test_gelu_second_derivative():
 # -- the layer -----------------------------------------------------------------------------------
 
 def layer_cfg(backbone="mamba", backend="triton", inner="linear", d=64, heads=2):
-    return ModelConfig("ttt", 61, d, 1, heads, 2 * d, 256,
+    return ModelConfig("ttt_linear", 61, d, 1, heads, 2 * d, 256,  # inner, backbone: the options
                        options={"inner": inner, "backbone": backbone, "mini_batch": B_MB, "backend": backend,
                                 "base_lr": 1.0 if inner == "linear" else 0.1})
 

@@ -20,7 +20,7 @@ from architectures.registry import ArchSpec, register
 
 
 def _dt_rank(cfg: ModelConfig) -> int:
-    rank = cfg.options.get("dt_rank", "auto")
+    rank = cfg.opt("dt_rank")
     return math.ceil(cfg.d_model / 16) if rank in (None, "auto") else int(rank)
 
 
@@ -43,8 +43,8 @@ def mamba_count(cfg: ModelConfig, ctx: int) -> Counts:
     logits 2 d V (tied head). Independent of T. State per layer: the conv inputs (k - 1) D and the
     SSM state D N.
     """
-    o, d, L, V = cfg.options, cfg.d_model, cfg.n_layers, cfg.vocab_size
-    D, N, k = int(o.get("expand", 2)) * d, int(o.get("d_state", 16)), int(o.get("d_conv", 4))
+    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    D, N, k = int(cfg.opt("expand")) * d, int(cfg.opt("d_state")), int(cfg.opt("d_conv"))
     R = _dt_rank(cfg)
     layer_params = d + 2 * d * D + D * k + D + D * (R + 2 * N) + D * R + D + D * N + D + D * d
     return Counts(
@@ -77,11 +77,11 @@ def mamba2_count(cfg: ModelConfig, ctx: int) -> Counts:
     Its elementwise decays (segment sums, O(Q H) per token) are not counted. State per layer: conv
     inputs (k - 1)(D + 2 G N) and the SSM state D N (H x P x N).
     """
-    o, d, L, V = cfg.options, cfg.d_model, cfg.n_layers, cfg.vocab_size
+    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
     D = mamba2_inner_width(cfg)
-    N, k, G = int(o.get("d_state", 128)), int(o.get("d_conv", 4)), int(o.get("ngroups", 1))
-    H = D // head_dim_for(D, int(o.get("headdim", 64)))
-    Q = min(int(o.get("chunk_size", 256)), ctx)
+    N, k, G = int(cfg.opt("d_state")), int(cfg.opt("d_conv")), int(cfg.opt("ngroups"))
+    H = D // head_dim_for(D, int(cfg.opt("headdim")))
+    Q = min(int(cfg.opt("chunk_size")), ctx)
     padded = math.ceil(ctx / Q) * Q / ctx  # the last chunk is computed whole
     layer_params = d + d * (2 * D + 2 * G * N + H) + (D + 2 * G * N) * (k + 1) + 3 * H + D + D * d
     return Counts(
@@ -96,15 +96,24 @@ def mamba2_count(cfg: ModelConfig, ctx: int) -> Counts:
     )
 
 
+DT_INIT = {"dt_min": 1e-3, "dt_max": 0.1, "dt_init_floor": 1e-4}  # dt ~ exp(U(log dt_min, log dt_max)), floored
 register(ArchSpec(
     name="mamba",
     description="Mamba: selective SSM blocks (d_state 16, expand 2), layers doubled to match a Transformer",
     build_block=MambaBlock,
     count=mamba_count,
+    options={"d_state": 16, "expand": 2, "d_conv": 4, "dt_rank": "auto", **DT_INIT, "dt_scale": 1.0,
+             "chunk_size": 64,  # torch backend: positions per local scan (scan.py)
+             "backend": "auto"},  # auto | cuda (mamba-ssm's kernels) | torch (ours)
+    width_rule="mamba",
 ))
 register(ArchSpec(
     name="mamba2",
     description="Mamba-2: SSD blocks (heads of 64, d_state 128, gated RMSNorm), layers doubled",
     build_block=Mamba2Block,
     count=mamba2_count,
+    options={"d_state": 128, "expand": 2, "d_inner": None,  # None: expand x d_model (sizing may set whole heads)
+             "headdim": 64, "ngroups": 1, "d_conv": 4, "chunk_size": 256, **DT_INIT, "A_init_range": (1, 16),
+             "backend": "auto"},
+    width_rule="mamba2",
 ))

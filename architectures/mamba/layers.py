@@ -35,12 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.config import ModelConfig
-from architectures.layers import RMSNorm
+from architectures.layers import CausalConv, RMSNorm
 from architectures.mamba.scan import compiled_steps, selective_scan, selective_state_step
 from architectures.mamba.ssd import ssd_chunked, ssd_step
-from architectures.backends import BackendUnavailable
-
-BACKENDS = ("auto", "cuda", "torch")
+from architectures.backends import BackendUnavailable, resolve, runs
 
 
 # -- backends ---------------------------------------------------------------------------------
@@ -61,50 +59,18 @@ def cuda_kernels(kind: str):
 
 
 def resolve_backend(requested: str, kind: str) -> str:
-    if requested not in BACKENDS:
-        raise ValueError(f"{kind} backend must be one of {BACKENDS}, got {requested!r}")
-    if requested == "torch":
-        return "torch"
-    ok = torch.cuda.is_available() and cuda_kernels(kind) is not None
-    if requested == "cuda" and not ok:
-        raise BackendUnavailable(f"{kind} backend=cuda needs CUDA and mamba-ssm's compiled kernels "
-                                 "(selective_scan_cuda / Triton SSD, causal_conv1d); use backend=torch or auto")
-    return "cuda" if ok else "torch"
+    """backend: mamba-ssm's compiled kernels where CUDA and they are present, else our PyTorch scans
+    (architectures/backends.py)."""
+    def cuda() -> str | None:
+        if torch.cuda.is_available() and cuda_kernels(kind) is not None:
+            return None
+        return (f"needs CUDA and mamba-ssm's compiled kernels for {kind} (selective_scan_cuda / Triton SSD, "
+                "causal_conv1d)")
+
+    return resolve("backend", requested, {"cuda": cuda, "torch": runs})
 
 
 # -- pieces -----------------------------------------------------------------------------------
-
-class CausalConv(nn.Module):
-    """Depthwise causal convolution over time, width k, with bias (nn.Conv1d's default init).
-    Decode state: the last k - 1 inputs."""
-
-    def __init__(self, dim: int, width: int):
-        super().__init__()
-        self.width = width
-        bound = 1 / math.sqrt(width)
-        self.weight = nn.Parameter(torch.empty(dim, width).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
-
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, C), state (B, k-1, C) or None (zeros) -> y (B, T, C), new state (B, k-1, C).
-
-        y_t = bias + sum_j w[:, j] xp_{t+j}, xp = [state, x]: k shifted multiply-adds in the (B, T, C)
-        layout (on CPU several times faster than a grouped conv1d, whose backward and layout copies
-        dominate a Mamba layer)."""
-        B, T, C = x.shape
-        k = self.width
-        xp = F.pad(x, (0, 0, k - 1, 0)) if state is None else torch.cat([state.to(x.dtype), x], dim=1)
-        w = self.weight.to(x.dtype)  # (C, k)
-        y = torch.addcmul(self.bias.to(x.dtype), xp[:, k - 1:], w[:, k - 1])  # (B, T, C)
-        for j in range(k - 1):
-            y = torch.addcmul(y, xp[:, j:j + T], w[:, j])
-        return y, xp[:, T:]
-
-    def cuda_forward(self, x: torch.Tensor, conv_fn) -> torch.Tensor:
-        """causal_conv1d with SiLU fused: x (B, T, C) -> silu(conv(x)) (B, T, C)."""
-        y = conv_fn(x.transpose(1, 2).contiguous(), self.weight.to(x.dtype), self.bias.to(x.dtype), activation="silu")
-        return y.transpose(1, 2)
-
 
 def dt_bias_init(dim: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
     """softplus^-1 of dt ~ exp(U(log dt_min, log dt_max)), clamped below at `floor` (Mamba's init)."""
@@ -124,31 +90,25 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for an fp64 model
 
 
-def _opt(o: dict, key: str, default):
-    v = o.get(key, default)
-    return default if v is None else v
-
-
 # -- Mamba ------------------------------------------------------------------------------------
 
 class MambaMixer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        o = cfg.options
         d = cfg.d_model
-        self.d_inner = D = int(_opt(o, "expand", 2)) * d
-        self.d_state = N = int(_opt(o, "d_state", 16))
-        rank = _opt(o, "dt_rank", "auto")
+        self.d_inner = D = int(cfg.opt("expand")) * d
+        self.d_state = N = int(cfg.opt("d_state"))
+        rank = cfg.opt("dt_rank")
         self.dt_rank = R = math.ceil(d / 16) if rank == "auto" else int(rank)
-        self.chunk_size = int(_opt(o, "chunk_size", 64))
-        self.backend = resolve_backend(str(_opt(o, "backend", "auto")), "mamba")
+        self.chunk_size = int(cfg.opt("chunk_size"))
+        self.backend = resolve_backend(str(cfg.opt("backend")), "mamba")
         self.in_proj = nn.Linear(d, 2 * D, bias=False)
-        self.conv = CausalConv(D, int(_opt(o, "d_conv", 4)))
+        self.conv = CausalConv(D, int(cfg.opt("d_conv")))
         self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
-        bound = R ** -0.5 * float(_opt(o, "dt_scale", 1.0))
+        bound = R ** -0.5 * float(cfg.opt("dt_scale"))
         self.dt_weight = nn.Parameter(torch.empty(D, R).uniform_(-bound, bound))  # dt_proj, "random" init
-        self.dt_bias = nn.Parameter(dt_bias_init(D, float(_opt(o, "dt_min", 1e-3)), float(_opt(o, "dt_max", 0.1)),
-                                                 float(_opt(o, "dt_init_floor", 1e-4))))
+        self.dt_bias = nn.Parameter(dt_bias_init(D, float(cfg.opt("dt_min")), float(cfg.opt("dt_max")),
+                                                 float(cfg.opt("dt_init_floor"))))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1))  # (D, N)
         self.D = nn.Parameter(torch.ones(D))
         self.out_proj = nn.Linear(D, d, bias=False)
@@ -249,29 +209,27 @@ def head_dim_for(d_inner: int, headdim: int) -> int:
 
 def mamba2_inner_width(cfg: ModelConfig) -> int:
     """D: `d_inner` when given (FLOP-matched sizing sets it to whole heads), else expand * d_model."""
-    o = cfg.options
-    return int(o["d_inner"]) if o.get("d_inner") else int(_opt(o, "expand", 2)) * cfg.d_model
+    return int(cfg.opt("d_inner")) if cfg.opt("d_inner") else int(cfg.opt("expand")) * cfg.d_model
 
 
 class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        o = cfg.options
         d = cfg.d_model
         self.d_inner = D = mamba2_inner_width(cfg)
-        self.d_state = N = int(_opt(o, "d_state", 128))
-        self.headdim = P = head_dim_for(D, int(_opt(o, "headdim", 64)))
+        self.d_state = N = int(cfg.opt("d_state"))
+        self.headdim = P = head_dim_for(D, int(cfg.opt("headdim")))
         self.n_heads = H = D // P
-        self.ngroups = G = int(_opt(o, "ngroups", 1))
+        self.ngroups = G = int(cfg.opt("ngroups"))
         if H % G:
             raise ValueError(f"mamba2: {H} heads do not split into ngroups={G}")
-        self.chunk_size = int(_opt(o, "chunk_size", 256))
-        self.backend = resolve_backend(str(_opt(o, "backend", "auto")), "mamba2")
+        self.chunk_size = int(cfg.opt("chunk_size"))
+        self.backend = resolve_backend(str(cfg.opt("backend")), "mamba2")
         self.in_proj = nn.Linear(d, 2 * D + 2 * G * N + H, bias=False)  # z, x, B, C, dt
-        self.conv = CausalConv(D + 2 * G * N, int(_opt(o, "d_conv", 4)))
-        self.dt_bias = nn.Parameter(dt_bias_init(H, float(_opt(o, "dt_min", 1e-3)), float(_opt(o, "dt_max", 0.1)),
-                                                 float(_opt(o, "dt_init_floor", 1e-4))))
-        lo, hi = (float(v) for v in _opt(o, "A_init_range", (1, 16)))
+        self.conv = CausalConv(D + 2 * G * N, int(cfg.opt("d_conv")))
+        self.dt_bias = nn.Parameter(dt_bias_init(H, float(cfg.opt("dt_min")), float(cfg.opt("dt_max")),
+                                                 float(cfg.opt("dt_init_floor"))))
+        lo, hi = (float(v) for v in cfg.opt("A_init_range"))
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(lo, hi)))  # (H,)
         self.D = nn.Parameter(torch.ones(H))
         self.norm = GatedRMSNorm(D, group_size=D // G)

@@ -49,13 +49,12 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
     State per sequence: per layer the inner weights plus their accumulators inside the current
     mini-batch (2 x the inner model's parameters), plus 3 (k - 1) d conv inputs (Mamba backbone).
     """
-    o = cfg.options
     L, d, H, f, V = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.vocab_size
     ffn = cfg.ffn_dim if cfg.ffn else 0
-    b, k = resolve_mini_batch(cfg), int(o.get("conv_width", 4))
+    b, k = resolve_mini_batch(cfg), int(cfg.opt("conv_width"))
     flags = ttt_flags(cfg)
-    mamba = o.get("backbone", "mamba") == "mamba"
-    linear = o.get("inner", "linear") == "linear"
+    mamba = cfg.opt("backbone") == "mamba"
+    linear = cfg.opt("inner") == "linear"
     inner_state = H * (f * f + (f if flags["inner_bias"] else 0)) if linear else H * (8 * f * f + 5 * f)
     inner_params = inner_state if flags["learnable_w0"] else 0
     lr_params = d * H + H + b if flags["learnable_lr"] else 0
@@ -78,22 +77,48 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
         non_embedding_params=L * layer_params + d,
         fwd_terms=terms,
         state_numbers=L * (2 * inner_state + (3 * (k - 1) * d if mamba else 0)),
+        unseen=frozenset({"convs"}),  # layers.CausalConv: shifted multiply-adds, elementwise
     )
 
 
-for _name, _inner, _backbone, _desc in [
-    ("ttt_linear", "linear", "mamba", "TTT-Linear, Mamba backbone (pre-conv, shared QK + convs, gate)"),
-    ("ttt_mlp", "mlp", "mamba", "TTT-MLP, Mamba backbone (pre-conv, shared QK + convs, gate)"),
-    ("ttt_linear_base", "linear", "transformer", "TTT-Linear, Transformer backbone (separate Q, K, V)"),
-    ("ttt_mlp_base", "mlp", "transformer", "TTT-MLP, Transformer backbone (separate Q, K, V)"),
-    # the Table 1 ablation ladder, rows 3-6 (conf/arch/table1_*.yaml set the options; layer.py)
-    ("table1_3_ttt_equivalence", "linear", "transformer",
-     "Table 1 row 3: TTT with f(x) = W x, batch GD over the sequence (b = T), eta = 1/2, W0 = 0 (= row 2)"),
-    ("table1_4_learnable_w0", "linear", "transformer", "Table 1 row 4: row 3 + learnable W0"),
-    ("table1_5_ln_residual", "linear", "transformer", "Table 1 row 5: row 4 + LN and residual in f"),
-    ("table1_6_mini_batch", "linear", "transformer", "Table 1 row 6: row 5 + mini-batch TTT (b = 16)"),
+# Every option of a TTT layer (layer.py) at the paper's TTT-Linear, Mamba backbone; conf/arch/base/ttt.yaml
+OPTIONS = {
+    "inner": "linear",         # linear (TTT-Linear) | mlp (TTT-MLP: a 2-layer MLP, hidden 4x)
+    "backbone": "mamba",       # mamba (pre-conv, shared QK with two convs, output gate) | transformer
+    "mini_batch": 16,          # b: tokens per inner gradient step | "seq" (b = T)
+    "base_lr": None,           # eta_base; None: 1.0 for TTT-Linear, 0.1 for TTT-MLP
+    "base_lr_init": None,      # warmed up linearly to base_lr over the outer warmup; None: base_lr (no warmup)
+    "conv_width": 4,
+    "rope_theta": 1e4,
+    "backend": "auto",         # auto | triton | torch (layer.resolve_ttt_backend)
+    "impl": "auto",            # backend=torch: auto | scan | dual | reference
+    "checkpoint_group": 0,     # recompute the inner loop in backward every G mini-batches (0: off)
+    "learnable_lr": True,      # the Table 1 switches (layer.py module docstring): the paper's TTT has them all
+    "learnable_w0": True,
+    "inner_ln": True,
+    "inner_residual": True,
+    "inner_bias": True,
+}
+ROW3 = {"backbone": "transformer", "mini_batch": "seq", "learnable_lr": False, "learnable_w0": False,
+        "inner_ln": False, "inner_residual": False, "inner_bias": False}  # f(x) = W x, b = T, W0 = 0
+ROW4 = {**ROW3, "learnable_w0": True}
+ROW5 = {**ROW4, "inner_ln": True, "inner_residual": True, "inner_bias": True}
+ROW6 = {**ROW5, "mini_batch": 16}
+
+for _name, _desc, _options in [
+    ("ttt_linear", "TTT-Linear, Mamba backbone (pre-conv, shared QK + convs, gate)", {}),
+    ("ttt_mlp", "TTT-MLP, Mamba backbone (pre-conv, shared QK + convs, gate)", {"inner": "mlp"}),
+    ("ttt_linear_base", "TTT-Linear, Transformer backbone (separate Q, K, V)", {"backbone": "transformer"}),
+    ("ttt_mlp_base", "TTT-MLP, Transformer backbone (separate Q, K, V)", {"inner": "mlp", "backbone": "transformer"}),
+    # the Table 1 ablation ladder, rows 3-6 (conf/arch/table1_*.yaml write the same options)
+    ("table1_3_ttt_equivalence",
+     "Table 1 row 3: TTT with f(x) = W x, batch GD over the sequence (b = T), eta = 1/2, W0 = 0 (= row 2)", ROW3),
+    ("table1_4_learnable_w0", "Table 1 row 4: row 3 + learnable W0", ROW4),
+    ("table1_5_ln_residual", "Table 1 row 5: row 4 + LN and residual in f", ROW5),
+    ("table1_6_mini_batch", "Table 1 row 6: row 5 + mini-batch TTT (b = 16)", ROW6),
 ]:
-    register(ArchSpec(name=_name, description=_desc, build_block=TTTBlock, count=count))
+    register(ArchSpec(name=_name, description=_desc, build_block=TTTBlock, count=count,
+                      options={**OPTIONS, **_options}))
 
 # Table 1 of the paper (v2; results/published/table1.csv): from linear attention to TTT-Linear, one change
 # per row, each row a registered arch. Rows 1-2: architectures/linear_attention.py; rows 3-6 turn the TTT

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from architectures.config import ModelConfig
 from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles
-from architectures.backends import BackendUnavailable
+from architectures.backends import BackendUnavailable, resolve, runs
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh
 from architectures.ttt.scan import EAGER, ScanKernels
@@ -52,7 +52,6 @@ from architectures.ttt.reference import ttt_reference
 INNER = ("linear", "mlp")
 BACKBONES = ("mamba", "transformer")
 IMPLS = ("auto", "scan", "dual", "reference")
-BACKENDS = ("auto", "triton", "torch")
 TRITON_INNERS = ("linear", "mlp")  # inner models with Triton kernels (triton_linear.py, triton_mlp.py)
 
 
@@ -69,46 +68,39 @@ def _triton_importable() -> bool:
 
 
 def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True) -> str:
-    """auto: Triton where it runs (CUDA with triton installed) and has a kernel for this inner model,
-    else our PyTorch dual form; an explicit `triton` that cannot run raises. The choice is recorded
-    in the run summary (backends()). paper_f=False (inner_ln, inner_residual or inner_bias off, or a
+    """backend (architectures/backends.py): Triton where it runs (triton installed, CUDA; the interpreter,
+    TRITON_INTERPRET=1, only when asked for by name) and has a kernel for this inner model, else our
+    PyTorch implementations (`impl`). paper_f=False (inner_ln, inner_residual or inner_bias off, or a
     mini-batch longer than dual.LONG_PIECE): the kernels compute only f(x) = x + LN(f_res(x)) with a
     bias over short mini-batches, so auto is torch and triton raises."""
-    if requested not in BACKENDS:
-        raise ValueError(f"TTT backend must be one of {BACKENDS}, got {requested!r}")
-    if requested == "torch":
-        return "torch"
-    runs = _triton_importable() and (torch.cuda.is_available() or _triton_interpreting())
-    if requested == "triton":
+    def triton() -> str | None:
         if inner not in TRITON_INNERS:
-            raise BackendUnavailable(f"no Triton kernel for TTT-{inner}; use ttt backend=torch or auto")
+            return f"has no kernel for TTT-{inner}"
         if not paper_f:
-            raise BackendUnavailable(f"the TTT Triton kernels compute f(x) = x + LN(x W + b) over mini-batches of "
-                                     f"at most {LONG_PIECE} tokens: inner_ln, inner_residual and inner_bias must be "
-                                     f"true and mini_batch <= {LONG_PIECE} (or use backend=torch or auto)")
-        if not runs:
-            raise BackendUnavailable("TTT backend=triton needs triton and CUDA (or TRITON_INTERPRET=1 to run the "
-                                     "kernels on CPU, slowly); use backend=torch or auto")
-        return "triton"
-    return "triton" if runs and torch.cuda.is_available() and inner in TRITON_INNERS and paper_f else "torch"
+            return (f"computes f(x) = x + LN(x W + b) over mini-batches of at most {LONG_PIECE} tokens: inner_ln, "
+                    f"inner_residual and inner_bias must be true and mini_batch <= {LONG_PIECE}")
+        if not (_triton_importable() and (torch.cuda.is_available() or _triton_interpreting())):
+            return "needs triton and CUDA (or TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+        return None
+
+    return resolve("backend", requested, {"triton": triton, "torch": runs},
+                   prefer=lambda name: name != "triton" or torch.cuda.is_available())
 
 
 def resolve_mini_batch(cfg: ModelConfig) -> int:
     """The inner mini-batch size b: options.mini_batch, an int, or "seq" for the whole sequence
     (b = max_seq_len: batch gradient descent, Table 1 rows 3-5)."""
-    b = cfg.options.get("mini_batch", 16)
-    b = cfg.max_seq_len if str(b) == "seq" else int(b)
+    given = cfg.opt("mini_batch")
+    b = cfg.max_seq_len if str(given) == "seq" else int(given)
     if b <= 0:
-        raise ValueError(f"TTT mini_batch must be a positive int or 'seq', got {cfg.options.get('mini_batch')!r}")
+        raise ValueError(f"TTT mini_batch must be a positive int or 'seq', got {given!r}")
     return b
 
 
 def ttt_flags(cfg: ModelConfig) -> dict[str, bool]:
     """The Table 1 ablation options (module docstring), all true by default (the paper's TTT)."""
-    o = cfg.options
-    flags = {n: bool(o.get(n, True)) for n in ("inner_ln", "inner_residual", "inner_bias", "learnable_w0",
-                                                 "learnable_lr")}
-    if str(o.get("inner", "linear")) != "linear" and not (flags["inner_bias"] and flags["learnable_w0"]):
+    flags = {n: bool(cfg.opt(n)) for n in ("inner_ln", "inner_residual", "inner_bias", "learnable_w0", "learnable_lr")}
+    if str(cfg.opt("inner")) != "linear" and not (flags["inner_bias"] and flags["learnable_w0"]):
         raise ValueError("TTT options inner_bias=false and learnable_w0=false are for TTT-Linear only "
                          "(a TTT-MLP from W0 = 0 has zero gradients)")
     return flags
@@ -126,9 +118,8 @@ class TTTCache:
 class TTTLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        o = cfg.options
-        self.inner, self.backbone = str(o.get("inner", "linear")), str(o.get("backbone", "mamba"))
-        self.impl = str(o.get("impl", "auto"))
+        self.inner, self.backbone = str(cfg.opt("inner")), str(cfg.opt("backbone"))
+        self.impl = str(cfg.opt("impl"))
         if self.inner not in INNER or self.backbone not in BACKBONES or self.impl not in IMPLS:
             raise ValueError(f"TTT options: inner in {INNER}, backbone in {BACKBONES}, impl in {IMPLS}; got "
                              f"{self.inner!r}, {self.backbone!r}, {self.impl!r}")
@@ -139,24 +130,26 @@ class TTTLayer(nn.Module):
         self.mini_batch = resolve_mini_batch(cfg)
         paper_f = self.inner_ln and self.inner_residual and self.inner_bias and self.mini_batch <= LONG_PIECE
         self._paper_f = paper_f
-        self.backend = resolve_ttt_backend(str(o.get("backend", "auto")), self.inner, paper_f)
+        self.backend = resolve_ttt_backend(str(cfg.opt("backend")), self.inner, paper_f)
         if self.impl == "scan" and not (self.inner == "linear" and paper_f):
             raise ValueError("TTT impl=scan is TTT-Linear with its inner LN, residual and bias and mini-batches "
                              f"of at most {LONG_PIECE} tokens; use impl=dual")
         if self.backend == "triton" and self.impl not in ("auto", "dual"):
             raise ValueError(f"TTT impl={self.impl} is a PyTorch implementation; it needs backend=torch")
-        self.base_lr = float(o.get("base_lr", 1.0 if self.inner == "linear" else 0.1))
-        self.base_lr_init = float(o.get("base_lr_init", self.base_lr))  # warmed up to base_lr with the outer lr
+        base_lr, base_lr_init = cfg.opt("base_lr"), cfg.opt("base_lr_init")  # None: the defaults below
+        self.base_lr = float(base_lr if base_lr is not None else 1.0 if self.inner == "linear" else 0.1)
+        self.base_lr_init = float(base_lr_init if base_lr_init is not None else self.base_lr)  # warmed up to
+        #   base_lr with the outer lr
         self.base_lr_now = self.base_lr
-        self.rope_theta = float(o.get("rope_theta", 1e4))
-        self.checkpoint_group = int(o.get("checkpoint_group", 0))
+        self.rope_theta = float(cfg.opt("rope_theta"))
+        self.checkpoint_group = int(cfg.opt("checkpoint_group"))
         d, H, f = cfg.d_model, cfg.n_heads, cfg.head_dim
         self.n_heads, self.head_dim = H, f
         self.wq = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
         if self.backbone == "mamba":
-            width = int(o.get("conv_width", 4))
+            width = int(cfg.opt("conv_width"))
             self.conv_q, self.conv_k = CausalConv(d, width), CausalConv(d, width)
             self.wg = nn.Linear(d, d, bias=False)
         else:
@@ -355,7 +348,7 @@ class TTTBlock(nn.Module):
         self.ttt = TTTLayer(cfg)
         if self.ttt.backbone == "mamba":
             self.conv_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.pre_conv = CausalConv(cfg.d_model, int(cfg.options.get("conv_width", 4)))
+            self.pre_conv = CausalConv(cfg.d_model, int(cfg.opt("conv_width")))
         self.ttt_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.ffn else None  # cfg.ffn false: no FFN
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim) if cfg.ffn else None

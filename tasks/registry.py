@@ -1,0 +1,34 @@
+"""Maps a task config's runner (`task.runner`, else `task.name`) to its class, as architectures/registry.py
+maps `arch=` names. A new task is a module with a runner class decorated `@register("name")`, imported in
+tasks/__init__.py, plus conf/task/<name>.yaml (presets of a runner set `runner:`).
+
+A runner is built as Runner(task_cfg, data_cfg, ctx, seed=...) and provides (tasks/lm/task.py is the
+simplest): `vocab_size`, `info` (what the run summary records about the data), `build_model(model_cfg)`,
+`batch(step, ...)` / `loss(...)` for training, `evaluate(model, device, autocast)`, and optionally
+`budget()` (a protocol's tokens in examples x epochs) and `validate(...)` (a dev split for early stopping).
+"""
+from __future__ import annotations
+
+_RUNNERS: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: the runner of `task.runner: <name>`."""
+    def add(cls: type) -> type:
+        if name in _RUNNERS:
+            raise ValueError(f"task runner {name!r} registered twice")
+        _RUNNERS[name] = cls
+        return cls
+    return add
+
+
+def names() -> list[str]:
+    return sorted(_RUNNERS)
+
+
+def build_task(cfg, ctx: int):
+    """cfg: the full run config (task, data, seed); the runner its task config names, at context ctx."""
+    name = str(cfg.task.get("runner", cfg.task.name))  # a preset (conf/task/mqar.yaml) names its runner
+    if name not in _RUNNERS:
+        raise ValueError(f"unknown task runner {name!r}; available: {', '.join(names())}")
+    return _RUNNERS[name](cfg.task, cfg.data, ctx, seed=int(cfg.seed))
