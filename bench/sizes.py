@@ -61,7 +61,8 @@ def format_table(df: pd.DataFrame) -> str:
         "arch": df["arch"], "size": df["size"], "ctx": df["ctx"], "match": df["match"], "vocab": df["vocab"],
         "layers": df["layers"], "d_model": df["d_model"],
         "heads": df["heads"].map(lambda h: "-" if pd.isna(h) else str(int(h))),
-        "ffn|d_inner": [str(int(f)) if not pd.isna(f) else str(int(i)) for f, i in zip(df["ffn_dim"], df["d_inner"])],
+        "ffn|d_inner": [str(int(f)) if not pd.isna(f) else str(int(i)) if not pd.isna(i) else "-"  # ffn=false: none
+                        for f, i in zip(df["ffn_dim"], df["d_inner"])],
         "params(M)": (df["params"] / 1e6).map("{:.2f}".format),
         "non-emb(M)": (df["non_embedding_params"] / 1e6).map("{:.2f}".format),
         "fwd MFLOP/tok": (df["fwd_flops_per_token"] / 1e6).map("{:.2f}".format),

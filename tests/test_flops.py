@@ -354,6 +354,20 @@ def test_sizes_command_writes_the_table(tmp_path, capsys):
     assert "ttt_linear" in capsys.readouterr().out
 
 
+def test_sizes_command_shows_the_models_a_task_trains(tmp_path, capsys):
+    """make sizes composes as a run does (bench/config.py): TASK=mqar_zoology's models have no FFN, one
+    attention head, learned positions and 2 Mamba layers, at its own ladder and the profile's match rule."""
+    from bench.sizes import main
+
+    assert main(["--task", "mqar_zoology", "--ctx", "64", "--vocab", "8192", "--arch", "transformer,mamba",
+                 "--results", str(tmp_path)]) == 0
+    rows = {r["arch"]: r for r in csv.DictReader(open(tmp_path / "sizes.csv"))}
+    assert rows["transformer"]["ffn_dim"] == "" and float(rows["transformer"]["heads"]) == 1
+    assert rows["mamba"]["layers"] == "2" and rows["transformer"]["token_budget"] == ""
+    assert float(rows["transformer"]["params"]) == 8192 * 64 + 64 * 64 + 2 * (4 * 64 * 64 + 64) + 64  # + positions
+    assert "zoology" in capsys.readouterr().out
+
+
 def test_sizes_command_rejects_bad_input(tmp_path, capsys):
     from bench.sizes import main
 
