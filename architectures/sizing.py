@@ -70,15 +70,12 @@ class Sized:
     @property
     def heads(self) -> int | None:
         """Attention / TTT heads, Mamba-2's SSM heads, None for Mamba (no heads)."""
-        family = _family(self.cfg.arch)
-        if family == "mamba":
-            return None
-        if family == "mamba2":
-            from architectures.mamba.layers import head_dim_for, mamba2_inner_width
+        rule = _family(self.cfg.arch)
+        if rule != "mamba2":
+            return None if rule == "mamba" else self.cfg.n_heads
+        from architectures.mamba.layers import head_dim_for
 
-            D = mamba2_inner_width(self.cfg)
-            return D // head_dim_for(D, int(self.cfg.opt("headdim")))
-        return self.cfg.n_heads
+        return self.d_inner // head_dim_for(self.d_inner, int(self.cfg.opt("headdim")))
 
     @property
     def d_inner(self) -> int | None:
