@@ -102,27 +102,17 @@ def parse_lrs(text: str) -> list[str]:
 
 # -- what a sweep runs by default -------------------------------------------------------------------------
 
-def _budget(task: str, profile: str) -> DictConfig | None:
-    path = CONF / "budget" / f"{task}_{profile}.yaml"
-    return OmegaConf.load(path) if path.exists() else None
-
-
 def default_ladder(task: str, profile: str) -> list[str]:
-    """The sizes a sweep runs: the task's budget under the profile may name its own ladder
-    (conf/budget/<task>_<profile>.yaml), else the profile's."""
-    budget = _budget(task, profile)
-    if budget is not None and "ladder" in budget:
-        return list(budget.ladder)
-    return list(OmegaConf.load(CONF / "profile" / f"{profile}.yaml").ladder)
+    """The sizes a sweep runs: the composed config's `ladder` (the profile's, unless the task's budget under
+    the profile, conf/budget/<task>_<profile>.yaml, names its own)."""
+    return list(compose([f"task={task}", f"profile={profile}"]).ladder)
 
 
 def default_ctxs(task: str, profile: str) -> list[int]:
     """The contexts a sweep runs when CTX is not given: the task budget's `sweep_ctx` (a protocol's grid
     points, e.g. TASK=mqar_zoology), else 2k."""
-    budget = _budget(task, profile)
-    if budget is not None and "sweep_ctx" in budget:
-        return [int(c) for c in budget.sweep_ctx]
-    return [parse_ctx(DEFAULT_CTX)]
+    grid = compose([f"task={task}", f"profile={profile}"]).get("sweep_ctx")
+    return [int(c) for c in grid] if grid else [parse_ctx(DEFAULT_CTX)]
 
 
 # -- composing a run's config -----------------------------------------------------------------------------

@@ -77,12 +77,10 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, 
     peak memory, decode timing, graph note)."""
     warm = 1 if quick else MAX_WARMUP_CALLS
     idx = torch.randint(0, vocab, (B, T), device=device)
-    extra = DECODE_ROOM
-
     last = {}
 
     def prefill():
-        last["state"] = model.new_state(B, T + extra)
+        last["state"] = model.new_state(B, T + DECODE_ROOM)
         model(idx, last["state"])
 
     with torch.no_grad(), autocast_for(device, "auto")[0]():

@@ -66,11 +66,10 @@ def lengths_up_to(ctx: int) -> list[int]:
     return out if out else [ctx]
 
 
-def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_VOCAB, profile: str = "cpu",
-          overrides: tuple[str, ...] = ()):
+def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_VOCAB, profile: str = "cpu"):
     """The model a run of (arch, size, ctx) under the profile trains (bench/config.py), sized by `match`,
     with room to decode past ctx."""
-    cfg = compose([f"arch={arch}", f"size={size}", f"ctx={ctx}", f"match={match}", f"profile={profile}", *overrides])
+    cfg = compose([f"arch={arch}", f"size={size}", f"ctx={ctx}", f"match={match}", f"profile={profile}"])
     sized = model_config(cfg, vocab)
     cfg = sized.cfg
     cfg.max_seq_len = ctx + DECODE_ROOM
@@ -217,6 +216,8 @@ def plot_latency(df: pd.DataFrame, mode: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bench.report import save_figure
+
     sub = df[(df["mode"] == mode) & (df["status"] == "ok")]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for (arch, size, backend, batch, dev), g in sub.groupby(["arch", "size", "backend", "batch", "device"]):
@@ -243,7 +244,7 @@ def plot_latency(df: pd.DataFrame, mode: str, path: Path) -> None:
     if not sub.empty:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.1)  # no text past the edge
+    save_figure(fig, path)
     plt.close(fig)
 
 
