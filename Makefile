@@ -116,7 +116,7 @@ contention: $(STAMP) ## a training step of ARCH at SIZE and CTX, idle and beside
 	  --ctx "$(if $(filter command line,$(origin CTX)),$(CTX),2k)" --size "$(or $(SIZE),cpu-xs)" $(ARGS)
 
 gpu-check: ## on a lent GPU machine (no install: its own torch): kernel tests on CUDA, kernel speed, throughput; logs in OUT
-	OUT="$(or $(OUT),$(RESULTS)/gpu-check)" bash .ci/gpu-check
+	OUT="$(or $(OUT),$(RESULTS)/gpu-check)" PY="$(if $(findstring --smoke,$(ARGS)),$(PY),python3)" bash .ci/gpu-check $(ARGS)
 
 gpu-wheels: ## fetch what the GPU machine lacks (hydra, omegaconf, fla, ...) as wheels into gpu/wheels/ (git-ignored)
 	mkdir -p gpu/wheels

@@ -21,7 +21,7 @@ LAYERS = (
                 "bench.tracking")),
     ("tools", ("bench.sweep", "bench.sizes", "bench.throughput", "bench.contention", "bench.report", "bench.paper",
                "bench.published", "bench.harness", "bench.attention_heads", "bench.ttt_kernel_speed",
-               "bench.ttt_layer_speed", "bench.mamba_scan_speed", "bench.kernel_compile_check")),
+               "bench.ttt_layer_speed", "bench.mamba_scan_speed", "bench.kernel_compile_check", "bench.gpu_report")),
 )
 
 configure_openmp()  # before anything imports torch: OpenMP's spin-waiting bounded (bench/threads.py)

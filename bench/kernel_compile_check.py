@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.results import atomic_write_json
@@ -71,19 +72,21 @@ def compile_one(fn, consts: dict, arch: int, num_warps: int) -> dict:
     return row
 
 
-def kernels(f: int) -> list[tuple[str, object, dict]]:
+def kernels(f: int, precision: str, num_warps: int) -> list[tuple[str, object, dict, int]]:
+    """(name, kernel, constexprs, num_warps) as the launchers compile them: prefill kernels under the given
+    launch settings (triton_linear.Launch), decode kernels at Triton's default 4 warps."""
     from architectures.ttt import triton_linear as lin
     from architectures.ttt import triton_mlp as mlp
 
     bf, bh = lin._block(f), lin._block(4 * f)
-    common = {"F": f, "BF": bf, "MB": 16}
+    common = {"F": f, "BF": bf, "MB": 16, "HAS_PARTIAL": True, "PREC": precision}
     return [
-        ("linear forward", lin._fwd_kernel, {**common, "HAS_PARTIAL": True, "SAVE": True, "PREC": "ieee"}),
-        ("linear backward", lin._bwd_kernel, {**common, "HAS_PARTIAL": True, "PREC": "ieee"}),
-        ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}),
-        ("mlp forward", mlp._fwd_kernel, {**common, "BH": bh, "HAS_PARTIAL": True, "SAVE": True, "PREC": "ieee"}),
-        ("mlp backward", mlp._bwd_kernel, {**common, "BH": bh, "HAS_PARTIAL": True, "PREC": "ieee"}),
-        ("mlp decode", mlp._decode_kernel, {"F": f, "BF": bf, "BH": bh, "COMMIT": True}),
+        ("linear forward", lin._fwd_kernel, {**common, "SAVE": True}, num_warps),
+        ("linear backward", lin._bwd_kernel, common, num_warps),
+        ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}, 4),
+        ("mlp forward", mlp._fwd_kernel, {**common, "BH": bh, "SAVE": True}, num_warps),
+        ("mlp backward", mlp._bwd_kernel, {**common, "BH": bh}, num_warps),
+        ("mlp decode", mlp._decode_kernel, {"F": f, "BF": bf, "BH": bh, "COMMIT": True}, 4),
     ]
 
 
@@ -92,21 +95,30 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--head-dims", default="64,96,128")
-    p.add_argument("--num-warps", type=int, default=4, help="what the launchers use (Triton's default)")
+    p.add_argument("--precision", default=None, help="tf32 | ieee (default: the launchers', triton_linear.LAUNCH)")
+    p.add_argument("--num-warps", type=int, default=None, help="prefill kernels (default: the launchers')")
+    p.add_argument("--only", default="", help="comma list of kernel names (substrings), e.g. 'linear,mlp forward'")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET: this compiles the kernels for the GPU", file=sys.stderr)
         return 2
+    from architectures.ttt.triton_linear import LAUNCH
+
+    precision, warps = args.precision or LAUNCH.precision, args.num_warps or LAUNCH.num_warps
     rows = []
     for f in (int(x) for x in args.head_dims.split(",")):
-        for name, fn, consts in kernels(f):
-            row = {"kernel": name, "head_dim": f, "arch": f"sm_{args.arch}", "num_warps": args.num_warps,
-                   **compile_one(fn, consts, args.arch, args.num_warps)}
+        for name, fn, consts, num_warps in kernels(f, precision, warps):
+            if args.only and not any(s.strip() and s.strip() in name for s in args.only.split(",")):
+                continue
+            t0 = time.perf_counter()
+            row = {"kernel": name, "head_dim": f, "arch": f"sm_{args.arch}", "precision": consts.get("PREC"),
+                   "num_warps": num_warps, **compile_one(fn, consts, args.arch, num_warps),
+                   "compile_s": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             print(f"[ttt-bench] {name:16s} f={f:4d} sm_{args.arch}: {row['status']:10s} "
                   f"regs={row.get('registers')} spill_stores={row.get('spill_store_bytes')}B "
-                  f"shared={row.get('shared_bytes')}B", flush=True)
+                  f"shared={row.get('shared_bytes')}B  ({row['compile_s']} s)", flush=True)
     atomic_write_json(Path(args.results) / "bench" / "kernel_compile_check.json", rows)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

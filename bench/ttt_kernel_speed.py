@@ -32,6 +32,7 @@ from bench.results import atomic_write_json, device_name, package_versions
 from bench.timing import measure
 
 LENGTHS = [2048, 4096, 8192, 16384, 32768]
+MODES = {False: "fwd", True: "fwd+bwd"}  # backward? -> the mode's name
 
 
 # -- the contenders: each returns fn() running one forward (and backward when asked) -----------------
@@ -151,6 +152,67 @@ CONTENDERS = {
 }
 
 
+# -- launch variants of our kernels (precision x warps), with their error against the exact default ----
+
+VARIANTS = [{"precision": p, "num_warps": w} for p in ("ieee", "tf32") for w in (4, 8)]  # VARIANTS[0]: exact
+
+
+def variants_for(inner: str) -> list[dict]:
+    """TTT-MLP is timed in tf32 only: with exact products its kernels take ptxas minutes and spill over
+    100 KB per thread at f = 64 (`make check-kernels --precision ieee`)."""
+    return VARIANTS if inner == "linear" else [v for v in VARIANTS if v["precision"] == "tf32"]
+
+
+def _triton_outputs(inner, B, H, T, f, device, backward):
+    """Our kernels' output (and dq when backward) on _ttt_inputs' fixed inputs, under the current LAUNCH."""
+    from architectures.ttt import triton_linear, triton_mlp
+
+    x = _ttt_inputs(B, H, T, f, inner, device, backward)
+    names = ["W", "b"] if inner == "linear" else ["W1", "b1", "W2", "b2"]
+    out = {"linear": triton_linear, "mlp": triton_mlp}[inner].prefill(
+        *[x[n] for n in ("q", "k", "v", "a", "tok", "ln_w", "ln_b")], {n: x[n] for n in names})[0]
+    if not backward:
+        return out.detach().float(), None
+    out.float().sum().backward()
+    return out.detach().float(), x["q"].grad.float()
+
+
+def variant_rows(inners, lengths, B, bwd_B, H, f, device, max_seconds, modes=("fwd", "fwd+bwd")) -> list[dict]:
+    """Each launch variant of our kernels: ms per call (forward at B, forward+backward at bwd_B) and the
+    relative RMSE of its output and of dq against the first variant (exact fp32 products, 4 warps, for
+    TTT-Linear)."""
+    from architectures.ttt.triton_linear import launch_settings
+
+    rows = []
+    for inner in inners:
+        variants = variants_for(inner)
+        for backward, batch in [(bw, b) for bw, b in ((False, B), (True, bwd_B)) if MODES[bw] in modes]:
+            for T in lengths:
+                ref = None
+                for v in variants:
+                    name = f"ttt_{inner} [triton {v['precision']}, {v['num_warps']} warps]"
+                    with launch_settings(**v):
+                        row = kernel_row(name, lambda *a: ttt_triton(inner, *a), batch, H, T, f, device, backward)
+                        row.update(variant=v)
+                        if row["status"] == "ok":
+                            out, dq = _triton_outputs(inner, batch, H, T, f, device, backward)
+                            ref = ref or (out, dq)
+                            row["out_rel_rmse"] = _rel_rmse(out, ref[0])
+                            if dq is not None:
+                                row["dq_rel_rmse"] = _rel_rmse(dq, ref[1])
+                    rows.append(row)
+                    errs = " ".join(f"{k}={row[k]:.1e}" for k in ("out_rel_rmse", "dq_rel_rmse") if k in row)
+                    shown = f"{row['ms']:.3f} ms {errs}" if row["status"] == "ok" else row["status"]
+                    print(f"[ttt-bench] {row['mode']:8s} {name:44s} T={T:6d} B={batch:3d}: {shown}", flush=True)
+                if all(r.get("ms", 0) > 1e3 * max_seconds for r in rows[-len(variants):]):
+                    break  # every variant too slow at this T: no longer ones
+    return rows
+
+
+def _rel_rmse(x, y) -> float:
+    return ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item()
+
+
 def kernel_row(name, build, B, H, T, f, device, backward) -> dict:
     """One contender at one shape: median milliseconds per call (bench/timing.py) and its spread."""
     row = {"impl": name, "T": T, "batch": B, "heads": H, "head_dim": f, "mode": "fwd+bwd" if backward else "fwd"}
@@ -199,7 +261,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.ttt_kernel_speed", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--lengths", default=",".join(str(t) for t in LENGTHS))
+    p.add_argument("--lengths", default=None, help=f"comma list of T (default {','.join(map(str, LENGTHS))}; "
+                                                   "--smoke: 32,64)")
     p.add_argument("--batch", type=int, default=16, help="forward batch (the paper's latency figure: 16)")
     p.add_argument("--bwd-batch", type=int, default=4, help="forward+backward batch (memory)")
     p.add_argument("--heads", type=int, default=32)
@@ -207,22 +270,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma list of contender names (substrings) to run")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="skip a contender's longer lengths once one call takes longer than this")
+    p.add_argument("--variants", default="",
+                   help="instead of the contenders: our kernels' launch variants (precision x warps) for these\n"
+                        "inners (linear,mlp), timed and compared with the exact default")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
     p.add_argument("--smoke", action="store_true", help="CPU check of the script: tiny shapes, interpreter")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
-        args.lengths, args.batch, args.bwd_batch, args.heads, args.head_dim = "32,64", 1, 1, 2, 16
+        args.lengths = args.lengths or "32,64"
+        args.batch, args.bwd_batch, args.heads, args.head_dim = 1, 1, 2, 16
     elif device.type != "cuda":
         print("error: this benchmark needs a CUDA GPU (use --smoke to check it on CPU)", file=sys.stderr)
         return 2
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         print("error: on CPU the Triton kernels need TRITON_INTERPRET=1 set before start", file=sys.stderr)
         return 2
-    lengths = [int(t) for t in args.lengths.split(",") if t.strip()]
+    lengths = [int(t) for t in (args.lengths or ",".join(map(str, LENGTHS))).split(",") if t.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(MODES.values()):
+        print(f"error: --modes takes fwd and/or fwd+bwd, got {args.modes!r}", file=sys.stderr)
+        return 2
     names = [n for n in CONTENDERS if not args.only or any(s.strip() and s.strip() in n for s in args.only.split(","))]
     rows, t0 = [], time.perf_counter()
-    for backward, B in ((False, args.batch), (True, args.bwd_batch)):
+    if args.variants:
+        inners = [i.strip() for i in args.variants.split(",") if i.strip()]
+        if set(inners) - {"linear", "mlp"}:
+            print(f"error: --variants takes linear and/or mlp, got {args.variants!r}", file=sys.stderr)
+            return 2
+        rows = variant_rows(inners, lengths, args.batch, args.bwd_batch, args.heads, args.head_dim, device,
+                            args.max_seconds, modes)
+        names = []
+    for backward, B in [(bw, b) for bw, b in ((False, args.batch), (True, args.bwd_batch)) if MODES[bw] in modes]:
         for name in names:
             slow = False
             for T in lengths:
@@ -240,11 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results)
     result = {"device": device_name(device), "shape": {"heads": args.heads, "head_dim": args.head_dim},
               "packages": package_versions(), "wall_s": time.perf_counter() - t0, "rows": rows}
-    atomic_write_json(out / "bench" / "ttt_kernel_speed.json", result)
+    stem = "ttt_kernel_variants" if args.variants else "ttt_kernel_speed"
+    atomic_write_json(out / "bench" / f"{stem}.json", result)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    plot(rows, out / "plots" / "ttt_kernel_speed.png",
+    plot(rows, out / "plots" / f"{stem}.png",
          f"TTT kernels vs attention and Mamba, {args.heads} heads x {args.head_dim}, {result['device']}")
-    print(f"[ttt-bench] wrote {out / 'bench' / 'ttt_kernel_speed.json'} and {out / 'plots' / 'ttt_kernel_speed.png'} "
+    print(f"[ttt-bench] wrote {out / 'bench' / f'{stem}.json'} and {out / 'plots' / f'{stem}.png'} "
           f"in {result['wall_s']:.0f}s")
     return 0
 

@@ -20,6 +20,9 @@ Under TRITON_INTERPRET=1 these run on CPU tensors (tests/test_ttt_triton.py).
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 
 import torch
 import triton
@@ -362,7 +365,47 @@ def _block(f: int) -> int:
     return max(16, triton.next_power_of_2(f))
 
 
-PRECISION = "ieee"  # exact fp32 products (TF32 would cost ~1e-3 relative error); the interpreter ignores it
+PRECISIONS = ("tf32", "ieee")
+
+
+@dataclass
+class Launch:
+    """How the prefill kernels (linear and MLP) are compiled and launched. `precision` is tl.dot's
+    input_precision: "tf32" multiplies on the tensor cores (10-bit mantissa, fp32 accumulation and state;
+    tests/test_ttt_triton.py states the tolerance against the fp32 dual form), "ieee" gives exact fp32
+    products on the CUDA cores (ptxas spills 16-37 KB per thread in the backward at f = 64: `make
+    check-kernels`). The interpreter ignores it (exact). `num_warps` per program: 8 leaves the forward
+    without spills at f = 64 (255 registers and spills at 4). `make gpu-check` times every variant
+    (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION / TTT_TRITON_WARPS override the defaults."""
+    precision: str = "tf32"
+    num_warps: int = 8
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TTT kernel precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"TTT kernel num_warps must be a power of two up to 16, got {self.num_warps!r}")
+
+
+def _launch_from_env() -> Launch:
+    env = os.environ
+    return Launch(env.get("TTT_TRITON_PRECISION", Launch.precision), int(env.get("TTT_TRITON_WARPS", Launch.num_warps)))
+
+
+LAUNCH = _launch_from_env()
+
+
+@contextmanager
+def launch_settings(**changes):
+    """Temporarily change LAUNCH (the benchmark's variants): `with launch_settings(precision="tf32"): ...`."""
+    old, new = replace(LAUNCH), replace(LAUNCH, **changes)  # replace() checks the names and the values
+    for f in fields(Launch):
+        setattr(LAUNCH, f.name, getattr(new, f.name))
+    try:
+        yield LAUNCH
+    finally:
+        for f in fields(Launch):
+            setattr(LAUNCH, f.name, getattr(old, f.name))
 
 
 class TTTLinearFunction(torch.autograd.Function):
@@ -389,7 +432,8 @@ class TTTLinearFunction(torch.autograd.Function):
         _fwd_kernel[(Bsz * H,)](
             q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
             T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
-            LN_EPS, F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, SAVE=bool(save), PREC=PRECISION)
+            LN_EPS, F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, SAVE=bool(save), PREC=LAUNCH.precision,
+            num_warps=LAUNCH.num_warps)
         ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn)
         ctx.meta = (group, n_full, n_ckpt, partial, W0.shape, b0.shape, tok.dtype, ln_w.dtype, W0.dtype)
         ctx.mark_non_differentiable(aw, ab)
@@ -415,7 +459,8 @@ class TTTLinearFunction(torch.autograd.Function):
             q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn, dout, dWn, dbn,
             dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
             T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
-            F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, PREC=PRECISION)
+            F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, PREC=LAUNCH.precision,
+            num_warps=LAUNCH.num_warps)
         if w_shape[0] == 1:
             dW0, db0 = dW0.sum(0, keepdim=True), db0.sum(0, keepdim=True)
         return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from architectures.ttt.inner import LN_EPS
-from architectures.ttt.triton_linear import (DEFAULT_GROUP, PRECISION, _block, _ln_grad_vjp, _ln_loss_grad,
+from architectures.ttt.triton_linear import (DEFAULT_GROUP, LAUNCH, _block, _ln_grad_vjp, _ln_loss_grad,
                                              _ln_stats, _ln_vjp, _load_minibatch, _load_outer, _load_rows,
                                              _store_minibatch_grads, _store_rows)
 
@@ -384,7 +384,7 @@ class TTTMLPFunction(torch.autograd.Function):
         _fwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *init, out, *new, *acc, *ckpt,
                                 T, H, n_full, n_ckpt, group, *strides, LN_EPS,
                                 F=f, BF=_block(f), BH=_block(4 * f), MB=MB, HAS_PARTIAL=partial > 0,
-                                SAVE=bool(save), PREC=PRECISION)
+                                SAVE=bool(save), PREC=LAUNCH.precision, num_warps=LAUNCH.num_warps)
         ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, *ckpt, *new)
         ctx.meta = (group, n_full, n_ckpt, partial, [p.shape for p in (W1, b1, W2, b2)], tok.dtype, ln_w.dtype,
                     W1.dtype)
@@ -412,7 +412,7 @@ class TTTMLPFunction(torch.autograd.Function):
                                 dq, dk, dv, da, dtok, dlnw, dlnb, *dinit, *scratch,
                                 T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
                                 F=f, BF=_block(f), BH=_block(4 * f), MB=MB, HAS_PARTIAL=partial > 0,
-                                PREC=PRECISION)
+                                PREC=LAUNCH.precision, num_warps=LAUNCH.num_warps)
         dinit = [(g.sum(0, keepdim=True) if s[0] == 1 else g).to(w_dtype) for g, s in zip(dinit, shapes_in)]
         return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),
                 *dinit, None)

@@ -1,0 +1,174 @@
+"""The one-page summary of a `make gpu-check` folder: report.md and report.json beside the stage logs.
+
+    python -m bench.gpu_report OUT        (.ci/gpu-check runs it as its last stage)
+
+Reads what the stages wrote (any may be missing: a stage that failed or ran out of time is reported as
+such): stages.txt, kernel-tests.xml (pytest's JUnit XML), results/**/bench/ttt_kernel_variants.json,
+results/bench/ttt_kernel_speed.json and results/throughput.csv. The ratios are the ones the GPU issues
+compare (ours over fla's chunk_ttt_linear, TTT-MLP over TTT-Linear, each architecture's training tokens/s
+over the Transformer's); they are measured numbers, not verdicts.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pandas as pd
+
+from bench.results import atomic_write_json, atomic_write_text
+
+LINEAR, MLP, FLA = "ttt_linear [triton]", "ttt_mlp [triton]", "fla chunk_ttt_linear (different semantics)"
+
+
+def stages(out: Path) -> list[dict]:
+    """stages.txt lines `name rc=N LIMITs-limit took=Ss` as dicts."""
+    rows = []
+    path = out / "stages.txt"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        name, *fields = line.split()
+        kv = dict(f.split("=", 1) for f in fields if "=" in f)
+        rows.append({"stage": name, "rc": int(kv.get("rc", -1)), "took_s": int(kv.get("took", "0s").rstrip("s")),
+                     "timed_out": kv.get("rc") in ("124", "137")})
+    return rows
+
+
+def kernel_tests(out: Path) -> dict:
+    """Counts and the failing tests (name, first line of the message) from pytest's JUnit XML."""
+    path = out / "kernel-tests.xml"
+    if not path.exists():
+        return {"status": "no junit xml (the stage did not finish: see kernel-tests.log)"}
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    failed = []
+    for case in suite.iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
+            failed.append({"test": case.get("name"), "message": (bad.get("message") or "").splitlines()[0][:200]
+                           if bad.get("message") else ""})
+    n = int(suite.get("tests", 0))
+    bad_n = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+    skipped = int(suite.get("skipped", 0))
+    return {"tests": n, "passed": n - bad_n - skipped, "failed": bad_n, "skipped": skipped,
+            "seconds": float(suite.get("time", 0)), "failures": failed}
+
+
+def _rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def _ms(rows, impl, mode, T):
+    for r in rows:
+        if r["impl"] == impl and r["mode"] == mode and r["T"] == T and r.get("status") == "ok":
+            return r["ms"]
+    return None
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def kernel_ratios(rows: list[dict]) -> list[dict]:
+    """Per (mode, T): ours, fla's and the ratios the issue compares."""
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        for T in sorted({r["T"] for r in rows if r["mode"] == mode}):
+            lin, mlp, fla = (_ms(rows, i, mode, T) for i in (LINEAR, MLP, FLA))
+            out.append({"mode": mode, "T": T, "ttt_linear_ms": lin, "ttt_mlp_ms": mlp, "fla_ms": fla,
+                        "linear_over_fla": _ratio(lin, fla), "mlp_over_linear": _ratio(mlp, lin)})
+    return out
+
+
+def best_variants(rows: list[dict]) -> list[dict]:
+    """The fastest launch variant per (kernel, mode, T), with its error against the exact one."""
+    best = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        key = (r["impl"].split(" [")[0], r["mode"], r["T"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    return [{"kernel": k[0], "mode": k[1], "T": k[2], "variant": r["variant"], "ms": r["ms"],
+             "out_rel_rmse": r.get("out_rel_rmse"), "dq_rel_rmse": r.get("dq_rel_rmse")} for k, r in best.items()]
+
+
+def throughput(out: Path) -> tuple[list[dict], list[dict]]:
+    """Training tokens/s (with the ratio to the Transformer at the same context) and decode ms per step."""
+    path = out / "results" / "throughput.csv"
+    if not path.exists():
+        return [], []
+    df = pd.read_csv(path)
+    train, decode = [], []
+    for _, r in df[df["mode"] == "train"].iterrows():
+        ref = df[(df["mode"] == "train") & (df["arch"] == "transformer") & (df["ctx"] == r["ctx"])
+                 & (df["status"] == "ok")]
+        ok = r["status"] == "ok"
+        train.append({"arch": r["arch"], "size": r["size"], "ctx": int(r["ctx"]), "batch": int(r["batch"]),
+                      "backend": r["backend"], "status": r["status"],
+                      "tokens_per_s": float(r["tokens_per_s"]) if ok else None,
+                      "over_transformer": _ratio(float(r["tokens_per_s"]), float(ref["tokens_per_s"].iloc[0]))
+                      if ok and len(ref) else None})
+    for _, r in df[df["mode"] == "decode"].iterrows():
+        ok = r["status"] == "ok"
+        decode.append({"arch": r["arch"], "size": r["size"], "ctx": int(r["ctx"]), "batch": int(r["batch"]),
+                       "backend": r["backend"], "status": r["status"], "graph": r.get("graph"),
+                       "ms_per_step": 1e3 * float(r["time_per_token_s"]) if ok else None})
+    return train, decode
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    if not rows:
+        return "(none: the stage wrote nothing; see its log)\n"
+    fmt = lambda v: "" if v is None or (isinstance(v, float) and v != v) else (
+        f"{v:.4g}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def report(out: Path) -> dict:
+    speed = out / "results" / "bench" / "ttt_kernel_speed.json"
+    device = json.loads(speed.read_text()).get("device") if speed.exists() else None
+    train, decode = throughput(out)
+    variants = [r for p in sorted(out.glob("results/**/ttt_kernel_variants.json")) for r in _rows(p)]
+    return {"device": device, "stages": stages(out), "kernel_tests": kernel_tests(out),
+            "kernel_variants": variants, "best_variants": best_variants(variants),
+            "kernel_speed": kernel_ratios(_rows(speed)), "train": train, "decode": decode}
+
+
+def markdown(r: dict) -> str:
+    t = r["kernel_tests"]
+    tests = t["status"] if "status" in t else (
+        f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped of {t['tests']} in {t['seconds']:.0f} s")
+    failures = "".join(f"- `{f['test']}`: {f['message']}\n" for f in t.get("failures", []))
+    variants = [{**v, "variant": f"{v['variant']['precision']}, {v['variant']['num_warps']} warps"}
+                for v in r["kernel_variants"] if v.get("status") == "ok"]
+    return (f"# make gpu-check on {r['device'] or 'an unknown device'}\n\n"
+            f"## Stages\n{_table(r['stages'], ['stage', 'rc', 'took_s', 'timed_out'])}\n"
+            f"## Kernel tests on the device (tests/test_ttt_triton.py)\n{tests}\n{failures}\n"
+            "## Launch variants of our kernels (ms per call; error: relative RMSE against the first, exact variant)\n"
+            f"{_table(variants, ['impl', 'mode', 'T', 'batch', 'ms', 'out_rel_rmse', 'dq_rel_rmse'])}\n"
+            "## Kernels: ours against fla's chunk_ttt_linear (ms per call, medians)\n"
+            f"{_table(r['kernel_speed'], ['mode', 'T', 'ttt_linear_ms', 'fla_ms', 'linear_over_fla', 'ttt_mlp_ms', 'mlp_over_linear'])}\n"
+            "## Training tokens/s (bf16; ratio to the Transformer at the same context)\n"
+            f"{_table(r['train'], ['arch', 'size', 'ctx', 'batch', 'backend', 'status', 'tokens_per_s', 'over_transformer'])}\n"
+            "## Decode step (ms per step for the whole batch)\n"
+            f"{_table(r['decode'], ['arch', 'size', 'ctx', 'batch', 'backend', 'graph', 'status', 'ms_per_step'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m bench.gpu_report OUT  (a make gpu-check folder)", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    r = report(out)
+    atomic_write_json(out / "report.json", r)
+    atomic_write_text(out / "report.md", markdown(r))
+    print(f"[ttt-bench] wrote {out / 'report.md'} and {out / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
