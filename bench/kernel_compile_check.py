@@ -72,20 +72,20 @@ def compile_one(fn, consts: dict, arch: int, num_warps: int) -> dict:
     return row
 
 
-def kernels(f: int, precision: str, num_warps: int) -> list[tuple[str, object, dict, int]]:
+def kernels(f: int, launch) -> list[tuple[str, object, dict, int]]:
     """(name, kernel, constexprs, num_warps) as the launchers compile them: prefill kernels under the given
     launch settings (triton_linear.Launch), decode kernels at Triton's default 4 warps."""
     from architectures.ttt import triton_linear as lin
     from architectures.ttt import triton_mlp as mlp
 
     bf, bh = lin._block(f), lin._block(4 * f)
-    common = {"F": f, "BF": bf, "MB": 16, "HAS_PARTIAL": True, "PREC": precision}
+    common = {"F": f, "BF": bf, "MB": 16, "HAS_PARTIAL": True, "PREC": launch.precision}
     return [
-        ("linear forward", lin._fwd_kernel, {**common, "SAVE": True}, num_warps),
-        ("linear backward", lin._bwd_kernel, common, num_warps),
+        ("linear forward", lin._fwd_kernel, {**common, "SAVE": True}, launch.warps("linear", "fwd")),
+        ("linear backward", lin._bwd_kernel, common, launch.warps("linear", "bwd")),
         ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}, 4),
-        ("mlp forward", mlp._fwd_kernel, {**common, "BH": bh, "SAVE": True}, num_warps),
-        ("mlp backward", mlp._bwd_kernel, {**common, "BH": bh}, num_warps),
+        ("mlp forward", mlp._fwd_kernel, {**common, "BH": bh, "SAVE": True}, launch.warps("mlp", "fwd")),
+        ("mlp backward", mlp._bwd_kernel, {**common, "BH": bh}, launch.warps("mlp", "bwd")),
         ("mlp decode", mlp._decode_kernel, {"F": f, "BF": bf, "BH": bh, "COMMIT": True}, 4),
     ]
 
@@ -96,19 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--head-dims", default="64,96,128")
     p.add_argument("--precision", default=None, help="tf32 | ieee (default: the launchers', triton_linear.LAUNCH)")
-    p.add_argument("--num-warps", type=int, default=None, help="prefill kernels (default: the launchers')")
+    p.add_argument("--num-warps", type=int, default=None, help="every prefill kernel (default: the launchers', per kernel)")
     p.add_argument("--only", default="", help="comma list of kernel names (substrings), e.g. 'linear,mlp forward'")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: unset TRITON_INTERPRET: this compiles the kernels for the GPU", file=sys.stderr)
         return 2
+    from dataclasses import replace
+
     from architectures.ttt.triton_linear import LAUNCH
 
-    precision, warps = args.precision or LAUNCH.precision, args.num_warps or LAUNCH.num_warps
+    launch = replace(LAUNCH, precision=args.precision or LAUNCH.precision, num_warps=args.num_warps or LAUNCH.num_warps)
     rows = []
     for f in (int(x) for x in args.head_dims.split(",")):
-        for name, fn, consts, num_warps in kernels(f, precision, warps):
+        for name, fn, consts, num_warps in kernels(f, launch):
             if args.only and not any(s.strip() and s.strip() in name for s in args.only.split(",")):
                 continue
             t0 = time.perf_counter()

@@ -177,7 +177,8 @@ def _triton_outputs(inner, B, H, T, f, device, backward):
     return out.detach().float(), x["q"].grad.float()
 
 
-def variant_rows(inners, lengths, B, bwd_B, H, f, device, max_seconds, modes=("fwd", "fwd+bwd")) -> list[dict]:
+def variant_rows(inners, lengths, B, bwd_B, H, f, device, max_seconds, modes=("fwd", "fwd+bwd"),
+                 precisions=("ieee", "tf32")) -> list[dict]:
     """Each launch variant of our kernels: ms per call (forward at B, forward+backward at bwd_B) and the
     relative RMSE of its output and of dq against the first variant (exact fp32 products, 4 warps, for
     TTT-Linear)."""
@@ -185,7 +186,7 @@ def variant_rows(inners, lengths, B, bwd_B, H, f, device, max_seconds, modes=("f
 
     rows = []
     for inner in inners:
-        variants = variants_for(inner)
+        variants = [v for v in variants_for(inner) if v["precision"] in precisions]
         for backward, batch in [(bw, b) for bw, b in ((False, B), (True, bwd_B)) if MODES[bw] in modes]:
             for T in lengths:
                 ref = None
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of the contenders: our kernels' launch variants (precision x warps) for these\n"
                         "inners (linear,mlp), timed and compared with the exact default")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
+    p.add_argument("--precisions", default="ieee,tf32", help="--variants: the products' precisions to time")
     p.add_argument("--smoke", action="store_true", help="CPU check of the script: tiny shapes, interpreter")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --variants takes linear and/or mlp, got {args.variants!r}", file=sys.stderr)
             return 2
         rows = variant_rows(inners, lengths, args.batch, args.bwd_batch, args.heads, args.head_dim, device,
-                            args.max_seconds, modes)
+                            args.max_seconds, modes, [x.strip() for x in args.precisions.split(",")])
         names = []
     for backward, B in [(bw, b) for bw, b in ((False, args.batch), (True, args.bwd_batch)) if MODES[bw] in modes]:
         for name in names:

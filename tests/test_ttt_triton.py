@@ -252,8 +252,8 @@ def test_launch_settings_are_checked_and_restored(monkeypatch):
     from architectures.ttt.triton_linear import LAUNCH, _launch_from_env, launch_settings
 
     before = (LAUNCH.precision, LAUNCH.num_warps)
-    with launch_settings(precision="ieee", num_warps=4) as launch:
-        assert (launch.precision, launch.num_warps) == ("ieee", 4) and launch is LAUNCH
+    with launch_settings(precision="ieee", num_warps=2) as launch:
+        assert (launch.precision, launch.warps("mlp", "bwd")) == ("ieee", 2) and launch is LAUNCH
     assert (LAUNCH.precision, LAUNCH.num_warps) == before
     with pytest.raises(ValueError, match="precision must be one of"):
         with launch_settings(precision="fp8"):

@@ -366,30 +366,40 @@ def _block(f: int) -> int:
 
 
 PRECISIONS = ("tf32", "ieee")
+# Warps per program of each prefill kernel, by measurement (`make gpu-check` on one H200, 32 heads x 64,
+# bf16 inputs, batch 16, T = 2k, tf32): the TTT-Linear forward took 0.88 ms at 4 warps and 1.54 ms at 8,
+# the TTT-MLP forward 16.2 ms at 4 and 9.9 ms at 8. Backward: the same as the forward until measured.
+DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 4, ("mlp", "fwd"): 8, ("mlp", "bwd"): 8}
 
 
 @dataclass
 class Launch:
     """How the prefill kernels (linear and MLP) are compiled and launched. `precision` is tl.dot's
     input_precision: "tf32" multiplies on the tensor cores (10-bit mantissa, fp32 accumulation and state;
-    tests/test_ttt_triton.py states the tolerance against the fp32 dual form), "ieee" gives exact fp32
-    products on the CUDA cores (ptxas spills 16-37 KB per thread in the backward at f = 64: `make
-    check-kernels`). The interpreter ignores it (exact). `num_warps` per program: 8 leaves the forward
-    without spills at f = 64 (255 registers and spills at 4). `make gpu-check` times every variant
-    (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION / TTT_TRITON_WARPS override the defaults."""
+    1.2e-3 relative RMSE of the output against "ieee" at the 1.3B shape, T = 2k; tests/test_ttt_triton.py
+    states the tolerance against the fp32 dual form); "ieee" gives exact fp32 products on the CUDA cores,
+    2.8x slower in the TTT-Linear forward on an H200 (ptxas spills 16-37 KB per thread in its backward at
+    f = 64: `make check-kernels --precision ieee`). The interpreter ignores it (exact). `num_warps` per
+    program: None takes DEFAULT_WARPS per kernel, a number applies to every prefill kernel. `make
+    gpu-check` times every variant (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION and
+    TTT_TRITON_WARPS override the defaults."""
     precision: str = "tf32"
-    num_warps: int = 8
+    num_warps: int | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"TTT kernel precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
+        if self.num_warps not in (None, 1, 2, 4, 8, 16):
             raise ValueError(f"TTT kernel num_warps must be a power of two up to 16, got {self.num_warps!r}")
+
+    def warps(self, inner: str, direction: str) -> int:
+        """Warps for one kernel: inner "linear" | "mlp", direction "fwd" | "bwd"."""
+        return self.num_warps or DEFAULT_WARPS[inner, direction]
 
 
 def _launch_from_env() -> Launch:
-    env = os.environ
-    return Launch(env.get("TTT_TRITON_PRECISION", Launch.precision), int(env.get("TTT_TRITON_WARPS", Launch.num_warps)))
+    warps = os.environ.get("TTT_TRITON_WARPS")
+    return Launch(os.environ.get("TTT_TRITON_PRECISION", Launch.precision), int(warps) if warps else None)
 
 
 LAUNCH = _launch_from_env()
@@ -433,7 +443,7 @@ class TTTLinearFunction(torch.autograd.Function):
             q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
             T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
             LN_EPS, F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, SAVE=bool(save), PREC=LAUNCH.precision,
-            num_warps=LAUNCH.num_warps)
+            num_warps=LAUNCH.warps("linear", "fwd"))
         ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn)
         ctx.meta = (group, n_full, n_ckpt, partial, W0.shape, b0.shape, tok.dtype, ln_w.dtype, W0.dtype)
         ctx.mark_non_differentiable(aw, ab)
@@ -460,7 +470,7 @@ class TTTLinearFunction(torch.autograd.Function):
             dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
             T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
             F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, PREC=LAUNCH.precision,
-            num_warps=LAUNCH.num_warps)
+            num_warps=LAUNCH.warps("linear", "bwd"))
         if w_shape[0] == 1:
             dW0, db0 = dW0.sum(0, keepdim=True), db0.sum(0, keepdim=True)
         return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),
