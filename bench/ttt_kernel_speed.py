@@ -173,7 +173,10 @@ def _triton_outputs(inner, B, H, T, f, device, backward):
         *[x[n] for n in ("q", "k", "v", "a", "tok", "ln_w", "ln_b")], {n: x[n] for n in names})[0]
     if not backward:
         return out.detach().float(), None
-    out.float().sum().backward()
+    # a random projection: with the sum of the outputs and the inner LN's weight at 1, the LN's backward
+    # gives zero and dq would be the identity whatever the kernel computes
+    proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    (out.float() * proj).sum().backward()
     return out.detach().float(), x["q"].grad.float()
 
 

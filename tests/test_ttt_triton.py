@@ -271,8 +271,9 @@ def test_launch_settings_are_checked_and_restored(monkeypatch):
 
 
 def test_kernel_variants_benchmark_smoke(tmp_path):
-    """--variants: every launch variant timed, with its error against the first (exact) one; the
-    interpreter computes exact products whatever the setting, so the errors are 0 here."""
+    """--variants: every launch variant timed, with its error against the first (exact) one. The
+    interpreter computes exact products whatever the setting (errors 0); compiled, "ieee" stays exact
+    and "tf32" differs by about 1e-3."""
     import json
 
     from bench.ttt_kernel_speed import VARIANTS, main
@@ -280,8 +281,15 @@ def test_kernel_variants_benchmark_smoke(tmp_path):
     assert main(["--smoke", "--variants", "linear", "--lengths", "32", "--results", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench" / "ttt_kernel_variants.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == VARIANTS * 2 and {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
-    assert all(r["status"] == "ok" and r["out_rel_rmse"] == 0 for r in rows)
-    assert all(r["dq_rel_rmse"] == 0 for r in rows if r["mode"] == "fwd+bwd")
+    assert all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        errors = [r["out_rel_rmse"]] + ([r["dq_rel_rmse"]] if r["mode"] == "fwd+bwd" else [])
+        if DEVICE.type == "cpu":
+            assert all(e == 0 for e in errors), r
+        elif r["variant"]["precision"] == "ieee":
+            assert all(e < 1e-4 for e in errors), r  # exact products; other warps sum in another order
+        else:
+            assert all(0 < e < 2e-2 for e in errors), r
 
 
 def test_kernel_benchmark_smoke(tmp_path):

@@ -366,19 +366,21 @@ def _block(f: int) -> int:
 
 
 PRECISIONS = ("tf32", "ieee")
-# Warps per program of each prefill kernel, by measurement (`make gpu-check` on one H200, 32 heads x 64,
-# bf16 inputs, batch 16, T = 2k, tf32): the TTT-Linear forward took 0.88 ms at 4 warps and 1.54 ms at 8,
-# the TTT-MLP forward 16.2 ms at 4 and 9.9 ms at 8. Backward: the same as the forward until measured.
-DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 4, ("mlp", "fwd"): 8, ("mlp", "bwd"): 8}
+# Warps per program of each prefill kernel, by measurement (bench/ttt_kernel_speed.py --variants on one
+# H200, 2026-11-30: 32 heads x 64, bf16 inputs, tf32 products). TTT-Linear forward, batch 16: 0.91 / 3.23 ms
+# at 4 warps and 1.55 / 6.11 ms at 8 (T = 2k / 8k); forward+backward, batch 4: 3.54 / 12.35 ms at 4 and
+# 3.14 / 10.59 ms at 8, so the backward is faster at 8. TTT-MLP forward, batch 16, 2k: 16.2 ms at 4, 9.9 at
+# 8; its backward was not timed (at f = 64 it needs more shared memory than sm_90 has: `make check-kernels`).
+DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 8, ("mlp", "fwd"): 8, ("mlp", "bwd"): 8}
 
 
 @dataclass
 class Launch:
     """How the prefill kernels (linear and MLP) are compiled and launched. `precision` is tl.dot's
     input_precision: "tf32" multiplies on the tensor cores (10-bit mantissa, fp32 accumulation and state;
-    1.2e-3 relative RMSE of the output against "ieee" at the 1.3B shape, T = 2k; tests/test_ttt_triton.py
-    states the tolerance against the fp32 dual form); "ieee" gives exact fp32 products on the CUDA cores,
-    2.8x slower in the TTT-Linear forward on an H200 (ptxas spills 16-37 KB per thread in its backward at
+    0.7-1.4e-3 relative RMSE of the output against "ieee" at the 1.3B shape, T = 2k-8k;
+    tests/test_ttt_triton.py states the tolerance against the fp32 dual form); "ieee" gives exact fp32
+    products on the CUDA cores, 2.8x slower in the TTT-Linear forward on an H200 (ptxas spills 16-37 KB per thread in its backward at
     f = 64: `make check-kernels --precision ieee`). The interpreter ignores it (exact). `num_warps` per
     program: None takes DEFAULT_WARPS per kernel, a number applies to every prefill kernel. `make
     gpu-check` times every variant (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION and
