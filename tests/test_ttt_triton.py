@@ -237,9 +237,13 @@ def test_generate_with_the_triton_decode_kernel_equals_one_prefill(arch):
 def test_backend_selection(monkeypatch):
     assert resolve_ttt_backend("torch", "mlp") == "torch"
     assert resolve_ttt_backend("auto", "linear") == ("triton" if torch.cuda.is_available() else "torch")
-    assert resolve_ttt_backend("triton", "mlp") == "triton"  # CUDA, or the interpreter (these tests)
+    assert resolve_ttt_backend("triton", "linear") == "triton"  # CUDA, or the interpreter (these tests)
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_ttt_backend("cuda", "linear")
+    assert resolve_ttt_backend("auto", "mlp", head_dim=64) == "torch"  # its backward does not fit on chip
+    with pytest.raises(BackendUnavailable, match="fits head dims up to 32"):
+        resolve_ttt_backend("triton", "mlp", head_dim=64)
+    assert resolve_ttt_backend("triton", "mlp", head_dim=32) == "triton"
     with pytest.raises(ValueError, match="needs backend=torch"):
         TTTLayer(ModelConfig("ttt_linear", 61, 32, 1, 2, 64, 64, options={"backend": "triton", "impl": "reference"}))
     if not torch.cuda.is_available():

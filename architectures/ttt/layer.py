@@ -53,6 +53,7 @@ INNER = ("linear", "mlp")
 BACKBONES = ("mamba", "transformer")
 IMPLS = ("auto", "scan", "dual", "reference")
 TRITON_INNERS = ("linear", "mlp")  # inner models with Triton kernels (triton_linear.py, triton_mlp.py)
+MLP_TRITON_MAX_HEAD_DIM = 32  # `make check-kernels`: the TTT-MLP backward at f = 32 uses 74 KB of shared memory
 
 
 def _triton_interpreting() -> bool:
@@ -67,15 +68,20 @@ def _triton_importable() -> bool:
     return True
 
 
-def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True) -> str:
+def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True, head_dim: int = 64) -> str:
     """backend (architectures/backends.py): Triton where it runs (triton installed, CUDA; the interpreter,
     TRITON_INTERPRET=1, only when asked for by name) and has a kernel for this inner model, else our
     PyTorch implementations (`impl`). paper_f=False (inner_ln, inner_residual or inner_bias off, or a
     mini-batch longer than dual.LONG_PIECE): the kernels compute only f(x) = x + LN(f_res(x)) with a
-    bias over short mini-batches, so auto is torch and triton raises."""
+    bias over short mini-batches, so auto is torch and triton raises. TTT-MLP's kernels hold W1 and W2
+    whole on chip: above MLP_TRITON_MAX_HEAD_DIM the backward does not fit (auto is torch)."""
     def triton() -> str | None:
         if inner not in TRITON_INNERS:
             return f"has no kernel for TTT-{inner}"
+        if inner == "mlp" and head_dim > MLP_TRITON_MAX_HEAD_DIM:
+            return (f"holds TTT-MLP's W1 and W2 whole on chip: its backward fits head dims up to "
+                    f"{MLP_TRITON_MAX_HEAD_DIM} (at 64 it needs 262 KB of shared memory, sm_90 has 227 KB), "
+                    f"this layer has {head_dim}")
         if not paper_f:
             return (f"computes f(x) = x + LN(x W + b) over mini-batches of at most {LONG_PIECE} tokens: inner_ln, "
                     f"inner_residual and inner_bias must be true and mini_batch <= {LONG_PIECE}")
@@ -130,7 +136,7 @@ class TTTLayer(nn.Module):
         self.mini_batch = resolve_mini_batch(cfg)
         paper_f = self.inner_ln and self.inner_residual and self.inner_bias and self.mini_batch <= LONG_PIECE
         self._paper_f = paper_f
-        self.backend = resolve_ttt_backend(str(cfg.opt("backend")), self.inner, paper_f)
+        self.backend = resolve_ttt_backend(str(cfg.opt("backend")), self.inner, paper_f, cfg.head_dim)
         if self.impl == "scan" and not (self.inner == "linear" and paper_f):
             raise ValueError("TTT impl=scan is TTT-Linear with its inner LN, residual and bias and mini-batches "
                              f"of at most {LONG_PIECE} tokens; use impl=dual")
