@@ -127,12 +127,22 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def device(out: Path) -> str | None:
+    """The GPU's name from the env stage's log (`torch 2.11.0 cuda True NVIDIA H200`), else from a benchmark."""
+    log = out / "env.log"
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        if line.startswith("torch ") and " cuda " in line:
+            return line.split(" cuda ", 1)[1].removeprefix("True").removeprefix("False").strip() or "CPU"
+    for path in sorted(out.glob("results/**/ttt_kernel_*.json")):
+        return json.loads(path.read_text()).get("device")
+    return None
+
+
 def report(out: Path) -> dict:
     speed = out / "results" / "bench" / "ttt_kernel_speed.json"
-    device = json.loads(speed.read_text()).get("device") if speed.exists() else None
     train, decode = throughput(out)
     variants = [r for p in sorted(out.glob("results/**/ttt_kernel_variants.json")) for r in _rows(p)]
-    return {"device": device, "stages": stages(out), "kernel_tests": kernel_tests(out),
+    return {"device": device(out), "stages": stages(out), "kernel_tests": kernel_tests(out),
             "kernel_variants": variants, "best_variants": best_variants(variants),
             "kernel_speed": kernel_ratios(_rows(speed)), "train": train, "decode": decode}
 
@@ -147,7 +157,7 @@ def markdown(r: dict) -> str:
     return (f"# make gpu-check on {r['device'] or 'an unknown device'}\n\n"
             f"## Stages\n{_table(r['stages'], ['stage', 'rc', 'took_s', 'timed_out'])}\n"
             f"## Kernel tests on the device (tests/test_ttt_triton.py)\n{tests}\n{failures}\n"
-            "## Launch variants of our kernels (ms per call; error: relative RMSE against the first, exact variant)\n"
+            "## Launch variants of our kernels (ms per call; error: relative RMSE against the first variant timed)\n"
             f"{_table(variants, ['impl', 'mode', 'T', 'batch', 'ms', 'out_rel_rmse', 'dq_rel_rmse'])}\n"
             "## Kernels: ours against fla's chunk_ttt_linear (ms per call, medians)\n"
             f"{_table(r['kernel_speed'], ['mode', 'T', 'ttt_linear_ms', 'fla_ms', 'linear_over_fla', 'ttt_mlp_ms', 'mlp_over_linear'])}\n"

@@ -180,11 +180,11 @@ def _triton_outputs(inner, B, H, T, f, device, backward):
     return out.detach().float(), x["q"].grad.float()
 
 
-def variant_rows(inners, lengths, B, bwd_B, H, f, device, max_seconds, modes=("fwd", "fwd+bwd"),
+def variant_rows(add, inners, lengths, B, bwd_B, H, f, device, max_seconds, modes=("fwd", "fwd+bwd"),
                  precisions=("ieee", "tf32")) -> list[dict]:
     """Each launch variant of our kernels: ms per call (forward at B, forward+backward at bwd_B) and the
-    relative RMSE of its output and of dq against the first variant (exact fp32 products, 4 warps, for
-    TTT-Linear)."""
+    relative RMSE of its output and of dq against the first variant that ran (`error_against`; exact fp32
+    products at 4 warps for TTT-Linear unless --precisions leaves them out)."""
     from architectures.ttt.triton_linear import launch_settings
 
     rows = []
@@ -200,14 +200,13 @@ def variant_rows(inners, lengths, B, bwd_B, H, f, device, max_seconds, modes=("f
                         row.update(variant=v)
                         if row["status"] == "ok":
                             out, dq = _triton_outputs(inner, batch, H, T, f, device, backward)
-                            ref = ref or (out, dq)
+                            ref = ref or (out, dq, v)
+                            row["error_against"] = ref[2]
                             row["out_rel_rmse"] = _rel_rmse(out, ref[0])
                             if dq is not None:
                                 row["dq_rel_rmse"] = _rel_rmse(dq, ref[1])
                     rows.append(row)
-                    errs = " ".join(f"{k}={row[k]:.1e}" for k in ("out_rel_rmse", "dq_rel_rmse") if k in row)
-                    shown = f"{row['ms']:.3f} ms {errs}" if row["status"] == "ok" else row["status"]
-                    print(f"[ttt-bench] {row['mode']:8s} {name:44s} T={T:6d} B={batch:3d}: {shown}", flush=True)
+                    add(row)
                 if all(r.get("ms", 0) > 1e3 * max_seconds for r in rows[-len(variants):]):
                     break  # every variant too slow at this T: no longer ones
     return rows
@@ -215,6 +214,30 @@ def variant_rows(inners, lengths, B, bwd_B, H, f, device, max_seconds, modes=("f
 
 def _rel_rmse(x, y) -> float:
     return ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item()
+
+
+class Record:
+    """The benchmark's rows, written to its JSON after each one (a stage stopped by its time limit keeps
+    what it measured; `complete` says whether the run got to its end) and printed."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.header, self.rows, self.t0 = path, header, [], time.perf_counter()
+
+    def _write(self, complete: bool) -> None:
+        atomic_write_json(self.path, {**self.header, "complete": complete,
+                                      "wall_s": time.perf_counter() - self.t0, "rows": self.rows})
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self._write(False)
+        errs = " ".join(f"{k}={row[k]:.1e}" for k in ("out_rel_rmse", "dq_rel_rmse") if k in row)
+        shown = f"{row['ms']:.3f} ms {errs}".rstrip() if row["status"] == "ok" else row["status"]
+        print(f"[ttt-bench] {row['mode']:8s} {row['impl']:44s} T={row['T']:6d} B={row['batch']:3d}: {shown}",
+              flush=True)
+
+    def close(self) -> float:
+        self._write(True)
+        return time.perf_counter() - self.t0
 
 
 def kernel_row(name, build, B, H, T, f, device, backward) -> dict:
@@ -298,40 +321,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --modes takes fwd and/or fwd+bwd, got {args.modes!r}", file=sys.stderr)
         return 2
     names = [n for n in CONTENDERS if not args.only or any(s.strip() and s.strip() in n for s in args.only.split(","))]
-    rows, t0 = [], time.perf_counter()
-    if args.variants:
-        inners = [i.strip() for i in args.variants.split(",") if i.strip()]
-        if set(inners) - {"linear", "mlp"}:
-            print(f"error: --variants takes linear and/or mlp, got {args.variants!r}", file=sys.stderr)
-            return 2
-        rows = variant_rows(inners, lengths, args.batch, args.bwd_batch, args.heads, args.head_dim, device,
-                            args.max_seconds, modes, [x.strip() for x in args.precisions.split(",")])
+    inners = [i.strip() for i in args.variants.split(",") if i.strip()]
+    if set(inners) - {"linear", "mlp"}:
+        print(f"error: --variants takes linear and/or mlp, got {args.variants!r}", file=sys.stderr)
+        return 2
+    out = Path(args.results)
+    stem = "ttt_kernel_variants" if inners else "ttt_kernel_speed"
+    record = Record(out / "bench" / f"{stem}.json", {"device": device_name(device), "packages": package_versions(),
+                                                      "shape": {"heads": args.heads, "head_dim": args.head_dim}})
+    if inners:
+        variant_rows(record.add, inners, lengths, args.batch, args.bwd_batch, args.heads, args.head_dim, device,
+                     args.max_seconds, modes, [x.strip() for x in args.precisions.split(",")])
         names = []
     for backward, B in [(bw, b) for bw, b in ((False, args.batch), (True, args.bwd_batch)) if MODES[bw] in modes]:
         for name in names:
             slow = False
             for T in lengths:
                 if slow:
-                    rows.append({"impl": name, "T": T, "batch": B, "mode": "fwd+bwd" if backward else "fwd",
-                                 "status": f"skipped: a shorter T took over {args.max_seconds} s"})
+                    record.add({"impl": name, "T": T, "batch": B, "mode": MODES[backward],
+                                "status": f"skipped: a shorter T took over {args.max_seconds} s"})
                     continue
                 row = kernel_row(name, CONTENDERS[name], B, args.heads, T, args.head_dim, device, backward)
-                rows.append(row)
-                shown = f"{row['ms']:.3f} ms" if row["status"] == "ok" else row["status"]
-                print(f"[ttt-bench] {row['mode']:8s} {name:44s} T={T:6d} B={B:3d}: {shown}", flush=True)
+                record.add(row)
                 slow = row["status"] == "ok" and row["ms"] > 1e3 * args.max_seconds
                 if row["status"] in ("not installed",):
                     break
-    out = Path(args.results)
-    result = {"device": device_name(device), "shape": {"heads": args.heads, "head_dim": args.head_dim},
-              "packages": package_versions(), "wall_s": time.perf_counter() - t0, "rows": rows}
-    stem = "ttt_kernel_variants" if args.variants else "ttt_kernel_speed"
-    atomic_write_json(out / "bench" / f"{stem}.json", result)
+    wall_s = record.close()
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    plot(rows, out / "plots" / f"{stem}.png",
-         f"TTT kernels vs attention and Mamba, {args.heads} heads x {args.head_dim}, {result['device']}")
-    print(f"[ttt-bench] wrote {out / 'bench' / f'{stem}.json'} and {out / 'plots' / f'{stem}.png'} "
-          f"in {result['wall_s']:.0f}s")
+    plot(record.rows, out / "plots" / f"{stem}.png",
+         f"TTT kernels vs attention and Mamba, {args.heads} heads x {args.head_dim}, {record.header['device']}")
+    print(f"[ttt-bench] wrote {record.path} and {out / 'plots' / f'{stem}.png'} in {wall_s:.0f}s")
     return 0
 
 

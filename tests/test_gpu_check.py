@@ -1,0 +1,79 @@
+"""`make gpu-check ARGS=--smoke`: the GPU machine's one prepared script, run on CPU with tiny shapes, and its
+one-page report (bench/gpu_report.py) read from a folder of stage outputs."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from bench.gpu_report import main as gpu_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow  # every stage on CPU under the interpreter: about 2 minutes on 2 cores
+def test_gpu_check_smoke_runs_every_stage_and_writes_the_report(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "WANDB_MODE": "disabled"}
+    env.pop("TRITON_INTERPRET", None)  # the script sets it for --smoke
+    res = subprocess.run(["bash", ".ci/gpu-check", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    stages = (tmp_path / "stages.txt").read_text().split("\n")
+    names = [line.split()[0] for line in stages if line]
+    assert names == ["env", "kernel-tests", "kernel-variants", "kernel-variants-mlp", "kernel-speed", "train-125m",
+                     "decode-1.3b", "report"]
+    assert all(" rc=0 " in line for line in stages if line), stages
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["kernel_tests"]["passed"] > 0 and report["kernel_tests"]["failed"] == 0
+    assert {r["arch"] for r in report["train"]} == {"transformer", "ttt_linear", "ttt_mlp", "mamba", "mamba2"}
+    assert all(r["tokens_per_s"] > 0 for r in report["train"] if r["status"] == "ok")
+    assert {r["arch"] for r in report["decode"]} == {"transformer", "ttt_linear", "mamba2"}
+    assert report["kernel_variants"] and report["kernel_speed"]
+    # at most 8 files come back from the device tool: the summary and one archive of the rest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-check.tgz", "report.json", "report.md", "stages.txt"]
+    with tarfile.open(tmp_path / "gpu-check.tgz") as tar:
+        names = tar.getnames()
+    assert "./kernel-tests.log" in names and "./results/throughput.csv" in names
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_report_from_stage_outputs(tmp_path):
+    """A stage that timed out and a failed test are reported; the ratios are ours over fla's, MLP over
+    Linear and each architecture's training tokens/s over the Transformer's."""
+    _write(tmp_path / "stages.txt", "env rc=0 15s-limit took=3s\nkernel-tests rc=124 120s-limit took=120s\n")
+    _write(tmp_path / "env.log", "3.12.3\ntorch 2.11.0+cu130 cuda True NVIDIA H200\ntriton 3.6.0\n")
+    _write(tmp_path / "kernel-tests.xml",
+           '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="0" time="12.5">'
+           '<testcase name="test_a"/><testcase name="test_b"><failure message="assert 0.5 &lt; 0.02&#10;more"/>'
+           '</testcase><testcase name="test_c"/></testsuite></testsuites>')
+    rows = [{"impl": "ttt_linear [triton]", "mode": "fwd", "T": 2048, "status": "ok", "ms": 1.0},
+            {"impl": "fla chunk_ttt_linear (different semantics)", "mode": "fwd", "T": 2048, "status": "ok",
+             "ms": 1.25},
+            {"impl": "ttt_mlp [triton]", "mode": "fwd", "T": 2048, "status": "ok", "ms": 10.0}]
+    _write(tmp_path / "results" / "bench" / "ttt_kernel_speed.json", json.dumps({"device": "GPU X", "rows": rows}))
+    _write(tmp_path / "results" / "throughput.csv",
+           "arch,size,mode,ctx,batch,time_per_token_s,tokens_per_s,backend,status\n"
+           "transformer,125m,train,2048,8,1e-5,200000,attention=sdpa,ok\n"
+           "ttt_linear,125m,train,2048,8,2e-5,100000,ttt=triton,ok\n"
+           "mamba,125m,train,2048,8,,,ssm=torch,skipped: predicted 5 s per call > --max-seconds 4\n"
+           "transformer,1.3b,decode,2048,16,0.05,320,attention=sdpa,ok\n")
+    assert gpu_report([str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert r["device"] == "NVIDIA H200" and r["stages"][1]["timed_out"]
+    assert r["kernel_tests"]["failed"] == 1 and r["kernel_tests"]["failures"][0] == {
+        "test": "test_b", "message": "assert 0.5 < 0.02"}
+    assert r["kernel_speed"] == [{"mode": "fwd", "T": 2048, "ttt_linear_ms": 1.0, "ttt_mlp_ms": 10.0, "fla_ms": 1.25,
+                                  "linear_over_fla": 0.8, "mlp_over_linear": 10.0}]
+    train = {t["arch"]: t for t in r["train"]}
+    assert train["ttt_linear"]["over_transformer"] == 0.5 and train["mamba"]["tokens_per_s"] is None
+    assert r["decode"][0]["ms_per_step"] == pytest.approx(50.0)
+    md = (tmp_path / "report.md").read_text()
+    assert "# make gpu-check on NVIDIA H200" in md and "2 passed, 1 failed" in md and "| 2048 | 1 | 1.25 | 0.8 |" in md
+    assert gpu_report([str(tmp_path / "missing")]) == 2
