@@ -76,7 +76,7 @@ def chunked_linear_attention(q, k, v, state, chunk: int):
 
 
 class LinearAttentionCache:
-    """Decode state of one linear-attention block: S (B, H, f, f') and the tokens seen."""
+    """Decode state of one linear-attention block: S (B, H, f, f'); `seen` is the shell's count."""
 
     def __init__(self):
         self.state: torch.Tensor | None = None
@@ -116,7 +116,7 @@ class LinearAttention(nn.Module):
             if self.normalizer:
                 z = z[..., :f] / (z[..., f:] + NORMALIZER_EPS)
         if cache is not None:
-            cache.state, cache.seen = state, seen + T
+            cache.state = state
         y = self.post_norm(z.to(x.dtype).transpose(1, 2).reshape(B, T, d))
         return self.wo(y)
 

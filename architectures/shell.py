@@ -7,7 +7,9 @@ Block interface (what an architecture provides through the registry):
     class Block(nn.Module):
         def forward(self, h: Tensor, cache: Any | None = None) -> Tensor
             # h: (B, T, d) residual stream in, (B, T, d) out. With a cache, the block continues the
-            # sequence the cache has seen (positions, recurrent state) and updates it in place.
+            # sequence the cache has seen and updates its contents (KV, recurrent state) in place;
+            # cache.seen, the position of h's first token, is the shell's count (DecodeState.advance):
+            # blocks read it and never change it.
         def new_cache(self, batch: int, max_len: int, device, dtype) -> Any
             # an empty decode state: a KV cache for attention, (W, b, accumulators, conv states)
             # for TTT, (conv state, SSM state) for Mamba.
@@ -49,12 +51,21 @@ class FollowsTrainProgress(Protocol):
 
 
 class DecodeState:
-    """Per-block caches for incremental decoding, plus how many tokens they have seen."""
+    """Per-block caches for incremental decoding and the one count of the tokens they have seen: every
+    cache's `seen` is set here, after all blocks ran (`advance`), and read by the blocks as the position
+    of their first new token."""
 
     def __init__(self, caches: list, max_len: int):
         self.caches = caches
         self.max_len = max_len
         self.seen = 0
+        for cache in caches:
+            cache.seen = 0
+
+    def advance(self, T: int) -> None:
+        self.seen += T
+        for cache in self.caches:
+            cache.seen = self.seen
 
 
 class LanguageModel(nn.Module):
@@ -87,7 +98,7 @@ class LanguageModel(nn.Module):
             else:
                 h = block(h, None if state is None else state.caches[i])
         if state is not None:
-            state.seen += idx.shape[1]
+            state.advance(idx.shape[1])
         return self.norm(h)
 
     def forward(self, idx: torch.Tensor, state: DecodeState | None = None, at: torch.Tensor | None = None) -> torch.Tensor:

@@ -49,23 +49,23 @@ def resolve_attention_backend(requested: str) -> str:
 
 
 class KVCache:
-    """Preallocated keys and values (B, H, max_len, f); `length` tokens are filled. With a short conv,
-    also its last k - 1 inputs (B, k-1, d)."""
+    """Preallocated keys and values (B, H, max_len, f), filled up to `seen` (the shell's count: DecodeState).
+    With a short conv, also its last k - 1 inputs (B, k-1, d)."""
 
     def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
         self.k = torch.zeros(batch, n_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.length = 0
+        self.seen = 0
         self.conv: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens' keys and values after the `seen` ones; all of them so far."""
         T = k.shape[2]
-        end = self.length + T
+        end = self.seen + T
         if end > self.k.shape[2]:
-            raise ValueError(f"KV cache full: {self.length} + {T} > {self.k.shape[2]}")
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
+            raise ValueError(f"KV cache full: {self.seen} + {T} > {self.k.shape[2]}")
+        self.k[:, :, self.seen:end] = k
+        self.v[:, :, self.seen:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, end, f)
 
 
@@ -106,7 +106,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, d = x.shape
-        q, k = self.rotated_qk(x, 0 if cache is None else cache.length)
+        q, k = self.rotated_qk(x, 0 if cache is None else cache.seen)
         v = self.wv(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, f)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, start + T, f)

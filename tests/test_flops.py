@@ -271,6 +271,27 @@ def test_state_size_is_the_decode_cache(arch):
     assert _numbers(state.caches) == architectures.get(arch).count(cfg, T).state_numbers
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_shell_keeps_the_one_count_of_tokens_seen(arch):
+    """Blocks read cache.seen (the position of their first new token) and never change it; the shell's
+    DecodeState advances every cache together after all blocks ran."""
+    T = 21
+    cfg = config(arch, 64, 2, 2, 2 * T)
+    if cfg.options.get("mini_batch") == "seq":
+        cfg = replace(cfg, max_seq_len=4 * T)
+    model = build_model(cfg)
+    state = model.new_state(1, 2 * T)
+    idx = torch.randint(0, cfg.vocab_size, (1, T + 2))
+    with torch.no_grad():
+        model.blocks[0](model.embed(idx[:, :T]), state.caches[0])  # a block alone: the count stays
+        assert [c.seen for c in state.caches] == [0] * cfg.n_layers
+        state = model.new_state(1, 2 * T)
+        model(idx[:, :T], state)
+        model(idx[:, T:T + 1], state)
+        model(idx[:, T + 1:], state)
+    assert state.seen == T + 2 and [c.seen for c in state.caches] == [T + 2] * cfg.n_layers
+
+
 # -- size matching -----------------------------------------------------------------------------
 
 def sized(arch, size, ctx, match, vocab=32000):

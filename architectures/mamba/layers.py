@@ -80,7 +80,7 @@ def dt_bias_init(dim: int, dt_min: float, dt_max: float, floor: float) -> torch.
 
 class MambaCache:
     """Decode state of one Mamba or Mamba-2 block: conv inputs (B, k-1, C) and the SSM state (at least
-    fp32: (B, D, N) for Mamba, (B, H, P, N) for Mamba-2), plus how many tokens it has seen."""
+    fp32: (B, D, N) for Mamba, (B, H, P, N) for Mamba-2); `seen` is the shell's count (DecodeState)."""
 
     def __init__(self, conv: torch.Tensor, ssm: torch.Tensor):
         self.conv, self.ssm, self.seen = conv, ssm, 0
@@ -141,7 +141,6 @@ class MambaMixer(nn.Module):
                 cache.ssm.copy_(last)
         if cache is not None:
             cache.conv.copy_(conv_state)
-            cache.seen += x.shape[1]
         return self.out_proj(y)
 
     def _cuda_core(self, xi, z, cache):
@@ -159,7 +158,6 @@ class MambaMixer(nn.Module):
         if cache is not None:
             cache.ssm.copy_(last)
             cache.conv.copy_(_last_inputs(xi, self.conv.width))
-            cache.seen += xi.shape[1]
         return y.transpose(1, 2)
 
     def new_cache(self, batch: int, device, dtype) -> MambaCache:
@@ -268,7 +266,6 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             cache.ssm.copy_(last)
             cache.conv.copy_(conv_state)
-            cache.seen += T
         y = self.norm(y.reshape(Bsz, T, D).to(x.dtype), z)
         return self.out_proj(y)
 

@@ -113,7 +113,7 @@ def ttt_flags(cfg: ModelConfig) -> dict[str, bool]:
 
 
 class TTTCache:
-    """Decode state of one TTT block: conv states, the inner state, tokens seen."""
+    """Decode state of one TTT block: conv states, the inner state; `seen` is the shell's count."""
 
     def __init__(self):
         self.conv_pre = self.conv_q = self.conv_k = None
@@ -257,8 +257,6 @@ class TTTLayer(nn.Module):
         y = self.post_norm(z)
         if self.backbone == "mamba":
             y = y * gelu_tanh(self.wg(x))
-        if cache is not None:
-            cache.seen += T
         return self.wo(y)
 
     def _inner_loop(self, q, k, v, a, cache: TTTCache | None) -> torch.Tensor:
