@@ -58,9 +58,7 @@ class DecodeState:
     def __init__(self, caches: list, max_len: int):
         self.caches = caches
         self.max_len = max_len
-        self.seen = 0
-        for cache in caches:
-            cache.seen = 0
+        self.seen = 0  # every cache starts at 0 too (its constructor)
 
     def advance(self, T: int) -> None:
         self.seen += T

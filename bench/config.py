@@ -102,17 +102,23 @@ def parse_lrs(text: str) -> list[str]:
 
 # -- what a sweep runs by default -------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _sweep_defaults(task: str, profile: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(ladder, sweep_ctx) of the config composed for the task under the profile (one composition for both)."""
+    cfg = compose([f"task={task}", f"profile={profile}"])
+    return tuple(cfg.ladder), tuple(int(c) for c in cfg.get("sweep_ctx") or ())
+
+
 def default_ladder(task: str, profile: str) -> list[str]:
     """The sizes a sweep runs: the composed config's `ladder` (the profile's, unless the task's budget under
     the profile, conf/budget/<task>_<profile>.yaml, names its own)."""
-    return list(compose([f"task={task}", f"profile={profile}"]).ladder)
+    return list(_sweep_defaults(task, profile)[0])
 
 
 def default_ctxs(task: str, profile: str) -> list[int]:
     """The contexts a sweep runs when CTX is not given: the task budget's `sweep_ctx` (a protocol's grid
     points, e.g. TASK=mqar_zoology), else 2k."""
-    grid = compose([f"task={task}", f"profile={profile}"]).get("sweep_ctx")
-    return [int(c) for c in grid] if grid else [parse_ctx(DEFAULT_CTX)]
+    return list(_sweep_defaults(task, profile)[1]) or [parse_ctx(DEFAULT_CTX)]
 
 
 # -- composing a run's config -----------------------------------------------------------------------------

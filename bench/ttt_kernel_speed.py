@@ -265,6 +265,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bench.report import save_figure
+
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         for name in dict.fromkeys(r["impl"] for r in rows):
@@ -281,7 +283,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.1)  # no text past the edge
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -15,13 +15,8 @@ import math
 
 from architectures.accounting import Counts, embedding_params
 from architectures.config import ModelConfig
-from architectures.mamba.layers import Mamba2Block, MambaBlock, head_dim_for, mamba2_inner_width
+from architectures.mamba.layers import Mamba2Block, MambaBlock, dt_rank, head_dim_for, mamba2_inner_width
 from architectures.registry import ArchSpec, register
-
-
-def _dt_rank(cfg: ModelConfig) -> int:
-    rank = cfg.opt("dt_rank")
-    return math.ceil(cfg.d_model / 16) if rank in (None, "auto") else int(rank)
 
 
 def mamba_count(cfg: ModelConfig, ctx: int) -> Counts:
@@ -45,7 +40,7 @@ def mamba_count(cfg: ModelConfig, ctx: int) -> Counts:
     """
     d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
     D, N, k = int(cfg.opt("expand")) * d, int(cfg.opt("d_state")), int(cfg.opt("d_conv"))
-    R = _dt_rank(cfg)
+    R = dt_rank(cfg)
     layer_params = d + 2 * d * D + D * k + D + D * (R + 2 * N) + D * R + D + D * N + D + D * d
     return Counts(
         embedding_params=embedding_params(cfg),

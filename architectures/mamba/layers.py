@@ -86,6 +86,12 @@ class MambaCache:
         self.conv, self.ssm, self.seen = conv, ssm, 0
 
 
+def dt_rank(cfg: ModelConfig) -> int:
+    """R of dt's low-rank projection: options.dt_rank, or "auto" = ceil(d_model / 16) (Mamba's)."""
+    rank = cfg.opt("dt_rank")
+    return math.ceil(cfg.d_model / 16) if rank in (None, "auto") else int(rank)
+
+
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for an fp64 model
 
@@ -98,8 +104,7 @@ class MambaMixer(nn.Module):
         d = cfg.d_model
         self.d_inner = D = int(cfg.opt("expand")) * d
         self.d_state = N = int(cfg.opt("d_state"))
-        rank = cfg.opt("dt_rank")
-        self.dt_rank = R = math.ceil(d / 16) if rank == "auto" else int(rank)
+        self.dt_rank = R = dt_rank(cfg)
         self.chunk_size = int(cfg.opt("chunk_size"))
         self.backend = resolve_backend(str(cfg.opt("backend")), "mamba")
         self.in_proj = nn.Linear(d, 2 * D, bias=False)
