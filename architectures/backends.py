@@ -2,8 +2,8 @@
 
 An architecture names its backends, fastest first, each with a check that says why it cannot run here
 (None when it can); the last is plain PyTorch, which always runs. `resolve` then applies one rule for all
-of them (attention: `attn_backend` in transformer.py; Mamba and Mamba-2: `backend` in mamba/layers.py;
-TTT: `backend` in ttt/layer.py):
+of them, each under the one option name `backend` (attention: transformer.py; Mamba and Mamba-2:
+mamba/layers.py; TTT: ttt/layer.py):
   auto     the first backend that runs here (and that auto may pick: `prefer`)
   a name   that backend, or BackendUnavailable with the reason: never a silent fall-back
   other    ValueError naming the choices

@@ -18,6 +18,10 @@ from architectures.config import ModelConfig
 
 SHELL_OPTIONS = frozenset({"positions"})  # read by the shell for any architecture (ModelConfig.learned_positions)
 WIDTH_RULES = ("heads_ffn", "mamba", "mamba2")  # architectures/sizing.py: how match=flops widens a model
+RENAMED_OPTIONS = {  # options that were renamed: a config that still says the old name is told the new one
+    "attn_backend": "`backend` (auto | flash_attn | sdpa)",
+    "impl": "part of `backend` (TTT: auto | triton | torch | scan | dual | reference)",
+}
 
 
 class UnknownArchitecture(ValueError):
@@ -44,6 +48,9 @@ class ArchSpec:
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Every given option is one this architecture reads (a misspelt one is an error, not ignored)."""
+        for old, new in RENAMED_OPTIONS.items():
+            if old in options:
+                raise ValueError(f"architecture {self.name!r}: option {old!r} is now {new}")
         unknown = sorted(set(options) - set(self.options) - SHELL_OPTIONS)
         if unknown:
             raise ValueError(f"architecture {self.name!r} has no option(s) {', '.join(unknown)}; it takes "

@@ -39,13 +39,13 @@ def _flash_attn_func():
 
 
 def resolve_attention_backend(requested: str) -> str:
-    """attn_backend: flash_attn where CUDA and flash-attn are present, else PyTorch's SDPA (architectures/backends.py)."""
+    """backend: flash_attn where CUDA and flash-attn are present, else PyTorch's SDPA (architectures/backends.py)."""
     def flash_attn() -> str | None:
         if torch.cuda.is_available() and _flash_attn_func() is not None:
             return None
         return "needs CUDA and an importable flash-attn"
 
-    return resolve("attn_backend", requested, {"flash_attn": flash_attn, "sdpa": runs})
+    return resolve("backend", requested, {"flash_attn": flash_attn, "sdpa": runs})
 
 
 class KVCache:
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.rope = positions(cfg) == "rope"
         self.rope_theta = float(cfg.opt("rope_theta"))
-        self.backend = resolve_attention_backend(str(cfg.opt("attn_backend")))
+        self.backend = resolve_attention_backend(str(cfg.opt("backend")))
         self.wq = nn.Linear(d, d, bias=False)
         self.wk = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
@@ -200,7 +200,7 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
 
 
 OPTIONS = {
-    "attn_backend": "auto",  # auto | flash_attn | sdpa (resolve_attention_backend)
+    "backend": "auto",       # auto | flash_attn | sdpa (resolve_attention_backend)
     "rope_theta": 1e4,
     "positions": "rope",     # rope | learned | none (module docstring)
     "short_conv": 0,         # k of a causal conv before attention (0: none)

@@ -16,11 +16,11 @@ from bench.threads import configure_openmp
 LAYERS = (
     ("architectures", ("architectures", "architectures.*")),
     ("tasks", ("tasks", "tasks.*")),
-    ("engine", ("bench", "bench.config", "bench.run", "bench.train", "bench.latency", "bench.results", "bench.faults",
+    ("engine", ("bench", "bench.config", "bench.fingerprint", "bench.run", "bench.train", "bench.latency", "bench.results", "bench.faults",
                 "bench.threads", "bench.denormals", "bench.heap", "bench.timing", "bench.hardware", "bench.distributed",
                 "bench.tracking")),
-    ("tools", ("bench.sweep", "bench.sizes", "bench.throughput", "bench.contention", "bench.report", "bench.paper",
-               "bench.published", "bench.harness", "bench.attention_heads", "bench.ttt_kernel_speed",
+    ("tools", ("bench.sweep", "bench.sizes", "bench.throughput", "bench.contention", "bench.report", "bench.plots",
+               "bench.paper", "bench.published", "bench.harness", "bench.attention_heads", "bench.ttt_kernel_speed",
                "bench.ttt_layer_speed", "bench.mamba_scan_speed", "bench.kernel_compile_check", "bench.gpu_report")),
 )
 

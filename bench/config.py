@@ -6,8 +6,10 @@
 
 `make sizes` and `make throughput` resolve their models through compose() and model_config(), so a
 profile, a task's budget (conf/budget/<task>_<profile>.yaml) or a free override reaches them as it
-reaches a training run. Defaults live in the YAML once: conf/config.yaml (match, ffn, tied embeddings),
-the profile (its ladder, its match), the task's budget (its ladder, its contexts).
+reaches a training run. Each default is written once: an architecture's options in its ArchSpec
+(architectures/registry.py), stored as the config node arch/options/<name> that conf/arch/<name>.yaml
+starts from; conf/config.yaml (match, ffn, tied embeddings), the profile (its ladder, its match), the
+task's budget (its ladder, its contexts).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+import architectures
 from architectures.recipe import Recipe
 from architectures.sizing import SizeSpec, Sized, size_model
 from bench.results import REPO_ROOT
@@ -28,6 +31,24 @@ DEFAULT_CTX = "2k"  # a sweep's context when neither CTX nor the task's budget g
 
 class UsageError(ValueError):
     """Bad input on a command line: reported as one line, exit status 2."""
+
+
+# -- each architecture's options, from its ArchSpec ---------------------------------------------------------
+
+def store_arch_options() -> None:
+    """Every architecture's options at their defaults (ArchSpec.options) as the config node
+    arch/options/<name>, which conf/arch/<name>.yaml puts first in its defaults list: the YAML writes only
+    what differs, and every option is in the composed config (a run's config.yaml) and can be overridden
+    (arch.mini_batch=32, ARGS=arch.backend=dual)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name in architectures.names():
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in architectures.get(name).options.items()}
+        store.store(group="arch/options", name=name, node=options)
+
+
+store_arch_options()
 
 
 # -- the command line's vocabulary -----------------------------------------------------------------------
@@ -180,7 +201,21 @@ def arch_options(cfg: DictConfig) -> dict:
     options = OmegaConf.to_container(cfg.arch, resolve=True)
     extra = cfg.get("arch_options")
     extra = OmegaConf.to_container(extra, resolve=True) if extra else {}
-    return {**options, **(extra.get(str(options["name"])) or {})}
+    return with_current_names({**options, **(extra.get(str(options["name"])) or {})})
+
+
+def with_current_names(options: dict) -> dict:
+    """Options of a run config written before the renames (a run folder's config.yaml, for `make eval` or
+    a resumed run) in today's spelling: attention's attn_backend and TTT's impl are `backend` (TTT:
+    backend=torch with impl=X, or auto with impl=X as it ran on CPU, is X)."""
+    options = dict(options)
+    if "attn_backend" in options:
+        options.setdefault("backend", options.pop("attn_backend"))
+    if "impl" in options:
+        impl = options.pop("impl")
+        if impl != "auto" and options.get("backend", "auto") in ("auto", "torch"):
+            options["backend"] = impl
+    return options
 
 
 def training_recipe(cfg: DictConfig) -> Recipe:

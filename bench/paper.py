@@ -21,7 +21,7 @@
      README.md            each table and figure, with one sentence on whether the paper's claim reproduces
 Our perplexities are per byte (byte-level tokenizer, 257 symbols) at small scale; the paper's are per Llama-2
 token on the Pile at 125M-1.3B parameters. Compare orderings, directions and trends, not values.
-notebooks/paper.ipynb reads these files and redraws the figures with the functions below.
+notebooks/paper.ipynb reads these files and redraws the figures with bench/plots.py (plot_paper_*).
 """
 from __future__ import annotations
 
@@ -34,21 +34,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from bench import published
+from bench.plots import (LABELS, by_arch, largest, plot_paper_latency, plot_paper_scaling, plot_paper_token_index,
+                         save_figure, unit)
+from bench.results import REPO_ROOT, atomic_write_text, read_summaries
 
-from bench import published  # noqa: E402
-from bench.report import log_axis, save_figure  # noqa: E402
-from bench.results import REPO_ROOT, atomic_write_text, read_summaries  # noqa: E402
-
-SCALING_ARCHS = ("transformer", "mamba", "ttt_linear", "ttt_mlp", "ttt_linear_base", "ttt_mlp_base")  # the paper's six
+SCALING_ARCHS = tuple(LABELS)  # the paper's six, in its legend order (bench/plots.py)
 MAIN_ARCHS = ("transformer", "mamba", "ttt_linear")  # the latency figure's three
-LABELS = {"transformer": "Transformer", "mamba": "Mamba", "ttt_linear": "TTT-Linear (M)", "ttt_mlp": "TTT-MLP (M)",
-          "ttt_linear_base": "TTT-Linear (T)", "ttt_mlp_base": "TTT-MLP (T)"}
-COLORS = {arch: f"C{i}" for i, arch in enumerate(SCALING_ARCHS)}
 FINISHED = ("ok", "diverged")  # bench/run.py reuses these: a run that diverged is not run again
 
 
@@ -100,10 +95,10 @@ def shown_points(plan: Plan, profile: str) -> list[tuple[str, str, int]]:
 
 
 def fingerprints(points, profile: str, overrides: list[str]) -> dict[tuple, str]:
-    """point -> the config fingerprint a run of it records (bench/run.py config_fingerprint), composed the way
+    """point -> the config fingerprint a run of it records (bench/fingerprint.py), composed the way
     bench.sweep's Hydra jobs are."""
     from bench.config import compose_all
-    from bench.run import config_fingerprint
+    from bench.fingerprint import config_fingerprint
 
     points = list(points)
     configs = compose_all([f"arch={a}", f"size={s}", f"profile={profile}", "task=lm", f"ctx={c}", *overrides]
@@ -287,95 +282,6 @@ def read_frames(folder: Path) -> dict[str, pd.DataFrame]:
 
 
 # -- the figures ---------------------------------------------------------------------------------------
-
-def unit(scaling: pd.DataFrame) -> str:
-    """'byte' for the byte-level tokenizer, else 'token'."""
-    return "byte" if (scaling["tokenizer"].fillna("byte") == "byte").all() else "token"  # the default data: bytes
-
-
-def by_arch(df: pd.DataFrame):
-    """(arch, rows) in the paper's legend order."""
-    order = {a: i for i, a in enumerate(SCALING_ARCHS)}
-    return sorted(df.groupby("arch"), key=lambda item: order.get(item[0], len(order)))
-
-
-def plot_scaling(scaling: pd.DataFrame) -> plt.Figure:
-    """Rows: 2k and the long context; columns: ours (perplexity per byte) | published (per Llama-2 token)."""
-    ctxs = sorted(scaling["ctx"].unique()) or [2048, 8192]
-    pub = published.load("scaling")
-    fig, axes = plt.subplots(len(ctxs), 2, figsize=(12, 4.3 * len(ctxs)), squeeze=False)
-    for (ours_ax, pub_ax), ctx, pctx in zip(axes, ctxs, (2048, 8192)):  # ours may be shorter (smoke)
-        for arch, g in by_arch(scaling[scaling["ctx"] == ctx]):
-            g = g.sort_values("train_flops")
-            ours_ax.plot(g["train_flops"], g["val_ppl"], marker="o", color=COLORS.get(arch),
-                         label=LABELS.get(arch, arch))
-            for _, r in g.iterrows():
-                ours_ax.annotate(r["size"], (r["train_flops"], r["val_ppl"]), textcoords="offset points",
-                                 xytext=(3, 3), fontsize=7)
-        _axes(ours_ax, f"Ours: context {ctx:,}", "training FLOPs (3 x forward)", f"perplexity per {unit(scaling)}")
-        for arch, g in by_arch(pub[pub["ctx"] == pctx]):
-            g = g.sort_values("train_flops")
-            pub_ax.plot(g["train_flops"], g["ppl"], marker="s", color=COLORS.get(arch), label=g["label"].iloc[0])
-        _axes(pub_ax, f"Published: Pile, context {pctx:,}", "training FLOPs", "perplexity per Llama-2 token")
-    fig.tight_layout()
-    return fig
-
-
-def _axes(ax, title: str, xlabel: str, ylabel: str, xbase: int = 10) -> None:
-    """Log x axis, title, axis labels with units, grid, legend."""
-    log_axis(ax, "x", xbase)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-
-
-def plot_token_index(tokens: pd.DataFrame, scaling: pd.DataFrame) -> plt.Figure:
-    """Perplexity by token position of the largest model per architecture, one panel per context, and the
-    paper's Books 32k curves (v1 Fig 2 right)."""
-    ctxs = sorted(tokens["ctx"].unique())
-    fig, axes = plt.subplots(1, len(ctxs) + 1, figsize=(5.2 * (len(ctxs) + 1), 4.3), squeeze=False)
-    for ax, ctx in zip(axes[0], ctxs):
-        sub = tokens[(tokens["ctx"] == ctx) & (tokens["start"] < ctx)]  # not the last position alone
-        for arch, g in by_arch(largest(sub)):
-            mids = (g["start"] * g["end"]) ** 0.5
-            ax.plot(mids, g["loss"].map(math.exp), marker=".", color=COLORS.get(arch),
-                    label=f"{LABELS.get(arch, arch)} {g['size'].iloc[0]}")
-        _axes(ax, f"Ours: context {ctx:,}, largest size", "token position (log2 buckets)",
-              f"perplexity per {unit(scaling)}", xbase=2)
-    ax = axes[0][-1]
-    for arch, g in by_arch(published.load("token_index")):
-        ax.plot(g["position"], g["ppl"], marker="s", color=COLORS.get(arch), label=g["label"].iloc[0])
-    _axes(ax, "Published: Books, context 32,768, ~1.3B", "token position", "perplexity per Llama-2 token", xbase=2)
-    fig.tight_layout()
-    return fig
-
-
-def largest(tokens: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the largest model (by parameters) of each architecture."""
-    if tokens.empty:
-        return tokens
-    return tokens[tokens["params"] == tokens.groupby("arch")["params"].transform("max")]
-
-
-def plot_latency(latency: pd.DataFrame) -> plt.Figure:
-    """Ours: prefill and decode time per token vs context; published: forward time per token (A100)."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
-    where = f"{latency['size'].iloc[0]}, batch {latency['batch'].iloc[0]}" if len(latency) else "no points"
-    for ax, mode in zip(axes, ("prefill", "decode")):
-        for arch, g in by_arch(latency[latency["mode"] == mode]):
-            ax.plot(g["ctx"], g["time_per_token_s"], marker="o", color=COLORS.get(arch), label=LABELS.get(arch, arch))
-        ax.set_yscale("log")
-        _axes(ax, f"Ours: {mode} ({where})", "context (tokens)", "seconds per token", xbase=2)
-    for arch, g in by_arch(published.load("latency")):
-        axes[2].plot(g["ctx"], g["seconds_per_token"], marker="s", color=COLORS.get(arch), label=g["label"].iloc[0])
-    axes[2].set_yscale("log")  # as ours (and no offset label over the title)
-    _axes(axes[2], "Published: forward, 1.3B, batch 16, A100", "context (tokens)", "seconds per token", xbase=2)
-    fig.tight_layout()
-    return fig
-
 
 # -- one sentence per claim ------------------------------------------------------------------------------
 
@@ -573,9 +479,9 @@ def write(folder: Path, fr: dict[str, pd.DataFrame], profile: str) -> list[Path]
         df.to_csv(buf, index=False)
         atomic_write_text(folder / f"{name}.csv", buf.getvalue())
         paths.append(folder / f"{name}.csv")
-    for name, fig in (("ppl_vs_flops.png", plot_scaling(fr["scaling"])),
-                      ("loss_by_token_index.png", plot_token_index(fr["token_index"], fr["scaling"])),
-                      ("latency.png", plot_latency(fr["latency"]))):
+    for name, fig in (("ppl_vs_flops.png", plot_paper_scaling(fr["scaling"])),
+                      ("loss_by_token_index.png", plot_paper_token_index(fr["token_index"], fr["scaling"])),
+                      ("latency.png", plot_paper_latency(fr["latency"]))):
         save_figure(fig, folder / name)
         plt.close(fig)
         paths.append(folder / name)

@@ -11,7 +11,6 @@ checkpoint.dcp/ (several), summary.json.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ import architectures
 from bench import distributed
 from bench.config import UsageError, model_config, normalize
 from bench.faults import crash_point
+from bench.fingerprint import config_fingerprint
 from bench.hardware import mfu
 from bench.latency import latency_probe
 from bench.results import (REPO_ROOT, atomic_write_json, atomic_write_text, device_name, git_commit,
@@ -36,37 +36,6 @@ from bench.threads import ThreadGovernor, configure_compute_process
 from bench.tracking import NullTracker, build_tracker
 from bench.train import Diverged, autocast_for, budget_tokens, pick_device, train
 from tasks import build_task
-
-
-# settings that change how a run is carried out, not what it computes: a run that differs only in
-# these is the same run (a rerun sweep reuses or resumes it)
-NOT_IN_FINGERPRINT = {"sweep_id", "results", "logger"}
-TRAINER_NOT_IN_FINGERPRINT = {"quiet", "resume", "ckpt_every", "ckpt_every_s", "log_every", "threads",
-                              "thread_governor", "parallel"}
-
-
-# settings added after runs were fingerprinted: at these values (what every run before them did) they are
-# left out, so finished runs of an earlier sweep are still reused. (dotted path, value)
-ADDED_WITH_DEFAULTS = (("ffn", True), ("arch_options", {}), ("arch.positions", "rope"), ("trainer.early_stop", None),
-                       ("task.mqar_format", "suite"), ("task.mqar_grid", None), ("task.train_examples", None),
-                       ("task.epochs", None), ("task.dev_examples", 0))
-
-
-def config_fingerprint(cfg: DictConfig) -> str:
-    """sha256 (16 hex digits) of the resolved config, less NOT_IN_FINGERPRINT and ADDED_WITH_DEFAULTS."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in NOT_IN_FINGERPRINT:
-        plain.pop(key, None)
-    for key in TRAINER_NOT_IN_FINGERPRINT:
-        plain.get("trainer", {}).pop(key, None)
-    for path, default in ADDED_WITH_DEFAULTS:
-        *parents, key = path.split(".")
-        node = plain
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and key in node and node[key] == default:
-            del node[key]
-    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 FINAL = ("ok", "diverged")  # a rerun reuses these; failed runs are run again

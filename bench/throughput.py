@@ -210,44 +210,6 @@ def merge_csv(path: Path, rows: list[dict]) -> pd.DataFrame:
     return new
 
 
-def plot_latency(df: pd.DataFrame, mode: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bench.report import save_figure
-
-    sub = df[(df["mode"] == mode) & (df["status"] == "ok")]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for (arch, size, backend, batch, dev), g in sub.groupby(["arch", "size", "backend", "batch", "device"]):
-        g = g.sort_values("ctx")
-        y = g["time_per_token_s"] * 1e3 if mode != "train" else g["tokens_per_s"]
-        noisy = g["noisy"].astype(str).str.lower().eq("true") if "noisy" in g else pd.Series(False, index=g.index)
-        line, = ax.plot(g["ctx"], y, label=f"{arch} [{backend}] {size} B={batch}")
-        ax.plot(g["ctx"][~noisy], y[~noisy], "o", color=line.get_color())
-        ax.plot(g["ctx"][noisy], y[noisy], "o", color=line.get_color(), markerfacecolor="none")  # spread > 50% twice
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)" if mode != "decode" else "tokens already in context")
-    if mode == "train":
-        ax.set_ylabel("training tokens / s (forward + backward)")
-        ax.set_title("Training throughput vs context")
-    else:
-        ax.set_yscale("log")
-        ax.set_ylabel("time per token (ms)")
-        ax.set_title("Prefill: time per token vs prompt length" if mode == "prefill"
-                     else "Decode: time per generated token vs context")
-    devices = ", ".join(sorted(sub["device"].unique())) if not sub.empty else "no successful points"
-    devices += "; hollow: noisy (spread > 50% after a re-measurement)"
-    ax.text(0.01, 0.01, devices, transform=ax.transAxes, fontsize=7, alpha=0.7)
-    ax.grid(True, which="both", alpha=0.3)
-    if not sub.empty:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
 def log_wandb(df: pd.DataFrame, results: Path, plots: list[Path]) -> str:
     mode = os.environ.get("WANDB_MODE", "offline")
     if mode == "disabled":
@@ -324,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     plots = results / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     paths = [plots / "prefill_latency.png", plots / "decode_latency.png", plots / "train_throughput.png"]
+    from bench.plots import plot_speed_vs_context  # matplotlib only once there is something to draw
+
     for mode, path in zip(MODES, paths):
-        plot_latency(df, mode, path)
+        plot_speed_vs_context(df, mode, path)
     wandb_mode = log_wandb(pd.DataFrame(rows).reindex(columns=COLUMNS), results, paths)
     print(f"[ttt-bench] {len(rows)} points in {time.perf_counter() - t0:.0f}s; wrote {results / 'throughput.csv'}, "
           f"{', '.join(str(p.relative_to(results)) for p in paths)} (W&B {wandb_mode})")

@@ -259,34 +259,6 @@ def kernel_row(name, build, B, H, T, f, device, backward) -> dict:
     return row
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bench.report import save_figure
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-        for name in dict.fromkeys(r["impl"] for r in rows):
-            pts = [(r["T"], r["ms"]) for r in rows if r["impl"] == name and r["mode"] == mode and r["status"] == "ok"]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T (tokens)")
-        ax.set_ylabel("time per call (ms, median)")
-        batch = next((r["batch"] for r in rows if r["mode"] == mode), "?")
-        ax.set_title(f"{mode}, batch {batch}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.ttt_kernel_speed", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -350,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                     break
     wall_s = record.close()
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    plot(record.rows, out / "plots" / f"{stem}.png",
-         f"TTT kernels vs attention and Mamba, {args.heads} heads x {args.head_dim}, {record.header['device']}")
+    from bench.plots import plot_kernel_speed  # matplotlib only once there is something to draw
+
+    plot_kernel_speed(record.rows, out / "plots" / f"{stem}.png",
+                      f"TTT kernels vs attention and Mamba, {args.heads} heads x {args.head_dim}, {record.header['device']}")
     print(f"[ttt-bench] wrote {record.path} and {out / 'plots' / f'{stem}.png'} in {wall_s:.0f}s")
     return 0
 

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     print(f"{'layer':<11} {'scope':<6} {'B':>2} {'impl':<9} {'T':>5} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14}")
     for inner in args.inner.split(","):
         cfg = ModelConfig(f"ttt_{inner}", 257, args.d, 1, args.heads, 4 * args.d, args.T,
-                          options={"inner": inner, "backbone": "mamba", "impl": "dual"})
+                          options={"inner": inner, "backbone": "mamba", "backend": "dual"})
         layer = TTTLayer(cfg)
         for scope in ("layer", "inner"):
             for B in (int(b) for b in args.batches.split(",")):
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                 for impl, T, reps in (("dual", args.T, args.repeats), ("reference", args.ref_tokens, 1)):
                     xi = x[:, :T].clone()
                     if scope == "layer":
-                        layer.impl = impl
+                        layer.backend = impl
                         res[impl] = layer_speed(layer, xi, reps)
                     else:
                         res[impl] = inner_loop_speed(layer, xi, impl, reps)
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                 print(f"{'':<11} {scope:<6} {B:>2} dual/reference: forward {fwd:,.1f}x, forward+backward {fb:,.1f}x")
                 rows.append({"layer": f"ttt_{inner}", "scope": scope, "batch": B, "impl": "dual/reference",
                              "fwd_speedup": fwd, "fwd_bwd_speedup": fb})
-        layer.impl = "dual"
+        layer.backend = "dual"
     out = Path(args.results) / "bench" / "ttt_layer_speed.json"
     atomic_write_json(out, {"device": device_name("cpu"), "threads": torch.get_num_threads(), "d": args.d,
                             "heads": args.heads, "T": args.T, "ref_tokens": args.ref_tokens, "rows": rows})

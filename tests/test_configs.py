@@ -55,7 +55,7 @@ def test_options_added_at_their_defaults_leave_run_fingerprints_unchanged():
     fingerprinted: at their defaults they hash as if absent (a rerun sweep still reuses those runs)."""
     from omegaconf import open_dict
 
-    from bench.run import ADDED_WITH_DEFAULTS, config_fingerprint
+    from bench.fingerprint import ADDED_WITH_DEFAULTS, config_fingerprint
 
     for task in ("lm", "mqar"):
         cfg = compose_with(f"task={task}", "sweep_id=t", "results=/tmp/x")
@@ -76,7 +76,7 @@ def test_ctx_is_parsed_by_the_config_path_the_app_and_the_tools_share():
     """`python -m bench.run ctx=2k` (bench.run's main normalizes as compose does) is the run ctx=2048 is: the
     same fingerprint, folder name and model."""
     from bench.config import UsageError, compose
-    from bench.run import config_fingerprint
+    from bench.fingerprint import config_fingerprint
 
     short, long = compose(["ctx=2k", "sweep_id=t"]), compose(["ctx=2048", "sweep_id=t"])
     assert short.ctx == 2048 and short.run_name == long.run_name == "transformer-cpu-s-ctx2048"
@@ -87,15 +87,23 @@ def test_ctx_is_parsed_by_the_config_path_the_app_and_the_tools_share():
         compose(["arch=nope"])
 
 
-def test_arch_configs_that_build_on_a_base_write_only_their_differences():
-    """conf/arch/base/: the TTT layer's options once; each TTT arch and Table 1 row composes them with its own
-    changes (a row's change is the paper's: row 4 = row 3 + learnable W0, ...)."""
-    def arch(name):
-        return OmegaConf.to_container(compose_with(f"arch={name}").arch, resolve=True)
+def test_arch_configs_compose_every_option_and_write_only_their_differences():
+    """Each default is written once, in the ArchSpec: conf/arch/<name>.yaml starts from arch/options/<name>
+    (bench/config.py) and writes no option at its default; the composed config has every option, so any can
+    be overridden without `+`; the Table 1 rows differ by the paper's one change per row."""
+    import architectures
 
-    base = OmegaConf.to_container(OmegaConf.load(CONF / "arch" / "base" / "ttt.yaml"))
-    for name in ("ttt_linear", "ttt_mlp", "ttt_linear_base", "ttt_mlp_base", "table1_3_ttt_equivalence"):
-        assert set(base) <= set(arch(name)), name
+    def arch(name, *over):
+        return OmegaConf.to_container(compose_with(f"arch={name}", *over).arch, resolve=True)
+
+    for path in sorted((CONF / "arch").glob("*.yaml")):
+        spec = architectures.get(path.stem)
+        written = OmegaConf.to_container(OmegaConf.load(path))
+        at_default = {k for k, v in written.items() if k in spec.options and v == spec.options[k]}
+        assert not at_default, f"{path.name} repeats the defaults of {sorted(at_default)}"
+        composed = arch(path.stem)
+        assert set(spec.options) <= set(composed), path.name
+    assert arch("ttt_linear", "arch.mini_batch=32", "arch.backend=dual")["mini_batch"] == 32
 
     def delta(a, b):
         a, b = arch(a), arch(b)
@@ -104,7 +112,50 @@ def test_arch_configs_that_build_on_a_base_write_only_their_differences():
     assert delta("table1_3_ttt_equivalence", "table1_4_learnable_w0") == {"learnable_w0"}
     assert delta("table1_4_learnable_w0", "table1_5_ln_residual") == {"inner_ln", "inner_residual", "inner_bias"}
     assert delta("table1_5_ln_residual", "table1_6_mini_batch") == {"mini_batch"}
+    assert delta("table1_6_mini_batch", "ttt_linear_base") == {"learnable_lr"}
     assert delta("ttt_linear_base", "ttt_linear") == {"backbone"}
+
+
+# fingerprints that runs stored before the options moved from the YAMLs into the ArchSpecs and TTT's impl
+# and attention's attn_backend became `backend` (computed at commit 2f5ca6f; overrides in their old spelling)
+STORED_BEFORE = [
+    (["arch=ttt_linear"], "cf601d53cd1f677e"),
+    (["arch=ttt_linear", "arch.backend=scan"], "480518dfa7fdd9bc"),  # then backend=torch, impl=scan
+    (["arch=ttt_linear", "arch.backend=torch"], "c2167f6933dd67cd"),
+    (["arch=ttt_mlp"], "c4fca4281d96d1df"),
+    (["arch=transformer", "arch.backend=sdpa"], "abeddd210895ecab"),  # then attn_backend=sdpa
+    (["arch=transformer", "task=mqar_zoology"], "d532b81704181f29"),
+    (["arch=transformer_conv"], "7d65d27a85b90470"),
+    (["arch=mamba2"], "00ffacaeda88887e"),
+    (["arch=mamba", "profile=smoke", "size=smoke-xs"], "d25ea4fb5ac042f7"),
+    (["arch=table1_3_ttt_equivalence"], "c62953f33ba3ccc5"),
+]
+
+
+@pytest.mark.parametrize("overrides,stored", STORED_BEFORE, ids=[" ".join(o) for o, _ in STORED_BEFORE])
+def test_fingerprints_survive_defaults_leaving_the_yaml_and_renamed_options(overrides, stored):
+    """A rerun sweep reuses runs made before this layout (bench/fingerprint.py): same fingerprint."""
+    from bench.config import compose
+    from bench.fingerprint import config_fingerprint
+
+    assert config_fingerprint(compose([overrides[0], "size=cpu-xs", "ctx=2048", *overrides[1:]])) == stored
+
+
+def test_fingerprint_counts_options_at_their_values_however_written():
+    """An option left at its default counts as written out; a changed option changes the fingerprint; an
+    option off its default that the first layout did not have still counts."""
+    from bench.fingerprint import arch_view
+
+    import architectures
+
+    full = {"name": "mamba", "layer_multiplier": 2, **architectures.get("mamba").options}
+    assert arch_view({"name": "mamba", "layer_multiplier": 2}) == arch_view(full)
+    assert arch_view({**full, "d_state": 32}) != arch_view(full)
+    row = arch_view({"name": "table1_3_ttt_equivalence"})
+    assert row["impl"] == "auto" and row["backend"] == "auto" and "base_lr_init" not in row
+    assert arch_view({"name": "ttt_linear", "base_lr_init": 0.5})["base_lr_init"] == 0.5
+    assert arch_view({"name": "ttt_linear", "backend": "dual"})["impl"] == "dual"
+    assert arch_view({"name": "transformer", "backend": "sdpa"})["attn_backend"] == "sdpa"
 
 
 def test_every_task_config_names_a_registered_runner():
@@ -120,3 +171,20 @@ def test_every_task_config_names_a_registered_runner():
         cfg.task.runner = "nope"
     with pytest.raises(ValueError, match="unknown task runner 'nope'; available: classification, lm, longqa"):
         tasks.build_task(cfg, 64)
+
+
+def test_run_configs_written_before_the_renames_still_build_their_models():
+    """A run folder's config.yaml from before `backend` replaced attn_backend and TTT's impl (make eval,
+    a resumed run) builds the model it trained."""
+    from bench.config import with_current_names
+
+    assert with_current_names({"name": "transformer", "attn_backend": "sdpa"}) == {"name": "transformer",
+                                                                                    "backend": "sdpa"}
+    assert with_current_names({"backend": "torch", "impl": "scan"})["backend"] == "scan"
+    assert with_current_names({"backend": "auto", "impl": "dual"})["backend"] == "dual"
+    assert with_current_names({"backend": "triton", "impl": "auto"})["backend"] == "triton"
+    old = compose_with("arch=ttt_linear", "size=smoke-xs", "ctx=64")
+    with open_dict(old):
+        old.arch.pop("backend")
+        old.arch.impl, old.arch.backend = "dual", "torch"
+    assert model_config(old, 257).cfg.options["backend"] == "dual"

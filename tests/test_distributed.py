@@ -36,7 +36,7 @@ def tiny_model():
     from architectures import ModelConfig, build_model
 
     torch.manual_seed(0)
-    return build_model(ModelConfig("transformer", 16, 16, 2, 2, 32, 32, options={"attn_backend": "sdpa"}))
+    return build_model(ModelConfig("transformer", 16, 16, 2, 2, 32, 32, options={"backend": "sdpa"}))
 
 
 class Stop(Exception):
@@ -168,7 +168,7 @@ def test_the_parallel_mode_is_not_part_of_a_runs_identity():
     """A run trained by several processes is reused, or resumed, by one, and the other way round."""
     from hydra import compose, initialize_config_dir
 
-    from bench.run import config_fingerprint
+    from bench.fingerprint import config_fingerprint
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         a, b = (compose("config", overrides=[f"trainer.parallel={m}"]) for m in ("auto", "fsdp"))

@@ -25,9 +25,9 @@ def tiny(arch: str):
     from architectures import ModelConfig, build_model
 
     torch.manual_seed(0)
-    options = {"attn_backend": "sdpa"} if arch == "transformer" else {}
+    options = {"backend": "sdpa"} if arch == "transformer" else {}
     if arch.startswith("ttt"):
-        options = {"impl": "dual"}  # was misspelt "ttt_impl" and silently ignored until options were checked
+        options = {"backend": "dual"}  # was misspelt "ttt_impl" and silently ignored until options were checked
     model = build_model(ModelConfig(arch, 257, 32, 2, 2, 64, CTX, options=options)).eval()
     for p in model.parameters():  # trained-looking weights: sharper distributions than the init
         p.data.add_(0.05 * torch.randn_like(p))

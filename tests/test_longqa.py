@@ -154,7 +154,7 @@ def test_attention_maps_reproduce_each_layers_attention_output():
 
     torch.manual_seed(0)
     cfg = ModelConfig("transformer", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=48,
-                      max_seq_len=64, options={"attn_backend": "sdpa"})
+                      max_seq_len=64, options={"backend": "sdpa"})
     model = build_model(cfg).double().eval()
     outputs, inputs = [], []
 

@@ -154,14 +154,14 @@ def test_an_interrupted_sweep_of_make_paper_is_continued(tmp_path):
 
 
 def test_a_log_axis_under_a_decade_gets_a_few_short_labels():
-    """bench/report.py log_axis: matplotlib's fallback labels every linear tick of a short log axis in long
+    """bench/plots.py log_axis: matplotlib's fallback labels every linear tick of a short log axis in long
     scientific notation, on top of each other (the 8k loss-vs-FLOPs panel); ours: three short labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.report import log_axis
+    from bench.plots import log_axis
 
     fig, ax = plt.subplots()
     ax.plot([1.05e13, 2.6e13], [1, 2])

@@ -45,7 +45,7 @@ def tiny(arch: str, recipe: Recipe, d=32, L=2, **opts) -> ModelConfig:
     o = arch_config(arch)
     for key in ("name", "native", "layer_multiplier"):
         o.pop(key, None)
-    o.update({k: v for k, v in {"backend": "torch", "attn_backend": "sdpa"}.items() if k in get_arch(arch).options})
+    o.update({k: v for k, v in {"backend": "sdpa" if arch.startswith("transformer") else "torch"}.items() if k in get_arch(arch).options})
     if arch == "mamba2":
         o.update(headdim=16, d_state=16)
     return ModelConfig(arch, 61, d, L, 2, 2 * d, 64, recipe=recipe, options={**o, **opts})

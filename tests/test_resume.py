@@ -172,7 +172,7 @@ def tiny_model():
     from architectures import ModelConfig, build_model
 
     torch.manual_seed(0)
-    return build_model(ModelConfig("transformer", 16, 32, 2, 2, 64, 32, options={"attn_backend": "sdpa"}))
+    return build_model(ModelConfig("transformer", 16, 32, 2, 2, 64, 32, options={"backend": "sdpa"}))
 
 
 def train_tiny(run_dir, task=None, identity=None, **kw):

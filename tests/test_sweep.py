@@ -155,7 +155,7 @@ def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
     best-run table take each point's best lr by validation loss; metric_vs_lr.png draws them all."""
     import pandas as pd
 
-    from bench.report import latest_ok, summary_table
+    from bench.report import latest_ok, lr_sweeps, summary_table
 
     res = sweep("--arch", "transformer", "--ctx", "128", "--profile", "smoke", "--sizes", "smoke-xs",
                 "--lrs", "1e-5,1e-2", "--", "logger=none", "trainer.quiet=true", results=tmp_path)
@@ -168,6 +168,8 @@ def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
     assert len(best) == 1 and float(best.iloc[0]["val_loss"]) == table["val_loss"].min()
     assert float(best.iloc[0]["lr"]) == 1e-2  # 1e-5 barely moves in a few steps
     assert (tmp_path / "plots" / "metric_vs_lr.png").exists()
+    drawn = lr_sweeps(table)  # what metric_vs_lr.png draws: both lrs, the ring on latest_ok's pick
+    assert sorted(drawn["lr"]) == [1e-5, 1e-2] and drawn.loc[drawn["best"], "lr"].tolist() == [1e-2]
     bad = sweep("--lrs", "1e-3,fast", results=tmp_path / "bad")  # one subprocess: the real exit status
     assert bad.returncode == 2 and "LRS must be a comma list" in bad.stderr
 

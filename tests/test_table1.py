@@ -88,7 +88,7 @@ def test_theorem1_row3_equals_row2_at_every_position(impl):
     against the chunked linear attention (chunks of 16, through a state), logits and gradients. (A single
     T x T block is checked against the pieces in tests/test_ttt.py.)"""
     T = 80  # TTT: one mini-batch, in pieces of 64 and 16 (dual.LONG_PIECE); linear attention: 5 chunks of 16
-    row3 = model("table1_3_ttt_equivalence", T, impl=impl, backend="torch").to(F64)
+    row3 = model("table1_3_ttt_equivalence", T, backend=impl).to(F64)
     with torch.no_grad():  # post-norm off its init so every weight matters
         for name, p in row3.named_parameters():
             if "post_norm" in name:
@@ -163,6 +163,8 @@ def test_linear_attention_normalizer_and_feature_map_by_hand():
 def test_options_that_need_the_pytorch_path():
     with pytest.raises(BackendUnavailable, match="inner_ln"):
         resolve_ttt_backend("triton", "linear", paper_f=False)
-    assert resolve_ttt_backend("auto", "linear", paper_f=False) == "torch"
+    assert resolve_ttt_backend("auto", "linear", paper_f=False) == "dual"
+    with pytest.raises(BackendUnavailable, match="backend=scan .*inner_ln"):
+        resolve_ttt_backend("scan", "linear", paper_f=False)
     with pytest.raises(ValueError, match="TTT-Linear only"):
         TTTLayer(ModelConfig("ttt_mlp", V, 32, 1, 2, 64, 64, options={"inner": "mlp", "learnable_w0": False}))

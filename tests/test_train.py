@@ -117,7 +117,7 @@ def test_training_learns_and_resumes(tmp_path):
     from bench.train import CHECKPOINT, train
 
     torch.manual_seed(0)
-    cfg = ModelConfig("transformer", 16, 32, 2, 2, 64, 32, options={"attn_backend": "sdpa"})
+    cfg = ModelConfig("transformer", 16, 32, 2, 2, 64, 32, options={"backend": "sdpa"})
     model = build_model(cfg)
     out = train(model, CopyTask(), trainer_cfg(), 32, tmp_path, NullTracker(), torch.device("cpu"),
                 contextlib.nullcontext)

@@ -12,7 +12,7 @@ from architectures.transformer import resolve_attention_backend
 def tiny(arch="transformer", **opts):
     torch.manual_seed(0)
     cfg = ModelConfig(arch, vocab_size=61, d_model=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64,
-                      options={"attn_backend": "sdpa", **opts})
+                      options={"backend": "sdpa", **opts})
     return build_model(cfg).double().eval()
 
 
@@ -115,7 +115,7 @@ def test_short_conv_width_is_checked():
 def test_untied_head_is_its_own_matrix():
     torch.manual_seed(0)
     cfg = ModelConfig("transformer", vocab_size=61, d_model=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64,
-                      options={"attn_backend": "sdpa"}, tie_embeddings=False)
+                      options={"backend": "sdpa"}, tie_embeddings=False)
     model = build_model(cfg).double().eval()
     assert model.head.weight.data_ptr() != model.embed.weight.data_ptr()
     x = torch.randint(0, 61, (2, 9))
@@ -137,7 +137,7 @@ def test_backend_resolution_on_cpu():
         assert resolve_attention_backend("auto") == "sdpa"
         with pytest.raises(BackendUnavailable):
             resolve_attention_backend("flash_attn")
-    with pytest.raises(ValueError, match="attn_backend must be one of"):
+    with pytest.raises(ValueError, match="backend must be one of"):
         resolve_attention_backend("xformers")
     assert tiny().backends() == {"attention": "sdpa"}
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from architectures import ModelConfig, build_model
+from architectures.backends import BackendUnavailable
 from architectures.ttt.dual import InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh, gelu_tanh_grad, layer_norm, ln_loss_grad
 from architectures.ttt.layer import TTTLayer
@@ -16,9 +17,9 @@ ARCHS = {"ttt_linear": ("linear", "mamba"), "ttt_mlp": ("mlp", "mamba"),
 F64 = torch.float64
 
 
-def layer_cfg(inner="linear", backbone="mamba", d=32, heads=2, impl="dual", **kw):
+def layer_cfg(inner="linear", backbone="mamba", d=32, heads=2, backend="dual", **kw):
     opts = {"inner": inner, "backbone": backbone, "mini_batch": 16, "base_lr": 1.0 if inner == "linear" else 0.1,
-            "impl": impl, **kw}
+            "backend": backend, **kw}
     return ModelConfig("ttt_linear", 61, d, 1, heads, 2 * d, 256, options=opts)  # inner, backbone: opts
 
 
@@ -115,7 +116,7 @@ def assert_layer_equals_reference(layer):
     """The layer's outputs and the gradient of every parameter equal the token-by-token reference's (fp64),
     over two full mini-batches and a partial one; no gradient may be zero."""
     ref = copy.deepcopy(layer)
-    ref.impl = "reference"
+    ref.backend = "reference"
     x = torch.randn(2, 35, 32, dtype=F64)
     proj = torch.randn(2, 35, 32, dtype=F64)
     out = layer(x)
@@ -127,12 +128,12 @@ def assert_layer_equals_reference(layer):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-11, msg=name)
 
 
-@pytest.mark.parametrize("arch,impl", [(a, "dual") for a in ARCHS]
+@pytest.mark.parametrize("arch,backend", [(a, "dual") for a in ARCHS]
                          + [("ttt_linear", "scan"), ("ttt_linear_base", "scan")])
-def test_every_parameter_gradient_equals_reference(arch, impl):
+def test_every_parameter_gradient_equals_reference(arch, backend):
     """dual.py (autograd) and scan.py (the hand-derived backward) against the reference, fp64."""
     inner, backbone = ARCHS[arch]
-    assert_layer_equals_reference(perturbed_layer(layer_cfg(inner, backbone, impl=impl)))
+    assert_layer_equals_reference(perturbed_layer(layer_cfg(inner, backbone, backend=backend)))
 
 
 # the Table 1 ablation options (layer.py): each off, against the reference (autograd of the loss as written)
@@ -144,7 +145,7 @@ ABLATIONS = [("linear", {"inner_ln": False}), ("linear", {"inner_residual": Fals
 
 @pytest.mark.parametrize("inner,opts", ABLATIONS, ids=[f"{i}-{'-'.join(o)}" for i, o in ABLATIONS])
 def test_ablation_options_dual_equals_reference(inner, opts):
-    assert_layer_equals_reference(perturbed_layer(layer_cfg(inner, "transformer", impl="dual", **opts)))
+    assert_layer_equals_reference(perturbed_layer(layer_cfg(inner, "transformer", backend="dual", **opts)))
 
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
@@ -282,14 +283,14 @@ def test_ttt_mlp_base_lr_warms_up_with_the_outer_lr():
     assert layer.base_lr_now == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("impl", ["scan", "dual"])
-def test_compiled_hot_path_matches_eager(impl):
+@pytest.mark.parametrize("backend", ["scan", "dual"])
+def test_compiled_hot_path_matches_eager(backend):
     """trainer.compile=hot_path (the CPU profile) compiles the per-mini-batch work: same numbers."""
     from bench.train import compile_for_training
 
     torch.manual_seed(0)
     cfg = ModelConfig("ttt_linear", 61, 32, 1, 2, 48, 64, options={"inner": "linear", "backbone": "mamba",
-                                                                  "impl": impl})
+                                                                  "backend": backend})
     eager = build_model(cfg)
     compiled = copy.deepcopy(eager)
     compile_for_training(compiled, "hot_path")
@@ -363,14 +364,26 @@ def test_scan_equals_autograd_through_the_dual_form_fp32():
             torch.testing.assert_close(g, gd, rtol=2e-3, atol=2e-4)
 
 
-def test_impl_auto_runs_scan_where_it_applies():
-    """auto: scan for TTT-Linear with the paper's inner model, dual for TTT-MLP and the Table 1 options that
-    scan does not cover; impl=scan where it does not apply is an error, not a silent dual."""
-    assert TTTLayer(layer_cfg("linear", impl="auto")).resolved_impl() == "scan"
-    assert TTTLayer(layer_cfg("linear", "transformer", impl="auto")).resolved_impl() == "scan"
-    assert TTTLayer(layer_cfg("mlp", impl="auto")).resolved_impl() == "dual"
-    assert TTTLayer(layer_cfg("linear", impl="auto", inner_ln=False)).resolved_impl() == "dual"
-    assert TTTLayer(layer_cfg("linear", impl="auto", mini_batch="seq")).resolved_impl() == "dual"
-    for bad in ({"inner": "mlp"}, {"inner_bias": False}):
-        with pytest.raises(ValueError, match="impl=scan"):
-            TTTLayer(layer_cfg(**{"impl": "scan", **bad}))
+@pytest.mark.parametrize("requested", ["torch", "auto"] if not torch.cuda.is_available() else ["torch"])
+def test_torch_backend_runs_scan_where_it_applies(requested):
+    """backend=torch (and auto without CUDA): scan for TTT-Linear with the paper's inner model, dual for
+    TTT-MLP and the Table 1 options that scan does not cover; backend=scan where it does not apply is
+    BackendUnavailable with the reason, not a silent dual; a name outside the vocabulary is a ValueError."""
+    assert TTTLayer(layer_cfg("linear", backend=requested)).backend == "scan"
+    assert TTTLayer(layer_cfg("linear", "transformer", backend=requested)).backend == "scan"
+    assert TTTLayer(layer_cfg("mlp", backend=requested)).backend == "dual"
+    assert TTTLayer(layer_cfg("linear", backend=requested, inner_ln=False)).backend == "dual"
+    assert TTTLayer(layer_cfg("linear", backend=requested, mini_batch="seq")).backend == "dual"
+    for bad, why in (({"inner": "mlp"}, "TTT-Linear's loop"), ({"inner_bias": False}, "inner_bias must be true")):
+        with pytest.raises(BackendUnavailable, match=f"backend=scan .*{why}"):
+            TTTLayer(layer_cfg(**{"backend": "scan", **bad}))
+    with pytest.raises(ValueError, match="backend must be one of .*'scan', 'dual', 'reference'"):
+        TTTLayer(layer_cfg(backend="fast"))
+
+
+def test_renamed_options_name_their_new_spelling():
+    """A config that still says impl= or attn_backend= is told the new name, not 'no such option'."""
+    with pytest.raises(ValueError, match="'impl' is now part of `backend`"):
+        build_model(ModelConfig("ttt_linear", 61, 32, 1, 2, 64, 64, options={"impl": "dual"}))
+    with pytest.raises(ValueError, match="'attn_backend' is now `backend`"):
+        build_model(ModelConfig("transformer", 61, 32, 1, 2, 64, 64, options={"attn_backend": "sdpa"}))

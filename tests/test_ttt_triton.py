@@ -202,8 +202,8 @@ def test_layer_backends_agree_forward_and_backward(inner, backbone):
     torch.manual_seed(0)
     tri = TTTLayer(layer_cfg(backbone, inner=inner)).to(DEVICE)
     ref = copy.deepcopy(tri)
-    ref.backend, ref.impl = "torch", "dual"  # autograd through the dual form
-    assert (tri.resolved_impl(), ref.resolved_impl()) == ("triton", "dual")
+    ref.backend = "dual"  # autograd through the dual form
+    assert (tri.backend, ref.backend) == ("triton", "dual")
     with torch.no_grad():
         for p in tri.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -235,17 +235,17 @@ def test_generate_with_the_triton_decode_kernel_equals_one_prefill(arch):
 
 
 def test_backend_selection(monkeypatch):
-    assert resolve_ttt_backend("torch", "mlp") == "torch"
-    assert resolve_ttt_backend("auto", "linear") == ("triton" if torch.cuda.is_available() else "torch")
+    assert resolve_ttt_backend("torch", "mlp") == "dual"
+    assert resolve_ttt_backend("auto", "linear") == ("triton" if torch.cuda.is_available() else "scan")
     assert resolve_ttt_backend("triton", "linear") == "triton"  # CUDA, or the interpreter (these tests)
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_ttt_backend("cuda", "linear")
-    assert resolve_ttt_backend("auto", "mlp", head_dim=64) == "torch"  # its backward does not fit on chip
+    assert resolve_ttt_backend("auto", "mlp", head_dim=64) == "dual"  # its backward does not fit on chip
     with pytest.raises(BackendUnavailable, match="fits head dims up to 32"):
         resolve_ttt_backend("triton", "mlp", head_dim=64)
     assert resolve_ttt_backend("triton", "mlp", head_dim=32) == "triton"
-    with pytest.raises(ValueError, match="needs backend=torch"):
-        TTTLayer(ModelConfig("ttt_linear", 61, 32, 1, 2, 64, 64, options={"backend": "triton", "impl": "reference"}))
+    with pytest.raises(ValueError, match="backend must be one of .*'triton', 'torch', 'scan', 'dual', 'reference'"):
+        TTTLayer(ModelConfig("ttt_linear", 61, 32, 1, 2, 64, 64, options={"backend": "fast"}))
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(BackendUnavailable, match="needs triton and CUDA"):

@@ -4,9 +4,11 @@
     reference.py      the primal form, token by token (the test oracle)
     dual.py           the dual form over mini-batches (trains with autograd; decoding and any T)
     dual_backward.py  the dual form's backward derived by hand, in PyTorch (what the kernels compute)
+    scan.py           TTT-Linear's loop over whole mini-batches as one autograd op with that backward
     triton_linear.py  TTT-Linear Triton kernels: prefill forward/backward, decode
     triton_mlp.py     TTT-MLP Triton kernels: prefill forward/backward, decode
-    layer.py          the layer and block modules (backend auto | triton | torch)
+    triton_op.py      the kernels behind dual.py's op signature and state (InnerState)
+    layer.py          the layer and block modules (backend auto | triton | torch | scan | dual | reference)
 """
 from __future__ import annotations
 
@@ -81,17 +83,17 @@ def count(cfg: ModelConfig, ctx: int) -> Counts:
     )
 
 
-# Every option of a TTT layer (layer.py) at the paper's TTT-Linear, Mamba backbone; conf/arch/base/ttt.yaml
+# Every option of a TTT layer (layer.py) at the paper's TTT-Linear, Mamba backbone; conf/arch/ttt_*.yaml and
+# table1_*.yaml write only what differs
 OPTIONS = {
     "inner": "linear",         # linear (TTT-Linear) | mlp (TTT-MLP: a 2-layer MLP, hidden 4x)
     "backbone": "mamba",       # mamba (pre-conv, shared QK with two convs, output gate) | transformer
     "mini_batch": 16,          # b: tokens per inner gradient step | "seq" (b = T)
-    "base_lr": None,           # eta_base; None: 1.0 for TTT-Linear, 0.1 for TTT-MLP
+    "base_lr": 1.0,            # eta_base (TTT-MLP: 0.1, MLP below)
     "base_lr_init": None,      # warmed up linearly to base_lr over the outer warmup; None: base_lr (no warmup)
     "conv_width": 4,
     "rope_theta": 1e4,
-    "backend": "auto",         # auto | triton | torch (layer.resolve_ttt_backend)
-    "impl": "auto",            # backend=torch: auto | scan | dual | reference
+    "backend": "auto",         # auto | triton | torch | scan | dual | reference (layer.py docstring)
     "checkpoint_group": 0,     # recompute the inner loop in backward every G mini-batches (0: off)
     "learnable_lr": True,      # the Table 1 switches (layer.py module docstring): the paper's TTT has them all
     "learnable_w0": True,
@@ -99,6 +101,8 @@ OPTIONS = {
     "inner_residual": True,
     "inner_bias": True,
 }
+MLP = {"inner": "mlp", "base_lr": 0.1, "base_lr_init": 0.01}  # TTT-MLP's eta_base, warmed up from 0.01
+#   (ttt_base_lr, ttt_base_lr_init of the JAX code's TTT-MLP runs, ttt/train.py)
 ROW3 = {"backbone": "transformer", "mini_batch": "seq", "learnable_lr": False, "learnable_w0": False,
         "inner_ln": False, "inner_residual": False, "inner_bias": False}  # f(x) = W x, b = T, W0 = 0
 ROW4 = {**ROW3, "learnable_w0": True}
@@ -107,9 +111,9 @@ ROW6 = {**ROW5, "mini_batch": 16}
 
 for _name, _desc, _options in [
     ("ttt_linear", "TTT-Linear, Mamba backbone (pre-conv, shared QK + convs, gate)", {}),
-    ("ttt_mlp", "TTT-MLP, Mamba backbone (pre-conv, shared QK + convs, gate)", {"inner": "mlp"}),
+    ("ttt_mlp", "TTT-MLP, Mamba backbone (pre-conv, shared QK + convs, gate)", MLP),
     ("ttt_linear_base", "TTT-Linear, Transformer backbone (separate Q, K, V)", {"backbone": "transformer"}),
-    ("ttt_mlp_base", "TTT-MLP, Transformer backbone (separate Q, K, V)", {"inner": "mlp", "backbone": "transformer"}),
+    ("ttt_mlp_base", "TTT-MLP, Transformer backbone (separate Q, K, V)", {**MLP, "backbone": "transformer"}),
     # the Table 1 ablation ladder, rows 3-6 (conf/arch/table1_*.yaml write the same options)
     ("table1_3_ttt_equivalence",
      "Table 1 row 3: TTT with f(x) = W x, batch GD over the sequence (b = T), eta = 1/2, W0 = 0 (= row 2)", ROW3),

@@ -26,11 +26,16 @@ conf/arch/table1_*.yaml, turns them off one by one; TABLE1 in architectures/ttt/
     learnable_lr   true: eta[i, j] = tok_i a_j above (false: a constant eta = base_lr for every j <= i,
                    no lr gate, no token offset). The inner loss is 0.5 ||f(k) - v||^2, so eta = 1 here is
                    the paper's eta = 1/2 on ||f(k) - v||^2 (Theorem 1)
-    impl           backend=torch: auto | scan | dual | reference. scan (scan.py): TTT-Linear's loop over whole
-                   mini-batches as one autograd op with the hand-derived backward, ~2x faster to train on CPU
-                   than dual (dual.py: autograd through every mini-batch); auto picks scan where it applies
+    backend        what computes the inner loop (architectures/backends.py; resolve_ttt_backend):
+                   auto      triton on CUDA where a kernel applies, else torch
+                   triton    the Triton kernels (triton_linear.py, triton_mlp.py)
+                   torch     the fastest PyTorch implementation that applies: scan, else dual
+                   scan      scan.py: TTT-Linear's loop over whole mini-batches as one autograd op with the
+                             hand-derived backward, ~2x faster to train on CPU than dual
+                   dual      dual.py: the dual form, autograd through every mini-batch
+                   reference reference.py: token by token, the oracle of the tests (slow; no decode state)
 Without inner_ln, inner_residual, inner_bias, or with mini-batches longer than dual.LONG_PIECE (64), the
-Triton kernels and scan do not apply (backend auto: torch, impl auto: dual).
+Triton kernels and scan do not apply (auto and torch: dual).
 """
 from __future__ import annotations
 
@@ -51,7 +56,6 @@ from architectures.ttt.reference import ttt_reference
 
 INNER = ("linear", "mlp")
 BACKBONES = ("mamba", "transformer")
-IMPLS = ("auto", "scan", "dual", "reference")
 TRITON_INNERS = ("linear", "mlp")  # inner models with Triton kernels (triton_linear.py, triton_mlp.py)
 MLP_TRITON_MAX_HEAD_DIM = 32  # `make check-kernels`: the TTT-MLP backward at f = 32 uses 74 KB of shared memory
 
@@ -69,12 +73,16 @@ def _triton_importable() -> bool:
 
 
 def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True, head_dim: int = 64) -> str:
-    """backend (architectures/backends.py): Triton where it runs (triton installed, CUDA; the interpreter,
-    TRITON_INTERPRET=1, only when asked for by name) and has a kernel for this inner model, else our
-    PyTorch implementations (`impl`). paper_f=False (inner_ln, inner_residual or inner_bias off, or a
-    mini-batch longer than dual.LONG_PIECE): the kernels compute only f(x) = x + LN(f_res(x)) with a
-    bias over short mini-batches, so auto is torch and triton raises. TTT-MLP's kernels hold W1 and W2
-    whole on chip: above MLP_TRITON_MAX_HEAD_DIM the backward does not fit (auto is torch)."""
+    """The backend that runs (module docstring; architectures/backends.py): triton, scan, dual or reference.
+    auto: Triton where it runs (triton installed, CUDA; the interpreter, TRITON_INTERPRET=1, only when
+    asked for by name) and has a kernel for this inner model, else torch; torch: scan where it applies,
+    else dual. paper_f=False (inner_ln, inner_residual or inner_bias off, or a mini-batch longer than
+    dual.LONG_PIECE): the kernels and scan compute only f(x) = x + LN(x W + b) over short mini-batches,
+    so they raise when asked for. TTT-MLP's kernels hold W1 and W2 whole on chip: above
+    MLP_TRITON_MAX_HEAD_DIM the backward does not fit (auto picks torch)."""
+    paper_f_only = (f"computes f(x) = x + LN(x W + b) over mini-batches of at most {LONG_PIECE} tokens: inner_ln, "
+                    f"inner_residual and inner_bias must be true and mini_batch <= {LONG_PIECE}")
+
     def triton() -> str | None:
         if inner not in TRITON_INNERS:
             return f"has no kernel for TTT-{inner}"
@@ -83,14 +91,22 @@ def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True, head_d
                     f"{MLP_TRITON_MAX_HEAD_DIM} (at 64 it needs 262 KB of shared memory, sm_90 has 227 KB), "
                     f"this layer has {head_dim}")
         if not paper_f:
-            return (f"computes f(x) = x + LN(x W + b) over mini-batches of at most {LONG_PIECE} tokens: inner_ln, "
-                    f"inner_residual and inner_bias must be true and mini_batch <= {LONG_PIECE}")
+            return paper_f_only
         if not (_triton_importable() and (torch.cuda.is_available() or _triton_interpreting())):
             return "needs triton and CUDA (or TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
         return None
 
-    return resolve("backend", requested, {"triton": triton, "torch": runs},
-                   prefer=lambda name: name != "triton" or torch.cuda.is_available())
+    def scan() -> str | None:
+        if inner != "linear":
+            return "is TTT-Linear's loop (scan.py); use backend=dual for TTT-MLP"
+        return None if paper_f else paper_f_only
+
+    torch_backends = {"scan": scan, "dual": runs, "reference": runs}
+    if requested == "torch":
+        return resolve("backend", "auto", torch_backends, prefer=lambda name: name != "reference")
+    chosen = resolve("backend", requested, {"triton": triton, "torch": runs, **torch_backends},
+                     prefer=lambda name: name != "triton" or torch.cuda.is_available())
+    return resolve_ttt_backend("torch", inner, paper_f, head_dim) if chosen == "torch" else chosen
 
 
 def resolve_mini_batch(cfg: ModelConfig) -> int:
@@ -125,10 +141,9 @@ class TTTLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.inner, self.backbone = str(cfg.opt("inner")), str(cfg.opt("backbone"))
-        self.impl = str(cfg.opt("impl"))
-        if self.inner not in INNER or self.backbone not in BACKBONES or self.impl not in IMPLS:
-            raise ValueError(f"TTT options: inner in {INNER}, backbone in {BACKBONES}, impl in {IMPLS}; got "
-                             f"{self.inner!r}, {self.backbone!r}, {self.impl!r}")
+        if self.inner not in INNER or self.backbone not in BACKBONES:
+            raise ValueError(f"TTT options: inner in {INNER}, backbone in {BACKBONES}; got "
+                             f"{self.inner!r}, {self.backbone!r}")
         flags = ttt_flags(cfg)
         self.inner_ln, self.inner_residual, self.inner_bias = (flags[n] for n in ("inner_ln", "inner_residual",
                                                                                 "inner_bias"))
@@ -137,11 +152,6 @@ class TTTLayer(nn.Module):
         paper_f = self.inner_ln and self.inner_residual and self.inner_bias and self.mini_batch <= LONG_PIECE
         self._paper_f = paper_f
         self.backend = resolve_ttt_backend(str(cfg.opt("backend")), self.inner, paper_f, cfg.head_dim)
-        if self.impl == "scan" and not (self.inner == "linear" and paper_f):
-            raise ValueError("TTT impl=scan is TTT-Linear with its inner LN, residual and bias and mini-batches "
-                             f"of at most {LONG_PIECE} tokens; use impl=dual")
-        if self.backend == "triton" and self.impl not in ("auto", "dual"):
-            raise ValueError(f"TTT impl={self.impl} is a PyTorch implementation; it needs backend=torch")
         base_lr, base_lr_init = cfg.opt("base_lr"), cfg.opt("base_lr_init")  # None: the defaults below
         self.base_lr = float(base_lr if base_lr is not None else 1.0 if self.inner == "linear" else 0.1)
         self.base_lr_init = float(base_lr_init if base_lr_init is not None else self.base_lr)  # warmed up to
@@ -267,63 +277,26 @@ class TTTLayer(nn.Module):
             tok, (ln_w, ln_b) = self.token_factor().to(dt), self.inner_ln_params(dt)
             opts = {"ln": self.inner_ln, "residual": self.inner_residual}
             init = {n: p.to(dt) for n, p in self.initial_params().items()}
-            if self.resolved_impl() == "reference":
+            if self.backend == "reference":
                 if cache is not None:
-                    raise ValueError("the reference TTT implementation has no decode state; use impl=dual")
+                    raise ValueError("the reference TTT implementation has no decode state; use backend=dual")
                 return ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, self.mini_batch, self.inner, **opts)
-            if self.backend == "triton":
-                return self._triton_inner_loop(q, k, v, a, tok, ln_w, ln_b, init, cache)
             state = cache.inner if cache is not None and cache.inner is not None else InnerState(
                 {n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})  # (1, H, ...)
-            scan = (self._scan_kernels if self.training else EAGER) if self.resolved_impl() == "scan" else None
-            out, new_state = ttt_dual(self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None],
-                                      self.mini_batch, self.checkpoint_group if self.training else 0,
-                                      self._compiled_piece if self.training else None, **opts, scan=scan)
+            args = (self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], self.mini_batch)
+            if self.backend == "triton":  # the same op signature and state (triton_op.py)
+                if q.device.type != "cuda" and not _triton_interpreting():
+                    raise BackendUnavailable(f"TTT backend=triton needs CUDA tensors, got {q.device}")
+                from architectures.ttt.triton_op import ttt_triton
+
+                out, new_state = ttt_triton(*args, self.checkpoint_group)
+            else:
+                scan = (self._scan_kernels if self.training else EAGER) if self.backend == "scan" else None
+                out, new_state = ttt_dual(*args, self.checkpoint_group if self.training else 0,
+                                          self._compiled_piece if self.training else None, **opts, scan=scan)
             if cache is not None:
                 cache.inner = new_state
             return out
-
-    def _triton_inner_loop(self, q, k, v, a, tok, ln_w, ln_b, init, cache: TTTCache | None) -> torch.Tensor:
-        """The Triton kernels (triton_linear.py, triton_mlp.py): tokens that finish an open mini-batch,
-        and single decode tokens, go through the decode kernel; whole and trailing mini-batches through
-        the prefill kernel (which trains: it has a backward). The cache holds dual.py's InnerState
-        (biases as (B, H, 1, n)); the kernels take biases as (B, H, n)."""
-        from architectures.ttt import triton_linear, triton_mlp
-
-        kernels = {"linear": triton_linear, "mlp": triton_mlp}[self.inner]
-        if q.device.type != "cuda" and not _triton_interpreting():
-            raise BackendUnavailable(f"TTT backend=triton needs CUDA tensors, got {q.device}")
-        B, H, T, f = q.shape
-        b = self.mini_batch
-        flat = lambda d: {n: (t[:, :, 0] if n.startswith("b") else t) for n, t in d.items()}  # (B, H, 1, n) -> (B, H, n)
-        state = cache.inner if cache is not None else None
-        if state is None:
-            params, acc, off = {n: p[None] for n, p in init.items()}, {}, 0  # (1, H, ...)
-        else:
-            params, acc, off = flat(state.params), flat(state.acc), state.offset
-        outs, t = [], 0
-        n_decode = 0 if cache is None else (1 if T == 1 else min((b - off) % b, T))
-        if n_decode:  # the primal form, token by token, in place on fp32 copies of the state
-            params = {n: p.float().expand(B, *p.shape[1:]).contiguous().clone() for n, p in params.items()}
-            acc = {n: (acc[n].float().expand(B, *p.shape[1:]).contiguous().clone() if acc else torch.zeros_like(p))
-                   for n, p in params.items()}
-            for i in range(n_decode):
-                outs.append(kernels.decode_step(q[:, :, i], k[:, :, i], v[:, :, i], a[:, :, i], tok, ln_w, ln_b,
-                                                params, acc, off)[:, :, None])
-                off = (off + 1) % b
-            acc = acc if off else {}
-            t = n_decode
-        if t < T:
-            group = self.checkpoint_group if self.checkpoint_group > 0 else triton_linear.DEFAULT_GROUP
-            out, params, acc = kernels.prefill(q[:, :, t:], k[:, :, t:], v[:, :, t:], a[:, :, t:], tok, ln_w, ln_b,
-                                               params, group)  # states saved every `group` mini-batches
-            outs.append(out)
-            off = (T - t) % b
-            acc = acc if off else {}
-        if cache is not None:
-            unflat = lambda d: {n: (x[:, :, None] if n.startswith("b") else x) for n, x in d.items()}
-            cache.inner = InnerState(unflat(params), unflat(acc), off)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def compile_hot_path(self) -> None:
         """torch.compile the per-mini-batch work (training only): scan's elementwise kernels, or the dual
@@ -331,19 +304,10 @@ class TTTLayer(nn.Module):
         over mini-batches stays in Python, so the graphs are small and compile once per shape."""
         from architectures.ttt.dual import PIECE
 
-        if self.resolved_impl() == "scan":
+        if self.backend == "scan":
             self._scan_kernels = ScanKernels.compiled()
         else:
             self._compiled_piece = torch.compile(PIECE[self.inner], dynamic=False)
-
-    def resolved_impl(self) -> str:
-        """What runs: triton, or (backend=torch) scan.py's one-op loop (auto, for TTT-Linear with the paper's
-        inner model and mini-batches of at most 64), the dual form, or the token-by-token reference."""
-        if self.backend == "triton":
-            return "triton"
-        if self.impl != "auto":
-            return self.impl
-        return "scan" if self.inner == "linear" and self._paper_f else "dual"
 
 
 class TTTBlock(nn.Module):
@@ -370,4 +334,4 @@ class TTTBlock(nn.Module):
         return TTTCache()
 
     def backends(self) -> dict[str, str]:
-        return {"ttt": self.ttt.resolved_impl()}
+        return {"ttt": self.ttt.backend}

@@ -1,0 +1,430 @@
+"""Every figure the suite draws, in one place; the tools compute the tables, these functions draw them.
+
+  make sweep / make plots (bench/report.py), in RESULTS/plots/:
+    plot_loss_vs_flops      validation loss vs training FLOPs per context (the paper's scaling figure)
+    plot_loss_by_position   validation loss by token position, largest model per architecture
+    plot_training_curves    training loss vs tokens, every run
+    plot_longqa             long-context QA accuracy vs length; passkey depth x length heatmaps
+    plot_classification     classification accuracy vs parameters
+    plot_mqar_grid          MQAR accuracy vs width per (length, pairs) point (Zoology's figure 2)
+    plot_metric_vs_lr       LRS= sweeps: the validation metric vs learning rate
+  make throughput (bench/throughput.py): plot_speed_vs_context
+  make paper (bench/paper.py; notebooks/paper.ipynb redraws with them): plot_paper_scaling,
+    plot_paper_token_index, plot_paper_latency, ours beside the published points
+  bench/ttt_kernel_speed.py: plot_kernel_speed
+
+Every axis has its quantity and unit; save_figure writes the PNG whole and fits every label in it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bench import published  # noqa: E402
+from bench.results import atomic_write_bytes  # noqa: E402
+
+# the paper's six architectures in its legend order, with its labels
+LABELS = {"transformer": "Transformer", "mamba": "Mamba", "ttt_linear": "TTT-Linear (M)", "ttt_mlp": "TTT-MLP (M)",
+          "ttt_linear_base": "TTT-Linear (T)", "ttt_mlp_base": "TTT-MLP (T)"}
+COLORS = {arch: f"C{i}" for i, arch in enumerate(LABELS)}
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+def save_figure(fig, path: Path) -> None:
+    """PNG written whole (a kill mid-write leaves the previous plot); the canvas grows to hold every title,
+    label and legend, so no text runs past the figure's edge."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", pad_inches=0.1)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def log_axis(ax, axis: str = "x", base: int = 10) -> None:
+    """A log axis (call it after plotting) whose tick labels never pile up: over less than one factor of
+    `base` matplotlib falls back to linear ticks labelled in long scientific notation (1.2 x 10^13,
+    1.4 x 10^13, ... on top of each other); there three log-spaced ticks with short labels (1.2e13) instead."""
+    import numpy as np
+    from matplotlib.ticker import NullFormatter
+
+    getattr(ax, f"set_{axis}scale")("log", base=base)
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    if lo > 0 and hi / lo < base:
+        ticks = [float(f"{t:.2g}") for t in np.geomspace(lo, hi, 5)[1:-1]]
+        target = ax.xaxis if axis == "x" else ax.yaxis
+        target.set_ticks(ticks, [f"{t:.2g}".replace("e+", "e") for t in ticks])
+        target.set_minor_formatter(NullFormatter())
+
+
+def style_axes(ax, title: str, xlabel: str, ylabel: str, xbase: int = 10) -> None:
+    """Log x axis, title, axis labels with units, grid, legend."""
+    log_axis(ax, "x", xbase)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def run_label(row, multi_data: bool, multi_match: bool = False) -> str:
+    """The architecture, the backend that ran, and the data / match rule when several are plotted."""
+    label = f"{row['arch']} [{row['backend']}]"
+    label = f"{label} ({row['data']})" if multi_data else label
+    label = f"{label} match={row['match']}" if multi_match else label
+    recipe = row.get("recipe")
+    return label if recipe in (None, "native") or pd.isna(recipe) else f"{label} recipe={recipe}"
+
+
+def largest_row(g: pd.DataFrame):
+    return g.sort_values("params").iloc[-1]
+
+
+def grid_runs(best: pd.DataFrame) -> pd.DataFrame:
+    """The runs of tasks with a (sequence length, pairs) grid: their summaries carry mqar_pairs."""
+    if "mqar_pairs" not in best:
+        return best.iloc[0:0]
+    return best[best["mqar_pairs"].notna()]
+
+
+def unit(scaling: pd.DataFrame) -> str:
+    """'byte' for the byte-level tokenizer, else 'token'."""
+    return "byte" if (scaling["tokenizer"].fillna("byte") == "byte").all() else "token"  # the default data: bytes
+
+
+def by_arch(df: pd.DataFrame):
+    """(arch, rows) in the paper's legend order."""
+    order = {a: i for i, a in enumerate(LABELS)}
+    return sorted(df.groupby("arch"), key=lambda item: order.get(item[0], len(order)))
+
+
+def largest(tokens: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the largest model (by parameters) of each architecture."""
+    if tokens.empty:
+        return tokens
+    return tokens[tokens["params"] == tokens.groupby("arch")["params"].transform("max")]
+
+
+# -- make sweep / make plots ----------------------------------------------------------------------------
+
+FLOPS_NOTE = "training FLOPs\n(architectures/accounting.py: 3 x forward, attention causal-halved)"
+
+
+def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
+    lm = df[df["task"] == "lm"]
+    if lm.empty:  # task runs only: no language-modeling plot
+        return
+    ctxs = sorted(lm["ctx"].unique())
+    multi, multi_match = lm["data"].nunique() > 1, lm["match"].nunique() > 1
+    fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(6 * max(1, len(ctxs)), 4.5), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        sub = lm[lm["ctx"] == ctx]
+        for (arch, data, match), g in sub.groupby(["arch", "data", "match"]):
+            g = g.sort_values("train_flops")
+            ax.plot(g["train_flops"], g["val_loss"], marker="o", label=run_label(g.iloc[0], multi, multi_match))
+            for _, r in g.iterrows():
+                ax.annotate(r["size"], (r["train_flops"], r["val_loss"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+        log_axis(ax)
+        ax.set_xlabel(FLOPS_NOTE)
+        ax.set_ylabel("validation loss (nats / token)")
+        rules = "/".join(sorted(sub["match"].unique()))
+        ax.set_title(f"Loss vs training compute, context {ctx:,} tokens\n(sizes matched by {rules})", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(title="architecture", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
+    lm = df[(df["task"] == "lm") & df["loss_by_position"].notna()] if "loss_by_position" in df else df.iloc[:0]
+    if lm.empty:
+        return
+    ctxs = sorted(lm["ctx"].unique())
+    multi = lm["data"].nunique() > 1
+    fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(6 * max(1, len(ctxs)), 4.5), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        sub = lm[lm["ctx"] == ctx]
+        for (arch, data), g in sub.groupby(["arch", "data"]):
+            r = g.sort_values("params").iloc[-1]  # the largest model of the architecture
+            buckets = r["loss_by_position"]
+            mids = [(b["start"] * b["end"]) ** 0.5 for b in buckets]
+            ax.plot(mids, [b["loss"] for b in buckets], marker=".", label=f"{run_label(r, multi)} {r['size']}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("token position in the sequence (log2 buckets)")
+        ax.set_ylabel("validation loss (nats / token)")
+        ax.set_title(f"Loss by token position, context {ctx:,} tokens")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(title="architecture, size")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, r in df.sort_values(["arch", "params"]).iterrows():
+        metrics = Path(r["run_dir"]) / "metrics.jsonl"
+        if not metrics.exists():
+            continue
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if rows:
+            ax.plot([m["tokens"] for m in rows], [m["loss"] for m in rows],
+                    label=f"{r['arch']} [{r['backend']}] {r['size']} {r['task']} ctx={r['ctx']}")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("training loss (nats per scored token)")
+    ax.set_title("Training curves")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
+    """Accuracy vs evaluation length per sub-task, and the passkey depth x length heatmaps."""
+    qa = df[df.get("longqa_cells", pd.Series(index=df.index, dtype=object)).notna()]  # longqa and its presets
+    if qa.empty:
+        return
+    runs = [(f"{arch} [{g.iloc[0]['backend']}] {largest_row(g)['size']} {task} ctx={ctx}", largest_row(g))
+            for (task, arch, ctx), g in qa.groupby(["task", "arch", "ctx"])]
+    cells = pd.DataFrame([{**c, "label": label, "ctx": r["ctx"]} for label, r in runs for c in r["longqa_cells"]])
+    subtasks = sorted(cells["subtask"].unique())
+    cols = min(4, len(subtasks))
+    rows = -(-len(subtasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(subtasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, subtasks):
+        for label, g in cells[cells["subtask"] == task].groupby("label"):
+            acc = g.groupby("length")["acc"].mean()
+            ax.plot(acc.index, acc.values, marker="o", label=label)
+            ax.axvline(g["ctx"].iloc[0], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("evaluation length (tokens; dotted: trained)")
+        ax.set_ylabel("accuracy (exact match; MQAR per value)")
+        ax.set_title(task)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, plots / "longqa_accuracy.png")
+    plt.close(fig)
+    pk = cells[cells["subtask"] == "passkey"]
+    if pk.empty:
+        return
+    labels = sorted(pk["label"].unique())
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.5 * len(labels), 3.8), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        grid = pk[pk["label"] == label].pivot_table(index="depth", columns="length", values="acc")
+        im = ax.imshow(grid.values, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns])
+        ax.set_yticks(range(len(grid.index)), [f"{d:.2f}" for d in grid.index])
+        ax.set_xlabel("length (tokens)")
+        ax.set_ylabel("needle depth (0 = start)")
+        ax.set_title(label, fontsize=8)
+        fig.colorbar(im, ax=ax, label="passkey accuracy")
+    fig.tight_layout()
+    save_figure(fig, plots / "passkey_heatmap.png")
+    plt.close(fig)
+
+
+def plot_classification(df: pd.DataFrame, plots: Path) -> None:
+    cl = df[df["task"] == "classification"]
+    if cl.empty:
+        return
+    ctxs = sorted(cl["ctx"].unique())
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4.5), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        sub = cl[cl["ctx"] == ctx]
+        for arch, g in sub.groupby("arch"):
+            g = g.sort_values("params")
+            ax.plot(g["params"], g["val_acc"], marker="o", label=f"{arch} [{g.iloc[0]['backend']}]")
+        if "val_majority_acc" in sub:
+            ax.axhline(sub["val_majority_acc"].max(), color="grey", linestyle="--", label="majority class")
+        log_axis(ax)
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(f"{sub['data'].iloc[0]} classification, context {ctx:,} tokens")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, plots / "classification_accuracy.png")
+    plt.close(fig)
+
+
+def plot_mqar_grid(best: pd.DataFrame, path: Path) -> None:
+    """Zoology's figure 2: accuracy vs model width, one panel per (sequence length, pairs), one line per
+    architecture, each point at its best lr."""
+    runs = grid_runs(best)
+    if runs.empty:
+        return
+    points = sorted({(int(r["ctx"]), int(r["mqar_pairs"])) for _, r in runs.iterrows()})
+    fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 3.8), squeeze=False)
+    for ax, (ctx, pairs) in zip(axes[0], points):
+        sub = runs[(runs["ctx"] == ctx) & (runs["mqar_pairs"] == pairs)]
+        for (task, arch), g in sub.groupby(["task", "arch"]):
+            g = g.sort_values("d_model")
+            ax.plot(g["d_model"], g["val_acc"], marker="o", label=f"{arch} ({task})")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("model dimension")
+        ax.set_ylabel("MQAR accuracy (best lr)")
+        ax.set_title(f"sequence length {ctx}, {pairs} key-value pairs", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_metric_vs_lr(sweeps: pd.DataFrame, path: Path) -> None:
+    """LRS sweeps (bench/report.py lr_sweeps): the validation metric vs learning rate, one line per (arch,
+    size, ctx), one panel per task; the best lr (the one the other plots use, `best`) ringed."""
+    if sweeps.empty:
+        return
+    tasks = sorted(sweeps["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        shown = "val_bpb" if task == "lm" else "val_acc"
+        for (arch, size, ctx), g in sweeps[sweeps["task"] == task].groupby(["arch", "size", "ctx"]):
+            g = g.sort_values("lr")
+            line, = ax.plot(g["lr"], g[shown], marker="o", label=f"{arch} {size} ctx={ctx}")
+            best = g[g["best"]]
+            ax.plot(best["lr"], best[shown], "o", markersize=12, markerfacecolor="none", color=line.get_color())
+        log_axis(ax)
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("validation bits per byte" if shown == "val_bpb" else "validation accuracy")
+        ax.set_title(f"{task}: metric vs learning rate (ringed: best)", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+# -- make throughput, the kernel benchmark --------------------------------------------------------------
+
+def plot_speed_vs_context(df: pd.DataFrame, mode: str, path: Path) -> None:
+    """`make throughput`: time per token (prefill, decode) or training tokens/s vs context, one line per
+    (architecture, backend, size, batch, device); hollow points were noisy after a re-measurement."""
+    sub = df[(df["mode"] == mode) & (df["status"] == "ok")]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for (arch, size, backend, batch, dev), g in sub.groupby(["arch", "size", "backend", "batch", "device"]):
+        g = g.sort_values("ctx")
+        y = g["time_per_token_s"] * 1e3 if mode != "train" else g["tokens_per_s"]
+        noisy = g["noisy"].astype(str).str.lower().eq("true") if "noisy" in g else pd.Series(False, index=g.index)
+        line, = ax.plot(g["ctx"], y, label=f"{arch} [{backend}] {size} B={batch}")
+        ax.plot(g["ctx"][~noisy], y[~noisy], "o", color=line.get_color())
+        ax.plot(g["ctx"][noisy], y[noisy], "o", color=line.get_color(), markerfacecolor="none")  # spread > 50% twice
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)" if mode != "decode" else "tokens already in context")
+    if mode == "train":
+        ax.set_ylabel("training tokens / s (forward + backward)")
+        ax.set_title("Training throughput vs context")
+    else:
+        ax.set_yscale("log")
+        ax.set_ylabel("time per token (ms)")
+        ax.set_title("Prefill: time per token vs prompt length" if mode == "prefill"
+                     else "Decode: time per generated token vs context")
+    devices = ", ".join(sorted(sub["device"].unique())) if not sub.empty else "no successful points"
+    devices += "; hollow: noisy (spread > 50% after a re-measurement)"
+    ax.text(0.01, 0.01, devices, transform=ax.transAxes, fontsize=7, alpha=0.7)
+    ax.grid(True, which="both", alpha=0.3)
+    if not sub.empty:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_kernel_speed(rows: list[dict], path: Path, title: str) -> None:
+    """bench/ttt_kernel_speed.py: time per call vs T of each contender, forward and forward+backward."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for name in dict.fromkeys(r["impl"] for r in rows):
+            pts = [(r["T"], r["ms"]) for r in rows if r["impl"] == name and r["mode"] == mode and r["status"] == "ok"]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T (tokens)")
+        ax.set_ylabel("time per call (ms, median)")
+        batch = next((r["batch"] for r in rows if r["mode"] == mode), "?")
+        ax.set_title(f"{mode}, batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+# -- make paper ------------------------------------------------------------------------------------------
+
+def plot_paper_scaling(scaling: pd.DataFrame) -> plt.Figure:
+    """Rows: 2k and the long context; columns: ours (perplexity per byte) | published (per Llama-2 token)."""
+    ctxs = sorted(scaling["ctx"].unique()) or [2048, 8192]
+    pub = published.load("scaling")
+    fig, axes = plt.subplots(len(ctxs), 2, figsize=(12, 4.3 * len(ctxs)), squeeze=False)
+    for (ours_ax, pub_ax), ctx, pctx in zip(axes, ctxs, (2048, 8192)):  # ours may be shorter (smoke)
+        for arch, g in by_arch(scaling[scaling["ctx"] == ctx]):
+            g = g.sort_values("train_flops")
+            ours_ax.plot(g["train_flops"], g["val_ppl"], marker="o", color=COLORS.get(arch),
+                         label=LABELS.get(arch, arch))
+            for _, r in g.iterrows():
+                ours_ax.annotate(r["size"], (r["train_flops"], r["val_ppl"]), textcoords="offset points",
+                                 xytext=(3, 3), fontsize=7)
+        style_axes(ours_ax, f"Ours: context {ctx:,}", "training FLOPs (3 x forward)", f"perplexity per {unit(scaling)}")
+        for arch, g in by_arch(pub[pub["ctx"] == pctx]):
+            g = g.sort_values("train_flops")
+            pub_ax.plot(g["train_flops"], g["ppl"], marker="s", color=COLORS.get(arch), label=g["label"].iloc[0])
+        style_axes(pub_ax, f"Published: Pile, context {pctx:,}", "training FLOPs", "perplexity per Llama-2 token")
+    fig.tight_layout()
+    return fig
+
+
+def plot_paper_token_index(tokens: pd.DataFrame, scaling: pd.DataFrame) -> plt.Figure:
+    """Perplexity by token position of the largest model per architecture, one panel per context, and the
+    paper's Books 32k curves (v1 Fig 2 right)."""
+    ctxs = sorted(tokens["ctx"].unique())
+    fig, axes = plt.subplots(1, len(ctxs) + 1, figsize=(5.2 * (len(ctxs) + 1), 4.3), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        sub = tokens[(tokens["ctx"] == ctx) & (tokens["start"] < ctx)]  # not the last position alone
+        for arch, g in by_arch(largest(sub)):
+            mids = (g["start"] * g["end"]) ** 0.5
+            ax.plot(mids, g["loss"].map(math.exp), marker=".", color=COLORS.get(arch),
+                    label=f"{LABELS.get(arch, arch)} {g['size'].iloc[0]}")
+        style_axes(ax, f"Ours: context {ctx:,}, largest size", "token position (log2 buckets)",
+              f"perplexity per {unit(scaling)}", xbase=2)
+    ax = axes[0][-1]
+    for arch, g in by_arch(published.load("token_index")):
+        ax.plot(g["position"], g["ppl"], marker="s", color=COLORS.get(arch), label=g["label"].iloc[0])
+    style_axes(ax, "Published: Books, context 32,768, ~1.3B", "token position", "perplexity per Llama-2 token", xbase=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_paper_latency(latency: pd.DataFrame) -> plt.Figure:
+    """Ours: prefill and decode time per token vs context; published: forward time per token (A100)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    where = f"{latency['size'].iloc[0]}, batch {latency['batch'].iloc[0]}" if len(latency) else "no points"
+    for ax, mode in zip(axes, ("prefill", "decode")):
+        for arch, g in by_arch(latency[latency["mode"] == mode]):
+            ax.plot(g["ctx"], g["time_per_token_s"], marker="o", color=COLORS.get(arch), label=LABELS.get(arch, arch))
+        ax.set_yscale("log")
+        style_axes(ax, f"Ours: {mode} ({where})", "context (tokens)", "seconds per token", xbase=2)
+    for arch, g in by_arch(published.load("latency")):
+        axes[2].plot(g["ctx"], g["seconds_per_token"], marker="s", color=COLORS.get(arch), label=g["label"].iloc[0])
+    axes[2].set_yscale("log")  # as ours (and no offset label over the title)
+    style_axes(axes[2], "Published: forward, 1.3B, batch 16, A100", "context (tokens)", "seconds per token", xbase=2)
+    fig.tight_layout()
+    return fig
