@@ -232,6 +232,29 @@ def test_prefill_then_decode_equals_one_prefill(arch):
 
 
 @pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp_base"])
+def test_the_reference_backend_decodes_what_the_dual_form_does(arch):
+    """Every backend takes and returns one state (InnerState, layer.py): the token-by-token reference,
+    continued from the state a prefill leaves mid mini-batch and decoding across boundaries, gives the dual
+    form's outputs and final state (fp64)."""
+    x = torch.randint(0, 61, (2, 37))
+    runs = {}
+    for backend in ("dual", "reference"):
+        model = tiny_model(arch)
+        for block in model.blocks:
+            block.ttt.backend = backend
+        state = model.new_state(2, 37)
+        outs = [model(x[:, :7], state)] + [model(x[:, t:t + 1], state) for t in range(7, 20)] + [model(x[:, 20:], state)]
+        runs[backend] = torch.cat(outs, 1), state.caches[0].inner
+    (out_d, inner_d), (out_r, inner_r) = runs["dual"], runs["reference"]
+    torch.testing.assert_close(out_r, out_d, rtol=1e-10, atol=1e-10)
+    assert inner_r.offset == inner_d.offset == 37 % 16
+    for n in inner_d.params:
+        torch.testing.assert_close(inner_r.params[n].expand_as(inner_d.params[n]), inner_d.params[n],
+                                   rtol=1e-10, atol=1e-10, msg=n)
+        torch.testing.assert_close(inner_r.acc[n], inner_d.acc[n], rtol=1e-10, atol=1e-10, msg=n)
+
+
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp_base"])
 def test_chained_prefills_equal_one(arch):
     model = tiny_model(arch)
     x = torch.randint(0, 61, (2, 50))

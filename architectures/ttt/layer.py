@@ -33,7 +33,7 @@ conf/arch/table1_*.yaml, turns them off one by one; TABLE1 in architectures/ttt/
                    scan      scan.py: TTT-Linear's loop over whole mini-batches as one autograd op with the
                              hand-derived backward, ~2x faster to train on CPU than dual
                    dual      dual.py: the dual form, autograd through every mini-batch
-                   reference reference.py: token by token, the oracle of the tests (slow; no decode state)
+                   reference reference.py: token by token, the oracle of the tests (slow)
 Without inner_ln, inner_residual, inner_bias, or with mini-batches longer than dual.LONG_PIECE (64), the
 Triton kernels and scan do not apply (auto and torch: dual).
 """
@@ -52,7 +52,7 @@ from architectures.backends import BackendUnavailable, resolve, runs
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh
 from architectures.ttt.scan import EAGER, ScanKernels
-from architectures.ttt.reference import ttt_reference
+from architectures.ttt.reference import ttt_reference_op
 
 INNER = ("linear", "mlp")
 BACKBONES = ("mamba", "transformer")
@@ -277,19 +277,18 @@ class TTTLayer(nn.Module):
             tok, (ln_w, ln_b) = self.token_factor().to(dt), self.inner_ln_params(dt)
             opts = {"ln": self.inner_ln, "residual": self.inner_residual}
             init = {n: p.to(dt) for n, p in self.initial_params().items()}
-            if self.backend == "reference":
-                if cache is not None:
-                    raise ValueError("the reference TTT implementation has no decode state; use backend=dual")
-                return ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, self.mini_batch, self.inner, **opts)
             state = cache.inner if cache is not None and cache.inner is not None else InnerState(
                 {n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})  # (1, H, ...)
-            args = (self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], self.mini_batch)
-            if self.backend == "triton":  # the same op signature and state (triton_op.py)
+            args = (self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], self.mini_batch)  # one
+            #   op signature and state (InnerState) for every backend: dual.py, triton_op.py, reference.py
+            if self.backend == "triton":
                 if q.device.type != "cuda" and not _triton_interpreting():
                     raise BackendUnavailable(f"TTT backend=triton needs CUDA tensors, got {q.device}")
                 from architectures.ttt.triton_op import ttt_triton
 
                 out, new_state = ttt_triton(*args, self.checkpoint_group)
+            elif self.backend == "reference":  # the token-by-token oracle (reference.py)
+                out, new_state = ttt_reference_op(*args, **opts)
             else:
                 scan = (self._scan_kernels if self.training else EAGER) if self.backend == "scan" else None
                 out, new_state = ttt_dual(*args, self.checkpoint_group if self.training else 0,

@@ -10,13 +10,15 @@ Sec. 2.4-2.7; docs/ttt_math.md):
 and theta <- theta_b once the mini-batch is complete. Under the Table 1 options (layer.py) f loses its LN
 or its residual (l = 0.5 * ||f(k_j) - v_j||^2 with f as configured), TTT-Linear its bias.
 The gradients come from torch.func.grad of the loss as written, not from the closed form the fast paths use, so this is an independent check.
-Slow (a Python loop over tokens): it is the oracle of the tests, never used for training.
+Slow (a Python loop over tokens): it is the oracle of the tests, never used for training. ttt_reference_op
+has dual.py's op signature and state (InnerState), so a layer with backend=reference also decodes.
 """
 from __future__ import annotations
 
 import torch
 from torch.func import grad, vmap
 
+from architectures.ttt.dual import InnerState
 from architectures.ttt.inner import gelu_tanh, layer_norm
 
 
@@ -56,9 +58,16 @@ def _per_batch_head(fn, n_batched: int):
     return vmap(over_heads, in_dims=(0,) * (1 + n_batched) + (None, None))
 
 
+def _per_head(name: str, t: torch.Tensor, B: int) -> torch.Tensor:
+    """A state tensor (B|1, H, ...), biases (B|1, H, 1, n), as the per-(sequence, head) weights the loss
+    takes: (B, H, ...), biases (B, H, n)."""
+    t = t[:, :, 0] if name.startswith("b") else t
+    return t.expand(B, *t.shape[1:])
+
+
 def ttt_reference(init: dict, q, k, v, lr_key, tok, ln_w, ln_b, mini_batch: int, inner: str,
                   ln: bool = True, residual: bool = True):
-    """Outputs (B, H, T, f) of the TTT inner loop from fresh initial weights.
+    """Outputs (B, H, T, f) of the TTT inner loop from fresh initial weights (the tests' entry point).
 
     init: per-head initial weights, e.g. {"W": (H, f, f), "b": (H, f)} (linear) or W1, b1, W2, b2 (mlp)
     q, k, v: (B, H, T, f); lr_key: (B, H, T) the key factor a_j = base_lr * gate_j / f
@@ -66,20 +75,34 @@ def ttt_reference(init: dict, q, k, v, lr_key, tok, ln_w, ln_b, mini_batch: int,
     ln, residual: f with its LN and its residual (inner_ln, inner_residual; ln_w, ln_b unused without LN)
     A trailing partial mini-batch is processed and its update is not committed.
     """
+    fresh = InnerState({n: (p[None] if p.dim() == 3 else p[None, :, None]) for n, p in init.items()})
+    return ttt_reference_op(inner, fresh, q, k, v, lr_key, tok, ln_w[:, None], ln_b[:, None], mini_batch,
+                            ln, residual)[0]
+
+
+def ttt_reference_op(inner: str, state: InnerState, q, k, v, lr_key, tok, ln_w, ln_b, mini_batch: int,
+                     ln: bool = True, residual: bool = True) -> tuple[torch.Tensor, InnerState]:
+    """The primal form behind dual.ttt_dual's op signature (backend=reference): outputs (B, H, T, f) for T
+    new tokens continuing `state` (InnerState: the weights at the open mini-batch's start, the sum of
+    a_j g_j over its tokens seen so far, their count), and the state after them; ln_w, ln_b (H, 1, f)."""
     B, H, T, f = q.shape
-    theta = {n: p.expand(B, *p.shape) for n, p in init.items()}  # (B, H, ...)
+    ln_w, ln_b = ln_w[:, 0], ln_b[:, 0]  # (H, f)
+    theta = {n: _per_head(n, p, B) for n, p in state.params.items()}  # (B, H, ...), biases (B, H, n)
+    acc = {n: _per_head(n, p, B) for n, p in state.acc.items()}
+    off = state.offset
     g_fn = _per_batch_head(lambda p, kk, vv, w, bb: grad(inner_loss)(p, kk, vv, w, bb, inner, ln, residual), 2)
     out_fn = _per_batch_head(lambda p, qq, w, bb: inner_output(p, qq, w, bb, inner, ln, residual), 1)
-    outs = []
-    for start in range(0, T, mini_batch):
-        end = min(start + mini_batch, T)
-        grads = [g_fn(theta, k[:, :, j], v[:, :, j], ln_w, ln_b) for j in range(start, end)]  # at theta of the start
-        for i in range(start, end):
-            eta = [tok[i - start] * lr_key[:, :, j] for j in range(start, i + 1)]  # each (B, H)
-            theta_i = {n: theta[n] - sum(e.view(B, H, *[1] * (theta[n].dim() - 2)) * g[n]
-                                         for e, g in zip(eta, grads[: i - start + 1]))
-                       for n in theta}
-            outs.append(out_fn(theta_i, q[:, :, i], ln_w, ln_b))  # (B, H, f)
-        if end - start == mini_batch:
-            theta = theta_i
-    return torch.stack(outs, dim=2)  # (B, H, T, f)
+    outs, t = [], 0
+    while t < T:
+        end = min(t + mini_batch - off, T)  # the rest of the open mini-batch, or of the tokens
+        total = dict(acc) if acc else {n: torch.zeros_like(p) for n, p in theta.items()}  # sum_j a_j g_j
+        for j in range(t, end):
+            g = g_fn(theta, k[:, :, j], v[:, :, j], ln_w, ln_b)  # at the weights of the mini-batch's start
+            a_j = lr_key[:, :, j]
+            total = {n: total[n] + a_j.view(B, H, *[1] * (theta[n].dim() - 2)) * g[n] for n in theta}
+            theta_i = {n: theta[n] - tok[off + j - t] * total[n] for n in theta}
+            outs.append(out_fn(theta_i, q[:, :, j], ln_w, ln_b))  # (B, H, f)
+        off, t = off + end - t, end
+        theta, acc, off = (theta_i, {}, 0) if off == mini_batch else (theta, total, off)
+    state_layout = lambda d: {n: (x[:, :, None] if n.startswith("b") else x) for n, x in d.items()}
+    return torch.stack(outs, dim=2), InnerState(state_layout(theta), state_layout(acc), off)
