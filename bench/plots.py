@@ -47,6 +47,19 @@ def save_figure(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def panel_row(n: int, width: float, height: float):
+    """A figure of n panels side by side, each width x height inches; returns (figure, the n axes)."""
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, axes[0]
+
+
+def finish(fig, path: Path) -> None:
+    """Lay the figure out, write it (save_figure) and free it."""
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def log_axis(ax, axis: str = "x", base: int = 10) -> None:
     """A log axis (call it after plotting) whose tick labels never pile up: over less than one factor of
     `base` matplotlib falls back to linear ticks labelled in long scientific notation (1.2 x 10^13,
@@ -123,8 +136,8 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
         return
     ctxs = sorted(lm["ctx"].unique())
     multi, multi_match = lm["data"].nunique() > 1, lm["match"].nunique() > 1
-    fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(6 * max(1, len(ctxs)), 4.5), squeeze=False)
-    for ax, ctx in zip(axes[0], ctxs):
+    fig, axes = panel_row(max(1, len(ctxs)), 6, 4.5)
+    for ax, ctx in zip(axes, ctxs):
         sub = lm[lm["ctx"] == ctx]
         for (arch, data, match), g in sub.groupby(["arch", "data", "match"]):
             g = g.sort_values("train_flops")
@@ -139,9 +152,7 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
         ax.set_title(f"Loss vs training compute, context {ctx:,} tokens\n(sizes matched by {rules})", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="architecture", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish(fig, path)
 
 
 def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
@@ -150,8 +161,8 @@ def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
         return
     ctxs = sorted(lm["ctx"].unique())
     multi = lm["data"].nunique() > 1
-    fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(6 * max(1, len(ctxs)), 4.5), squeeze=False)
-    for ax, ctx in zip(axes[0], ctxs):
+    fig, axes = panel_row(max(1, len(ctxs)), 6, 4.5)
+    for ax, ctx in zip(axes, ctxs):
         sub = lm[lm["ctx"] == ctx]
         for (arch, data), g in sub.groupby(["arch", "data"]):
             r = g.sort_values("params").iloc[-1]  # the largest model of the architecture
@@ -164,9 +175,7 @@ def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
         ax.set_title(f"Loss by token position, context {ctx:,} tokens")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="architecture, size")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish(fig, path)
 
 
 def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
@@ -184,9 +193,7 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
     ax.set_title("Training curves")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish(fig, path)
 
 
 def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
@@ -215,26 +222,21 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
         ax.set_title(task)
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, plots / "longqa_accuracy.png")
-    plt.close(fig)
+    finish(fig, plots / "longqa_accuracy.png")
     pk = cells[cells["subtask"] == "passkey"]
     if pk.empty:
         return
     labels = sorted(pk["label"].unique())
-    fig, axes = plt.subplots(1, len(labels), figsize=(4.5 * len(labels), 3.8), squeeze=False)
-    for ax, label in zip(axes[0], labels):
+    fig, axes = panel_row(len(labels), 4.5, 3.8)
+    for ax, label in zip(axes, labels):
         grid = pk[pk["label"] == label].pivot_table(index="depth", columns="length", values="acc")
         im = ax.imshow(grid.values, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns])
         ax.set_yticks(range(len(grid.index)), [f"{d:.2f}" for d in grid.index])
-        ax.set_xlabel("length (tokens)")
-        ax.set_ylabel("needle depth (0 = start)")
+        ax.set(xlabel="length (tokens)", ylabel="needle depth (0 = start)")
         ax.set_title(label, fontsize=8)
         fig.colorbar(im, ax=ax, label="passkey accuracy")
-    fig.tight_layout()
-    save_figure(fig, plots / "passkey_heatmap.png")
-    plt.close(fig)
+    finish(fig, plots / "passkey_heatmap.png")
 
 
 def plot_classification(df: pd.DataFrame, plots: Path) -> None:
@@ -242,8 +244,8 @@ def plot_classification(df: pd.DataFrame, plots: Path) -> None:
     if cl.empty:
         return
     ctxs = sorted(cl["ctx"].unique())
-    fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4.5), squeeze=False)
-    for ax, ctx in zip(axes[0], ctxs):
+    fig, axes = panel_row(len(ctxs), 6, 4.5)
+    for ax, ctx in zip(axes, ctxs):
         sub = cl[cl["ctx"] == ctx]
         for arch, g in sub.groupby("arch"):
             g = g.sort_values("params")
@@ -256,9 +258,7 @@ def plot_classification(df: pd.DataFrame, plots: Path) -> None:
         ax.set_title(f"{sub['data'].iloc[0]} classification, context {ctx:,} tokens")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, plots / "classification_accuracy.png")
-    plt.close(fig)
+    finish(fig, plots / "classification_accuracy.png")
 
 
 def plot_mqar_grid(best: pd.DataFrame, path: Path) -> None:
@@ -268,8 +268,8 @@ def plot_mqar_grid(best: pd.DataFrame, path: Path) -> None:
     if runs.empty:
         return
     points = sorted({(int(r["ctx"]), int(r["mqar_pairs"])) for _, r in runs.iterrows()})
-    fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 3.8), squeeze=False)
-    for ax, (ctx, pairs) in zip(axes[0], points):
+    fig, axes = panel_row(len(points), 4.2, 3.8)
+    for ax, (ctx, pairs) in zip(axes, points):
         sub = runs[(runs["ctx"] == ctx) & (runs["mqar_pairs"] == pairs)]
         for (task, arch), g in sub.groupby(["task", "arch"]):
             g = g.sort_values("d_model")
@@ -280,10 +280,8 @@ def plot_mqar_grid(best: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel("MQAR accuracy (best lr)")
         ax.set_title(f"sequence length {ctx}, {pairs} key-value pairs", fontsize=9)
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    axes[0].legend(fontsize=7)
+    finish(fig, path)
 
 
 def plot_metric_vs_lr(sweeps: pd.DataFrame, path: Path) -> None:
@@ -292,8 +290,8 @@ def plot_metric_vs_lr(sweeps: pd.DataFrame, path: Path) -> None:
     if sweeps.empty:
         return
     tasks = sorted(sweeps["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = panel_row(len(tasks), 6.5, 4.5)
+    for ax, task in zip(axes, tasks):
         shown = "val_bpb" if task == "lm" else "val_acc"
         for (arch, size, ctx), g in sweeps[sweeps["task"] == task].groupby(["arch", "size", "ctx"]):
             g = g.sort_values("lr")
@@ -306,9 +304,7 @@ def plot_metric_vs_lr(sweeps: pd.DataFrame, path: Path) -> None:
         ax.set_title(f"{task}: metric vs learning rate (ringed: best)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish(fig, path)
 
 
 # -- make throughput, the kernel benchmark --------------------------------------------------------------
@@ -341,9 +337,7 @@ def plot_speed_vs_context(df: pd.DataFrame, mode: str, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     if not sub.empty:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish(fig, path)
 
 
 def plot_kernel_speed(rows: list[dict], path: Path, title: str) -> None:
@@ -363,9 +357,7 @@ def plot_kernel_speed(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
+    finish(fig, path)
 
 
 # -- make paper ------------------------------------------------------------------------------------------
@@ -396,8 +388,8 @@ def plot_paper_token_index(tokens: pd.DataFrame, scaling: pd.DataFrame) -> plt.F
     """Perplexity by token position of the largest model per architecture, one panel per context, and the
     paper's Books 32k curves (v1 Fig 2 right)."""
     ctxs = sorted(tokens["ctx"].unique())
-    fig, axes = plt.subplots(1, len(ctxs) + 1, figsize=(5.2 * (len(ctxs) + 1), 4.3), squeeze=False)
-    for ax, ctx in zip(axes[0], ctxs):
+    fig, axes = panel_row(len(ctxs) + 1, 5.2, 4.3)
+    for ax, ctx in zip(axes, ctxs):
         sub = tokens[(tokens["ctx"] == ctx) & (tokens["start"] < ctx)]  # not the last position alone
         for arch, g in by_arch(largest(sub)):
             mids = (g["start"] * g["end"]) ** 0.5
@@ -405,7 +397,7 @@ def plot_paper_token_index(tokens: pd.DataFrame, scaling: pd.DataFrame) -> plt.F
                     label=f"{LABELS.get(arch, arch)} {g['size'].iloc[0]}")
         style_axes(ax, f"Ours: context {ctx:,}, largest size", "token position (log2 buckets)",
               f"perplexity per {unit(scaling)}", xbase=2)
-    ax = axes[0][-1]
+    ax = axes[-1]
     for arch, g in by_arch(published.load("token_index")):
         ax.plot(g["position"], g["ppl"], marker="s", color=COLORS.get(arch), label=g["label"].iloc[0])
     style_axes(ax, "Published: Books, context 32,768, ~1.3B", "token position", "perplexity per Llama-2 token", xbase=2)
