@@ -245,14 +245,13 @@ def test_backends(arch):
 def test_layer_multiplier_doubles_the_layers():
     from omegaconf import OmegaConf
 
-    from bench.run import model_config
+    from bench.config import arch_config, model_config
 
-    arch = OmegaConf.load(CONF / "arch" / "mamba.yaml")
-    cfg = OmegaConf.create({"arch": arch, "ctx": 2048, "match": "params",
+    cfg = OmegaConf.create({"arch": arch_config("mamba"), "ctx": 2048, "match": "params",
                             "size": OmegaConf.load(CONF / "size" / "125m.yaml")})
     mcfg = model_config(cfg, 50277).cfg
     assert (mcfg.n_layers, mcfg.d_model) == (24, 768) and "layer_multiplier" not in mcfg.options
-    cfg.arch = OmegaConf.load(CONF / "arch" / "transformer.yaml")
+    cfg.arch = arch_config("transformer")
     assert model_config(cfg, 50277).cfg.n_layers == 12
 
 
