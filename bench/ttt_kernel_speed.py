@@ -70,14 +70,14 @@ def ttt_triton(inner, B, H, T, f, device, backward):
 
 
 def ttt_torch_dual(inner, B, H, T, f, device, backward):
-    from architectures.ttt.dual import InnerState, ttt_dual
+    from architectures.ttt.dual import InnerState, row_biases, ttt_dual
 
     x = _ttt_inputs(B, H, T, f, inner, device, backward)
     names = ["W", "b"] if inner == "linear" else ["W1", "b1", "W2", "b2"]
 
     def fn():
         c = {n: t.float() for n, t in x.items()}
-        state = InnerState({n: (c[n][:, :, None] if n.startswith("b") else c[n]) for n in names})
+        state = InnerState(row_biases({n: c[n] for n in names}))
         out = ttt_dual(inner, state, c["q"], c["k"], c["v"], c["a"], c["tok"], c["ln_w"][:, None], c["ln_b"][:, None],
                        16)[0]
         if backward:

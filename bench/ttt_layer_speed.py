@@ -46,7 +46,7 @@ def inner_loop_speed(layer: TTTLayer, x: torch.Tensor, impl: str, repeats: int) 
         init = layer.initial_params()
         if impl == "reference":
             return ttt_reference(init, q, k, v, a, tok, ln_w, ln_b, layer.mini_batch, layer.inner)
-        state = InnerState({n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})
+        state = InnerState.fresh(init)
         return ttt_dual(layer.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], layer.mini_batch)[0]
 
     def fwd():

@@ -44,11 +44,28 @@ LAYERS = {"linear": [("W", "b")], "mlp": [("W1", "b1"), ("W2", "b2")]}
 @dataclass
 class InnerState:
     """Inner weights at the start of the current mini-batch, the accumulators of the tokens of it
-    seen so far, and how many those are (offset, 0 <= offset < b). Tensors are (B, H, ...), fp32."""
+    seen so far, and how many those are (offset, 0 <= offset < b). Tensors are (B, H, ...), fp32;
+    biases (names starting with "b") are (B, H, 1, n), rows that broadcast over tokens (the Triton kernels
+    take them as (B, H, n): flat_biases / row_biases convert)."""
 
     params: dict[str, torch.Tensor]
     acc: dict[str, torch.Tensor] = field(default_factory=dict)
     offset: int = 0
+
+    @classmethod
+    def fresh(cls, init: dict[str, torch.Tensor]) -> "InnerState":
+        """The state before any token, from a layer's per-head initial weights (H, ...), biases (H, n)."""
+        return cls(row_biases({n: p[None] for n, p in init.items()}))
+
+
+def flat_biases(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Biases (..., 1, n) -> (..., n); weights as they are."""
+    return {n: (t.squeeze(-2) if n.startswith("b") else t) for n, t in d.items()}
+
+
+def row_biases(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Biases (..., n) -> (..., 1, n); weights as they are."""
+    return {n: (t.unsqueeze(-2) if n.startswith("b") else t) for n, t in d.items()}
 
 
 def _piece_linear(p, acc, q, k, t, a, tok, E, M):

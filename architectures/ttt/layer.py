@@ -277,8 +277,7 @@ class TTTLayer(nn.Module):
             tok, (ln_w, ln_b) = self.token_factor().to(dt), self.inner_ln_params(dt)
             opts = {"ln": self.inner_ln, "residual": self.inner_residual}
             init = {n: p.to(dt) for n, p in self.initial_params().items()}
-            state = cache.inner if cache is not None and cache.inner is not None else InnerState(
-                {n: (p if p.dim() == 3 else p[:, None, :]).unsqueeze(0) for n, p in init.items()})  # (1, H, ...)
+            state = cache.inner if cache is not None and cache.inner is not None else InnerState.fresh(init)
             args = (self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], self.mini_batch)  # one
             #   op signature and state (InnerState) for every backend: dual.py, triton_op.py, reference.py
             if self.backend == "triton":

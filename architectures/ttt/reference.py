@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, vmap
 
-from architectures.ttt.dual import InnerState
+from architectures.ttt.dual import InnerState, flat_biases, row_biases
 from architectures.ttt.inner import gelu_tanh, layer_norm
 
 
@@ -58,13 +58,6 @@ def _per_batch_head(fn, n_batched: int):
     return vmap(over_heads, in_dims=(0,) * (1 + n_batched) + (None, None))
 
 
-def _per_head(name: str, t: torch.Tensor, B: int) -> torch.Tensor:
-    """A state tensor (B|1, H, ...), biases (B|1, H, 1, n), as the per-(sequence, head) weights the loss
-    takes: (B, H, ...), biases (B, H, n)."""
-    t = t[:, :, 0] if name.startswith("b") else t
-    return t.expand(B, *t.shape[1:])
-
-
 def ttt_reference(init: dict, q, k, v, lr_key, tok, ln_w, ln_b, mini_batch: int, inner: str,
                   ln: bool = True, residual: bool = True):
     """Outputs (B, H, T, f) of the TTT inner loop from fresh initial weights (the tests' entry point).
@@ -75,8 +68,7 @@ def ttt_reference(init: dict, q, k, v, lr_key, tok, ln_w, ln_b, mini_batch: int,
     ln, residual: f with its LN and its residual (inner_ln, inner_residual; ln_w, ln_b unused without LN)
     A trailing partial mini-batch is processed and its update is not committed.
     """
-    fresh = InnerState({n: (p[None] if p.dim() == 3 else p[None, :, None]) for n, p in init.items()})
-    return ttt_reference_op(inner, fresh, q, k, v, lr_key, tok, ln_w[:, None], ln_b[:, None], mini_batch,
+    return ttt_reference_op(inner, InnerState.fresh(init), q, k, v, lr_key, tok, ln_w[:, None], ln_b[:, None], mini_batch,
                             ln, residual)[0]
 
 
@@ -87,8 +79,8 @@ def ttt_reference_op(inner: str, state: InnerState, q, k, v, lr_key, tok, ln_w, 
     a_j g_j over its tokens seen so far, their count), and the state after them; ln_w, ln_b (H, 1, f)."""
     B, H, T, f = q.shape
     ln_w, ln_b = ln_w[:, 0], ln_b[:, 0]  # (H, f)
-    theta = {n: _per_head(n, p, B) for n, p in state.params.items()}  # (B, H, ...), biases (B, H, n)
-    acc = {n: _per_head(n, p, B) for n, p in state.acc.items()}
+    theta = {n: p.expand(B, *p.shape[1:]) for n, p in flat_biases(state.params).items()}  # (B, H, ...), biases
+    acc = {n: p.expand(B, *p.shape[1:]) for n, p in flat_biases(state.acc).items()}       # (B, H, n)
     off = state.offset
     g_fn = _per_batch_head(lambda p, kk, vv, w, bb: grad(inner_loss)(p, kk, vv, w, bb, inner, ln, residual), 2)
     out_fn = _per_batch_head(lambda p, qq, w, bb: inner_output(p, qq, w, bb, inner, ln, residual), 1)
@@ -104,5 +96,4 @@ def ttt_reference_op(inner: str, state: InnerState, q, k, v, lr_key, tok, ln_w, 
             outs.append(out_fn(theta_i, q[:, :, j], ln_w, ln_b))  # (B, H, f)
         off, t = off + end - t, end
         theta, acc, off = (theta_i, {}, 0) if off == mini_batch else (theta, total, off)
-    state_layout = lambda d: {n: (x[:, :, None] if n.startswith("b") else x) for n, x in d.items()}
-    return torch.stack(outs, dim=2), InnerState(state_layout(theta), state_layout(acc), off)
+    return torch.stack(outs, dim=2), InnerState(row_biases(theta), row_biases(acc), off)

@@ -12,18 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from architectures.ttt.dual import InnerState
 from architectures.ttt import triton_linear, triton_mlp
+from architectures.ttt.dual import InnerState, flat_biases, row_biases
 
 KERNELS = {"linear": triton_linear, "mlp": triton_mlp}
-
-
-def _kernel_layout(d: dict) -> dict:
-    return {n: (t[:, :, 0] if n.startswith("b") else t) for n, t in d.items()}  # biases (B, H, 1, n) -> (B, H, n)
-
-
-def _state_layout(d: dict) -> dict:
-    return {n: (t[:, :, None] if n.startswith("b") else t) for n, t in d.items()}  # biases (B, H, n) -> (B, H, 1, n)
 
 
 def ttt_triton(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_batch: int,
@@ -36,7 +28,7 @@ def ttt_triton(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_
     B, H, T, f = q.shape
     b = mini_batch
     ln_w, ln_b = ln_w[:, 0], ln_b[:, 0]  # (H, f)
-    params, acc, off = _kernel_layout(state.params), _kernel_layout(state.acc), state.offset
+    params, acc, off = flat_biases(state.params), flat_biases(state.acc), state.offset
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, a, *params.values()))
     n_decode = min((b - off) % b, T) if off else int(T == 1 and not needs_grad)
     outs, t = [], 0
@@ -58,4 +50,4 @@ def ttt_triton(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_
         off = (T - t) % b
         acc = acc if off else {}
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out, InnerState(_state_layout(params), _state_layout(acc), off)
+    return out, InnerState(row_biases(params), row_biases(acc), off)
