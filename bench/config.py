@@ -124,16 +124,31 @@ def parse_lrs(text: str) -> list[str]:
 # -- what a sweep runs by default -------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _sweep_defaults(task: str, profile: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """(ladder, sweep_ctx) of the config composed for the task under the profile (one composition for both)."""
+def _sweep_defaults(task: str, profile: str) -> tuple[tuple[str, ...], tuple[int, ...], dict | None]:
+    """(ladder, sweep_ctx, long_context) of the config composed for the task under the profile (one composition
+    for all three)."""
     cfg = compose([f"task={task}", f"profile={profile}"])
-    return tuple(cfg.ladder), tuple(int(c) for c in cfg.get("sweep_ctx") or ())
+    rule = cfg.get("long_context")
+    return (tuple(cfg.ladder), tuple(int(c) for c in cfg.get("sweep_ctx") or ()),
+            None if rule is None else OmegaConf.to_container(rule))
 
 
-def default_ladder(task: str, profile: str) -> list[str]:
-    """The sizes a sweep runs: the composed config's `ladder` (the profile's, unless the task's budget under
-    the profile, conf/budget/<task>_<profile>.yaml, names its own)."""
-    return list(_sweep_defaults(task, profile)[0])
+def default_ladder(task: str, profile: str, ctx: int | None = None) -> list[str]:
+    """The sizes a sweep runs at `ctx`: the composed config's `ladder` (the profile's, unless the task's budget
+    under the profile, conf/budget/<task>_<profile>.yaml, names its own), or the profile's long-context ladder
+    from its `from_ctx` on (conf/profile/cpu.yaml: cpu-xs alone from 16k)."""
+    ladder, _, rule = _sweep_defaults(task, profile)
+    if rule is not None and ctx is not None and ctx >= int(rule["from_ctx"]):
+        return list(rule["ladder"])
+    return list(ladder)
+
+
+def long_context(cfg: DictConfig) -> DictConfig | None:
+    """The profile's long-context rule where it applies to the run's context (ctx >= its from_ctx): a floor of
+    `min_steps` optimizer steps for every architecture (bench/train.py: run_tokens). None below it, or where
+    the profile has none (smoke, paper)."""
+    rule = cfg.get("long_context")
+    return rule if rule is not None and int(cfg.ctx) >= int(rule.from_ctx) else None
 
 
 def default_ctxs(task: str, profile: str) -> list[int]:

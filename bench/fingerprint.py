@@ -4,6 +4,7 @@
 The fingerprint is the sha256 of the resolved config, less what changes how a run is carried out but not
 what it computes, and written so that edits which leave the computation alone leave it alone too:
   - settings added after runs were fingerprinted are left out at their old behaviour (ADDED_WITH_DEFAULTS);
+  - the profile's long-context rule counts only at the contexts it applies to (`long_context.from_ctx` on);
   - an architecture's options count at their values whether its YAML writes them or leaves them at the
     architecture's default (architectures/registry.py ArchSpec.options), in the layout the YAMLs had when
     fingerprints began (V1_ARCH_KEYS), with renamed options under their first names (`_first_names`).
@@ -64,6 +65,9 @@ def config_fingerprint(cfg: DictConfig) -> str:
         plain.pop(key, None)
     for key in TRAINER_NOT_IN_FINGERPRINT:
         plain.get("trainer", {}).pop(key, None)
+    rule = plain.get("long_context")
+    if isinstance(rule, dict) and int(plain.get("ctx", 0)) < int(rule.get("from_ctx", 0)):
+        del plain["long_context"]  # below from_ctx it changes nothing (bench/config.py: long_context)
     if isinstance(plain.get("arch"), dict):
         plain["arch"] = arch_view(plain["arch"])
     for path, default in ADDED_WITH_DEFAULTS:

@@ -156,19 +156,26 @@ POINT_KEYS = ("arch", "size", "ctx", "profile", "task", "results")  # a sweep ma
 def unfinished_sweeps(results: Path, profile: str, overrides: list[str]) -> dict[str, set[tuple]]:
     """Sweeps in RESULTS/sweeps/ of this profile and overrides whose last attempt did not exit 0 (interrupted or
     with failed runs), newest first: sweep id -> the (arch, size, ctx) points it trains."""
-    from bench.sweep import read_manifests
+    from bench.sweep import commands_of, read_manifests
 
     out = {}
     for m in reversed(read_manifests(results)):
         if (m.get("attempts") or [{}])[-1].get("exit") == 0:
             continue
-        named = dict(o.split("=", 1) for o in m["overrides"] if o.split("=", 1)[0] in POINT_KEYS)
-        if [o for o in m["overrides"] if o.split("=", 1)[0] not in POINT_KEYS] != overrides \
-                or named.get("profile") != profile or named.get("task") != "lm":
-            continue
-        out[m["sweep_id"]] = {(a, s, int(c)) for a in named["arch"].split(",") for s in named["size"].split(",")
-                              for c in named["ctx"].split(",")}
+        points = [_sweep_points(command, profile, overrides) for command in commands_of(m["overrides"])]
+        if points and None not in points:
+            out[m["sweep_id"]] = set().union(*points)
     return out
+
+
+def _sweep_points(command: list[str], profile: str, overrides: list[str]) -> set[tuple] | None:
+    """The (arch, size, ctx) points of one multirun of a sweep, None if it is not this profile's and overrides'."""
+    named = dict(o.split("=", 1) for o in command if o.split("=", 1)[0] in POINT_KEYS)
+    if [o for o in command if o.split("=", 1)[0] not in POINT_KEYS] != overrides \
+            or named.get("profile") != profile or named.get("task") != "lm":
+        return None
+    return {(a, s, int(c)) for a in named["arch"].split(",") for s in named["size"].split(",")
+            for c in named["ctx"].split(",")}
 
 
 def resumable(missing: list[tuple], runs: pd.DataFrame, unfinished: dict[str, set[tuple]]) -> dict[str, set[tuple]]:

@@ -34,7 +34,7 @@ from bench.results import (REPO_ROOT, atomic_write_json, atomic_write_text, devi
                            package_versions, remove_stale_temporaries)
 from bench.threads import ThreadGovernor, configure_compute_process
 from bench.tracking import NullTracker, build_tracker
-from bench.train import Diverged, autocast_for, budget_tokens, pick_device, train
+from bench.train import Diverged, autocast_for, pick_device, run_tokens, train
 from tasks import build_task
 
 
@@ -132,9 +132,10 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
         mcfg = sized.cfg
         summary["recipe"] = mcfg.recipe.name  # native | shared (conf/recipe/)
         compute = cfg.trainer.get("compute")
-        tokens, rule = budget_tokens(int(cfg.trainer.tokens), compute, sized.reference.train_flops)
+        tokens, token_rule, min_steps = run_tokens(cfg, sized.reference.train_flops)
         cfg.trainer.tokens = tokens  # config.yaml records what is trained
-        summary.update({"compute_budget": None if compute is None else float(compute), "token_rule": rule})
+        summary.update({"compute_budget": None if compute is None else float(compute), "token_rule": token_rule,
+                        "min_steps": min_steps})
         if main:
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         model = task.build_model(mcfg)

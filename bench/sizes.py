@@ -24,7 +24,7 @@ from architectures.sizing import MATCH_RULES, REFERENCE_ARCH, Sized, SizingError
 from bench.config import (UsageError, compose_all, default_ladder, group_options, model_config, parse_archs,
                           parse_choice, parse_ctx, parse_list)
 from bench.results import atomic_write_text
-from bench.train import budget_tokens
+from bench.train import run_tokens
 
 BYTE_VOCAB = 257  # tasks/lm's byte tokenizer: what `make sweep` trains with on the embedded data
 COLUMNS = ["arch", "size", "ctx", "match", "vocab", "layers", "d_model", "heads", "params", "non_embedding_params",
@@ -32,12 +32,10 @@ COLUMNS = ["arch", "size", "ctx", "match", "vocab", "layers", "d_model", "heads"
            "ffn_dim", "d_inner", "flops_vs_ref", "params_vs_ref"]
 
 
-def run_tokens(cfg, sized: Sized) -> int | None:
-    """The training tokens the run of `cfg` trains (trainer.tokens capped by trainer.compute; bench/train.py),
-    None where the task sets its budget itself (examples x epochs)."""
-    if cfg.trainer.get("tokens") is None:
-        return None
-    return budget_tokens(int(cfg.trainer.tokens), cfg.trainer.get("compute"), sized.reference.train_flops)[0]
+def token_budget(cfg, sized: Sized) -> int | None:
+    """The training tokens the run of `cfg` trains (bench/train.py: run_tokens), None where the task sets its
+    budget itself (examples x epochs)."""
+    return None if cfg.trainer.get("tokens") is None else run_tokens(cfg, sized.reference.train_flops)[0]
 
 
 def size_rows(archs: list[str], sizes: list[str], ctxs: list[int], matches: list[str] | None, vocab: int,
@@ -51,7 +49,7 @@ def size_rows(archs: list[str], sizes: list[str], ctxs: list[int], matches: list
     rows = []
     for cfg in configs:
         sized = model_config(cfg, vocab)
-        rows.append({**sized.row(), "size": str(cfg.size.name), "ctx": int(cfg.ctx), "token_budget": run_tokens(cfg, sized)})
+        rows.append({**sized.row(), "size": str(cfg.size.name), "ctx": int(cfg.ctx), "token_budget": token_budget(cfg, sized)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

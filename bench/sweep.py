@@ -31,24 +31,42 @@ from bench.results import REPO_ROOT, atomic_write_json, read_summaries
 LR_RUN_NAME = "run_name=${arch.name}-${size.name}-ctx${ctx}-lr${trainer.lr}"  # one folder per lr of a sweep
 
 
-def build_overrides(args) -> tuple[list[str], str, Path]:
+def build_overrides(args) -> tuple[list[list[str]], str, Path]:
+    """(commands, label, results): the Hydra overrides of each multirun the sweep runs. One multirun over
+    sizes x contexts, unless the profile's default ladder differs between the contexts (conf/profile/cpu.yaml
+    `long_context`: cpu-xs alone from 16k): then one per ladder, in context order."""
     archs = parse_archs(args.arch)
     profile = parse_choice("PROFILE", args.profile, group_options("profile"))
     task = parse_choice("TASK", args.task, group_options("task"))
     ctxs = parse_ctxs(args.ctx) if str(args.ctx).strip() else default_ctxs(task, profile)
-    sizes = (parse_list("SIZES", args.sizes, group_options("size")) if args.sizes else default_ladder(task, profile))
+    sizes = parse_list("SIZES", args.sizes, group_options("size")) if args.sizes else None
+    grids: dict[tuple[str, ...], list[int]] = {}  # sizes: the contexts they run at
+    for ctx in ctxs:
+        grids.setdefault(tuple(sizes or default_ladder(task, profile, ctx)), []).append(ctx)
     results = Path(args.results).expanduser().resolve()
-    overrides = [f"arch={','.join(archs)}", f"size={','.join(sizes)}", f"profile={profile}", f"task={task}",
-                 f"ctx={','.join(map(str, ctxs))}", f"results={results}"]
+    common = [f"profile={profile}", f"task={task}", f"results={results}"]
     if args.data:
-        overrides.append(f"data={parse_choice('DATA', args.data, group_options('data'))}")
+        common.append(f"data={parse_choice('DATA', args.data, group_options('data'))}")
     if args.lrs:
-        overrides += [f"trainer.lr={','.join(parse_lrs(args.lrs))}", LR_RUN_NAME]
+        common += [f"trainer.lr={','.join(parse_lrs(args.lrs))}", LR_RUN_NAME]
     if args.match:
         from architectures.sizing import MATCH_RULES
 
-        overrides.append(f"match={parse_choice('MATCH', args.match, list(MATCH_RULES))}")
-    return overrides + list(args.overrides), f"{task}-ctx{'-'.join(map(str, ctxs))}", results
+        common.append(f"match={parse_choice('MATCH', args.match, list(MATCH_RULES))}")
+    commands = [[f"arch={','.join(archs)}", f"size={','.join(grid)}", *common[:2],
+                 f"ctx={','.join(map(str, grid_ctxs))}", *common[2:], *args.overrides]
+                for grid, grid_ctxs in grids.items()]
+    return commands, f"{task}-ctx{'-'.join(map(str, ctxs))}", results
+
+
+def stored_form(commands: list[list[str]]) -> list:
+    """A sweep's commands as its manifest records them: one multirun's overrides as a flat list (the form of
+    sweeps from before per-context ladders), several as a list of lists."""
+    return commands[0] if len(commands) == 1 else commands
+
+
+def commands_of(stored: list) -> list[list[str]]:
+    return [list(c) for c in stored] if stored and isinstance(stored[0], list) else [list(stored)]
 
 
 LAUNCHERS = ("local", "slurm")
@@ -101,9 +119,10 @@ def read_manifests(results: Path) -> list[dict]:
     return sorted(out, key=lambda m: m.get("created", ""))
 
 
-def choose_sweep(results: Path, overrides: list[str], label: str, resume: str, fresh: bool) -> tuple[str, list[str], str]:
-    """(sweep id, overrides, how): a new sweep (FRESH=1, or no earlier sweep of this command), the newest
-    sweep made by the same command, or the one RESUME names (`last` or an id), run with its own command."""
+def choose_sweep(results: Path, commands: list[list[str]], label: str, resume: str,
+                 fresh: bool) -> tuple[str, list[list[str]], str]:
+    """(sweep id, commands, how): a new sweep (FRESH=1, or no earlier sweep of these commands), the newest
+    sweep made by the same commands, or the one RESUME names (`last` or an id), run with its own commands."""
     if fresh and resume:
         raise UsageError("FRESH=1 and RESUME= contradict each other; give one")
     manifests = read_manifests(results)
@@ -117,18 +136,18 @@ def choose_sweep(results: Path, overrides: list[str], label: str, resume: str, f
             if chosen is None:
                 known = ", ".join(m["sweep_id"] for m in manifests[-5:]) or "none"
                 raise UsageError(f"RESUME={resume}: no such sweep in {results / MANIFESTS} (latest: {known})")
-        return chosen["sweep_id"], list(chosen["overrides"]), "resumed"
+        return chosen["sweep_id"], commands_of(chosen["overrides"]), "resumed"
     if not fresh:
-        same = [m for m in manifests if m.get("overrides") == overrides]
+        same = [m for m in manifests if m.get("overrides") == stored_form(commands)]
         if same:
-            return same[-1]["sweep_id"], overrides, "continued"
-    digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:6]  # two commands started in one second
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{digest}", overrides, "new"
+            return same[-1]["sweep_id"], commands, "continued"
+    digest = hashlib.sha256(json.dumps(stored_form(commands)).encode()).hexdigest()[:6]  # two started in one second
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{digest}", commands, "new"
 
 
-def write_manifest(results: Path, sweep_id: str, overrides: list[str], attempt: dict) -> None:
+def write_manifest(results: Path, sweep_id: str, commands: list[list[str]], attempt: dict) -> None:
     path = results / MANIFESTS / f"{sweep_id}.json"
-    manifest = {"sweep_id": sweep_id, "overrides": overrides, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    manifest = {"sweep_id": sweep_id, "overrides": stored_form(commands), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "attempts": []}
     if path.exists():
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -167,23 +186,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="free Hydra overrides, e.g. trainer.lr=1e-3")
     args = p.parse_args(argv)
     try:
-        overrides, label, results = build_overrides(args)
+        commands, label, results = build_overrides(args)
         head = run_command(args)
-        sweep_id, overrides, how = choose_sweep(results, overrides, label, args.resume.strip(), args.fresh)
+        sweep_id, commands, how = choose_sweep(results, commands, label, args.resume.strip(), args.fresh)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cmd = [*head, *overrides, f"sweep_id={sweep_id}"]
     if how != "new":
         print(f"[ttt-bench] {how} sweep {sweep_id}: finished runs are reused, interrupted ones resume "
               f"(FRESH=1 starts a new sweep)", flush=True)
-    print("[ttt-bench] " + " ".join(cmd[1:]), flush=True)
     t0, started = time.perf_counter(), time.time()
     attempt = {"started": started, "how": how}
-    write_manifest(results, sweep_id, overrides, attempt)
+    write_manifest(results, sweep_id, commands, attempt)
     env = {**os.environ, "HYDRA_FULL_ERROR": os.environ.get("HYDRA_FULL_ERROR", "1")}
-    code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
-    write_manifest(results, sweep_id, overrides, {**attempt, "ended": time.time(), "exit": code})
+    code = 0
+    for overrides in commands:  # one multirun per ladder (build_overrides)
+        cmd = [*head, *overrides, f"sweep_id={sweep_id}"]
+        print("[ttt-bench] " + " ".join(cmd[1:]), flush=True)
+        code = subprocess.call(cmd, cwd=REPO_ROOT, env=env)
+        if code != 0:
+            break
+    write_manifest(results, sweep_id, commands, {**attempt, "ended": time.time(), "exit": code})
     if code != 0:
         print(f"error: the Hydra multirun exited with status {code}; run the same command again to continue "
               f"sweep {sweep_id}", file=sys.stderr)

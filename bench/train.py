@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from architectures.recipe import param_groups
 from architectures.shell import CompilesHotPath, FollowsTrainProgress
 from bench import distributed
+from bench.config import long_context
 from bench.faults import crash_point
 from bench.results import append_jsonl, atomic_write_bytes, atomic_write_text
 
@@ -63,18 +64,33 @@ class Plan:
         return seqs, micro, math.ceil(seqs / micro)
 
 
-def budget_tokens(tokens: int, compute, ref_train_flops_per_token: float) -> tuple[int, str]:
+def budget_tokens(tokens: int, compute, ref_train_flops_per_token: float, min_tokens: int = 0) -> tuple[int, str]:
     """The training tokens of a run and the rule that set them: the size's token budget, capped by its
     compute budget (training FLOPs) divided by the training FLOPs per token of the size's reference
-    Transformer at the run's context. Every architecture of a size gets the same tokens (the reference
-    sets them, whatever the match rule), and a longer context gets fewer tokens for the same compute."""
+    Transformer at the run's context, and raised to `min_tokens` (the long-context step floor) where the
+    cap falls below it. Every architecture of a size gets the same tokens (the reference sets them, whatever
+    the match rule), and a longer context gets fewer tokens for the same compute, down to the floor."""
     if compute is None:
-        return int(tokens), "tokens"
-    compute = float(compute)  # YAML may give 1.5e13 as a string
-    if compute <= 0 or ref_train_flops_per_token <= 0:
-        raise ValueError(f"trainer.compute must be positive (or null); got {compute}")
-    capped = int(compute / ref_train_flops_per_token)
-    return (capped, "compute") if capped < tokens else (int(tokens), "tokens")
+        out, rule = int(tokens), "tokens"
+    else:
+        compute = float(compute)  # YAML may give 1.5e13 as a string
+        if compute <= 0 or ref_train_flops_per_token <= 0:
+            raise ValueError(f"trainer.compute must be positive (or null); got {compute}")
+        capped = int(compute / ref_train_flops_per_token)
+        out, rule = (capped, "compute") if capped < tokens else (int(tokens), "tokens")
+    return (int(min_tokens), "min_steps") if min_tokens > out else (out, rule)
+
+
+def run_tokens(cfg, ref_train_flops_per_token: float) -> tuple[int, str, int | None]:
+    """(tokens, rule, min_steps) of a run's composed config: budget_tokens of its trainer at its context, with
+    the profile's long-context floor of min_steps optimizer steps where it applies (bench/config.py:
+    long_context; None where it does not), counted in the plan's tokens per step."""
+    rule, tcfg, ctx = long_context(cfg), cfg.trainer, int(cfg.ctx)
+    min_steps = None if rule is None else int(rule.min_steps)
+    step = Plan.resolve(1, int(tcfg.batch_tokens), int(tcfg.micro_batch), ctx).tokens_per_step
+    tokens, why = budget_tokens(int(tcfg.tokens), tcfg.get("compute"), ref_train_flops_per_token,
+                                (min_steps or 0) * step)
+    return tokens, why, min_steps
 
 
 def lr_at(step: int, steps: int, peak: float, min_lr: float, warmup_frac: float) -> float:

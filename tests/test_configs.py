@@ -141,6 +141,18 @@ def test_fingerprints_survive_defaults_leaving_the_yaml_and_renamed_options(over
     assert config_fingerprint(compose([overrides[0], "size=cpu-xs", "ctx=2048", *overrides[1:]])) == stored
 
 
+def test_the_long_context_rule_counts_in_the_fingerprint_only_where_it_applies():
+    """conf/profile/cpu.yaml `long_context` (from 16k): a 2k or 8k run's fingerprint is what it was before the
+    rule (the 2k ones are pinned in STORED_BEFORE), a 32k run's changes with the floor it trains under."""
+    from bench.config import compose
+    from bench.fingerprint import config_fingerprint
+
+    for ctx, applies in ((2048, False), (8192, False), (16384, True), (32768, True)):
+        base = compose([f"ctx={ctx}", "sweep_id=t"])
+        other = compose([f"ctx={ctx}", "sweep_id=t", "long_context.min_steps=30"])
+        assert (config_fingerprint(base) != config_fingerprint(other)) == applies
+
+
 def test_fingerprint_counts_options_at_their_values_however_written():
     """An option left at its default counts as written out; a changed option changes the fingerprint; an
     option off its default that the first layout did not have still counts."""

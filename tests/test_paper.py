@@ -144,7 +144,13 @@ def test_an_interrupted_sweep_of_make_paper_is_continued(tmp_path):
     manifest("3-other-profile", "mamba", "smoke-s", 1024, None, profile="cpu")
     manifest("4-other-overrides", "mamba", "smoke-s", 1024, 1, extra=["seed=1"])
     manifest("5-failed", "ttt_linear", "smoke-xs", 1024, 1)
+    two = [["arch=mamba", f"size={size}", "profile=smoke", "task=lm", f"ctx={ctx}", f"results={tmp_path}"]
+           for size, ctx in (("smoke-xs,smoke-s", 256), ("smoke-xs", 4096))]  # a sweep of two ladders
+    (tmp_path / "sweeps" / "6-two-ladders.json").write_text(json.dumps(
+        {"sweep_id": "6-two-ladders", "overrides": two, "created": "6", "attempts": [{"started": 1.0}]}))
     unfinished = paper.unfinished_sweeps(tmp_path, "smoke", [])
+    assert unfinished.pop("6-two-ladders") == {("mamba", "smoke-xs", 256), ("mamba", "smoke-s", 256),
+                                               ("mamba", "smoke-xs", 4096)}
     assert list(unfinished) == ["5-failed", "2-killed"]
     assert unfinished["2-killed"] == {(a, s, 256) for a in ("transformer", "mamba") for s in ("smoke-xs", "smoke-s")}
     runs = pd.DataFrame([{"arch": "transformer", "size": "smoke-xs", "ctx": 256, "sweep": "2-killed"},

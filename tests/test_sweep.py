@@ -195,6 +195,37 @@ def test_ctx_lists_and_the_task_budgets_default_contexts():
     assert default_ctxs("mqar_zoology", "paper") == [64, 128, 256, 512]
 
 
+def test_short_and_long_contexts_run_one_multirun_per_ladder(tmp_path, monkeypatch, capsys):
+    """The CPU profile's ladder is cpu-xs alone from 16k (conf/profile/cpu.yaml `long_context`): CTX=2k,32k
+    runs two multiruns in one sweep, and the same command continues it; SIZES= runs the whole grid; a sweep
+    of one ladder is recorded as sweeps were before (a flat list of overrides), so it still continues."""
+    import json
+    from bench import sweep
+
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    monkeypatch.setattr("bench.report.report", lambda results: None)
+
+    def grids(argv):
+        calls.clear()
+        sweep.main(["--arch", "transformer,ttt_linear", "--results", str(tmp_path), *argv])
+        assert len({c[-1] for c in calls}) == 1  # one sweep id
+        return [tuple(o for o in c if o.startswith(("size=", "ctx="))) for c in calls]
+
+    assert grids(["--ctx", "2k,32k"]) == [("size=cpu-xs,cpu-s,cpu-m", "ctx=2048"), ("size=cpu-xs", "ctx=32768")]
+    first = calls[0][-1]
+    assert grids(["--ctx", "2k,32k"]) == [("size=cpu-xs,cpu-s,cpu-m", "ctx=2048"), ("size=cpu-xs", "ctx=32768")]
+    assert calls[0][-1] == first and f"continued sweep {first.split('=')[1]}" in capsys.readouterr().out
+    assert grids(["--ctx", "2k,32k", "--sizes", "cpu-m"]) == [("size=cpu-m", "ctx=2048,32768")]
+    assert grids(["--ctx", "8k,16k,32k"]) == [("size=cpu-xs,cpu-s,cpu-m", "ctx=8192"),
+                                              ("size=cpu-xs", "ctx=16384,32768")]
+    grids(["--ctx", "2k"])
+    manifest = json.loads(next(m for m in (tmp_path / "sweeps").glob("*.json") if "ctx2048-" in m.name
+                               and "32768" not in m.name).read_text())
+    assert manifest["overrides"] == ["arch=transformer,ttt_linear", "size=cpu-xs,cpu-s,cpu-m", "profile=cpu",
+                                     "task=lm", "ctx=2048", f"results={tmp_path.resolve()}"]
+
+
 def test_best_lr_is_chosen_on_the_dev_split_not_the_reported_one():
     import pandas as pd
 

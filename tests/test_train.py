@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.train import Plan, activation_bytes, budget_tokens, lr_at, resolve_recompute
+from bench.train import Plan, activation_bytes, budget_tokens, lr_at, resolve_recompute, run_tokens
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -32,6 +32,32 @@ def test_budget_tokens_caps_the_tokens_by_the_compute_budget():
     assert budget_tokens(1_000_000, 1e12, 5e6) == (200_000, "compute")
     with pytest.raises(ValueError, match="compute must be positive"):
         budget_tokens(1_000, 0.0, 5e6)
+    assert budget_tokens(1_000_000, 1e12, 5e6, min_tokens=300_000) == (300_000, "min_steps")  # the floor binds
+    assert budget_tokens(1_000_000, 1e12, 5e6, min_tokens=100_000) == (200_000, "compute")
+    assert budget_tokens(100_000, None, 5e6, min_tokens=300_000) == (300_000, "min_steps")
+
+
+@pytest.mark.parametrize("size", ["cpu-xs", "cpu-s", "cpu-m"])
+def test_long_contexts_train_every_architecture_past_the_step_floor(size):
+    """conf/profile/cpu.yaml `long_context`: from 16k every run of the CPU profile trains at least min_steps
+    optimizer steps (the compute budget buys 11-18 at 32k), the same tokens for every architecture and match
+    rule; below 16k the rule does not apply, and where it would not bind nothing changes."""
+    from bench.config import compose, long_context, model_config
+
+    def plan(arch, ctx, match="flops", profile="cpu"):
+        cfg = compose([f"arch={arch}", f"size={size}", f"ctx={ctx}", f"match={match}", f"profile={profile}"])
+        tokens, why, _ = run_tokens(cfg, model_config(cfg, 257).reference.train_flops)
+        return Plan.resolve(tokens, int(cfg.trainer.batch_tokens), int(cfg.trainer.micro_batch), ctx).steps, why
+
+    floor = int(compose(["ctx=32k"]).long_context.min_steps)
+    at_32k = {plan(a, 32768, m) for a in ("transformer", "ttt_linear", "mamba") for m in ("flops", "params")}
+    assert at_32k == {(floor, "min_steps")}
+    assert plan("transformer", 16384)[1] == "min_steps"
+    for ctx in (2048, 8192):  # 142-188 steps: the floor would not bind, and it does not apply
+        steps, why = plan("transformer", ctx)
+        assert why != "min_steps" and steps > floor
+        assert long_context(compose([f"size={size}", f"ctx={ctx}"])) is None
+    assert plan("transformer", 32768, "params", "paper")[1] != "min_steps"  # the paper profile has no floor
 
 
 @pytest.mark.parametrize("size", ["cpu-xs", "cpu-s", "cpu-m", "cpu-l"])
