@@ -44,17 +44,17 @@ def build_overrides(args) -> tuple[list[list[str]], str, Path]:
     for ctx in ctxs:
         grids.setdefault(tuple(sizes or default_ladder(task, profile, ctx)), []).append(ctx)
     results = Path(args.results).expanduser().resolve()
-    common = [f"profile={profile}", f"task={task}", f"results={results}"]
+    rest = [f"results={results}"]  # after ctx=, in the order sweeps have always recorded
     if args.data:
-        common.append(f"data={parse_choice('DATA', args.data, group_options('data'))}")
+        rest.append(f"data={parse_choice('DATA', args.data, group_options('data'))}")
     if args.lrs:
-        common += [f"trainer.lr={','.join(parse_lrs(args.lrs))}", LR_RUN_NAME]
+        rest += [f"trainer.lr={','.join(parse_lrs(args.lrs))}", LR_RUN_NAME]
     if args.match:
         from architectures.sizing import MATCH_RULES
 
-        common.append(f"match={parse_choice('MATCH', args.match, list(MATCH_RULES))}")
-    commands = [[f"arch={','.join(archs)}", f"size={','.join(grid)}", *common[:2],
-                 f"ctx={','.join(map(str, grid_ctxs))}", *common[2:], *args.overrides]
+        rest.append(f"match={parse_choice('MATCH', args.match, list(MATCH_RULES))}")
+    commands = [[f"arch={','.join(archs)}", f"size={','.join(grid)}", f"profile={profile}", f"task={task}",
+                 f"ctx={','.join(map(str, grid_ctxs))}", *rest, *args.overrides]
                 for grid, grid_ctxs in grids.items()]
     return commands, f"{task}-ctx{'-'.join(map(str, ctxs))}", results
 
