@@ -138,17 +138,21 @@ def default_ladder(task: str, profile: str, ctx: int | None = None) -> list[str]
     under the profile, conf/budget/<task>_<profile>.yaml, names its own), or the profile's long-context ladder
     from its `from_ctx` on (conf/profile/cpu.yaml: cpu-xs alone from 16k)."""
     ladder, _, rule = _sweep_defaults(task, profile)
-    if rule is not None and ctx is not None and ctx >= int(rule["from_ctx"]):
-        return list(rule["ladder"])
-    return list(ladder)
+    rule = None if ctx is None else long_context_at(rule, ctx)
+    return list(ladder if rule is None else rule["ladder"])
 
 
 def long_context(cfg: DictConfig) -> DictConfig | None:
-    """The profile's long-context rule where it applies to the run's context (ctx >= its from_ctx): a floor of
-    `min_steps` optimizer steps for every architecture (bench/train.py: run_tokens). None below it, or where
-    the profile has none (smoke, paper)."""
-    rule = cfg.get("long_context")
-    return rule if rule is not None and int(cfg.ctx) >= int(rule.from_ctx) else None
+    """The profile's long-context rule where it applies to the run's context: a floor of `min_steps` optimizer
+    steps for every architecture (bench/train.py: run_tokens). None below it, or where the profile has none
+    (smoke, paper)."""
+    return long_context_at(cfg.get("long_context"), int(cfg.ctx))
+
+
+def long_context_at(rule, ctx: int):
+    """`rule` (a profile's `long_context`, as a config or a plain dict) if it applies at `ctx` (ctx >= its
+    from_ctx), else None: the one test the run, the sweep's ladder and the fingerprint share."""
+    return rule if rule is not None and ctx >= int(rule["from_ctx"]) else None
 
 
 def default_ctxs(task: str, profile: str) -> list[int]:

@@ -17,6 +17,7 @@ import json
 from omegaconf import DictConfig, OmegaConf
 
 import architectures
+from bench.config import long_context_at
 
 # settings that change how a run is carried out, not what it computes: a run that differs only in
 # these is the same run (a rerun sweep reuses or resumes it)
@@ -65,9 +66,8 @@ def config_fingerprint(cfg: DictConfig) -> str:
         plain.pop(key, None)
     for key in TRAINER_NOT_IN_FINGERPRINT:
         plain.get("trainer", {}).pop(key, None)
-    rule = plain.get("long_context")
-    if isinstance(rule, dict) and int(plain.get("ctx", 0)) < int(rule.get("from_ctx", 0)):
-        del plain["long_context"]  # below from_ctx it changes nothing (bench/config.py: long_context)
+    if "long_context" in plain and long_context_at(plain["long_context"], int(plain["ctx"])) is None:
+        del plain["long_context"]  # below its from_ctx it changes nothing
     if isinstance(plain.get("arch"), dict):
         plain["arch"] = arch_view(plain["arch"])
     for path, default in ADDED_WITH_DEFAULTS:
