@@ -350,14 +350,18 @@ def _run_scan_case(leaves, offset, scan):
     return out, new, grads
 
 
-@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+@pytest.mark.parametrize("kernels", ["eager", "compiled", "blocks"])
 @pytest.mark.parametrize("T,offset", [(87, 5), (64, 0), (16, 0)])
 def test_scan_equals_autograd_through_the_dual_form_fp64(kernels, T, offset):
     """Outputs, the state after the call and the gradient of every input (q, k, v, a, tok, the LN, W0, b0
-    and the accumulators of an open mini-batch) through scan.py equal autograd through dual.py."""
+    and the accumulators of an open mini-batch) through scan.py equal autograd through dual.py. `blocks`: the
+    compiled loop bodies over 2 mini-batches from the first (87 tokens: two blocks and one mini-batch alone)."""
     from architectures.ttt.scan import EAGER, ScanKernels
 
-    scan = EAGER if kernels == "eager" else ScanKernels.compiled()
+    scan = {"eager": EAGER, "compiled": ScanKernels.compiled(),
+            "blocks": ScanKernels.compiled(block=2, blocked_from=0)}[kernels]
+    if kernels == "blocks":
+        assert scan.blocked(T // 16) == T // 16 - (T // 16) % 2
     leaves, off = _scan_case(T=T, offset=offset)
     out, new, grads = _run_scan_case(leaves, off, scan)
     out_d, new_d, grads_d = _run_scan_case(leaves, off, None)
