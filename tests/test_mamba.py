@@ -119,6 +119,20 @@ def test_compiled_loop_bodies_match_eager(chunk):
         assert_close(a, b, 1e-5)
 
 
+def test_prefill_shortens_the_chunks_of_short_sequences_only():
+    """Without a backward the scan takes chunks of L / 64 tokens between 16 and chunk_size (never longer than
+    chunk_size): the same outputs as the training schedule's chunks."""
+    from architectures.mamba.scan import prefill_chunk
+
+    assert [prefill_chunk(L, 64) for L in (100, 1024, 2048, 4096, 32768)] == [16, 16, 32, 64, 64]
+    assert prefill_chunk(1024, 8) == 8
+    x = {k: v.requires_grad_() for k, v in scan_inputs(1024, F32, seed=6).items()}
+    y_train = selective_scan(**x, chunk_size=64)  # chunks of 64, through ChunkedScan
+    with torch.no_grad():
+        y_prefill = selective_scan(**x, chunk_size=64)  # chunks of 16
+    assert_close(y_prefill, y_train.detach(), 1e-5)
+
+
 def test_scan_is_stable_under_strong_decay():
     """Large delta * |A| (a state reset every token) must not overflow: every factor is <= 1."""
     x = scan_inputs(130, F32, seed=3)

@@ -45,6 +45,15 @@ DEFAULT_CHUNK = 64
 LOCAL_BLOCK = 8  # positions per call of the local scans' loop bodies (they keep only the end state)
 CARRY_BLOCK = 16  # chunks per call of the recurrences over the chunk boundaries
 BLOCK = 2  # positions per call of the true scans' loop bodies (they write every state or read it back)
+MIN_CHUNKS = 64  # a prefill (no backward) shortens its chunks, down to 16, until the sequence has this many
+
+
+def prefill_chunk(L: int, chunk_size: int) -> int:
+    """The chunk length of a scan without backward: chunk_size, or shorter for short sequences, so that the Python
+    loops over a chunk's positions (a fixed cost per call) do not dominate. Measured (cpu-xs Mamba, 4 x 64,
+    prefill ms/token at chunk 16 / 32 / 64): 1k 0.027 / 0.036 / 0.051, 2k 0.027 / 0.027 / 0.031,
+    4k 0.031 / 0.027 / 0.027, 8k 0.029 / 0.025 / 0.021."""
+    return max(min(chunk_size, 16), min(chunk_size, L // MIN_CHUNKS))
 
 
 def _effective_delta(delta, delta_bias, delta_softplus: bool, dtype):
@@ -73,7 +82,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             y, last = ChunkedScan.apply(*args, chunk_size, steps)
         else:
-            y, last = _scan_forward(*args, chunk_size, steps)[:2]
+            y, last = _scan_forward(*args, prefill_chunk(u.shape[1], chunk_size), steps)[:2]
         last = last.transpose(-1, -2)  # (B, D, N)
         if D is not None:
             y = y + u32 * D.to(ct)
