@@ -45,7 +45,8 @@ DEFAULT_CHUNK = 64
 LOCAL_BLOCK = 8  # positions per call of the local scans' loop bodies (they keep only the end state)
 CARRY_BLOCK = 16  # chunks per call of the recurrences over the chunk boundaries
 BLOCK = 2  # positions per call of the true scans' loop bodies (they write every state or read it back)
-MIN_CHUNKS = 64  # a prefill (no backward) shortens its chunks, down to 16, until the sequence has this many
+MIN_CHUNKS = 64  # a prefill (no backward) shortens its chunks, down to MIN_PREFILL_CHUNK, to have this many
+MIN_PREFILL_CHUNK = 16
 
 
 def prefill_chunk(L: int, chunk_size: int) -> int:
@@ -53,7 +54,7 @@ def prefill_chunk(L: int, chunk_size: int) -> int:
     loops over a chunk's positions (a fixed cost per call) do not dominate. Measured (cpu-xs Mamba, 4 x 64,
     prefill ms/token at chunk 16 / 32 / 64): 1k 0.027 / 0.036 / 0.051, 2k 0.027 / 0.027 / 0.031,
     4k 0.031 / 0.027 / 0.027, 8k 0.029 / 0.025 / 0.021."""
-    return max(min(chunk_size, 16), min(chunk_size, L // MIN_CHUNKS))
+    return min(chunk_size, max(MIN_PREFILL_CHUNK, L // MIN_CHUNKS))
 
 
 def _effective_delta(delta, delta_bias, delta_softplus: bool, dtype):

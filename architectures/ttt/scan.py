@@ -20,8 +20,8 @@ outside, in autograd (dual.py computes them for all mini-batches at once), so th
 (q, k, t, a, M, tok_c, W0, b0, gamma, beta) and its outputs (Zbar, W_n, b_n). It covers TTT-Linear
 with the paper's inner model (LN, residual, bias: the default options) on whole mini-batches; dual.py
 keeps everything else. Compiled (trainer.compile=hot_path), long sequences run both loops in blocks of
-consecutive mini-batches, one compiled call each (ScanKernels). Memory: the n + 1 weight states (n x H x f^2 floats per sequence), as many as
-autograd saves through dual.py.
+consecutive mini-batches, one compiled call each (ScanKernels). Memory: the n + 1 weight states (n x H x f^2
+floats per sequence), as many as autograd saves through dual.py.
 """
 from __future__ import annotations
 
