@@ -19,9 +19,9 @@ M = E * (Q K^T + 1) with E = tril(tok a^T), t = V - K, the LN after the loop and
 outside, in autograd (dual.py computes them for all mini-batches at once), so this op's inputs are
 (q, k, t, a, M, tok_c, W0, b0, gamma, beta) and its outputs (Zbar, W_n, b_n). It covers TTT-Linear
 with the paper's inner model (LN, residual, bias: the default options) on whole mini-batches; dual.py
-keeps everything else. Compiled (trainer.compile=hot_path), long sequences run both loops in blocks of
-consecutive mini-batches, one compiled call each (ScanKernels). Memory: the n + 1 weight states (n x H x f^2
-floats per sequence), as many as autograd saves through dual.py.
+keeps everything else. Compiled (trainer.compile=hot_path), sequences of 64 mini-batches and more (1k tokens
+at b = 16) run both loops in blocks of consecutive mini-batches, one compiled call each (ScanKernels).
+Memory: the n + 1 weight states (n x H x f^2 floats per sequence), as many as autograd saves through dual.py.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ from architectures.ttt.inner import ln_loss_grad_stats
 
 
 BLOCK = 8             # mini-batches per call of a compiled block
-BLOCKED_FROM = 256    # mini-batches per sequence from which the loops run in compiled blocks (T >= 4k at b = 16)
+BLOCKED_FROM = 64     # mini-batches per sequence from which the loops run in compiled blocks (T >= 1k at b = 16):
+                      # from 256 (4k) on, cpu-xs training at 1k-2k took 1.7-1.8x the per-token time of 4k-32k
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,10 @@ class ScanKernels:
         """torch.compile'd (compiled once per shape). The LN kernels fuse into one loop each: ~1.2x on CPU. A
         block replaces `block` mini-batches' two dozen eager ops with one call (inductor fuses the elementwise
         work between the products): TTT-Linear's forward loop at cpu-xs, 8k (512 mini-batches, 2 heads x 100),
-        83 -> 50 ms per layer at 8 mini-batches per block. Its compilation (about 10 s forward, more backward)
-        pays off only over long sequences, hence `blocked_from`."""
+        83 -> 50 ms per layer at 8 mini-batches per block. Its compilation (about 10 s forward, more backward,
+        once per (batch x heads, b, f)) pays off from a few dozen steps of 1k tokens: `make sweep
+        ARCH=ttt_linear CTX=2k` from a cold compile cache took the same time with blocks from 1k as from 4k
+        (12 min 25 s vs 12 min 17 s), cpu-m's steps 1.16 vs 1.25 s; shorter sequences run unblocked."""
         c = lambda fn: torch.compile(fn, dynamic=False)
         return cls(c(ln_loss_grad_stats), c(ln_grad_vjp), c(forward_block), c(backward_block), block, blocked_from)
 
