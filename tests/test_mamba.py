@@ -119,18 +119,27 @@ def test_compiled_loop_bodies_match_eager(chunk):
         assert_close(a, b, 1e-5)
 
 
-def test_prefill_shortens_the_chunks_of_short_sequences_only():
-    """Without a backward the scan takes chunks of L / 64 tokens between 16 and chunk_size (never longer than
-    chunk_size): the same outputs as the training schedule's chunks."""
-    from architectures.mamba.scan import prefill_chunk
+def test_short_sequences_take_shorter_chunks_in_prefill_and_training(monkeypatch):
+    """The mixer scans with chunks of L / 64 tokens between 16 and its chunk_size (never longer than chunk_size),
+    with and without a backward; selective_scan itself takes the chunk it is given (the tests above)."""
+    import architectures.mamba.layers as layers
+    from architectures.mamba.scan import chunk_for
 
-    assert [prefill_chunk(L, 64) for L in (100, 1024, 2048, 4096, 32768)] == [16, 16, 32, 64, 64]
-    assert prefill_chunk(1024, 8) == 8
-    x = {k: v.requires_grad_() for k, v in scan_inputs(1024, F32, seed=6).items()}
-    y_train = selective_scan(**x, chunk_size=64)  # chunks of 64, through ChunkedScan
-    with torch.no_grad():
-        y_prefill = selective_scan(**x, chunk_size=64)  # chunks of 16
-    assert_close(y_prefill, y_train.detach(), 1e-5)
+    assert [chunk_for(L, 64) for L in (100, 1024, 2048, 4096, 32768)] == [16, 16, 32, 64, 64]
+    assert chunk_for(1024, 8) == 8
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(args[10])  # chunk_size
+        return selective_scan(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "selective_scan", spy)
+    model = build_model(tiny("mamba", chunk_size=64))
+    for L in (1024, 4096):
+        model(torch.randint(0, 32, (1, L))).sum().backward()
+        with torch.no_grad():
+            model(torch.randint(0, 32, (1, L)))
+    assert seen == [16] * 4 + [64] * 4  # 2 layers, with and without a backward
 
 
 def test_scan_is_stable_under_strong_decay():

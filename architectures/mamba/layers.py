@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from architectures.config import ModelConfig
 from architectures.layers import CausalConv, RMSNorm
-from architectures.mamba.scan import compiled_steps, selective_scan, selective_state_step
+from architectures.mamba.scan import chunk_for, compiled_steps, selective_scan, selective_state_step
 from architectures.mamba.ssd import ssd_chunked, ssd_step
 from architectures.backends import BackendUnavailable, resolve, runs
 
@@ -140,7 +140,8 @@ class MambaMixer(nn.Module):
                                      self.dt_bias)[:, None]
         else:
             y, last = selective_scan(xc, delta, A, Bm, Cm, self.D, z, self.dt_bias, True,
-                                     None if fresh else cache.ssm, self.chunk_size, return_last_state=True,
+                                     None if fresh else cache.ssm, chunk_for(x.shape[1], self.chunk_size),
+                                     return_last_state=True,
                                      steps=self._compiled_steps if self.training else None)
             if cache is not None:
                 cache.ssm.copy_(last)

@@ -45,16 +45,17 @@ DEFAULT_CHUNK = 64
 LOCAL_BLOCK = 8  # positions per call of the local scans' loop bodies (they keep only the end state)
 CARRY_BLOCK = 16  # chunks per call of the recurrences over the chunk boundaries
 BLOCK = 2  # positions per call of the true scans' loop bodies (they write every state or read it back)
-MIN_CHUNKS = 64  # a prefill (no backward) shortens its chunks, down to MIN_PREFILL_CHUNK, to have this many
-MIN_PREFILL_CHUNK = 16
+MIN_CHUNKS = 64  # short sequences take shorter chunks, down to MIN_CHUNK, to have this many (chunk_for)
+MIN_CHUNK = 16
 
 
-def prefill_chunk(L: int, chunk_size: int) -> int:
-    """The chunk length of a scan without backward: chunk_size, or shorter for short sequences, so that the Python
-    loops over a chunk's positions (a fixed cost per call) do not dominate. Measured (cpu-xs Mamba, 4 x 64,
-    prefill ms/token at chunk 16 / 32 / 64): 1k 0.027 / 0.036 / 0.051, 2k 0.027 / 0.027 / 0.031,
-    4k 0.031 / 0.027 / 0.027, 8k 0.029 / 0.025 / 0.021."""
-    return min(chunk_size, max(MIN_PREFILL_CHUNK, L // MIN_CHUNKS))
+def chunk_for(L: int, chunk_size: int) -> int:
+    """The chunk length the mixer scans a sequence of L tokens with: chunk_size, or shorter for short sequences,
+    so that the Python loops over a chunk's positions (a fixed cost per call) do not dominate. Measured on 2
+    cores, ms per token at chunk 16 / 32 / 64: prefill (cpu-xs Mamba, 4 x 64) 1k 0.027 / 0.036 / 0.051,
+    2k 0.027 / 0.027 / 0.031, 4k 0.031 / 0.027 / 0.027, 8k 0.029 / 0.025 / 0.021; training (the same model,
+    compiled loop bodies) 1k 0.055 / 0.056 / 0.062, 2k 0.052 / 0.045 / 0.047, 8k 0.041 / 0.037 / 0.038."""
+    return min(chunk_size, max(MIN_CHUNK, L // MIN_CHUNKS))
 
 
 def _effective_delta(delta, delta_bias, delta_softplus: bool, dtype):
@@ -83,7 +84,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             y, last = ChunkedScan.apply(*args, chunk_size, steps)
         else:
-            y, last = _scan_forward(*args, prefill_chunk(u.shape[1], chunk_size), steps)[:2]
+            y, last = _scan_forward(*args, chunk_size, steps)[:2]
         last = last.transpose(-1, -2)  # (B, D, N)
         if D is not None:
             y = y + u32 * D.to(ct)
