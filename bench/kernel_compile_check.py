@@ -79,7 +79,8 @@ def compile_one(fn, consts: dict, arch: int, num_warps: int) -> dict:
 
 def kernels(f: int, launch) -> list[tuple[str, object, dict, int]]:
     """(name, kernel, constexprs, num_warps) as the launchers compile them: prefill kernels under the given
-    launch settings (triton_linear.Launch), decode kernels at Triton's default 4 warps."""
+    launch settings (triton_linear.Launch), TTT-Linear's decode kernel at triton_linear.decode_warps, TTT-MLP's at
+    Triton's default 4 warps."""
     from architectures.ttt import triton_linear as lin
     from architectures.ttt import triton_mlp as mlp
 
@@ -88,7 +89,7 @@ def kernels(f: int, launch) -> list[tuple[str, object, dict, int]]:
     return [
         ("linear forward", lin._fwd_kernel, {**common, "SAVE": True}, launch.warps("linear", "fwd")),
         ("linear backward", lin._bwd_kernel, common, launch.warps("linear", "bwd")),
-        ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}, 4),
+        ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}, lin.decode_warps(bf)),
         ("mlp forward", mlp._fwd_kernel, {**common, "BH": bh, "SAVE": True}, launch.warps("mlp", "fwd")),
         ("mlp backward", mlp._bwd_kernel, {**common, "BH": bh}, launch.warps("mlp", "bwd")),
         ("mlp decode", mlp._decode_kernel, {"F": f, "BF": bf, "BH": bh, "COMMIT": True}, 4),

@@ -365,6 +365,14 @@ def _block(f: int) -> int:
     return max(16, triton.next_power_of_2(f))
 
 
+def decode_warps(bf: int) -> int:
+    """Warps per program of the TTT-Linear decode kernel at block size bf: it holds W, its accumulated gradient
+    and the updated W (3 x bf^2 fp32) in registers. ptxas for sm_90 (`make check-kernels`), spill stores at
+    4 / 8 / 16 warps: bf 32: 0 / 0 / 0; 64: 108 B / 0 / 0 (170 registers at 8); 128 (f 96 or 128): 2.7-5.0 KB /
+    0.6-3.8 KB / 0.4-1.2 KB. Not yet timed on a GPU."""
+    return 4 if bf <= 32 else 8 if bf <= 64 else 16
+
+
 PRECISIONS = ("tf32", "ieee")
 # Warps per program of each prefill kernel, by measurement (bench/ttt_kernel_speed.py --variants on one
 # H200, 2026-11-30: 32 heads x 64, bf16 inputs, tf32 products). TTT-Linear forward, batch 16: 0.91 / 3.23 ms
@@ -500,5 +508,5 @@ def decode_step(q, k, v, a, tok, ln_w, ln_b, params: dict, acc: dict, pos: int):
     _decode_kernel[(Bsz * H,)](q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(),
                                tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous(),
                                params["W"], params["b"], acc["W"], acc["b"], out, H, pos, LN_EPS, F=f, BF=_block(f),
-                               COMMIT=pos == tok.shape[0] - 1)
+                               COMMIT=pos == tok.shape[0] - 1, num_warps=decode_warps(_block(f)))
     return out
