@@ -130,7 +130,7 @@ def test_short_sequences_take_shorter_chunks_in_prefill_and_training(monkeypatch
     seen = []
 
     def spy(*args, **kwargs):
-        seen.append(args[10])  # chunk_size
+        seen.append(kwargs["chunk_size"])
         return selective_scan(*args, **kwargs)
 
     monkeypatch.setattr(layers, "selective_scan", spy)

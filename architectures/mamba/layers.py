@@ -140,7 +140,7 @@ class MambaMixer(nn.Module):
                                      self.dt_bias)[:, None]
         else:
             y, last = selective_scan(xc, delta, A, Bm, Cm, self.D, z, self.dt_bias, True,
-                                     None if fresh else cache.ssm, chunk_for(x.shape[1], self.chunk_size),
+                                     None if fresh else cache.ssm, chunk_size=chunk_for(x.shape[1], self.chunk_size),
                                      return_last_state=True,
                                      steps=self._compiled_steps if self.training else None)
             if cache is not None:
