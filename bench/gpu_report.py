@@ -152,7 +152,8 @@ def markdown(r: dict) -> str:
     tests = t["status"] if "status" in t else (
         f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped of {t['tests']} in {t['seconds']:.0f} s")
     failures = "".join(f"- `{f['test']}`: {f['message']}\n" for f in t.get("failures", []))
-    variants = [{**v, "variant": f"{v['variant']['precision']}, {v['variant']['num_warps']} warps"}
+    variants = [{**v, "variant": f"{v['variant']['precision']}, {v['variant']['num_warps']} warps, "
+                                f"{v['variant'].get('num_stages', 3)} stages"}  # 3: Triton's default (older runs)
                 for v in r["kernel_variants"] if v.get("status") == "ok"]
     return (f"# make gpu-check on {r['device'] or 'an unknown device'}\n\n"
             f"## Stages\n{_table(r['stages'], ['stage', 'rc', 'took_s', 'timed_out'])}\n"

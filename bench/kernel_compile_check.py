@@ -3,12 +3,14 @@ registers per thread, spilled bytes, shared memory. Catches compile errors and r
 machines that have no GPU (the interpreter tests check the math, not what the compiler makes of it).
 
     python -m bench.kernel_compile_check [--arch 90] [--head-dims 32,64,96,128] [--precision ieee] [--num-warps 8]
+                                         [--num-stages 1]
     make check-kernels
 
-The kernels as the launchers compile them (triton_linear.LAUNCH: TF32 products, warps per kernel);
---precision / --num-warps compile a variant. Exits 1 when a kernel the layers launch fails to compile or
-asks for more shared memory than the GPU has; TTT-MLP above layer.MLP_TRITON_MAX_HEAD_DIM is reported at
-f = 64 (why the layer runs it on the dual form there) and not compiled wider.
+The kernels as the launchers compile them (triton_linear.LAUNCH: TF32 products, warps per kernel,
+pipelining stages); --precision / --num-warps / --num-stages compile a variant. Exits 1 when a kernel the
+layers launch fails to compile or asks for more shared memory than the GPU has; TTT-MLP above
+layer.MLP_TRITON_MAX_HEAD_DIM is reported at f = 64 (why the layer runs it on the dual form there) and not
+compiled wider.
 
 Needs the `triton` package only (it ships ptxas); must not run under TRITON_INTERPRET.
 Writes RESULTS/bench/kernel_compile_check.json.
@@ -60,7 +62,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
             "spill_store_bytes": int(spill_st.group(1)) if spill_st else None, "ptxas_ok": res.returncode == 0}
 
 
-def compile_one(fn, consts: dict, arch: int, num_warps: int) -> dict:
+def compile_one(fn, consts: dict, arch: int, num_warps: int, num_stages: int = 3) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -68,7 +70,8 @@ def compile_one(fn, consts: dict, arch: int, num_warps: int) -> dict:
     src = ASTSource(fn=fn, signature=_signature(fn, consts),
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     try:
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as e:
         return {"status": "compile failed", "error": f"{type(e).__name__}: {e}"[:500]}
     row = {"status": "ok", "shared_bytes": k.metadata.shared, **_ptxas_report(k.asm["ptx"], arch)}
@@ -77,22 +80,23 @@ def compile_one(fn, consts: dict, arch: int, num_warps: int) -> dict:
     return row
 
 
-def kernels(f: int, launch) -> list[tuple[str, object, dict, int]]:
-    """(name, kernel, constexprs, num_warps) as the launchers compile them: prefill kernels under the given
-    launch settings (triton_linear.Launch), TTT-Linear's decode kernel at triton_linear.decode_warps, TTT-MLP's at
-    Triton's default 4 warps."""
+def kernels(f: int, launch) -> list[tuple[str, object, dict, int, int]]:
+    """(name, kernel, constexprs, num_warps, num_stages) as the launchers compile them: prefill kernels under the
+    given launch settings (triton_linear.Launch), TTT-Linear's decode kernel at triton_linear.decode_warps,
+    TTT-MLP's at Triton's default 4 warps; decode kernels (no loop) at Triton's default 3 stages."""
     from architectures.ttt import triton_linear as lin
     from architectures.ttt import triton_mlp as mlp
 
     bf, bh = lin._block(f), lin._block(4 * f)
+    stages = launch.num_stages
     common = {"F": f, "BF": bf, "MB": 16, "HAS_PARTIAL": True, "PREC": launch.precision}
     return [
-        ("linear forward", lin._fwd_kernel, {**common, "SAVE": True}, launch.warps("linear", "fwd")),
-        ("linear backward", lin._bwd_kernel, common, launch.warps("linear", "bwd")),
-        ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}, lin.decode_warps(bf)),
-        ("mlp forward", mlp._fwd_kernel, {**common, "BH": bh, "SAVE": True}, launch.warps("mlp", "fwd")),
-        ("mlp backward", mlp._bwd_kernel, {**common, "BH": bh}, launch.warps("mlp", "bwd")),
-        ("mlp decode", mlp._decode_kernel, {"F": f, "BF": bf, "BH": bh, "COMMIT": True}, 4),
+        ("linear forward", lin._fwd_kernel, {**common, "SAVE": True}, launch.warps("linear", "fwd"), stages),
+        ("linear backward", lin._bwd_kernel, common, launch.warps("linear", "bwd"), stages),
+        ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}, lin.decode_warps(bf), 3),
+        ("mlp forward", mlp._fwd_kernel, {**common, "BH": bh, "SAVE": True}, launch.warps("mlp", "fwd"), stages),
+        ("mlp backward", mlp._bwd_kernel, {**common, "BH": bh}, launch.warps("mlp", "bwd"), stages),
+        ("mlp decode", mlp._decode_kernel, {"F": f, "BF": bf, "BH": bh, "COMMIT": True}, 4, 3),
     ]
 
 
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dims", default="32,64,96,128")
     p.add_argument("--precision", default=None, help="tf32 | ieee (default: the launchers', triton_linear.LAUNCH)")
     p.add_argument("--num-warps", type=int, default=None, help="every prefill kernel (default: the launchers', per kernel)")
+    p.add_argument("--num-stages", type=int, default=None, help="every prefill kernel (default: the launchers')")
     p.add_argument("--only", default="", help="comma list of kernel names (substrings), e.g. 'linear,mlp forward'")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
@@ -115,24 +120,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from architectures.ttt.layer import MLP_TRITON_MAX_HEAD_DIM
 
-    launch = replace(LAUNCH, precision=args.precision or LAUNCH.precision, num_warps=args.num_warps or LAUNCH.num_warps)
+    launch = replace(LAUNCH, precision=args.precision or LAUNCH.precision, num_warps=args.num_warps or LAUNCH.num_warps,
+                     num_stages=args.num_stages or LAUNCH.num_stages)
     rows = []
     for f in (int(x) for x in args.head_dims.split(",")):
-        for name, fn, consts, num_warps in kernels(f, launch):
+        for name, fn, consts, num_warps, num_stages in kernels(f, launch):
             if args.only and not any(s.strip() and s.strip() in name for s in args.only.split(",")):
                 continue
             # the layer launches TTT-MLP's kernels up to MLP_TRITON_MAX_HEAD_DIM (else the dual form); f = 64 is
             # compiled to show why, wider ones are not (minutes of ptxas for kernels nothing launches)
             launched = not name.startswith("mlp") or f <= MLP_TRITON_MAX_HEAD_DIM
             row = {"kernel": name, "head_dim": f, "arch": f"sm_{args.arch}", "precision": consts.get("PREC"),
-                   "num_warps": num_warps, "launched": launched}
+                   "num_warps": num_warps, "num_stages": num_stages, "launched": launched}
             if not launched and f > 64:
                 rows.append({**row, "status": f"not compiled: above head dim {MLP_TRITON_MAX_HEAD_DIM} the layer "
                                               "runs TTT-MLP on the dual form"})
                 print(f"[ttt-bench] {name:16s} f={f:4d}: {rows[-1]['status']}", flush=True)
                 continue
             t0 = time.perf_counter()
-            row.update(**compile_one(fn, consts, args.arch, num_warps), compile_s=round(time.perf_counter() - t0, 1))
+            row.update(**compile_one(fn, consts, args.arch, num_warps, num_stages),
+                       compile_s=round(time.perf_counter() - t0, 1))
             rows.append(row)
             print(f"[ttt-bench] {name:16s} f={f:4d} sm_{args.arch}: {row['status']:10s} "
                   f"regs={row.get('registers')} spill_stores={row.get('spill_store_bytes')}B "

@@ -253,25 +253,33 @@ def test_backend_selection(monkeypatch):
 
 
 def test_launch_settings_are_checked_and_restored(monkeypatch):
-    from architectures.ttt.triton_linear import LAUNCH, _launch_from_env, launch_settings
+    from architectures.ttt.triton_linear import DEFAULT_STAGES, LAUNCH, _launch_from_env, launch_settings
 
-    before = (LAUNCH.precision, LAUNCH.num_warps)
-    with launch_settings(precision="ieee", num_warps=2) as launch:
-        assert (launch.precision, launch.warps("mlp", "bwd")) == ("ieee", 2) and launch is LAUNCH
-    assert (LAUNCH.precision, LAUNCH.num_warps) == before
+    before = (LAUNCH.precision, LAUNCH.num_warps, LAUNCH.num_stages)
+    with launch_settings(precision="ieee", num_warps=2, num_stages=1) as launch:
+        assert (launch.precision, launch.warps("mlp", "bwd"), launch.num_stages) == ("ieee", 2, 1) and launch is LAUNCH
+    assert (LAUNCH.precision, LAUNCH.num_warps, LAUNCH.num_stages) == before
     with pytest.raises(ValueError, match="precision must be one of"):
         with launch_settings(precision="fp8"):
             pass
     with pytest.raises(TypeError):
         with launch_settings(warps=8):
             pass
-    assert (LAUNCH.precision, LAUNCH.num_warps) == before
+    assert (LAUNCH.precision, LAUNCH.num_warps, LAUNCH.num_stages) == before
     monkeypatch.setenv("TTT_TRITON_PRECISION", "ieee")
     monkeypatch.setenv("TTT_TRITON_WARPS", "2")
     assert (_launch_from_env().precision, _launch_from_env().num_warps) == ("ieee", 2)
     monkeypatch.setenv("TTT_TRITON_WARPS", "3")
     with pytest.raises(ValueError, match="num_warps"):
         _launch_from_env()
+    monkeypatch.setenv("TTT_TRITON_WARPS", "4")
+    monkeypatch.setenv("TTT_TRITON_STAGES", "1")
+    assert _launch_from_env().num_stages == 1
+    monkeypatch.setenv("TTT_TRITON_STAGES", "0")
+    with pytest.raises(ValueError, match="num_stages"):
+        _launch_from_env()
+    monkeypatch.delenv("TTT_TRITON_STAGES")
+    assert _launch_from_env().num_stages == DEFAULT_STAGES
 
 
 def test_kernel_variants_benchmark_smoke(tmp_path):
@@ -280,11 +288,13 @@ def test_kernel_variants_benchmark_smoke(tmp_path):
     and "tf32" differs by about 1e-3."""
     import json
 
+    from architectures.ttt.triton_linear import DEFAULT_STAGES
     from bench.ttt_kernel_speed import VARIANTS, main
 
     assert main(["--smoke", "--variants", "linear", "--lengths", "32", "--results", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench" / "ttt_kernel_variants.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == VARIANTS * 2 and {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert VARIANTS[0]["num_stages"] == DEFAULT_STAGES and VARIANTS[-1]["num_stages"] == 1
     assert all(r["status"] == "ok" for r in rows)
     for r in rows:
         errors = [r["out_rel_rmse"]] + ([r["dq_rel_rmse"]] if r["mode"] == "fwd+bwd" else [])

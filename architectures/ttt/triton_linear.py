@@ -380,6 +380,11 @@ PRECISIONS = ("tf32", "ieee")
 # 3.14 / 10.59 ms at 8, so the backward is faster at 8. TTT-MLP forward, batch 16, 2k: 16.2 ms at 4, 9.9 at
 # 8; its backward was not timed (at f = 64 it needs more shared memory than sm_90 has: `make check-kernels`).
 DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 8, ("mlp", "fwd"): 8, ("mlp", "bwd"): 8}
+# Software-pipelining stages of the prefill kernels' loops: Triton's default for CUDA. ptxas for sm_90 at f = 64
+# (`make check-kernels --num-stages N`), TTT-Linear forward at 4 warps: 56 B of spill stores at 3 stages, 128 B at
+# 2, 0 at 1 (253 registers); backward at 8 warps: 608 / 592 / 584 B. 1 stage is not yet timed on a GPU (`make
+# gpu-check` times it: bench/ttt_kernel_speed.py --variants), so the default stays.
+DEFAULT_STAGES = 3
 
 
 @dataclass
@@ -390,17 +395,21 @@ class Launch:
     tests/test_ttt_triton.py states the tolerance against the fp32 dual form); "ieee" gives exact fp32
     products on the CUDA cores, 2.8x slower in the TTT-Linear forward on an H200 (ptxas spills 16-37 KB per thread in its backward at
     f = 64: `make check-kernels --precision ieee`). The interpreter ignores it (exact). `num_warps` per
-    program: None takes DEFAULT_WARPS per kernel, a number applies to every prefill kernel. `make
-    gpu-check` times every variant (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION and
-    TTT_TRITON_WARPS override the defaults."""
+    program: None takes DEFAULT_WARPS per kernel, a number applies to every prefill kernel; `num_stages`
+    the loops' software-pipelining stages (DEFAULT_STAGES). `make gpu-check` times every variant
+    (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION, TTT_TRITON_WARPS and TTT_TRITON_STAGES
+    override the defaults."""
     precision: str = "tf32"
     num_warps: int | None = None
+    num_stages: int = DEFAULT_STAGES
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"TTT kernel precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.num_warps not in (None, 1, 2, 4, 8, 16):
             raise ValueError(f"TTT kernel num_warps must be a power of two up to 16, got {self.num_warps!r}")
+        if self.num_stages not in (1, 2, 3, 4):
+            raise ValueError(f"TTT kernel num_stages must be 1 to 4, got {self.num_stages!r}")
 
     def warps(self, inner: str, direction: str) -> int:
         """Warps for one kernel: inner "linear" | "mlp", direction "fwd" | "bwd"."""
@@ -408,8 +417,9 @@ class Launch:
 
 
 def _launch_from_env() -> Launch:
-    warps = os.environ.get("TTT_TRITON_WARPS")
-    return Launch(os.environ.get("TTT_TRITON_PRECISION", Launch.precision), int(warps) if warps else None)
+    warps, stages = os.environ.get("TTT_TRITON_WARPS"), os.environ.get("TTT_TRITON_STAGES")
+    return Launch(os.environ.get("TTT_TRITON_PRECISION", Launch.precision), int(warps) if warps else None,
+                  int(stages) if stages else DEFAULT_STAGES)
 
 
 LAUNCH = _launch_from_env()
@@ -453,7 +463,7 @@ class TTTLinearFunction(torch.autograd.Function):
             q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
             T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
             LN_EPS, F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, SAVE=bool(save), PREC=LAUNCH.precision,
-            num_warps=LAUNCH.warps("linear", "fwd"))
+            num_warps=LAUNCH.warps("linear", "fwd"), num_stages=LAUNCH.num_stages)
         ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn)
         ctx.meta = (group, n_full, n_ckpt, partial, W0.shape, b0.shape, tok.dtype, ln_w.dtype, W0.dtype)
         ctx.mark_non_differentiable(aw, ab)
@@ -480,7 +490,7 @@ class TTTLinearFunction(torch.autograd.Function):
             dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
             T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
             F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, PREC=LAUNCH.precision,
-            num_warps=LAUNCH.warps("linear", "bwd"))
+            num_warps=LAUNCH.warps("linear", "bwd"), num_stages=LAUNCH.num_stages)
         if w_shape[0] == 1:
             dW0, db0 = dW0.sum(0, keepdim=True), db0.sum(0, keepdim=True)
         return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),

@@ -385,7 +385,7 @@ class TTTMLPFunction(torch.autograd.Function):
                                 T, H, n_full, n_ckpt, group, *strides, LN_EPS,
                                 F=f, BF=_block(f), BH=_block(4 * f), MB=MB, HAS_PARTIAL=partial > 0,
                                 SAVE=bool(save), PREC=LAUNCH.precision,
-                                num_warps=LAUNCH.warps("mlp", "fwd"))
+                                num_warps=LAUNCH.warps("mlp", "fwd"), num_stages=LAUNCH.num_stages)
         ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, *ckpt, *new)
         ctx.meta = (group, n_full, n_ckpt, partial, [p.shape for p in (W1, b1, W2, b2)], tok.dtype, ln_w.dtype,
                     W1.dtype)
@@ -413,7 +413,8 @@ class TTTMLPFunction(torch.autograd.Function):
                                 dq, dk, dv, da, dtok, dlnw, dlnb, *dinit, *scratch,
                                 T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
                                 F=f, BF=_block(f), BH=_block(4 * f), MB=MB, HAS_PARTIAL=partial > 0,
-                                PREC=LAUNCH.precision, num_warps=LAUNCH.warps("mlp", "bwd"))
+                                PREC=LAUNCH.precision, num_warps=LAUNCH.warps("mlp", "bwd"),
+                                num_stages=LAUNCH.num_stages)
         dinit = [(g.sum(0, keepdim=True) if s[0] == 1 else g).to(w_dtype) for g, s in zip(dinit, shapes_in)]
         return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),
                 *dinit, None)
