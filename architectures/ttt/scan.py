@@ -85,49 +85,66 @@ def _heads_first(x: torch.Tensor, B: int, H: int) -> torch.Tensor:
     return x.transpose(0, 1).reshape(B, H, x.shape[0], *x.shape[2:])
 
 
+def forward_step(W, b, kq, t, a, M, gam, bet, tok, ln_grad: Callable = ln_loss_grad_stats):
+    """LinearScan.forward's loop body, one mini-batch from the weights at its start, W (BH, f, f) and b (BH, 1, f);
+    kq (BH, 2c, f), t (BH, c, f), a (BH, c, 1), M (BH, c, c); gam, bet (BH, 1, f); tok (1,). Returns the weights
+    after it ((BH, f, f), (BH, 1, f)), G, zhat, r and Zbar ((BH, c, f|f|1|f))."""
+    c = t.shape[1]
+    Z = torch.baddbmm(b, kq, W)  # (BH, 2c, f): [K W + b; Q W + b]
+    G, zhat, r = ln_grad(Z[:, :c], t, gam, bet)
+    zbar = torch.baddbmm(Z[:, c:], M, G, alpha=-1.0)  # Zq - M G
+    aG = a * G
+    W = W - tok * torch.bmm(kq[:, :c].transpose(-1, -2), aG)
+    b = b - tok * aG.sum(-2, keepdim=True)
+    return W, b, G, zhat, r, zbar
+
+
+def backward_step(dW, db, W, G, kq, dZbar, a, M, zhat, r, t, gam, bet, tok, ln_vjp: Callable = ln_grad_vjp):
+    """LinearScan.backward's loop body, one mini-batch, from the gradients of the weights after it, dW (BH, f, f)
+    and db (BH, 1, f); W (BH, f, f) the weights at its start; the rest as LinearScan saves them. Returns the
+    gradients of the weights before it, its dtok (), dgamma and dbeta terms ((BH, 1, f)), and d[K; Q], dt, da,
+    dM ((BH, 2c|c|c|c, f|f|1|c))."""
+    c = t.shape[1]
+    k = kq[:, :c]
+    aG = a * G
+    P = torch.baddbmm(db, k, dW)  # (BH, c, f): K dW' + db'
+    dtok = -(P * aG).sum()
+    daG = -tok * P
+    da = (daG * G).sum(-1, keepdim=True)
+    dG = torch.baddbmm(a * daG, M.transpose(-1, -2), dZbar, alpha=-1.0)  # a d(aG) - M^T dZbar
+    dM = -torch.bmm(dZbar, G.transpose(-1, -2))
+    dZ, dt, dg, dbt = ln_vjp(zhat, r, t, gam, bet, dG)
+    dZZ = torch.cat([dZ, dZbar], dim=-2)  # (BH, 2c, f)
+    dkq = torch.bmm(dZZ, W.transpose(-1, -2))  # [dZ W^T; dZbar W^T]
+    dk = dkq[:, :c] - tok * torch.bmm(aG, dW.transpose(-1, -2))  # through W' = W - tok K^T aG
+    dW = torch.baddbmm(dW, kq.transpose(-1, -2), dZZ)  # + K^T dZ + Q^T dZbar
+    db = db + dZZ.sum(-2, keepdim=True)
+    return (dW, db, dtok, dg.sum(-2, keepdim=True), dbt.sum(-2, keepdim=True), torch.cat([dk, dkq[:, c:]], dim=1),
+            dt, da, dM)
+
+
 def forward_block(W, b, kq, tb, ab, Mb, gam, bet, tok):
-    """LinearScan.forward's loop body over K consecutive mini-batches, from the weights at the first, W (BH, f, f)
-    and b (BH, 1, f); kq (K, BH, 2c, f), tb (K, BH, c, f), ab (K, BH, c, 1), Mb (K, BH, c, c); gam, bet (BH, 1, f);
-    tok (1,). Returns, stacked over the K mini-batches, the weights after each ((K, BH, f, f), (K, BH, 1, f)),
-    G, zhat, r and Zbar ((K, BH, c, f|f|1|f))."""
-    c = tb.shape[2]
+    """forward_step over K consecutive mini-batches, from the weights at the first; kq, tb, ab, Mb stacked over
+    them, (K, BH, ...). Returns forward_step's outputs stacked over the K mini-batches ((K, BH, ...))."""
     out = []
     for i in range(kq.shape[0]):
-        Z = torch.baddbmm(b, kq[i], W)  # (BH, 2c, f): [K W + b; Q W + b]
-        G, zhat, r = ln_loss_grad_stats(Z[:, :c], tb[i], gam, bet)
-        zbar = torch.baddbmm(Z[:, c:], Mb[i], G, alpha=-1.0)  # Zq - M G
-        aG = ab[i] * G
-        W = W - tok * torch.bmm(kq[i, :, :c].transpose(-1, -2), aG)
-        b = b - tok * aG.sum(-2, keepdim=True)
-        out.append((W, b, G, zhat, r, zbar))
+        W, b, *rest = forward_step(W, b, kq[i], tb[i], ab[i], Mb[i], gam, bet, tok)
+        out.append((W, b, *rest))
     return tuple(torch.stack(x) for x in zip(*out))
 
 
 def backward_block(dW, db, Ws, Gs, kq, dzb, ab, Mb, zhats, rs, tb, gam, bet, tok):
-    """LinearScan.backward's loop body over K consecutive mini-batches, the last first, from the gradients of the
-    weights after them, dW (BH, f, f) and db (BH, 1, f); Ws (K, BH, f, f): the weights at the start of each; the
-    rest as LinearScan saves them, (K, BH, ...). Returns the gradients of the weights before the first, dtok,
-    dgamma and dbeta summed over the block, and d[K; Q], dt, da, dM ((K, BH, 2c|c|c|c, f|f|1|c))."""
-    c = tb.shape[2]
+    """backward_step over K consecutive mini-batches, the last first, from the gradients of the weights after
+    them; Ws (K, BH, f, f) the weights at the start of each, the rest stacked as LinearScan saves them. Returns
+    the gradients of the weights before the first, dtok, dgamma and dbeta summed over the block, and d[K; Q],
+    dt, da, dM stacked ((K, BH, ...))."""
     dtok, dgam, dbet = tok.new_zeros(()), torch.zeros_like(gam), torch.zeros_like(bet)
     out = []
     for i in reversed(range(kq.shape[0])):
-        G, k, dZbar = Gs[i], kq[i, :, :c], dzb[i]
-        aG = ab[i] * G
-        P = torch.baddbmm(db, k, dW)  # (BH, c, f): K dW' + db'
-        dtok = dtok - (P * aG).sum()
-        daG = -tok * P
-        da = (daG * G).sum(-1, keepdim=True)
-        dG = torch.baddbmm(ab[i] * daG, Mb[i].transpose(-1, -2), dZbar, alpha=-1.0)  # a d(aG) - M^T dZbar
-        dM = -torch.bmm(dZbar, G.transpose(-1, -2))
-        dZ, dt, dg, dbt = ln_grad_vjp(zhats[i], rs[i], tb[i], gam, bet, dG)
-        dgam, dbet = dgam + dg.sum(-2, keepdim=True), dbet + dbt.sum(-2, keepdim=True)
-        dZZ = torch.cat([dZ, dZbar], dim=-2)  # (BH, 2c, f)
-        dkq = torch.bmm(dZZ, Ws[i].transpose(-1, -2))  # [dZ W^T; dZbar W^T]
-        dk = dkq[:, :c] - tok * torch.bmm(aG, dW.transpose(-1, -2))  # through W' = W - tok K^T aG
-        dW = torch.baddbmm(dW, kq[i].transpose(-1, -2), dZZ)  # + K^T dZ + Q^T dZbar
-        db = db + dZZ.sum(-2, keepdim=True)
-        out.append((torch.cat([dk, dkq[:, c:]], dim=1), dt, da, dM))
+        dW, db, dtok_i, dg, dbt, *grads = backward_step(dW, db, Ws[i], Gs[i], kq[i], dzb[i], ab[i], Mb[i], zhats[i],
+                                                        rs[i], tb[i], gam, bet, tok)
+        dtok, dgam, dbet = dtok + dtok_i, dgam + dg, dbet + dbt
+        out.append(grads)
     return (dW, db, dtok, dgam, dbet, *(torch.stack(x[::-1]) for x in zip(*out)))
 
 
@@ -139,7 +156,7 @@ class LinearScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, t, a, M, tok_c, W0, b0, gamma, beta, kernels: ScanKernels):
         B, H, n, c, f = q.shape
-        BH, tok = B * H, float(tok_c)
+        BH = B * H
         kq = torch.cat([_batch_first(k), _batch_first(q)], dim=-2)  # (n, BH, 2c, f)
         tb, ab, Mb = _batch_first(t), _batch_first(a)[..., None], _batch_first(M)  # (n, BH, c, f|1|c)
         gam, bet = (x.reshape(H, 1, f).repeat(B, 1, 1) for x in (gamma, beta))  # (BH, 1, f)
@@ -153,15 +170,9 @@ class LinearScan(torch.autograd.Function):
             j, after = slice(i, i + K), slice(i + 1, i + K + 1)
             Ws[after], bs[after], Gs[j], zhats[j], rs[j], zbar[j] = kernels.forward_block(
                 Ws[i], bs[i], kq[j], tb[j], ab[j], Mb[j], gam, bet, tok_c)
-        fwd = kernels.forward
         for i in range(blocked, n):  # one mini-batch per step
-            Z = torch.baddbmm(bs[i], kq[i], Ws[i])  # (BH, 2c, f): [K W + b; Q W + b]
-            G, zhat, r = fwd(Z[:, :c], tb[i], gam, bet)
-            Gs[i], zhats[i], rs[i] = G, zhat, r
-            torch.baddbmm(Z[:, c:], Mb[i], G, alpha=-1.0, out=zbar[i])  # Zq - M G
-            aG = ab[i] * G
-            torch.baddbmm(Ws[i], kq[i, :, :c].transpose(-1, -2), aG, alpha=-tok, out=Ws[i + 1])
-            torch.sub(bs[i], aG.sum(-2, keepdim=True), alpha=tok, out=bs[i + 1])
+            (Ws[i + 1], bs[i + 1], Gs[i], zhats[i], rs[i], zbar[i]) = forward_step(
+                Ws[i], bs[i], kq[i], tb[i], ab[i], Mb[i], gam, bet, tok_c, kernels.forward)
         ctx.save_for_backward(kq, tb, ab, Mb, tok_c, Ws, Gs, zhats, rs, gam, bet)
         ctx.kernels = kernels
         ctx.dims, ctx.w0_batch, ctx.b0_batch, ctx.ln_shape = (B, H), W0.shape[0], b0.shape[0], gamma.shape
@@ -171,7 +182,7 @@ class LinearScan(torch.autograd.Function):
     def backward(ctx, dzbar, dW_n, db_n):
         kq, tb, ab, Mb, tok_c, Ws, Gs, zhats, rs, gam, bet = ctx.saved_tensors
         n, BH, c2, f = kq.shape
-        c, tok, (B, H) = c2 // 2, float(tok_c), ctx.dims
+        c, (B, H) = c2 // 2, ctx.dims
         dzb = _batch_first(dzbar) if dzbar is not None else kq.new_zeros(n, BH, c, f)
         dW = dW_n.reshape(BH, f, f).clone() if dW_n is not None else kq.new_zeros(BH, f, f)
         db = db_n.reshape(BH, 1, f).clone() if db_n is not None else kq.new_zeros(BH, 1, f)
@@ -179,24 +190,12 @@ class LinearScan(torch.autograd.Function):
         dt, da, dM = torch.empty_like(tb), torch.empty_like(ab), torch.empty_like(Mb)
         dgam, dbet = torch.zeros_like(gam), torch.zeros_like(bet)
         dtok = kq.new_zeros(())
-        bwd, blocked, K = ctx.kernels.backward, ctx.kernels.blocked(n), ctx.kernels.block
+        blocked, K = ctx.kernels.blocked(n), ctx.kernels.block
         for i in reversed(range(blocked, n)):  # one mini-batch per step, then the compiled blocks
-            G, k, dZbar = Gs[i], kq[i, :, :c], dzb[i]
-            aG = ab[i] * G
-            P = torch.baddbmm(db, k, dW)  # (BH, c, f): K dW' + db'
-            dtok -= (P * aG).sum()
-            daG = P.mul_(-tok)
-            da[i] = (daG * G).sum(-1, keepdim=True)
-            dG = torch.baddbmm(ab[i] * daG, Mb[i].transpose(-1, -2), dZbar, alpha=-1.0)  # a d(aG) - M^T dZbar
-            torch.bmm(dZbar, G.transpose(-1, -2), out=dM[i]).neg_()  # -dZbar G^T
-            dZ, dt[i], dg, dbt = bwd(zhats[i], rs[i], tb[i], gam, bet, dG)
-            dgam += dg.sum(-2, keepdim=True)
-            dbet += dbt.sum(-2, keepdim=True)
-            dZZ = torch.cat([dZ, dZbar], dim=-2)  # (BH, 2c, f)
-            torch.bmm(dZZ, Ws[i].transpose(-1, -2), out=dkq[i])  # [dZ W^T; dZbar W^T]
-            dkq[i, :, :c].add_(torch.bmm(aG, dW.transpose(-1, -2)), alpha=-tok)  # through W' = W - tok K^T aG
-            dW.baddbmm_(kq[i].transpose(-1, -2), dZZ)  # + K^T dZ + Q^T dZbar
-            db += dZZ.sum(-2, keepdim=True)
+            dW, db, dtok_i, dg, dbt, dkq[i], dt[i], da[i], dM[i] = backward_step(
+                dW, db, Ws[i], Gs[i], kq[i], dzb[i], ab[i], Mb[i], zhats[i], rs[i], tb[i], gam, bet, tok_c,
+                ctx.kernels.backward)
+            dtok, dgam, dbet = dtok + dtok_i, dgam + dg, dbet + dbt
         for i in reversed(range(0, blocked, K)):
             j = slice(i, i + K)
             dW, db, dtok_j, dgam_j, dbet_j, dkq[j], dt[j], da[j], dM[j] = ctx.kernels.backward_block(
