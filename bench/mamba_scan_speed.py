@@ -4,8 +4,10 @@ forward+backward, on this machine's CPU.
     python -m bench.mamba_scan_speed [--L 2048 --d-inner 1536 --batch 1 --ref-repeats 1]
     make bench-mamba
 
-  scan   architectures/mamba/scan.py selective_scan (chunked two-level scan, hand-written backward) vs
-         mamba_ssm selective_scan_ref (a Python loop over tokens), d_state 16, delta_softplus, D and z
+  scan   architectures/mamba/scan.py selective_scan, both of ours: the chunked two-level scan with its
+         hand-written backward (backend=torch) and the C++ scan (backend=cpp, cpu_scan.py; reported as
+         unavailable where it cannot be built), vs mamba_ssm selective_scan_ref (a Python loop over tokens),
+         d_state 16, delta_softplus, D and z
   ssd    architectures/mamba/ssd.py ssd_chunked vs mamba_ssm ssd_minimal_discrete (the SSD paper's
          listing), heads of 64, d_state 128, chunk 256
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from architectures.mamba import cpu_scan
 from architectures.mamba.scan import selective_scan
 from architectures.mamba.ssd import ssd_chunked
 from bench.results import atomic_write_json, device_name
@@ -92,22 +95,32 @@ def main(argv=None) -> int:
         print(f"{case:<5} {impl:<22} fwd {res['fwd_s'] * 1e3:>10.1f} ms   fwd+bwd {res['fwd_bwd_s'] * 1e3:>10.1f} ms",
               flush=True)
 
-    def ratio(case, ours, ref):
+    def ratio(case, impl, ours, ref):
         fwd, fb = ref["fwd_s"] / ours["fwd_s"], ref["fwd_bwd_s"] / ours["fwd_bwd_s"]
-        print(f"{case:<5} ours vs reference: forward {fwd:,.1f}x, forward+backward {fb:,.1f}x faster", flush=True)
-        rows.append({"case": case, "impl": "speedup", "fwd_speedup": fwd, "fwd_bwd_speedup": fb})
+        print(f"{case:<5} {impl} vs reference: forward {fwd:,.1f}x, forward+backward {fb:,.1f}x faster", flush=True)
+        rows.append({"case": case, "impl": f"speedup of {impl}", "fwd_speedup": fwd, "fwd_bwd_speedup": fb})
 
     if "scan" not in skip:
         x = scan_case(L, D, 16, B)
         leaves = list(x.values())
         t = lambda v: v.transpose(1, 2)
-        ours = fwd_and_fwd_bwd(lambda: (selective_scan(**x, delta_softplus=True),), leaves, args.repeats, True)
-        report("scan", "ours (chunked)", ours)
+        ours = {"ours (chunked)": fwd_and_fwd_bwd(lambda: (selective_scan(**x, delta_softplus=True),), leaves,
+                                                  args.repeats, True)}
+        report("scan", "ours (chunked)", ours["ours (chunked)"])
+        why = cpu_scan.unavailable()
+        if why is None:
+            ours["ours (cpp)"] = fwd_and_fwd_bwd(lambda: (selective_scan(**x, delta_softplus=True, cpp=True),), leaves,
+                                                 args.repeats, True)
+            report("scan", "ours (cpp)", ours["ours (cpp)"])
+        else:
+            print(f"scan  ours (cpp) unavailable: {why}", flush=True)
+            rows.append({"case": "scan", "impl": "ours (cpp)", "unavailable": why})
         ref = fwd_and_fwd_bwd(lambda: (selective_scan_ref(t(x["u"]), t(x["delta"]), x["A"], t(x["B"]), t(x["C"]),
                                                           x["D"], t(x["z"]), x["delta_bias"], delta_softplus=True),),
                               leaves, args.ref_repeats, False)
         report("scan", "selective_scan_ref", ref)
-        ratio("scan", ours, ref)
+        for impl, res in ours.items():
+            ratio("scan", impl, res, ref)
     if "ssd" not in skip:
         s = ssd_case(L, D, 128, B)
         leaves = list(s.values())
@@ -118,7 +131,7 @@ def main(argv=None) -> int:
         ref = fwd_and_fwd_bwd(lambda: ssd_minimal_discrete(s["x"], s["a"], heads(s["B"]), heads(s["C"]), Q)[:1],
                               leaves, args.repeats, True)
         report("ssd", "ssd_minimal_discrete", ref)
-        ratio("ssd", ours, ref)
+        ratio("ssd", "ours (chunked)", ours, ref)
     out = Path(args.results) / "bench" / "mamba_scan_speed.json"
     atomic_write_json(out, {"device": device_name("cpu"), "threads": torch.get_num_threads(), "L": L, "d_inner": D,
                             "batch": B, "scan_d_state": 16, "ssd_d_state": 128, "ssd_headdim": 64,

@@ -1,5 +1,5 @@
-"""Mamba and Mamba-2: our PyTorch scan and SSD against mamba-ssm's own pure-PyTorch oracles (forward and
-backward), decoding against prefill, causality, backends, FLOPs, and a Mamba LM that learns.
+"""Mamba and Mamba-2: our PyTorch scan, our C++ scan (backend=cpp) and SSD against mamba-ssm's own pure-PyTorch
+oracles (forward and backward), decoding against prefill, causality, backends, FLOPs, and LMs that learn.
 
 mamba-ssm's CPU install lacks its CUDA extension; an empty `selective_scan_cuda` module lets its
 reference functions import. That shim lives here, in the tests only: the model never imports mamba-ssm
@@ -13,8 +13,9 @@ import torch
 
 from architectures import ModelConfig, build_model
 from architectures.backends import BackendUnavailable
+from architectures.mamba import cpu_scan
 from architectures.mamba.layers import resolve_backend
-from architectures.mamba.scan import compiled_steps, selective_scan
+from architectures.mamba.scan import EAGER_STEPS, ChunkedScan, compiled_steps, selective_scan
 from architectures.mamba.ssd import ssd_chunked
 
 sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
@@ -154,6 +155,125 @@ def test_scan_is_stable_under_strong_decay():
     assert_close(y, ref, 1e-5)
 
 
+# -- Mamba's C++ scan (backend=cpp): the same contract, checked the same way ---------------------------
+
+CPP_SHAPES = [(1, 12), (37, 12), (64, 70), (130, 33), (300, 70)]  # (L, D): segments of 64 tokens, tiles of 32 channels
+
+
+@pytest.mark.parametrize("L,D", CPP_SHAPES)
+def test_cpp_scan_matches_selective_scan_ref_fp32(L, D):
+    """Forward and every gradient against mamba-ssm's selective_scan_ref: one and several segments (the
+    backward recomputes each from a saved state), a partial last segment, a partial last tile of channels."""
+    x = {k: v.requires_grad_() for k, v in scan_inputs(L, F32, D=D).items()}
+    ours = selective_scan(**x, delta_softplus=True, return_last_state=True, cpp=True)
+    ref_y, ref_last = selective_scan_ref(transposed(x["u"]), transposed(x["delta"]), x["A"], transposed(x["B"]),
+                                         transposed(x["C"]), x["D"], transposed(x["z"]), x["delta_bias"],
+                                         delta_softplus=True, return_last_state=True)
+    ref = (transposed(ref_y), ref_last)
+    for a, b in zip(ours, ref):
+        assert_close(a, b, 1e-5)
+    for a, b in zip(grads_of(ours, list(x.values())), grads_of(ref, list(x.values()))):
+        assert_close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("L", [37, 130])
+def test_cpp_scan_fp64_with_initial_state_matches_stepwise_reference(L):
+    x = scan_inputs(L, F64, seed=2)
+    h0 = torch.randn(2, 12, 16, dtype=F64)
+    ours = selective_scan(**x, delta_softplus=True, initial_state=h0, return_last_state=True, cpp=True)
+    for a, b in zip(ours, reference_by_steps(x, h0)):
+        assert_close(a, b, 1e-12)
+
+
+def test_cpp_scan_backward_fp64_gradcheck():
+    """The C++ backward against finite differences: an initial state, the last state's gradient, two segments
+    (the second partial), two tiles of channels (the second partial), two sequences."""
+    x = {k: v.requires_grad_() for k, v in scan_inputs(70, F64, Bsz=2, D=34, N=3, seed=4).items()}
+    h0 = torch.randn(2, 34, 3, dtype=F64, requires_grad=True)
+    names = list(x)
+
+    def f(*leaves):
+        kw = dict(zip(names, leaves[:-1]))
+        return selective_scan(**kw, delta_softplus=True, initial_state=leaves[-1], return_last_state=True, cpp=True)
+
+    assert torch.autograd.gradcheck(f, (*x.values(), h0), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_cpp_scan_equals_chunked_scan_at_any_thread_count():
+    """The kernel's jobs (sequence, tile of channels) are independent: 1 and 2 threads give the same bits (the
+    kernel alone: torch's elementwise epilogue may round a tail element differently); the chunked scan agrees to
+    fp32 rounding, with and without an initial state."""
+    g = torch.Generator().manual_seed(6)
+    Bsz, L, D, N = 3, 200, 70, 16
+    leaves = [torch.randn(Bsz, L, D, generator=g), torch.rand(Bsz, L, D, generator=g), -4 * torch.rand(N, D, generator=g),
+              torch.randn(Bsz, L, N, generator=g), torch.randn(Bsz, L, N, generator=g), torch.randn(Bsz, N, D, generator=g)]
+    leaves = [t.requires_grad_() for t in leaves]  # x = delta u, delta, A^T, B, C, h0
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = cpu_scan.selective_scan_cpp(*leaves)
+            runs.append((out, grads_of(out, leaves)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]))
+    for h0 in (leaves[-1], None):
+        ours = cpu_scan.selective_scan_cpp(*leaves[:-1], h0)
+        chunked = ChunkedScan.apply(*leaves[:-1], h0, 16, EAGER_STEPS)
+        for a, b in zip(ours, chunked):
+            assert_close(a, b, 1e-5)
+        for a, b in zip(grads_of(ours, leaves[:-1]), grads_of(chunked, leaves[:-1])):
+            assert_close(a, b, 1e-4)
+
+
+def test_cpp_scan_is_stable_and_propagates_nan():
+    """Strong decay (delta |A| up to about 30) stays finite; a NaN input gives NaN outputs (the library is
+    compiled with -ffast-math, which must not hide a diverged run)."""
+    x = scan_inputs(130, F32, seed=3)
+    x["delta_bias"] = torch.full_like(x["delta_bias"], 8.0)
+    y = selective_scan(**x, delta_softplus=True, cpp=True)
+    assert torch.isfinite(y).all()
+    assert_close(y, selective_scan(**x, delta_softplus=True, chunk_size=64), 1e-5)
+    x["u"][0, 50, 3] = float("nan")
+    y = selective_scan(**x, delta_softplus=True, cpp=True)
+    assert torch.isnan(y[0, 50:, 3]).all() and torch.isfinite(y[1]).all()
+
+
+def test_loading_the_cpp_scan_keeps_denormals():
+    """-ffast-math goes to the compile step only: a library linked with it would switch the whole process to
+    flushing denormals to zero when it loads (gcc's crtfastmath.o). A fresh process: the training entry
+    points flush denormals on purpose (bench/denormals.py), and a test before this one may have called them."""
+    import subprocess
+
+    code = ("import torch; from architectures.mamba import cpu_scan; assert cpu_scan.unavailable() is None; "
+            "print((torch.tensor(1e-40) * 1.0).item())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) != 0.0
+
+
+def test_cpp_scan_takes_cpu_tensors_of_one_dtype():
+    x = scan_inputs(8, F32)
+    with pytest.raises(ValueError, match="CPU tensors of one dtype"):
+        cpu_scan.selective_scan_cpp(x["u"], x["delta"].double(), x["A"].t(), x["B"], x["C"])
+
+
+def test_without_a_compiler_auto_takes_the_chunked_scan_and_cpp_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path))
+    cpu_scan._library.cache_clear()
+    try:
+        assert "needs a C++ compiler" in cpu_scan.unavailable()
+        if not torch.cuda.is_available():
+            assert resolve_backend("auto", "mamba") == "torch"
+        with pytest.raises(BackendUnavailable, match="backend=cpp needs a C\\+\\+ compiler"):
+            resolve_backend("cpp", "mamba")
+    finally:
+        cpu_scan._library.cache_clear()
+
+
 # -- Mamba-2's SSD ------------------------------------------------------------------------------
 
 def ssd_inputs(L, dtype, b=2, H=4, P=8, G=2, N=16, seed=0):
@@ -203,6 +323,9 @@ def test_causal_conv_is_a_depthwise_conv1d():
     assert (y - ref).abs().max() < 1e-12 and torch.equal(new_state, x[:, -3:])
 
 
+MODELS = [("mamba", "torch"), ("mamba", "cpp"), ("mamba2", "torch")]  # (arch, backend)
+
+
 def tiny(arch, **opts):
     base = {"backend": "torch", "chunk_size": 16}
     if arch == "mamba2":
@@ -210,11 +333,11 @@ def tiny(arch, **opts):
     return ModelConfig(arch, 61, 32, 2, 2, 64, 256, options={**base, **opts})
 
 
-@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
-def test_decode_equals_prefill(arch):
+@pytest.mark.parametrize("arch,backend", MODELS)
+def test_decode_equals_prefill(arch, backend):
     """A prefill that ends mid-chunk, tokens one at a time, then another multi-token prefill."""
     torch.manual_seed(0)
-    model = build_model(tiny(arch)).double().eval()
+    model = build_model(tiny(arch, backend=backend)).double().eval()
     idx = torch.randint(0, 61, (2, 60))
     with torch.no_grad():
         full = model(idx)
@@ -225,10 +348,10 @@ def test_decode_equals_prefill(arch):
     assert all(c.seen == 60 for c in state.caches)
 
 
-@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
-def test_causal(arch):
+@pytest.mark.parametrize("arch,backend", MODELS)
+def test_causal(arch, backend):
     torch.manual_seed(0)
-    model = build_model(tiny(arch)).double().eval()
+    model = build_model(tiny(arch, backend=backend)).double().eval()
     idx = torch.randint(0, 61, (1, 50))
     changed = idx.clone()
     changed[0, 30] = (idx[0, 30] + 1) % 61
@@ -256,8 +379,13 @@ def test_special_init_survives_the_shell(arch):
 @pytest.mark.parametrize("arch", ["mamba", "mamba2"])
 def test_backends(arch):
     assert resolve_backend("torch", arch) == "torch"
-    expected = "cuda" if torch.cuda.is_available() else "torch"
+    cpu_only = not torch.cuda.is_available()
+    expected = ("cpp" if arch == "mamba" else "torch") if cpu_only else resolve_backend("auto", arch)
+    assert expected != "cpp" or cpu_only  # the C++ scan is Mamba-1's, for runs on machines without CUDA
     assert build_model(tiny(arch, backend="auto")).backends() == {"ssm": expected}
+    if arch == "mamba2":
+        with pytest.raises(BackendUnavailable, match="Mamba-2 has none"):
+            build_model(tiny(arch, backend="cpp"))
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="backend=cuda needs CUDA"):
             build_model(tiny(arch, backend="cuda"))
@@ -278,11 +406,11 @@ def test_layer_multiplier_doubles_the_layers():
     assert model_config(cfg, 50277).cfg.n_layers == 12
 
 
-@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
-def test_lm_learns(arch):
+@pytest.mark.parametrize("arch,backend", MODELS)
+def test_lm_learns(arch, backend):
     """A few AdamW steps on a repeating pattern: the loss falls well below its start."""
     torch.manual_seed(0)
-    model = build_model(tiny(arch))
+    model = build_model(tiny(arch, backend=backend))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     pattern = torch.randint(0, 61, (1, 24))
     data = pattern.repeat(4, 6)[:, :129]  # (4, 129)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from architectures.config import ModelConfig
 from architectures.layers import CausalConv, RMSNorm
+from architectures.mamba import cpu_scan
 from architectures.mamba.scan import chunk_for, compiled_steps, selective_scan, selective_state_step
 from architectures.mamba.ssd import ssd_chunked, ssd_step
 from architectures.backends import BackendUnavailable, resolve, runs
@@ -59,15 +60,19 @@ def cuda_kernels(kind: str):
 
 
 def resolve_backend(requested: str, kind: str) -> str:
-    """backend: mamba-ssm's compiled kernels where CUDA and they are present, else our PyTorch scans
-    (architectures/backends.py)."""
+    """backend (architectures/backends.py): mamba-ssm's compiled kernels where CUDA and they are present; for
+    Mamba-1 on a machine without CUDA, our C++ scan (cpu_scan.py) where it builds; else our PyTorch scans."""
     def cuda() -> str | None:
         if torch.cuda.is_available() and cuda_kernels(kind) is not None:
             return None
         return (f"needs CUDA and mamba-ssm's compiled kernels for {kind} (selective_scan_cuda / Triton SSD, "
                 "causal_conv1d)")
 
-    return resolve("backend", requested, {"cuda": cuda, "torch": runs})
+    def cpp() -> str | None:
+        return "is Mamba-1's CPU scan; Mamba-2 has none" if kind != "mamba" else cpu_scan.unavailable()
+
+    checks = {"cuda": cuda, "cpp": cpp, "torch": runs}
+    return resolve("backend", requested, checks, prefer=lambda name: name != "cpp" or not torch.cuda.is_available())
 
 
 # -- pieces -----------------------------------------------------------------------------------
@@ -120,9 +125,11 @@ class MambaMixer(nn.Module):
         self._compiled_steps = None  # set by compile_hot_path()
 
     def compile_hot_path(self) -> None:
-        """torch.compile the scan's loop bodies (training only). The loops stay in Python, so each graph is a
-        block of positions of every chunk (or of chunk boundaries) and compiles once per shape."""
-        self._compiled_steps = compiled_steps()
+        """torch.compile the chunked scan's loop bodies (training with backend=torch; the cpp scan is compiled
+        C++ already). The loops stay in Python, so each graph is a block of positions of every chunk (or of
+        chunk boundaries) and compiles once per shape."""
+        if self.backend == "torch":
+            self._compiled_steps = compiled_steps()
 
     def forward(self, x: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         """x (B, T, d) -> (B, T, d); a cache continues its sequence and is updated in place."""
@@ -130,6 +137,8 @@ class MambaMixer(nn.Module):
         fresh = cache is None or cache.seen == 0
         if self.backend == "cuda" and fresh:
             return self.out_proj(self._cuda_core(xi, z, cache))
+        if self.backend == "cpp" and x.device.type != "cpu":
+            raise BackendUnavailable(f"mamba backend=cpp needs CPU inputs, got {x.device}")
         xc, conv_state = self.conv(xi, None if fresh else cache.conv)
         xc = F.silu(xc)
         dt, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -142,7 +151,8 @@ class MambaMixer(nn.Module):
             y, last = selective_scan(xc, delta, A, Bm, Cm, self.D, z, self.dt_bias, True,
                                      None if fresh else cache.ssm, chunk_size=chunk_for(x.shape[1], self.chunk_size),
                                      return_last_state=True,
-                                     steps=self._compiled_steps if self.training else None)
+                                     steps=self._compiled_steps if self.training else None,
+                                     cpp=self.backend == "cpp")
             if cache is not None:
                 cache.ssm.copy_(last)
         if cache is not None:

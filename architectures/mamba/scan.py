@@ -41,6 +41,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from architectures.mamba.cpu_scan import selective_scan_cpp
+
 DEFAULT_CHUNK = 64
 LOCAL_BLOCK = 8  # positions per call of the local scans' loop bodies (they keep only the end state)
 CARRY_BLOCK = 16  # chunks per call of the recurrences over the chunk boundaries
@@ -68,9 +70,10 @@ def _effective_delta(delta, delta_bias, delta_softplus: bool, dtype):
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
                    initial_state=None, chunk_size: int = DEFAULT_CHUNK, return_last_state: bool = False,
-                   steps: dict | None = None):
+                   steps: dict | None = None, cpp: bool = False):
     """u, delta, z: (B, L, D); A: (D, N); B, C: (B, L, N); D, delta_bias: (D,);
-    initial_state: (B, D, N) or None (zeros); steps: the loop bodies (None: eager, or compiled_steps()).
+    initial_state: (B, D, N) or None (zeros); steps: the loop bodies (None: eager, or compiled_steps());
+    cpp: run the recurrence in the C++ kernel (cpu_scan.py, CPU tensors) instead of the chunked schedule.
     Returns y (B, L, D) [and the last state (B, D, N)]."""
     dtype = u.dtype
     ct = torch.promote_types(u.dtype, torch.float32)
@@ -81,7 +84,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         h0 = None if initial_state is None else initial_state.to(ct).transpose(-1, -2)  # (B, N, D)
         args = (x, delta, A.to(ct).t().contiguous(), B.to(ct), C.to(ct), h0)  # A^T (N, D), contiguous: compiled bodies lay out their states like it
         steps = steps or EAGER_STEPS
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        if cpp:
+            y, last = selective_scan_cpp(*args)
+        elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             y, last = ChunkedScan.apply(*args, chunk_size, steps)
         else:
             y, last = _scan_forward(*args, chunk_size, steps)[:2]
