@@ -263,7 +263,7 @@ def test_cpp_scan_takes_cpu_tensors_of_one_dtype():
 def test_without_a_compiler_auto_takes_the_chunked_scan_and_cpp_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path))
-    cpu_scan._library.cache_clear()
+    cpu_scan.KERNEL.reset()
     try:
         assert "needs a C++ compiler" in cpu_scan.unavailable()
         if not torch.cuda.is_available():
@@ -271,7 +271,7 @@ def test_without_a_compiler_auto_takes_the_chunked_scan_and_cpp_says_why(monkeyp
         with pytest.raises(BackendUnavailable, match="backend=cpp needs a C\\+\\+ compiler"):
             resolve_backend("cpp", "mamba")
     finally:
-        cpu_scan._library.cache_clear()
+        cpu_scan.KERNEL.reset()
 
 
 # -- Mamba-2's SSD ------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_throughput_end_to_end_and_merge(tmp_path, monkeypatch):
         assert r["device"] and r["backend"] and int(r["threads"]) >= 1
     by = {(r["arch"], r["mode"], r["ctx"]): r for r in rows}
     assert by[("transformer", "prefill", "2048")]["backend"] == "attention=sdpa"
-    assert by[("ttt_linear", "decode", "1024")]["backend"] == "ttt=scan"  # decoding: dual.py's partial mini-batches
+    assert by[("ttt_linear", "decode", "1024")]["backend"] == "ttt=cpp"  # decoding: dual.py's partial mini-batches
     assert float(by[("transformer", "train", "2048")]["peak_mem_bytes"]) > 0
     assert by[("ttt_linear", "train", "2048")]["compile"] == "none"
     for plot in ("prefill_latency.png", "decode_latency.png", "train_throughput.png"):

@@ -129,9 +129,9 @@ def assert_layer_equals_reference(layer):
 
 
 @pytest.mark.parametrize("arch,backend", [(a, "dual") for a in ARCHS]
-                         + [("ttt_linear", "scan"), ("ttt_linear_base", "scan")])
+                         + [(a, b) for a in ("ttt_linear", "ttt_linear_base") for b in ("scan", "cpp")])
 def test_every_parameter_gradient_equals_reference(arch, backend):
-    """dual.py (autograd) and scan.py (the hand-derived backward) against the reference, fp64."""
+    """dual.py (autograd) and scan.py (the hand-derived backward, in Python or C++) against the reference, fp64."""
     inner, backbone = ARCHS[arch]
     assert_layer_equals_reference(perturbed_layer(layer_cfg(inner, backbone, backend=backend)))
 
@@ -306,7 +306,7 @@ def test_ttt_mlp_base_lr_warms_up_with_the_outer_lr():
     assert layer.base_lr_now == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("backend", ["scan", "dual"])
+@pytest.mark.parametrize("backend", ["scan", "dual", "cpp"])
 def test_compiled_hot_path_matches_eager(backend):
     """trainer.compile=hot_path (the CPU profile) compiles the per-mini-batch work: same numbers."""
     from bench.train import compile_for_training
@@ -350,19 +350,21 @@ def _run_scan_case(leaves, offset, scan):
     return out, new, grads
 
 
-@pytest.mark.parametrize("kernels", ["eager", "compiled", "blocks"])
+@pytest.mark.parametrize("kernels,f", [("eager", 8), ("compiled", 8), ("blocks", 8), ("cpp", 8), ("cpp", 45)])
 @pytest.mark.parametrize("T,offset", [(87, 5), (64, 0), (16, 0)])
-def test_scan_equals_autograd_through_the_dual_form_fp64(kernels, T, offset):
+def test_scan_equals_autograd_through_the_dual_form_fp64(kernels, f, T, offset):
     """Outputs, the state after the call and the gradient of every input (q, k, v, a, tok, the LN, W0, b0
     and the accumulators of an open mini-batch) through scan.py equal autograd through dual.py. `blocks`: the
-    compiled loop bodies over 2 mini-batches from the first (87 tokens: two blocks and one mini-batch alone)."""
-    from architectures.ttt.scan import EAGER, ScanKernels
+    compiled loop bodies over 2 mini-batches from the first (87 tokens: two blocks and one mini-batch alone).
+    `cpp`: both loops in C++ (cpu_scan.cpp), at f = 45 also through its register blocks of 32 columns and 4
+    rows with the columns and rows left over."""
+    from architectures.ttt.scan import CPP, EAGER, ScanKernels
 
-    scan = {"eager": EAGER, "compiled": ScanKernels.compiled(),
+    scan = {"eager": EAGER, "compiled": ScanKernels.compiled(), "cpp": CPP,
             "blocks": ScanKernels.compiled(block=2, blocked_from=0)}[kernels]
     if kernels == "blocks":
         assert scan.blocked(T // 16) == T // 16 - (T // 16) % 2
-    leaves, off = _scan_case(T=T, offset=offset)
+    leaves, off = _scan_case(T=T, f=f, offset=offset)
     out, new, grads = _run_scan_case(leaves, off, scan)
     out_d, new_d, grads_d = _run_scan_case(leaves, off, None)
     torch.testing.assert_close(out, out_d, rtol=1e-12, atol=1e-12)
@@ -377,13 +379,14 @@ def test_scan_equals_autograd_through_the_dual_form_fp64(kernels, T, offset):
         torch.testing.assert_close(g, gd, rtol=1e-10, atol=1e-11, msg=name)
 
 
-def test_scan_equals_autograd_through_the_dual_form_fp32():
+@pytest.mark.parametrize("kernels", ["eager", "cpp"])
+def test_scan_equals_autograd_through_the_dual_form_fp32(kernels):
     """fp32 at a longer sequence and a real head dim: 16 mini-batches, errors stay at fp32 rounding."""
-    from architectures.ttt.scan import EAGER
+    from architectures.ttt.scan import CPP, EAGER
 
     leaves, off = _scan_case(B=1, H=2, T=256, f=64, offset=0)
     leaves = [x.detach().float().requires_grad_() for x in leaves]
-    out, _, grads = _run_scan_case(leaves, off, EAGER)
+    out, _, grads = _run_scan_case(leaves, off, {"eager": EAGER, "cpp": CPP}[kernels])
     out_d, _, grads_d = _run_scan_case(leaves, off, None)
     torch.testing.assert_close(out, out_d, rtol=1e-4, atol=1e-4)
     for g, gd in zip(grads, grads_d):
@@ -393,19 +396,37 @@ def test_scan_equals_autograd_through_the_dual_form_fp32():
 
 @pytest.mark.parametrize("requested", ["torch", "auto"] if not torch.cuda.is_available() else ["torch"])
 def test_torch_backend_runs_scan_where_it_applies(requested):
-    """backend=torch (and auto without CUDA): scan for TTT-Linear with the paper's inner model, dual for
-    TTT-MLP and the Table 1 options that scan does not cover; backend=scan where it does not apply is
-    BackendUnavailable with the reason, not a silent dual; a name outside the vocabulary is a ValueError."""
-    assert TTTLayer(layer_cfg("linear", backend=requested)).backend == "scan"
-    assert TTTLayer(layer_cfg("linear", "transformer", backend=requested)).backend == "scan"
+    """backend=torch: scan for TTT-Linear with the paper's inner model, dual for TTT-MLP and the Table 1 options
+    that scan does not cover; auto on a machine without CUDA: the same with scan's loops in C++ (cpp); backend=scan
+    or cpp where it does not apply is BackendUnavailable with the reason, not a silent dual; a name outside the
+    vocabulary is a ValueError."""
+    fast = "scan" if requested == "torch" else "cpp"
+    assert TTTLayer(layer_cfg("linear", backend=requested)).backend == fast
+    assert TTTLayer(layer_cfg("linear", "transformer", backend=requested)).backend == fast
     assert TTTLayer(layer_cfg("mlp", backend=requested)).backend == "dual"
     assert TTTLayer(layer_cfg("linear", backend=requested, inner_ln=False)).backend == "dual"
     assert TTTLayer(layer_cfg("linear", backend=requested, mini_batch="seq")).backend == "dual"
-    for bad, why in (({"inner": "mlp"}, "TTT-Linear's loop"), ({"inner_bias": False}, "inner_bias must be true")):
-        with pytest.raises(BackendUnavailable, match=f"backend=scan .*{why}"):
-            TTTLayer(layer_cfg(**{"backend": "scan", **bad}))
-    with pytest.raises(ValueError, match="backend must be one of .*'scan', 'dual', 'reference'"):
+    for backend in ("scan", "cpp"):
+        for bad, why in [({"inner": "mlp"}, "use backend=dual for TTT-MLP"), ({"inner_bias": False}, "inner_bias")]:
+            with pytest.raises(BackendUnavailable, match=f"backend={backend} .*{why}"):
+                TTTLayer(layer_cfg(**{"backend": backend, **bad}))
+    with pytest.raises(ValueError, match="backend must be one of .*'cpp', 'torch', 'scan', 'dual', 'reference'"):
         TTTLayer(layer_cfg(backend="fast"))
+
+
+def test_without_a_compiler_auto_takes_scan_and_cpp_says_why(monkeypatch, tmp_path):
+    from architectures.ttt import cpu_scan
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path))
+    cpu_scan.KERNEL.reset()
+    try:
+        if not torch.cuda.is_available():
+            assert TTTLayer(layer_cfg("linear", backend="auto")).backend == "scan"
+        with pytest.raises(BackendUnavailable, match="backend=cpp needs a C\\+\\+ compiler"):
+            TTTLayer(layer_cfg("linear", backend="cpp"))
+    finally:
+        cpu_scan.KERNEL.reset()
 
 
 def test_renamed_options_name_their_new_spelling():

@@ -236,7 +236,7 @@ def test_generate_with_the_triton_decode_kernel_equals_one_prefill(arch):
 
 def test_backend_selection(monkeypatch):
     assert resolve_ttt_backend("torch", "mlp") == "dual"
-    assert resolve_ttt_backend("auto", "linear") == ("triton" if torch.cuda.is_available() else "scan")
+    assert resolve_ttt_backend("auto", "linear") == ("triton" if torch.cuda.is_available() else "cpp")
     assert resolve_ttt_backend("triton", "linear") == "triton"  # CUDA, or the interpreter (these tests)
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_ttt_backend("cuda", "linear")
@@ -244,7 +244,7 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(BackendUnavailable, match="fits head dims up to 32"):
         resolve_ttt_backend("triton", "mlp", head_dim=64)
     assert resolve_ttt_backend("triton", "mlp", head_dim=32) == "triton"
-    with pytest.raises(ValueError, match="backend must be one of .*'triton', 'torch', 'scan', 'dual', 'reference'"):
+    with pytest.raises(ValueError, match="backend must be one of .*'triton', 'cpp', 'torch', 'scan', 'dual', 'reference'"):
         TTTLayer(ModelConfig("ttt_linear", 61, 32, 1, 2, 64, 64, options={"backend": "fast"}))
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")

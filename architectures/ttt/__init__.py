@@ -5,10 +5,11 @@
     dual.py           the dual form over mini-batches (trains with autograd; decoding and any T)
     dual_backward.py  the dual form's backward derived by hand, in PyTorch (what the kernels compute)
     scan.py           TTT-Linear's loop over whole mini-batches as one autograd op with that backward
+    cpu_scan.py, .cpp scan.py's two loops in C++ for CPU tensors (backend=cpp)
     triton_linear.py  TTT-Linear Triton kernels: prefill forward/backward, decode
     triton_mlp.py     TTT-MLP Triton kernels: prefill forward/backward, decode
     triton_op.py      the kernels behind dual.py's op signature and state (InnerState)
-    layer.py          the layer and block modules (backend auto | triton | torch | scan | dual | reference)
+    layer.py          the layer and block modules (backend auto | triton | cpp | torch | scan | dual | reference)
 """
 from __future__ import annotations
 

@@ -27,15 +27,17 @@ conf/arch/table1_*.yaml, turns them off one by one; TABLE1 in architectures/ttt/
                    no lr gate, no token offset). The inner loss is 0.5 ||f(k) - v||^2, so eta = 1 here is
                    the paper's eta = 1/2 on ||f(k) - v||^2 (Theorem 1)
     backend        what computes the inner loop (architectures/backends.py; resolve_ttt_backend):
-                   auto      triton on CUDA where a kernel applies, else torch
+                   auto      triton on CUDA where a kernel applies; without CUDA, cpp where it applies and
+                             builds; else torch
                    triton    the Triton kernels (triton_linear.py, triton_mlp.py)
+                   cpp       cpu_scan.py: scan's two loops (TTT-Linear) as one C++ call each, for CPU tensors
                    torch     the fastest PyTorch implementation that applies: scan, else dual
                    scan      scan.py: TTT-Linear's loop over whole mini-batches as one autograd op with the
                              hand-derived backward, ~2x faster to train on CPU than dual
                    dual      dual.py: the dual form, autograd through every mini-batch
                    reference reference.py: token by token, the oracle of the tests (slow)
 Without inner_ln, inner_residual, inner_bias, or with mini-batches longer than dual.LONG_PIECE (64), the
-Triton kernels and scan do not apply (auto and torch: dual).
+Triton kernels, cpp and scan do not apply (auto and torch: dual).
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_a
 from architectures.backends import BackendUnavailable, resolve, runs
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh
-from architectures.ttt.scan import EAGER, ScanKernels
+from architectures.ttt import cpu_scan
+from architectures.ttt.scan import CPP, EAGER, ScanKernels
 from architectures.ttt.reference import ttt_reference_op
 
 INNER = ("linear", "mlp")
@@ -73,11 +76,12 @@ def _triton_importable() -> bool:
 
 
 def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True, head_dim: int = 64) -> str:
-    """The backend that runs (module docstring; architectures/backends.py): triton, scan, dual or reference.
+    """The backend that runs (module docstring; architectures/backends.py): triton, cpp, scan, dual or reference.
     auto: Triton where it runs (triton installed, CUDA; the interpreter, TRITON_INTERPRET=1, only when
-    asked for by name) and has a kernel for this inner model, else torch; torch: scan where it applies,
-    else dual. paper_f=False (inner_ln, inner_residual or inner_bias off, or a mini-batch longer than
-    dual.LONG_PIECE): the kernels and scan compute only f(x) = x + LN(x W + b) over short mini-batches,
+    asked for by name) and has a kernel for this inner model; on a machine without CUDA, cpp where it applies
+    and builds (cpu_scan.py); else torch; torch: scan where it applies, else dual. paper_f=False (inner_ln,
+    inner_residual or inner_bias off, or a mini-batch longer than dual.LONG_PIECE): the kernels, cpp and
+    scan compute only f(x) = x + LN(x W + b) over short mini-batches,
     so they raise when asked for. TTT-MLP's kernels hold W1 and W2 whole on chip: above
     MLP_TRITON_MAX_HEAD_DIM the backward does not fit (auto picks torch)."""
     paper_f_only = (f"computes f(x) = x + LN(x W + b) over mini-batches of at most {LONG_PIECE} tokens: inner_ln, "
@@ -101,11 +105,17 @@ def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True, head_d
             return "is TTT-Linear's loop (scan.py); use backend=dual for TTT-MLP"
         return None if paper_f else paper_f_only
 
+    def cpp() -> str | None:
+        if inner != "linear":
+            return "is TTT-Linear's loop in C++ (cpu_scan.py); use backend=dual for TTT-MLP"
+        return cpu_scan.unavailable() if paper_f else paper_f_only
+
     torch_backends = {"scan": scan, "dual": runs, "reference": runs}
     if requested == "torch":
         return resolve("backend", "auto", torch_backends, prefer=lambda name: name != "reference")
-    chosen = resolve("backend", requested, {"triton": triton, "torch": runs, **torch_backends},
-                     prefer=lambda name: name != "triton" or torch.cuda.is_available())
+    cuda = torch.cuda.is_available()  # auto: Triton on CUDA machines, C++ on the others
+    chosen = resolve("backend", requested, {"triton": triton, "cpp": cpp, "torch": runs, **torch_backends},
+                     prefer=lambda name: {"triton": cuda, "cpp": not cuda}.get(name, True))
     return resolve_ttt_backend("torch", inner, paper_f, head_dim) if chosen == "torch" else chosen
 
 
@@ -289,7 +299,9 @@ class TTTLayer(nn.Module):
             elif self.backend == "reference":  # the token-by-token oracle (reference.py)
                 out, new_state = ttt_reference_op(*args, **opts)
             else:
-                scan = (self._scan_kernels if self.training else EAGER) if self.backend == "scan" else None
+                if q.device.type != "cpu" and self.backend == "cpp":
+                    raise BackendUnavailable(f"TTT backend=cpp needs CPU tensors, got {q.device}")
+                scan = {"scan": self._scan_kernels if self.training else EAGER, "cpp": CPP}.get(self.backend)
                 out, new_state = ttt_dual(*args, self.checkpoint_group if self.training else 0,
                                           self._compiled_piece if self.training else None, **opts, scan=scan)
             if cache is not None:
@@ -302,6 +314,8 @@ class TTTLayer(nn.Module):
         over mini-batches stays in Python, so the graphs are small and compile once per shape."""
         from architectures.ttt.dual import PIECE
 
+        if self.backend == "cpp":
+            return  # the loops are compiled C++ already
         if self.backend == "scan":
             self._scan_kernels = ScanKernels.compiled()
         else:

@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from architectures.ttt import cpu_scan
 from architectures.ttt.dual_backward import ln_grad_vjp
 from architectures.ttt.inner import ln_loss_grad_stats
 
@@ -51,6 +52,7 @@ class ScanKernels:
     backward_block: Callable | None = None
     block: int = BLOCK
     blocked_from: int = BLOCKED_FROM
+    cpp: bool = False  # both loops in C++ instead (cpu_scan.py: backend=cpp)
 
     @classmethod
     def compiled(cls, block: int = BLOCK, blocked_from: int = BLOCKED_FROM) -> "ScanKernels":
@@ -72,6 +74,7 @@ class ScanKernels:
 
 
 EAGER = ScanKernels()
+CPP = ScanKernels(cpp=True)
 
 
 def _batch_first(x: torch.Tensor) -> torch.Tensor:
@@ -148,6 +151,38 @@ def backward_block(dW, db, Ws, Gs, kq, dzb, ab, Mb, zhats, rs, tb, gam, bet, tok
     return (dW, db, dtok, dgam, dbet, *(torch.stack(x[::-1]) for x in zip(*out)))
 
 
+def _forward_loop(kernels: ScanKernels, kq, tb, ab, Mb, gam, bet, tok, Ws, bs, Gs, zhats, rs, zbar) -> None:
+    """LinearScan.forward's loop in Python (shapes there): fills Ws[1:], bs[1:], Gs, zhats, rs, zbar in place."""
+    n = kq.shape[0]
+    blocked, K = kernels.blocked(n), kernels.block
+    for i in range(0, blocked, K):  # compiled blocks of K mini-batches
+        j, after = slice(i, i + K), slice(i + 1, i + K + 1)
+        Ws[after], bs[after], Gs[j], zhats[j], rs[j], zbar[j] = kernels.forward_block(
+            Ws[i], bs[i], kq[j], tb[j], ab[j], Mb[j], gam, bet, tok)
+    for i in range(blocked, n):  # one mini-batch per step
+        (Ws[i + 1], bs[i + 1], Gs[i], zhats[i], rs[i], zbar[i]) = forward_step(
+            Ws[i], bs[i], kq[i], tb[i], ab[i], Mb[i], gam, bet, tok, kernels.forward)
+
+
+def _backward_loop(kernels: ScanKernels, kq, tb, ab, Mb, gam, bet, tok, Ws, Gs, zhats, rs, dzb, dW, db, dkq, dt, da,
+                   dM, dgam, dbet):
+    """LinearScan.backward's loop in Python, the last mini-batch first: fills dkq, dt, da, dM in place; returns
+    the gradients of the first weights (dW, db), dtok, dgam and dbet."""
+    n = kq.shape[0]
+    blocked, K = kernels.blocked(n), kernels.block
+    dtok = kq.new_zeros(())
+    for i in reversed(range(blocked, n)):  # one mini-batch per step, then the compiled blocks
+        dW, db, dtok_i, dg, dbt, dkq[i], dt[i], da[i], dM[i] = backward_step(
+            dW, db, Ws[i], Gs[i], kq[i], dzb[i], ab[i], Mb[i], zhats[i], rs[i], tb[i], gam, bet, tok, kernels.backward)
+        dtok, dgam, dbet = dtok + dtok_i, dgam + dg, dbet + dbt
+    for i in reversed(range(0, blocked, K)):
+        j = slice(i, i + K)
+        dW, db, dtok_j, dgam_j, dbet_j, dkq[j], dt[j], da[j], dM[j] = kernels.backward_block(
+            dW, db, Ws[j], Gs[j], kq[j], dzb[j], ab[j], Mb[j], zhats[j], rs[j], tb[j], gam, bet, tok)
+        dtok, dgam, dbet = dtok + dtok_j, dgam + dgam_j, dbet + dbet_j
+    return dW, db, dtok, dgam, dbet
+
+
 class LinearScan(torch.autograd.Function):
     """q, k, t (B, H, n, c, f); a (B, H, n, c); M (B, H, n, c, c); tok_c (1,) the last token factor;
     W0 (B|1, H, f, f); b0 (B|1, H, 1, f); gamma, beta: H f numbers, e.g. (H, 1, f). Returns Zbar
@@ -165,14 +200,10 @@ class LinearScan(torch.autograd.Function):
         Ws[0], bs[0] = W0.expand(B, H, f, f).reshape(BH, f, f), b0.expand(B, H, 1, f).reshape(BH, 1, f)
         Gs, zhats, rs = (q.new_empty(n, BH, c, f), q.new_empty(n, BH, c, f), q.new_empty(n, BH, c, 1))
         zbar = q.new_empty(n, BH, c, f)
-        blocked, K = kernels.blocked(n), kernels.block
-        for i in range(0, blocked, K):  # compiled blocks of K mini-batches
-            j, after = slice(i, i + K), slice(i + 1, i + K + 1)
-            Ws[after], bs[after], Gs[j], zhats[j], rs[j], zbar[j] = kernels.forward_block(
-                Ws[i], bs[i], kq[j], tb[j], ab[j], Mb[j], gam, bet, tok_c)
-        for i in range(blocked, n):  # one mini-batch per step
-            (Ws[i + 1], bs[i + 1], Gs[i], zhats[i], rs[i], zbar[i]) = forward_step(
-                Ws[i], bs[i], kq[i], tb[i], ab[i], Mb[i], gam, bet, tok_c, kernels.forward)
+        if kernels.cpp:
+            cpu_scan.forward_loop(kq, tb, ab, Mb, gam, bet, tok_c.item(), Ws, bs, Gs, zhats, rs, zbar)
+        else:
+            _forward_loop(kernels, kq, tb, ab, Mb, gam, bet, tok_c, Ws, bs, Gs, zhats, rs, zbar)
         ctx.save_for_backward(kq, tb, ab, Mb, tok_c, Ws, Gs, zhats, rs, gam, bet)
         ctx.kernels = kernels
         ctx.dims, ctx.w0_batch, ctx.b0_batch, ctx.ln_shape = (B, H), W0.shape[0], b0.shape[0], gamma.shape
@@ -189,18 +220,12 @@ class LinearScan(torch.autograd.Function):
         dkq = torch.empty_like(kq)  # [dK; dQ] per mini-batch
         dt, da, dM = torch.empty_like(tb), torch.empty_like(ab), torch.empty_like(Mb)
         dgam, dbet = torch.zeros_like(gam), torch.zeros_like(bet)
-        dtok = kq.new_zeros(())
-        blocked, K = ctx.kernels.blocked(n), ctx.kernels.block
-        for i in reversed(range(blocked, n)):  # one mini-batch per step, then the compiled blocks
-            dW, db, dtok_i, dg, dbt, dkq[i], dt[i], da[i], dM[i] = backward_step(
-                dW, db, Ws[i], Gs[i], kq[i], dzb[i], ab[i], Mb[i], zhats[i], rs[i], tb[i], gam, bet, tok_c,
-                ctx.kernels.backward)
-            dtok, dgam, dbet = dtok + dtok_i, dgam + dg, dbet + dbt
-        for i in reversed(range(0, blocked, K)):
-            j = slice(i, i + K)
-            dW, db, dtok_j, dgam_j, dbet_j, dkq[j], dt[j], da[j], dM[j] = ctx.kernels.backward_block(
-                dW, db, Ws[j], Gs[j], kq[j], dzb[j], ab[j], Mb[j], zhats[j], rs[j], tb[j], gam, bet, tok_c)
-            dtok, dgam, dbet = dtok + dtok_j, dgam + dgam_j, dbet + dbet_j
+        if ctx.kernels.cpp:
+            dtok = cpu_scan.backward_loop(kq, tb, ab, Mb, gam, bet, tok_c.item(), Ws, Gs, zhats, rs, dzb, dW, db, dkq,
+                                          dt, da, dM, dgam, dbet)
+        else:
+            dW, db, dtok, dgam, dbet = _backward_loop(ctx.kernels, kq, tb, ab, Mb, gam, bet, tok_c, Ws, Gs, zhats, rs,
+                                                      dzb, dW, db, dkq, dt, da, dM, dgam, dbet)
         dk, dq = _heads_first(dkq[:, :, :c], B, H), _heads_first(dkq[:, :, c:], B, H)
         dW0 = dW.view(B, H, f, f).sum(0, keepdim=True) if ctx.w0_batch == 1 else dW.view(B, H, f, f)
         db0 = db.view(B, H, 1, f).sum(0, keepdim=True) if ctx.b0_batch == 1 else db.view(B, H, 1, f)

@@ -1,0 +1,274 @@
+// TTT-Linear's scan loops on the CPU (backend=cpp; built and loaded by cpu_scan.py, which documents it).
+//
+// The loops of scan.py's LinearScan, over the n mini-batches of one (sequence, head) per job, the math of
+// scan.forward_step and scan.backward_step (scan.py derives it; rows c = mini-batch tokens, f = head dim):
+//   forward   [Zk; Zq] = [K; Q] W + b      G, zhat, r = LNgrad(Zk, t)       Zbar = Zq - M G
+//             W' = W - tok K^T (a G)       b' = b - tok 1^T (a G)
+//   backward  P = K dW' + db'   dtok -= sum(P aG)   d(aG) = -tok P   da = sum_f d(aG) G
+//             dG = a d(aG) - M^T dZbar      dM = -dZbar G^T      (dZ, dt, dgamma, dbeta) = LNgrad's VJP of dG
+//             [dK; dQ] = [dZ; dZbar] W^T,  dK -= tok (aG) dW'^T,  dW = dW' + [K; Q]^T [dZ; dZbar],  db = db' + sums
+// Layouts as LinearScan keeps them, mini-batch first: kq (n, BH, 2c, f), t, G, zhat, Zbar (n, BH, c, f),
+// a and r (n, BH, c), M (n, BH, c, c), W (n + 1, BH, f, f), b (n + 1, BH, f); gamma, beta (BH, f).
+// Products are loops whose innermost runs along a contiguous row of f (vectorised): C += A B as row axpys,
+// C += A^T B as axpys of B's rows, C += A B^T as dot products of rows.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr double LN_EPS = 1e-6;  // inner.LN_EPS
+
+template <class Job>
+void parallel_jobs(int64_t jobs, int64_t threads, const Job& job) {
+  threads = std::max<int64_t>(1, std::min(threads, jobs));
+  std::atomic<int64_t> next{0};
+  auto worker = [&] {
+    for (int64_t j = next++; j < jobs; j = next++) job(j);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < threads; i++) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+}
+
+// y += alpha x over n
+template <typename T>
+inline void axpy(T* __restrict y, const T* __restrict x, T alpha, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; j++) y[j] += alpha * x[j];
+}
+
+template <typename T>
+inline T dot(const T* __restrict x, const T* __restrict y, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; j++) s += x[j] * y[j];
+  return s;
+}
+
+template <typename T>
+inline T mean(const T* x, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; j++) s += x[j];
+  return s / T(n);
+}
+
+// C (m, n) += alpha op(A) B, row-major and contiguous; op(A) = A (m, k), or A^T for A (k, m) (kTransA). Register
+// blocks of MR rows x NR columns of C accumulate over k in registers (NR a few vector widths); the columns
+// beyond the last whole block take row axpys.
+constexpr int64_t MR = 8, NR = 16;
+
+template <typename T, bool kTransA>
+inline T a_at(const T* A, int64_t i, int64_t p, int64_t m, int64_t k) {
+  return kTransA ? A[p * m + i] : A[i * k + p];
+}
+
+template <typename T, bool kTransA, int64_t R>
+inline void block(T* C, const T* A, const T* B, int64_t i, int64_t j0, int64_t m, int64_t k, int64_t n, T alpha) {
+  T acc[R][NR] = {};
+  for (int64_t p = 0; p < k; p++) {
+    const T* b = B + p * n + j0;
+    for (int64_t r = 0; r < R; r++) {
+      const T a = a_at<T, kTransA>(A, i + r, p, m, k);
+#pragma omp simd
+      for (int64_t j = 0; j < NR; j++) acc[r][j] += a * b[j];
+    }
+  }
+  for (int64_t r = 0; r < R; r++)
+#pragma omp simd
+    for (int64_t j = 0; j < NR; j++) C[(i + r) * n + j0 + j] += alpha * acc[r][j];
+}
+
+template <typename T, bool kTransA>
+void gemm(T* C, const T* A, const T* B, int64_t m, int64_t k, int64_t n, T alpha) {
+  const int64_t n_blocked = n - n % NR;
+  for (int64_t j0 = 0; j0 < n_blocked; j0 += NR) {
+    int64_t i = 0;
+    for (; i + MR <= m; i += MR) block<T, kTransA, MR>(C, A, B, i, j0, m, k, n, alpha);
+    for (; i < m; i++) block<T, kTransA, 1>(C, A, B, i, j0, m, k, n, alpha);
+  }
+  if (n_blocked < n)
+    for (int64_t i = 0; i < m; i++)
+      for (int64_t p = 0; p < k; p++)
+        axpy(C + i * n + n_blocked, B + p * n + n_blocked, alpha * a_at<T, kTransA>(A, i, p, m, k), n - n_blocked);
+}
+
+// C (m, n) += alpha A (m, k) B (k, n)
+template <typename T>
+void mm(T* C, const T* A, const T* B, int64_t m, int64_t k, int64_t n, T alpha = 1) {
+  gemm<T, false>(C, A, B, m, k, n, alpha);
+}
+
+// C (m, n) += alpha A^T B, A (k, m), B (k, n)
+template <typename T>
+void mm_tn(T* C, const T* A, const T* B, int64_t m, int64_t k, int64_t n, T alpha = 1) {
+  gemm<T, true>(C, A, B, m, k, n, alpha);
+}
+
+// C (m, n) += alpha A B^T, A (m, k), B (n, k): as dot products of rows (for small n)
+template <typename T>
+void mm_nt(T* C, const T* A, const T* B, int64_t m, int64_t k, int64_t n, T alpha = 1) {
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t j = 0; j < n; j++) C[i * n + j] += alpha * dot(A + i * k, B + j * k, k);
+}
+
+// dst (cols, rows) = src (rows, cols)^T
+template <typename T>
+void transpose(const T* src, T* dst, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; i++)
+    for (int64_t j = 0; j < cols; j++) dst[j * rows + i] = src[i * cols + j];
+}
+
+struct Dims {
+  int64_t n, BH, c, f;
+};
+
+// One mini-batch's pointers for job j: the array's block (i, j) of `size` numbers.
+template <typename T>
+inline T* at(T* base, const Dims& d, int64_t i, int64_t j, int64_t size) {
+  return base + (i * d.BH + j) * size;
+}
+
+// G, zhat, r of one row: LNgrad(z, t) (inner.ln_loss_grad_stats)
+template <typename T>
+void ln_grad_row(const T* z, const T* t, const T* gam, const T* bet, T* G, T* zhat, T* r, T* gx, int64_t f) {
+  const T mu = mean(z, f);
+  T var = 0;
+#pragma omp simd reduction(+ : var)
+  for (int64_t j = 0; j < f; j++) var += (z[j] - mu) * (z[j] - mu);
+  const T rstd = T(1) / std::sqrt(var / T(f) + T(LN_EPS));
+#pragma omp simd
+  for (int64_t j = 0; j < f; j++) {
+    zhat[j] = (z[j] - mu) * rstd;
+    gx[j] = (gam[j] * zhat[j] + bet[j] - t[j]) * gam[j];
+  }
+  const T m_gx = mean(gx, f), m_gxz = dot(gx, zhat, f) / T(f);
+#pragma omp simd
+  for (int64_t j = 0; j < f; j++) G[j] = (gx[j] - m_gx - zhat[j] * m_gxz) * rstd;
+  *r = rstd;
+}
+
+// The VJP of one row of G = LNgrad(Z, t) (dual_backward.ln_grad_vjp): dZ and dt; adds the row's dgamma and dbeta.
+template <typename T>
+void ln_grad_vjp_row(const T* zhat, T r, const T* t, const T* gam, const T* bet, const T* G, const T* dG, T* dZ,
+                     T* dt, T* dgam, T* dbet, T* gx, T* dgx, T* dzhat, int64_t f) {
+#pragma omp simd
+  for (int64_t j = 0; j < f; j++) gx[j] = (gam[j] * zhat[j] + bet[j] - t[j]) * gam[j];
+  const T c2 = dot(gx, zhat, f) / T(f), m_dG = mean(dG, f), m_dGz = dot(dG, zhat, f) / T(f);
+  const T m_dGG = dot(dG, G, f) / T(f);
+#pragma omp simd
+  for (int64_t j = 0; j < f; j++) {
+    dgx[j] = r * (dG[j] - m_dG - zhat[j] * m_dGz);
+    dzhat[j] = -r * (dG[j] * c2 + gx[j] * m_dGz) + dgx[j] * gam[j] * gam[j];
+    dgam[j] += dgx[j] * (2 * gam[j] * zhat[j] + bet[j] - t[j]);
+    dbet[j] += dgx[j] * gam[j];
+    dt[j] = -dgx[j] * gam[j];
+  }
+  const T m_dzhat = mean(dzhat, f), m_dzz = dot(dzhat, zhat, f) / T(f);
+#pragma omp simd
+  for (int64_t j = 0; j < f; j++) dZ[j] = r * (dzhat[j] - m_dzhat - zhat[j] * m_dzz) - r * zhat[j] * m_dGG;
+}
+
+template <typename T>
+void forward_job(const T* kq, const T* tb, const T* ab, const T* Mb, const T* gam, const T* bet, T tok, T* Ws,
+                 T* bs, T* Gs, T* zhats, T* rs, T* zbar, const Dims& d, int64_t j) {
+  const int64_t c = d.c, f = d.f;
+  std::vector<T> Z(2 * c * f), aG(c * f), gx(f);
+  const T *g = gam + j * f, *be = bet + j * f;
+  for (int64_t i = 0; i < d.n; i++) {
+    const T *K = at(kq, d, i, j, 2 * c * f), *t = at(tb, d, i, j, c * f), *a = at(ab, d, i, j, c);
+    const T *M = at(Mb, d, i, j, c * c), *W = at(Ws, d, i, j, f * f), *b = at(bs, d, i, j, f);
+    T *W1 = at(Ws, d, i + 1, j, f * f), *b1 = at(bs, d, i + 1, j, f);
+    T *G = at(Gs, d, i, j, c * f), *zhat = at(zhats, d, i, j, c * f), *r = at(rs, d, i, j, c);
+    T* zb = at(zbar, d, i, j, c * f);
+    for (int64_t row = 0; row < 2 * c; row++) std::copy(b, b + f, Z.data() + row * f);
+    mm(Z.data(), K, W, 2 * c, f, f);  // [K; Q] W + b
+    for (int64_t row = 0; row < c; row++)
+      ln_grad_row(Z.data() + row * f, t + row * f, g, be, G + row * f, zhat + row * f, r + row, gx.data(), f);
+    std::copy(Z.data() + c * f, Z.data() + 2 * c * f, zb);
+    mm(zb, M, G, c, c, f, T(-1));  // Zq - M G
+    for (int64_t row = 0; row < c; row++)
+      for (int64_t col = 0; col < f; col++) aG[row * f + col] = a[row] * G[row * f + col];
+    std::copy(W, W + f * f, W1);
+    mm_tn(W1, K, aG.data(), f, c, f, -tok);  // W - tok K^T aG
+    std::copy(b, b + f, b1);
+    for (int64_t row = 0; row < c; row++) axpy(b1, aG.data() + row * f, -tok, f);
+  }
+}
+
+template <typename T>
+void backward_job(const T* kq, const T* tb, const T* ab, const T* Mb, const T* gam, const T* bet, T tok, const T* Ws,
+                  const T* Gs, const T* zhats, const T* rs, const T* dzbar, T* dW, T* db, T* dkq, T* dtb, T* dab,
+                  T* dMb, T* dtok, T* dgam, T* dbet, const Dims& d, int64_t j) {
+  const int64_t c = d.c, f = d.f;
+  std::vector<T> aG(c * f), P(c * f), dG(c * f), dZZ(2 * c * f), Wt(f * f), gx(f), dgx(f), dzhat(f);
+  const T *g = gam + j * f, *be = bet + j * f;
+  T *dWj = dW + j * f * f, *dbj = db + j * f, *dg = dgam + j * f, *dbe = dbet + j * f;
+  T dtok_j = 0;
+  for (int64_t i = d.n - 1; i >= 0; i--) {
+    const T *K = at(kq, d, i, j, 2 * c * f), *t = at(tb, d, i, j, c * f), *a = at(ab, d, i, j, c);
+    const T *M = at(Mb, d, i, j, c * c), *W = at(Ws, d, i, j, f * f), *G = at(Gs, d, i, j, c * f);
+    const T *zhat = at(zhats, d, i, j, c * f), *r = at(rs, d, i, j, c), *dZbar = at(dzbar, d, i, j, c * f);
+    T *dK = at(dkq, d, i, j, 2 * c * f), *dt = at(dtb, d, i, j, c * f), *da = at(dab, d, i, j, c);
+    T* dM = at(dMb, d, i, j, c * c);
+    for (int64_t row = 0; row < c; row++) {
+      for (int64_t col = 0; col < f; col++) aG[row * f + col] = a[row] * G[row * f + col];
+      std::copy(dbj, dbj + f, P.data() + row * f);
+    }
+    mm(P.data(), K, dWj, c, f, f);  // K dW' + db'
+    for (int64_t row = 0; row < c; row++) {
+      const T* p = P.data() + row * f;
+      dtok_j -= dot(p, aG.data() + row * f, f);
+      da[row] = -tok * dot(p, G + row * f, f);  // sum_f d(aG) G with d(aG) = -tok P
+      for (int64_t col = 0; col < f; col++) dG[row * f + col] = -tok * a[row] * p[col];  // a d(aG)
+    }
+    mm_tn(dG.data(), M, dZbar, c, c, f, T(-1));  // - M^T dZbar
+    std::fill(dM, dM + c * c, T(0));
+    mm_nt(dM, dZbar, G, c, f, c, T(-1));  // -dZbar G^T
+    for (int64_t row = 0; row < c; row++)
+      ln_grad_vjp_row(zhat + row * f, r[row], t + row * f, g, be, G + row * f, dG.data() + row * f,
+                      dZZ.data() + row * f, dt + row * f, dg, dbe, gx.data(), dgx.data(), dzhat.data(), f);
+    std::copy(dZbar, dZbar + c * f, dZZ.data() + c * f);
+    std::fill(dK, dK + 2 * c * f, T(0));
+    transpose(W, Wt.data(), f, f);
+    mm(dK, dZZ.data(), Wt.data(), 2 * c, f, f);        // [dZ; dZbar] W^T
+    transpose(dWj, Wt.data(), f, f);
+    mm(dK, aG.data(), Wt.data(), c, f, f, -tok);       // - tok (aG) dW'^T
+    mm_tn(dWj, K, dZZ.data(), f, 2 * c, f);           // dW' + [K; Q]^T [dZ; dZbar]
+    for (int64_t row = 0; row < 2 * c; row++) axpy(dbj, dZZ.data() + row * f, T(1), f);
+  }
+  dtok[j] = dtok_j;
+}
+
+}  // namespace
+
+extern "C" {
+#define TTT_SCAN_ENTRY_POINTS(T, suffix)                                                                         \
+  void ttt_linear_scan_forward_##suffix(const T* kq, const T* tb, const T* ab, const T* Mb, const T* gam,        \
+                                        const T* bet, double tok, T* Ws, T* bs, T* Gs, T* zhats, T* rs, T* zbar, \
+                                        int64_t n, int64_t BH, int64_t c, int64_t f, int64_t threads) {          \
+    const Dims d{n, BH, c, f};                                                                                   \
+    parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
+      forward_job<T>(kq, tb, ab, Mb, gam, bet, T(tok), Ws, bs, Gs, zhats, rs, zbar, d, j);                       \
+    });                                                                                                          \
+  }                                                                                                              \
+  void ttt_linear_scan_backward_##suffix(const T* kq, const T* tb, const T* ab, const T* Mb, const T* gam,       \
+                                         const T* bet, double tok, const T* Ws, const T* Gs, const T* zhats,     \
+                                         const T* rs, const T* dzbar, T* dW, T* db, T* dkq, T* dtb, T* dab,      \
+                                         T* dMb, T* dtok, T* dgam, T* dbet, int64_t n, int64_t BH, int64_t c,    \
+                                         int64_t f, int64_t threads) {                                           \
+    const Dims d{n, BH, c, f};                                                                                   \
+    parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
+      backward_job<T>(kq, tb, ab, Mb, gam, bet, T(tok), Ws, Gs, zhats, rs, dzbar, dW, db, dkq, dtb, dab, dMb,    \
+                      dtok, dgam, dbet, d, j);                                                                   \
+    });                                                                                                          \
+  }
+
+TTT_SCAN_ENTRY_POINTS(float, f32)
+TTT_SCAN_ENTRY_POINTS(double, f64)
+}
