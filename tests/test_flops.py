@@ -39,9 +39,8 @@ def arch_options(arch: str, **overrides) -> dict:
         o.pop(key, None)
     if arch == "mamba2":
         o["chunk_size"] = 64  # several chunks at test lengths
-    if arch == "mamba":
-        o["backend"] = "torch"  # the chunked scan's readout C h is a batched product FlopCounterMode sees; the cpp
-                                # scan's (one C++ pass) it cannot see
+    if arch == "mamba" or "inner" in o:  # Mamba and TTT: PyTorch's scans, whose products FlopCounterMode sees
+        o["backend"] = "torch"            # (backend=cpp, auto on CPU, runs them inside one C++ call)
     return {**o, **overrides}
 
 
