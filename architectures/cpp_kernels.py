@@ -1,11 +1,12 @@
 """Our C++ CPU kernels (backend=cpp: mamba/cpu_scan.cpp, ttt/cpu_scan.cpp): built on first use, loaded with ctypes.
 
 Each kernel is one C++ file with `extern "C"` entry points that take raw pointers and int64 sizes (no PyTorch
-headers: a build takes about a second). `Library(source)` compiles it with the C++ compiler `$CXX` (default
-`c++`) into $TTT_BENCH_CACHE (default ~/.cache/ttt-bench)/kernels, named by a hash of the source, the flags,
-the compiler and the host (it is built for this host's CPU, -march=native, so hosts sharing a home directory
-each build their own), and says why not (`unavailable()`) when there is no compiler or the build fails; the
-backends that use it then raise with that reason, and `auto` picks another.
+headers: a build takes about a second), plus the headers beside this module (parallel_jobs.h).
+`Library(source)` compiles it with the C++ compiler `$CXX` (default `c++`) into $TTT_BENCH_CACHE (default
+~/.cache/ttt-bench)/kernels, named by a hash of the source and headers, the flags, the compiler and the host
+(it is built for this host's CPU, -march=native, so hosts sharing a home directory each build their own),
+and says why not (`unavailable()`) when there is no compiler or the build fails; the backends that use it
+then raise with that reason, and `auto` picks another.
 
 -ffast-math lets the compiler vectorise exp (glibc's libmvec) and sums over a row. It goes to the compile step
 only: a shared library *linked* with it pulls in crtfastmath.o, which switches the whole process to flushing
@@ -21,11 +22,12 @@ import os
 import platform
 import subprocess
 import tempfile
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
 
+INCLUDE = Path(__file__).parent  # the headers the kernels share (parallel_jobs.h)
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c++17",
                  *(["-mprefer-vector-width=512"] if platform.machine().lower() in ("x86_64", "amd64") else []))
 LINK_FLAGS = ("-shared", "-pthread")
@@ -37,8 +39,15 @@ def compiler() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TTT_BENCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ttt-bench"
-    return Path(root) / "kernels"
+    """$TTT_BENCH_CACHE/kernels, as tasks/cache.py keeps generated sets; TTT_BENCH_CACHE=off: a directory of
+    this process's own (the kernels are still built, once per process)."""
+    where = os.environ.get("TTT_BENCH_CACHE", "~/.cache/ttt-bench")
+    return (Path(_private_dir()) if where == "off" else Path(where).expanduser()) / "kernels"
+
+
+@lru_cache(maxsize=None)
+def _private_dir() -> str:
+    return tempfile.mkdtemp(prefix="ttt-bench-kernels-")
 
 
 class Library:
@@ -52,7 +61,7 @@ class Library:
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             obj, lib = Path(tmp) / "kernel.o", Path(tmp) / so.name
-            for cmd in ([compiler(), *COMPILE_FLAGS, "-c", str(self.source), "-o", str(obj)],
+            for cmd in ([compiler(), *COMPILE_FLAGS, f"-I{INCLUDE}", "-c", str(self.source), "-o", str(obj)],
                         [compiler(), *LINK_FLAGS, str(obj), "-o", str(lib)]):
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
@@ -62,8 +71,9 @@ class Library:
     @cached_property
     def _loaded(self) -> tuple[ctypes.CDLL | None, str | None]:
         try:
-            key = hashlib.sha256("\0".join([self.source.read_text(), *COMPILE_FLAGS, *LINK_FLAGS, compiler(),
-                                            platform.node(), platform.machine()]).encode()).hexdigest()[:16]
+            texts = [p.read_text() for p in (self.source, *sorted(INCLUDE.glob("*.h")))]
+            key = hashlib.sha256("\0".join([*texts, *COMPILE_FLAGS, *LINK_FLAGS, compiler(), platform.node(),
+                                            platform.machine()]).encode()).hexdigest()[:16]
             so = cache_dir() / f"{self.source.parent.name}_{self.source.stem}-{key}.so"
             if not so.exists():
                 self._build(so)

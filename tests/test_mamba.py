@@ -55,12 +55,10 @@ def transposed(t):
 
 # -- Mamba's selective scan ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("L", LENGTHS)
-@pytest.mark.parametrize("chunk", [4, 16, 64])
-def test_scan_matches_selective_scan_ref_fp32(L, chunk):
-    """Forward and every gradient against mamba-ssm's selective_scan_ref (which computes in fp32)."""
-    x = {k: v.requires_grad_() for k, v in scan_inputs(L, F32).items()}
-    ours = selective_scan(**x, delta_softplus=True, chunk_size=chunk, return_last_state=True)
+def assert_matches_selective_scan_ref(L, D=12, **scan_options):
+    """Forward and every gradient of selective_scan against mamba-ssm's selective_scan_ref (fp32)."""
+    x = {k: v.requires_grad_() for k, v in scan_inputs(L, F32, D=D).items()}
+    ours = selective_scan(**x, delta_softplus=True, return_last_state=True, **scan_options)
     ref_y, ref_last = selective_scan_ref(transposed(x["u"]), transposed(x["delta"]), x["A"], transposed(x["B"]),
                                          transposed(x["C"]), x["D"], transposed(x["z"]), x["delta_bias"],
                                          delta_softplus=True, return_last_state=True)
@@ -69,6 +67,13 @@ def test_scan_matches_selective_scan_ref_fp32(L, chunk):
         assert_close(a, b, 1e-5)
     for a, b in zip(grads_of(ours, list(x.values())), grads_of(ref, list(x.values()))):
         assert_close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("L", LENGTHS)
+@pytest.mark.parametrize("chunk", [4, 16, 64])
+def test_scan_matches_selective_scan_ref_fp32(L, chunk):
+    """The chunked scan, forward and every gradient, against selective_scan_ref (which computes in fp32)."""
+    assert_matches_selective_scan_ref(L, chunk_size=chunk)
 
 
 def reference_by_steps(x, h0):
@@ -162,18 +167,9 @@ CPP_SHAPES = [(1, 12), (37, 12), (64, 70), (130, 33), (300, 70)]  # (L, D): segm
 
 @pytest.mark.parametrize("L,D", CPP_SHAPES)
 def test_cpp_scan_matches_selective_scan_ref_fp32(L, D):
-    """Forward and every gradient against mamba-ssm's selective_scan_ref: one and several segments (the
+    """The C++ scan, forward and every gradient, against selective_scan_ref: one and several segments (the
     backward recomputes each from a saved state), a partial last segment, a partial last tile of channels."""
-    x = {k: v.requires_grad_() for k, v in scan_inputs(L, F32, D=D).items()}
-    ours = selective_scan(**x, delta_softplus=True, return_last_state=True, cpp=True)
-    ref_y, ref_last = selective_scan_ref(transposed(x["u"]), transposed(x["delta"]), x["A"], transposed(x["B"]),
-                                         transposed(x["C"]), x["D"], transposed(x["z"]), x["delta_bias"],
-                                         delta_softplus=True, return_last_state=True)
-    ref = (transposed(ref_y), ref_last)
-    for a, b in zip(ours, ref):
-        assert_close(a, b, 1e-5)
-    for a, b in zip(grads_of(ours, list(x.values())), grads_of(ref, list(x.values()))):
-        assert_close(a, b, 1e-4)
+    assert_matches_selective_scan_ref(L, D, cpp=True)
 
 
 @pytest.mark.parametrize("L", [37, 130])
@@ -205,8 +201,9 @@ def test_cpp_scan_equals_chunked_scan_at_any_thread_count():
     fp32 rounding, with and without an initial state."""
     g = torch.Generator().manual_seed(6)
     Bsz, L, D, N = 3, 200, 70, 16
-    leaves = [torch.randn(Bsz, L, D, generator=g), torch.rand(Bsz, L, D, generator=g), -4 * torch.rand(N, D, generator=g),
-              torch.randn(Bsz, L, N, generator=g), torch.randn(Bsz, L, N, generator=g), torch.randn(Bsz, N, D, generator=g)]
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    leaves = [r(Bsz, L, D), torch.rand(Bsz, L, D, generator=g), -4 * torch.rand(N, D, generator=g), r(Bsz, L, N),
+              r(Bsz, L, N), r(Bsz, N, D)]
     leaves = [t.requires_grad_() for t in leaves]  # x = delta u, delta, A^T, B, C, h0
     threads = torch.get_num_threads()
     try:

@@ -244,7 +244,8 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(BackendUnavailable, match="fits head dims up to 32"):
         resolve_ttt_backend("triton", "mlp", head_dim=64)
     assert resolve_ttt_backend("triton", "mlp", head_dim=32) == "triton"
-    with pytest.raises(ValueError, match="backend must be one of .*'triton', 'cpp', 'torch', 'scan', 'dual', 'reference'"):
+    with pytest.raises(ValueError,
+                       match="backend must be one of .*'triton', 'cpp', 'torch', 'scan', 'dual', 'reference'"):
         TTTLayer(ModelConfig("ttt_linear", 61, 32, 1, 2, 64, 64, options={"backend": "fast"}))
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -12,11 +12,11 @@
 // into a small buffer (it stays in L2) before the reverse pass over it. dB and dC sum over all channels, so
 // each tile writes its own partial sums (B, tiles, L, N) and the caller adds them; likewise dA^T per sequence.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
+
+#include "parallel_jobs.h"
 
 namespace {
 
@@ -28,20 +28,6 @@ struct Shape {
   int64_t tiles() const { return (D + TILE - 1) / TILE; }
   int64_t segments() const { return (L + SEG - 1) / SEG; }
 };
-
-// Runs job(0 .. jobs-1) on `threads` threads (the caller's included), each taking the next job.
-template <class Job>
-void parallel_jobs(int64_t jobs, int64_t threads, const Job& job) {
-  threads = std::max<int64_t>(1, std::min(threads, jobs));
-  std::atomic<int64_t> next{0};
-  auto worker = [&] {
-    for (int64_t j = next++; j < jobs; j = next++) job(j);
-  };
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < threads; i++) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
-}
 
 // One tile's view of a (rows, D) array: row r, the tile's channels [d0, d0 + width), zero beyond width.
 template <typename T>

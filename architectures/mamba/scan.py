@@ -30,9 +30,10 @@ only their end state, so a body runs LOCAL_BLOCK positions of every chunk and ne
 between; a true scan's body runs BLOCK positions; a boundary recurrence's body CARRY_BLOCK chunks.
 `compiled_steps()` gives torch.compile'd versions (each body fuses into a few loops) that the mixer uses in
 training with trainer.compile=hot_path and backend=torch. On machines without CUDA the mixer's default is
-backend=cpp instead: the same recurrence as one sequential C++ pass (cpu_scan.py; selective_scan(cpp=True)). Layout: (B, L, D) activations, (B, L, N) B and C, the state (N, D)
-so that the long axis D is contiguous; mamba-ssm's selective_scan_fn takes (B, D, L), (B, N, L), state
-(B, D, N). Compute is fp32 (fp64 when given fp64, for tests), outside autocast.
+backend=cpp instead: the same recurrence as one sequential C++ pass (cpu_scan.py; selective_scan(cpp=True)).
+Layout: (B, L, D) activations, (B, L, N) B and C, the state (N, D) so that the long axis D is contiguous;
+mamba-ssm's selective_scan_fn takes (B, D, L), (B, N, L), state (B, D, N). Compute is fp32 (fp64 when given
+fp64, for tests), outside autocast.
 """
 from __future__ import annotations
 

@@ -12,28 +12,15 @@
 // Products are loops whose innermost runs along a contiguous row of f (vectorised): C += A B as row axpys,
 // C += A^T B as axpys of B's rows, C += A B^T as dot products of rows.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
+
+#include "parallel_jobs.h"
 
 namespace {
 
 constexpr double LN_EPS = 1e-6;  // inner.LN_EPS
-
-template <class Job>
-void parallel_jobs(int64_t jobs, int64_t threads, const Job& job) {
-  threads = std::max<int64_t>(1, std::min(threads, jobs));
-  std::atomic<int64_t> next{0};
-  auto worker = [&] {
-    for (int64_t j = next++; j < jobs; j = next++) job(j);
-  };
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < threads; i++) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
-}
 
 // y += alpha x over n
 template <typename T>
