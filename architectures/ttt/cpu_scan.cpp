@@ -9,8 +9,9 @@
 //             [dK; dQ] = [dZ; dZbar] W^T,  dK -= tok (aG) dW'^T,  dW = dW' + [K; Q]^T [dZ; dZbar],  db = db' + sums
 // Layouts as LinearScan keeps them, mini-batch first: kq (n, BH, 2c, f), t, G, zhat, Zbar (n, BH, c, f),
 // a and r (n, BH, c), M (n, BH, c, c), W (n + 1, BH, f, f), b (n + 1, BH, f); gamma, beta (BH, f).
-// Products are loops whose innermost runs along a contiguous row of f (vectorised): C += A B as row axpys,
-// C += A^T B as axpys of B's rows, C += A B^T as dot products of rows.
+// Products (gemm): C += op(A) B in register blocks of MR x NR entries of C accumulated over k, the innermost
+// loop along a contiguous row (vectorised); the columns past the last whole block take row axpys. The products
+// with W^T and dW'^T transpose W and dW' once per mini-batch; dM (c x c) takes dot products of rows.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
