@@ -98,7 +98,14 @@ class Library:
         return lib
 
     def call(self, name: str, dtype: torch.dtype, *args) -> None:
-        """`{name}_{f32|f64}(*args)`: tensors (or None) as pointers, ints as int64, floats as double."""
+        """`{name}_{f32|f64}(*args)`: tensors (or None) as pointers, ints as int64, floats as double. The kernels
+        read raw memory, so every tensor must be a contiguous CPU tensor of `dtype` (fp32 or fp64)."""
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if dtype not in DTYPES or any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()
+                                      for t in tensors):
+            raise ValueError(f"{self.backend} takes contiguous CPU tensors of one dtype, fp32 or fp64; got "
+                             + ", ".join(sorted({f"{t.dtype} on {t.device}" for t in tensors})))
+
         def arg(a):
             if isinstance(a, int):
                 return ctypes.c_int64(a)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from architectures.cpp_kernels import DTYPES, Library
+from architectures.cpp_kernels import Library
 
 KERNEL = Library(Path(__file__).with_name("cpu_scan.cpp"), "Mamba backend=cpp")
 
@@ -67,12 +67,7 @@ class SelectiveScanCpp(torch.autograd.Function):
 def selective_scan_cpp(x, delta, At, Bm, Cm, h0=None):
     """x, delta (B, L, D); At = A^T (N, D); Bm, Cm (B, L, N); h0 (B, N, D) or None, all CPU tensors of one
     dtype (fp32 or fp64). Returns y (B, L, D) = sum_n C h and the last state (B, N, D)."""
-    args = (x, delta, At, Bm, Cm, h0)
-    given = [t for t in args if t is not None]
-    if any(t.device.type != "cpu" for t in given) or any(t.dtype != x.dtype for t in given) or x.dtype not in DTYPES:
-        raise ValueError("the cpp scan takes CPU tensors of one dtype, fp32 or fp64; got "
-                         + ", ".join(f"{t.dtype} on {t.device}" for t in given))
-    args = tuple(None if t is None else t.contiguous() for t in args)
+    args = tuple(None if t is None else t.contiguous() for t in (x, delta, At, Bm, Cm, h0))  # checked by KERNEL.call
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         return SelectiveScanCpp.apply(*args)
     return _forward(*args, keep_states=False)[:2]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from architectures.cpp_kernels import DTYPES, Library
+from architectures.cpp_kernels import Library
 
 KERNEL = Library(Path(__file__).with_name("cpu_scan.cpp"), "TTT backend=cpp")
 
@@ -25,18 +25,10 @@ def unavailable() -> str | None:
     return KERNEL.unavailable()
 
 
-def _check(*tensors: torch.Tensor) -> None:
-    dtype = tensors[0].dtype
-    if dtype not in DTYPES or any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        raise ValueError("TTT backend=cpp takes contiguous CPU tensors of one dtype, fp32 or fp64; got "
-                         + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
-
-
 def forward_loop(kq, tb, ab, Mb, gam, bet, tok, Ws, bs, Gs, zhats, rs, zbar) -> None:
     """LinearScan.forward's loop: fills Ws[1:], bs[1:] (from Ws[0], bs[0]), Gs, zhats, rs and zbar in place.
     kq (n, BH, 2c, f); tb (n, BH, c, f); ab (n, BH, c, 1); Mb (n, BH, c, c); gam, bet (BH, 1, f); tok a float;
     Ws (n + 1, BH, f, f); bs (n + 1, BH, 1, f); Gs, zhats, zbar (n, BH, c, f); rs (n, BH, c, 1)."""
-    _check(kq, tb, ab, Mb, gam, bet, Ws, bs, Gs, zhats, rs, zbar)
     n, BH, c2, f = kq.shape
     KERNEL.call("ttt_linear_scan_forward", kq.dtype, kq, tb, ab, Mb, gam, bet, float(tok), Ws, bs, Gs, zhats, rs,
                 zbar, n, BH, c2 // 2, f, torch.get_num_threads())
@@ -46,7 +38,6 @@ def backward_loop(kq, tb, ab, Mb, gam, bet, tok, Ws, Gs, zhats, rs, dzb, dW, db,
     """LinearScan.backward's loop: from the gradients of the last weights dW (BH, f, f), db (BH, 1, f), updated
     in place to those of the first; fills dkq, dt, da, dM (shaped as kq, tb, ab, Mb), adds into dgam, dbet
     (BH, 1, f). Returns dtok, summed over the (sequence, head) jobs."""
-    _check(kq, tb, ab, Mb, gam, bet, Ws, Gs, zhats, rs, dzb, dW, db, dkq, dt, da, dM, dgam, dbet)
     n, BH, c2, f = kq.shape
     dtok = kq.new_zeros(BH)
     KERNEL.call("ttt_linear_scan_backward", kq.dtype, kq, tb, ab, Mb, gam, bet, float(tok), Ws, Gs, zhats, rs, dzb,
