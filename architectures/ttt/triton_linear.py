@@ -11,7 +11,8 @@ padded to the next one with masked loads; the LayerNorms divide by the true f.
                outputs and returns its accumulators (K^T aG, sum aG), uncommitted, as dual.py does.
     backward   groups in reverse: recompute the group's states from its checkpoint into a per-program
                scratch, then run each mini-batch's backward in reverse (dual_backward.py has the same
-               math in PyTorch, with the derivation), carrying dW and db.
+               math in PyTorch, with the derivation), carrying db in registers and dW in place in the dW0
+               output (neither W nor dW, f x f each, stays in registers through a mini-batch: spills).
     decode     one token: accumulate a k^T G into (GW, Gb), output with W - tok_i GW, commit at the
                end of the mini-batch (the primal form of the notes).
 
@@ -174,6 +175,8 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
         _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
         W = W - tok_last * tl.dot(tl.trans(k), aG, input_precision=PREC)
         bias = bias - tok_last * tl.sum(aG, axis=0)
+    tl.store(WN + pid * F * F + w_off, W, mask=wmask)  # before the partial mini-batch: W dies in its forward
+    tl.store(BN + pid * F + offs_f, bias, mask=maskf)
     if HAS_PARTIAL:
         rows = n_full * MB + offs_m
         maskm = rows < T
@@ -185,19 +188,22 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
         _store_rows(OUT + base, out, rows, offs_f, maskm, maskf, F)
         tl.store(AW + pid * F * F + w_off, tl.dot(tl.trans(k), aG, input_precision=PREC), mask=wmask)
         tl.store(AB + pid * F + offs_f, tl.sum(aG, axis=0), mask=maskf)
-    tl.store(WN + pid * F * F + w_off, W, mask=wmask)
-    tl.store(BN + pid * F + offs_f, bias, mask=maskf)
 
 
 # -- backward ----------------------------------------------------------------------------------
 
 
 @triton.jit
-def _minibatch_backward(W, bias, q, k, v, a, tok, gamma, beta, dout, dW, db, maskf, offs_m,
+def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, dout, db, maskf, offs_m,
                         F: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
     """dual_backward.linear_minibatch_backward for one (sequence, head): returns dq, dk, dv, da, dtok (MB),
-    dgamma, dbeta (BF) and the gradients of the weights before the mini-batch."""
+    dgamma, dbeta (BF) and db before the mini-batch. W is read from WP, twice (as W, then as W^T); dW, the
+    gradient of the weights after the mini-batch, is read from DWP and replaced there by the one before it:
+    neither f x f matrix stays in registers across the mini-batch's products."""
+    W = tl.load(WP + w_off, mask=wmask, other=0.0)
     Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
+    if COMMIT:  # k dW' beside k W: k's operand copy for the products is then short-lived
+        kdW = tl.dot(k, tl.load(DWP + w_off, mask=wmask, other=0.0), input_precision=PREC) + db[None, :]
     t = v - k
     zhat, r = _ln_stats(Z, maskf, F, eps)
     G, gx, c2 = _ln_loss_grad(zhat, r, t, gamma, beta, maskf, F)
@@ -211,34 +217,38 @@ def _minibatch_backward(W, bias, q, k, v, a, tok, gamma, beta, dout, dW, db, mas
     dzbar = _ln_vjp(zbhat, rb, dout, gamma, maskf, F)
     dgamma = tl.sum(dout * zbhat, axis=0)
     dbeta = tl.sum(dout, axis=0)
-    dq = dout + tl.dot(dzbar, tl.trans(W), input_precision=PREC)
-    dW_new = dW + tl.dot(tl.trans(q), dzbar, input_precision=PREC)
-    db_new = db + tl.sum(dzbar, axis=0)
     dM = -tl.dot(dzbar, tl.trans(G), input_precision=PREC)
     dG = -tl.dot(tl.trans(M), dzbar, input_precision=PREC)
     dE = tl.where(tril, dM * (A + 1.0), 0.0)
     dA = dM * E
-    dq += tl.dot(dA, k, input_precision=PREC)
+    dq = dout + tl.dot(dA, k, input_precision=PREC)
     dk = tl.dot(tl.trans(dA), q, input_precision=PREC)
     dtok = tl.sum(dE * a[None, :], axis=1)
     da = tl.sum(dE * tok[:, None], axis=0)
     if COMMIT:
         tok_last = tl.sum(tl.where(offs_m == MB - 1, tok, 0.0), axis=0)
         aG = a[:, None] * G
-        daG = -tok_last * (tl.dot(k, dW, input_precision=PREC) + db[None, :])
+        daG = -tok_last * kdW  # dl/d(aG) = -tok_last (k dW' + db')
+        dW = tl.load(DWP + w_off, mask=wmask, other=0.0)
         dk -= tok_last * tl.dot(aG, tl.trans(dW), input_precision=PREC)
-        s = -tl.sum(tl.sum(tl.dot(tl.trans(k), aG, input_precision=PREC) * dW, axis=1), axis=0) \
-            - tl.sum(tl.sum(aG, axis=0) * db, axis=0)
+        s = -tl.sum(tl.sum(aG * kdW, axis=1), axis=0)  # <k^T aG, dW'> + <sum aG, db'>
         dtok += tl.where(offs_m == MB - 1, s, 0.0)
         da += tl.sum(daG * G, axis=1)
         dG += a[:, None] * daG
     dZ, dt, dg2, db2 = _ln_grad_vjp(dG, G, zhat, r, gx, c2, t, gamma, beta, maskf, F)
     dgamma += dg2
     dbeta += db2
-    dk += tl.dot(dZ, tl.trans(W), input_precision=PREC) - dt
-    dW_new += tl.dot(tl.trans(k), dZ, input_precision=PREC)
-    db_new += tl.sum(dZ, axis=0)
-    return dq, dk, dt, da, dtok, dgamma, dbeta, dW_new, db_new
+    WT = tl.load(WP + tl.trans(w_off), mask=tl.trans(wmask), other=0.0)  # the W^T products, last
+    dq += tl.dot(dzbar, WT, input_precision=PREC)
+    dk += tl.dot(dZ, WT, input_precision=PREC) - dt
+    # dW' and db' are read above (the commit's terms), so this mini-batch's terms are added last
+    dW = tl.load(DWP + w_off, mask=wmask, other=0.0)
+    dW = tl.dot(tl.trans(k), dZ, tl.dot(tl.trans(q), dzbar, dW, input_precision=PREC), input_precision=PREC)
+    tl.debug_barrier()  # every thread has read dW'
+    tl.store(DWP + w_off, dW, mask=wmask)
+    tl.debug_barrier()  # ... and the next mini-batch reads the new one
+    db_new = db + tl.sum(dzbar, axis=0) + tl.sum(dZ, axis=0)
+    return dq, dk, dt, da, dtok, dgamma, dbeta, db_new
 
 
 @triton.jit
@@ -255,7 +265,9 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
     wmask = maskf[:, None] & maskf[None, :]
     w_off = offs_f[:, None] * F + offs_f[None, :]
     gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
-    dW = tl.load(DWN + pid * F * F + w_off, mask=wmask, other=0.0).to(tl.float32)
+    DWP = DW0 + pid * F * F  # dW, carried through the mini-batches in place (it ends as dW0)
+    tl.store(DWP + w_off, tl.load(DWN + pid * F * F + w_off, mask=wmask, other=0.0), mask=wmask)
+    tl.debug_barrier()
     db = tl.load(DBN + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
     dgamma = tl.zeros([BF], dtype=tl.float32)
     dbeta = tl.zeros([BF], dtype=tl.float32)
@@ -264,11 +276,11 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
     if HAS_PARTIAL:  # its outputs used the final committed state; it changed no state
         rows = n_full * MB + offs_m
         maskm = rows < T
-        W = tl.load(WN + pid * F * F + w_off, mask=wmask, other=0.0)
         bias = tl.load(BN + pid * F + offs_f, mask=maskf, other=0.0)
         q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, maskm, maskf, F)
-        dq, dk, dv, da, dt_, dg_, db_, dW, db = _minibatch_backward(
-            W, bias, q, k, v, a, tok, gamma, beta, do, dW, db, maskf, offs_m, F, MB, eps, False, PREC)
+        dq, dk, dv, da, dt_, dg_, db_, db = _minibatch_backward(
+            WN + pid * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db, maskf, offs_m, F, MB,
+            eps, False, PREC)
         _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, maskm, maskf, F)
         dtok += dt_
         dgamma += dg_
@@ -291,18 +303,17 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
         tl.debug_barrier()
         for jj in range(0, count):
             j = count - 1 - jj
-            W = tl.load(WS + (pid * group + j) * F * F + w_off, mask=wmask, other=0.0)
             bias = tl.load(BS + (pid * group + j) * F + offs_f, mask=maskf, other=0.0)
             rows = (first + j) * MB + offs_m
             q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
-            dq, dk, dv, da, dt_, dg_, db_, dW, db = _minibatch_backward(
-                W, bias, q, k, v, a, tok, gamma, beta, do, dW, db, maskf, offs_m, F, MB, eps, True, PREC)
+            dq, dk, dv, da, dt_, dg_, db_, db = _minibatch_backward(
+                WS + (pid * group + j) * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db, maskf,
+                offs_m, F, MB, eps, True, PREC)
             _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, all_m, maskf, F)
             dtok += dt_
             dgamma += dg_
             dbeta += db_
         tl.debug_barrier()
-    tl.store(DW0 + pid * F * F + w_off, dW, mask=wmask)
     tl.store(DB0 + pid * F + offs_f, db, mask=maskf)
     tl.store(DLNW + pid * F + offs_f, dgamma, mask=maskf)
     tl.store(DLNB + pid * F + offs_f, dbeta, mask=maskf)
