@@ -95,7 +95,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """
     x32 = x.float()
     cos, sin = cos.to(x32.dtype), sin.to(x32.dtype)
-    if interleaved:
+    if interleaved and not torch.compiler.is_compiling():  # one complex product: eager, 4x fewer passes over x
+        pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))  # (B, H, T, f/2): x_2i + i x_2i+1
+        return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
+    if interleaved:  # the same in real arithmetic (what torch.compile traces: inductor has no complex kernels)
         x1, x2 = x32[..., 0::2], x32[..., 1::2]  # (B, H, T, f/2) each
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, f/2, 2)
         return out.flatten(-2).to(x.dtype)

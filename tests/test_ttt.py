@@ -379,6 +379,47 @@ def test_scan_equals_autograd_through_the_dual_form_fp64(kernels, f, T, offset):
         torch.testing.assert_close(g, gd, rtol=1e-10, atol=1e-11, msg=name)
 
 
+@pytest.mark.parametrize("T,offset,f", [(87, 5, 8), (64, 0, 8), (53, 0, 45), (16, 0, 8), (9, 3, 8)])
+def test_cpp_inference_equals_the_dual_form_and_the_reference(T, offset, f):
+    """Without a gradient, backend=cpp runs whole mini-batches as one C++ call that also builds M and applies the
+    LN and the residual (cpu_scan.infer): outputs and the state after the call equal the dual form's in fp64
+    (an open mini-batch continued, whole ones, a trailing partial one; f = 45 through the products' left-over
+    rows and columns), and the outputs of a fresh state equal the token-by-token reference. (9, 3): no whole
+    mini-batch, the C++ call is skipped."""
+    from architectures.ttt.scan import CPP
+
+    leaves, off = _scan_case(T=T, f=f, offset=offset)
+    q, k, v, a, tok, ln_w, ln_b, W, b, accW, accb = (x.detach() for x in leaves)
+    state = lambda o: InnerState({"W": W, "b": b}, {"W": accW, "b": accb} if o else {}, o)
+    run = lambda o, scan: ttt_dual("linear", state(o), q, k, v, a, tok, ln_w[:, None], ln_b[:, None], 16, scan=scan)
+    with torch.no_grad():
+        out, new = run(off, CPP)
+        out_d, new_d = run(off, None)
+        fresh, _ = run(0, CPP)
+    torch.testing.assert_close(out, out_d, rtol=1e-12, atol=1e-12)
+    assert new.offset == new_d.offset
+    for n in ("W", "b"):
+        torch.testing.assert_close(new.params[n], new_d.params[n], rtol=1e-12, atol=1e-12)
+        if new_d.acc:
+            torch.testing.assert_close(new.acc[n], new_d.acc[n], rtol=1e-12, atol=1e-12)
+    ref = ttt_reference({"W": W[0], "b": b[0, :, 0]}, q[:1], k[:1], v[:1], a[:1], tok, ln_w, ln_b, 16, "linear")
+    torch.testing.assert_close(fresh[:1], ref, rtol=1e-10, atol=1e-10)
+
+
+def test_cpp_inference_leaves_the_initial_weights_alone():
+    """The C++ call updates its weights in place: a copy of them, never the layer's W0, b0 (B = 1 and a broadcast
+    W0 make expand() + contiguous() a no-op view)."""
+    from architectures.ttt.scan import CPP
+
+    leaves, _ = _scan_case(B=1, T=64, offset=0)
+    q, k, v, a, tok, ln_w, ln_b, W, b, *_ = (x.detach() for x in leaves)
+    W0, b0 = W.clone(), b.clone()
+    with torch.no_grad():
+        _, new = ttt_dual("linear", InnerState({"W": W, "b": b}), q, k, v, a, tok, ln_w[:, None], ln_b[:, None], 16,
+                          scan=CPP)
+    assert torch.equal(W, W0) and torch.equal(b, b0) and not torch.equal(new.params["W"], W0)
+
+
 @pytest.mark.parametrize("kernels", ["eager", "cpp"])
 def test_scan_equals_autograd_through_the_dual_form_fp32(kernels):
     """fp32 at a longer sequence and a real head dim: 16 mini-batches, errors stay at fp32 rounding."""

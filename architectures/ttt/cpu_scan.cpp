@@ -233,6 +233,54 @@ void backward_job(const T* kq, const T* tb, const T* ab, const T* Mb, const T* g
   dtok[j] = dtok_j;
 }
 
+// Inference (no gradient): the whole layer-side inner loop of one (sequence, head) over its n whole mini-batches,
+// heads-first as the layer holds it: q, k, t, out (BH, n c, f), a (BH, n c); tok (c); gamma, beta (H, f);
+// W (BH, f, f) and b (BH, f) from the initial weights to the final ones, in place. Besides forward_job's math it
+// builds M = tril(tok a^T) * (Q K^T + 1) (dual._lr_matrices) and applies the LN and the residual after the loop
+// (out = Q + gamma LN(Zbar) + beta, dual.ttt_dual), and keeps no per-mini-batch states.
+template <typename T>
+void infer_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam, const T* bet, T* W,
+               T* bias, T* out, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
+  std::vector<T> Zk(c * f), G(c * f), zhat(c * f), r(c), gx(f), M(c * c), aG(c * f);
+  const T *g = gam + (j % H) * f, *be = bet + (j % H) * f, tok_c = tok[c - 1];
+  T *Wj = W + j * f * f, *bj = bias + j * f;
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t row0 = j * n * c + i * c;
+    const T *K = k + row0 * f, *Q = q + row0 * f, *t = tb + row0 * f, *a = ab + row0;
+    T* zb = out + row0 * f;  // Zbar, then the output in place
+    for (int64_t row = 0; row < c; row++) {
+      std::copy(bj, bj + f, Zk.data() + row * f);
+      std::copy(bj, bj + f, zb + row * f);
+    }
+    mm(Zk.data(), K, Wj, c, f, f);  // K W + b
+    mm(zb, Q, Wj, c, f, f);         // Q W + b
+    for (int64_t row = 0; row < c; row++)
+      ln_grad_row(Zk.data() + row * f, t + row * f, g, be, G.data() + row * f, zhat.data() + row * f, r.data() + row,
+                  gx.data(), f);
+    std::fill(M.begin(), M.end(), T(0));
+    mm_nt(M.data(), Q, K, c, f, c);  // Q K^T
+    for (int64_t row = 0; row < c; row++)
+      for (int64_t col = 0; col < c; col++)
+        M[row * c + col] = col <= row ? tok[row] * a[col] * (M[row * c + col] + T(1)) : T(0);
+    mm(zb, M.data(), G.data(), c, c, f, T(-1));  // Zq - M G
+    for (int64_t row = 0; row < c; row++) {
+      T* z = zb + row * f;
+      const T* x = Q + row * f;
+      const T mu = mean(z, f);
+      T var = 0;
+#pragma omp simd reduction(+ : var)
+      for (int64_t col = 0; col < f; col++) var += (z[col] - mu) * (z[col] - mu);
+      const T rstd = T(1) / std::sqrt(var / T(f) + T(LN_EPS));
+#pragma omp simd
+      for (int64_t col = 0; col < f; col++) z[col] = x[col] + g[col] * (z[col] - mu) * rstd + be[col];
+    }
+    for (int64_t row = 0; row < c; row++)
+      for (int64_t col = 0; col < f; col++) aG[row * f + col] = a[row] * G[row * f + col];
+    mm_tn(Wj, K, aG.data(), f, c, f, -tok_c);  // W - tok K^T aG (after both products with W)
+    for (int64_t row = 0; row < c; row++) axpy(bj, aG.data() + row * f, -tok_c, f);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -254,6 +302,13 @@ extern "C" {
     parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
       backward_job<T>(kq, tb, ab, Mb, gam, bet, T(tok), Ws, Gs, zhats, rs, dzbar, dW, db, dkq, dtb, dab, dMb,    \
                       dtok, dgam, dbet, d, j);                                                                   \
+    });                                                                                                          \
+  }                                                                                                              \
+  void ttt_linear_scan_infer_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok,            \
+                                      const T* gam, const T* bet, T* W, T* b, T* out, int64_t n, int64_t BH,     \
+                                      int64_t H, int64_t c, int64_t f, int64_t threads) {                        \
+    parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
+      infer_job<T>(q, k, tb, ab, tok, gam, bet, W, b, out, n, H, c, f, j);                                       \
     });                                                                                                          \
   }
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from architectures.ttt import cpu_scan
 from architectures.ttt.inner import gelu_tanh, gelu_tanh_and_grad, layer_norm, ln_loss_grad
 from architectures.ttt.scan import ScanKernels, linear_scan
 
@@ -141,19 +142,25 @@ def _step(inner, params, acc, q, k, t, a, tok, E, M, complete: bool, piece=None)
 
 
 def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int, piece=None, scan: ScanKernels | None = None):
-    """Whole mini-batches from offset 0. Everything that does not depend on the inner weights
+    """Whole mini-batches from offset 0: their Zbar pieces, the weights after them and whether the pieces are
+    final outputs already (LN and residual applied). Everything that does not depend on the inner weights
     (E, M) is computed for all mini-batches at once; the loop carries only the weights. With
     group > 0 the loop is recomputed in backward every `group` mini-batches. scan: the loop is one
-    autograd op with a hand-derived backward (scan.py; TTT-Linear with its LN and bias)."""
+    autograd op with a hand-derived backward (scan.py; TTT-Linear with its LN and bias); with scan.cpp and no
+    gradient, one C++ call computes the outputs (cpu_scan.infer)."""
     B, H, T, f = q.shape
     n = T // b
+    if scan is not None and scan.cpp and not torch.is_grad_enabled():  # inference: one C++ call, LN and residual in
+        out, W, bias = cpu_scan.infer(q, k, t, a, tok, params["_ln_w"].reshape(H, f), params["_ln_b"].reshape(H, f),
+                                      params["W"], params["b"])
+        return [out], {**params, "W": W, "b": bias}, True
     qs, ks, ts = (x.reshape(B, H, n, b, f) for x in (q, k, t))  # (B, H, n, b, f)
     As = a.reshape(B, H, n, b)
     Es, Ms = _lr_matrices(qs, ks, As, tok, _has_bias(inner, params))  # (B, H, n, b, b)
     if scan is not None:
         zbar, W, bias = linear_scan(qs, ks, ts, As, Ms, tok[-1:], params["W"], params["b"],
                                     params["_ln_w"], params["_ln_b"], scan)
-        return [zbar.reshape(B, H, T, f)], {**params, "W": W, "b": bias}
+        return [zbar.reshape(B, H, T, f)], {**params, "W": W, "b": bias}, False
     # unbind, not indexing: the backward of n index ops would add n full-size zero tensors
     per_mb = list(zip(*(x.unbind(2) for x in (qs, ks, ts, As, Es, Ms))))
     names = sorted(params)
@@ -178,7 +185,7 @@ def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int, piece=
             res = run(first, count, *flat)
         zbars.append(res[0])
         params = dict(zip(names, res[1:]))
-    return zbars, params
+    return zbars, params, False
 
 
 def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_batch: int,
@@ -203,7 +210,12 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
         params.update(_ln_w=ln_w, _ln_b=ln_b)  # the LN rides along with the weights
     bias = _has_bias(inner, params)
     acc, off = state.acc, state.offset
-    zbars, t = [], 0
+    outs, t = [], 0  # the outputs of consecutive spans of tokens
+
+    def finish(zbar, sl: slice):
+        """A span's output from its Zbar: [q +] [LN](Zbar)."""
+        out = layer_norm(zbar, ln_w, ln_b) if ln else zbar
+        return q[:, :, sl] + out if residual else out  # the residual is with Q
 
     def piece(lo: int, hi: int, tok_piece, complete: bool):
         nonlocal params, acc
@@ -211,7 +223,7 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
         E, M = _lr_matrices(q[:, :, sl], k[:, :, sl], a[:, :, sl], tok_piece, bias)
         zbar, params, acc = _step(inner, params, acc, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
                                   tok_piece, E, M, complete)
-        zbars.append(zbar)
+        outs.append(finish(zbar, sl))
 
     if b > LONG_PIECE:  # long mini-batches (b = T, "seq"): pieces of LONG_PIECE through the accumulators
         while t < T:
@@ -229,17 +241,14 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
         if n_full:
             sl = slice(t, t + n_full * b)
             use_scan = scan if inner == "linear" and ln and residual and bias and checkpoint_group == 0 else None
-            full, params = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
-                                             tok, b, checkpoint_group, full_piece, use_scan)
-            zbars.extend(full)
+            full, params, final = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl],
+                                                    a[:, :, sl], tok, b, checkpoint_group, full_piece, use_scan)
+            full = full[0] if len(full) == 1 else torch.cat(full, dim=2)
+            outs.append(full if final else finish(full, sl))
             t += n_full * b
         if t < T:  # a trailing partial mini-batch: processed, its update kept as accumulators
             piece(t, T, tok[: T - t], False)
             off = T - t
-    out = torch.cat(zbars, dim=2)
-    if ln:
-        out = layer_norm(out, ln_w, ln_b)
-    if residual:
-        out = q + out  # the residual is with Q
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     weights = {n: p for n, p in params.items() if not n.startswith("_")}
     return out, InnerState(weights, acc, off)
