@@ -147,8 +147,10 @@ def _minibatch_update(W, bias, k, v, a, gamma, beta, tok_last, maskf, F: tl.cons
 @triton.jit
 def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
                 T, H, n_full, n_ckpt, group, stride_w0, stride_b0, eps,
-                F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, HAS_PARTIAL: tl.constexpr,
+                F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, PARTIAL: tl.constexpr,
                 SAVE: tl.constexpr, PREC: tl.constexpr):
+    """The whole mini-batches; PARTIAL: a second launch for a trailing partial one, from the final state WN, BN
+    (one code path per launch keeps the registers to one mini-batch's: ptxas spills less)."""
     pid = tl.program_id(0)  # sequence * H + head
     seq, h = pid // H, pid % H
     offs_m, offs_f = tl.arange(0, MB), tl.arange(0, BF)
@@ -156,28 +158,11 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
     all_m = offs_m < MB
     wmask = maskf[:, None] & maskf[None, :]
     w_off = offs_f[:, None] * F + offs_f[None, :]
-    W = tl.load(W0 + seq * stride_w0 + h * F * F + w_off, mask=wmask, other=0.0).to(tl.float32)
-    bias = tl.load(B0 + seq * stride_b0 + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
     gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     base = pid * T * F
-    for i in range(0, n_full):
-        if SAVE:
-            if i % group == 0:
-                c = pid * n_ckpt + i // group
-                tl.store(WC + c * F * F + w_off, W, mask=wmask)
-                tl.store(BC + c * F + offs_f, bias, mask=maskf)
-        rows = i * MB + offs_m
-        q = _load_rows(Q + base, rows, offs_f, all_m, maskf, F)
-        k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
-        v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
-        a = tl.load(A + pid * T + rows).to(tl.float32)
-        out, aG = _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F, eps, PREC)
-        _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
-        W = W - tok_last * tl.dot(tl.trans(k), aG, input_precision=PREC)
-        bias = bias - tok_last * tl.sum(aG, axis=0)
-    tl.store(WN + pid * F * F + w_off, W, mask=wmask)  # before the partial mini-batch: W dies in its forward
-    tl.store(BN + pid * F + offs_f, bias, mask=maskf)
-    if HAS_PARTIAL:
+    if PARTIAL:  # its outputs from the committed state; its update's sums go to the accumulators
+        W = tl.load(WN + pid * F * F + w_off, mask=wmask, other=0.0)
+        bias = tl.load(BN + pid * F + offs_f, mask=maskf, other=0.0)
         rows = n_full * MB + offs_m
         maskm = rows < T
         q = _load_rows(Q + base, rows, offs_f, maskm, maskf, F)
@@ -188,6 +173,26 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
         _store_rows(OUT + base, out, rows, offs_f, maskm, maskf, F)
         tl.store(AW + pid * F * F + w_off, tl.dot(tl.trans(k), aG, input_precision=PREC), mask=wmask)
         tl.store(AB + pid * F + offs_f, tl.sum(aG, axis=0), mask=maskf)
+    else:
+        W = tl.load(W0 + seq * stride_w0 + h * F * F + w_off, mask=wmask, other=0.0).to(tl.float32)
+        bias = tl.load(B0 + seq * stride_b0 + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+        for i in range(0, n_full):
+            if SAVE:
+                if i % group == 0:
+                    c = pid * n_ckpt + i // group
+                    tl.store(WC + c * F * F + w_off, W, mask=wmask)
+                    tl.store(BC + c * F + offs_f, bias, mask=maskf)
+            rows = i * MB + offs_m
+            q = _load_rows(Q + base, rows, offs_f, all_m, maskf, F)
+            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
+            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
+            a = tl.load(A + pid * T + rows).to(tl.float32)
+            out, aG = _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F, eps, PREC)
+            _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
+            W = W - tok_last * tl.dot(tl.trans(k), aG, input_precision=PREC)
+            bias = bias - tok_last * tl.sum(aG, axis=0)
+        tl.store(WN + pid * F * F + w_off, W, mask=wmask)
+        tl.store(BN + pid * F + offs_f, bias, mask=maskf)
 
 
 # -- backward ----------------------------------------------------------------------------------
@@ -198,8 +203,9 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
                         F: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
     """dual_backward.linear_minibatch_backward for one (sequence, head): returns dq, dk, dv, da, dtok (MB),
     dgamma, dbeta (BF) and db before the mini-batch. W is read from WP, twice (as W, then as W^T); dW, the
-    gradient of the weights after the mini-batch, is read from DWP and replaced there by the one before it:
-    neither f x f matrix stays in registers across the mini-batch's products."""
+    gradient of the weights after the mini-batch, is read from DWP (as dW, then as dW^T) and replaced there by
+    the one before it: neither f x f matrix stays in registers across the mini-batch's products (ptxas for
+    sm_90 at f = 64: 608 B of spill stores with both in registers, 76 B so)."""
     W = tl.load(WP + w_off, mask=wmask, other=0.0)
     Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
     if COMMIT:  # k dW' beside k W: k's operand copy for the products is then short-lived
@@ -228,9 +234,7 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
     if COMMIT:
         tok_last = tl.sum(tl.where(offs_m == MB - 1, tok, 0.0), axis=0)
         aG = a[:, None] * G
-        daG = -tok_last * kdW  # dl/d(aG) = -tok_last (k dW' + db')
-        dW = tl.load(DWP + w_off, mask=wmask, other=0.0)
-        dk -= tok_last * tl.dot(aG, tl.trans(dW), input_precision=PREC)
+        daG = -tok_last * kdW  # dl/d(aG) = -tok_last (k dW' + db'); its product with dW'^T comes last
         s = -tl.sum(tl.sum(aG * kdW, axis=1), axis=0)  # <k^T aG, dW'> + <sum aG, db'>
         dtok += tl.where(offs_m == MB - 1, s, 0.0)
         da += tl.sum(daG * G, axis=1)
@@ -241,6 +245,9 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
     WT = tl.load(WP + tl.trans(w_off), mask=tl.trans(wmask), other=0.0)  # the W^T products, last
     dq += tl.dot(dzbar, WT, input_precision=PREC)
     dk += tl.dot(dZ, WT, input_precision=PREC) - dt
+    if COMMIT:  # through W' = W - tok_last K^T aG: dK -= tok_last aG dW'^T
+        dk = tl.dot(-tok_last * (a[:, None] * G), tl.load(DWP + tl.trans(w_off), mask=tl.trans(wmask), other=0.0),
+                    dk, input_precision=PREC)
     # dW' and db' are read above (the commit's terms), so this mini-batch's terms are added last
     dW = tl.load(DWP + w_off, mask=wmask, other=0.0)
     dW = tl.dot(tl.trans(k), dZ, tl.dot(tl.trans(q), dzbar, dW, input_precision=PREC), input_precision=PREC)
@@ -255,8 +262,11 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
 def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
                 DQ, DK, DV, DA, DTOK, DLNW, DLNB, DW0, DB0, WS, BS,
                 T, H, n_full, n_ckpt, group, eps,
-                F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, HAS_PARTIAL: tl.constexpr,
-                PREC: tl.constexpr):
+                F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, PARTIAL: tl.constexpr,
+                AFTER_PARTIAL: tl.constexpr, PREC: tl.constexpr):
+    """PARTIAL: a first launch for a trailing partial mini-batch (its outputs used the final committed state; it
+    changed no state), which leaves dW, db and its dtok, dgamma, dbeta in the outputs; the second launch
+    (AFTER_PARTIAL) continues from them over the whole mini-batches."""
     pid = tl.program_id(0)
     h = pid % H
     offs_m, offs_f = tl.arange(0, MB), tl.arange(0, BF)
@@ -266,54 +276,58 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
     w_off = offs_f[:, None] * F + offs_f[None, :]
     gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     DWP = DW0 + pid * F * F  # dW, carried through the mini-batches in place (it ends as dW0)
-    tl.store(DWP + w_off, tl.load(DWN + pid * F * F + w_off, mask=wmask, other=0.0), mask=wmask)
-    tl.debug_barrier()
-    db = tl.load(DBN + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    dgamma = tl.zeros([BF], dtype=tl.float32)
-    dbeta = tl.zeros([BF], dtype=tl.float32)
-    dtok = tl.zeros([MB], dtype=tl.float32)
     base = pid * T * F
-    if HAS_PARTIAL:  # its outputs used the final committed state; it changed no state
+    if AFTER_PARTIAL:
+        db = tl.load(DB0 + pid * F + offs_f, mask=maskf, other=0.0)
+        dgamma = tl.load(DLNW + pid * F + offs_f, mask=maskf, other=0.0)
+        dbeta = tl.load(DLNB + pid * F + offs_f, mask=maskf, other=0.0)
+        dtok = tl.load(DTOK + pid * MB + offs_m)
+    else:
+        tl.store(DWP + w_off, tl.load(DWN + pid * F * F + w_off, mask=wmask, other=0.0), mask=wmask)
+        tl.debug_barrier()
+        db = tl.load(DBN + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+        dgamma = tl.zeros([BF], dtype=tl.float32)
+        dbeta = tl.zeros([BF], dtype=tl.float32)
+        dtok = tl.zeros([MB], dtype=tl.float32)
+    if PARTIAL:
         rows = n_full * MB + offs_m
         maskm = rows < T
         bias = tl.load(BN + pid * F + offs_f, mask=maskf, other=0.0)
         q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, maskm, maskf, F)
-        dq, dk, dv, da, dt_, dg_, db_, db = _minibatch_backward(
+        dq, dk, dv, da, dtok, dgamma, dbeta, db = _minibatch_backward(
             WN + pid * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db, maskf, offs_m, F, MB,
             eps, False, PREC)
         _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, maskm, maskf, F)
-        dtok += dt_
-        dgamma += dg_
-        dbeta += db_
-    for gi in range(0, n_ckpt):
-        g = n_ckpt - 1 - gi
-        first = g * group
-        count = tl.minimum(group, n_full - first)
-        c = pid * n_ckpt + g
-        W = tl.load(WC + c * F * F + w_off, mask=wmask, other=0.0)
-        bias = tl.load(BC + c * F + offs_f, mask=maskf, other=0.0)
-        for j in range(0, count):  # recompute the states inside the group
-            tl.store(WS + (pid * group + j) * F * F + w_off, W, mask=wmask)
-            tl.store(BS + (pid * group + j) * F + offs_f, bias, mask=maskf)
-            rows = (first + j) * MB + offs_m
-            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
-            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
-            a = tl.load(A + pid * T + rows).to(tl.float32)
-            W, bias = _minibatch_update(W, bias, k, v, a, gamma, beta, tok_last, maskf, F, eps, PREC)
-        tl.debug_barrier()
-        for jj in range(0, count):
-            j = count - 1 - jj
-            bias = tl.load(BS + (pid * group + j) * F + offs_f, mask=maskf, other=0.0)
-            rows = (first + j) * MB + offs_m
-            q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
-            dq, dk, dv, da, dt_, dg_, db_, db = _minibatch_backward(
-                WS + (pid * group + j) * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db, maskf,
-                offs_m, F, MB, eps, True, PREC)
-            _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, all_m, maskf, F)
-            dtok += dt_
-            dgamma += dg_
-            dbeta += db_
-        tl.debug_barrier()
+    else:
+        for gi in range(0, n_ckpt):
+            g = n_ckpt - 1 - gi
+            first = g * group
+            count = tl.minimum(group, n_full - first)
+            c = pid * n_ckpt + g
+            W = tl.load(WC + c * F * F + w_off, mask=wmask, other=0.0)
+            bias = tl.load(BC + c * F + offs_f, mask=maskf, other=0.0)
+            for j in range(0, count):  # recompute the states inside the group
+                tl.store(WS + (pid * group + j) * F * F + w_off, W, mask=wmask)
+                tl.store(BS + (pid * group + j) * F + offs_f, bias, mask=maskf)
+                rows = (first + j) * MB + offs_m
+                k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
+                v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
+                a = tl.load(A + pid * T + rows).to(tl.float32)
+                W, bias = _minibatch_update(W, bias, k, v, a, gamma, beta, tok_last, maskf, F, eps, PREC)
+            tl.debug_barrier()
+            for jj in range(0, count):
+                j = count - 1 - jj
+                bias = tl.load(BS + (pid * group + j) * F + offs_f, mask=maskf, other=0.0)
+                rows = (first + j) * MB + offs_m
+                q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
+                dq, dk, dv, da, dt_, dg_, db_, db = _minibatch_backward(
+                    WS + (pid * group + j) * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db,
+                    maskf, offs_m, F, MB, eps, True, PREC)
+                _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, all_m, maskf, F)
+                dtok += dt_
+                dgamma += dg_
+                dbeta += db_
+            tl.debug_barrier()
     tl.store(DB0 + pid * F + offs_f, db, mask=maskf)
     tl.store(DLNW + pid * F + offs_f, dgamma, mask=maskf)
     tl.store(DLNB + pid * F + offs_f, dbeta, mask=maskf)
@@ -389,12 +403,13 @@ PRECISIONS = ("tf32", "ieee")
 # H200, 2026-11-30: 32 heads x 64, bf16 inputs, tf32 products). TTT-Linear forward, batch 16: 0.91 / 3.23 ms
 # at 4 warps and 1.55 / 6.11 ms at 8 (T = 2k / 8k); forward+backward, batch 4: 3.54 / 12.35 ms at 4 and
 # 3.14 / 10.59 ms at 8, so the backward is faster at 8. TTT-MLP forward, batch 16, 2k: 16.2 ms at 4, 9.9 at
-# 8; its backward was not timed (at f = 64 it needs more shared memory than sm_90 has: `make check-kernels`).
+# 8; its backward was not timed (it held W1 and W2 whole and needed more shared memory than sm_90 has at f = 64).
+# TTT-MLP's kernels now read them a tile of hidden units at a time (triton_mlp.py): not yet timed.
 DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 8, ("mlp", "fwd"): 8, ("mlp", "bwd"): 8}
 # Software-pipelining stages of the prefill kernels' loops: Triton's default for CUDA. ptxas for sm_90 at f = 64
-# (`make check-kernels --num-stages N`), TTT-Linear forward at 4 warps: 56 B of spill stores at 3 stages, 128 B at
-# 2, 0 at 1 (253 registers); backward at 8 warps: 608 / 592 / 584 B. 1 stage is not yet timed on a GPU (`make
-# gpu-check` times it: bench/ttt_kernel_speed.py --variants), so the default stays.
+# (`make check-kernels ARGS="--num-stages N"`), spill stores at 3 / 2 / 1 stages: TTT-Linear forward (4 warps)
+# 0 / 0 / 0; backward (8 warps) 76 / 92 / 80 B; TTT-MLP forward 16 / 24 / 16 B, backward 580 / 556 / 508 B. 1 stage
+# is not yet timed on a GPU (`make gpu-check` times it: bench/ttt_kernel_speed.py --variants), so the default stays.
 DEFAULT_STAGES = 3
 
 
@@ -404,9 +419,10 @@ class Launch:
     input_precision: "tf32" multiplies on the tensor cores (10-bit mantissa, fp32 accumulation and state;
     0.7-1.4e-3 relative RMSE of the output against "ieee" at the 1.3B shape, T = 2k-8k;
     tests/test_ttt_triton.py states the tolerance against the fp32 dual form); "ieee" gives exact fp32
-    products on the CUDA cores, 2.8x slower in the TTT-Linear forward on an H200 (ptxas spills 16-37 KB per thread in its backward at
-    f = 64: `make check-kernels --precision ieee`). The interpreter ignores it (exact). `num_warps` per
-    program: None takes DEFAULT_WARPS per kernel, a number applies to every prefill kernel; `num_stages`
+    products on the CUDA cores, 2.8x slower in the TTT-Linear forward on an H200 (ptxas spills 1.6 KB per
+    thread in its backward at f = 64: `make check-kernels ARGS="--precision ieee"`). The interpreter ignores it
+    (exact). `num_warps` per program: None takes DEFAULT_WARPS per kernel, a number applies to every prefill
+    kernel; `num_stages`
     the loops' software-pipelining stages (DEFAULT_STAGES). `make gpu-check` times every variant
     (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION, TTT_TRITON_WARPS and TTT_TRITON_STAGES
     override the defaults."""
@@ -470,11 +486,12 @@ class TTTLinearFunction(torch.autograd.Function):
         save = any(ctx.needs_input_grad)
         wc = torch.empty(Bsz, H, n_ckpt if save else 1, f, f, **f32)
         bc = torch.empty(Bsz, H, n_ckpt if save else 1, f, **f32)
-        _fwd_kernel[(Bsz * H,)](
-            q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
-            T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
-            LN_EPS, F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, SAVE=bool(save), PREC=LAUNCH.precision,
-            num_warps=LAUNCH.warps("linear", "fwd"), num_stages=LAUNCH.num_stages)
+        for part in (False, True)[: 1 + (partial > 0)]:  # the whole mini-batches, then a trailing partial one
+            _fwd_kernel[(Bsz * H,)](
+                q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
+                T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
+                LN_EPS, F=f, BF=_block(f), MB=MB, PARTIAL=part, SAVE=bool(save), PREC=LAUNCH.precision,
+                num_warps=LAUNCH.warps("linear", "fwd"), num_stages=LAUNCH.num_stages)
         ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn)
         ctx.meta = (group, n_full, n_ckpt, partial, W0.shape, b0.shape, tok.dtype, ln_w.dtype, W0.dtype)
         ctx.mark_non_differentiable(aw, ab)
@@ -496,12 +513,13 @@ class TTTLinearFunction(torch.autograd.Function):
         dlnw, dlnb = torch.empty(Bsz, H, f, **f32), torch.empty(Bsz, H, f, **f32)
         dW0, db0 = torch.empty(Bsz, H, f, f, **f32), torch.empty(Bsz, H, f, **f32)
         ws, bs = torch.empty(Bsz, H, group, f, f, **f32), torch.empty(Bsz, H, group, f, **f32)
-        _bwd_kernel[(Bsz * H,)](
-            q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn, dout, dWn, dbn,
-            dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
-            T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
-            F=f, BF=_block(f), MB=MB, HAS_PARTIAL=partial > 0, PREC=LAUNCH.precision,
-            num_warps=LAUNCH.warps("linear", "bwd"), num_stages=LAUNCH.num_stages)
+        for part in (True, False)[partial == 0:]:  # a trailing partial mini-batch first, then the whole ones
+            _bwd_kernel[(Bsz * H,)](
+                q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn, dout, dWn, dbn,
+                dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
+                T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
+                F=f, BF=_block(f), MB=MB, PARTIAL=part, AFTER_PARTIAL=partial > 0 and not part, PREC=LAUNCH.precision,
+                num_warps=LAUNCH.warps("linear", "bwd"), num_stages=LAUNCH.num_stages)
         if w_shape[0] == 1:
             dW0, db0 = dW0.sum(0, keepdim=True), db0.sum(0, keepdim=True)
         return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),

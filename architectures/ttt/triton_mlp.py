@@ -2,8 +2,12 @@
 of dual.py (f_res(x) = gelu_tanh(x W1 + b1) W2 + b2, hidden 4f). Structure as triton_linear.py (read it
 first); the math of the backward is dual_backward.mlp_minibatch_backward, checked against autograd.
 
-The four inner weights (W1 f x 4f, b1, W2 4f x f, b2) stay in fp32 on chip. Head dims that are not a
-power of two are padded (hidden 4f too); padded lanes are zero through every product and GELU.
+The inner weights (W1 f x 4f, b1, W2 4f x f, b2) are fp32. The forward keeps W1, b1 and W2 in memory (its
+outputs, updated in place; at f = 64 they are 128 KB, more than registers or shared memory hold) and reads them
+a tile of hidden units at a time (hidden_tile), in two passes per mini-batch (_mb_forward_tiled); b2 stays in
+registers. The backward and the decode kernel still hold the four whole on chip, so the layer launches them up to
+head dim 32 (layer.MLP_TRITON_MAX_HEAD_DIM). Head dims that are not a power of two are padded (hidden 4f too);
+padded lanes are zero through every product and GELU.
 GELU's tanh is 2 sigmoid(2u) - 1 (the interpreter lacks libdevice's tanh).
 """
 from __future__ import annotations
@@ -16,7 +20,7 @@ import triton.language as tl
 
 from architectures.ttt.inner import LN_EPS
 from architectures.ttt.triton_linear import (DEFAULT_GROUP, LAUNCH, _block, _ln_grad_vjp, _ln_loss_grad,
-                                             _ln_stats, _ln_vjp, _load_minibatch, _load_outer, _load_rows,
+                                             _ln_stats, decode_warps, _ln_vjp, _load_minibatch, _load_outer, _load_rows,
                                              _store_minibatch_grads, _store_rows)
 
 
@@ -43,250 +47,392 @@ def _store_w(ptr, x, rows, cols, mr, mc, NC: tl.constexpr):
 
 
 @triton.jit
-def _mb_forward(W1, b1, W2, b2, q, k, v, a, tok, gamma, beta, maskf, offs_m, F: tl.constexpr, eps,
-                PREC: tl.constexpr):
-    """One mini-batch: outputs q + LN(Zbar2), and a G1, a G2, X2 for the update."""
-    Z1 = tl.dot(k, W1, input_precision=PREC) + b1[None, :]
-    X2, s1, _d2 = _gelu(Z1)
-    Z2 = tl.dot(X2, W2, input_precision=PREC) + b2[None, :]
-    zhat, r = _ln_stats(Z2, maskf, F, eps)
-    G2, gx, c2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
-    G1 = tl.dot(G2, tl.trans(W2), input_precision=PREC) * s1
-    E = tl.where(offs_m[:, None] >= offs_m[None, :], tok[:, None] * a[None, :], 0.0)
-    A1 = tl.dot(q, tl.trans(k), input_precision=PREC)
-    zbar1 = tl.dot(q, W1, input_precision=PREC) + b1[None, :] - tl.dot(E * (A1 + 1.0), G1, input_precision=PREC)
-    xbar2, _s, _d = _gelu(zbar1)
-    A2 = tl.dot(xbar2, tl.trans(X2), input_precision=PREC)
-    zbar2 = tl.dot(xbar2, W2, input_precision=PREC) + b2[None, :] - tl.dot(E * (A2 + 1.0), G2, input_precision=PREC)
-    zbhat, rb = _ln_stats(zbar2, maskf, F, eps)
-    return q + gamma[None, :] * zbhat + beta[None, :], a[:, None] * G1, a[:, None] * G2, X2
+def _copy_state(S1, SB1, S2, D1, DB1, D2, offs_f, maskf, offs_t0, F: tl.constexpr, BT: tl.constexpr,
+                NT: tl.constexpr):
+    """W1 (f x 4f), b1 (4f), W2 (4f x f) from S* to D*, a tile of BT hidden units at a time."""
+    for j in range(0, NT):
+        offs_t = j * BT + offs_t0
+        maskt = offs_t < 4 * F
+        _store_w(D1, _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F), offs_f, offs_t, maskf, maskt, 4 * F)
+        tl.store(DB1 + offs_t, tl.load(SB1 + offs_t, mask=maskt, other=0.0), mask=maskt)
+        _store_w(D2, _load_w(S2, offs_t, offs_f, maskt, maskf, F), offs_t, offs_f, maskt, maskf, F)
 
 
 @triton.jit
-def _mb_update(W1, b1, W2, b2, k, v, a, gamma, beta, tok_last, maskf, F: tl.constexpr, eps, PREC: tl.constexpr):
-    Z1 = tl.dot(k, W1, input_precision=PREC) + b1[None, :]
-    X2, s1, _d2 = _gelu(Z1)
-    Z2 = tl.dot(X2, W2, input_precision=PREC) + b2[None, :]
+def _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+                NT: tl.constexpr, MB: tl.constexpr, PREC: tl.constexpr):
+    """Z2 = gelu(K W1 + b1) W2 + b2 (MB, BF), summed over the tiles of hidden units (W1, b1, W2 read from S*)."""
+    Z2 = tl.zeros([MB, BF], dtype=tl.float32) + b2[None, :]
+    for j in range(0, NT):
+        offs_t = j * BT + offs_t0
+        maskt = offs_t < 4 * F
+        Z1 = tl.dot(k, _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F), input_precision=PREC) \
+            + tl.load(SB1 + offs_t, mask=maskt, other=0.0)[None, :]
+        X2, _s1, _d2 = _gelu(Z1)
+        Z2 = tl.dot(X2, _load_w(S2, offs_t, offs_f, maskt, maskf, F), Z2, input_precision=PREC)
+    return Z2
+
+
+@triton.jit
+def _mb_update_tiled(S1, SB1, S2, D1, DB1, D2, b2, k, v, a, tok_last, gamma, beta, maskf, offs_f, offs_t0,
+                     F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr, MB: tl.constexpr, eps,
+                     PREC: tl.constexpr):
+    """Only the state update of one mini-batch (the backward's recomputation): the weights after it into D*
+    (another slot than S*), tile by tile; returns b2 after it."""
+    Z2 = _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)
     zhat, r = _ln_stats(Z2, maskf, F, eps)
-    G2, gx, c2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
-    aG1 = a[:, None] * tl.dot(G2, tl.trans(W2), input_precision=PREC) * s1
+    G2, _gx, _c2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
     aG2 = a[:, None] * G2
-    return (W1 - tok_last * tl.dot(tl.trans(k), aG1, input_precision=PREC), b1 - tok_last * tl.sum(aG1, axis=0),
-            W2 - tok_last * tl.dot(tl.trans(X2), aG2, input_precision=PREC), b2 - tok_last * tl.sum(aG2, axis=0))
+    for j in range(0, NT):
+        offs_t = j * BT + offs_t0
+        maskt = offs_t < 4 * F
+        W1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
+        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
+        W2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
+        X2, s1, _d2 = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
+        aG1 = a[:, None] * tl.dot(G2, tl.trans(W2), input_precision=PREC) * s1
+        _store_w(D1, tl.dot(tl.trans(k), -tok_last * aG1, W1, input_precision=PREC), offs_f, offs_t, maskf, maskt,
+                 4 * F)
+        tl.store(DB1 + offs_t, b1 - tok_last * tl.sum(aG1, axis=0), mask=maskt)
+        _store_w(D2, tl.dot(tl.trans(X2), -tok_last * aG2, W2, input_precision=PREC), offs_t, offs_f, maskt, maskf,
+                 F)
+    tl.debug_barrier()  # the new state written before it is read
+    return b2 - tok_last * tl.sum(aG2, axis=0)
+
+
+@triton.jit
+def _mb_forward_tiled(S1, SB1, S2, D1, DB1, D2, b2, q, k, v, a, tok, tok_last, gamma, beta, maskf, offs_f, offs_m,
+                      offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr,
+                      MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
+    """One mini-batch of TTT-MLP with W1, b1, W2 in memory (S1, SB1, S2), read a tile of BT hidden units at a
+    time; b2 (BF) in registers. Two passes over the tiles: the first sums Z2 = gelu(K W1 + b1) W2 + b2 (then G2),
+    the second computes G1, Zbar1, Xbar2 and their sums Zbar2 and A2 tile by tile, and writes each tile's update:
+    COMMIT, the weights after the mini-batch into D* (= S*: in place, each tile after its last read); else the
+    update's sums K^T aG1, sum aG1, X2^T aG2 (a partial mini-batch's accumulators). Returns the outputs q +
+    LN(Zbar2) and aG2 (the caller updates b2)."""
+    Z2 = _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)  # pass 1
+    zhat, r = _ln_stats(Z2, maskf, F, eps)
+    G2, _gx, _c2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
+    E = tl.where(offs_m[:, None] >= offs_m[None, :], tok[:, None] * a[None, :], 0.0)
+    M1 = E * (tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0)
+    aG2 = a[:, None] * G2
+    zbar2 = tl.zeros([MB, BF], dtype=tl.float32) + b2[None, :]
+    A2 = tl.zeros([MB, MB], dtype=tl.float32)
+    tl.debug_barrier()  # every tile read by pass 1 before pass 2 writes any
+    for j in range(0, NT):  # pass 2: G1, Zbar1, Xbar2 per tile; the tile's update
+        offs_t = j * BT + offs_t0
+        maskt = offs_t < 4 * F
+        W1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
+        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
+        W2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
+        X2, s1, _d2 = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
+        G1 = tl.dot(G2, tl.trans(W2), input_precision=PREC) * s1
+        zbar1 = tl.dot(q, W1, input_precision=PREC) + b1[None, :] - tl.dot(M1, G1, input_precision=PREC)
+        xbar2, _s, _d = _gelu(zbar1)
+        A2 = tl.dot(xbar2, tl.trans(X2), A2, input_precision=PREC)
+        zbar2 = tl.dot(xbar2, W2, zbar2, input_precision=PREC)
+        aG1 = a[:, None] * G1
+        tl.debug_barrier()  # every thread has read the tile before it is overwritten (COMMIT: in place)
+        if COMMIT:  # W - tok_last (update), accumulated on the tensor cores
+            W1 = tl.dot(tl.trans(k), -tok_last * aG1, W1, input_precision=PREC)
+            b1 = b1 - tok_last * tl.sum(aG1, axis=0)
+            W2 = tl.dot(tl.trans(X2), -tok_last * aG2, W2, input_precision=PREC)
+        else:
+            W1 = tl.dot(tl.trans(k), aG1, input_precision=PREC)
+            b1 = tl.sum(aG1, axis=0)
+            W2 = tl.dot(tl.trans(X2), aG2, input_precision=PREC)
+        _store_w(D1, W1, offs_f, offs_t, maskf, maskt, 4 * F)
+        tl.store(DB1 + offs_t, b1, mask=maskt)
+        _store_w(D2, W2, offs_t, offs_f, maskt, maskf, F)
+    tl.debug_barrier()  # the tiles written before the next mini-batch reads them
+    zbar2 = zbar2 - tl.dot(E * (A2 + 1.0), G2, input_precision=PREC)
+    zbhat, rb = _ln_stats(zbar2, maskf, F, eps)
+    return q + gamma[None, :] * zbhat + beta[None, :], aG2
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W10, B10, W20, B20, OUT, W1N, B1N, W2N, B2N, AW1, AB1, AW2, AB2,
                 WC1, BC1, WC2, BC2, T, H, n_full, n_ckpt, group, s_w1, s_b1, s_w2, s_b2, eps,
-                F: tl.constexpr, BF: tl.constexpr, BH: tl.constexpr, MB: tl.constexpr,
-                HAS_PARTIAL: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr):
+                F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, MB: tl.constexpr, PARTIAL: tl.constexpr,
+                SAVE: tl.constexpr, PREC: tl.constexpr):
+    """The state (W1, b1, W2) lives in the outputs W1N, B1N, W2N, updated in place tile by tile (BT hidden units;
+    at f = 64 the whole state, 128 KB of fp32, fits neither registers nor shared memory); b2 in registers.
+    PARTIAL: a second launch for a trailing partial mini-batch: its outputs from the final state, its update's
+    sums into the accumulators AW1, AB1, AW2, AB2 (one code path per launch keeps the registers to one
+    mini-batch's)."""
     pid = tl.program_id(0)
     seq, h = pid // H, pid % H
-    offs_m, offs_f, offs_h = tl.arange(0, MB), tl.arange(0, BF), tl.arange(0, BH)
-    maskf, maskh, all_m = offs_f < F, offs_h < 4 * F, offs_m < MB
-    W1 = _load_w(W10 + seq * s_w1 + h * F * 4 * F, offs_f, offs_h, maskf, maskh, 4 * F)
-    b1 = tl.load(B10 + seq * s_b1 + h * 4 * F + offs_h, mask=maskh, other=0.0).to(tl.float32)
-    W2 = _load_w(W20 + seq * s_w2 + h * 4 * F * F, offs_h, offs_f, maskh, maskf, F)
-    b2 = tl.load(B20 + seq * s_b2 + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    NT = (4 * F + BT - 1) // BT  # tiles of hidden units (the padding past 4f needs none)
+    offs_m, offs_f, offs_t0 = tl.arange(0, MB), tl.arange(0, BF), tl.arange(0, BT)
+    maskf, all_m = offs_f < F, offs_m < MB
+    S1, SB1, S2 = W1N + pid * F * 4 * F, B1N + pid * 4 * F, W2N + pid * 4 * F * F
     gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     base = pid * T * F
-    for i in range(0, n_full):
-        if SAVE:
-            if i % group == 0:
-                c = pid * n_ckpt + i // group
-                _store_w(WC1 + c * F * 4 * F, W1, offs_f, offs_h, maskf, maskh, 4 * F)
-                tl.store(BC1 + c * 4 * F + offs_h, b1, mask=maskh)
-                _store_w(WC2 + c * 4 * F * F, W2, offs_h, offs_f, maskh, maskf, F)
-                tl.store(BC2 + c * F + offs_f, b2, mask=maskf)
-        rows = i * MB + offs_m
-        q = _load_rows(Q + base, rows, offs_f, all_m, maskf, F)
-        k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
-        v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
-        a = tl.load(A + pid * T + rows).to(tl.float32)
-        out, aG1, aG2, X2 = _mb_forward(W1, b1, W2, b2, q, k, v, a, tok, gamma, beta, maskf, offs_m, F, eps, PREC)
-        _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
-        W1 = W1 - tok_last * tl.dot(tl.trans(k), aG1, input_precision=PREC)
-        b1 = b1 - tok_last * tl.sum(aG1, axis=0)
-        W2 = W2 - tok_last * tl.dot(tl.trans(X2), aG2, input_precision=PREC)
-        b2 = b2 - tok_last * tl.sum(aG2, axis=0)
-    if HAS_PARTIAL:
+    if PARTIAL:
         rows = n_full * MB + offs_m
         maskm = rows < T
         q = _load_rows(Q + base, rows, offs_f, maskm, maskf, F)
         k = _load_rows(K + base, rows, offs_f, maskm, maskf, F)
         v = _load_rows(V + base, rows, offs_f, maskm, maskf, F)
         a = tl.load(A + pid * T + rows, mask=maskm, other=0.0).to(tl.float32)
-        out, aG1, aG2, X2 = _mb_forward(W1, b1, W2, b2, q, k, v, a, tok, gamma, beta, maskf, offs_m, F, eps, PREC)
+        b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
+        out, aG2 = _mb_forward_tiled(S1, SB1, S2, AW1 + pid * F * 4 * F, AB1 + pid * 4 * F, AW2 + pid * 4 * F * F,
+                                     b2, q, k, v, a, tok, tok_last, gamma, beta, maskf, offs_f, offs_m, offs_t0,
+                                     F, BF, BT, NT, MB, eps, False, PREC)
         _store_rows(OUT + base, out, rows, offs_f, maskm, maskf, F)
-        _store_w(AW1 + pid * F * 4 * F, tl.dot(tl.trans(k), aG1, input_precision=PREC), offs_f, offs_h, maskf, maskh,
-                 4 * F)
-        tl.store(AB1 + pid * 4 * F + offs_h, tl.sum(aG1, axis=0), mask=maskh)
-        _store_w(AW2 + pid * 4 * F * F, tl.dot(tl.trans(X2), aG2, input_precision=PREC), offs_h, offs_f, maskh, maskf,
-                 F)
         tl.store(AB2 + pid * F + offs_f, tl.sum(aG2, axis=0), mask=maskf)
-    _store_w(W1N + pid * F * 4 * F, W1, offs_f, offs_h, maskf, maskh, 4 * F)
-    tl.store(B1N + pid * 4 * F + offs_h, b1, mask=maskh)
-    _store_w(W2N + pid * 4 * F * F, W2, offs_h, offs_f, maskh, maskf, F)
-    tl.store(B2N + pid * F + offs_f, b2, mask=maskf)
+    else:
+        _copy_state(W10 + seq * s_w1 + h * F * 4 * F, B10 + seq * s_b1 + h * 4 * F,
+                    W20 + seq * s_w2 + h * 4 * F * F, S1, SB1, S2, offs_f, maskf, offs_t0, F, BT, NT)
+        b2 = tl.load(B20 + seq * s_b2 + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+        tl.debug_barrier()
+        for i in range(0, n_full):
+            if SAVE:
+                if i % group == 0:
+                    c = pid * n_ckpt + i // group
+                    _copy_state(S1, SB1, S2, WC1 + c * F * 4 * F, BC1 + c * 4 * F, WC2 + c * 4 * F * F, offs_f,
+                                maskf, offs_t0, F, BT, NT)
+                    tl.store(BC2 + c * F + offs_f, b2, mask=maskf)
+            rows = i * MB + offs_m
+            q = _load_rows(Q + base, rows, offs_f, all_m, maskf, F)
+            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
+            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
+            a = tl.load(A + pid * T + rows).to(tl.float32)
+            out, aG2 = _mb_forward_tiled(S1, SB1, S2, S1, SB1, S2, b2, q, k, v, a, tok, tok_last, gamma, beta,
+                                         maskf, offs_f, offs_m, offs_t0, F, BF, BT, NT, MB, eps, True, PREC)
+            _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
+            b2 = b2 - tok_last * tl.sum(aG2, axis=0)
+        tl.store(B2N + pid * F + offs_f, b2, mask=maskf)
 
 
 @triton.jit
-def _mb_backward(W1, b1, W2, b2, q, k, v, a, tok, gamma, beta, dout, dW1, db1, dW2, db2, maskf, offs_m,
-                 F: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
-    """dual_backward.mlp_minibatch_backward for one (sequence, head)."""
-    Z1 = tl.dot(k, W1, input_precision=PREC) + b1[None, :]
-    X2, s1, g2nd = _gelu(Z1)
-    Z2 = tl.dot(X2, W2, input_precision=PREC) + b2[None, :]
+def _load_tile(ptr, offs_m, offs_t, maskt, F: tl.constexpr):
+    """One (MB, BT) tile of a per-program (MB, 4f) scratch array."""
+    return tl.load(ptr + offs_m[:, None] * 4 * F + offs_t[None, :], mask=maskt[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, x, offs_m, offs_t, maskt, F: tl.constexpr):
+    tl.store(ptr + offs_m[:, None] * 4 * F + offs_t[None, :], x, mask=maskt[None, :])
+
+
+@triton.jit
+def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, tok, tok_last, gamma, beta, SCR,
+                       maskf, offs_f, offs_m, offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+                       NT: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
+    """dual_backward.mlp_minibatch_backward for one (sequence, head), tile by tile: W1, b1, W2 read from S*, b2
+    given; the gradients of the weights after the mini-batch in GW1, GB1, GW2 (replaced by those before it,
+    in place) and db2 (returned updated). Four passes over the tiles of hidden units, with the whole-width
+    quantities between them: (1) Z2; (2) Zbar1 per tile (kept in scratch), Zbar2 and A2; (3) the gradients
+    through Zbar1 and Xbar2 per tile, the sums dq, dM1, dG2 and the commit's terms (the weight gradients
+    after the mini-batch are read here); (4) after the LN's VJP (dZ2), dX2 and dZ1 per tile, dk, and the new
+    weight gradients. SCR: the program's scratch, 5 arrays (MB, 4f): Zbar1, dZbar1, dP, dX2 (its first terms)
+    and ds1. Returns dq, dk, dv, da, dtok (MB), dgamma, dbeta (BF) and db2 before the mini-batch."""
+    ZB1, DZB1, DPS, DX2S, DS1S = SCR, SCR + MB * 4 * F, SCR + 2 * MB * 4 * F, SCR + 3 * MB * 4 * F, \
+        SCR + 4 * MB * 4 * F
     t = v - k
+    Z2 = _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)  # pass 1
     zhat, r = _ln_stats(Z2, maskf, F, eps)
     G2, gx, c2 = _ln_loss_grad(zhat, r, t, gamma, beta, maskf, F)
-    P = tl.dot(G2, tl.trans(W2), input_precision=PREC)
-    G1 = P * s1
     tril = offs_m[:, None] >= offs_m[None, :]
     E = tl.where(tril, tok[:, None] * a[None, :], 0.0)
     A1 = tl.dot(q, tl.trans(k), input_precision=PREC)
     M1 = E * (A1 + 1.0)
-    zbar1 = tl.dot(q, W1, input_precision=PREC) + b1[None, :] - tl.dot(M1, G1, input_precision=PREC)
-    xbar2, sbar1, _d = _gelu(zbar1)
-    A2 = tl.dot(xbar2, tl.trans(X2), input_precision=PREC)
+    zbar2 = tl.zeros([MB, BF], dtype=tl.float32) + b2[None, :]
+    A2 = tl.zeros([MB, MB], dtype=tl.float32)
+    for j in range(0, NT):  # pass 2: Zbar1 (kept), Zbar2 and A2
+        offs_t = j * BT + offs_t0
+        maskt = offs_t < 4 * F
+        W1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
+        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
+        W2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
+        X2, s1, _d2 = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
+        G1 = tl.dot(G2, tl.trans(W2), input_precision=PREC) * s1
+        zbar1 = tl.dot(q, W1, input_precision=PREC) + b1[None, :] - tl.dot(M1, G1, input_precision=PREC)
+        xbar2, _s, _d = _gelu(zbar1)
+        A2 = tl.dot(xbar2, tl.trans(X2), A2, input_precision=PREC)
+        zbar2 = tl.dot(xbar2, W2, zbar2, input_precision=PREC)
+        _store_tile(ZB1, zbar1, offs_m, offs_t, maskt, F)
     M2 = E * (A2 + 1.0)
-    zbar2 = tl.dot(xbar2, W2, input_precision=PREC) + b2[None, :] - tl.dot(M2, G2, input_precision=PREC)
+    zbar2 = zbar2 - tl.dot(M2, G2, input_precision=PREC)
     zbhat, rb = _ln_stats(zbar2, maskf, F, eps)
-
     dzbar2 = _ln_vjp(zbhat, rb, dout, gamma, maskf, F)
     dgamma = tl.sum(dout * zbhat, axis=0)
     dbeta = tl.sum(dout, axis=0)
-    dxbar2 = tl.dot(dzbar2, tl.trans(W2), input_precision=PREC)
-    dW2n = dW2 + tl.dot(tl.trans(xbar2), dzbar2, input_precision=PREC)
-    db2n = db2 + tl.sum(dzbar2, axis=0)
     dM2 = -tl.dot(dzbar2, tl.trans(G2), input_precision=PREC)
     dG2 = -tl.dot(tl.trans(M2), dzbar2, input_precision=PREC)
     dE = dM2 * (A2 + 1.0)
     dA2 = dM2 * E
-    dxbar2 += tl.dot(dA2, X2, input_precision=PREC)
-    dX2 = tl.dot(tl.trans(dA2), xbar2, input_precision=PREC)
-    dzbar1 = dxbar2 * sbar1
-    dq = dout + tl.dot(dzbar1, tl.trans(W1), input_precision=PREC)
-    dW1n = dW1 + tl.dot(tl.trans(q), dzbar1, input_precision=PREC)
-    db1n = db1 + tl.sum(dzbar1, axis=0)
-    dM1 = -tl.dot(dzbar1, tl.trans(G1), input_precision=PREC)
-    dG1 = -tl.dot(tl.trans(M1), dzbar1, input_precision=PREC)
+    aG2 = a[:, None] * G2
+    dq = dout
+    dk = tl.zeros([MB, BF], dtype=tl.float32)
+    dM1 = tl.zeros([MB, MB], dtype=tl.float32)
+    X2dW2 = tl.zeros([MB, BF], dtype=tl.float32)
+    da = tl.zeros([MB], dtype=tl.float32)
+    s = tl.sum(da, axis=0)  # the commit's dtok term (a scalar 0 here)
+    tl.debug_barrier()  # Zbar1 written
+    for j in range(0, NT):  # pass 3: through Zbar1 and Xbar2; the commit's terms
+        offs_t = j * BT + offs_t0
+        maskt = offs_t < 4 * F
+        W1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
+        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
+        W2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
+        X2, s1, _d2 = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
+        P = tl.dot(G2, tl.trans(W2), input_precision=PREC)
+        G1 = P * s1
+        xbar2, sbar1, _d = _gelu(_load_tile(ZB1, offs_m, offs_t, maskt, F))
+        dxbar2 = tl.dot(dzbar2, tl.trans(W2), input_precision=PREC) + tl.dot(dA2, X2, input_precision=PREC)
+        dX2 = tl.dot(tl.trans(dA2), xbar2, input_precision=PREC)
+        dzbar1 = dxbar2 * sbar1
+        dq = tl.dot(dzbar1, tl.trans(W1), dq, input_precision=PREC)
+        dM1 = dM1 - tl.dot(dzbar1, tl.trans(G1), input_precision=PREC)
+        dG1 = -tl.dot(tl.trans(M1), dzbar1, input_precision=PREC)
+        if COMMIT:  # through W' = W - tok_last (update): the gradients after the mini-batch, dW1', db1', dW2'
+            aG1 = a[:, None] * G1
+            dW1 = _load_w(GW1, offs_f, offs_t, maskf, maskt, 4 * F)
+            kdW1 = tl.dot(k, dW1, input_precision=PREC) + tl.load(GB1 + offs_t, mask=maskt, other=0.0)[None, :]
+            dG1 -= tok_last * a[:, None] * kdW1  # a d(aG1), d(aG1) = -tok_last (K dW1' + db1')
+            da -= tok_last * tl.sum(kdW1 * G1, axis=1)
+            s -= tl.sum(tl.sum(aG1 * kdW1, axis=1), axis=0)
+            dk -= tok_last * tl.dot(aG1, tl.trans(dW1), input_precision=PREC)
+            dW2 = _load_w(GW2, offs_t, offs_f, maskt, maskf, F)
+            X2dW2 = tl.dot(X2, dW2, X2dW2, input_precision=PREC)
+            dX2 -= tok_last * tl.dot(aG2, tl.trans(dW2), input_precision=PREC)
+        dP = dG1 * s1
+        dG2 = tl.dot(dP, W2, dG2, input_precision=PREC)
+        _store_tile(DZB1, dzbar1, offs_m, offs_t, maskt, F)
+        _store_tile(DPS, dP, offs_m, offs_t, maskt, F)
+        _store_tile(DX2S, dX2, offs_m, offs_t, maskt, F)
+        _store_tile(DS1S, dG1 * P, offs_m, offs_t, maskt, F)
+    if COMMIT:
+        kd2 = X2dW2 + db2[None, :]  # X2 dW2' + db2'
+        s -= tl.sum(tl.sum(aG2 * kd2, axis=1), axis=0)
+        da -= tok_last * tl.sum(kd2 * G2, axis=1)
+        dG2 -= tok_last * a[:, None] * kd2
     dE += dM1 * (A1 + 1.0)
     dA1 = dM1 * E
-    dq += tl.dot(dA1, k, input_precision=PREC)
-    dk = tl.dot(tl.trans(dA1), q, input_precision=PREC)
+    dq = tl.dot(dA1, k, dq, input_precision=PREC)
+    dk = tl.dot(tl.trans(dA1), q, dk, input_precision=PREC)
     dE = tl.where(tril, dE, 0.0)
     dtok = tl.sum(dE * a[None, :], axis=1)
-    da = tl.sum(dE * tok[:, None], axis=0)
+    da += tl.sum(dE * tok[:, None], axis=0)
     if COMMIT:
-        tok_last = tl.sum(tl.where(offs_m == MB - 1, tok, 0.0), axis=0)
-        aG1 = a[:, None] * G1
-        aG2 = a[:, None] * G2
-        daG1 = -tok_last * (tl.dot(k, dW1, input_precision=PREC) + db1[None, :])
-        daG2 = -tok_last * (tl.dot(X2, dW2, input_precision=PREC) + db2[None, :])
-        dk -= tok_last * tl.dot(aG1, tl.trans(dW1), input_precision=PREC)
-        dX2 -= tok_last * tl.dot(aG2, tl.trans(dW2), input_precision=PREC)
-        s = -(tl.sum(tl.sum(tl.dot(tl.trans(k), aG1, input_precision=PREC) * dW1, axis=1), axis=0)
-              + tl.sum(tl.sum(aG1, axis=0) * db1, axis=0)
-              + tl.sum(tl.sum(tl.dot(tl.trans(X2), aG2, input_precision=PREC) * dW2, axis=1), axis=0)
-              + tl.sum(tl.sum(aG2, axis=0) * db2, axis=0))
         dtok += tl.where(offs_m == MB - 1, s, 0.0)
-        da += tl.sum(daG1 * G1, axis=1) + tl.sum(daG2 * G2, axis=1)
-        dG1 += a[:, None] * daG1
-        dG2 += a[:, None] * daG2
-    dP = dG1 * s1
-    ds1 = dG1 * P
-    dG2 += tl.dot(dP, W2, input_precision=PREC)
-    dW2n += tl.dot(tl.trans(dP), G2, input_precision=PREC)
-    dZ2, dt, dg2, db2 = _ln_grad_vjp(dG2, G2, zhat, r, gx, c2, t, gamma, beta, maskf, F)
+    dZ2, dt, dg2, dbt2 = _ln_grad_vjp(dG2, G2, zhat, r, gx, c2, t, gamma, beta, maskf, F)
     dgamma += dg2
-    dbeta += db2
-    dX2 += tl.dot(dZ2, tl.trans(W2), input_precision=PREC)
-    dW2n += tl.dot(tl.trans(X2), dZ2, input_precision=PREC)
-    db2n += tl.sum(dZ2, axis=0)
-    dZ1 = dX2 * s1 + ds1 * g2nd
-    dk += tl.dot(dZ1, tl.trans(W1), input_precision=PREC) - dt
-    dW1n += tl.dot(tl.trans(k), dZ1, input_precision=PREC)
-    db1n += tl.sum(dZ1, axis=0)
-    return dq, dk, dt, da, dtok, dgamma, dbeta, dW1n, db1n, dW2n, db2n
+    dbeta += dbt2
+    dk -= dt
+    db2_new = db2 + tl.sum(dzbar2, axis=0) + tl.sum(dZ2, axis=0)
+    tl.debug_barrier()  # scratch written; every read of the gradients after the mini-batch done
+    for j in range(0, NT):  # pass 4: dX2, dZ1; the weight gradients before the mini-batch
+        offs_t = j * BT + offs_t0
+        maskt = offs_t < 4 * F
+        W1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
+        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
+        W2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
+        X2, s1, g2nd = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
+        xbar2, _s, _d = _gelu(_load_tile(ZB1, offs_m, offs_t, maskt, F))
+        dzbar1 = _load_tile(DZB1, offs_m, offs_t, maskt, F)
+        dX2 = tl.dot(dZ2, tl.trans(W2), _load_tile(DX2S, offs_m, offs_t, maskt, F), input_precision=PREC)
+        dZ1 = dX2 * s1 + _load_tile(DS1S, offs_m, offs_t, maskt, F) * g2nd
+        dk = tl.dot(dZ1, tl.trans(W1), dk, input_precision=PREC)
+        dW2 = _load_w(GW2, offs_t, offs_f, maskt, maskf, F)
+        dW1 = _load_w(GW1, offs_f, offs_t, maskf, maskt, 4 * F)
+        db1 = tl.load(GB1 + offs_t, mask=maskt, other=0.0) + tl.sum(dzbar1, axis=0) + tl.sum(dZ1, axis=0)
+        dW2 = tl.dot(tl.trans(xbar2), dzbar2, dW2, input_precision=PREC)
+        dW2 = tl.dot(tl.trans(_load_tile(DPS, offs_m, offs_t, maskt, F)), G2, dW2, input_precision=PREC)
+        dW2 = tl.dot(tl.trans(X2), dZ2, dW2, input_precision=PREC)
+        dW1 = tl.dot(tl.trans(k), dZ1, tl.dot(tl.trans(q), dzbar1, dW1, input_precision=PREC), input_precision=PREC)
+        tl.debug_barrier()  # every thread has read the tile's gradients before they are overwritten
+        _store_w(GW2, dW2, offs_t, offs_f, maskt, maskf, F)
+        _store_w(GW1, dW1, offs_f, offs_t, maskf, maskt, 4 * F)
+        tl.store(GB1 + offs_t, db1, mask=maskt)
+    tl.debug_barrier()  # the new gradients written before the next mini-batch reads them
+    return dq, dk, dt, da, dtok, dgamma, dbeta, db2_new
 
 
 @triton.jit
 def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2N, DOUT, DW1N, DB1N, DW2N, DB2N,
-                DQ, DK, DV, DA, DTOK, DLNW, DLNB, DW1, DB1, DW2, DB2, WS1, BS1, WS2, BS2,
+                DQ, DK, DV, DA, DTOK, DLNW, DLNB, DW1, DB1, DW2, DB2, WS1, BS1, WS2, BS2, SCR,
                 T, H, n_full, n_ckpt, group, eps,
-                F: tl.constexpr, BF: tl.constexpr, BH: tl.constexpr, MB: tl.constexpr,
-                HAS_PARTIAL: tl.constexpr, PREC: tl.constexpr):
+                F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, MB: tl.constexpr,
+                PARTIAL: tl.constexpr, AFTER_PARTIAL: tl.constexpr, PREC: tl.constexpr):
+    """Groups of mini-batches in reverse: the group's states recomputed from its checkpoint into the program's
+    slots WS*, BS* (tile by tile), then each mini-batch's backward, the last first. The weight gradients are
+    carried in DW1, DB1, DW2 (the outputs, in place), db2 in registers. PARTIAL: a first launch for a trailing
+    partial mini-batch (its outputs used the final state; it changed no state), which leaves the gradients and
+    its dtok, dgamma, dbeta in the outputs; the second launch (AFTER_PARTIAL) continues from them."""
     pid = tl.program_id(0)
     h = pid % H
-    offs_m, offs_f, offs_h = tl.arange(0, MB), tl.arange(0, BF), tl.arange(0, BH)
-    maskf, maskh, all_m = offs_f < F, offs_h < 4 * F, offs_m < MB
+    NT = (4 * F + BT - 1) // BT  # tiles of hidden units (the padding past 4f needs none)
+    offs_m, offs_f, offs_t0 = tl.arange(0, MB), tl.arange(0, BF), tl.arange(0, BT)
+    maskf, all_m = offs_f < F, offs_m < MB
     gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
-    gW1 = _load_w(DW1N + pid * F * 4 * F, offs_f, offs_h, maskf, maskh, 4 * F)
-    gb1 = tl.load(DB1N + pid * 4 * F + offs_h, mask=maskh, other=0.0)
-    gW2 = _load_w(DW2N + pid * 4 * F * F, offs_h, offs_f, maskh, maskf, F)
-    gb2 = tl.load(DB2N + pid * F + offs_f, mask=maskf, other=0.0)
-    dgamma = tl.zeros([BF], dtype=tl.float32)
-    dbeta = tl.zeros([BF], dtype=tl.float32)
-    dtok = tl.zeros([MB], dtype=tl.float32)
+    GW1, GB1, GW2 = DW1 + pid * F * 4 * F, DB1 + pid * 4 * F, DW2 + pid * 4 * F * F
+    scr = SCR + pid * 5 * MB * 4 * F
     base = pid * T * F
-    if HAS_PARTIAL:
+    if AFTER_PARTIAL:
+        db2 = tl.load(DB2 + pid * F + offs_f, mask=maskf, other=0.0)
+        dgamma = tl.load(DLNW + pid * F + offs_f, mask=maskf, other=0.0)
+        dbeta = tl.load(DLNB + pid * F + offs_f, mask=maskf, other=0.0)
+        dtok = tl.load(DTOK + pid * MB + offs_m)
+    else:
+        _copy_state(DW1N + pid * F * 4 * F, DB1N + pid * 4 * F, DW2N + pid * 4 * F * F, GW1, GB1, GW2, offs_f,
+                    maskf, offs_t0, F, BT, NT)
+        db2 = tl.load(DB2N + pid * F + offs_f, mask=maskf, other=0.0)
+        dgamma = tl.zeros([BF], dtype=tl.float32)
+        dbeta = tl.zeros([BF], dtype=tl.float32)
+        dtok = tl.zeros([MB], dtype=tl.float32)
+        tl.debug_barrier()
+    if PARTIAL:
         rows = n_full * MB + offs_m
         maskm = rows < T
-        W1 = _load_w(W1N + pid * F * 4 * F, offs_f, offs_h, maskf, maskh, 4 * F)
-        b1 = tl.load(B1N + pid * 4 * F + offs_h, mask=maskh, other=0.0)
-        W2 = _load_w(W2N + pid * 4 * F * F, offs_h, offs_f, maskh, maskf, F)
-        b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
         q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, maskm, maskf, F)
-        dq, dk, dv, da, dt_, dg_, db_, gW1, gb1, gW2, gb2 = _mb_backward(
-            W1, b1, W2, b2, q, k, v, a, tok, gamma, beta, do, gW1, gb1, gW2, gb2, maskf, offs_m, F, MB, eps, False,
-            PREC)
+        b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
+        dq, dk, dv, da, dtok, dgamma, dbeta, db2 = _mb_backward_tiled(
+            W1N + pid * F * 4 * F, B1N + pid * 4 * F, W2N + pid * 4 * F * F, b2, GW1, GB1, GW2, db2, q, k, v, a, do,
+            tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, offs_t0, F, BF, BT, NT, MB, eps, False, PREC)
         _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, maskm, maskf, F)
-        dtok += dt_
-        dgamma += dg_
-        dbeta += db_
-    for gi in range(0, n_ckpt):
-        g = n_ckpt - 1 - gi
-        first = g * group
-        count = tl.minimum(group, n_full - first)
-        c = pid * n_ckpt + g
-        W1 = _load_w(WC1 + c * F * 4 * F, offs_f, offs_h, maskf, maskh, 4 * F)
-        b1 = tl.load(BC1 + c * 4 * F + offs_h, mask=maskh, other=0.0)
-        W2 = _load_w(WC2 + c * 4 * F * F, offs_h, offs_f, maskh, maskf, F)
-        b2 = tl.load(BC2 + c * F + offs_f, mask=maskf, other=0.0)
-        for j in range(0, count):
-            s = pid * group + j
-            _store_w(WS1 + s * F * 4 * F, W1, offs_f, offs_h, maskf, maskh, 4 * F)
-            tl.store(BS1 + s * 4 * F + offs_h, b1, mask=maskh)
-            _store_w(WS2 + s * 4 * F * F, W2, offs_h, offs_f, maskh, maskf, F)
-            tl.store(BS2 + s * F + offs_f, b2, mask=maskf)
-            rows = (first + j) * MB + offs_m
-            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
-            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
-            a = tl.load(A + pid * T + rows).to(tl.float32)
-            W1, b1, W2, b2 = _mb_update(W1, b1, W2, b2, k, v, a, gamma, beta, tok_last, maskf, F, eps, PREC)
-        tl.debug_barrier()
-        for jj in range(0, count):
-            j = count - 1 - jj
-            s = pid * group + j
-            W1 = _load_w(WS1 + s * F * 4 * F, offs_f, offs_h, maskf, maskh, 4 * F)
-            b1 = tl.load(BS1 + s * 4 * F + offs_h, mask=maskh, other=0.0)
-            W2 = _load_w(WS2 + s * 4 * F * F, offs_h, offs_f, maskh, maskf, F)
-            b2 = tl.load(BS2 + s * F + offs_f, mask=maskf, other=0.0)
-            rows = (first + j) * MB + offs_m
-            q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
-            dq, dk, dv, da, dt_, dg_, db_, gW1, gb1, gW2, gb2 = _mb_backward(
-                W1, b1, W2, b2, q, k, v, a, tok, gamma, beta, do, gW1, gb1, gW2, gb2, maskf, offs_m, F, MB, eps,
-                True, PREC)
-            _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, all_m, maskf, F)
-            dtok += dt_
-            dgamma += dg_
-            dbeta += db_
-        tl.debug_barrier()
-    _store_w(DW1 + pid * F * 4 * F, gW1, offs_f, offs_h, maskf, maskh, 4 * F)
-    tl.store(DB1 + pid * 4 * F + offs_h, gb1, mask=maskh)
-    _store_w(DW2 + pid * 4 * F * F, gW2, offs_h, offs_f, maskh, maskf, F)
-    tl.store(DB2 + pid * F + offs_f, gb2, mask=maskf)
+    else:
+        for gi in range(0, n_ckpt):
+            g = n_ckpt - 1 - gi
+            first = g * group
+            count = tl.minimum(group, n_full - first)
+            c = pid * n_ckpt + g
+            s0 = pid * group  # the program's first slot
+            _copy_state(WC1 + c * F * 4 * F, BC1 + c * 4 * F, WC2 + c * 4 * F * F, WS1 + s0 * F * 4 * F,
+                        BS1 + s0 * 4 * F, WS2 + s0 * 4 * F * F, offs_f, maskf, offs_t0, F, BT, NT)
+            b2 = tl.load(BC2 + c * F + offs_f, mask=maskf, other=0.0)
+            tl.store(BS2 + s0 * F + offs_f, b2, mask=maskf)
+            tl.debug_barrier()
+            for j in range(0, count - 1):  # recompute the states inside the group: slot j -> slot j + 1
+                sj = s0 + j
+                rows = (first + j) * MB + offs_m
+                k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
+                v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
+                a = tl.load(A + pid * T + rows).to(tl.float32)
+                b2 = _mb_update_tiled(WS1 + sj * F * 4 * F, BS1 + sj * 4 * F, WS2 + sj * 4 * F * F,
+                                      WS1 + (sj + 1) * F * 4 * F, BS1 + (sj + 1) * 4 * F, WS2 + (sj + 1) * 4 * F * F,
+                                      b2, k, v, a, tok_last, gamma, beta, maskf, offs_f, offs_t0, F, BF, BT, NT, MB,
+                                      eps, PREC)
+                tl.store(BS2 + (sj + 1) * F + offs_f, b2, mask=maskf)
+            tl.debug_barrier()
+            for jj in range(0, count):
+                j = count - 1 - jj
+                sj = s0 + j
+                rows = (first + j) * MB + offs_m
+                q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
+                b2 = tl.load(BS2 + sj * F + offs_f, mask=maskf, other=0.0)
+                dq, dk, dv, da, dt_, dg_, db_, db2 = _mb_backward_tiled(
+                    WS1 + sj * F * 4 * F, BS1 + sj * 4 * F, WS2 + sj * 4 * F * F, b2, GW1, GB1, GW2, db2, q, k, v,
+                    a, do, tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, offs_t0, F, BF, BT, NT, MB, eps,
+                    True, PREC)
+                _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, all_m, maskf, F)
+                dtok += dt_
+                dgamma += dg_
+                dbeta += db_
+            tl.debug_barrier()
+    tl.store(DB2 + pid * F + offs_f, db2, mask=maskf)
     tl.store(DLNW + pid * F + offs_f, dgamma, mask=maskf)
     tl.store(DLNB + pid * F + offs_f, dbeta, mask=maskf)
     tl.store(DTOK + pid * MB + offs_m, dtok)
@@ -294,22 +440,17 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
 
 @triton.jit
 def _decode_kernel(Q, K, V, A, TOK, LNW, LNB, W1, B1, W2, B2, GW1, GB1, GW2, GB2, OUT, H, pos, eps,
-                   F: tl.constexpr, BF: tl.constexpr, BH: tl.constexpr, COMMIT: tl.constexpr):
+                   F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, COMMIT: tl.constexpr):
     """One token at in-mini-batch position `pos` for every (sequence, head); the fp32 state and its
-    accumulators are updated in place."""
+    accumulators are updated in place, a tile of BT hidden units at a time: pass 1 sums z2 = gelu(k W1 + b1) W2
+    + b2 (then G2), pass 2 accumulates each tile's gradient, forms its Wbar and sums zbar2 (the primal form)."""
     pid = tl.program_id(0)
     h = pid % H
-    offs_f, offs_h = tl.arange(0, BF), tl.arange(0, BH)
-    maskf, maskh = offs_f < F, offs_h < 4 * F
-    o1, o2 = pid * F * 4 * F, pid * 4 * F * F
-    w1 = _load_w(W1 + o1, offs_f, offs_h, maskf, maskh, 4 * F)
-    w2 = _load_w(W2 + o2, offs_h, offs_f, maskh, maskf, F)
-    b1 = tl.load(B1 + pid * 4 * F + offs_h, mask=maskh, other=0.0)
-    b2 = tl.load(B2 + pid * F + offs_f, mask=maskf, other=0.0)
-    g1 = _load_w(GW1 + o1, offs_f, offs_h, maskf, maskh, 4 * F)
-    g2 = _load_w(GW2 + o2, offs_h, offs_f, maskh, maskf, F)
-    gb1 = tl.load(GB1 + pid * 4 * F + offs_h, mask=maskh, other=0.0)
-    gb2 = tl.load(GB2 + pid * F + offs_f, mask=maskf, other=0.0)
+    NT = (4 * F + BT - 1) // BT
+    offs_f, offs_t0 = tl.arange(0, BF), tl.arange(0, BT)
+    maskf = offs_f < F
+    S1, SB1, S2 = W1 + pid * F * 4 * F, B1 + pid * 4 * F, W2 + pid * 4 * F * F
+    G1P, GB1P, G2P = GW1 + pid * F * 4 * F, GB1 + pid * 4 * F, GW2 + pid * 4 * F * F
     gamma = tl.load(LNW + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
     beta = tl.load(LNB + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
     q = tl.load(Q + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
@@ -317,42 +458,68 @@ def _decode_kernel(Q, K, V, A, TOK, LNW, LNB, W1, B1, W2, B2, GW1, GB1, GW2, GB2
     v = tl.load(V + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
     a = tl.load(A + pid).to(tl.float32)
     tok = tl.load(TOK + pos).to(tl.float32)
-    z1 = tl.sum(k[:, None] * w1, axis=0) + b1  # (BH,)
-    x2, s1, _d = _gelu(z1)
-    z2 = tl.sum(x2[:, None] * w2, axis=0) + b2  # (BF,)
+    b2 = tl.load(B2 + pid * F + offs_f, mask=maskf, other=0.0)
+    gb2 = tl.load(GB2 + pid * F + offs_f, mask=maskf, other=0.0)
+    z2 = b2
+    for j in range(0, NT):  # pass 1: z2
+        offs_t = j * BT + offs_t0
+        maskt = offs_t < 4 * F
+        z1 = tl.sum(k[:, None] * _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F), axis=0) \
+            + tl.load(SB1 + offs_t, mask=maskt, other=0.0)  # (BT,)
+        x2, _s1, _d = _gelu(z1)
+        z2 += tl.sum(x2[:, None] * _load_w(S2, offs_t, offs_f, maskt, maskf, F), axis=0)
     zhat, r = _ln_stats(z2[None, :], maskf, F, eps)
-    G2, gx, c2 = _ln_loss_grad(zhat, r, (v - k)[None, :], gamma, beta, maskf, F)
-    G2 = tl.sum(G2, axis=0)
-    G1 = tl.sum(w2 * G2[None, :], axis=1) * s1  # (BH,)
-    g1 += a * k[:, None] * G1[None, :]
-    gb1 += a * G1
-    g2 += a * x2[:, None] * G2[None, :]
+    G2, _gx, _c2 = _ln_loss_grad(zhat, r, (v - k)[None, :], gamma, beta, maskf, F)
+    G2 = tl.sum(G2, axis=0)  # (BF,)
     gb2 += a * G2
-    w1b, b1b, w2b, b2b = w1 - tok * g1, b1 - tok * gb1, w2 - tok * g2, b2 - tok * gb2
-    zb1 = tl.sum(q[:, None] * w1b, axis=0) + b1b
-    xb2, _s, _d2 = _gelu(zb1)
-    zb2 = tl.sum(xb2[:, None] * w2b, axis=0) + b2b
+    b2b = b2 - tok * gb2
+    zb2 = b2b
+    tl.debug_barrier()  # pass 1's reads done before pass 2 writes
+    for j in range(0, NT):  # pass 2: the tile's gradient, Wbar, zbar1, and its share of zbar2
+        offs_t = j * BT + offs_t0
+        maskt = offs_t < 4 * F
+        w1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
+        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
+        w2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
+        x2, s1, _d = _gelu(tl.sum(k[:, None] * w1, axis=0) + b1)
+        G1 = tl.sum(w2 * G2[None, :], axis=1) * s1  # (BT,)
+        g1 = _load_w(G1P, offs_f, offs_t, maskf, maskt, 4 * F) + a * k[:, None] * G1[None, :]
+        gb1 = tl.load(GB1P + offs_t, mask=maskt, other=0.0) + a * G1
+        g2 = _load_w(G2P, offs_t, offs_f, maskt, maskf, F) + a * x2[:, None] * G2[None, :]
+        w1b, b1b, w2b = w1 - tok * g1, b1 - tok * gb1, w2 - tok * g2
+        xb2, _s, _d2 = _gelu(tl.sum(q[:, None] * w1b, axis=0) + b1b)
+        zb2 += tl.sum(xb2[:, None] * w2b, axis=0)
+        tl.debug_barrier()  # every thread has read the tile before it is overwritten
+        if COMMIT:
+            _store_w(S1, w1b, offs_f, offs_t, maskf, maskt, 4 * F)
+            tl.store(SB1 + offs_t, b1b, mask=maskt)
+            _store_w(S2, w2b, offs_t, offs_f, maskt, maskf, F)
+            g1, gb1, g2 = g1 * 0.0, gb1 * 0.0, g2 * 0.0
+        _store_w(G1P, g1, offs_f, offs_t, maskf, maskt, 4 * F)
+        tl.store(GB1P + offs_t, gb1, mask=maskt)
+        _store_w(G2P, g2, offs_t, offs_f, maskt, maskf, F)
     zbhat, rb = _ln_stats(zb2[None, :], maskf, F, eps)
     out = q + gamma * tl.sum(zbhat, axis=0) + beta
     tl.store(OUT + pid * F + offs_f, out.to(OUT.dtype.element_ty), mask=maskf)
     if COMMIT:
-        _store_w(W1 + o1, w1b, offs_f, offs_h, maskf, maskh, 4 * F)
-        tl.store(B1 + pid * 4 * F + offs_h, b1b, mask=maskh)
-        _store_w(W2 + o2, w2b, offs_h, offs_f, maskh, maskf, F)
         tl.store(B2 + pid * F + offs_f, b2b, mask=maskf)
-        g1 = g1 * 0.0
-        gb1 = gb1 * 0.0
-        g2 = g2 * 0.0
         gb2 = gb2 * 0.0
-    _store_w(GW1 + o1, g1, offs_f, offs_h, maskf, maskh, 4 * F)
-    tl.store(GB1 + pid * 4 * F + offs_h, gb1, mask=maskh)
-    _store_w(GW2 + o2, g2, offs_h, offs_f, maskh, maskf, F)
     tl.store(GB2 + pid * F + offs_f, gb2, mask=maskf)
 
 
 # -- launchers ---------------------------------------------------------------------------------
 
 PARAMS = ("W1", "b1", "W2", "b2")
+HIDDEN_TILE = 64  # hidden units (of 4f) per tile of the forward kernel
+
+
+DECODE_TILE = 32  # ... of the decode kernel: ptxas for sm_90 at f = 64 (`make check-kernels`), 8 warps: tiles of 16 /
+                  # 32 / 64: 128 / 186 / 253 registers, no spills; 4 warps: 168 / 255 / 32 registers (the last with
+                  # 4.8 KB of spill stores)
+
+
+def hidden_tile(f: int, decode: bool = False) -> int:
+    return min(DECODE_TILE if decode else HIDDEN_TILE, _block(4 * f))
 
 
 def _shapes(Bsz, H, f):
@@ -381,11 +548,12 @@ class TTTMLPFunction(torch.autograd.Function):
         ckpt = [torch.empty(Bsz, H, nc, *shapes[n][2:], **f32) for n in PARAMS]
         strides = [0 if p.shape[0] == 1 else p[0].numel() for p in init]
         out = torch.empty_like(q)
-        _fwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *init, out, *new, *acc, *ckpt,
-                                T, H, n_full, n_ckpt, group, *strides, LN_EPS,
-                                F=f, BF=_block(f), BH=_block(4 * f), MB=MB, HAS_PARTIAL=partial > 0,
-                                SAVE=bool(save), PREC=LAUNCH.precision,
-                                num_warps=LAUNCH.warps("mlp", "fwd"), num_stages=LAUNCH.num_stages)
+        for part in (False, True)[: 1 + (partial > 0)]:  # the whole mini-batches, then a trailing partial one
+            _fwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *init, out, *new, *acc, *ckpt,
+                                    T, H, n_full, n_ckpt, group, *strides, LN_EPS,
+                                    F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part, SAVE=bool(save),
+                                    PREC=LAUNCH.precision, num_warps=LAUNCH.warps("mlp", "fwd"),
+                                    num_stages=LAUNCH.num_stages)
         ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, *ckpt, *new)
         ctx.meta = (group, n_full, n_ckpt, partial, [p.shape for p in (W1, b1, W2, b2)], tok.dtype, ln_w.dtype,
                     W1.dtype)
@@ -408,13 +576,15 @@ class TTTMLPFunction(torch.autograd.Function):
         dtok = torch.empty(Bsz, H, MB, **f32)
         dlnw, dlnb = torch.empty(Bsz, H, f, **f32), torch.empty(Bsz, H, f, **f32)
         dinit = [torch.empty(shapes[n], **f32) for n in PARAMS]
-        scratch = [torch.empty(Bsz, H, group, *shapes[n][2:], **f32) for n in PARAMS]
-        _bwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *ckpt, *new, dout, *dnext,
-                                dq, dk, dv, da, dtok, dlnw, dlnb, *dinit, *scratch,
-                                T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
-                                F=f, BF=_block(f), BH=_block(4 * f), MB=MB, HAS_PARTIAL=partial > 0,
-                                PREC=LAUNCH.precision, num_warps=LAUNCH.warps("mlp", "bwd"),
-                                num_stages=LAUNCH.num_stages)
+        scratch = [torch.empty(Bsz, H, group, *shapes[n][2:], **f32) for n in PARAMS]  # the group's states
+        tiles = torch.empty(Bsz, H, 5, MB, 4 * f, **f32)  # per program: Zbar1, dZbar1, dP, dX2, ds1
+        for part in (True, False)[partial == 0:]:  # a trailing partial mini-batch first, then the whole ones
+            _bwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *ckpt, *new, dout, *dnext,
+                                    dq, dk, dv, da, dtok, dlnw, dlnb, *dinit, *scratch, tiles,
+                                    T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
+                                    F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part,
+                                    AFTER_PARTIAL=partial > 0 and not part, PREC=LAUNCH.precision,
+                                    num_warps=LAUNCH.warps("mlp", "bwd"), num_stages=LAUNCH.num_stages)
         dinit = [(g.sum(0, keepdim=True) if s[0] == 1 else g).to(w_dtype) for g, s in zip(dinit, shapes_in)]
         return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),
                 *dinit, None)
@@ -434,5 +604,6 @@ def decode_step(q, k, v, a, tok, ln_w, ln_b, params: dict, acc: dict, pos: int):
     _decode_kernel[(Bsz * H,)](q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(),
                                tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous(),
                                *[params[n] for n in PARAMS], *[acc[n] for n in PARAMS], out, H, pos, LN_EPS,
-                               F=f, BF=_block(f), BH=_block(4 * f), COMMIT=pos == tok.shape[0] - 1)
+                               F=f, BF=_block(f), BT=hidden_tile(f, decode=True), COMMIT=pos == tok.shape[0] - 1,
+                               num_warps=decode_warps(_block(f)))
     return out
