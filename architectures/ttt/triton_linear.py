@@ -99,12 +99,49 @@ def _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F: tl.constexpr, MB: tl
 
 
 @triton.jit
+def _load_qkva(Q, K, V, A, base, a_base, rows, offs_f, maskm, maskf, F: tl.constexpr):
+    """q, k, v and the key factor a of one mini-batch's rows (masked rows read 0)."""
+    return (_load_rows(Q + base, rows, offs_f, maskm, maskf, F), _load_rows(K + base, rows, offs_f, maskm, maskf, F),
+            _load_rows(V + base, rows, offs_f, maskm, maskf, F),
+            tl.load(A + a_base + rows, mask=maskm, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _load_minibatch(Q, K, V, A, DOUT, base, a_base, rows, offs_f, maskm, maskf, F: tl.constexpr):
-    """q, k, v, the key factor a and the output gradient of one mini-batch's rows (masked rows read 0)."""
+    """_load_qkva's and the output gradient of the rows (written out: ptxas spilled 20 B more in TTT-Linear's
+    backward when this called _load_qkva)."""
     return (_load_rows(Q + base, rows, offs_f, maskm, maskf, F), _load_rows(K + base, rows, offs_f, maskm, maskf, F),
             _load_rows(V + base, rows, offs_f, maskm, maskf, F),
             tl.load(A + a_base + rows, mask=maskm, other=0.0).to(tl.float32),
             _load_rows(DOUT + base, rows, offs_f, maskm, maskf, F))
+
+
+@triton.jit
+def _load_carried_grads(DB, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F: tl.constexpr, MB: tl.constexpr):
+    """The gradients a backward carries in registers from one launch to the next (PARTIAL, then the whole
+    mini-batches): the last bias's (BF), dgamma, dbeta (BF) and dtok (MB)."""
+    at = pid * F + offs_f
+    return (tl.load(DB + at, mask=maskf, other=0.0), tl.load(DLNW + at, mask=maskf, other=0.0),
+            tl.load(DLNB + at, mask=maskf, other=0.0), tl.load(DTOK + pid * MB + offs_m))
+
+
+@triton.jit
+def _store_carried_grads(DB, DLNW, DLNB, DTOK, pid, db, dgamma, dbeta, dtok, offs_f, offs_m, maskf, F: tl.constexpr,
+                         MB: tl.constexpr):
+    """_load_carried_grads' inverse, at the end of each backward launch."""
+    at = pid * F + offs_f
+    tl.store(DB + at, db, mask=maskf)
+    tl.store(DLNW + at, dgamma, mask=maskf)
+    tl.store(DLNB + at, dbeta, mask=maskf)
+    tl.store(DTOK + pid * MB + offs_m, dtok)
+
+
+@triton.jit
+def _group_backwards(gi, pid, n_ckpt, group, n_full):
+    """The backward's gi-th group, the last first: its first mini-batch, how many it has, its checkpoint's index."""
+    g = n_ckpt - 1 - gi
+    first = g * group
+    return first, tl.minimum(group, n_full - first), pid * n_ckpt + g
 
 
 @triton.jit
@@ -165,10 +202,7 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
         bias = tl.load(BN + pid * F + offs_f, mask=maskf, other=0.0)
         rows = n_full * MB + offs_m
         maskm = rows < T
-        q = _load_rows(Q + base, rows, offs_f, maskm, maskf, F)
-        k = _load_rows(K + base, rows, offs_f, maskm, maskf, F)
-        v = _load_rows(V + base, rows, offs_f, maskm, maskf, F)
-        a = tl.load(A + pid * T + rows, mask=maskm, other=0.0).to(tl.float32)
+        q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, maskm, maskf, F)
         out, aG = _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F, eps, PREC)
         _store_rows(OUT + base, out, rows, offs_f, maskm, maskf, F)
         tl.store(AW + pid * F * F + w_off, tl.dot(tl.trans(k), aG, input_precision=PREC), mask=wmask)
@@ -183,10 +217,7 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
                     tl.store(WC + c * F * F + w_off, W, mask=wmask)
                     tl.store(BC + c * F + offs_f, bias, mask=maskf)
             rows = i * MB + offs_m
-            q = _load_rows(Q + base, rows, offs_f, all_m, maskf, F)
-            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
-            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
-            a = tl.load(A + pid * T + rows).to(tl.float32)
+            q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, all_m, maskf, F)
             out, aG = _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F, eps, PREC)
             _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
             W = W - tok_last * tl.dot(tl.trans(k), aG, input_precision=PREC)
@@ -278,10 +309,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
     DWP = DW0 + pid * F * F  # dW, carried through the mini-batches in place (it ends as dW0)
     base = pid * T * F
     if AFTER_PARTIAL:
-        db = tl.load(DB0 + pid * F + offs_f, mask=maskf, other=0.0)
-        dgamma = tl.load(DLNW + pid * F + offs_f, mask=maskf, other=0.0)
-        dbeta = tl.load(DLNB + pid * F + offs_f, mask=maskf, other=0.0)
-        dtok = tl.load(DTOK + pid * MB + offs_m)
+        db, dgamma, dbeta, dtok = _load_carried_grads(DB0, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
     else:
         tl.store(DWP + w_off, tl.load(DWN + pid * F * F + w_off, mask=wmask, other=0.0), mask=wmask)
         tl.debug_barrier()
@@ -300,10 +328,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
         _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, maskm, maskf, F)
     else:
         for gi in range(0, n_ckpt):
-            g = n_ckpt - 1 - gi
-            first = g * group
-            count = tl.minimum(group, n_full - first)
-            c = pid * n_ckpt + g
+            first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
             W = tl.load(WC + c * F * F + w_off, mask=wmask, other=0.0)
             bias = tl.load(BC + c * F + offs_f, mask=maskf, other=0.0)
             for j in range(0, count):  # recompute the states inside the group
@@ -328,10 +353,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
                 dgamma += dg_
                 dbeta += db_
             tl.debug_barrier()
-    tl.store(DB0 + pid * F + offs_f, db, mask=maskf)
-    tl.store(DLNW + pid * F + offs_f, dgamma, mask=maskf)
-    tl.store(DLNB + pid * F + offs_f, dbeta, mask=maskf)
-    tl.store(DTOK + pid * MB + offs_m, dtok)
+    _store_carried_grads(DB0, DLNW, DLNB, DTOK, pid, db, dgamma, dbeta, dtok, offs_f, offs_m, maskf, F, MB)
 
 
 # -- decode ------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 
 from architectures.ttt.inner import LN_EPS
-from architectures.ttt.triton_linear import (DEFAULT_GROUP, LAUNCH, _block, _ln_grad_vjp, _ln_loss_grad,
-                                             _ln_stats, decode_warps, _ln_vjp, _load_minibatch, _load_outer, _load_rows,
-                                             _store_minibatch_grads, _store_rows)
+from architectures.ttt.triton_linear import (DEFAULT_GROUP, LAUNCH, _block, _group_backwards, _ln_grad_vjp,
+                                             _ln_loss_grad, _ln_stats, _ln_vjp, _load_minibatch, _load_outer,
+                                             _load_carried_grads, _load_qkva, _load_rows, _store_carried_grads,
+                                             _store_minibatch_grads, _store_rows, decode_warps)
 
 
 @triton.jit
@@ -59,6 +60,32 @@ def _copy_state(S1, SB1, S2, D1, DB1, D2, offs_f, maskf, offs_t0, F: tl.constexp
 
 
 @triton.jit
+def _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F: tl.constexpr):
+    """One tile of hidden units: W1[:, tile] (BF, BT), b1[tile], W2[tile, :] (BT, BF)."""
+    return (_load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F), tl.load(SB1 + offs_t, mask=maskt, other=0.0),
+            _load_w(S2, offs_t, offs_f, maskt, maskf, F))
+
+
+@triton.jit
+def _tile_zbar1(W1, b1, W2, q, k, G2, M1, PREC: tl.constexpr):
+    """One tile's share of a mini-batch (MB, BT each): X2, s1, g2nd = gelu(K W1 + b1) and its derivatives,
+    P = G2 W2^T, G1 = P s1, Zbar1 = Q W1 + b1 - M1 G1."""
+    X2, s1, g2nd = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
+    P = tl.dot(G2, tl.trans(W2), input_precision=PREC)
+    G1 = P * s1
+    return X2, s1, g2nd, P, G1, tl.dot(q, W1, input_precision=PREC) + b1[None, :] - tl.dot(M1, G1, input_precision=PREC)
+
+
+@triton.jit
+def _tile_sums(W1, b1, W2, q, k, G2, M1, A2, zbar2, PREC: tl.constexpr):
+    """_tile_zbar1's X2, G1 and Zbar1, and the tile's terms added to A2 += Xbar2 X2^T and Zbar2 += Xbar2 W2."""
+    X2, _s1, _g2nd, _P, G1, zbar1 = _tile_zbar1(W1, b1, W2, q, k, G2, M1, PREC)
+    xbar2, _s, _d = _gelu(zbar1)
+    return (X2, G1, zbar1, tl.dot(xbar2, tl.trans(X2), A2, input_precision=PREC),
+            tl.dot(xbar2, W2, zbar2, input_precision=PREC))
+
+
+@triton.jit
 def _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                 NT: tl.constexpr, MB: tl.constexpr, PREC: tl.constexpr):
     """Z2 = gelu(K W1 + b1) W2 + b2 (MB, BF), summed over the tiles of hidden units (W1, b1, W2 read from S*)."""
@@ -86,9 +113,7 @@ def _mb_update_tiled(S1, SB1, S2, D1, DB1, D2, b2, k, v, a, tok_last, gamma, bet
     for j in range(0, NT):
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
-        W1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
-        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
-        W2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
+        W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
         X2, s1, _d2 = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
         aG1 = a[:, None] * tl.dot(G2, tl.trans(W2), input_precision=PREC) * s1
         _store_w(D1, tl.dot(tl.trans(k), -tok_last * aG1, W1, input_precision=PREC), offs_f, offs_t, maskf, maskt,
@@ -122,15 +147,8 @@ def _mb_forward_tiled(S1, SB1, S2, D1, DB1, D2, b2, q, k, v, a, tok, tok_last, g
     for j in range(0, NT):  # pass 2: G1, Zbar1, Xbar2 per tile; the tile's update
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
-        W1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
-        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
-        W2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
-        X2, s1, _d2 = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
-        G1 = tl.dot(G2, tl.trans(W2), input_precision=PREC) * s1
-        zbar1 = tl.dot(q, W1, input_precision=PREC) + b1[None, :] - tl.dot(M1, G1, input_precision=PREC)
-        xbar2, _s, _d = _gelu(zbar1)
-        A2 = tl.dot(xbar2, tl.trans(X2), A2, input_precision=PREC)
-        zbar2 = tl.dot(xbar2, W2, zbar2, input_precision=PREC)
+        W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
+        X2, G1, _zbar1, A2, zbar2 = _tile_sums(W1, b1, W2, q, k, G2, M1, A2, zbar2, PREC)
         aG1 = a[:, None] * G1
         tl.debug_barrier()  # every thread has read the tile before it is overwritten (COMMIT: in place)
         if COMMIT:  # W - tok_last (update), accumulated on the tensor cores
@@ -171,10 +189,7 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W10, B10, W20, B20, OUT, W1N, B1N, W2
     if PARTIAL:
         rows = n_full * MB + offs_m
         maskm = rows < T
-        q = _load_rows(Q + base, rows, offs_f, maskm, maskf, F)
-        k = _load_rows(K + base, rows, offs_f, maskm, maskf, F)
-        v = _load_rows(V + base, rows, offs_f, maskm, maskf, F)
-        a = tl.load(A + pid * T + rows, mask=maskm, other=0.0).to(tl.float32)
+        q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, maskm, maskf, F)
         b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
         out, aG2 = _mb_forward_tiled(S1, SB1, S2, AW1 + pid * F * 4 * F, AB1 + pid * 4 * F, AW2 + pid * 4 * F * F,
                                      b2, q, k, v, a, tok, tok_last, gamma, beta, maskf, offs_f, offs_m, offs_t0,
@@ -194,10 +209,7 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W10, B10, W20, B20, OUT, W1N, B1N, W2
                                 maskf, offs_t0, F, BT, NT)
                     tl.store(BC2 + c * F + offs_f, b2, mask=maskf)
             rows = i * MB + offs_m
-            q = _load_rows(Q + base, rows, offs_f, all_m, maskf, F)
-            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
-            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
-            a = tl.load(A + pid * T + rows).to(tl.float32)
+            q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, all_m, maskf, F)
             out, aG2 = _mb_forward_tiled(S1, SB1, S2, S1, SB1, S2, b2, q, k, v, a, tok, tok_last, gamma, beta,
                                          maskf, offs_f, offs_m, offs_t0, F, BF, BT, NT, MB, eps, True, PREC)
             _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
@@ -243,15 +255,8 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     for j in range(0, NT):  # pass 2: Zbar1 (kept), Zbar2 and A2
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
-        W1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
-        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
-        W2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
-        X2, s1, _d2 = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
-        G1 = tl.dot(G2, tl.trans(W2), input_precision=PREC) * s1
-        zbar1 = tl.dot(q, W1, input_precision=PREC) + b1[None, :] - tl.dot(M1, G1, input_precision=PREC)
-        xbar2, _s, _d = _gelu(zbar1)
-        A2 = tl.dot(xbar2, tl.trans(X2), A2, input_precision=PREC)
-        zbar2 = tl.dot(xbar2, W2, zbar2, input_precision=PREC)
+        W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
+        X2, G1, zbar1, A2, zbar2 = _tile_sums(W1, b1, W2, q, k, G2, M1, A2, zbar2, PREC)
         _store_tile(ZB1, zbar1, offs_m, offs_t, maskt, F)
     M2 = E * (A2 + 1.0)
     zbar2 = zbar2 - tl.dot(M2, G2, input_precision=PREC)
@@ -274,12 +279,8 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     for j in range(0, NT):  # pass 3: through Zbar1 and Xbar2; the commit's terms
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
-        W1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
-        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
-        W2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
-        X2, s1, _d2 = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
-        P = tl.dot(G2, tl.trans(W2), input_precision=PREC)
-        G1 = P * s1
+        W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
+        X2, s1, _d2, P, G1, _zbar1 = _tile_zbar1(W1, b1, W2, q, k, G2, M1, PREC)  # Zbar1 from pass 2 instead
         xbar2, sbar1, _d = _gelu(_load_tile(ZB1, offs_m, offs_t, maskt, F))
         dxbar2 = tl.dot(dzbar2, tl.trans(W2), input_precision=PREC) + tl.dot(dA2, X2, input_precision=PREC)
         dX2 = tl.dot(tl.trans(dA2), xbar2, input_precision=PREC)
@@ -327,9 +328,7 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     for j in range(0, NT):  # pass 4: dX2, dZ1; the weight gradients before the mini-batch
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
-        W1 = _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F)
-        b1 = tl.load(SB1 + offs_t, mask=maskt, other=0.0)
-        W2 = _load_w(S2, offs_t, offs_f, maskt, maskf, F)
+        W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
         X2, s1, g2nd = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
         xbar2, _s, _d = _gelu(_load_tile(ZB1, offs_m, offs_t, maskt, F))
         dzbar1 = _load_tile(DZB1, offs_m, offs_t, maskt, F)
@@ -372,10 +371,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
     scr = SCR + pid * 5 * MB * 4 * F
     base = pid * T * F
     if AFTER_PARTIAL:
-        db2 = tl.load(DB2 + pid * F + offs_f, mask=maskf, other=0.0)
-        dgamma = tl.load(DLNW + pid * F + offs_f, mask=maskf, other=0.0)
-        dbeta = tl.load(DLNB + pid * F + offs_f, mask=maskf, other=0.0)
-        dtok = tl.load(DTOK + pid * MB + offs_m)
+        db2, dgamma, dbeta, dtok = _load_carried_grads(DB2, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
     else:
         _copy_state(DW1N + pid * F * 4 * F, DB1N + pid * 4 * F, DW2N + pid * 4 * F * F, GW1, GB1, GW2, offs_f,
                     maskf, offs_t0, F, BT, NT)
@@ -395,10 +391,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
         _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, maskm, maskf, F)
     else:
         for gi in range(0, n_ckpt):
-            g = n_ckpt - 1 - gi
-            first = g * group
-            count = tl.minimum(group, n_full - first)
-            c = pid * n_ckpt + g
+            first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
             s0 = pid * group  # the program's first slot
             _copy_state(WC1 + c * F * 4 * F, BC1 + c * 4 * F, WC2 + c * 4 * F * F, WS1 + s0 * F * 4 * F,
                         BS1 + s0 * 4 * F, WS2 + s0 * 4 * F * F, offs_f, maskf, offs_t0, F, BT, NT)
@@ -432,10 +425,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
                 dgamma += dg_
                 dbeta += db_
             tl.debug_barrier()
-    tl.store(DB2 + pid * F + offs_f, db2, mask=maskf)
-    tl.store(DLNW + pid * F + offs_f, dgamma, mask=maskf)
-    tl.store(DLNB + pid * F + offs_f, dbeta, mask=maskf)
-    tl.store(DTOK + pid * MB + offs_m, dtok)
+    _store_carried_grads(DB2, DLNW, DLNB, DTOK, pid, db2, dgamma, dbeta, dtok, offs_f, offs_m, maskf, F, MB)
 
 
 @triton.jit
