@@ -150,7 +150,7 @@ def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int, piece=
     gradient, one C++ call computes the outputs (cpu_scan.infer)."""
     B, H, T, f = q.shape
     n = T // b
-    if scan is not None and scan.cpp and not torch.is_grad_enabled():  # inference: one C++ call, LN and residual in
+    if scan is not None and scan.cpp and not torch.is_grad_enabled():  # inference: one C++ call, LN and residual too
         out, W, bias = cpu_scan.infer(q, k, t, a, tok, params["_ln_w"].reshape(H, f), params["_ln_b"].reshape(H, f),
                                       params["W"], params["b"])
         return [out], {**params, "W": W, "b": bias}, True
