@@ -7,10 +7,8 @@ machines that have no GPU (the interpreter tests check the math, not what the co
     make check-kernels
 
 The kernels as the launchers compile them (triton_linear.LAUNCH: TF32 products, warps per kernel,
-pipelining stages); --precision / --num-warps / --num-stages compile a variant. Exits 1 when a kernel the
-layers launch fails to compile or asks for more shared memory than the GPU has; TTT-MLP above
-layer.MLP_TRITON_MAX_HEAD_DIM is reported at f = 64 (why the layer runs it on the dual form there) and not
-compiled wider.
+pipelining stages); --precision / --num-warps / --num-stages compile a variant. Exits 1 when a kernel fails
+to compile or asks for more shared memory than the GPU has.
 
 Needs the `triton` package only (it ships ptxas); must not run under TRITON_INTERPRET.
 Writes RESULTS/bench/kernel_compile_check.json.

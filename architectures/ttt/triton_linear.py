@@ -7,8 +7,9 @@ padded to the next one with masked loads; the LayerNorms divide by the true f.
 
     forward    per mini-batch: Z = K W + b, G = LNgrad(Z, V - K), M = tril(tok a^T) * (Q K^T + 1),
                out = Q + LN(Q W + b - M G), then W -= tok_b K^T (a G), b -= tok_b sum(a G). The state is
-               saved every `group` mini-batches for the backward. A trailing partial mini-batch gets its
-               outputs and returns its accumulators (K^T aG, sum aG), uncommitted, as dual.py does.
+               saved every `group` mini-batches for the backward. A trailing partial mini-batch (a launch
+               of its own, PARTIAL) gets its outputs and returns its accumulators (K^T aG, sum aG),
+               uncommitted, as dual.py does; in the backward it comes first, also in a launch of its own.
     backward   groups in reverse: recompute the group's states from its checkpoint into a per-program
                scratch, then run each mini-batch's backward in reverse (dual_backward.py has the same
                math in PyTorch, with the derivation), carrying db in registers and dW in place in the dW0

@@ -2,12 +2,13 @@
 of dual.py (f_res(x) = gelu_tanh(x W1 + b1) W2 + b2, hidden 4f). Structure as triton_linear.py (read it
 first); the math of the backward is dual_backward.mlp_minibatch_backward, checked against autograd.
 
-The inner weights (W1 f x 4f, b1, W2 4f x f, b2) are fp32. The forward keeps W1, b1 and W2 in memory (its
-outputs, updated in place; at f = 64 they are 128 KB, more than registers or shared memory hold) and reads them
-a tile of hidden units at a time (hidden_tile), in two passes per mini-batch (_mb_forward_tiled); b2 stays in
-registers. The backward and the decode kernel still hold the four whole on chip, so the layer launches them up to
-head dim 32 (layer.MLP_TRITON_MAX_HEAD_DIM). Head dims that are not a power of two are padded (hidden 4f too);
-padded lanes are zero through every product and GELU.
+The inner weights (W1 f x 4f, b1, W2 4f x f, b2) are fp32. W1, b1 and W2 stay in memory (at f = 64 they are
+128 KB, more than registers or shared memory hold), updated in place, and every kernel reads them a tile of
+hidden units at a time (hidden_tile): the forward in two passes per mini-batch (_mb_forward_tiled), the
+backward in four (_mb_backward_tiled, with per-program scratch between them), decode in two; b2 and its
+gradient stay in registers. So they fit at every head dim (`make check-kernels`); `backend: auto` takes them
+up to layer.MLP_TRITON_AUTO_MAX_HEAD_DIM until they are timed on a GPU. Head dims that are not a power of two
+are padded (hidden 4f too); padded lanes are zero through every product and GELU.
 GELU's tanh is 2 sigmoid(2u) - 1 (the interpreter lacks libdevice's tanh).
 """
 from __future__ import annotations
