@@ -31,13 +31,13 @@ def test_a_launch_variant_compiles_as_asked(tmp_path):
     assert all((r["status"], r["num_warps"], r["num_stages"]) == ("ok", 4, 1) for r in rows), rows
 
 
-def test_the_linear_forward_spills_nothing_and_every_mlp_kernel_fits(tmp_path):
-    """At head dim 64 as the launchers compile them: TTT-Linear's forward (both launches: the whole mini-batches
-    and a trailing partial one) keeps everything in registers; TTT-MLP's kernels, which read the inner weights a
-    tile of hidden units at a time, fit in sm_90's shared memory (the backward that held W1 and W2 whole asked
-    for 262 KB, more than the 227 KB there are)."""
+def test_the_forwards_spill_nothing_and_every_mlp_kernel_fits(tmp_path):
+    """At head dim 64 as the launchers compile them: both forwards (both launches: the whole mini-batches and a
+    trailing partial one) keep everything in registers; TTT-MLP's kernels, which read the inner weights a tile of
+    hidden units at a time, fit in sm_90's shared memory (the backward that held W1 and W2 whole asked for
+    262 KB, more than the 227 KB there are)."""
     rows = check(tmp_path, "--only", "linear forward,mlp")
     assert {r["kernel"] for r in rows} == {"linear forward", "linear forward partial", "mlp forward",
                                           "mlp forward partial", "mlp backward", "mlp backward partial", "mlp decode"}
     assert all(r["status"] == "ok" for r in rows), rows
-    assert all(r["spill_store_bytes"] == 0 for r in rows if r["kernel"].startswith("linear")), rows
+    assert all(r["spill_store_bytes"] == 0 for r in rows if "forward" in r["kernel"]), rows

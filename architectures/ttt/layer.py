@@ -61,7 +61,7 @@ INNER = ("linear", "mlp")
 BACKBONES = ("mamba", "transformer")
 TRITON_INNERS = ("linear", "mlp")  # inner models with Triton kernels (triton_linear.py, triton_mlp.py)
 # TTT-MLP's kernels read W1, b1, W2 a tile of hidden units at a time, so they fit at every head dim (`make
-# check-kernels`: the backward at f = 64 / 128 takes 111 / 203 KB of shared memory, sm_90 has 227 KB). They are
+# check-kernels`: the backward at f = 64 / 128 takes 96 / 192 KB of shared memory, sm_90 has 227 KB). They are
 # not yet timed against the dual form on a GPU, so `auto` takes them only up to this head dim (where the kernels
 # that held the weights whole ran before); `backend=triton` runs them at any.
 MLP_TRITON_AUTO_MAX_HEAD_DIM = 32

@@ -128,13 +128,15 @@ def _mb_update_tiled(S1, SB1, S2, D1, DB1, D2, b2, k, v, a, tok_last, gamma, bet
 
 @triton.jit
 def _mb_forward_tiled(S1, SB1, S2, D1, DB1, D2, b2, q, k, v, a, tok, tok_last, gamma, beta, maskf, offs_f, offs_m,
-                      offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr,
-                      MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
+                      QR, KR, rows, maskm, offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+                      NT: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
     """One mini-batch of TTT-MLP with W1, b1, W2 in memory (S1, SB1, S2), read a tile of BT hidden units at a
     time; b2 (BF) in registers. Two passes over the tiles: the first sums Z2 = gelu(K W1 + b1) W2 + b2 (then G2),
     the second computes G1, Zbar1, Xbar2 and their sums Zbar2 and A2 tile by tile, and writes each tile's update:
     COMMIT, the weights after the mini-batch into D* (= S*: in place, each tile after its last read); else the
-    update's sums K^T aG1, sum aG1, X2^T aG2 (a partial mini-batch's accumulators). Returns the outputs q +
+    update's sums K^T aG1, sum aG1, X2^T aG2 (a partial mini-batch's accumulators). Pass 2 reads q and k (QR, KR:
+    the rows at `rows`) from memory per tile: kept across the loop as the products' left operands, each held a
+    whole copy per warp (ptxas for sm_90 at f = 64: 16 B of spill stores so, none now). Returns the outputs q +
     LN(Zbar2) and aG2 (the caller updates b2)."""
     Z2 = _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)  # pass 1
     zhat, r = _ln_stats(Z2, maskf, F, eps)
@@ -149,15 +151,17 @@ def _mb_forward_tiled(S1, SB1, S2, D1, DB1, D2, b2, q, k, v, a, tok, tok_last, g
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
-        X2, G1, _zbar1, A2, zbar2 = _tile_sums(W1, b1, W2, q, k, G2, M1, A2, zbar2, PREC)
+        qj = _load_rows(QR, rows, offs_f, maskm, maskf, F)
+        kj = _load_rows(KR, rows, offs_f, maskm, maskf, F)
+        X2, G1, _zbar1, A2, zbar2 = _tile_sums(W1, b1, W2, qj, kj, G2, M1, A2, zbar2, PREC)
         aG1 = a[:, None] * G1
         tl.debug_barrier()  # every thread has read the tile before it is overwritten (COMMIT: in place)
         if COMMIT:  # W - tok_last (update), accumulated on the tensor cores
-            W1 = tl.dot(tl.trans(k), -tok_last * aG1, W1, input_precision=PREC)
+            W1 = tl.dot(tl.trans(kj), -tok_last * aG1, W1, input_precision=PREC)
             b1 = b1 - tok_last * tl.sum(aG1, axis=0)
             W2 = tl.dot(tl.trans(X2), -tok_last * aG2, W2, input_precision=PREC)
         else:
-            W1 = tl.dot(tl.trans(k), aG1, input_precision=PREC)
+            W1 = tl.dot(tl.trans(kj), aG1, input_precision=PREC)
             b1 = tl.sum(aG1, axis=0)
             W2 = tl.dot(tl.trans(X2), aG2, input_precision=PREC)
         _store_w(D1, W1, offs_f, offs_t, maskf, maskt, 4 * F)
@@ -193,8 +197,8 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W10, B10, W20, B20, OUT, W1N, B1N, W2
         q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, maskm, maskf, F)
         b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
         out, aG2 = _mb_forward_tiled(S1, SB1, S2, AW1 + pid * F * 4 * F, AB1 + pid * 4 * F, AW2 + pid * 4 * F * F,
-                                     b2, q, k, v, a, tok, tok_last, gamma, beta, maskf, offs_f, offs_m, offs_t0,
-                                     F, BF, BT, NT, MB, eps, False, PREC)
+                                     b2, q, k, v, a, tok, tok_last, gamma, beta, maskf, offs_f, offs_m, Q + base,
+                                     K + base, rows, maskm, offs_t0, F, BF, BT, NT, MB, eps, False, PREC)
         _store_rows(OUT + base, out, rows, offs_f, maskm, maskf, F)
         tl.store(AB2 + pid * F + offs_f, tl.sum(aG2, axis=0), mask=maskf)
     else:
@@ -212,7 +216,8 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W10, B10, W20, B20, OUT, W1N, B1N, W2
             rows = i * MB + offs_m
             q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, all_m, maskf, F)
             out, aG2 = _mb_forward_tiled(S1, SB1, S2, S1, SB1, S2, b2, q, k, v, a, tok, tok_last, gamma, beta,
-                                         maskf, offs_f, offs_m, offs_t0, F, BF, BT, NT, MB, eps, True, PREC)
+                                         maskf, offs_f, offs_m, Q + base, K + base, rows, all_m, offs_t0, F, BF, BT,
+                                         NT, MB, eps, True, PREC)
             _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
             b2 = b2 - tok_last * tl.sum(aG2, axis=0)
         tl.store(B2N + pid * F + offs_f, b2, mask=maskf)
@@ -231,8 +236,9 @@ def _store_tile(ptr, x, offs_m, offs_t, maskt, F: tl.constexpr):
 
 @triton.jit
 def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, tok, tok_last, gamma, beta, SCR,
-                       maskf, offs_f, offs_m, offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
-                       NT: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
+                       maskf, offs_f, offs_m, QR, KR, rows, maskm, offs_t0, F: tl.constexpr, BF: tl.constexpr,
+                       BT: tl.constexpr, NT: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr,
+                       PREC: tl.constexpr):
     """dual_backward.mlp_minibatch_backward for one (sequence, head), tile by tile: W1, b1, W2 read from S*, b2
     given; the gradients of the weights after the mini-batch in GW1, GB1, GW2 (replaced by those before it,
     in place) and db2 (returned updated). Four passes over the tiles of hidden units, with the whole-width
@@ -240,13 +246,20 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     through Zbar1 and Xbar2 per tile, the sums dq, dM1, dG2 and the commit's terms (the weight gradients
     after the mini-batch are read here); (4) after the LN's VJP (dZ2), dX2 and dZ1 per tile, dk, and the new
     weight gradients. SCR: the program's scratch, 5 arrays (MB, 4f): Zbar1, dZbar1, dP, dX2 (its first terms)
-    and ds1. Returns dq, dk, dv, da, dtok (MB), dgamma, dbeta (BF) and db2 before the mini-batch."""
+    and ds1, then 3 (MB, f): G2, dZbar2, dZ2. The loops read those three, and q and k (QR, KR: the rows at
+    `rows`), from memory rather than keep them: as the products' left operands, kept across a loop, each held a
+    whole copy per warp (ptxas for sm_90 at f = 64: 584 B of spill stores so, 420 B now). Returns dq, dk, dv, da,
+    dtok (MB), dgamma, dbeta (BF) and db2 before the mini-batch."""
     ZB1, DZB1, DPS, DX2S, DS1S = SCR, SCR + MB * 4 * F, SCR + 2 * MB * 4 * F, SCR + 3 * MB * 4 * F, \
         SCR + 4 * MB * 4 * F
+    G2S, DZB2S, DZ2S = SCR + 5 * MB * 4 * F, SCR + 5 * MB * 4 * F + MB * F, SCR + 5 * MB * 4 * F + 2 * MB * F
+    all_m = offs_m < MB
     t = v - k
     Z2 = _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)  # pass 1
     zhat, r = _ln_stats(Z2, maskf, F, eps)
     G2, gx, c2 = _ln_loss_grad(zhat, r, t, gamma, beta, maskf, F)
+    _store_rows(G2S, G2, offs_m, offs_f, all_m, maskf, F)
+    tl.debug_barrier()
     tril = offs_m[:, None] >= offs_m[None, :]
     E = tl.where(tril, tok[:, None] * a[None, :], 0.0)
     A1 = tl.dot(q, tl.trans(k), input_precision=PREC)
@@ -257,12 +270,16 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
-        X2, G1, zbar1, A2, zbar2 = _tile_sums(W1, b1, W2, q, k, G2, M1, A2, zbar2, PREC)
+        qj = _load_rows(QR, rows, offs_f, maskm, maskf, F)
+        kj = _load_rows(KR, rows, offs_f, maskm, maskf, F)
+        G2j = _load_rows(G2S, offs_m, offs_f, all_m, maskf, F)
+        X2, G1, zbar1, A2, zbar2 = _tile_sums(W1, b1, W2, qj, kj, G2j, M1, A2, zbar2, PREC)
         _store_tile(ZB1, zbar1, offs_m, offs_t, maskt, F)
     M2 = E * (A2 + 1.0)
     zbar2 = zbar2 - tl.dot(M2, G2, input_precision=PREC)
     zbhat, rb = _ln_stats(zbar2, maskf, F, eps)
     dzbar2 = _ln_vjp(zbhat, rb, dout, gamma, maskf, F)
+    _store_rows(DZB2S, dzbar2, offs_m, offs_f, all_m, maskf, F)
     dgamma = tl.sum(dout * zbhat, axis=0)
     dbeta = tl.sum(dout, axis=0)
     dM2 = -tl.dot(dzbar2, tl.trans(G2), input_precision=PREC)
@@ -281,9 +298,13 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
-        X2, s1, _d2, P, G1, _zbar1 = _tile_zbar1(W1, b1, W2, q, k, G2, M1, PREC)  # Zbar1 from pass 2 instead
+        qj = _load_rows(QR, rows, offs_f, maskm, maskf, F)
+        kj = _load_rows(KR, rows, offs_f, maskm, maskf, F)
+        G2j = _load_rows(G2S, offs_m, offs_f, all_m, maskf, F)
+        X2, s1, _d2, P, G1, _zbar1 = _tile_zbar1(W1, b1, W2, qj, kj, G2j, M1, PREC)  # Zbar1 from pass 2 instead
         xbar2, sbar1, _d = _gelu(_load_tile(ZB1, offs_m, offs_t, maskt, F))
-        dxbar2 = tl.dot(dzbar2, tl.trans(W2), input_precision=PREC) + tl.dot(dA2, X2, input_precision=PREC)
+        dzbar2j = _load_rows(DZB2S, offs_m, offs_f, all_m, maskf, F)
+        dxbar2 = tl.dot(dzbar2j, tl.trans(W2), input_precision=PREC) + tl.dot(dA2, X2, input_precision=PREC)
         dX2 = tl.dot(tl.trans(dA2), xbar2, input_precision=PREC)
         dzbar1 = dxbar2 * sbar1
         dq = tl.dot(dzbar1, tl.trans(W1), dq, input_precision=PREC)
@@ -292,14 +313,14 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
         if COMMIT:  # through W' = W - tok_last (update): the gradients after the mini-batch, dW1', db1', dW2'
             aG1 = a[:, None] * G1
             dW1 = _load_w(GW1, offs_f, offs_t, maskf, maskt, 4 * F)
-            kdW1 = tl.dot(k, dW1, input_precision=PREC) + tl.load(GB1 + offs_t, mask=maskt, other=0.0)[None, :]
+            kdW1 = tl.dot(kj, dW1, input_precision=PREC) + tl.load(GB1 + offs_t, mask=maskt, other=0.0)[None, :]
             dG1 -= tok_last * a[:, None] * kdW1  # a d(aG1), d(aG1) = -tok_last (K dW1' + db1')
             da -= tok_last * tl.sum(kdW1 * G1, axis=1)
             s -= tl.sum(tl.sum(aG1 * kdW1, axis=1), axis=0)
             dk -= tok_last * tl.dot(aG1, tl.trans(dW1), input_precision=PREC)
             dW2 = _load_w(GW2, offs_t, offs_f, maskt, maskf, F)
             X2dW2 = tl.dot(X2, dW2, X2dW2, input_precision=PREC)
-            dX2 -= tok_last * tl.dot(aG2, tl.trans(dW2), input_precision=PREC)
+            dX2 -= tok_last * tl.dot(a[:, None] * G2j, tl.trans(dW2), input_precision=PREC)
         dP = dG1 * s1
         dG2 = tl.dot(dP, W2, dG2, input_precision=PREC)
         _store_tile(DZB1, dzbar1, offs_m, offs_t, maskt, F)
@@ -313,14 +334,15 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
         dG2 -= tok_last * a[:, None] * kd2
     dE += dM1 * (A1 + 1.0)
     dA1 = dM1 * E
-    dq = tl.dot(dA1, k, dq, input_precision=PREC)
-    dk = tl.dot(tl.trans(dA1), q, dk, input_precision=PREC)
+    dq = tl.dot(dA1, _load_rows(KR, rows, offs_f, maskm, maskf, F), dq, input_precision=PREC)
+    dk = tl.dot(tl.trans(dA1), _load_rows(QR, rows, offs_f, maskm, maskf, F), dk, input_precision=PREC)
     dE = tl.where(tril, dE, 0.0)
     dtok = tl.sum(dE * a[None, :], axis=1)
     da += tl.sum(dE * tok[:, None], axis=0)
     if COMMIT:
         dtok += tl.where(offs_m == MB - 1, s, 0.0)
     dZ2, dt, dg2, dbt2 = _ln_grad_vjp(dG2, G2, zhat, r, gx, c2, t, gamma, beta, maskf, F)
+    _store_rows(DZ2S, dZ2, offs_m, offs_f, all_m, maskf, F)
     dgamma += dg2
     dbeta += dbt2
     dk -= dt
@@ -330,19 +352,24 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
-        X2, s1, g2nd = _gelu(tl.dot(k, W1, input_precision=PREC) + b1[None, :])
+        qj = _load_rows(QR, rows, offs_f, maskm, maskf, F)
+        kj = _load_rows(KR, rows, offs_f, maskm, maskf, F)
+        X2, s1, g2nd = _gelu(tl.dot(kj, W1, input_precision=PREC) + b1[None, :])
         xbar2, _s, _d = _gelu(_load_tile(ZB1, offs_m, offs_t, maskt, F))
         dzbar1 = _load_tile(DZB1, offs_m, offs_t, maskt, F)
-        dX2 = tl.dot(dZ2, tl.trans(W2), _load_tile(DX2S, offs_m, offs_t, maskt, F), input_precision=PREC)
+        dZ2j = _load_rows(DZ2S, offs_m, offs_f, all_m, maskf, F)
+        G2j = _load_rows(G2S, offs_m, offs_f, all_m, maskf, F)
+        dzbar2j = _load_rows(DZB2S, offs_m, offs_f, all_m, maskf, F)
+        dX2 = tl.dot(dZ2j, tl.trans(W2), _load_tile(DX2S, offs_m, offs_t, maskt, F), input_precision=PREC)
         dZ1 = dX2 * s1 + _load_tile(DS1S, offs_m, offs_t, maskt, F) * g2nd
         dk = tl.dot(dZ1, tl.trans(W1), dk, input_precision=PREC)
         dW2 = _load_w(GW2, offs_t, offs_f, maskt, maskf, F)
         dW1 = _load_w(GW1, offs_f, offs_t, maskf, maskt, 4 * F)
         db1 = tl.load(GB1 + offs_t, mask=maskt, other=0.0) + tl.sum(dzbar1, axis=0) + tl.sum(dZ1, axis=0)
-        dW2 = tl.dot(tl.trans(xbar2), dzbar2, dW2, input_precision=PREC)
-        dW2 = tl.dot(tl.trans(_load_tile(DPS, offs_m, offs_t, maskt, F)), G2, dW2, input_precision=PREC)
-        dW2 = tl.dot(tl.trans(X2), dZ2, dW2, input_precision=PREC)
-        dW1 = tl.dot(tl.trans(k), dZ1, tl.dot(tl.trans(q), dzbar1, dW1, input_precision=PREC), input_precision=PREC)
+        dW2 = tl.dot(tl.trans(xbar2), dzbar2j, dW2, input_precision=PREC)
+        dW2 = tl.dot(tl.trans(_load_tile(DPS, offs_m, offs_t, maskt, F)), G2j, dW2, input_precision=PREC)
+        dW2 = tl.dot(tl.trans(X2), dZ2j, dW2, input_precision=PREC)
+        dW1 = tl.dot(tl.trans(kj), dZ1, tl.dot(tl.trans(qj), dzbar1, dW1, input_precision=PREC), input_precision=PREC)
         tl.debug_barrier()  # every thread has read the tile's gradients before they are overwritten
         _store_w(GW2, dW2, offs_t, offs_f, maskt, maskf, F)
         _store_w(GW1, dW1, offs_f, offs_t, maskf, maskt, 4 * F)
@@ -388,7 +415,8 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
         b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
         dq, dk, dv, da, dtok, dgamma, dbeta, db2 = _mb_backward_tiled(
             W1N + pid * F * 4 * F, B1N + pid * 4 * F, W2N + pid * 4 * F * F, b2, GW1, GB1, GW2, db2, q, k, v, a, do,
-            tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, offs_t0, F, BF, BT, NT, MB, eps, False, PREC)
+            tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base, K + base, rows, maskm, offs_t0, F, BF, BT,
+            NT, MB, eps, False, PREC)
         _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, maskm, maskf, F)
     else:
         for gi in range(0, n_ckpt):
@@ -419,8 +447,8 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
                 b2 = tl.load(BS2 + sj * F + offs_f, mask=maskf, other=0.0)
                 dq, dk, dv, da, dt_, dg_, db_, db2 = _mb_backward_tiled(
                     WS1 + sj * F * 4 * F, BS1 + sj * 4 * F, WS2 + sj * 4 * F * F, b2, GW1, GB1, GW2, db2, q, k, v,
-                    a, do, tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, offs_t0, F, BF, BT, NT, MB, eps,
-                    True, PREC)
+                    a, do, tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base, K + base, rows, all_m,
+                    offs_t0, F, BF, BT, NT, MB, eps, True, PREC)
                 _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, all_m, maskf, F)
                 dtok += dt_
                 dgamma += dg_
@@ -568,7 +596,7 @@ class TTTMLPFunction(torch.autograd.Function):
         dlnw, dlnb = torch.empty(Bsz, H, f, **f32), torch.empty(Bsz, H, f, **f32)
         dinit = [torch.empty(shapes[n], **f32) for n in PARAMS]
         scratch = [torch.empty(Bsz, H, group, *shapes[n][2:], **f32) for n in PARAMS]  # the group's states
-        tiles = torch.empty(Bsz, H, 5, MB, 4 * f, **f32)  # per program: Zbar1, dZbar1, dP, dX2, ds1
+        tiles = torch.empty(Bsz, H, 6, MB, 4 * f, **f32)  # per program: Zbar1, dZbar1, dP, dX2, ds1; G2, dZbar2, dZ2
         for part in (True, False)[partial == 0:]:  # a trailing partial mini-batch first, then the whole ones
             _bwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *ckpt, *new, dout, *dnext,
                                     dq, dk, dv, da, dtok, dlnw, dlnb, *dinit, *scratch, tiles,
