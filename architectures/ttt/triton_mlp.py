@@ -235,6 +235,16 @@ def _store_tile(ptr, x, offs_m, offs_t, maskt, F: tl.constexpr):
 
 
 @triton.jit
+def _load_tile_operands(S1, SB1, S2, QR, KR, G2S, rows, maskm, offs_m, all_m, offs_f, maskf, offs_t, maskt,
+                        F: tl.constexpr):
+    """A backward tile pass's operands: the tile's W1, b1, W2, and q, k and G2 read again from memory (not kept
+    across the loop: _mb_backward_tiled)."""
+    W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
+    return (W1, b1, W2, _load_rows(QR, rows, offs_f, maskm, maskf, F), _load_rows(KR, rows, offs_f, maskm, maskf, F),
+            _load_rows(G2S, offs_m, offs_f, all_m, maskf, F))
+
+
+@triton.jit
 def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, tok, tok_last, gamma, beta, SCR,
                        maskf, offs_f, offs_m, QR, KR, rows, maskm, offs_t0, F: tl.constexpr, BF: tl.constexpr,
                        BT: tl.constexpr, NT: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr,
@@ -269,10 +279,8 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     for j in range(0, NT):  # pass 2: Zbar1 (kept), Zbar2 and A2
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
-        W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
-        qj = _load_rows(QR, rows, offs_f, maskm, maskf, F)
-        kj = _load_rows(KR, rows, offs_f, maskm, maskf, F)
-        G2j = _load_rows(G2S, offs_m, offs_f, all_m, maskf, F)
+        W1, b1, W2, qj, kj, G2j = _load_tile_operands(S1, SB1, S2, QR, KR, G2S, rows, maskm, offs_m, all_m, offs_f,
+                                                      maskf, offs_t, maskt, F)
         X2, G1, zbar1, A2, zbar2 = _tile_sums(W1, b1, W2, qj, kj, G2j, M1, A2, zbar2, PREC)
         _store_tile(ZB1, zbar1, offs_m, offs_t, maskt, F)
     M2 = E * (A2 + 1.0)
@@ -297,10 +305,8 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     for j in range(0, NT):  # pass 3: through Zbar1 and Xbar2; the commit's terms
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
-        W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
-        qj = _load_rows(QR, rows, offs_f, maskm, maskf, F)
-        kj = _load_rows(KR, rows, offs_f, maskm, maskf, F)
-        G2j = _load_rows(G2S, offs_m, offs_f, all_m, maskf, F)
+        W1, b1, W2, qj, kj, G2j = _load_tile_operands(S1, SB1, S2, QR, KR, G2S, rows, maskm, offs_m, all_m, offs_f,
+                                                      maskf, offs_t, maskt, F)
         X2, s1, _d2, P, G1, _zbar1 = _tile_zbar1(W1, b1, W2, qj, kj, G2j, M1, PREC)  # Zbar1 from pass 2 instead
         xbar2, sbar1, _d = _gelu(_load_tile(ZB1, offs_m, offs_t, maskt, F))
         dzbar2j = _load_rows(DZB2S, offs_m, offs_f, all_m, maskf, F)
