@@ -163,6 +163,19 @@ def test_interleaved_rope_rotates_adjacent_pairs():
     torch.testing.assert_close(y[..., 2:], torch.zeros(1, 1, 1, 2))
 
 
+def test_interleaved_rope_eager_complex_form_equals_the_compiled_real_one():
+    """Eager, the interleaved rotation is one complex product; under torch.compile (no complex kernels in
+    inductor) the real-arithmetic form: the same numbers, on a head-transposed (non-contiguous) input as the
+    TTT layer passes it."""
+    x = torch.randn(2, 37, 3, 16).transpose(1, 2)  # (B, H, T, f) view of (B, T, H, f)
+    cos, sin = rope_angles(16, torch.arange(37) % 16)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    by_hand = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, cos, sin, interleaved=True), by_hand, rtol=1e-6, atol=1e-6)
+    compiled = torch.compile(lambda t: apply_rope(t, cos, sin, interleaved=True))
+    torch.testing.assert_close(compiled(x), by_hand, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_classification_head_respects_lengths(pooling):
     clf = SequenceClassifier(tiny(), n_classes=3, pooling=pooling).double()
