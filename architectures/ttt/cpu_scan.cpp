@@ -122,14 +122,19 @@ inline T* at(T* base, const Dims& d, int64_t i, int64_t j, int64_t size) {
   return base + (i * d.BH + j) * size;
 }
 
-// G, zhat, r of one row: LNgrad(z, t) (inner.ln_loss_grad_stats)
+// 1 / sqrt(var + eps) of one row z with mean mu: the LN's 1/sigma
 template <typename T>
-void ln_grad_row(const T* z, const T* t, const T* gam, const T* bet, T* G, T* zhat, T* r, T* gx, int64_t f) {
-  const T mu = mean(z, f);
+inline T ln_rstd(const T* z, T mu, int64_t f) {
   T var = 0;
 #pragma omp simd reduction(+ : var)
   for (int64_t j = 0; j < f; j++) var += (z[j] - mu) * (z[j] - mu);
-  const T rstd = T(1) / std::sqrt(var / T(f) + T(LN_EPS));
+  return T(1) / std::sqrt(var / T(f) + T(LN_EPS));
+}
+
+// G, zhat, r of one row: LNgrad(z, t) (inner.ln_loss_grad_stats)
+template <typename T>
+void ln_grad_row(const T* z, const T* t, const T* gam, const T* bet, T* G, T* zhat, T* r, T* gx, int64_t f) {
+  const T mu = mean(z, f), rstd = ln_rstd(z, mu, f);
 #pragma omp simd
   for (int64_t j = 0; j < f; j++) {
     zhat[j] = (z[j] - mu) * rstd;
@@ -266,11 +271,7 @@ void infer_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, c
     for (int64_t row = 0; row < c; row++) {
       T* z = zb + row * f;
       const T* x = Q + row * f;
-      const T mu = mean(z, f);
-      T var = 0;
-#pragma omp simd reduction(+ : var)
-      for (int64_t col = 0; col < f; col++) var += (z[col] - mu) * (z[col] - mu);
-      const T rstd = T(1) / std::sqrt(var / T(f) + T(LN_EPS));
+      const T mu = mean(z, f), rstd = ln_rstd(z, mu, f);
 #pragma omp simd
       for (int64_t col = 0; col < f; col++) z[col] = x[col] + g[col] * (z[col] - mu) * rstd + be[col];
     }
