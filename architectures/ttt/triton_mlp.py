@@ -258,7 +258,7 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     weight gradients. SCR: the program's scratch, 5 arrays (MB, 4f): Zbar1, dZbar1, dP, dX2 (its first terms)
     and ds1, then 3 (MB, f): G2, dZbar2, dZ2. The loops read those three, and q and k (QR, KR: the rows at
     `rows`), from memory rather than keep them: as the products' left operands, kept across a loop, each held a
-    whole copy per warp (ptxas for sm_90 at f = 64: 584 B of spill stores so, 420 B now). Returns dq, dk, dv, da,
+    whole copy per warp (ptxas for sm_90 at f = 64: 584 B of spill stores so, 440 B now). Returns dq, dk, dv, da,
     dtok (MB), dgamma, dbeta (BF) and db2 before the mini-batch."""
     ZB1, DZB1, DPS, DX2S, DS1S = SCR, SCR + MB * 4 * F, SCR + 2 * MB * 4 * F, SCR + 3 * MB * 4 * F, \
         SCR + 4 * MB * 4 * F
@@ -357,14 +357,12 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     for j in range(0, NT):  # pass 4: dX2, dZ1; the weight gradients before the mini-batch
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
-        W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
-        qj = _load_rows(QR, rows, offs_f, maskm, maskf, F)
-        kj = _load_rows(KR, rows, offs_f, maskm, maskf, F)
+        W1, b1, W2, qj, kj, G2j = _load_tile_operands(S1, SB1, S2, QR, KR, G2S, rows, maskm, offs_m, all_m, offs_f,
+                                                      maskf, offs_t, maskt, F)
         X2, s1, g2nd = _gelu(tl.dot(kj, W1, input_precision=PREC) + b1[None, :])
         xbar2, _s, _d = _gelu(_load_tile(ZB1, offs_m, offs_t, maskt, F))
         dzbar1 = _load_tile(DZB1, offs_m, offs_t, maskt, F)
         dZ2j = _load_rows(DZ2S, offs_m, offs_f, all_m, maskf, F)
-        G2j = _load_rows(G2S, offs_m, offs_f, all_m, maskf, F)
         dzbar2j = _load_rows(DZB2S, offs_m, offs_f, all_m, maskf, F)
         dX2 = tl.dot(dZ2j, tl.trans(W2), _load_tile(DX2S, offs_m, offs_t, maskt, F), input_precision=PREC)
         dZ1 = dX2 * s1 + _load_tile(DS1S, offs_m, offs_t, maskt, F) * g2nd
@@ -387,7 +385,7 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
 @triton.jit
 def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2N, DOUT, DW1N, DB1N, DW2N, DB2N,
                 DQ, DK, DV, DA, DTOK, DLNW, DLNB, DW1, DB1, DW2, DB2, WS1, BS1, WS2, BS2, SCR,
-                T, H, n_full, n_ckpt, group, eps,
+                T, H, n_full, n_ckpt, group, s_scr, eps,
                 F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, MB: tl.constexpr,
                 PARTIAL: tl.constexpr, AFTER_PARTIAL: tl.constexpr, PREC: tl.constexpr):
     """Groups of mini-batches in reverse: the group's states recomputed from its checkpoint into the program's
@@ -402,7 +400,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
     maskf, all_m = offs_f < F, offs_m < MB
     gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     GW1, GB1, GW2 = DW1 + pid * F * 4 * F, DB1 + pid * 4 * F, DW2 + pid * 4 * F * F
-    scr = SCR + pid * 5 * MB * 4 * F
+    scr = SCR + pid * s_scr  # the program's scratch (_mb_backward_tiled: 5 x (MB, 4f) + 3 x (MB, f) numbers)
     base = pid * T * F
     if AFTER_PARTIAL:
         db2, dgamma, dbeta, dtok = _load_carried_grads(DB2, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
@@ -606,7 +604,7 @@ class TTTMLPFunction(torch.autograd.Function):
         for part in (True, False)[partial == 0:]:  # a trailing partial mini-batch first, then the whole ones
             _bwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *ckpt, *new, dout, *dnext,
                                     dq, dk, dv, da, dtok, dlnw, dlnb, *dinit, *scratch, tiles,
-                                    T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
+                                    T, H, n_full, n_ckpt if n_full else 0, group, tiles[0, 0].numel(), LN_EPS,
                                     F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part,
                                     AFTER_PARTIAL=partial > 0 and not part, PREC=LAUNCH.precision,
                                     num_warps=LAUNCH.warps("mlp", "bwd"), num_stages=LAUNCH.num_stages)
