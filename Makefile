@@ -33,6 +33,7 @@ ONLINE ?=
 FRESH ?=
 LAUNCHER ?= local
 NPROC ?= 1
+JOBS ?= 1
 NODES ?=
 GPUS_PER_NODE ?=
 PARTITION ?=
@@ -49,7 +50,8 @@ help: ## list the targets and variables
 	@echo "           TASK=lm|longqa|mqar|mqar_zoology|passkey|classification (sweep CTX: default 2k, or the task's grid)"
 	@echo "           DATA=shakespeare|pycode|text_files|hf  MATCH=flops|params  RESULTS=dir  ARGS='hydra.overrides ...'"
 	@echo "           sweep: LRS=1e-4,1e-3 (an lr sweep; the report keeps the best)  RESUME=last|<sweep id>  FRESH=1"
-	@echo "                  NPROC=8 (torchrun on this machine)  LAUNCHER=local|slurm (slurm: one job per run;"
+	@echo "                  JOBS=2 (runs at once on this machine)  NPROC=8 (torchrun on this machine)"
+	@echo "                  LAUNCHER=local|slurm (slurm: one job per run;"
 	@echo "                  NODES= GPUS_PER_NODE= PARTITION= ACCOUNT= TIMEOUT_MIN=; conf/hydra/launcher/slurm.yaml)"
 	@echo "           sizes: SIZE=125m|a,b  CTX=2k|2k,32k  MATCH=flops|params|flops,params  VOCAB=257|32000"
 	@echo "           install: TORCH_SPEC=..."
@@ -92,7 +94,7 @@ check-kernels: $(STAMP) ## compile the TTT Triton kernels for sm_90 without a GP
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
 	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(if $(filter file,$(origin CTX)),,$(CTX))" --profile "$(PROFILE)" --sizes "$(SIZES)" \
 	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" --resume "$(RESUME)" --lrs "$(LRS)" \
-	  $(if $(filter 1 true yes,$(FRESH)),--fresh) --launcher "$(LAUNCHER)" --nproc "$(NPROC)" --nodes "$(NODES)" \
+	  $(if $(filter 1 true yes,$(FRESH)),--fresh) --launcher "$(LAUNCHER)" --nproc "$(NPROC)" --jobs "$(JOBS)" --nodes "$(NODES)" \
 	  --gpus-per-node "$(GPUS_PER_NODE)" --partition "$(PARTITION)" --account "$(ACCOUNT)" \
 	  --timeout-min "$(TIMEOUT_MIN)" -- $(ARGS)
 

@@ -3,8 +3,8 @@
     python -m bench.sweep --arch transformer [--ctx 2k|64,128] [--profile cpu] [--sizes a,b] [--task lm]
                           [--data shakespeare] [--match flops|params] [--results results]
                           [--lrs 1e-4,1e-3] [--resume last|<sweep id>] [--fresh]
-                          [--nproc N | --launcher slurm [--nodes N] [--gpus-per-node G] [--partition P]
-                          [--account A] [--timeout-min M]] [-- hydra overrides ...]
+                          [--jobs N | --nproc N | --launcher slurm [--nodes N] [--gpus-per-node G]
+                          [--partition P] [--account A] [--timeout-min M]] [-- hydra overrides ...]
 
 The same command run again continues its sweep (finished runs reused, interrupted ones resumed from
 their checkpoints, failed ones run again); --fresh starts a new one.
@@ -81,20 +81,28 @@ def parse_positive(kind: str, text: str) -> int:
 
 
 def run_command(args) -> list[str]:
-    """How the Hydra multirun starts: `python -m bench.run` (LAUNCHER=local, one process); torchrun over
-    NPROC processes of this machine, one per GPU (NPROC>1); or Hydra's submitit launcher, one SLURM job of
-    NODES x GPUS_PER_NODE ranks per run (LAUNCHER=slurm; conf/hydra/launcher/slurm.yaml). Not part of the
-    sweep's identity: a sweep started under one launcher continues under another."""
+    """How the Hydra multirun starts: `python -m bench.run` (LAUNCHER=local, one run at a time); JOBS runs
+    at once on this machine, each a process of its own (JOBS>1: Hydra's joblib launcher; each run's threads
+    fit the cores the others leave, bench/threads.py); torchrun over NPROC processes of this machine, one
+    per GPU (NPROC>1); or Hydra's submitit launcher, one SLURM job of NODES x GPUS_PER_NODE ranks per run
+    (LAUNCHER=slurm; conf/hydra/launcher/slurm.yaml). Not part of the sweep's identity: a sweep started
+    under one launcher continues under another."""
     launcher = parse_choice("LAUNCHER", args.launcher, list(LAUNCHERS))
     nproc = parse_positive("NPROC", args.nproc)
+    jobs = parse_positive("JOBS", args.jobs)
     slurm = {key: str(getattr(args, key)).strip() for key in SLURM_OPTIONS if str(getattr(args, key)).strip()}
     if launcher == "local":
         if slurm:
             raise UsageError(f"{', '.join(SLURM_OPTIONS[k] + '=' for k in slurm)} need LAUNCHER=slurm")
+        if jobs > 1 and nproc > 1:
+            raise UsageError("JOBS runs several one-process runs at once, NPROC one run over several processes "
+                             "(GPUs); give one of them")
         torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-        return [sys.executable, *torchrun, "-m", "bench.run", "--multirun"]
-    if nproc > 1:
-        raise UsageError("NPROC is for one machine (LAUNCHER=local); LAUNCHER=slurm takes NODES and GPUS_PER_NODE")
+        parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
+        return [sys.executable, *torchrun, "-m", "bench.run", "--multirun", *parallel]
+    if nproc > 1 or jobs > 1:
+        raise UsageError("NPROC and JOBS are for one machine (LAUNCHER=local); LAUNCHER=slurm runs one job per "
+                         "run and takes NODES and GPUS_PER_NODE")
     for key in ("nodes", "gpus_per_node", "timeout_min"):
         if key in slurm:
             parse_positive(SLURM_OPTIONS[key], slurm[key])
@@ -181,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="start a new sweep even if this command ran before")
     p.add_argument("--launcher", default="local", help="local (this machine) | slurm (one job per run)")
     p.add_argument("--nproc", default="1", help="local: torchrun over this many processes (one per GPU)")
+    p.add_argument("--jobs", default="1", help="local: this many runs at once, a process each (CPU sweeps of "
+                   "small models)")
     for key, var in SLURM_OPTIONS.items():
         p.add_argument(f"--{key.replace('_', '-')}", default="", help=f"slurm: hydra.launcher.{key} (make {var}=)")
     p.add_argument("overrides", nargs="*", help="free Hydra overrides, e.g. trainer.lr=1e-3")

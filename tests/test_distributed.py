@@ -307,20 +307,25 @@ def test_sweep_launchers(tmp_path):
     from bench.sweep import run_command
 
     def cmd(**kw):
-        args = dict(launcher="local", nproc="1", nodes="", gpus_per_node="", timeout_min="", partition="",
-                    account="")
+        args = dict(launcher="local", nproc="1", jobs="1", nodes="", gpus_per_node="", timeout_min="",
+                    partition="", account="")
         return run_command(Namespace(**{**args, **kw}))
 
     assert cmd() == [sys.executable, "-m", "bench.run", "--multirun"]  # today's command
     assert cmd(nproc="8") == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8",
                               "-m", "bench.run", "--multirun"]
+    assert cmd(jobs="2") == [sys.executable, "-m", "bench.run", "--multirun", "hydra/launcher=joblib",
+                             "hydra.launcher.n_jobs=2"]  # JOBS=2: two runs at once, a process each
     assert cmd(launcher="slurm", nodes="2", gpus_per_node="8", account="acct")[4:] == [
         "hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=8",
         "hydra.launcher.account=acct"]
     for kw, message in [(dict(launcher="cloud"), "unknown LAUNCHER 'cloud'; available: local, slurm"),
                         (dict(partition="gpu"), "PARTITION= need LAUNCHER=slurm"),
                         (dict(nproc="0"), "NPROC must be a positive integer"),
-                        (dict(launcher="slurm", nproc="2"), "NPROC is for one machine"),
+                        (dict(launcher="slurm", nproc="2"), "NPROC and JOBS are for one machine"),
+                        (dict(launcher="slurm", jobs="2"), "NPROC and JOBS are for one machine"),
+                        (dict(jobs="2", nproc="2"), "give one of them"),
+                        (dict(jobs="two"), "JOBS must be a positive integer"),
                         (dict(launcher="slurm", nodes="two"), "NODES must be a positive integer")]:
         with pytest.raises(UsageError, match=message):
             cmd(**kw)

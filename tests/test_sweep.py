@@ -3,6 +3,7 @@ import csv
 import json
 import platform
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,13 +153,15 @@ def test_smoke_sweep_every_architecture_learns(tmp_path):
 
 def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
     """LRS=: every size at each lr, one folder per lr, lr in every summary; the plots and the report's
-    best-run table take each point's best lr by validation loss; metric_vs_lr.png draws them all."""
+    best-run table take each point's best lr by validation loss; metric_vs_lr.png draws them all. JOBS=2:
+    both runs at once, each a process of Hydra's joblib launcher."""
     import pandas as pd
 
     from bench.report import latest_ok, lr_sweeps, summary_table
 
     res = sweep("--arch", "transformer", "--ctx", "128", "--profile", "smoke", "--sizes", "smoke-xs",
-                "--lrs", "1e-5,1e-2", "--", "logger=none", "trainer.quiet=true", results=tmp_path)
+                "--lrs", "1e-5,1e-2", "--jobs", "2", "--", "logger=none", "trainer.quiet=true", results=tmp_path)
+    assert re.search(r"Joblib.Parallel\(.*n_jobs=2", res.stdout + res.stderr)  # Hydra's log line
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = summary_table(tmp_path)
     assert sorted(table["lr"]) == [1e-5, 1e-2]
