@@ -135,3 +135,11 @@ def read_summaries(results_root: str | Path) -> list[dict]:
         row.setdefault("run_dir", str(path.parent))
         rows.append(row)
     return rows
+
+
+def headline_metric(summary: dict) -> str:
+    """A run's headline metric as its log lines print it: bits per byte for language modeling, accuracy
+    otherwise."""
+    if summary.get("val_bpb") is not None:
+        return f"val_bpb={summary['val_bpb']:.3f}"
+    return f"val_acc={summary.get('val_acc', float('nan')):.3f}"

@@ -31,7 +31,7 @@ from bench.fingerprint import config_fingerprint
 from bench.hardware import mfu
 from bench.latency import latency_probe
 from bench.results import (REPO_ROOT, atomic_write_json, atomic_write_text, device_name, git_commit,
-                           package_versions, remove_stale_temporaries)
+                           headline_metric, package_versions, remove_stale_temporaries)
 from bench.threads import ThreadGovernor, configure_compute_process
 from bench.tracking import NullTracker, build_tracker
 from bench.train import Diverged, autocast_for, pick_device, run_tokens, train
@@ -193,6 +193,9 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
     summary["finished_at"] = time.time()
     atomic_write_json(run_dir / "summary.json", summary)
     crash_point("summary")
+    if cfg.trainer.get("quiet", False) and summary["status"] == "ok":  # no progress bar: a line when it ends
+        print(f"[ttt-bench] run {run_dir.name}: ok  {headline_metric(summary)} in {summary['wall_s']:.0f}s",
+              flush=True)
     if summary["status"] == "failed" and distributed.world_size() > 1:  # the ranks cannot go on together
         raise RuntimeError(f"run {run_dir.name} failed ({summary['error']}); the same command continues the sweep")
     return summary

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from bench.config import (UsageError, default_ctxs, default_ladder, group_options, parse_archs, parse_choice,
                           parse_ctxs, parse_list, parse_lrs)
-from bench.results import REPO_ROOT, atomic_write_json, read_summaries
+from bench.results import REPO_ROOT, atomic_write_json, headline_metric, read_summaries
+from bench.threads import cpu_cores
 
 LR_RUN_NAME = "run_name=${arch.name}-${size.name}-ctx${ctx}-lr${trainer.lr}"  # one folder per lr of a sweep
 
@@ -98,7 +99,9 @@ def run_command(args) -> list[str]:
             raise UsageError("JOBS runs several one-process runs at once, NPROC one run over several processes "
                              "(GPUs); give one of them")
         torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-        parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
+        parallel = [] if jobs == 1 else [  # the cores shared out; a line per finished run, not JOBS bars on one
+            "hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", f"trainer.threads={max(1, cpu_cores() // jobs)}",
+            "trainer.quiet=true"]
         return [sys.executable, *torchrun, "-m", "bench.run", "--multirun", *parallel]
     if nproc > 1 or jobs > 1:
         raise UsageError("NPROC and JOBS are for one machine (LAUNCHER=local); LAUNCHER=slurm runs one job per "
@@ -164,13 +167,6 @@ def write_manifest(results: Path, sweep_id: str, commands: list[list[str]], atte
     atomic_write_json(path, manifest)
 
 
-def _metric(r: dict) -> str:
-    """The task's headline metric: bits per byte for language modeling, accuracy otherwise."""
-    if r.get("val_bpb") is not None:
-        return f"val_bpb={r['val_bpb']:.3f}"
-    return f"val_acc={r.get('val_acc', float('nan')):.3f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make sweep", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", default="transformer", help="a name, a comma list, or 'all'")
@@ -226,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         reused = " (reused)" if float(r.get("finished_at", started)) < started else ""
         print(f"[ttt-bench] {r['run']}: {r.get('status')}{reused}"
-              + (f"  {_metric(r)} val_loss={r['val_loss']:.3f} "
+              + (f"  {headline_metric(r)} val_loss={r['val_loss']:.3f} "
                  f"{r['layers']}x{r['d_model']} params={r['params'] / 1e6:.2f}M "
                  f"train FLOPs/token={r['train_flops_per_token']:.3g} ({r['flops_vs_ref']:.3f}x ref, match={r['match']}) "
                  f"tokens={r['tokens']:,} "

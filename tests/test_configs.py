@@ -124,7 +124,9 @@ STORED_BEFORE = [
     (["arch=ttt_linear", "arch.backend=torch"], "c2167f6933dd67cd"),
     (["arch=ttt_mlp"], "c4fca4281d96d1df"),
     (["arch=transformer", "arch.backend=sdpa"], "abeddd210895ecab"),  # then attn_backend=sdpa
-    (["arch=transformer", "task=mqar_zoology"], "d532b81704181f29"),
+    (["arch=transformer", "task=mqar_zoology", "task.train_examples=10000", "task.epochs=4",  # the CPU budget then
+      "task.mqar_grid={64:{batch:16},128:{batch:16},256:{batch:16},512:{batch:16}}", "trainer.early_stop.every=625"],
+     "d532b81704181f29"),
     (["arch=transformer_conv"], "7d65d27a85b90470"),
     (["arch=mamba2"], "00ffacaeda88887e"),
     (["arch=mamba", "profile=smoke", "size=smoke-xs"], "d25ea4fb5ac042f7"),

@@ -305,6 +305,7 @@ def test_sweep_launchers(tmp_path):
 
     from bench.config import UsageError
     from bench.sweep import run_command
+    from bench.threads import cpu_cores
 
     def cmd(**kw):
         args = dict(launcher="local", nproc="1", jobs="1", nodes="", gpus_per_node="", timeout_min="",
@@ -314,8 +315,10 @@ def test_sweep_launchers(tmp_path):
     assert cmd() == [sys.executable, "-m", "bench.run", "--multirun"]  # today's command
     assert cmd(nproc="8") == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8",
                               "-m", "bench.run", "--multirun"]
+    # JOBS=2: two runs at once, a process each, the cores shared out, a line per finished run (no bars)
     assert cmd(jobs="2") == [sys.executable, "-m", "bench.run", "--multirun", "hydra/launcher=joblib",
-                             "hydra.launcher.n_jobs=2"]  # JOBS=2: two runs at once, a process each
+                             "hydra.launcher.n_jobs=2", f"trainer.threads={max(1, cpu_cores() // 2)}",
+                             "trainer.quiet=true"]
     assert cmd(launcher="slurm", nodes="2", gpus_per_node="8", account="acct")[4:] == [
         "hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=8",
         "hydra.launcher.account=acct"]

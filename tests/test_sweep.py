@@ -162,6 +162,8 @@ def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
     res = sweep("--arch", "transformer", "--ctx", "128", "--profile", "smoke", "--sizes", "smoke-xs",
                 "--lrs", "1e-5,1e-2", "--jobs", "2", "--", "logger=none", "trainer.quiet=true", results=tmp_path)
     assert re.search(r"Joblib.Parallel\(.*n_jobs=2", res.stdout + res.stderr)  # Hydra's log line
+    assert all(f"run {name}: ok  val_bpb=" in res.stdout for name in ("transformer-smoke-xs-ctx128-lr0.01",
+                                                                     "transformer-smoke-xs-ctx128-lr1e-05"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = summary_table(tmp_path)
     assert sorted(table["lr"]) == [1e-5, 1e-2]

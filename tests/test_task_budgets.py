@@ -146,3 +146,5 @@ def test_mqar_zoology_composes_for_every_profile_and_grid_point(profile):
         assert (cfg.task.train_examples, cfg.task.epochs, cfg.task.mqar_grid[256].batch) == (100000, 64, 256)
     if profile == "cpu":
         assert list(spec.ladder) == ["zoology-d64"] and ctxs == [64, 128]
+        cfg = compose_with("task=mqar_zoology", "profile=cpu", "ctx=128")  # Zoology's examples seen once (README)
+        assert (cfg.task.train_examples, cfg.task.epochs, cfg.task.mqar_grid[128].batch) == (100000, 1, 64)
