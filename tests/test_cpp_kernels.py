@@ -1,0 +1,86 @@
+"""architectures/cpp_kernels.py: how the C++ CPU kernels are built and whose threads run their jobs."""
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from architectures import cpp_kernels
+from architectures.mamba import cpu_scan as mamba_scan
+from architectures.ttt import cpu_scan as ttt_scan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_kernels_run_on_pytorchs_own_openmp_threads():
+    """Built with OpenMP, the libraries take the libgomp PyTorch loaded: one OpenMP runtime in the process,
+    so no second pool of threads waits beside PyTorch's (parallel_jobs.h). A fresh process: nothing else
+    loaded first."""
+    code = ("import torch; from architectures.ttt import cpu_scan as t; from architectures.mamba import cpu_scan "
+            "as m; print(t.KERNEL.threads(), m.KERNEL.threads()); "
+            "print(*sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}), sep='\\n')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines[0] == "openmp openmp"
+    gomps = [line for line in lines[1:] if line]
+    assert len(gomps) == 1 and Path(gomps[0]).parent == Path(torch.__file__).parent / "lib", gomps
+
+
+@pytest.fixture
+def per_call_libraries(monkeypatch, tmp_path):
+    """The kernels built without OpenMP (threads started per call), in a cache of their own."""
+    monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpp_kernels, "OPENMP_FLAGS", ())
+    libs = {mod: cpp_kernels.Library(mod.KERNEL.source, mod.KERNEL.backend) for mod in (ttt_scan, mamba_scan)}
+    assert all(lib.threads() == "per call" for lib in libs.values())
+    return libs
+
+
+def _mamba_scan(L=40, Bsz=3, D=70, N=16):
+    """y, last and the gradients of the Mamba scan (3 x 3 tiles of channels: several jobs per thread)."""
+    g = torch.Generator().manual_seed(0)
+    x, delta = torch.randn(Bsz, L, D, generator=g), torch.rand(Bsz, L, D, generator=g)
+    At, Bm, Cm = -torch.rand(N, D, generator=g), torch.randn(Bsz, L, N, generator=g), torch.randn(Bsz, L, N, generator=g)
+    leaves = [t.requires_grad_() for t in (x, delta, At, Bm, Cm)]
+    y, last = mamba_scan.selective_scan_cpp(*leaves)
+    grads = torch.autograd.grad((y * torch.randn(y.shape, generator=g)).sum() + last.sum(), leaves)
+    return [y, last, *grads]
+
+
+def _ttt_infer(Bsz=2, H=3, n=4, c=16, f=32):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)
+    return ttt_scan.infer(r(Bsz, H, n * c, f), r(Bsz, H, n * c, f), r(Bsz, H, n * c, f), torch.rand(Bsz, H, n * c, generator=g),
+                          torch.rand(c, generator=g), 1 + 0.1 * r(H, f), 0.1 * r(H, f), 0.1 * r(1, H, f, f),
+                          torch.zeros(1, H, 1, f))
+
+
+def test_openmp_and_threads_started_per_call_compute_the_same(per_call_libraries, monkeypatch):
+    """Each job is one (sequence, head) or (sequence, tile of channels), computed alone: whoever runs it,
+    the numbers are the same, bit for bit, on 2 threads."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    ours = {"ttt": _ttt_infer(), "mamba": _mamba_scan()}
+    monkeypatch.setattr(ttt_scan, "KERNEL", per_call_libraries[ttt_scan])
+    monkeypatch.setattr(mamba_scan, "KERNEL", per_call_libraries[mamba_scan])
+    per_call = {"ttt": _ttt_infer(), "mamba": _mamba_scan()}
+    for name in ours:
+        for a, b in zip(ours[name], per_call[name], strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_a_compiler_without_openmp_builds_the_per_call_threads(monkeypatch, tmp_path):
+    """A compiler that refuses -fopenmp (Apple's clang without libomp) still builds the kernels."""
+    cxx = tmp_path / "cxx-without-openmp"
+    cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported: -fopenmp" >&2; '
+                   'exit 1; }; done\nexec c++ "$@"\n')
+    cxx.chmod(cxx.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path / "cache"))
+    lib = cpp_kernels.Library(ttt_scan.KERNEL.source, ttt_scan.KERNEL.backend)
+    assert lib.unavailable() is None
+    assert lib.threads() == "per call"
+    assert len(os.listdir(tmp_path / "cache" / "kernels")) == 1  # the build without OpenMP, nothing half-made
