@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench.timing import MAX_WARMUP_CALLS, measure
+from bench.timing import MAX_WARMUP_CALLS, STEADY_WINDOW_S, measure
 from bench.train import autocast_for
 
 DECODE_STEPS = 48  # timed single-token steps after each prompt: three TTT mini-batches (median)
@@ -85,7 +85,7 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, 
 
     with torch.no_grad(), autocast_for(device, "auto")[0]():
         with PeakMemory(device) as mem:
-            pre = measure(prefill, device, max_warmup_calls=warm)
+            pre = measure(prefill, device, max_warmup_calls=warm, window_s=0.0 if quick else STEADY_WINDOW_S)
         state = last["state"]  # the cache the last timed prefill filled
         step_in = torch.randint(0, vocab, (B, 1), device=device)
         step = lambda: model(step_in, state)

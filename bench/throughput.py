@@ -45,7 +45,7 @@ from bench.config import UsageError, compose, group_options, model_config, parse
 from bench.latency import DECODE_ROOM, PeakMemory, prefill_and_decode
 from bench.results import atomic_write_text, device_name
 from bench.threads import ThreadGovernor, configure_compute_process, omp_wait
-from bench.timing import Timing, measure
+from bench.timing import STEADY_WINDOW_S, Timing, measure
 from bench.train import COMPILE_MODES, autocast_for, compile_for_training
 
 COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
@@ -117,7 +117,7 @@ def train_step(model, B: int, T: int, device, vocab: int, compile_mode: str = "n
         step()  # compiles forward and backward (once per shape); measure()'s own warm-up call then runs warm
     try:
         with PeakMemory(device) as mem:
-            t = measure(step, device)
+            t = measure(step, device, window_s=STEADY_WINDOW_S)
     finally:
         model.eval()
     return t, mem.peak

@@ -2,10 +2,15 @@
 
 CPU: time.perf_counter around each call. CUDA: CUDA events around each call, synchronised.
 `measure` warms up until two consecutive calls agree within 10%, times repeats, reports median and
-spread, re-measures a point whose spread is over 50% and flags it `noisy` if it stays so.
+spread, re-measures a point whose spread is over 50% and flags it `noisy` if it stays so. Given a window
+(`window_s`, for calls that leave no state behind: a prefill, a training step), short calls also warm up
+for half of it and are timed over all of it: on a shared 2-core machine the first calls of a process ran
+8.5-10 ms for a third of a second and 7 ms after (Mamba prefill at cpu-xs, 1k), and five 8 ms repeats had
+taken the median from that moment alone.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,16 +40,21 @@ class Timing:
 
 
 SETTLE_TOL = 0.10      # warm-up: until two consecutive calls agree within 10%
-MAX_WARMUP_CALLS = 6
+MAX_WARMUP_CALLS = 6   # ... once the warm-up has spent half the window
 MAX_WARMUP_S = 30.0    # ... or this much warm-up time has passed (then settled=False)
 NOISY_SPREAD = 0.5     # a point whose spread exceeds 50% is measured again; still over: flagged noisy
+STEADY_WINDOW_S = 0.5  # the window of a prefill or training point (bench/throughput.py, bench/latency.py)
+MAX_REPEATS = 60       # timed calls in a window at most
 
 
-def _adaptive_repeats(first: float, cuda: bool) -> int:
-    """More repeats for short calls, one for calls of seconds: a sweep must stay bounded."""
+def _adaptive_repeats(first: float, cuda: bool, window_s: float = 0.0) -> int:
+    """More repeats for short calls, one for calls of seconds: a sweep must stay bounded. With a window,
+    enough calls to fill it (at most MAX_REPEATS)."""
     if cuda:
-        return 10 if first < 0.5 else 3 if first < 5.0 else 1
-    return 5 if first < 0.2 else 3 if first < 1.0 else 2 if first < 5.0 else 1
+        n = 10 if first < 0.5 else 3 if first < 5.0 else 1
+    else:
+        n = 5 if first < 0.2 else 3 if first < 1.0 else 2 if first < 5.0 else 1
+    return max(n, min(MAX_REPEATS, math.ceil(window_s / max(first, 1e-9)))) if window_s else n
 
 
 def relative_spread(times: list[float]) -> float:
@@ -73,32 +83,36 @@ def _timer(fn, cuda: bool):
     return time.perf_counter() - t0
 
 
-def settle(fn, cuda: bool, max_calls: int = MAX_WARMUP_CALLS) -> tuple[int, bool, float]:
+def settle(fn, cuda: bool, max_calls: int = MAX_WARMUP_CALLS, min_s: float = 0.0) -> tuple[int, bool, float]:
     """Warm-up: call fn() until two consecutive calls agree within SETTLE_TOL (compilation, allocator
-    growth, caches and frequency settle), at most MAX_WARMUP_CALLS calls or MAX_WARMUP_S seconds.
-    Returns (calls, settled, the last call's seconds)."""
+    growth, caches and frequency settle) and the calls have taken min_s seconds, at most MAX_WARMUP_CALLS
+    calls (once min_s is spent) or MAX_WARMUP_S seconds. Returns (calls, settled, the last call's seconds)."""
     t0 = time.perf_counter()
     prev = _timer(fn, cuda)
-    calls = 1
-    while calls < max_calls and time.perf_counter() - t0 < MAX_WARMUP_S:
+    calls, spent, agreed = 1, prev, False
+    while True:
+        if spent >= min_s and (agreed or calls >= max_calls):
+            return calls, agreed or max_calls == 1, prev
+        if time.perf_counter() - t0 >= MAX_WARMUP_S:
+            return calls, False, prev
         cur = _timer(fn, cuda)
-        calls += 1
-        if abs(cur - prev) <= SETTLE_TOL * min(cur, prev):
-            return calls, True, cur
+        calls, spent = calls + 1, spent + cur
+        agreed = abs(cur - prev) <= SETTLE_TOL * min(cur, prev)
         prev = cur
-    return calls, max_calls == 1, prev
 
 
 def measure(fn, device, repeats: int | None = None, warmup: bool = True,
-            max_warmup_calls: int = MAX_WARMUP_CALLS) -> Timing:
+            max_warmup_calls: int = MAX_WARMUP_CALLS, window_s: float = 0.0) -> Timing:
     """Seconds per call of fn() on `device` (a torch.device): warm-up until settled (see `settle`), then
     timed repeats (None: adaptive to the warm-up's last call), median and spread; a spread over
     NOISY_SPREAD is measured once more and, if it stays, the Timing says noisy. max_warmup_calls=1: one
-    untimed call (a cheap probe, e.g. the prefill/decode speed `make sweep` adds to each summary)."""
+    untimed call (a cheap probe, e.g. the prefill/decode speed `make sweep` adds to each summary). window_s:
+    for calls that leave no state behind, at least window_s / 2 of warm-up and window_s of timed calls
+    (module docstring)."""
     cuda = device.type == "cuda"
-    calls, settled, last = settle(fn, cuda, max_warmup_calls) if warmup else (0, True, 0.0)
+    calls, settled, last = settle(fn, cuda, max_warmup_calls, window_s / 2) if warmup else (0, True, 0.0)
     times = [_timer(fn, cuda)]
-    n = repeats or _adaptive_repeats(max(last, times[0]), cuda)
+    n = repeats or _adaptive_repeats(max(last, times[0]), cuda, window_s)
 
     def take(times):
         while len(times) < n:

@@ -58,3 +58,26 @@ def test_mfu_uses_the_datasheet_peak_and_none_where_unknown():
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
     assert mfu(6 * 125e6, 1e6, "NVIDIA H100 80GB HBM3") == pytest.approx(6 * 125e6 * 1e6 / 989e12)
     assert mfu(1e9, 1e3, "Intel(R) Xeon(R) CPU") is None and mfu(1e9, None, "NVIDIA H200") is None
+
+
+def test_a_window_warms_short_calls_up_for_half_of_it_and_times_them_over_all_of_it(monkeypatch):
+    """8 ms calls (a cpu-xs prefill): the first two agree at once, but the warm-up goes on for 0.25 s,
+    past the slow start of the process, and 63 repeats (capped at 60) fill the 0.5 s window."""
+    slow, steady = [0.010] * 20, [0.008] * 200  # 0.2 s of 10 ms calls, then 8 ms
+    calls = fake_clock(monkeypatch, slow + steady)
+    t = timing.measure(lambda: None, CPU, window_s=0.5)
+    assert t.settled and t.warmup_calls == 20 + 7  # 0.2 s + 7 x 8 ms >= 0.25 s; the last two agree
+    assert t.repeats == timing.MAX_REPEATS and t.median == pytest.approx(0.008)
+    assert len(calls) == 27 + 60
+    without = fake_clock(monkeypatch, slow + steady)
+    t = timing.measure(lambda: None, CPU)
+    assert (t.warmup_calls, t.repeats, t.median, len(without)) == (2, 5, 0.010, 7)  # the slow start, alone
+
+
+def test_a_window_leaves_long_calls_and_the_quick_probe_alone(monkeypatch):
+    fake_clock(monkeypatch, [0.5] * 5)  # half a second a call: the window asks for nothing more
+    t = timing.measure(lambda: None, CPU, window_s=0.5)
+    assert (t.warmup_calls, t.repeats) == (2, 3)
+    calls = fake_clock(monkeypatch, [0.008] * 10)
+    t = timing.measure(lambda: None, CPU, max_warmup_calls=1, repeats=1)
+    assert (t.warmup_calls, t.repeats, len(calls)) == (1, 1, 2)
