@@ -16,8 +16,9 @@ point; CPU the peak growth of the process's resident memory over the point, samp
 freed heap pages are handed back to the OS (glibc malloc_trim).
 Timing (bench/timing.py): warm-up calls until two consecutive ones agree within 10% (at most 6 calls
 or 30 s; `settled` says whether they did), then repeats (fewer for long calls; 48 decode steps), the
-median and the relative spread; a point whose spread is over 50% is measured again and, if still
-noisy, flagged `noisy` in the CSV and drawn hollow. CUDA events on GPU (CUDA graphs replay Mamba's
+median and the relative spread. A prefill or training point also warms up for at least 0.25 s and is
+timed over at least 0.5 s (at most 60 calls). A point whose spread is over 25% is measured again and, if
+the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. CUDA events on GPU (CUDA graphs replay Mamba's
 decode step where capture works; the row says so), time.perf_counter on CPU; thread count recorded. A point whose
 predicted time exceeds --max-seconds, or that runs out of memory, is a row with that reason, never a crash.
 Writes RESULTS/throughput.csv (rows keyed by arch, size, mode, ctx, batch, device; a new run replaces its

@@ -81,3 +81,14 @@ def test_a_window_leaves_long_calls_and_the_quick_probe_alone(monkeypatch):
     calls = fake_clock(monkeypatch, [0.008] * 10)
     t = timing.measure(lambda: None, CPU, max_warmup_calls=1, repeats=1)
     assert (t.warmup_calls, t.repeats, len(calls)) == (1, 1, 2)
+
+
+def test_a_spread_over_a_quarter_is_measured_again_but_flagged_only_over_a_half(monkeypatch):
+    # 48 decode steps: a slow phase over the first (spread 0.4 of the 10-90% range) -> again: steady
+    first = [1.0] * 30 + [1.4] * 18
+    calls = fake_clock(monkeypatch, [1.0, 1.0] + first + [1.0] * 48)
+    t = timing.measure(lambda: None, CPU, repeats=48)
+    assert len(calls) == 2 + 48 + 48 and t.median == 1.0 and not t.noisy
+    fake_clock(monkeypatch, [1.0, 1.0] + first + first)  # stays at 0.4: kept, not flagged
+    t = timing.measure(lambda: None, CPU, repeats=48)
+    assert t.spread == pytest.approx(0.4) and not t.noisy
