@@ -146,15 +146,6 @@ def _group_backwards(gi, pid, n_ckpt, group, n_full):
 
 
 @triton.jit
-def _store_minibatch_grads(DQ, DK, DV, DA, base, a_base, rows, dq, dk, dv, da, offs_f, maskm, maskf,
-                           F: tl.constexpr):
-    _store_rows(DQ + base, dq, rows, offs_f, maskm, maskf, F)
-    _store_rows(DK + base, dk, rows, offs_f, maskm, maskf, F)
-    _store_rows(DV + base, dv, rows, offs_f, maskm, maskf, F)
-    tl.store(DA + a_base + rows, da, mask=maskm)
-
-
-@triton.jit
 def _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F: tl.constexpr, eps,
                        PREC: tl.constexpr):
     """One mini-batch: its outputs q + LN(Zbar) and a * G (for the update)."""
@@ -232,12 +223,15 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
 
 @triton.jit
 def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, dout, db, maskf, offs_m,
+                        DQ, DK, DV, DA, base, a_base, rows, offs_f, maskm,
                         F: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
-    """dual_backward.linear_minibatch_backward for one (sequence, head): returns dq, dk, dv, da, dtok (MB),
-    dgamma, dbeta (BF) and db before the mini-batch. W is read from WP, twice (as W, then as W^T); dW, the
-    gradient of the weights after the mini-batch, is read from DWP (as dW, then as dW^T) and replaced there by
-    the one before it: neither f x f matrix stays in registers across the mini-batch's products (ptxas for
-    sm_90 at f = 64: 608 B of spill stores with both in registers, 76 B so)."""
+    """dual_backward.linear_minibatch_backward for one (sequence, head). W is read from WP, twice (as W, then
+    as W^T); dW, the gradient of the weights after the mini-batch, is read from DWP (as dW, then as dW^T) and
+    replaced there by the one before it: neither f x f matrix stays in registers across the mini-batch's products (ptxas for
+    sm_90 at f = 64: 608 B of spill stores with both in registers, 76 B so). dq, dk, dv and da are stored at
+    DQ, DK, DV, DA (rows `rows` of the sequence at `base`) as soon as each is final (40 B of spill stores so,
+    76 B when all four were returned and stored together). Returns dtok (MB), dgamma, dbeta (BF) and db
+    before the mini-batch."""
     W = tl.load(WP + w_off, mask=wmask, other=0.0)
     Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
     if COMMIT:  # k dW' beside k W: k's operand copy for the products is then short-lived
@@ -274,8 +268,10 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
     dZ, dt, dg2, db2 = _ln_grad_vjp(dG, G, zhat, r, gx, c2, t, gamma, beta, maskf, F)
     dgamma += dg2
     dbeta += db2
+    _store_rows(DV + base, dt, rows, offs_f, maskm, maskf, F)
+    tl.store(DA + a_base + rows, da, mask=maskm)
     WT = tl.load(WP + tl.trans(w_off), mask=tl.trans(wmask), other=0.0)  # the W^T products, last
-    dq += tl.dot(dzbar, WT, input_precision=PREC)
+    _store_rows(DQ + base, dq + tl.dot(dzbar, WT, input_precision=PREC), rows, offs_f, maskm, maskf, F)
     dk += tl.dot(dZ, WT, input_precision=PREC) - dt
     if COMMIT:  # through W' = W - tok_last K^T aG: dK -= tok_last aG dW'^T
         dk = tl.dot(-tok_last * (a[:, None] * G), tl.load(DWP + tl.trans(w_off), mask=tl.trans(wmask), other=0.0),
@@ -286,8 +282,9 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
     tl.debug_barrier()  # every thread has read dW'
     tl.store(DWP + w_off, dW, mask=wmask)
     tl.debug_barrier()  # ... and the next mini-batch reads the new one
+    _store_rows(DK + base, dk, rows, offs_f, maskm, maskf, F)
     db_new = db + tl.sum(dzbar, axis=0) + tl.sum(dZ, axis=0)
-    return dq, dk, dt, da, dtok, dgamma, dbeta, db_new
+    return dtok, dgamma, dbeta, db_new
 
 
 @triton.jit
@@ -323,10 +320,9 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
         maskm = rows < T
         bias = tl.load(BN + pid * F + offs_f, mask=maskf, other=0.0)
         q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, maskm, maskf, F)
-        dq, dk, dv, da, dtok, dgamma, dbeta, db = _minibatch_backward(
-            WN + pid * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db, maskf, offs_m, F, MB,
-            eps, False, PREC)
-        _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, maskm, maskf, F)
+        dtok, dgamma, dbeta, db = _minibatch_backward(
+            WN + pid * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db, maskf, offs_m,
+            DQ, DK, DV, DA, base, pid * T, rows, offs_f, maskm, F, MB, eps, False, PREC)
     else:
         for gi in range(0, n_ckpt):
             first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
@@ -346,10 +342,9 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
                 bias = tl.load(BS + (pid * group + j) * F + offs_f, mask=maskf, other=0.0)
                 rows = (first + j) * MB + offs_m
                 q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
-                dq, dk, dv, da, dt_, dg_, db_, db = _minibatch_backward(
+                dt_, dg_, db_, db = _minibatch_backward(
                     WS + (pid * group + j) * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db,
-                    maskf, offs_m, F, MB, eps, True, PREC)
-                _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, all_m, maskf, F)
+                    maskf, offs_m, DQ, DK, DV, DA, base, pid * T, rows, offs_f, all_m, F, MB, eps, True, PREC)
                 dtok += dt_
                 dgamma += dg_
                 dbeta += db_
@@ -431,7 +426,7 @@ PRECISIONS = ("tf32", "ieee")
 DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 8, ("mlp", "fwd"): 8, ("mlp", "bwd"): 8}
 # Software-pipelining stages of the prefill kernels' loops: Triton's default for CUDA. ptxas for sm_90 at f = 64
 # (`make check-kernels ARGS="--num-stages N"`), spill stores at 3 / 2 / 1 stages: TTT-Linear forward (4 warps)
-# 0 / 0 / 0; backward (8 warps) 76 / 76 / 68 B; TTT-MLP forward 0 / 0 / 0, backward 440 / 448 / 384 B. 1 stage
+# 0 / 0 / 0; backward (8 warps) 40 / 40 / 32 B; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
 # is not yet timed on a GPU (`make gpu-check` times it: bench/ttt_kernel_speed.py --variants), so the default stays.
 DEFAULT_STAGES = 3
 

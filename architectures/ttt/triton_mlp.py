@@ -23,7 +23,7 @@ from architectures.ttt.inner import LN_EPS
 from architectures.ttt.triton_linear import (DEFAULT_GROUP, LAUNCH, _block, _group_backwards, _ln_grad_vjp,
                                              _ln_loss_grad, _ln_stats, _ln_vjp, _load_minibatch, _load_outer,
                                              _load_carried_grads, _load_qkva, _load_rows, _store_carried_grads,
-                                             _store_minibatch_grads, _store_rows, decode_warps)
+                                             _store_rows, decode_warps)
 
 
 @triton.jit
@@ -246,7 +246,8 @@ def _load_tile_operands(S1, SB1, S2, QR, KR, G2S, rows, maskm, offs_m, all_m, of
 
 @triton.jit
 def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, tok, tok_last, gamma, beta, SCR,
-                       maskf, offs_f, offs_m, QR, KR, rows, maskm, offs_t0, F: tl.constexpr, BF: tl.constexpr,
+                       maskf, offs_f, offs_m, QR, KR, rows, maskm, offs_t0, DQ, DK, DV, DA, base, a_base,
+                       F: tl.constexpr, BF: tl.constexpr,
                        BT: tl.constexpr, NT: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr,
                        PREC: tl.constexpr):
     """dual_backward.mlp_minibatch_backward for one (sequence, head), tile by tile: W1, b1, W2 read from S*, b2
@@ -258,8 +259,9 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     weight gradients. SCR: the program's scratch, 5 arrays (MB, 4f): Zbar1, dZbar1, dP, dX2 (its first terms)
     and ds1, then 3 (MB, f): G2, dZbar2, dZ2. The loops read those three, and q and k (QR, KR: the rows at
     `rows`), from memory rather than keep them: as the products' left operands, kept across a loop, each held a
-    whole copy per warp (ptxas for sm_90 at f = 64: 584 B of spill stores so, 440 B now). Returns dq, dk, dv, da,
-    dtok (MB), dgamma, dbeta (BF) and db2 before the mini-batch."""
+    whole copy per warp (ptxas for sm_90 at f = 64: 584 B of spill stores so, 440 B then). dq, da and dv are
+    stored at DQ, DA, DV before pass 4, dk after it (412 B: they are final there; 440 B when all four were
+    returned). Returns dtok (MB), dgamma, dbeta (BF) and db2 before the mini-batch."""
     ZB1, DZB1, DPS, DX2S, DS1S = SCR, SCR + MB * 4 * F, SCR + 2 * MB * 4 * F, SCR + 3 * MB * 4 * F, \
         SCR + 4 * MB * 4 * F
     G2S, DZB2S, DZ2S = SCR + 5 * MB * 4 * F, SCR + 5 * MB * 4 * F + MB * F, SCR + 5 * MB * 4 * F + 2 * MB * F
@@ -347,8 +349,11 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     da += tl.sum(dE * tok[:, None], axis=0)
     if COMMIT:
         dtok += tl.where(offs_m == MB - 1, s, 0.0)
+    _store_rows(DQ + base, dq, rows, offs_f, maskm, maskf, F)  # final: stored before pass 4
+    tl.store(DA + a_base + rows, da, mask=maskm)
     dZ2, dt, dg2, dbt2 = _ln_grad_vjp(dG2, G2, zhat, r, gx, c2, t, gamma, beta, maskf, F)
     _store_rows(DZ2S, dZ2, offs_m, offs_f, all_m, maskf, F)
+    _store_rows(DV + base, dt, rows, offs_f, maskm, maskf, F)
     dgamma += dg2
     dbeta += dbt2
     dk -= dt
@@ -379,7 +384,8 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
         _store_w(GW1, dW1, offs_f, offs_t, maskf, maskt, 4 * F)
         tl.store(GB1 + offs_t, db1, mask=maskt)
     tl.debug_barrier()  # the new gradients written before the next mini-batch reads them
-    return dq, dk, dt, da, dtok, dgamma, dbeta, db2_new
+    _store_rows(DK + base, dk, rows, offs_f, maskm, maskf, F)
+    return dtok, dgamma, dbeta, db2_new
 
 
 @triton.jit
@@ -417,11 +423,10 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
         maskm = rows < T
         q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, maskm, maskf, F)
         b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
-        dq, dk, dv, da, dtok, dgamma, dbeta, db2 = _mb_backward_tiled(
+        dtok, dgamma, dbeta, db2 = _mb_backward_tiled(
             W1N + pid * F * 4 * F, B1N + pid * 4 * F, W2N + pid * 4 * F * F, b2, GW1, GB1, GW2, db2, q, k, v, a, do,
-            tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base, K + base, rows, maskm, offs_t0, F, BF, BT,
-            NT, MB, eps, False, PREC)
-        _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, maskm, maskf, F)
+            tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base, K + base, rows, maskm, offs_t0,
+            DQ, DK, DV, DA, base, pid * T, F, BF, BT, NT, MB, eps, False, PREC)
     else:
         for gi in range(0, n_ckpt):
             first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
@@ -449,11 +454,10 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
                 rows = (first + j) * MB + offs_m
                 q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
                 b2 = tl.load(BS2 + sj * F + offs_f, mask=maskf, other=0.0)
-                dq, dk, dv, da, dt_, dg_, db_, db2 = _mb_backward_tiled(
+                dt_, dg_, db_, db2 = _mb_backward_tiled(
                     WS1 + sj * F * 4 * F, BS1 + sj * 4 * F, WS2 + sj * 4 * F * F, b2, GW1, GB1, GW2, db2, q, k, v,
                     a, do, tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base, K + base, rows, all_m,
-                    offs_t0, F, BF, BT, NT, MB, eps, True, PREC)
-                _store_minibatch_grads(DQ, DK, DV, DA, base, pid * T, rows, dq, dk, dv, da, offs_f, all_m, maskf, F)
+                    offs_t0, DQ, DK, DV, DA, base, pid * T, F, BF, BT, NT, MB, eps, True, PREC)
                 dtok += dt_
                 dgamma += dg_
                 dbeta += db_
