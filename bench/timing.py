@@ -3,10 +3,10 @@
 CPU: time.perf_counter around each call. CUDA: CUDA events around each call, synchronised.
 `measure` warms up until two consecutive calls agree within 10%, times repeats, reports median and
 spread, re-measures a point whose spread is over 25% and flags it `noisy` if the new spread is over
-50%. Given a window (`window_s`, for calls that leave no state behind: a prefill, a training step), short calls also warm up
-for half of it and are timed over all of it: on a shared 2-core machine the first calls of a process ran
-8.5-10 ms for a third of a second and 7 ms after (Mamba prefill at cpu-xs, 1k), and five 8 ms repeats had
-taken the median from that moment alone.
+50%. Given a window (`window_s`, for calls that leave no state behind: a prefill, a training step),
+short calls also warm up for half of it and are timed over all of it: on a shared 2-core machine the
+first calls of a process ran 8.5-10 ms for a third of a second and 7 ms after (Mamba prefill at cpu-xs,
+1k), and five 8 ms repeats had taken the median from that moment alone.
 """
 from __future__ import annotations
 
@@ -108,10 +108,10 @@ def measure(fn, device, repeats: int | None = None, warmup: bool = True,
             max_warmup_calls: int = MAX_WARMUP_CALLS, window_s: float = 0.0) -> Timing:
     """Seconds per call of fn() on `device` (a torch.device): warm-up until settled (see `settle`), then
     timed repeats (None: adaptive to the warm-up's last call), median and spread; a spread over
-    REMEASURE_SPREAD is measured once more, and if that is over NOISY_SPREAD the Timing says noisy. max_warmup_calls=1: one
-    untimed call (a cheap probe, e.g. the prefill/decode speed `make sweep` adds to each summary). window_s:
-    for calls that leave no state behind, at least window_s / 2 of warm-up and window_s of timed calls
-    (module docstring)."""
+    REMEASURE_SPREAD is measured once more, and if that is over NOISY_SPREAD the Timing says noisy.
+    max_warmup_calls=1: one untimed call (a cheap probe, e.g. the prefill/decode speed `make sweep` adds to
+    each summary). window_s: for calls that leave no state behind, at least window_s / 2 of warm-up and
+    window_s of timed calls (module docstring)."""
     cuda = device.type == "cuda"
     calls, settled, last = settle(fn, cuda, max_warmup_calls, window_s / 2) if warmup else (0, True, 0.0)
     times = [_timer(fn, cuda)]

@@ -225,13 +225,12 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
 def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, dout, db, maskf, offs_m,
                         DQ, DK, DV, DA, base, a_base, rows, offs_f, maskm,
                         F: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
-    """dual_backward.linear_minibatch_backward for one (sequence, head). W is read from WP, twice (as W, then
-    as W^T); dW, the gradient of the weights after the mini-batch, is read from DWP (as dW, then as dW^T) and
-    replaced there by the one before it: neither f x f matrix stays in registers across the mini-batch's products (ptxas for
-    sm_90 at f = 64: 608 B of spill stores with both in registers, 76 B so). dq, dk, dv and da are stored at
-    DQ, DK, DV, DA (rows `rows` of the sequence at `base`) as soon as each is final (40 B of spill stores so,
-    76 B when all four were returned and stored together). Returns dtok (MB), dgamma, dbeta (BF) and db
-    before the mini-batch."""
+    """dual_backward.linear_minibatch_backward for one (sequence, head). W is read from WP, twice (as W, then as W^T);
+    dW, the gradient of the weights after the mini-batch, is read from DWP (as dW, then as dW^T) and replaced there
+    by the one before it: neither f x f matrix stays in registers across the mini-batch's products (ptxas for sm_90
+    at f = 64: 608 B of spill stores with both in registers, 76 B so). dq, dk, dv and da are stored at DQ, DK, DV,
+    DA (rows `rows` of the sequence at `base`) as soon as each is final (40 B of spill stores so, 76 B when all four
+    were returned and stored together). Returns dtok (MB), dgamma, dbeta (BF) and db before the mini-batch."""
     W = tl.load(WP + w_off, mask=wmask, other=0.0)
     Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
     if COMMIT:  # k dW' beside k W: k's operand copy for the products is then short-lived
