@@ -230,7 +230,7 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
     by the one before it: neither f x f matrix stays in registers across the mini-batch's products (ptxas for sm_90
     at f = 64: 608 B of spill stores with both in registers, 76 B so). dq, dk, dv and da are stored at DQ, DK, DV,
     DA (rows `rows` of the sequence at `base`) as soon as each is final (40 B of spill stores so, 76 B when all four
-    were returned and stored together). Returns dtok (MB), dgamma, dbeta (BF) and db before the mini-batch."""
+    were returned and stored together; 24 B with _bwd_kernel's recomputed states read back from their slots). Returns dtok (MB), dgamma, dbeta (BF) and db before the mini-batch."""
     W = tl.load(WP + w_off, mask=wmask, other=0.0)
     Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
     if COMMIT:  # k dW' beside k W: k's operand copy for the products is then short-lived
@@ -325,24 +325,30 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
     else:
         for gi in range(0, n_ckpt):
             first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
-            W = tl.load(WC + c * F * F + w_off, mask=wmask, other=0.0)
-            bias = tl.load(BC + c * F + offs_f, mask=maskf, other=0.0)
-            for j in range(0, count):  # recompute the states inside the group
-                tl.store(WS + (pid * group + j) * F * F + w_off, W, mask=wmask)
-                tl.store(BS + (pid * group + j) * F + offs_f, bias, mask=maskf)
+            s0 = pid * group  # the program's first slot
+            tl.store(WS + s0 * F * F + w_off, tl.load(WC + c * F * F + w_off, mask=wmask, other=0.0), mask=wmask)
+            tl.store(BS + s0 * F + offs_f, tl.load(BC + c * F + offs_f, mask=maskf, other=0.0), mask=maskf)
+            # recompute the states inside the group, slot j -> slot j + 1: W is read back from its slot, not carried
+            # in registers through the loop (ptxas for sm_90 at f = 64: 24 B of spill stores so, 40 B carried)
+            for j in range(0, count - 1):
+                tl.debug_barrier()  # slot j written by every thread
+                W = tl.load(WS + (s0 + j) * F * F + w_off, mask=wmask, other=0.0)
+                bias = tl.load(BS + (s0 + j) * F + offs_f, mask=maskf, other=0.0)
                 rows = (first + j) * MB + offs_m
                 k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
                 v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
                 a = tl.load(A + pid * T + rows).to(tl.float32)
                 W, bias = _minibatch_update(W, bias, k, v, a, gamma, beta, tok_last, maskf, F, eps, PREC)
+                tl.store(WS + (s0 + j + 1) * F * F + w_off, W, mask=wmask)
+                tl.store(BS + (s0 + j + 1) * F + offs_f, bias, mask=maskf)
             tl.debug_barrier()
             for jj in range(0, count):
                 j = count - 1 - jj
-                bias = tl.load(BS + (pid * group + j) * F + offs_f, mask=maskf, other=0.0)
+                bias = tl.load(BS + (s0 + j) * F + offs_f, mask=maskf, other=0.0)
                 rows = (first + j) * MB + offs_m
                 q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
                 dt_, dg_, db_, db = _minibatch_backward(
-                    WS + (pid * group + j) * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db,
+                    WS + (s0 + j) * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db,
                     maskf, offs_m, DQ, DK, DV, DA, base, pid * T, rows, offs_f, all_m, F, MB, eps, True, PREC)
                 dtok += dt_
                 dgamma += dg_
@@ -425,7 +431,7 @@ PRECISIONS = ("tf32", "ieee")
 DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 8, ("mlp", "fwd"): 8, ("mlp", "bwd"): 8}
 # Software-pipelining stages of the prefill kernels' loops: Triton's default for CUDA. ptxas for sm_90 at f = 64
 # (`make check-kernels ARGS="--num-stages N"`), spill stores at 3 / 2 / 1 stages: TTT-Linear forward (4 warps)
-# 0 / 0 / 0; backward (8 warps) 40 / 40 / 32 B; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
+# 0 / 0 / 0; backward (8 warps) 24 / 24 / 24 B; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
 # is not yet timed on a GPU (`make gpu-check` times it: bench/ttt_kernel_speed.py --variants), so the default stays.
 DEFAULT_STAGES = 3
 
