@@ -10,8 +10,9 @@ then raise with that reason, and `auto` picks another.
 
 The jobs of a call (one per sequence and head, or per tile of channels) run on PyTorch's own OpenMP threads:
 the library is built with -fopenmp and needs libgomp.so.1, which the loader resolves to the copy PyTorch has
-already loaded (tests/test_cpp_kernels.py checks there is one). Threads started per call instead (the build
-without OpenMP, for a compiler that lacks it) queued behind PyTorch's spin-waiting thread on 2 cores; measured
+already loaded (tests/test_cpp_kernels.py checks there is one). Where that would not hold (not GCC, a PyTorch
+with another runtime: `openmp_shared_with_torch`), or the compiler lacks OpenMP, it is built without, and its
+jobs run on threads started per call. Those queued behind PyTorch's spin-waiting thread on 2 cores; measured
 in one process, interleaved, cpu-xs batch 1 prefill per token at 1k / 2k / 8k: TTT-Linear (Transformer
 backbone) 3.98 / 2.92 / 2.48 us against 4.49 / 3.34 / 2.61; Mamba 7.03 / 5.96 / 5.63 against 8.31 / 6.70 / 6.08;
 a training step at batch 4, 1k / 4k: TTT-Linear 66 / 262 ms against 71 / 264, Mamba the same within 1%.
@@ -59,6 +60,25 @@ def _private_dir() -> str:
     return tempfile.mkdtemp(prefix="ttt-bench-kernels-")
 
 
+@lru_cache(maxsize=None)
+def openmp_shared_with_torch(cxx: str) -> bool:
+    """Whether a library that `cxx -fopenmp` links would share PyTorch's OpenMP runtime: the compiler is GCC (its
+    runtime is libgomp.so.1; clang's and Intel's compilers link their own), and PyTorch has loaded a library of
+    that very name (a renamed copy, libgomp-<hash>.so.1 in some wheels, would not be matched by the loader) and no
+    other OpenMP runtime. Else a second pool of threads would wait beside PyTorch's. Linux only (/proc)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return False
+    names = {Path(line.split()[-1]).name for line in maps.read_text().splitlines() if "omp" in line}
+    if "libgomp.so.1" not in names or any(n.startswith(("libomp", "libiomp")) for n in names):
+        return False
+    try:
+        macros = subprocess.run([cxx, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True).stdout
+    except OSError:
+        return False
+    return "__GNUC__" in macros and not any(m in macros for m in ("__clang__", "__INTEL_COMPILER"))
+
+
 class Library:
     """One C++ kernel file, built and loaded on first use (module docstring)."""
 
@@ -67,6 +87,8 @@ class Library:
 
     def _build(self, so: Path, extra: tuple[str, ...]) -> None:
         """Compile and link into `so` (atomically: concurrent runs may build the same library)."""
+        if extra == OPENMP_FLAGS and not openmp_shared_with_torch(compiler()):
+            raise OSError(f"{compiler()} -fopenmp would not use PyTorch's OpenMP runtime (openmp_shared_with_torch)")
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             obj, lib = Path(tmp) / "kernel.o", Path(tmp) / so.name

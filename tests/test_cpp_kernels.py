@@ -72,14 +72,26 @@ def test_openmp_and_threads_started_per_call_compute_the_same(per_call_libraries
             assert torch.equal(a, b), name
 
 
-def test_a_compiler_without_openmp_builds_the_per_call_threads(monkeypatch, tmp_path):
-    """A compiler that refuses -fopenmp (Apple's clang without libomp) still builds the kernels."""
-    cxx = tmp_path / "cxx-without-openmp"
-    cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported: -fopenmp" >&2; '
-                   'exit 1; }; done\nexec c++ "$@"\n')
+def _wrapped_compiler(tmp_path, name: str, prologue: str) -> Path:
+    """A shell script that runs `prologue` on its arguments, then the real c++."""
+    cxx = tmp_path / name
+    cxx.write_text(f'#!/bin/sh\n{prologue}\nexec c++ "$@"\n')
     cxx.chmod(cxx.stat().st_mode | stat.S_IEXEC)
+    return cxx
+
+
+@pytest.mark.parametrize("name,prologue", [
+    # refuses -fopenmp (Apple's clang without libomp)
+    ("cxx-without-openmp", 'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported: -fopenmp" >&2; exit 1; }; '
+                           'done'),
+    # says it is clang: its -fopenmp would link libomp, a second runtime beside PyTorch's libgomp
+    ("clang-like", '[ "$1" = -dM ] && { echo "#define __GNUC__ 4"; echo "#define __clang__ 1"; exit 0; }'),
+])
+def test_a_compiler_without_pytorchs_openmp_builds_the_per_call_threads(monkeypatch, tmp_path, name, prologue):
+    cxx = _wrapped_compiler(tmp_path, name, prologue)
     monkeypatch.setenv("CXX", str(cxx))
     monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path / "cache"))
+    assert cpp_kernels.openmp_shared_with_torch(str(cxx)) == (name == "cxx-without-openmp")
     lib = cpp_kernels.Library(ttt_scan.KERNEL.source, ttt_scan.KERNEL.backend)
     assert lib.unavailable() is None
     assert lib.threads() == "per call"
