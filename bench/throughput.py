@@ -18,9 +18,10 @@ Timing (bench/timing.py): warm-up calls until two consecutive ones agree within 
 or 30 s; `settled` says whether they did), then repeats (fewer for long calls; 48 decode steps), the
 median and the relative spread. A prefill or training point also warms up for at least 0.25 s and is
 timed over at least 0.5 s (at most 60 calls). A point whose spread is over 25% is measured again and, if
-the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. CUDA events on GPU (CUDA graphs replay Mamba's
-decode step where capture works; the row says so), time.perf_counter on CPU; thread count recorded. A point whose
-predicted time exceeds --max-seconds, or that runs out of memory, is a row with that reason, never a crash.
+the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. CUDA events on GPU (CUDA graphs
+replay Mamba's decode step where capture works; the row says so), time.perf_counter on CPU; thread count
+recorded. A point whose predicted time exceeds --max-seconds, or that runs out of memory, is a row with
+that reason, never a crash.
 Writes RESULTS/throughput.csv (rows keyed by arch, size, mode, ctx, batch, device; a new run replaces its
 keys), RESULTS/plots/{prefill,decode}_latency.png and train_throughput.png, and a W&B run (offline).
 Models are composed as a run under --profile composes them (bench/config.py); widths follow

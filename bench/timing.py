@@ -39,15 +39,15 @@ class Timing:
     noisy: bool = False   # the re-measurement's spread was still over NOISY_SPREAD
 
 
-SETTLE_TOL = 0.10      # warm-up: until two consecutive calls agree within 10%
-MAX_WARMUP_CALLS = 6   # ... once the warm-up has spent half the window
-MAX_WARMUP_S = 30.0    # ... or this much warm-up time has passed (then settled=False)
+SETTLE_TOL = 0.10        # warm-up: until two consecutive calls agree within 10%
+MAX_WARMUP_CALLS = 6     # ... or this many calls (counted once half the window, if any, is spent)
+MAX_WARMUP_S = 30.0      # ... or this much warm-up time has passed (then settled=False)
 REMEASURE_SPREAD = 0.25  # a point whose spread exceeds 25% is measured again, from scratch (a slow phase of
                          # the machine: Mamba's decode at cpu-xs 8k once took 1.85 ms a step, spread 38%; 0.8 ms
                          # in three other runs)
 NOISY_SPREAD = 0.5       # ... and flagged noisy if the re-measurement's spread is still over 50%
-STEADY_WINDOW_S = 0.5  # the window of a prefill or training point (bench/throughput.py, bench/latency.py)
-MAX_REPEATS = 60       # timed calls in a window at most
+STEADY_WINDOW_S = 0.5    # the window of a prefill or training point (bench/throughput.py, bench/latency.py)
+MAX_REPEATS = 60         # timed calls in a window at most
 
 
 def _adaptive_repeats(first: float, cuda: bool, window_s: float = 0.0) -> int:
