@@ -109,8 +109,9 @@ def _load_qkva(Q, K, V, A, base, a_base, rows, offs_f, maskm, maskf, F: tl.const
 
 @triton.jit
 def _load_minibatch(Q, K, V, A, DOUT, base, a_base, rows, offs_f, maskm, maskf, F: tl.constexpr):
-    """_load_qkva's and the output gradient of the rows (written out: ptxas spilled 20 B more in TTT-Linear's
-    backward when this called _load_qkva)."""
+    """_load_qkva's and the output gradient of the rows, for TTT-MLP's backward (written out: ptxas spilled 20 B
+    more in TTT-Linear's backward when this called _load_qkva; that one now reads the gradient where it first
+    uses it, 8 B fewer)."""
     return (_load_rows(Q + base, rows, offs_f, maskm, maskf, F), _load_rows(K + base, rows, offs_f, maskm, maskf, F),
             _load_rows(V + base, rows, offs_f, maskm, maskf, F),
             tl.load(A + a_base + rows, mask=maskm, other=0.0).to(tl.float32),
@@ -222,7 +223,7 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
 
 
 @triton.jit
-def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, dout, db, maskf, offs_m,
+def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, DOUT, db, maskf, offs_m,
                         DQ, DK, DV, DA, base, a_base, rows, offs_f, maskm,
                         F: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
     """dual_backward.linear_minibatch_backward for one (sequence, head). W is read from WP, twice (as W, then as W^T);
@@ -230,7 +231,9 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
     by the one before it: neither f x f matrix stays in registers across the mini-batch's products (ptxas for sm_90
     at f = 64: 608 B of spill stores with both in registers, 76 B so). dq, dk, dv and da are stored at DQ, DK, DV,
     DA (rows `rows` of the sequence at `base`) as soon as each is final (40 B of spill stores so, 76 B when all four
-    were returned and stored together; 24 B with _bwd_kernel's recomputed states read back from their slots). Returns dtok (MB), dgamma, dbeta (BF) and db before the mini-batch."""
+    were returned and stored together; 24 B with _bwd_kernel's recomputed states read back from their slots; 16 B
+    with the output gradient read from DOUT where it is first used). Returns dtok (MB), dgamma, dbeta (BF) and db
+    before the mini-batch."""
     W = tl.load(WP + w_off, mask=wmask, other=0.0)
     Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
     if COMMIT:  # k dW' beside k W: k's operand copy for the products is then short-lived
@@ -245,6 +248,7 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
     zbar = tl.dot(q, W, input_precision=PREC) + bias[None, :] - tl.dot(M, G, input_precision=PREC)
     zbhat, rb = _ln_stats(zbar, maskf, F, eps)
 
+    dout = _load_rows(DOUT + base, rows, offs_f, maskm, maskf, F)  # read where it is first used
     dzbar = _ln_vjp(zbhat, rb, dout, gamma, maskf, F)
     dgamma = tl.sum(dout * zbhat, axis=0)
     dbeta = tl.sum(dout, axis=0)
@@ -318,9 +322,9 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
         rows = n_full * MB + offs_m
         maskm = rows < T
         bias = tl.load(BN + pid * F + offs_f, mask=maskf, other=0.0)
-        q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, maskm, maskf, F)
+        q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, maskm, maskf, F)
         dtok, dgamma, dbeta, db = _minibatch_backward(
-            WN + pid * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db, maskf, offs_m,
+            WN + pid * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, DOUT, db, maskf, offs_m,
             DQ, DK, DV, DA, base, pid * T, rows, offs_f, maskm, F, MB, eps, False, PREC)
     else:
         for gi in range(0, n_ckpt):
@@ -346,9 +350,9 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
                 j = count - 1 - jj
                 bias = tl.load(BS + (s0 + j) * F + offs_f, mask=maskf, other=0.0)
                 rows = (first + j) * MB + offs_m
-                q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
+                q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, all_m, maskf, F)
                 dt_, dg_, db_, db = _minibatch_backward(
-                    WS + (s0 + j) * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, do, db,
+                    WS + (s0 + j) * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, DOUT, db,
                     maskf, offs_m, DQ, DK, DV, DA, base, pid * T, rows, offs_f, all_m, F, MB, eps, True, PREC)
                 dtok += dt_
                 dgamma += dg_
@@ -431,7 +435,7 @@ PRECISIONS = ("tf32", "ieee")
 DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 8, ("mlp", "fwd"): 8, ("mlp", "bwd"): 8}
 # Software-pipelining stages of the prefill kernels' loops: Triton's default for CUDA. ptxas for sm_90 at f = 64
 # (`make check-kernels ARGS="--num-stages N"`), spill stores at 3 / 2 / 1 stages: TTT-Linear forward (4 warps)
-# 0 / 0 / 0; backward (8 warps) 24 / 24 / 24 B; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
+# 0 / 0 / 0; backward (8 warps) 16 / 16 / 16 B; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
 # is not yet timed on a GPU (`make gpu-check` times it: bench/ttt_kernel_speed.py --variants), so the default stays.
 DEFAULT_STAGES = 3
 
