@@ -82,7 +82,8 @@ def kernels(f: int, launch) -> list[tuple[str, object, dict, int, int]]:
     """(name, kernel, constexprs, num_warps, num_stages) as the launchers compile them: prefill kernels under the
     given launch settings (triton_linear.Launch), both decode kernels at triton_linear.decode_warps and Triton's
     default 3 stages (no loop to pipeline). The prefill kernels run a trailing partial mini-batch in a launch
-    of its own (PARTIAL), compiled apart: "... partial"."""
+    of its own (PARTIAL), compiled apart: "... partial"; TTT-Linear's backward recomputes each group's states
+    in a launch of its own too: "linear backward recompute"."""
     from architectures.ttt import triton_linear as lin
     from architectures.ttt import triton_mlp as mlp
 
@@ -92,11 +93,14 @@ def kernels(f: int, launch) -> list[tuple[str, object, dict, int, int]]:
     mlp_common = {**common, "BT": mlp.hidden_tile(f)}
     fwd, fwd_partial = {"PARTIAL": False, "SAVE": True}, {"PARTIAL": True, "SAVE": True}
     bwd, bwd_partial = {"PARTIAL": False, "AFTER_PARTIAL": True}, {"PARTIAL": True, "AFTER_PARTIAL": False}
+    lin_bwd = {phase: {"PHASE": phase, "FIRST": phase == "partial"} for phase in ("reverse", "recompute", "partial")}
     return [
         ("linear forward", lin._fwd_kernel, {**common, **fwd}, launch.warps("linear", "fwd"), stages),
         ("linear forward partial", lin._fwd_kernel, {**common, **fwd_partial}, launch.warps("linear", "fwd"), stages),
-        ("linear backward", lin._bwd_kernel, {**common, **bwd}, launch.warps("linear", "bwd"), stages),
-        ("linear backward partial", lin._bwd_kernel, {**common, **bwd_partial}, launch.warps("linear", "bwd"),
+        ("linear backward", lin._bwd_kernel, {**common, **lin_bwd["reverse"]}, launch.warps("linear", "bwd"), stages),
+        ("linear backward recompute", lin._bwd_kernel, {**common, **lin_bwd["recompute"]},
+         launch.warps("linear", "bwd"), stages),
+        ("linear backward partial", lin._bwd_kernel, {**common, **lin_bwd["partial"]}, launch.warps("linear", "bwd"),
          stages),
         ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}, lin.decode_warps(bf), 3),
         ("mlp forward", mlp._fwd_kernel, {**mlp_common, **fwd}, launch.warps("mlp", "fwd"), stages),

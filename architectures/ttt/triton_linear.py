@@ -10,10 +10,11 @@ padded to the next one with masked loads; the LayerNorms divide by the true f.
                saved every `group` mini-batches for the backward. A trailing partial mini-batch (a launch
                of its own, PARTIAL) gets its outputs and returns its accumulators (K^T aG, sum aG),
                uncommitted, as dual.py does; in the backward it comes first, also in a launch of its own.
-    backward   groups in reverse: recompute the group's states from its checkpoint into a per-program
-               scratch, then run each mini-batch's backward in reverse (dual_backward.py has the same
-               math in PyTorch, with the derivation), carrying db in registers and dW in place in the dW0
-               output (neither W nor dW, f x f each, stays in registers through a mini-batch: spills).
+    backward   groups in reverse, two launches each: recompute the group's states from its checkpoint into
+               a per-program scratch, then run each mini-batch's backward in reverse (dual_backward.py has
+               the same math in PyTorch, with the derivation), carrying dW in place in the dW0 output and
+               db, dgamma, dbeta, dtok in theirs (neither W nor dW, f x f each, stays in registers through
+               a mini-batch: spills).
     decode     one token: accumulate a k^T G into (GW, Gb), output with W - tok_i GW, commit at the
                end of the mini-batch (the primal form of the notes).
 
@@ -120,8 +121,8 @@ def _load_minibatch(Q, K, V, A, DOUT, base, a_base, rows, offs_f, maskm, maskf, 
 
 @triton.jit
 def _load_carried_grads(DB, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F: tl.constexpr, MB: tl.constexpr):
-    """The gradients a backward carries in registers from one launch to the next (PARTIAL, then the whole
-    mini-batches): the last bias's (BF), dgamma, dbeta (BF) and dtok (MB)."""
+    """The gradients a backward carries, in memory, from one mini-batch (TTT-Linear) or launch (TTT-MLP) to the
+    next: the last bias's (BF), dgamma, dbeta (BF) and dtok (MB)."""
     at = pid * F + offs_f
     return (tl.load(DB + at, mask=maskf, other=0.0), tl.load(DLNW + at, mask=maskf, other=0.0),
             tl.load(DLNB + at, mask=maskf, other=0.0), tl.load(DTOK + pid * MB + offs_m))
@@ -130,7 +131,7 @@ def _load_carried_grads(DB, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F: tl.
 @triton.jit
 def _store_carried_grads(DB, DLNW, DLNB, DTOK, pid, db, dgamma, dbeta, dtok, offs_f, offs_m, maskf, F: tl.constexpr,
                          MB: tl.constexpr):
-    """_load_carried_grads' inverse, at the end of each backward launch."""
+    """_load_carried_grads' inverse."""
     at = pid * F + offs_f
     tl.store(DB + at, db, mask=maskf)
     tl.store(DLNW + at, dgamma, mask=maskf)
@@ -231,9 +232,9 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
     by the one before it: neither f x f matrix stays in registers across the mini-batch's products (ptxas for sm_90
     at f = 64: 608 B of spill stores with both in registers, 76 B so). dq, dk, dv and da are stored at DQ, DK, DV,
     DA (rows `rows` of the sequence at `base`) as soon as each is final (40 B of spill stores so, 76 B when all four
-    were returned and stored together; 24 B with _bwd_kernel's recomputed states read back from their slots; 16 B
-    with the output gradient read from DOUT where it is first used). Returns dtok (MB), dgamma, dbeta (BF) and db
-    before the mini-batch."""
+    were returned and stored together; 16 B with the output gradient read from DOUT where it is first used; 0 B
+    once _bwd_kernel ran the recompute and the reverse walk in launches of their own and carried the small sums
+    in memory). Returns dtok (MB), dgamma, dbeta (BF) and db before the mini-batch."""
     W = tl.load(WP + w_off, mask=wmask, other=0.0)
     Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
     if COMMIT:  # k dW' beside k W: k's operand copy for the products is then short-lived
@@ -291,14 +292,37 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
 
 
 @triton.jit
+def _minibatch_backward_carried(WP, BP, DWP, w_off, wmask, Q, K, V, A, DOUT, tok, gamma, beta, DB, DLNW, DLNB, DTOK,
+                                DQ, DK, DV, DA, pid, base, rows, offs_f, offs_m, maskf, maskm, T, F: tl.constexpr,
+                                MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
+    """_minibatch_backward of the rows at `rows`, the state at WP, BP, with the gradients it carries (db, dgamma,
+    dbeta, dtok) read from memory and written back, not kept in registers across a loop (ptxas for sm_90 at
+    f = 64, the reverse walk: 0 B of spill stores so, 8 B kept)."""
+    tl.debug_barrier()  # the carried gradients (and dW) written by every thread
+    q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, maskm, maskf, F)
+    db, dgamma, dbeta, dtok = _load_carried_grads(DB, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
+    bias = tl.load(BP + offs_f, mask=maskf, other=0.0)
+    dt_, dg_, db_, db = _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, DOUT, db, maskf,
+                                            offs_m, DQ, DK, DV, DA, base, pid * T, rows, offs_f, maskm, F, MB, eps,
+                                            COMMIT, PREC)
+    _store_carried_grads(DB, DLNW, DLNB, DTOK, pid, db, dgamma + dg_, dbeta + db_, dtok + dt_, offs_f, offs_m, maskf,
+                         F, MB)
+
+
+@triton.jit
 def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
                 DQ, DK, DV, DA, DTOK, DLNW, DLNB, DW0, DB0, WS, BS,
-                T, H, n_full, n_ckpt, group, eps,
-                F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, PARTIAL: tl.constexpr,
-                AFTER_PARTIAL: tl.constexpr, PREC: tl.constexpr):
-    """PARTIAL: a first launch for a trailing partial mini-batch (its outputs used the final committed state; it
-    changed no state), which leaves dW, db and its dtok, dgamma, dbeta in the outputs; the second launch
-    (AFTER_PARTIAL) continues from them over the whole mini-batches."""
+                T, H, n_full, n_ckpt, group, gi, eps,
+                F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, PHASE: tl.constexpr, FIRST: tl.constexpr,
+                PREC: tl.constexpr):
+    """One phase of the backward (TTTLinearFunction.backward launches them in turn). PHASE "partial": a trailing
+    partial mini-batch (its outputs used the final committed state; it changed no state); "recompute": the states
+    inside group gi (counted from the last) from its checkpoint, slot to slot in WS, BS; "reverse": the
+    mini-batches of group gi, the last first. dW is carried in place at DW0 and db, dgamma, dbeta, dtok at DB0,
+    DLNW, DLNB, DTOK from one launch to the next; FIRST: the launch that starts them (from DWN, DBN and zeros).
+    Apart, the recompute and the reverse walk need no registers for each other: ptxas for sm_90 at f = 64, 0 B of
+    spill stores in each (16 B as one loop after the other in one launch; 8 B apart, with the sums in registers).
+    2 launches per group of mini-batches: 16 at T = 2k, 256 at 32k (group 16)."""
     pid = tl.program_id(0)
     h = pid % H
     offs_m, offs_f = tl.arange(0, MB), tl.arange(0, BF)
@@ -309,56 +333,42 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
     gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     DWP = DW0 + pid * F * F  # dW, carried through the mini-batches in place (it ends as dW0)
     base = pid * T * F
-    if AFTER_PARTIAL:
-        db, dgamma, dbeta, dtok = _load_carried_grads(DB0, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
-    else:
-        tl.store(DWP + w_off, tl.load(DWN + pid * F * F + w_off, mask=wmask, other=0.0), mask=wmask)
-        tl.debug_barrier()
-        db = tl.load(DBN + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-        dgamma = tl.zeros([BF], dtype=tl.float32)
-        dbeta = tl.zeros([BF], dtype=tl.float32)
-        dtok = tl.zeros([MB], dtype=tl.float32)
-    if PARTIAL:
-        rows = n_full * MB + offs_m
-        maskm = rows < T
-        bias = tl.load(BN + pid * F + offs_f, mask=maskf, other=0.0)
-        q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, maskm, maskf, F)
-        dtok, dgamma, dbeta, db = _minibatch_backward(
-            WN + pid * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, DOUT, db, maskf, offs_m,
-            DQ, DK, DV, DA, base, pid * T, rows, offs_f, maskm, F, MB, eps, False, PREC)
-    else:
-        for gi in range(0, n_ckpt):
+    s0 = pid * group  # the program's first slot
+    if PHASE == "recompute":
+        first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
+        tl.store(WS + s0 * F * F + w_off, tl.load(WC + c * F * F + w_off, mask=wmask, other=0.0), mask=wmask)
+        tl.store(BS + s0 * F + offs_f, tl.load(BC + c * F + offs_f, mask=maskf, other=0.0), mask=maskf)
+        for j in range(0, count - 1):  # slot j -> slot j + 1
+            tl.debug_barrier()  # slot j written by every thread
+            W = tl.load(WS + (s0 + j) * F * F + w_off, mask=wmask, other=0.0)
+            bias = tl.load(BS + (s0 + j) * F + offs_f, mask=maskf, other=0.0)
+            rows = (first + j) * MB + offs_m
+            k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
+            v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
+            a = tl.load(A + pid * T + rows).to(tl.float32)
+            W, bias = _minibatch_update(W, bias, k, v, a, gamma, beta, tok_last, maskf, F, eps, PREC)
+            tl.store(WS + (s0 + j + 1) * F * F + w_off, W, mask=wmask)
+            tl.store(BS + (s0 + j + 1) * F + offs_f, bias, mask=maskf)
+    else:  # dW at DW0 and db, dgamma, dbeta, dtok at DB0, DLNW, DLNB, DTOK: read and written back per mini-batch
+        if FIRST:
+            tl.store(DWP + w_off, tl.load(DWN + pid * F * F + w_off, mask=wmask, other=0.0), mask=wmask)
+            zf = tl.zeros([BF], dtype=tl.float32)
+            _store_carried_grads(DB0, DLNW, DLNB, DTOK, pid, tl.load(DBN + pid * F + offs_f, mask=maskf, other=0.0),
+                                 zf, zf, tl.zeros([MB], dtype=tl.float32), offs_f, offs_m, maskf, F, MB)
+        if PHASE == "partial":
+            rows = n_full * MB + offs_m
+            maskm = rows < T
+            _minibatch_backward_carried(WN + pid * F * F, BN + pid * F, DWP, w_off, wmask, Q, K, V, A, DOUT, tok,
+                                        gamma, beta, DB0, DLNW, DLNB, DTOK, DQ, DK, DV, DA, pid, base, rows, offs_f,
+                                        offs_m, maskf, maskm, T, F, MB, eps, False, PREC)
+        else:
             first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
-            s0 = pid * group  # the program's first slot
-            tl.store(WS + s0 * F * F + w_off, tl.load(WC + c * F * F + w_off, mask=wmask, other=0.0), mask=wmask)
-            tl.store(BS + s0 * F + offs_f, tl.load(BC + c * F + offs_f, mask=maskf, other=0.0), mask=maskf)
-            # recompute the states inside the group, slot j -> slot j + 1: W is read back from its slot, not carried
-            # in registers through the loop (ptxas for sm_90 at f = 64: 24 B of spill stores so, 40 B carried)
-            for j in range(0, count - 1):
-                tl.debug_barrier()  # slot j written by every thread
-                W = tl.load(WS + (s0 + j) * F * F + w_off, mask=wmask, other=0.0)
-                bias = tl.load(BS + (s0 + j) * F + offs_f, mask=maskf, other=0.0)
-                rows = (first + j) * MB + offs_m
-                k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
-                v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
-                a = tl.load(A + pid * T + rows).to(tl.float32)
-                W, bias = _minibatch_update(W, bias, k, v, a, gamma, beta, tok_last, maskf, F, eps, PREC)
-                tl.store(WS + (s0 + j + 1) * F * F + w_off, W, mask=wmask)
-                tl.store(BS + (s0 + j + 1) * F + offs_f, bias, mask=maskf)
-            tl.debug_barrier()
             for jj in range(0, count):
                 j = count - 1 - jj
-                bias = tl.load(BS + (s0 + j) * F + offs_f, mask=maskf, other=0.0)
-                rows = (first + j) * MB + offs_m
-                q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, all_m, maskf, F)
-                dt_, dg_, db_, db = _minibatch_backward(
-                    WS + (s0 + j) * F * F, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, DOUT, db,
-                    maskf, offs_m, DQ, DK, DV, DA, base, pid * T, rows, offs_f, all_m, F, MB, eps, True, PREC)
-                dtok += dt_
-                dgamma += dg_
-                dbeta += db_
-            tl.debug_barrier()
-    _store_carried_grads(DB0, DLNW, DLNB, DTOK, pid, db, dgamma, dbeta, dtok, offs_f, offs_m, maskf, F, MB)
+                _minibatch_backward_carried(WS + (s0 + j) * F * F, BS + (s0 + j) * F, DWP, w_off, wmask, Q, K, V, A,
+                                            DOUT, tok, gamma, beta, DB0, DLNW, DLNB, DTOK, DQ, DK, DV, DA, pid, base,
+                                            (first + j) * MB + offs_m, offs_f, offs_m, maskf, all_m, T, F, MB, eps,
+                                            True, PREC)
 
 
 # -- decode ------------------------------------------------------------------------------------
@@ -435,7 +445,7 @@ PRECISIONS = ("tf32", "ieee")
 DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 8, ("mlp", "fwd"): 8, ("mlp", "bwd"): 8}
 # Software-pipelining stages of the prefill kernels' loops: Triton's default for CUDA. ptxas for sm_90 at f = 64
 # (`make check-kernels ARGS="--num-stages N"`), spill stores at 3 / 2 / 1 stages: TTT-Linear forward (4 warps)
-# 0 / 0 / 0; backward (8 warps) 16 / 16 / 16 B; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
+# 0 / 0 / 0; backward (8 warps, each phase) 0 / 0 / 0; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
 # is not yet timed on a GPU (`make gpu-check` times it: bench/ttt_kernel_speed.py --variants), so the default stays.
 DEFAULT_STAGES = 3
 
@@ -540,13 +550,20 @@ class TTTLinearFunction(torch.autograd.Function):
         dlnw, dlnb = torch.empty(Bsz, H, f, **f32), torch.empty(Bsz, H, f, **f32)
         dW0, db0 = torch.empty(Bsz, H, f, f, **f32), torch.empty(Bsz, H, f, **f32)
         ws, bs = torch.empty(Bsz, H, group, f, f, **f32), torch.empty(Bsz, H, group, f, **f32)
-        for part in (True, False)[partial == 0:]:  # a trailing partial mini-batch first, then the whole ones
+
+        def launch(phase: str, first: bool, gi: int = 0):
             _bwd_kernel[(Bsz * H,)](
                 q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn, dout, dWn, dbn,
                 dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
-                T, H, n_full, n_ckpt if n_full else 0, group, LN_EPS,
-                F=f, BF=_block(f), MB=MB, PARTIAL=part, AFTER_PARTIAL=partial > 0 and not part, PREC=LAUNCH.precision,
+                T, H, n_full, n_ckpt, group, gi, LN_EPS,
+                F=f, BF=_block(f), MB=MB, PHASE=phase, FIRST=first, PREC=LAUNCH.precision,
                 num_warps=LAUNCH.warps("linear", "bwd"), num_stages=LAUNCH.num_stages)
+
+        if partial:  # a trailing partial mini-batch first, then the groups of whole ones, the last first
+            launch("partial", True)
+        for gi in range(n_ckpt if n_full else 0):
+            launch("recompute", False, gi)
+            launch("reverse", gi == 0 and not partial, gi)
         if w_shape[0] == 1:
             dW0, db0 = dW0.sum(0, keepdim=True), db0.sum(0, keepdim=True)
         return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),
