@@ -102,10 +102,10 @@ class Library:
     @cached_property
     def _loaded(self) -> tuple[ctypes.CDLL | None, str | None, bool]:
         """(library, why not, built with OpenMP): with OPENMP_FLAGS where the compiler takes them, else without."""
-        why = None
+        why, texts = None, None
         for extra in (OPENMP_FLAGS, ()):
             try:
-                texts = [p.read_text() for p in (self.source, *sorted(INCLUDE.glob("*.h")))]
+                texts = texts or [p.read_text() for p in (self.source, *sorted(INCLUDE.glob("*.h")))]  # read once
                 key = hashlib.sha256("\0".join([*texts, *COMPILE_FLAGS, *LINK_FLAGS, *extra, compiler(),
                                                 platform.node(), platform.machine()]).encode()).hexdigest()[:16]
                 so = cache_dir() / f"{self.source.parent.name}_{self.source.stem}-{key}.so"

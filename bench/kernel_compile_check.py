@@ -92,7 +92,7 @@ def kernels(f: int, launch) -> list[tuple[str, object, dict, int, int]]:
     common = {"F": f, "BF": bf, "MB": 16, "PREC": launch.precision}
     mlp_common = {**common, "BT": mlp.hidden_tile(f)}
     fwd, fwd_partial = {"PARTIAL": False, "SAVE": True}, {"PARTIAL": True, "SAVE": True}
-    bwd, bwd_partial = {"PARTIAL": False, "AFTER_PARTIAL": True}, {"PARTIAL": True, "AFTER_PARTIAL": False}
+    mlp_bwd, mlp_bwd_partial = {"PARTIAL": False, "AFTER_PARTIAL": True}, {"PARTIAL": True, "AFTER_PARTIAL": False}
     lin_bwd = {phase: {"PHASE": phase, "FIRST": phase == "partial"} for phase in ("reverse", "recompute", "partial")}
     return [
         ("linear forward", lin._fwd_kernel, {**common, **fwd}, launch.warps("linear", "fwd"), stages),
@@ -105,8 +105,9 @@ def kernels(f: int, launch) -> list[tuple[str, object, dict, int, int]]:
         ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}, lin.decode_warps(bf), 3),
         ("mlp forward", mlp._fwd_kernel, {**mlp_common, **fwd}, launch.warps("mlp", "fwd"), stages),
         ("mlp forward partial", mlp._fwd_kernel, {**mlp_common, **fwd_partial}, launch.warps("mlp", "fwd"), stages),
-        ("mlp backward", mlp._bwd_kernel, {**mlp_common, **bwd}, launch.warps("mlp", "bwd"), stages),
-        ("mlp backward partial", mlp._bwd_kernel, {**mlp_common, **bwd_partial}, launch.warps("mlp", "bwd"), stages),
+        ("mlp backward", mlp._bwd_kernel, {**mlp_common, **mlp_bwd}, launch.warps("mlp", "bwd"), stages),
+        ("mlp backward partial", mlp._bwd_kernel, {**mlp_common, **mlp_bwd_partial}, launch.warps("mlp", "bwd"),
+         stages),
         ("mlp decode", mlp._decode_kernel, {"F": f, "BF": bf, "BT": mlp.hidden_tile(f, decode=True), "COMMIT": True},
          lin.decode_warps(bf), 3),
     ]
