@@ -8,6 +8,7 @@ SwiGLU FFN without biases, RoPE with theta 1e4.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -63,6 +64,8 @@ class CausalConv(nn.Module):
         k = self.width
         xp = F.pad(x, (0, 0, k - 1, 0)) if state is None else torch.cat([state.to(x.dtype), x], dim=1)
         w = self.weight.to(x.dtype)  # (C, k)
+        if T == 1:  # a decode step: one weighted sum over the window (B, k, C), 3 ops instead of k + 1
+            return (xp * w.t()).sum(1, keepdim=True) + self.bias.to(x.dtype), xp[:, 1:]
         y = torch.addcmul(self.bias.to(x.dtype), xp[:, k - 1:], w[:, k - 1])  # (B, T, C)
         for j in range(k - 1):
             y = torch.addcmul(y, xp[:, j:j + T], w[:, j])
@@ -84,6 +87,25 @@ def rope_angles(head_dim: int, positions: torch.Tensor, theta: float = 1e4):
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, f/2)
     return angles.cos(), angles.sin()
+
+
+@lru_cache(maxsize=32)
+def _rope_period(head_dim: int, period: int, theta: float, device: torch.device):
+    """rope_angles at positions 0 .. period - 1, computed once per (shape, device). Built outside inference mode,
+    so a table first made while generating can still be saved for a backward later."""
+    with torch.inference_mode(False), torch.no_grad():
+        return rope_angles(head_dim, torch.arange(period, device=device), theta)
+
+
+def rope_angles_periodic(head_dim: int, start: int, T: int, period: int, theta: float, device):
+    """rope_angles at positions (start + 0 .. T - 1) mod period, (T, head_dim // 2) each, from a table of one
+    period (TTT's RoPE restarts every mini-batch): a decode step slices it instead of recomputing the angles."""
+    cos, sin = _rope_period(head_dim, period, float(theta), torch.device(device))
+    s = start % period
+    if s + T <= period:
+        return cos[s:s + T], sin[s:s + T]
+    pos = (s + torch.arange(T, device=cos.device)) % period
+    return cos[pos], sin[pos]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

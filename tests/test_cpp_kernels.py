@@ -98,3 +98,27 @@ def test_a_compiler_without_pytorchs_openmp_builds_the_per_call_threads(monkeypa
     assert lib.unavailable() is None
     assert lib.threads() == "per call"
     assert len(os.listdir(tmp_path / "cache" / "kernels")) == 1  # the build without OpenMP, nothing half-made
+
+
+@pytest.mark.parametrize("bad", ["strided", "fp16", "mixed"])
+def test_a_call_takes_only_contiguous_cpu_tensors_of_one_float_dtype(bad):
+    """The kernels read raw memory: a strided view, a dtype without an entry point, or tensors of two dtypes are a
+    ValueError before any pointer is passed. A good call after it runs (the entry point's types were set once)."""
+    q, k, t = (torch.randn(2, 3, 64, 32) for _ in range(3))
+    args = dict(a=torch.rand(2, 3, 64), tok=torch.rand(16), gamma=torch.ones(3, 32), beta=torch.zeros(3, 32),
+                W0=torch.zeros(1, 3, 32, 32), b0=torch.zeros(1, 3, 1, 32))
+    if bad == "strided":
+        W, b = torch.zeros(2, 3, 32, 32).transpose(-1, -2), torch.zeros(2, 3, 32)
+        call = lambda: ttt_scan.KERNEL.call("ttt_linear_scan_infer", torch.float32, q, k, t, args["a"], args["tok"],
+                                            args["gamma"], args["beta"], W, b, torch.empty_like(q), 4, 6, 3, 16, 32, 1)
+        match = "contiguous CPU tensors"
+    elif bad == "fp16":
+        call = lambda: ttt_scan.infer(q.half(), k.half(), t.half(), *args.values())
+        match = "fp32 or fp64"
+    else:
+        call = lambda: ttt_scan.KERNEL.call("ttt_linear_scan_infer", torch.float32, q, k.double(), t)
+        match = "torch.float64 on cpu"
+    with pytest.raises(ValueError, match=match):
+        call()
+    out, W, b = ttt_scan.infer(q, k, t, *args.values())
+    assert out.shape == q.shape and torch.isfinite(out).all() and W.shape == (2, 3, 32, 32)

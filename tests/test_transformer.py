@@ -3,7 +3,7 @@ import torch
 
 import architectures
 from architectures import ModelConfig, build_model
-from architectures.layers import apply_rope, rope_angles
+from architectures.layers import apply_rope, rope_angles, rope_angles_periodic
 from architectures.shell import SequenceClassifier
 from architectures.backends import BackendUnavailable
 from architectures.transformer import resolve_attention_backend
@@ -174,6 +174,24 @@ def test_interleaved_rope_eager_complex_form_equals_the_compiled_real_one():
     torch.testing.assert_close(apply_rope(x, cos, sin, interleaved=True), by_hand, rtol=1e-6, atol=1e-6)
     compiled = torch.compile(lambda t: apply_rope(t, cos, sin, interleaved=True))
     torch.testing.assert_close(compiled(x), by_hand, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("start,T", [(0, 1), (5, 1), (15, 1), (3, 9), (11, 37), (0, 48)])
+def test_periodic_rope_table_equals_the_angles_it_replaces(start, T):
+    """TTT's RoPE restarts every mini-batch: the angles at (start + 0 .. T - 1) mod 16 come from one cached table
+    (a slice inside a period, an index across its end), equal to rope_angles at those positions. A table first made
+    in inference mode still goes into a graph that trains."""
+    from architectures.layers import _rope_period
+
+    _rope_period.cache_clear()  # the table is made here, in inference mode
+    with torch.inference_mode():
+        cos, sin = rope_angles_periodic(8, start, T, 16, 1e4, "cpu")
+    want_cos, want_sin = rope_angles(8, (start + torch.arange(T)) % 16)
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    cos, sin = rope_angles_periodic(8, start, T, 16, 1e4, "cpu")
+    x = torch.randn(1, 1, T, 4, requires_grad=True)
+    (x * cos * sin).sum().backward()  # saves the table for the backward (compiled RoPE's real products do)
+    torch.testing.assert_close(x.grad, (cos * sin).expand_as(x))
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

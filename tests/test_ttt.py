@@ -254,6 +254,64 @@ def test_the_reference_backend_decodes_what_the_dual_form_does(arch):
         torch.testing.assert_close(inner_r.acc[n], inner_d.acc[n], rtol=1e-10, atol=1e-10, msg=n)
 
 
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_linear_base"])
+def test_cpp_decode_equals_the_dual_form(arch):
+    """Without a gradient, backend=cpp takes the tokens inside a mini-batch (decoding; a prefill's open and trailing
+    pieces) as one C++ call each (cpu_scan.decode): continued from a prefill that ends mid mini-batch, decoding
+    across two boundaries, then a prefill that finishes an open mini-batch and leaves another open, the outputs and
+    the final state equal the dual form's (fp64)."""
+    x = torch.randint(0, 61, (2, 60))
+    runs = {}
+    for backend in ("dual", "cpp"):
+        model = tiny_model(arch)
+        for block in model.blocks:
+            block.ttt.backend = backend
+        state = model.new_state(2, 60)
+        with torch.no_grad():
+            outs = [model(x[:, :7], state)] + [model(x[:, t:t + 1], state) for t in range(7, 40)]
+            outs.append(model(x[:, 40:], state))  # 8 tokens to a boundary, 12 after it
+        runs[backend] = torch.cat(outs, 1), state.caches[1].inner
+    (out_d, inner_d), (out_c, inner_c) = runs["dual"], runs["cpp"]
+    torch.testing.assert_close(out_c, out_d, rtol=1e-11, atol=1e-11)
+    assert inner_c.offset == inner_d.offset == 60 % 16
+    for n in ("W", "b"):
+        torch.testing.assert_close(inner_c.params[n], inner_d.params[n], rtol=1e-11, atol=1e-11, msg=n)
+        torch.testing.assert_close(inner_c.acc[n], inner_d.acc[n], rtol=1e-11, atol=1e-11, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("complete", [False, True])
+def test_cpp_decode_writes_only_what_it_returns(dtype, complete):
+    """cpu_scan.decode reads the weights (the layer's own W0, b0 at a sequence's start, broadcast over the batch)
+    and the accumulators without writing them, and returns new ones: an open mini-batch keeps its W, b (the same
+    tensors), a complete one returns the committed weights and no accumulators. Both dtypes equal the dual form's
+    step."""
+    from architectures.ttt import cpu_scan
+
+    B, H, c, f = 2, 2, 3, 16
+    q, k, v, a, tok, ln_w, ln_b = random_inputs(B, H, c, f, dtype, seed=3)
+    init = initial("linear", H, f, dtype)
+    W, b = init["W"][None], init["b"][:, None, :][None]  # (1, H, f, f), (1, H, 1, f)
+    acc = {"W": 0.05 * torch.randn(B, H, f, f, dtype=dtype), "b": 0.05 * torch.randn(B, H, 1, f, dtype=dtype)}
+    given = [x.clone() for x in (W, b, acc["W"], acc["b"])]
+    off = 16 - c if complete else 16 - c - 1  # the mini-batch's tokens before these
+    out, params, acc_after = cpu_scan.decode(q, k, v - k, a, tok[off:off + c], complete, ln_w, ln_b, W, b, acc)
+    for x, x0 in zip((W, b, acc["W"], acc["b"]), given):
+        assert torch.equal(x, x0)
+    if complete:
+        assert acc_after == {} and params["W"].shape == (B, H, f, f)
+    else:
+        assert params["W"] is W and params["b"] is b and acc_after["W"].shape == (B, H, f, f)
+    state = InnerState({"W": W, "b": b}, acc, off)
+    out_d, new_d = ttt_dual("linear", state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], 16)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, out_d, **tol)
+    for n in ("W", "b"):
+        torch.testing.assert_close(params[n].expand_as(new_d.params[n]), new_d.params[n], **tol)
+        if not complete:
+            torch.testing.assert_close(acc_after[n], new_d.acc[n], **tol)
+
+
 @pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp_base"])
 def test_chained_prefills_equal_one(arch):
     model = tiny_model(arch)

@@ -282,6 +282,54 @@ void infer_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, c
   }
 }
 
+// Inference inside one mini-batch (decoding): c tokens of one open mini-batch, one at a time, for one (sequence,
+// head), the primal form of dual.py's accumulators. Every gradient is taken at W, b of the mini-batch's start:
+//   z = k W + b,  G = LNgrad(z, t),  GW += a k^T G,  Gb += a G        (the accumulators, this token's included)
+//   zbar = q W + b - tok_i (q GW + Gb),  out = q + gamma LN(zbar) + beta
+// q, k, t, out (BH, c, f), a (BH, c); tok (c) the tokens' query factors; gamma, beta (H, f); W (BH, f, f), b (BH, f)
+// read only; the accumulators start from GW_in, Gb_in (null: zeros) and end in GW, Gb; W_out, b_out (null: the
+// mini-batch stays open) get the committed weights W - tok_last GW, b - tok_last Gb.
+template <typename T>
+void decode_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, T tok_last, const T* gam,
+                const T* bet, const T* W, const T* bias, const T* GW_in, const T* Gb_in, T* GW, T* Gb, T* W_out,
+                T* b_out, T* out, int64_t c, int64_t H, int64_t f, int64_t j) {
+  std::vector<T> z(f), G(f), zhat(f), gx(f);
+  T r;
+  const T *g = gam + (j % H) * f, *be = bet + (j % H) * f, *Wj = W + j * f * f, *bj = bias + j * f;
+  T *GWj = GW + j * f * f, *Gbj = Gb + j * f;
+  if (GW_in) {
+    std::copy(GW_in + j * f * f, GW_in + (j + 1) * f * f, GWj);
+    std::copy(Gb_in + j * f, Gb_in + (j + 1) * f, Gbj);
+  } else {
+    std::fill(GWj, GWj + f * f, T(0));
+    std::fill(Gbj, Gbj + f, T(0));
+  }
+  for (int64_t row = 0; row < c; row++) {
+    const int64_t at_row = j * c + row;
+    const T *K = k + at_row * f, *Q = q + at_row * f, *t = tb + at_row * f, a = ab[at_row];
+    T* zb = out + at_row * f;  // zbar, then the output in place
+    std::copy(bj, bj + f, z.data());
+    mm(z.data(), K, Wj, 1, f, f);  // k W + b
+    ln_grad_row(z.data(), t, g, be, G.data(), zhat.data(), &r, gx.data(), f);
+    for (int64_t p = 0; p < f; p++) axpy(GWj + p * f, G.data(), a * K[p], f);  // GW += a k^T G
+    axpy(Gbj, G.data(), a, f);
+    std::copy(bj, bj + f, zb);
+    mm(zb, Q, Wj, 1, f, f);               // q W + b
+    mm(zb, Q, GWj, 1, f, f, -tok[row]);  // - tok_i q GW
+    axpy(zb, Gbj, -tok[row], f);          // - tok_i Gb
+    const T mu = mean(zb, f), rstd = ln_rstd(zb, mu, f);
+#pragma omp simd
+    for (int64_t col = 0; col < f; col++) zb[col] = Q[col] + g[col] * (zb[col] - mu) * rstd + be[col];
+  }
+  if (W_out) {
+    T *Wo = W_out + j * f * f, *bo = b_out + j * f;
+    std::copy(Wj, Wj + f * f, Wo);
+    axpy(Wo, GWj, -tok_last, f * f);
+    std::copy(bj, bj + f, bo);
+    axpy(bo, Gbj, -tok_last, f);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -310,6 +358,15 @@ extern "C" {
                                       int64_t H, int64_t c, int64_t f, int64_t threads) {                        \
     parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
       infer_job<T>(q, k, tb, ab, tok, gam, bet, W, b, out, n, H, c, f, j);                                       \
+    });                                                                                                          \
+  }                                                                                                              \
+  void ttt_linear_scan_decode_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok,           \
+                                       double tok_last, const T* gam, const T* bet, const T* W, const T* b,      \
+                                       const T* GW_in, const T* Gb_in, T* GW, T* Gb, T* W_out, T* b_out, T* out, \
+                                       int64_t BH, int64_t H, int64_t c, int64_t f, int64_t threads) {           \
+    parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
+      decode_job<T>(q, k, tb, ab, tok, T(tok_last), gam, bet, W, b, GW_in, Gb_in, GW, Gb, W_out, b_out, out, c,  \
+                    H, f, j);                                                                                    \
     });                                                                                                          \
   }
 

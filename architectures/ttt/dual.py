@@ -201,7 +201,9 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
     A TTT-Linear state without "b" has no inner bias (inner_bias=false).
     scan: whole mini-batches of TTT-Linear (with its LN, residual and bias) go through scan.py's one
     autograd op, with these elementwise kernels, instead of full_piece or the per-mini-batch ops (the
-    same math, 2x faster to train on CPU). Other inner models and options ignore it.
+    same math, 2x faster to train on CPU); with scan.cpp and no gradient, whole mini-batches (cpu_scan.infer) and
+    the pieces inside one (cpu_scan.decode: decoding, an open or trailing mini-batch) are one C++ call each.
+    Other inner models and options ignore it.
     """
     b, T = mini_batch, q.shape[2]
     t_all = v - k if residual else v  # reconstruction target: f(k) = k + LN(f_res(k)) should be v
@@ -217,9 +219,21 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
         out = layer_norm(zbar, ln_w, ln_b) if ln else zbar
         return q[:, :, sl] + out if residual else out  # the residual is with Q
 
+    # without a gradient, backend=cpp takes the pieces inside a mini-batch (decoding) as one C++ call each
+    cpp_pieces = (scan is not None and scan.cpp and inner == "linear" and ln and residual and bias
+                  and not torch.is_grad_enabled())
+
     def piece(lo: int, hi: int, tok_piece, complete: bool):
         nonlocal params, acc
         sl = slice(lo, hi)
+        if cpp_pieces:
+            H, f = q.shape[1], q.shape[3]
+            out, new, acc = cpu_scan.decode(q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl], tok_piece,
+                                            complete, ln_w.reshape(H, f), ln_b.reshape(H, f), params["W"],
+                                            params["b"], acc)
+            params = {**params, **new}
+            outs.append(out)
+            return
         E, M = _lr_matrices(q[:, :, sl], k[:, :, sl], a[:, :, sl], tok_piece, bias)
         zbar, params, acc = _step(inner, params, acc, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
                                   tok_piece, E, M, complete)

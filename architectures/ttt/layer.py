@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.config import ModelConfig
-from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles
+from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles_periodic
 from architectures.backends import BackendUnavailable, resolve, runs
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh
@@ -270,8 +270,8 @@ class TTTLayer(nn.Module):
             q, k = self.wq(x), self.wk(x)
         v = self.wv(x)
         q, k, v = (t.view(B, T, H, f).transpose(1, 2) for t in (q, k, v))  # (B, H, T, f)
-        pos = (seen + torch.arange(T, device=x.device)) % self.mini_batch  # RoPE restarts every mini-batch
-        cos, sin = rope_angles(f, pos, self.rope_theta)
+        cos, sin = rope_angles_periodic(f, seen, T, self.mini_batch, self.rope_theta, x.device)  # RoPE restarts
+        #   every mini-batch
         q, k = apply_rope(q, cos, sin, interleaved=True), apply_rope(k, cos, sin, interleaved=True)
         z = self._inner_loop(q, k, v, self.key_factor(x), cache)  # (B, H, T, f)
         z = z.to(x.dtype).transpose(1, 2).reshape(B, T, d)
