@@ -254,10 +254,10 @@ def test_the_reference_backend_decodes_what_the_dual_form_does(arch):
         torch.testing.assert_close(inner_r.acc[n], inner_d.acc[n], rtol=1e-10, atol=1e-10, msg=n)
 
 
-@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_linear_base"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_cpp_decode_equals_the_dual_form(arch):
     """Without a gradient, backend=cpp takes the tokens inside a mini-batch (decoding; a prefill's open and trailing
-    pieces) as one C++ call each (cpu_scan.decode): continued from a prefill that ends mid mini-batch, decoding
+    pieces) as one C++ call each (cpu_scan.decode, decode_mlp): continued from a prefill that ends mid mini-batch, decoding
     across two boundaries, then a prefill that finishes an open mini-batch and leaves another open, the outputs and
     the final state equal the dual form's (fp64)."""
     x = torch.randint(0, 61, (2, 60))
@@ -274,7 +274,8 @@ def test_cpp_decode_equals_the_dual_form(arch):
     (out_d, inner_d), (out_c, inner_c) = runs["dual"], runs["cpp"]
     torch.testing.assert_close(out_c, out_d, rtol=1e-11, atol=1e-11)
     assert inner_c.offset == inner_d.offset == 60 % 16
-    for n in ("W", "b"):
+    assert inner_c.params.keys() == inner_d.params.keys() == inner_c.acc.keys()
+    for n in inner_d.params:
         torch.testing.assert_close(inner_c.params[n], inner_d.params[n], rtol=1e-11, atol=1e-11, msg=n)
         torch.testing.assert_close(inner_c.acc[n], inner_d.acc[n], rtol=1e-11, atol=1e-11, msg=n)
 
@@ -383,6 +384,15 @@ def test_compiled_hot_path_matches_eager(backend):
         torch.testing.assert_close(pc.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_cpp_compiles_ttt_mlps_training_piece_and_leaves_ttt_linears_loops():
+    """backend=cpp trains TTT-MLP through the dual form, so trainer.compile=hot_path compiles its per-mini-batch
+    piece as under backend=dual; TTT-Linear's loops are C++ already (nothing to compile)."""
+    mlp, linear = TTTLayer(layer_cfg("mlp", backend="cpp")), TTTLayer(layer_cfg("linear", backend="cpp"))
+    for layer in (mlp, linear):
+        layer.compile_hot_path()
+    assert mlp._compiled_piece is not None and linear._compiled_piece is None
+
+
 # -- scan.py: the loop over whole mini-batches as one autograd op, against autograd through dual.py ---------
 
 def _scan_case(B=2, H=2, T=87, f=8, offset=5, seed=0):
@@ -464,6 +474,58 @@ def test_cpp_inference_equals_the_dual_form_and_the_reference(T, offset, f):
     torch.testing.assert_close(fresh[:1], ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("T,offset,f", [(87, 5, 8), (64, 0, 8), (53, 0, 12), (16, 0, 8), (9, 3, 8), (3, 13, 8)])
+def test_cpp_mlp_inference_equals_the_dual_form(T, offset, f):
+    """TTT-MLP without a gradient under backend=cpp: whole mini-batches in one C++ call (cpu_scan.infer_mlp), an
+    open mini-batch continued and a trailing one as pieces (decode_mlp), each with the LN and the residual: the
+    outputs and the state after equal the dual form's in fp64, over a batch of 2 from a broadcast initial state,
+    and the given state is not written to. f = 12: hidden 48, through the products' left-over columns; (3, 13):
+    the 3 tokens that finish a mini-batch (its commit)."""
+    from architectures.ttt.scan import CPP
+
+    B, H = 2, 2
+    q, k, v, a, tok, ln_w, ln_b = random_inputs(B, H, T, f, F64, seed=2)
+    init = {n: (p if p.dim() == 3 else p[:, None, :])[None] for n, p in initial("mlp", H, f, F64).items()}
+    g = torch.Generator().manual_seed(5)
+    acc = {n: 0.05 * torch.randn(B, *p.shape[1:], generator=g, dtype=F64) for n, p in init.items()} if offset else {}
+    given = {n: x.clone() for n, x in (*init.items(), *[("acc" + n, x) for n, x in acc.items()])}
+    with torch.no_grad():
+        out, new = ttt_dual("mlp", InnerState(init, acc, offset), q, k, v, a, tok, ln_w[:, None], ln_b[:, None], 16,
+                            scan=CPP)
+    out_d, new_d = ttt_dual("mlp", InnerState(init, acc, offset), q, k, v, a, tok, ln_w[:, None], ln_b[:, None], 16)
+    torch.testing.assert_close(out, out_d, rtol=1e-11, atol=1e-11)
+    assert new.offset == new_d.offset == (offset + T) % 16
+    for n in init:
+        torch.testing.assert_close(new.params[n].expand_as(new_d.params[n]), new_d.params[n], rtol=1e-11, atol=1e-11,
+                                   msg=n)
+        assert (n in new.acc) == (n in new_d.acc)
+        if new_d.acc:
+            torch.testing.assert_close(new.acc[n], new_d.acc[n], rtol=1e-11, atol=1e-11, msg=n)
+    for n, x in (*init.items(), *[("acc" + n, x) for n, x in acc.items()]):
+        assert torch.equal(x, given[n]), n
+
+
+def test_cpp_mlp_inference_in_fp32_stays_at_fp32_rounding():
+    """fp32 at a real head dim (64, hidden 256) with large inner steps (pre-activations far into GELU's tails, where
+    exp(-2u) of a fast-math tanh overflowed to NaN before its argument was clamped): the C++ outputs and final
+    weights are within fp32 rounding of the fp64 dual form, as close as the fp32 dual form is."""
+    from architectures.ttt.scan import CPP
+
+    B, H, T, f = 1, 2, 256, 64
+    q, k, v, a, tok, ln_w, ln_b = random_inputs(B, H, T, f, F64, seed=2)
+    a = 10 * a
+    init = {n: (p if p.dim() == 3 else p[:, None, :])[None] for n, p in initial("mlp", H, f, F64).items()}
+    run = lambda dt, scan: ttt_dual("mlp", InnerState({n: p.to(dt) for n, p in init.items()}),
+                                    *[x.to(dt) for x in (q, k, v, a, tok)], ln_w[:, None].to(dt), ln_b[:, None].to(dt),
+                                    16, scan=scan)
+    with torch.no_grad():
+        (out, new), (out32, new32), (out64, new64) = run(torch.float32, CPP), run(torch.float32, None), run(F64, None)
+    err, err_dual = (out.double() - out64).abs().max(), (out32.double() - out64).abs().max()
+    assert torch.isfinite(out).all() and err < 2e-5 and err < 3 * err_dual, (err, err_dual)
+    for n in init:
+        torch.testing.assert_close(new.params[n].double(), new64.params[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_cpp_inference_leaves_the_initial_weights_alone():
     """The C++ call updates its weights in place: a copy of them, never the layer's W0, b0 (B = 1 and a broadcast
     W0 make expand() + contiguous() a no-op view)."""
@@ -496,19 +558,22 @@ def test_scan_equals_autograd_through_the_dual_form_fp32(kernels):
 @pytest.mark.parametrize("requested", ["torch", "auto"] if not torch.cuda.is_available() else ["torch"])
 def test_torch_backend_runs_scan_where_it_applies(requested):
     """backend=torch: scan for TTT-Linear with the paper's inner model, dual for TTT-MLP and the Table 1 options
-    that scan does not cover; auto on a machine without CUDA: the same with scan's loops in C++ (cpp); backend=scan
-    or cpp where it does not apply is BackendUnavailable with the reason, not a silent dual; a name outside the
+    that scan does not cover; auto on a machine without CUDA: cpp for both inner models with the paper's inner
+    model (TTT-Linear's loops in C++; TTT-MLP's inference in C++, its training the dual form); backend=scan or
+    cpp where it does not apply is BackendUnavailable with the reason, not a silent dual; a name outside the
     vocabulary is a ValueError."""
     fast = "scan" if requested == "torch" else "cpp"
     assert TTTLayer(layer_cfg("linear", backend=requested)).backend == fast
     assert TTTLayer(layer_cfg("linear", "transformer", backend=requested)).backend == fast
-    assert TTTLayer(layer_cfg("mlp", backend=requested)).backend == "dual"
+    assert TTTLayer(layer_cfg("mlp", backend=requested)).backend == ("dual" if requested == "torch" else "cpp")
     assert TTTLayer(layer_cfg("linear", backend=requested, inner_ln=False)).backend == "dual"
     assert TTTLayer(layer_cfg("linear", backend=requested, mini_batch="seq")).backend == "dual"
-    for backend in ("scan", "cpp"):
-        for bad, why in [({"inner": "mlp"}, "use backend=dual for TTT-MLP"), ({"inner_bias": False}, "inner_bias")]:
-            with pytest.raises(BackendUnavailable, match=f"backend={backend} .*{why}"):
-                TTTLayer(layer_cfg(**{"backend": backend, **bad}))
+    assert TTTLayer(layer_cfg("mlp", backend=requested, inner_ln=False, inner_residual=False)).backend == "dual"
+    for backend, bad, why in [("scan", {"inner": "mlp"}, "use backend=dual for TTT-MLP"),
+                              ("scan", {"inner_bias": False}, "inner_bias"), ("cpp", {"inner_bias": False}, "inner_bias"),
+                              ("cpp", {"inner": "mlp", "inner_ln": False}, "inner_ln")]:
+        with pytest.raises(BackendUnavailable, match=f"backend={backend} .*{why}"):
+            TTTLayer(layer_cfg(**{"backend": backend, **bad}))
     with pytest.raises(ValueError, match="backend must be one of .*'cpp', 'torch', 'scan', 'dual', 'reference'"):
         TTTLayer(layer_cfg(backend="fast"))
 

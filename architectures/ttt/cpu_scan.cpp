@@ -1,4 +1,5 @@
-// TTT-Linear's scan loops on the CPU (backend=cpp; built and loaded by cpu_scan.py, which documents it).
+// TTT-Linear's scan loops on the CPU, and TTT-Linear's and TTT-MLP's inference (backend=cpp; built and loaded by
+// cpu_scan.py, which documents it).
 //
 // The loops of scan.py's LinearScan, over the n mini-batches of one (sequence, head) per job, the math of
 // scan.forward_step and scan.backward_step (scan.py derives it; rows c = mini-batch tokens, f = head dim):
@@ -330,6 +331,142 @@ void decode_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, 
   }
 }
 
+// TTT-MLP inference (no gradient): f_res(x) = gelu(x W1 + b1) W2 + b2 with hidden h = 4f, the math of
+// dual._piece_mlp. One piece of c tokens of a mini-batch of one (sequence, head), from the weights at the
+// mini-batch's start W1 (f, h), b1 (h), W2 (h, f), b2 (f) and the accumulators A1, Ab1, A2, Ab2 of its tokens so
+// far (has_acc; else zero):
+//   Z1 = [K; Q] W1 + b1,  X2 = gelu(Z1k),  G2 = LNgrad(X2 W2 + b2, t),  G1 = (G2 W2^T) * gelu'(Z1k)
+//   Zbar1 = Z1q - M1 G1 - tok (Q A1 + Ab1),  M1 = tril(tok a^T) * (Q K^T + 1)
+//   Xbar2 = gelu(Zbar1),  Zbar2 = Xbar2 W2 + b2 - M2 G2 - tok (Xbar2 A2 + Ab2),  M2 = tril(tok a^T) * (Xbar2 X2^T + 1)
+//   out = Q + gamma LN(Zbar2) + beta;  A1 += K^T (a G1), Ab1 += 1^T (a G1), A2 += X2^T (a G2), Ab2 += 1^T (a G2)
+// (tok per row), and with commit (the piece ends the mini-batch) W -= tok_last A for each weight, in place.
+template <typename T>
+inline void gelu_and_grad(T x, T* g, T* dg) {
+  const T k0 = T(0.7978845608028654), k1 = T(0.044715);  // sqrt(2 / pi); inner.gelu_tanh_and_grad
+  const T x2 = x * x, u = std::min(std::max(k0 * x * (T(1) + k1 * x2), T(-20)), T(20));  // tanh(20) = 1 in fp64;
+  const T th = T(2) / (T(1) + std::exp(T(-2) * u)) - T(1);  // the clamp keeps exp finite (-ffast-math assumes it)
+  const T half_1p = T(0.5) * (T(1) + th);
+  *g = x * half_1p;
+  *dg = half_1p + T(0.5) * k0 * x * (T(1) - th * th) * (T(1) + T(3) * k1 * x2);
+}
+
+template <typename T>
+struct MlpScratch {
+  std::vector<T> Z1, X2, dX2, G1, xb2, Z2, G2, zhat, r, gx, M;
+  MlpScratch(int64_t c, int64_t f)
+      : Z1(2 * c * 4 * f), X2(c * 4 * f), dX2(c * 4 * f), G1(c * 4 * f), xb2(c * 4 * f), Z2(c * f), G2(c * f),
+        zhat(c * f), r(c), gx(f), M(c * c) {}
+};
+
+// M = tril(tok a^T) * (S + 1) for S (c, c) in place
+template <typename T>
+void lr_mask(T* M, const T* tok, const T* a, int64_t c) {
+  for (int64_t row = 0; row < c; row++)
+    for (int64_t col = 0; col < c; col++)
+      M[row * c + col] = col <= row ? tok[row] * a[col] * (M[row * c + col] + T(1)) : T(0);
+}
+
+template <typename T>
+void mlp_piece(const T* Q, const T* K, const T* t, const T* a, const T* tok, T tok_last, const T* g, const T* be,
+               T* W1, T* b1, T* W2, T* b2, T* A1, T* Ab1, T* A2, T* Ab2, bool has_acc, bool commit, T* out,
+               int64_t c, int64_t f, MlpScratch<T>& s) {
+  const int64_t h = 4 * f;
+  T *Z1k = s.Z1.data(), *Z1q = s.Z1.data() + c * h;  // Z1q becomes Zbar1
+  for (int64_t row = 0; row < 2 * c; row++) std::copy(b1, b1 + h, Z1k + row * h);
+  mm(Z1k, K, W1, c, f, h);  // K W1 + b1
+  mm(Z1q, Q, W1, c, f, h);  // Q W1 + b1
+  for (int64_t i = 0; i < c * h; i++) gelu_and_grad(Z1k[i], &s.X2[i], &s.dX2[i]);
+  for (int64_t row = 0; row < c; row++) std::copy(b2, b2 + f, s.Z2.data() + row * f);
+  mm(s.Z2.data(), s.X2.data(), W2, c, h, f);  // X2 W2 + b2
+  for (int64_t row = 0; row < c; row++)
+    ln_grad_row(s.Z2.data() + row * f, t + row * f, g, be, s.G2.data() + row * f, s.zhat.data() + row * f,
+                s.r.data() + row, s.gx.data(), f);
+  std::fill(s.G1.begin(), s.G1.end(), T(0));
+  mm_nt(s.G1.data(), s.G2.data(), W2, c, f, h);  // G2 W2^T
+  for (int64_t i = 0; i < c * h; i++) s.G1[i] *= s.dX2[i];
+  std::fill(s.M.begin(), s.M.end(), T(0));
+  mm_nt(s.M.data(), Q, K, c, f, c);  // Q K^T
+  lr_mask(s.M.data(), tok, a, c);
+  mm(Z1q, s.M.data(), s.G1.data(), c, c, h, T(-1));  // - M1 G1
+  if (has_acc)
+    for (int64_t row = 0; row < c; row++) {
+      mm(Z1q + row * h, Q + row * f, A1, 1, f, h, -tok[row]);
+      axpy(Z1q + row * h, Ab1, -tok[row], h);
+    }
+  T* dummy = s.dX2.data();  // gelu' of Zbar1 is not needed
+  for (int64_t i = 0; i < c * h; i++) gelu_and_grad(Z1q[i], &s.xb2[i], &dummy[i]);
+  for (int64_t row = 0; row < c; row++) std::copy(b2, b2 + f, out + row * f);
+  mm(out, s.xb2.data(), W2, c, h, f);  // Xbar2 W2 + b2
+  std::fill(s.M.begin(), s.M.end(), T(0));
+  mm_nt(s.M.data(), s.xb2.data(), s.X2.data(), c, h, c);  // Xbar2 X2^T
+  lr_mask(s.M.data(), tok, a, c);
+  mm(out, s.M.data(), s.G2.data(), c, c, f, T(-1));  // - M2 G2
+  if (has_acc)
+    for (int64_t row = 0; row < c; row++) {
+      mm(out + row * f, s.xb2.data() + row * h, A2, 1, h, f, -tok[row]);
+      axpy(out + row * f, Ab2, -tok[row], f);
+    }
+  for (int64_t row = 0; row < c; row++) {
+    T* z = out + row * f;
+    const T* x = Q + row * f;
+    const T mu = mean(z, f), rstd = ln_rstd(z, mu, f);
+#pragma omp simd
+    for (int64_t col = 0; col < f; col++) z[col] = x[col] + g[col] * (z[col] - mu) * rstd + be[col];
+  }
+  if (!has_acc) {
+    std::fill(A1, A1 + f * h, T(0));
+    std::fill(Ab1, Ab1 + h, T(0));
+    std::fill(A2, A2 + h * f, T(0));
+    std::fill(Ab2, Ab2 + f, T(0));
+  }
+  for (int64_t row = 0; row < c; row++) {  // a G1, a G2 in place: G1 and G2 are not read again
+    for (int64_t col = 0; col < h; col++) s.G1[row * h + col] *= a[row];
+    for (int64_t col = 0; col < f; col++) s.G2[row * f + col] *= a[row];
+    axpy(Ab1, s.G1.data() + row * h, T(1), h);
+    axpy(Ab2, s.G2.data() + row * f, T(1), f);
+  }
+  mm_tn(A1, K, s.G1.data(), f, c, h);         // K^T (a G1)
+  mm_tn(A2, s.X2.data(), s.G2.data(), h, c, f);  // X2^T (a G2)
+  if (commit) {
+    axpy(W1, A1, -tok_last, f * h);
+    axpy(b1, Ab1, -tok_last, h);
+    axpy(W2, A2, -tok_last, h * f);
+    axpy(b2, Ab2, -tok_last, f);
+  }
+}
+
+// TTT-MLP over the n whole mini-batches of one (sequence, head), heads-first as infer_job: q, k, t, out (BH, n c,
+// f), a (BH, n c); the weights W1 (BH, f, h), b1 (BH, h), W2 (BH, h, f), b2 (BH, f) from the initial ones to the
+// final ones, in place.
+template <typename T>
+void mlp_infer_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam, const T* bet, T* W1,
+                   T* b1, T* W2, T* b2, T* out, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
+  const int64_t h = 4 * f;
+  MlpScratch<T> s(c, f);
+  std::vector<T> A1(f * h), Ab1(h), A2(h * f), Ab2(f);
+  const T *g = gam + (j % H) * f, *be = bet + (j % H) * f;
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t row0 = j * n * c + i * c;
+    mlp_piece<T>(q + row0 * f, k + row0 * f, tb + row0 * f, ab + row0, tok, tok[c - 1], g, be, W1 + j * f * h,
+                 b1 + j * h, W2 + j * h * f, b2 + j * f, A1.data(), Ab1.data(), A2.data(), Ab2.data(), false, true,
+                 out + row0 * f, c, f, s);
+  }
+}
+
+// TTT-MLP, c tokens inside one mini-batch (decoding): mlp_piece for each (sequence, head) with the accumulators
+// A1 (BH, f, h), Ab1 (BH, h), A2 (BH, h, f), Ab2 (BH, f) updated in place (has_acc: they hold the mini-batch's
+// tokens so far; else they are overwritten), and the weights only if commit.
+template <typename T>
+void mlp_decode_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, T tok_last, const T* gam,
+                    const T* bet, T* W1, T* b1, T* W2, T* b2, T* A1, T* Ab1, T* A2, T* Ab2, bool has_acc, bool commit,
+                    T* out, int64_t H, int64_t c, int64_t f, int64_t j) {
+  const int64_t h = 4 * f;
+  MlpScratch<T> s(c, f);
+  mlp_piece<T>(q + j * c * f, k + j * c * f, tb + j * c * f, ab + j * c, tok, tok_last, gam + (j % H) * f,
+               bet + (j % H) * f, W1 + j * f * h, b1 + j * h, W2 + j * h * f, b2 + j * f, A1 + j * f * h, Ab1 + j * h,
+               A2 + j * h * f, Ab2 + j * f, has_acc, commit, out + j * c * f, c, f, s);
+}
+
 }  // namespace
 
 extern "C" {
@@ -367,6 +504,22 @@ extern "C" {
     parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
       decode_job<T>(q, k, tb, ab, tok, T(tok_last), gam, bet, W, b, GW_in, Gb_in, GW, Gb, W_out, b_out, out, c,  \
                     H, f, j);                                                                                    \
+    });                                                                                                          \
+  }                                                                                                              \
+  void ttt_mlp_infer_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam,      \
+                              const T* bet, T* W1, T* b1, T* W2, T* b2, T* out, int64_t n, int64_t BH, int64_t H, \
+                              int64_t c, int64_t f, int64_t threads) {                                           \
+    parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
+      mlp_infer_job<T>(q, k, tb, ab, tok, gam, bet, W1, b1, W2, b2, out, n, H, c, f, j);                         \
+    });                                                                                                          \
+  }                                                                                                              \
+  void ttt_mlp_decode_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok, double tok_last,  \
+                               const T* gam, const T* bet, T* W1, T* b1, T* W2, T* b2, T* A1, T* Ab1, T* A2,     \
+                               T* Ab2, int64_t has_acc, int64_t commit, T* out, int64_t BH, int64_t H,           \
+                               int64_t c, int64_t f, int64_t threads) {                                          \
+    parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
+      mlp_decode_job<T>(q, k, tb, ab, tok, T(tok_last), gam, bet, W1, b1, W2, b2, A1, Ab1, A2, Ab2, has_acc != 0, \
+                        commit != 0, out, H, c, f, j);                                                           \
     });                                                                                                          \
   }
 

@@ -1,4 +1,5 @@
-"""backend=cpp: TTT-Linear's scan loops (scan.py's LinearScan) in C++, for CPU tensors.
+"""backend=cpp: TTT-Linear's scan loops (scan.py's LinearScan) in C++, for CPU tensors, and both inner models'
+inference (TTT-Linear: infer, decode; TTT-MLP: infer_mlp, decode_mlp).
 
 LinearScan walks a sequence's mini-batches in Python; even in compiled blocks of 8, every mini-batch costs two
 dozen small products and elementwise passes through PyTorch's dispatcher and inductor's loops. `cpu_scan.cpp`
@@ -13,7 +14,9 @@ mini-batch (decoding) in place of the dual form's two dozen ops per token (a who
 `ttt_linear_base`, with layer.py's RoPE table: 1.17 -> 0.73 ms). The library is built on first use
 (architectures/cpp_kernels.py); tests/test_ttt.py checks forward and backward against the eager loops and, through
 the layer, against the dual form, and `infer` and `decode` against the dual form (`infer` also against the
-token-by-token reference).
+token-by-token reference). TTT-MLP without a gradient runs the same way (infer_mlp, decode_mlp: dual._piece_mlp's
+formulas per mini-batch or piece), checked against the dual form in fp64 and fp32; its training stays on the dual
+form (autograd).
 """
 from __future__ import annotations
 
@@ -89,3 +92,48 @@ def decode(q, k, t, a, tok, complete: bool, gamma, beta, W, b, acc: dict):
     if complete:
         return out, {"W": W_out, "b": b_out}, {}
     return out, {"W": W, "b": b}, {"W": GW, "b": Gb}
+
+
+MLP = ("W1", "b1", "W2", "b2")
+
+
+def _mlp_weights(params: dict, B: int, dt, copy: bool) -> list[torch.Tensor]:
+    """W1 (B, H, f, 4f), b1 (B, H, 1, 4f), W2 (B, H, 4f, f), b2 (B, H, 1, f) as contiguous tensors of dtype dt,
+    from (B|1, ...) ones; copy: fresh tensors the kernel may write."""
+    out = [params[n].to(dt).expand(B, *params[n].shape[1:]) for n in MLP]
+    return [x.clone(memory_format=torch.contiguous_format) if copy else x.contiguous() for x in out]
+
+
+def infer_mlp(q, k, t, a, tok, gamma, beta, params: dict):
+    """TTT-MLP's whole mini-batches without a gradient (f_res(x) = gelu(x W1 + b1) W2 + b2, dual._piece_mlp), the LN
+    and the residual included, as `infer` for TTT-Linear: q, k, t (B, H, n c, f); a (B, H, n c); tok (c,); gamma,
+    beta (H, f); params W1 (B|1, H, f, 4f), b1 (B|1, H, 1, 4f), W2 (B|1, H, 4f, f), b2 (B|1, H, 1, f). Returns out
+    (B, H, n c, f) and the weights after (B, H, ...), as a dict."""
+    B, H, T, f = q.shape
+    c = tok.shape[0]
+    dt = q.dtype
+    q, k, t, a, tok, gamma, beta = (x.to(dt).contiguous() for x in (q, k, t, a, tok, gamma, beta))
+    weights = _mlp_weights(params, B, dt, copy=True)  # the kernel updates them in place
+    out = torch.empty_like(q)
+    KERNEL.call("ttt_mlp_infer", dt, q, k, t, a, tok, gamma, beta, *weights, out, T // c, B * H, H, c, f,
+                torch.get_num_threads())
+    return out, dict(zip(MLP, weights))
+
+
+def decode_mlp(q, k, t, a, tok, complete: bool, gamma, beta, params: dict, acc: dict):
+    """TTT-MLP's tokens inside one mini-batch without a gradient, as `decode` for TTT-Linear (the c tokens as one
+    piece of the dual form with the accumulators): arguments as `decode`, params and acc keyed W1, b1, W2, b2.
+    Returns out (B, H, c, f), the weights after (params themselves unless complete) and the accumulators after
+    ({} if complete). Nothing given is written to."""
+    B, H, c, f = q.shape
+    dt = q.dtype
+    q, k, t, a, tok, gamma, beta = (x.to(dt).contiguous() for x in (q, k, t, a, tok, gamma, beta))
+    weights = _mlp_weights(params, B, dt, copy=complete)  # written only by a commit
+    sums = ([acc[n].to(dt).clone(memory_format=torch.contiguous_format) for n in MLP] if acc
+            else [torch.empty_like(w) for w in weights])
+    out = torch.empty_like(q)
+    KERNEL.call("ttt_mlp_decode", dt, q, k, t, a, tok, float(tok[-1]), gamma, beta, *weights, *sums, int(bool(acc)),
+                int(complete), out, B * H, H, c, f, torch.get_num_threads())
+    if complete:
+        return out, dict(zip(MLP, weights)), {}
+    return out, params, dict(zip(MLP, sums))

@@ -142,25 +142,20 @@ def _step(inner, params, acc, q, k, t, a, tok, E, M, complete: bool, piece=None)
 
 
 def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int, piece=None, scan: ScanKernels | None = None):
-    """Whole mini-batches from offset 0: their Zbar pieces, the weights after them and whether the pieces are
-    final outputs already (LN and residual applied). Everything that does not depend on the inner weights
-    (E, M) is computed for all mini-batches at once; the loop carries only the weights. With
-    group > 0 the loop is recomputed in backward every `group` mini-batches. scan: the loop is one
-    autograd op with a hand-derived backward (scan.py; TTT-Linear with its LN and bias); with scan.cpp and no
-    gradient, one C++ call computes the outputs (cpu_scan.infer)."""
+    """Whole mini-batches from offset 0: their Zbar pieces and the weights after them. Everything that does not
+    depend on the inner weights (E, M) is computed for all mini-batches at once; the loop carries only the
+    weights. With group > 0 the loop is recomputed in backward every `group` mini-batches. scan: the loop is one
+    autograd op with a hand-derived backward (scan.py; TTT-Linear with its LN and bias; with scan.cpp and no
+    gradient, ttt_dual calls cpu_scan instead)."""
     B, H, T, f = q.shape
     n = T // b
-    if scan is not None and scan.cpp and not torch.is_grad_enabled():  # inference: one C++ call, LN and residual too
-        out, W, bias = cpu_scan.infer(q, k, t, a, tok, params["_ln_w"].reshape(H, f), params["_ln_b"].reshape(H, f),
-                                      params["W"], params["b"])
-        return [out], {**params, "W": W, "b": bias}, True
     qs, ks, ts = (x.reshape(B, H, n, b, f) for x in (q, k, t))  # (B, H, n, b, f)
     As = a.reshape(B, H, n, b)
     Es, Ms = _lr_matrices(qs, ks, As, tok, _has_bias(inner, params))  # (B, H, n, b, b)
     if scan is not None:
         zbar, W, bias = linear_scan(qs, ks, ts, As, Ms, tok[-1:], params["W"], params["b"],
                                     params["_ln_w"], params["_ln_b"], scan)
-        return [zbar.reshape(B, H, T, f)], {**params, "W": W, "b": bias}, False
+        return [zbar.reshape(B, H, T, f)], {**params, "W": W, "b": bias}
     # unbind, not indexing: the backward of n index ops would add n full-size zero tensors
     per_mb = list(zip(*(x.unbind(2) for x in (qs, ks, ts, As, Es, Ms))))
     names = sorted(params)
@@ -185,7 +180,7 @@ def _full_minibatches(inner, params, q, k, t, a, tok, b: int, group: int, piece=
             res = run(first, count, *flat)
         zbars.append(res[0])
         params = dict(zip(names, res[1:]))
-    return zbars, params, False
+    return zbars, params
 
 
 def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_batch: int,
@@ -201,9 +196,9 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
     A TTT-Linear state without "b" has no inner bias (inner_bias=false).
     scan: whole mini-batches of TTT-Linear (with its LN, residual and bias) go through scan.py's one
     autograd op, with these elementwise kernels, instead of full_piece or the per-mini-batch ops (the
-    same math, 2x faster to train on CPU); with scan.cpp and no gradient, whole mini-batches (cpu_scan.infer) and
-    the pieces inside one (cpu_scan.decode: decoding, an open or trailing mini-batch) are one C++ call each.
-    Other inner models and options ignore it.
+    same math, 2x faster to train on CPU). With scan.cpp and no gradient, whole mini-batches (cpu_scan.infer,
+    infer_mlp) and the pieces inside one (cpu_scan.decode, decode_mlp: decoding, an open or trailing mini-batch)
+    are one C++ call each, for TTT-Linear and TTT-MLP. Other options ignore it.
     """
     b, T = mini_batch, q.shape[2]
     t_all = v - k if residual else v  # reconstruction target: f(k) = k + LN(f_res(k)) should be v
@@ -219,18 +214,21 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
         out = layer_norm(zbar, ln_w, ln_b) if ln else zbar
         return q[:, :, sl] + out if residual else out  # the residual is with Q
 
-    # without a gradient, backend=cpp takes the pieces inside a mini-batch (decoding) as one C++ call each
-    cpp_pieces = (scan is not None and scan.cpp and inner == "linear" and ln and residual and bias
-                  and not torch.is_grad_enabled())
+    # without a gradient, backend=cpp runs whole mini-batches and the pieces inside one (decoding) as one C++ call
+    # each, the LN and the residual included (cpu_scan.py)
+    cpp = scan is not None and scan.cpp and ln and residual and bias and not torch.is_grad_enabled()
+    H, f = q.shape[1], q.shape[3]
+    gamma, beta = ln_w.reshape(H, f), ln_b.reshape(H, f)
 
     def piece(lo: int, hi: int, tok_piece, complete: bool):
         nonlocal params, acc
         sl = slice(lo, hi)
-        if cpp_pieces:
-            H, f = q.shape[1], q.shape[3]
-            out, new, acc = cpu_scan.decode(q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl], tok_piece,
-                                            complete, ln_w.reshape(H, f), ln_b.reshape(H, f), params["W"],
-                                            params["b"], acc)
+        if cpp:
+            span = (q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl], tok_piece, complete, gamma, beta)
+            if inner == "linear":
+                out, new, acc = cpu_scan.decode(*span, params["W"], params["b"], acc)
+            else:
+                out, new, acc = cpu_scan.decode_mlp(*span, params, acc)
             params = {**params, **new}
             outs.append(out)
             return
@@ -252,13 +250,24 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
             piece(0, c, tok[off:off + c], off + c == b)
             t, off = c, (off + c) % b
         n_full = (T - t) // b
-        if n_full:
+        if n_full and cpp:
+            sl = slice(t, t + n_full * b)
+            span = (q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl], tok, gamma, beta)
+            if inner == "linear":
+                out, W, bias_after = cpu_scan.infer(*span, params["W"], params["b"])
+                params = {**params, "W": W, "b": bias_after}
+            else:
+                out, weights = cpu_scan.infer_mlp(*span, params)
+                params = {**params, **weights}
+            outs.append(out)
+            t += n_full * b
+        elif n_full:
             sl = slice(t, t + n_full * b)
             use_scan = scan if inner == "linear" and ln and residual and bias and checkpoint_group == 0 else None
-            full, params, final = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl],
+            full, params = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl],
                                                     a[:, :, sl], tok, b, checkpoint_group, full_piece, use_scan)
             full = full[0] if len(full) == 1 else torch.cat(full, dim=2)
-            outs.append(full if final else finish(full, sl))
+            outs.append(finish(full, sl))
             t += n_full * b
         if t < T:  # a trailing partial mini-batch: processed, its update kept as accumulators
             piece(t, T, tok[: T - t], False)

@@ -30,7 +30,9 @@ conf/arch/table1_*.yaml, turns them off one by one; TABLE1 in architectures/ttt/
                    auto      triton on CUDA where a kernel applies; without CUDA, cpp where it applies and
                              builds; else torch
                    triton    the Triton kernels (triton_linear.py, triton_mlp.py)
-                   cpp       cpu_scan.py: scan's two loops (TTT-Linear) as one C++ call each, for CPU tensors
+                   cpp       cpu_scan.py, for CPU tensors: TTT-Linear's two scan loops as one C++ call each
+                             (training), and without a gradient (prefill, decoding) the whole inner loop of
+                             TTT-Linear and TTT-MLP in C++; TTT-MLP trains through the dual form
                    torch     the fastest PyTorch implementation that applies: scan, else dual
                    scan      scan.py: TTT-Linear's loop over whole mini-batches as one autograd op with the
                              hand-derived backward, ~2x faster to train on CPU than dual
@@ -106,8 +108,6 @@ def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True, head_d
         return None if paper_f else paper_f_only
 
     def cpp() -> str | None:
-        if inner != "linear":
-            return "is TTT-Linear's loop in C++ (cpu_scan.py); use backend=dual for TTT-MLP"
         return cpu_scan.unavailable() if paper_f else paper_f_only
 
     torch_backends = {"scan": scan, "dual": runs, "reference": runs}
@@ -315,8 +315,8 @@ class TTTLayer(nn.Module):
         over mini-batches stays in Python, so the graphs are small and compile once per shape."""
         from architectures.ttt.dual import PIECE
 
-        if self.backend == "cpp":
-            return  # the loops are compiled C++ already
+        if self.backend == "cpp" and self.inner == "linear":
+            return  # the loops are compiled C++ already (TTT-MLP's training runs the dual form's piece)
         if self.backend == "scan":
             self._scan_kernels = ScanKernels.compiled()
         else:
