@@ -257,9 +257,9 @@ def test_the_reference_backend_decodes_what_the_dual_form_does(arch):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_cpp_decode_equals_the_dual_form(arch):
     """Without a gradient, backend=cpp takes the tokens inside a mini-batch (decoding; a prefill's open and trailing
-    pieces) as one C++ call each (cpu_scan.decode, decode_mlp): continued from a prefill that ends mid mini-batch, decoding
-    across two boundaries, then a prefill that finishes an open mini-batch and leaves another open, the outputs and
-    the final state equal the dual form's (fp64)."""
+    pieces) as one C++ call each (cpu_scan.decode, decode_mlp): continued from a prefill that ends mid mini-batch,
+    decoding across two boundaries, then a prefill that finishes an open mini-batch and leaves another open, the
+    outputs and the final state equal the dual form's (fp64), for both inner models on both backbones."""
     x = torch.randint(0, 61, (2, 60))
     runs = {}
     for backend in ("dual", "cpp"):

@@ -87,8 +87,8 @@ def decode(q, k, t, a, tok, complete: bool, gamma, beta, W, b, acc: dict):
     GW, Gb = torch.empty_like(W_in), torch.empty_like(b_in)
     W_out, b_out = (torch.empty_like(W_in), torch.empty_like(b_in)) if complete else (None, None)
     out = torch.empty_like(q)
-    KERNEL.call("ttt_linear_scan_decode", dt, q, k, t, a, tok, float(tok[-1]), gamma, beta, W_in, b_in, GW_in, Gb_in, GW, Gb,
-                W_out, b_out, out, B * H, H, c, f, torch.get_num_threads())
+    KERNEL.call("ttt_linear_scan_decode", dt, q, k, t, a, tok, float(tok[-1]), gamma, beta, W_in, b_in, GW_in, Gb_in,
+                GW, Gb, W_out, b_out, out, B * H, H, c, f, torch.get_num_threads())
     if complete:
         return out, {"W": W_out, "b": b_out}, {}
     return out, {"W": W, "b": b}, {"W": GW, "b": Gb}

@@ -217,8 +217,7 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
     # without a gradient, backend=cpp runs whole mini-batches and the pieces inside one (decoding) as one C++ call
     # each, the LN and the residual included (cpu_scan.py)
     cpp = scan is not None and scan.cpp and ln and residual and bias and not torch.is_grad_enabled()
-    H, f = q.shape[1], q.shape[3]
-    gamma, beta = ln_w.reshape(H, f), ln_b.reshape(H, f)
+    gamma, beta = (ln_w.reshape(q.shape[1], -1), ln_b.reshape(q.shape[1], -1)) if cpp else (None, None)  # (H, f)
 
     def piece(lo: int, hi: int, tok_piece, complete: bool):
         nonlocal params, acc
@@ -264,8 +263,8 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
         elif n_full:
             sl = slice(t, t + n_full * b)
             use_scan = scan if inner == "linear" and ln and residual and bias and checkpoint_group == 0 else None
-            full, params = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl],
-                                                    a[:, :, sl], tok, b, checkpoint_group, full_piece, use_scan)
+            full, params = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
+                                             tok, b, checkpoint_group, full_piece, use_scan)
             full = full[0] if len(full) == 1 else torch.cat(full, dim=2)
             outs.append(finish(full, sl))
             t += n_full * b
