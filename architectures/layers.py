@@ -99,9 +99,12 @@ def _rope_period(head_dim: int, period: int, theta: float, device: torch.device)
 
 def rope_angles_periodic(head_dim: int, start: int, T: int, period: int, theta: float, device):
     """rope_angles at positions (start + 0 .. T - 1) mod period, (T, head_dim // 2) each, from a table of one
-    period (TTT's RoPE restarts every mini-batch): a decode step slices it instead of recomputing the angles."""
-    cos, sin = _rope_period(head_dim, period, float(theta), torch.device(device))
+    period (TTT's RoPE restarts every mini-batch): a decode step slices it instead of recomputing the angles.
+    Under torch.compile the angles are computed in the graph, as before the table (no cache to trace)."""
     s = start % period
+    if torch.compiler.is_compiling():
+        return rope_angles(head_dim, (s + torch.arange(T, device=device)) % period, theta)
+    cos, sin = _rope_period(head_dim, period, float(theta), torch.device(device))
     if s + T <= period:
         return cos[s:s + T], sin[s:s + T]
     pos = (s + torch.arange(T, device=cos.device)) % period

@@ -194,6 +194,27 @@ def test_periodic_rope_table_equals_the_angles_it_replaces(start, T):
     torch.testing.assert_close(x.grad, (cos * sin).expand_as(x))
 
 
+def test_periodic_rope_under_torch_compile_computes_the_angles_in_the_graph():
+    """trainer.compile=model traces the TTT layer: the periodic angles are then computed in the graph (one graph,
+    no trace of the table's cache, whose wrapper dynamo would warn about on every compile), and equal eager's."""
+    import warnings
+
+    from architectures.layers import _rope_period
+
+    def rotate(x, seen: int):
+        cos, sin = rope_angles_periodic(8, seen, x.shape[2], 16, 1e4, x.device)
+        return apply_rope(x, cos, sin, interleaved=True)
+
+    _rope_period.cache_clear()
+    x = torch.randn(1, 2, 40, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.compile(rotate, fullgraph=True)(x, 3)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    assert _rope_period.cache_info().currsize == 0
+    torch.testing.assert_close(y, rotate(x, 3), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_classification_head_respects_lengths(pooling):
     clf = SequenceClassifier(tiny(), n_classes=3, pooling=pooling).double()
