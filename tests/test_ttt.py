@@ -9,7 +9,7 @@ from architectures import ModelConfig, build_model
 from architectures.backends import BackendUnavailable
 from architectures.ttt.dual import InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh, gelu_tanh_grad, layer_norm, ln_loss_grad
-from architectures.ttt.layer import TTTLayer
+from architectures.ttt.layer import TTTBlock, TTTLayer
 from architectures.ttt.reference import ttt_reference
 
 ARCHS = {"ttt_linear": ("linear", "mamba"), "ttt_mlp": ("mlp", "mamba"),
@@ -391,6 +391,8 @@ def test_cpp_compiles_ttt_mlps_training_piece_and_leaves_ttt_linears_loops():
     for layer in (mlp, linear):
         layer.compile_hot_path()
     assert mlp._compiled_piece is not None and linear._compiled_piece is None
+    block = TTTBlock(layer_cfg("mlp", backend="cpp"), 0)
+    assert block.backends() == {"ttt": "cpp+dual"}  # what ran: C++ inference, dual-form training
 
 
 # -- scan.py: the loop over whole mini-batches as one autograd op, against autograd through dual.py ---------

@@ -32,7 +32,8 @@ conf/arch/table1_*.yaml, turns them off one by one; TABLE1 in architectures/ttt/
                    triton    the Triton kernels (triton_linear.py, triton_mlp.py)
                    cpp       cpu_scan.py, for CPU tensors: TTT-Linear's two scan loops as one C++ call each
                              (training), and without a gradient (prefill, decoding) the whole inner loop of
-                             TTT-Linear and TTT-MLP in C++; TTT-MLP trains through the dual form
+                             TTT-Linear and TTT-MLP in C++; TTT-MLP trains through the dual form (recorded
+                             as ttt=cpp+dual)
                    torch     the fastest PyTorch implementation that applies: scan, else dual
                    scan      scan.py: TTT-Linear's loop over whole mini-batches as one autograd op with the
                              hand-derived backward, ~2x faster to train on CPU than dual
@@ -347,4 +348,7 @@ class TTTBlock(nn.Module):
         return TTTCache()
 
     def backends(self) -> dict[str, str]:
-        return {"ttt": self.ttt.backend}
+        """What runs the inner loop. TTT-MLP under backend=cpp: "cpp+dual" (inference in C++, training through
+        the dual form)."""
+        ran = self.ttt.backend
+        return {"ttt": "cpp+dual" if ran == "cpp" and self.ttt.inner == "mlp" else ran}
