@@ -147,9 +147,8 @@ def test_smoke_sweep_every_architecture_learns(tmp_path):
             assert summary["heap"] == "recycle", r["run"]
             if platform.machine() == "x86_64":  # subnormals flushed in every worker (bench/denormals.py)
                 assert summary["denormals"] == "flush", r["run"]
-        if r["arch"].startswith("ttt"):  # on CPU: TTT-Linear through scan.py's loops in C++; TTT-MLP trains through
-            assert r["backend"] == ("ttt=cpp" if "linear" in r["arch"] else "ttt=cpp+dual"), r["run"]  # the dual
-            #   form and evaluates in C++
+        if r["arch"].startswith("ttt"):  # on CPU: both inner models' loops in C++ (cpu_scan.py)
+            assert r["backend"] == "ttt=cpp", r["run"]
 
 
 def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):

@@ -9,7 +9,7 @@ from architectures import ModelConfig, build_model
 from architectures.backends import BackendUnavailable
 from architectures.ttt.dual import InnerState, ttt_dual
 from architectures.ttt.inner import gelu_tanh, gelu_tanh_grad, layer_norm, ln_loss_grad
-from architectures.ttt.layer import TTTBlock, TTTLayer
+from architectures.ttt.layer import TTTLayer
 from architectures.ttt.reference import ttt_reference
 
 ARCHS = {"ttt_linear": ("linear", "mamba"), "ttt_mlp": ("mlp", "mamba"),
@@ -129,9 +129,11 @@ def assert_layer_equals_reference(layer):
 
 
 @pytest.mark.parametrize("arch,backend", [(a, "dual") for a in ARCHS]
-                         + [(a, b) for a in ("ttt_linear", "ttt_linear_base") for b in ("scan", "cpp")])
+                         + [(a, b) for a in ("ttt_linear", "ttt_linear_base") for b in ("scan", "cpp")]
+                         + [(a, "cpp") for a in ("ttt_mlp", "ttt_mlp_base")])
 def test_every_parameter_gradient_equals_reference(arch, backend):
-    """dual.py (autograd) and scan.py (the hand-derived backward, in Python or C++) against the reference, fp64."""
+    """dual.py (autograd) and scan.py / cpu_scan.MLPScan (the hand-derived backward, in Python or C++) against the
+    reference, fp64."""
     inner, backbone = ARCHS[arch]
     assert_layer_equals_reference(perturbed_layer(layer_cfg(inner, backbone, backend=backend)))
 
@@ -384,15 +386,67 @@ def test_compiled_hot_path_matches_eager(backend):
         torch.testing.assert_close(pc.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_cpp_compiles_ttt_mlps_training_piece_and_leaves_ttt_linears_loops():
-    """backend=cpp trains TTT-MLP through the dual form, so trainer.compile=hot_path compiles its per-mini-batch
-    piece as under backend=dual; TTT-Linear's loops are C++ already (nothing to compile)."""
-    mlp, linear = TTTLayer(layer_cfg("mlp", backend="cpp")), TTTLayer(layer_cfg("linear", backend="cpp"))
-    for layer in (mlp, linear):
-        layer.compile_hot_path()
-    assert mlp._compiled_piece is not None and linear._compiled_piece is None
-    block = TTTBlock(layer_cfg("mlp", backend="cpp"), 0)
-    assert block.backends() == {"ttt": "cpp+dual"}  # what ran: C++ inference, dual-form training
+@pytest.mark.parametrize("T,offset,f", [(53, 0, 8), (87, 5, 12), (32, 0, 8)])
+def test_cpp_mlp_training_equals_autograd_through_the_dual_form(T, offset, f):
+    """TTT-MLP's whole mini-batches with a gradient under backend=cpp: both loops in C++ (cpu_scan.MLPScan, the
+    hand-derived backward of dual_backward.mlp_minibatch_backward): outputs, the state after and the gradient of
+    every input, the initial weights (broadcast over a batch of 2) and the LN included, equal autograd through the
+    dual form in fp64, with a loss on the outputs and on the final state. (87, 5): an open mini-batch first and a
+    trailing one after (the dual form's pieces around the C++ call); f = 12: hidden 48, left-over columns."""
+    from architectures.ttt.scan import CPP
+
+    B, H = 2, 2
+    q, k, v, a, tok, ln_w, ln_b = random_inputs(B, H, T, f, F64, seed=2)
+    init = {n: (p if p.dim() == 3 else p[:, None, :])[None] for n, p in initial("mlp", H, f, F64).items()}
+    g0 = torch.Generator().manual_seed(5)
+    acc = {n: 0.05 * torch.randn(B, *p.shape[1:], generator=g0, dtype=F64) for n, p in init.items()} if offset else {}
+
+    def run(scan):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, a, tok, ln_w, ln_b, *init.values(), *acc.values())]
+        weights, sums = dict(zip(init, leaves[7:11])), dict(zip(acc, leaves[11:]))
+        out, new = ttt_dual("mlp", InnerState(weights, sums, offset), *leaves[:5], leaves[5][:, None],
+                            leaves[6][:, None], 16, scan=scan)
+        g = torch.Generator().manual_seed(7)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=F64)).sum()
+        for n in sorted(new.params):  # by name: the two paths build their dicts in different orders
+            loss = loss + (new.params[n] * torch.randn(new.params[n].shape, generator=g, dtype=F64)).sum()
+        for n in sorted(new.acc):
+            loss = loss + (new.acc[n] * torch.randn(new.acc[n].shape, generator=g, dtype=F64)).sum()
+        return out, new, torch.autograd.grad(loss, leaves)
+
+    out, new, grads = run(CPP)
+    out_d, new_d, grads_d = run(None)
+    torch.testing.assert_close(out, out_d, rtol=1e-11, atol=1e-11)
+    for n in init:
+        torch.testing.assert_close(new.params[n], new_d.params[n], rtol=1e-11, atol=1e-11, msg=n)
+    names = ["q", "k", "v", "a", "tok", "ln_w", "ln_b", *init, *[f"acc {n}" for n in acc]]
+    for name, g, gd in zip(names, grads, grads_d, strict=True):
+        assert gd.abs().max() > 0, name
+        torch.testing.assert_close(g, gd, rtol=1e-10, atol=1e-11, msg=name)
+
+
+def test_cpp_mlp_training_in_fp32_stays_at_fp32_rounding():
+    """fp32 at a real head dim (64, hidden 256) and 16 mini-batches: the C++ gradients are within fp32 rounding of
+    the fp64 dual form's, as close as the fp32 dual form's."""
+    from architectures.ttt.scan import CPP
+
+    B, H, T, f = 1, 2, 256, 64
+    q, k, v, a, tok, ln_w, ln_b = random_inputs(B, H, T, f, F64, seed=2)
+    init = {n: (p if p.dim() == 3 else p[:, None, :])[None] for n, p in initial("mlp", H, f, F64).items()}
+
+    def grads(dt, scan):
+        leaves = [x.to(dt).requires_grad_() for x in (q, k, v, a, tok, ln_w, ln_b, *init.values())]
+        out, new = ttt_dual("mlp", InnerState(dict(zip(init, leaves[7:]))), *leaves[:5], leaves[5][:, None],
+                            leaves[6][:, None], 16, scan=scan)
+        g = torch.Generator().manual_seed(7)
+        loss = (out.double() * torch.randn(out.shape, generator=g, dtype=F64)).sum()
+        return [x.double() for x in torch.autograd.grad(loss, leaves)]
+
+    ours, dual32, exact = grads(torch.float32, CPP), grads(torch.float32, None), grads(F64, None)
+    for name, g, g32, g64 in zip(["q", "k", "v", "a", "tok", "ln_w", "ln_b", *init], ours, dual32, exact):
+        scale = g64.abs().max()
+        err, err32 = (g - g64).abs().max() / scale, (g32 - g64).abs().max() / scale
+        assert torch.isfinite(g).all() and err < 1e-4 and err < 10 * err32 + 1e-6, (name, err, err32)
 
 
 # -- scan.py: the loop over whole mini-batches as one autograd op, against autograd through dual.py ---------
@@ -561,9 +615,8 @@ def test_scan_equals_autograd_through_the_dual_form_fp32(kernels):
 def test_torch_backend_runs_scan_where_it_applies(requested):
     """backend=torch: scan for TTT-Linear with the paper's inner model, dual for TTT-MLP and the Table 1 options
     that scan does not cover; auto on a machine without CUDA: cpp for both inner models with the paper's inner
-    model (TTT-Linear's loops in C++; TTT-MLP's inference in C++, its training the dual form); backend=scan or
-    cpp where it does not apply is BackendUnavailable with the reason, not a silent dual; a name outside the
-    vocabulary is a ValueError."""
+    model (their loops in C++, training and inference); backend=scan or cpp where it does not apply is
+    BackendUnavailable with the reason, not a silent dual; a name outside the vocabulary is a ValueError."""
     fast = "scan" if requested == "torch" else "cpp"
     assert TTTLayer(layer_cfg("linear", backend=requested)).backend == fast
     assert TTTLayer(layer_cfg("linear", "transformer", backend=requested)).backend == fast

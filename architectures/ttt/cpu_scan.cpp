@@ -1,5 +1,5 @@
-// TTT-Linear's scan loops on the CPU, and TTT-Linear's and TTT-MLP's inference (backend=cpp; built and loaded by
-// cpu_scan.py, which documents it).
+// TTT-Linear's and TTT-MLP's loops on the CPU, training and inference (backend=cpp; built and loaded by cpu_scan.py,
+// which documents it).
 //
 // The loops of scan.py's LinearScan, over the n mini-batches of one (sequence, head) per job, the math of
 // scan.forward_step and scan.backward_step (scan.py derives it; rows c = mini-batch tokens, f = head dim):
@@ -369,7 +369,7 @@ void lr_mask(T* M, const T* tok, const T* a, int64_t c) {
 template <typename T>
 void mlp_piece(const T* Q, const T* K, const T* t, const T* a, const T* tok, T tok_last, const T* g, const T* be,
                T* W1, T* b1, T* W2, T* b2, T* A1, T* Ab1, T* A2, T* Ab2, bool has_acc, bool commit, T* out,
-               int64_t c, int64_t f, MlpScratch<T>& s) {
+               int64_t c, int64_t f, MlpScratch<T>& s, bool finish = true) {
   const int64_t h = 4 * f;
   T *Z1k = s.Z1.data(), *Z1q = s.Z1.data() + c * h;  // Z1q becomes Zbar1
   for (int64_t row = 0; row < 2 * c; row++) std::copy(b1, b1 + h, Z1k + row * h);
@@ -406,7 +406,7 @@ void mlp_piece(const T* Q, const T* K, const T* t, const T* a, const T* tok, T t
       mm(out + row * f, s.xb2.data() + row * h, A2, 1, h, f, -tok[row]);
       axpy(out + row * f, Ab2, -tok[row], f);
     }
-  for (int64_t row = 0; row < c; row++) {
+  for (int64_t row = 0; row < c && finish; row++) {  // out = Q + gamma LN(Zbar2) + beta (else Zbar2)
     T* z = out + row * f;
     const T* x = Q + row * f;
     const T mu = mean(z, f), rstd = ln_rstd(z, mu, f);
@@ -467,6 +467,185 @@ void mlp_decode_job(const T* q, const T* k, const T* tb, const T* ab, const T* t
                A2 + j * h * f, Ab2 + j * f, has_acc, commit, out + j * c * f, c, f, s);
 }
 
+// TTT-MLP training (MlpScan in cpu_scan.py): the forward over the n whole mini-batches of one (sequence, head),
+// heads-first, keeping the weights at the start of every mini-batch (W1s (BH, n + 1, f, h), b1s (BH, n + 1, h),
+// W2s (BH, n + 1, h, f), b2s (BH, n + 1, f); slot 0 given) and writing Zbar2 (the LN and the residual run in
+// autograd); the backward walks them in reverse (mlp_backward_job).
+template <typename T>
+void mlp_forward_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam, const T* bet,
+                     T* W1s, T* b1s, T* W2s, T* b2s, T* zbar, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
+  const int64_t h = 4 * f;
+  MlpScratch<T> s(c, f);
+  std::vector<T> A1(f * h), Ab1(h), A2(h * f), Ab2(f);
+  const T *g = gam + (j % H) * f, *be = bet + (j % H) * f;
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t row0 = j * n * c + i * c, st = j * (n + 1) + i;  // the mini-batch's first row, its state
+    T *W1 = W1s + (st + 1) * f * h, *b1 = b1s + (st + 1) * h, *W2 = W2s + (st + 1) * h * f, *b2 = b2s + (st + 1) * f;
+    std::copy(W1s + st * f * h, W1s + (st + 1) * f * h, W1);  // the next state starts as this one
+    std::copy(b1s + st * h, b1s + (st + 1) * h, b1);
+    std::copy(W2s + st * h * f, W2s + (st + 1) * h * f, W2);
+    std::copy(b2s + st * f, b2s + (st + 1) * f, b2);
+    mlp_piece<T>(q + row0 * f, k + row0 * f, tb + row0 * f, ab + row0, tok, tok[c - 1], g, be, W1, b1, W2, b2,
+                 A1.data(), Ab1.data(), A2.data(), Ab2.data(), false, true, zbar + row0 * f, c, f, s, false);
+  }
+}
+
+// d^2 gelu_tanh / dx^2 (dual_backward.gelu_tanh_second)
+template <typename T>
+inline T gelu_second(T x) {
+  const T k0 = T(0.7978845608028654), k1 = T(0.044715);
+  const T u = std::min(std::max(k0 * x * (T(1) + k1 * x * x), T(-20)), T(20));
+  const T th = T(2) / (T(1) + std::exp(T(-2) * u)) - T(1);
+  const T du = k0 * (T(1) + T(3) * k1 * x * x), d2u = k0 * T(6) * k1 * x;
+  return (T(1) - th * th) * (du + T(0.5) * x * (d2u - T(2) * th * du * du));
+}
+
+// The backward of mlp_forward_job, the last mini-batch first: each mini-batch's forward recomputed from its saved
+// weights, then dual_backward.mlp_minibatch_backward's math from dZbar2 (the LN's VJP ran in autograd) and the
+// gradients of the weights after it, dW1 (BH, f, h), db1 (BH, h), dW2 (BH, h, f), db2 (BH, f), replaced in place by
+// those before it. Writes dq, dk, dt (BH, n c, f), da (BH, n c); adds into dtok (BH, c), dgam, dbet (BH, f).
+template <typename T>
+void mlp_backward_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam, const T* bet,
+                      const T* W1s, const T* b1s, const T* W2s, const T* b2s, const T* dzbar, T* dW1, T* db1, T* dW2,
+                      T* db2, T* dq, T* dk, T* dt, T* da, T* dtok, T* dgam, T* dbet, int64_t n, int64_t H, int64_t c,
+                      int64_t f, int64_t j) {
+  const int64_t h = 4 * f, ch = c * h, cf = c * f;
+  MlpScratch<T> s(c, f);
+  // per mini-batch: the forward's Z1k, X2, s1 (= gelu'(Z1k)), P = G2 W2^T, G1, Xbar2, sbar1; A1 = Q K^T, A2, E
+  std::vector<T> Z1k(ch), X2(ch), s1(ch), P(ch), G1(ch), xb2(ch), sb1(ch), A1(c * c), A2(c * c), E(c * c);
+  std::vector<T> G2(cf), zhat(cf), r(c), gx(f), dgx(f), dzh(f), Z2(cf);
+  std::vector<T> dXb2(ch), dX2(ch), dZb1(ch), dG1(ch), dP(ch), ds1(ch), dZ1(ch), dG2(cf), dZ2(cf), P1(ch), P2(cf);
+  std::vector<T> dM(c * c), dE(c * c), dA(c * c);
+  std::vector<T> nW1(f * h), nb1(h), nW2(h * f), nb2(f);  // the gradients of the weights before the mini-batch
+  const T *g = gam + (j % H) * f, *be = bet + (j % H) * f, tok_c = tok[c - 1];
+  T *gW1 = dW1 + j * f * h, *gb1 = db1 + j * h, *gW2 = dW2 + j * h * f, *gb2 = db2 + j * f;
+  T *dtok_j = dtok + j * c, *dg = dgam + j * f, *dbt = dbet + j * f;
+  for (int64_t i = n - 1; i >= 0; i--) {
+    const int64_t row0 = j * n * c + i * c, st = j * (n + 1) + i;
+    const T *Q = q + row0 * f, *K = k + row0 * f, *t = tb + row0 * f, *a = ab + row0, *dZb2 = dzbar + row0 * f;
+    const T *W1 = W1s + st * f * h, *b1 = b1s + st * h, *W2 = W2s + st * h * f, *b2 = b2s + st * f;
+    // the forward, again
+    for (int64_t row = 0; row < c; row++) std::copy(b1, b1 + h, Z1k.data() + row * h);
+    mm(Z1k.data(), K, W1, c, f, h);
+    for (int64_t x = 0; x < ch; x++) gelu_and_grad(Z1k[x], &X2[x], &s1[x]);
+    for (int64_t row = 0; row < c; row++) std::copy(b2, b2 + f, Z2.data() + row * f);
+    mm(Z2.data(), X2.data(), W2, c, h, f);
+    for (int64_t row = 0; row < c; row++)
+      ln_grad_row(Z2.data() + row * f, t + row * f, g, be, G2.data() + row * f, zhat.data() + row * f, &r[row],
+                  gx.data(), f);
+    std::fill(P.begin(), P.end(), T(0));
+    mm_nt(P.data(), G2.data(), W2, c, f, h);  // G2 W2^T
+    for (int64_t x = 0; x < ch; x++) G1[x] = P[x] * s1[x];
+    for (int64_t row = 0; row < c; row++)
+      for (int64_t col = 0; col < c; col++) E[row * c + col] = col <= row ? tok[row] * a[col] : T(0);
+    std::fill(A1.begin(), A1.end(), T(0));
+    mm_nt(A1.data(), Q, K, c, f, c);  // Q K^T
+    for (int64_t x = 0; x < c * c; x++) dM[x] = E[x] * (A1[x] + T(1));  // M1 (dM as scratch)
+    for (int64_t row = 0; row < c; row++) std::copy(b1, b1 + h, dZb1.data() + row * h);  // Zbar1 (scratch)
+    mm(dZb1.data(), Q, W1, c, f, h);
+    mm(dZb1.data(), dM.data(), G1.data(), c, c, h, T(-1));
+    for (int64_t x = 0; x < ch; x++) gelu_and_grad(dZb1[x], &xb2[x], &sb1[x]);
+    std::fill(A2.begin(), A2.end(), T(0));
+    mm_nt(A2.data(), xb2.data(), X2.data(), c, h, c);  // Xbar2 X2^T
+    // through Zbar2 = Xbar2 W2 + b2 - M2 G2
+    std::copy(gW1, gW1 + f * h, nW1.data());  // the gradients before start from those after, plus ...
+    std::copy(gb1, gb1 + h, nb1.data());
+    std::copy(gW2, gW2 + h * f, nW2.data());
+    std::copy(gb2, gb2 + f, nb2.data());
+    std::fill(dXb2.begin(), dXb2.end(), T(0));
+    mm_nt(dXb2.data(), dZb2, W2, c, f, h);       // dZbar2 W2^T
+    mm_tn(nW2.data(), xb2.data(), dZb2, h, c, f);  // Xbar2^T dZbar2
+    for (int64_t row = 0; row < c; row++) axpy(nb2.data(), dZb2 + row * f, T(1), f);
+    std::fill(dM.begin(), dM.end(), T(0));
+    mm_nt(dM.data(), dZb2, G2.data(), c, f, c, T(-1));  // dM2 = -dZbar2 G2^T
+    for (int64_t x = 0; x < c * c; x++) {
+      dE[x] = dM[x] * (A2[x] + T(1));
+      dA[x] = dM[x] * E[x];  // dA2
+    }
+    std::fill(dG2.begin(), dG2.end(), T(0));
+    for (int64_t x = 0; x < c * c; x++) dM[x] = E[x] * (A2[x] + T(1));  // M2 (scratch)
+    mm_tn(dG2.data(), dM.data(), dZb2, c, c, f, T(-1));  // -M2^T dZbar2
+    mm(dXb2.data(), dA.data(), X2.data(), c, c, h);      // + dA2 X2
+    std::fill(dX2.begin(), dX2.end(), T(0));
+    mm_tn(dX2.data(), dA.data(), xb2.data(), c, c, h);   // dA2^T Xbar2
+    for (int64_t x = 0; x < ch; x++) dZb1[x] = dXb2[x] * sb1[x];
+    // through Zbar1 = Q W1 + b1 - M1 G1
+    T* dQ = dq + row0 * f;
+    T* dK = dk + row0 * f;
+    std::fill(dQ, dQ + cf, T(0));
+    mm_nt(dQ, dZb1.data(), W1, c, h, f);           // dZbar1 W1^T
+    mm_tn(nW1.data(), Q, dZb1.data(), f, c, h);     // Q^T dZbar1
+    for (int64_t row = 0; row < c; row++) axpy(nb1.data(), dZb1.data() + row * h, T(1), h);
+    std::fill(dM.begin(), dM.end(), T(0));
+    mm_nt(dM.data(), dZb1.data(), G1.data(), c, h, c, T(-1));  // dM1 = -dZbar1 G1^T
+    std::fill(dG1.begin(), dG1.end(), T(0));
+    for (int64_t x = 0; x < c * c; x++) {
+      dE[x] += dM[x] * (A1[x] + T(1));
+      dA[x] = dM[x] * E[x];  // dA1
+      dM[x] = E[x] * (A1[x] + T(1));  // M1 (scratch)
+    }
+    mm_tn(dG1.data(), dM.data(), dZb1.data(), c, c, h, T(-1));  // -M1^T dZbar1
+    mm(dQ, dA.data(), K, c, c, f);                               // + dA1 K
+    std::fill(dK, dK + cf, T(0));
+    mm_tn(dK, dA.data(), Q, c, c, f);                            // dA1^T Q
+    T* dA_ = da + row0;
+    for (int64_t col = 0; col < c; col++) dA_[col] = T(0);
+    for (int64_t row = 0; row < c; row++)
+      for (int64_t col = 0; col <= row; col++) {  // E = tril(tok a^T)
+        dtok_j[row] += dE[row * c + col] * a[col];
+        dA_[col] += dE[row * c + col] * tok[row];
+      }
+    // through the commit W' = W - tok_c (update): P1 = K dW1' + db1', P2 = X2 dW2' + db2'
+    for (int64_t row = 0; row < c; row++) {
+      std::copy(gb1, gb1 + h, P1.data() + row * h);
+      std::copy(gb2, gb2 + f, P2.data() + row * f);
+    }
+    mm(P1.data(), K, gW1, c, f, h);
+    mm(P2.data(), X2.data(), gW2, c, h, f);
+    T dtok_last = 0;
+    for (int64_t row = 0; row < c; row++) {
+      const T *p1 = P1.data() + row * h, *p2 = P2.data() + row * f, *g1 = G1.data() + row * h;
+      const T *g2 = G2.data() + row * f;
+      const T s1p = dot(g1, p1, h), s2p = dot(g2, p2, f);
+      dtok_last -= a[row] * (s1p + s2p);            // -sum(aG1 P1) - sum(aG2 P2)
+      dA_[row] -= tok_c * (s1p + s2p);              // da += sum(daG1 G1) + sum(daG2 G2), daG = -tok_c P
+      axpy(dG1.data() + row * h, p1, -tok_c * a[row], h);  // dG1 += a daG1
+      axpy(dG2.data() + row * f, p2, -tok_c * a[row], f);
+    }
+    dtok_j[c - 1] += dtok_last;
+    for (int64_t row = 0; row < c; row++) {  // aG1, aG2 into P1, P2 (scratch)
+      for (int64_t col = 0; col < h; col++) P1[row * h + col] = a[row] * G1[row * h + col];
+      for (int64_t col = 0; col < f; col++) P2[row * f + col] = a[row] * G2[row * f + col];
+    }
+    mm_nt(dK, P1.data(), gW1, c, h, f, -tok_c);        // dk -= tok_c aG1 dW1'^T
+    mm_nt(dX2.data(), P2.data(), gW2, c, f, h, -tok_c);  // dX2 -= tok_c aG2 dW2'^T
+    // through G1 = P * s1, P = G2 W2^T
+    for (int64_t x = 0; x < ch; x++) {
+      dP[x] = dG1[x] * s1[x];
+      ds1[x] = dG1[x] * P[x];
+    }
+    mm(dG2.data(), dP.data(), W2, c, h, f);             // dG2 += dP W2
+    mm_tn(nW2.data(), dP.data(), G2.data(), h, c, f);   // dW2 += dP^T G2
+    // through G2 = LNgrad(Z2, t)
+    T* dT = dt + row0 * f;
+    for (int64_t row = 0; row < c; row++)
+      ln_grad_vjp_row(zhat.data() + row * f, r[row], t + row * f, g, be, G2.data() + row * f, dG2.data() + row * f,
+                      dZ2.data() + row * f, dT + row * f, dg, dbt, gx.data(), dgx.data(), dzh.data(), f);
+    mm_nt(dX2.data(), dZ2.data(), W2, c, f, h);         // dX2 += dZ2 W2^T
+    mm_tn(nW2.data(), X2.data(), dZ2.data(), h, c, f);  // dW2 += X2^T dZ2
+    for (int64_t row = 0; row < c; row++) axpy(nb2.data(), dZ2.data() + row * f, T(1), f);
+    // through X2 = gelu(Z1), s1 = gelu'(Z1), Z1 = K W1 + b1
+    for (int64_t x = 0; x < ch; x++) dZ1[x] = dX2[x] * s1[x] + ds1[x] * gelu_second(Z1k[x]);
+    mm_nt(dK, dZ1.data(), W1, c, h, f);                 // dk += dZ1 W1^T (t = V - K: autograd adds -dt)
+    mm_tn(nW1.data(), K, dZ1.data(), f, c, h);          // dW1 += K^T dZ1
+    for (int64_t row = 0; row < c; row++) axpy(nb1.data(), dZ1.data() + row * h, T(1), h);
+    std::copy(nW1.begin(), nW1.end(), gW1);
+    std::copy(nb1.begin(), nb1.end(), gb1);
+    std::copy(nW2.begin(), nW2.end(), gW2);
+    std::copy(nb2.begin(), nb2.end(), gb2);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -520,6 +699,23 @@ extern "C" {
     parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
       mlp_decode_job<T>(q, k, tb, ab, tok, T(tok_last), gam, bet, W1, b1, W2, b2, A1, Ab1, A2, Ab2, has_acc != 0, \
                         commit != 0, out, H, c, f, j);                                                           \
+    });                                                                                                          \
+  }                                                                                                              \
+  void ttt_mlp_forward_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam,    \
+                                const T* bet, T* W1s, T* b1s, T* W2s, T* b2s, T* zbar, int64_t n, int64_t BH,    \
+                                int64_t H, int64_t c, int64_t f, int64_t threads) {                              \
+    parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
+      mlp_forward_job<T>(q, k, tb, ab, tok, gam, bet, W1s, b1s, W2s, b2s, zbar, n, H, c, f, j);                  \
+    });                                                                                                          \
+  }                                                                                                              \
+  void ttt_mlp_backward_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam,   \
+                                 const T* bet, const T* W1s, const T* b1s, const T* W2s, const T* b2s,           \
+                                 const T* dzbar, T* dW1, T* db1, T* dW2, T* db2, T* dq, T* dk, T* dt, T* da,     \
+                                 T* dtok, T* dgam, T* dbet, int64_t n, int64_t BH, int64_t H, int64_t c,         \
+                                 int64_t f, int64_t threads) {                                                   \
+    parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
+      mlp_backward_job<T>(q, k, tb, ab, tok, gam, bet, W1s, b1s, W2s, b2s, dzbar, dW1, db1, dW2, db2, dq, dk, dt, \
+                          da, dtok, dgam, dbet, n, H, c, f, j);                                                  \
     });                                                                                                          \
   }
 

@@ -198,7 +198,8 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
     autograd op, with these elementwise kernels, instead of full_piece or the per-mini-batch ops (the
     same math, 2x faster to train on CPU). With scan.cpp and no gradient, whole mini-batches (cpu_scan.infer,
     infer_mlp) and the pieces inside one (cpu_scan.decode, decode_mlp: decoding, an open or trailing mini-batch)
-    are one C++ call each, for TTT-Linear and TTT-MLP. Other options ignore it.
+    are one C++ call each, for TTT-Linear and TTT-MLP; with a gradient, TTT-MLP's whole mini-batches go through
+    cpu_scan.MLPScan (both loops in C++). Other options ignore it.
     """
     b, T = mini_batch, q.shape[2]
     t_all = v - k if residual else v  # reconstruction target: f(k) = k + LN(f_res(k)) should be v
@@ -259,6 +260,14 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
                 out, weights = cpu_scan.infer_mlp(*span, params)
                 params = {**params, **weights}
             outs.append(out)
+            t += n_full * b
+        elif n_full and inner == "mlp" and scan is not None and scan.cpp and ln and residual and checkpoint_group == 0:
+            sl = slice(t, t + n_full * b)  # TTT-MLP training: both loops in C++ (cpu_scan.MLPScan)
+            H = q.shape[1]
+            zbar, weights = cpu_scan.mlp_scan(q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl], tok,
+                                              ln_w.reshape(H, -1), ln_b.reshape(H, -1), params)
+            params = {**params, **weights}
+            outs.append(finish(zbar, sl))
             t += n_full * b
         elif n_full:
             sl = slice(t, t + n_full * b)

@@ -30,10 +30,9 @@ conf/arch/table1_*.yaml, turns them off one by one; TABLE1 in architectures/ttt/
                    auto      triton on CUDA where a kernel applies; without CUDA, cpp where it applies and
                              builds; else torch
                    triton    the Triton kernels (triton_linear.py, triton_mlp.py)
-                   cpp       cpu_scan.py, for CPU tensors: TTT-Linear's two scan loops as one C++ call each
-                             (training), and without a gradient (prefill, decoding) the whole inner loop of
-                             TTT-Linear and TTT-MLP in C++; TTT-MLP trains through the dual form (recorded
-                             as ttt=cpp+dual)
+                   cpp       cpu_scan.py, for CPU tensors: the loops over whole mini-batches as one C++ call
+                             each, forward and backward (TTT-Linear: scan.py's LinearScan; TTT-MLP: MLPScan),
+                             and without a gradient (prefill, decoding) the whole inner loop of both in C++
                    torch     the fastest PyTorch implementation that applies: scan, else dual
                    scan      scan.py: TTT-Linear's loop over whole mini-batches as one autograd op with the
                              hand-derived backward, ~2x faster to train on CPU than dual
@@ -316,8 +315,8 @@ class TTTLayer(nn.Module):
         over mini-batches stays in Python, so the graphs are small and compile once per shape."""
         from architectures.ttt.dual import PIECE
 
-        if self.backend == "cpp" and self.inner == "linear":
-            return  # the loops are compiled C++ already (TTT-MLP's training runs the dual form's piece)
+        if self.backend == "cpp":
+            return  # the loops are compiled C++ already
         if self.backend == "scan":
             self._scan_kernels = ScanKernels.compiled()
         else:
@@ -348,7 +347,4 @@ class TTTBlock(nn.Module):
         return TTTCache()
 
     def backends(self) -> dict[str, str]:
-        """What runs the inner loop. TTT-MLP under backend=cpp: "cpp+dual" (inference in C++, training through
-        the dual form)."""
-        ran = self.ttt.backend
-        return {"ttt": "cpp+dual" if ran == "cpp" and self.ttt.inner == "mlp" else ran}
+        return {"ttt": self.ttt.backend}
