@@ -233,21 +233,27 @@ def test_prefill_then_decode_equals_one_prefill(arch):
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
 
 
+def _decoded(arch: str, backend: str, x, steps_until: int, grad: bool = True):
+    """tiny_model(arch) on `backend` over x (2, T): a prefill of 7 tokens (ending mid mini-batch), single tokens
+    up to steps_until, then the rest in one call. Returns the outputs (2, T, vocab) and the last block's inner
+    state."""
+    model = tiny_model(arch)
+    for block in model.blocks:
+        block.ttt.backend = backend
+    state = model.new_state(2, x.shape[1])
+    with torch.set_grad_enabled(grad):
+        outs = [model(x[:, :7], state)] + [model(x[:, t:t + 1], state) for t in range(7, steps_until)]
+        outs.append(model(x[:, steps_until:], state))
+    return torch.cat(outs, 1), state.caches[-1].inner
+
+
 @pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp_base"])
 def test_the_reference_backend_decodes_what_the_dual_form_does(arch):
     """Every backend takes and returns one state (InnerState, layer.py): the token-by-token reference,
     continued from the state a prefill leaves mid mini-batch and decoding across boundaries, gives the dual
     form's outputs and final state (fp64)."""
     x = torch.randint(0, 61, (2, 37))
-    runs = {}
-    for backend in ("dual", "reference"):
-        model = tiny_model(arch)
-        for block in model.blocks:
-            block.ttt.backend = backend
-        state = model.new_state(2, 37)
-        outs = [model(x[:, :7], state)] + [model(x[:, t:t + 1], state) for t in range(7, 20)] + [model(x[:, 20:], state)]
-        runs[backend] = torch.cat(outs, 1), state.caches[0].inner
-    (out_d, inner_d), (out_r, inner_r) = runs["dual"], runs["reference"]
+    (out_d, inner_d), (out_r, inner_r) = (_decoded(arch, backend, x, 20) for backend in ("dual", "reference"))
     torch.testing.assert_close(out_r, out_d, rtol=1e-10, atol=1e-10)
     assert inner_r.offset == inner_d.offset == 37 % 16
     for n in inner_d.params:
@@ -262,18 +268,8 @@ def test_cpp_decode_equals_the_dual_form(arch):
     pieces) as one C++ call each (cpu_scan.decode, decode_mlp): continued from a prefill that ends mid mini-batch,
     decoding across two boundaries, then a prefill that finishes an open mini-batch and leaves another open, the
     outputs and the final state equal the dual form's (fp64), for both inner models on both backbones."""
-    x = torch.randint(0, 61, (2, 60))
-    runs = {}
-    for backend in ("dual", "cpp"):
-        model = tiny_model(arch)
-        for block in model.blocks:
-            block.ttt.backend = backend
-        state = model.new_state(2, 60)
-        with torch.no_grad():
-            outs = [model(x[:, :7], state)] + [model(x[:, t:t + 1], state) for t in range(7, 40)]
-            outs.append(model(x[:, 40:], state))  # 8 tokens to a boundary, 12 after it
-        runs[backend] = torch.cat(outs, 1), state.caches[1].inner
-    (out_d, inner_d), (out_c, inner_c) = runs["dual"], runs["cpp"]
+    x = torch.randint(0, 61, (2, 60))  # the last call: 8 tokens to a boundary, 12 after it
+    (out_d, inner_d), (out_c, inner_c) = (_decoded(arch, backend, x, 40, grad=False) for backend in ("dual", "cpp"))
     torch.testing.assert_close(out_c, out_d, rtol=1e-11, atol=1e-11)
     assert inner_c.offset == inner_d.offset == 60 % 16
     assert inner_c.params.keys() == inner_d.params.keys() == inner_c.acc.keys()
