@@ -39,8 +39,8 @@ def arch_options(arch: str, **overrides) -> dict:
         o.pop(key, None)
     if arch == "mamba2":
         o["chunk_size"] = 64  # several chunks at test lengths
-    if arch == "mamba" or "inner" in o:  # Mamba and TTT: PyTorch's scans, whose products FlopCounterMode sees
-        o["backend"] = "torch"            # (backend=cpp, auto on CPU, runs them inside one C++ call)
+    if arch in ("mamba", "mamba2") or "inner" in o:  # Mamba and TTT: PyTorch's scans, whose products
+        o["backend"] = "torch"  # FlopCounterMode sees (backend=cpp, auto on CPU, runs them inside one C++ call)
     return {**o, **overrides}
 
 

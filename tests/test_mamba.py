@@ -294,6 +294,27 @@ def test_ssd_matches_ssd_minimal_discrete(L, dtype, rtol):
         assert_close(a, b, 10 * rtol)
 
 
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-11), (F32, 1e-4)])
+@pytest.mark.parametrize("L,h0", [(150, True), (64, False), (3, True)])
+def test_cpp_ssd_scan_matches_the_chunked_ssd(L, h0, dtype, rtol):
+    """Mamba-2's SSM in C++ (cpu_scan.ssd_scan_cpp, backend=cpp: one sequential pass per sequence and head, states
+    saved every 64 tokens and recomputed in the backward): y, the last state and every gradient (x, a, B, C over
+    2 groups of 2 heads, h0) equal the chunked SSD's, across segments (150), on one (64), within one (3)."""
+    s = ssd_inputs(L, dtype)
+    leaves = [s[k].requires_grad_() for k in ("x", "a", "B", "C")] + ([s["h0"].requires_grad_()] if h0 else [])
+    init = leaves[4] if h0 else None
+    ours = cpu_scan.ssd_scan_cpp(*leaves[:4], init)
+    ref = ssd_chunked(*leaves[:4], 16, init)
+    for a, b in zip(ours, ref):
+        assert_close(a, b, rtol)
+    for a, b in zip(grads_of(ours, leaves), grads_of(ref, leaves), strict=True):
+        assert b.abs().max() > 0
+        assert_close(a, b, 10 * rtol)
+    with torch.no_grad():  # without a gradient: no states kept, the same numbers
+        for a, b in zip(cpu_scan.ssd_scan_cpp(*leaves[:4], init), ours):
+            assert torch.equal(a, b)
+
+
 def test_compiled_ssd_matches_eager():
     """trainer.compile=hot_path runs the chunked SSD through torch.compile: same numbers."""
     from architectures.mamba.layers import compiled_ssd
@@ -320,7 +341,7 @@ def test_causal_conv_is_a_depthwise_conv1d():
     assert (y - ref).abs().max() < 1e-12 and torch.equal(new_state, x[:, -3:])
 
 
-MODELS = [("mamba", "torch"), ("mamba", "cpp"), ("mamba2", "torch")]  # (arch, backend)
+MODELS = [("mamba", "torch"), ("mamba", "cpp"), ("mamba2", "torch"), ("mamba2", "cpp")]  # (arch, backend)
 
 
 def tiny(arch, **opts):
@@ -377,12 +398,9 @@ def test_special_init_survives_the_shell(arch):
 def test_backends(arch):
     assert resolve_backend("torch", arch) == "torch"
     cpu_only = not torch.cuda.is_available()
-    expected = ("cpp" if arch == "mamba" else "torch") if cpu_only else resolve_backend("auto", arch)
-    assert expected != "cpp" or cpu_only  # the C++ scan is Mamba-1's, for runs on machines without CUDA
+    expected = "cpp" if cpu_only else resolve_backend("auto", arch)
+    assert expected != "cpp" or cpu_only  # the C++ scans are for runs on machines without CUDA
     assert build_model(tiny(arch, backend="auto")).backends() == {"ssm": expected}
-    if arch == "mamba2":
-        with pytest.raises(BackendUnavailable, match="Mamba-2 has none"):
-            build_model(tiny(arch, backend="cpp"))
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="backend=cuda needs CUDA"):
             build_model(tiny(arch, backend="cuda"))

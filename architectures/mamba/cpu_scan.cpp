@@ -1,4 +1,5 @@
-// Mamba-1's selective scan on the CPU (backend=cpp; built and loaded by cpu_scan.py, which documents it).
+// Mamba-1's selective scan and Mamba-2's SSM on the CPU (backend=cpp; built and loaded by cpu_scan.py, which
+// documents it). Mamba-2's is at the end of the file.
 //
 // Per sequence b, channel d, state n, token t (scan.py's recurrence; A^T is (N, D)):
 //   forward   h_t = exp(delta_t A) h_{t-1} + B_t x_t          y_t = sum_n C_t[n] h_t[n]
@@ -175,6 +176,95 @@ void backward(const T* x, const T* dl, const T* At, const T* Bm, const T* Cm, co
   });
 }
 
+// Mamba-2's SSM (ssd.py's recurrence: one decay per token and head), one job per sequence and head with its (P, N)
+// state in cache, the inner loops over the N states (contiguous: vectorised). x is already times dt; heads share
+// B and C within a group (g = h / (H / G)):
+//   forward   S_t = exp(a_t) S_{t-1} + x_t B_t^T          y_t = S_t C_t
+//   backward  dS_t = dy_t C_t^T + exp(a_{t+1}) dS_{t+1}   (from dlast)
+//             dx_t = dS_t B_t   dB_t = dS_t^T x_t   dC_t = S_t^T dy_t   da_t = exp(a_t) <dS_t, S_{t-1}>   dh0 = dS_0
+// The forward saves the state every SEG tokens; the backward recomputes one segment's states at a time. dB and dC
+// are per head (B, L, H, N): the caller sums the heads of a group.
+struct Ssd {
+  int64_t batch, L, H, P, G, N;
+  int64_t segments() const { return (L + SEG - 1) / SEG; }
+  int64_t row(int64_t b, int64_t t, int64_t h) const { return (b * L + t) * H + h; }  // (B, L, H) index
+  int64_t group_row(int64_t b, int64_t t, int64_t h) const { return (b * L + t) * G + h / (H / G); }
+};
+
+// S <- exp(a) S + x B^T over the (P, N) state; with C, also y = S C
+template <typename T>
+inline void ssd_token(T* S, const T* x, T dec, const T* B, const T* C, T* y, int64_t P, int64_t N) {
+  for (int64_t p = 0; p < P; p++) {
+    T* Sp = S + p * N;
+    const T xp = x[p];
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t n = 0; n < N; n++) {
+      Sp[n] = dec * Sp[n] + xp * B[n];
+      if (C) acc += Sp[n] * C[n];
+    }
+    if (y) y[p] = acc;
+  }
+}
+
+template <typename T>
+void ssd_forward_job(const T* x, const T* a, const T* Bm, const T* Cm, const T* h0, T* y, T* last, T* ckpt,
+                     const Ssd& s, int64_t job) {
+  const int64_t b = job / s.H, h = job % s.H, PN = s.P * s.N;
+  std::vector<T> S(PN, T(0));
+  if (h0) std::copy(h0 + job * PN, h0 + (job + 1) * PN, S.data());
+  for (int64_t t = 0; t < s.L; t++) {
+    if (ckpt && t % SEG == 0) std::copy(S.begin(), S.end(), ckpt + (job * s.segments() + t / SEG) * PN);
+    const int64_t r = s.row(b, t, h), gr = s.group_row(b, t, h);
+    ssd_token(S.data(), x + r * s.P, T(std::exp(a[r])), Bm + gr * s.N, Cm + gr * s.N, y + r * s.P, s.P, s.N);
+  }
+  std::copy(S.begin(), S.end(), last + job * PN);
+}
+
+template <typename T>
+void ssd_backward_job(const T* x, const T* a, const T* Bm, const T* Cm, const T* ckpt, const T* dy, const T* dlast,
+                      T* dx, T* da, T* dB, T* dC, T* dh0, const Ssd& s, int64_t job) {
+  const int64_t b = job / s.H, h = job % s.H, P = s.P, N = s.N, PN = P * N;
+  std::vector<T> dS(PN, T(0)), states((SEG + 1) * PN);  // states[k]: the state before token t0 + k
+  if (dlast) std::copy(dlast + job * PN, dlast + (job + 1) * PN, dS.data());
+  for (int64_t seg = s.segments() - 1; seg >= 0; seg--) {
+    const int64_t t0 = seg * SEG, len = std::min(SEG, s.L - t0);
+    std::copy(ckpt + (job * s.segments() + seg) * PN, ckpt + (job * s.segments() + seg + 1) * PN, states.data());
+    for (int64_t k = 0; k < len; k++) {  // the segment's states, again
+      const int64_t r = s.row(b, t0 + k, h), gr = s.group_row(b, t0 + k, h);
+      std::copy(states.data() + k * PN, states.data() + (k + 1) * PN, states.data() + (k + 1) * PN);
+      ssd_token<T>(states.data() + (k + 1) * PN, x + r * P, T(std::exp(a[r])), Bm + gr * N, nullptr, nullptr, P, N);
+    }
+    for (int64_t k = len - 1; k >= 0; k--) {
+      const int64_t r = s.row(b, t0 + k, h), gr = s.group_row(b, t0 + k, h);
+      const T *St = states.data() + (k + 1) * PN, *Sprev = states.data() + k * PN;
+      const T *xt = x + r * P, *dyt = dy + r * P, *Bt = Bm + gr * N, *Ct = Cm + gr * N, dec = T(std::exp(a[r]));
+      T *dBt = dB + r * N, *dCt = dC + r * N, *dxt = dx + r * P;
+      std::fill(dBt, dBt + N, T(0));
+      std::fill(dCt, dCt + N, T(0));
+      T dlog = 0;
+      for (int64_t p = 0; p < P; p++) {
+        T* dSp = dS.data() + p * N;
+        const T *Sp = St + p * N, *Sq = Sprev + p * N, g = dyt[p], xp = xt[p];
+        T dxp = 0, dl = 0;
+#pragma omp simd reduction(+ : dxp, dl)
+        for (int64_t n = 0; n < N; n++) {
+          dSp[n] += g * Ct[n];   // + dy_t C_t^T
+          dCt[n] += g * Sp[n];   // S_t^T dy_t
+          dBt[n] += xp * dSp[n];  // dS_t^T x_t
+          dxp += dSp[n] * Bt[n];
+          dl += dSp[n] * Sq[n];
+          dSp[n] *= dec;  // the gradient of S_{t-1} through S_t
+        }
+        dxt[p] = dxp;
+        dlog += dl;
+      }
+      da[r] = dec * dlog;
+    }
+  }
+  std::copy(dS.begin(), dS.end(), dh0 + job * PN);
+}
+
 }  // namespace
 
 extern "C" {
@@ -194,6 +284,25 @@ int64_t mamba_scan_segment() { return SEG; }
     backward<T>(x, dl, At, Bm, Cm, ckpt, dy, dlast, dx, ddl, dA, dB, dC, dh0, Shape{batch, L, D, N}, threads);  \
   }
 
+#define SSD_SCAN_ENTRY_POINTS(T, suffix)                                                                         \
+  void ssd_scan_forward_##suffix(const T* x, const T* a, const T* Bm, const T* Cm, const T* h0, T* y, T* last,    \
+                                 T* ckpt, int64_t batch, int64_t L, int64_t H, int64_t P, int64_t G, int64_t N,   \
+                                 int64_t threads) {                                                               \
+    const Ssd s{batch, L, H, P, G, N};                                                                           \
+    parallel_jobs(batch * H, threads,                                                                            \
+                  [&](int64_t job) { ssd_forward_job<T>(x, a, Bm, Cm, h0, y, last, ckpt, s, job); });            \
+  }                                                                                                              \
+  void ssd_scan_backward_##suffix(const T* x, const T* a, const T* Bm, const T* Cm, const T* ckpt, const T* dy,   \
+                                  const T* dlast, T* dx, T* da, T* dB, T* dC, T* dh0, int64_t batch, int64_t L,  \
+                                  int64_t H, int64_t P, int64_t G, int64_t N, int64_t threads) {                 \
+    const Ssd s{batch, L, H, P, G, N};                                                                           \
+    parallel_jobs(batch * H, threads, [&](int64_t job) {                                                         \
+      ssd_backward_job<T>(x, a, Bm, Cm, ckpt, dy, dlast, dx, da, dB, dC, dh0, s, job);                           \
+    });                                                                                                          \
+  }
+
 MAMBA_SCAN_ENTRY_POINTS(float, f32)
 MAMBA_SCAN_ENTRY_POINTS(double, f64)
+SSD_SCAN_ENTRY_POINTS(float, f32)
+SSD_SCAN_ENTRY_POINTS(double, f64)
 }

@@ -17,8 +17,9 @@ Mamba-2 mixer, H = D / headdim heads, G groups sharing B and C:
     out   = out_proj(RMSNorm(y * silu(z)))              the gated RMSNorm
 
 Backends (`backend:` in conf/arch): `cuda` runs mamba-ssm's kernels (selective_scan_fn,
-mamba_chunk_scan_combined, causal_conv1d); `torch` runs ours (scan.py, ssd.py); `auto` takes cuda when
-CUDA is present and the kernels import, torch otherwise. A backend that is asked for and cannot run
+mamba_chunk_scan_combined, causal_conv1d); `cpp` our sequential scans in C++ on CPU (cpu_scan.py: Mamba-1's
+selective scan, Mamba-2's SSM); `torch` ours in PyTorch (scan.py, ssd.py); `auto` takes cuda when CUDA is
+present and the kernels import, cpp on a machine without CUDA where it builds, torch otherwise. A backend that is asked for and cannot run
 raises. Continuing from a decode state always runs ours (the kernels start from the zero state).
 
 dt_proj and A_log are plain parameters, not nn.Linear, so no recipe's init scheme (architectures/recipe.py)
@@ -60,8 +61,8 @@ def cuda_kernels(kind: str):
 
 
 def resolve_backend(requested: str, kind: str) -> str:
-    """backend (architectures/backends.py): mamba-ssm's compiled kernels where CUDA and they are present; for
-    Mamba-1 on a machine without CUDA, our C++ scan (cpu_scan.py) where it builds; else our PyTorch scans."""
+    """backend (architectures/backends.py): mamba-ssm's compiled kernels where CUDA and they are present; on a
+    machine without CUDA, our C++ scans (cpu_scan.py) where they build; else our PyTorch scans."""
     def cuda() -> str | None:
         if torch.cuda.is_available() and cuda_kernels(kind) is not None:
             return None
@@ -69,7 +70,7 @@ def resolve_backend(requested: str, kind: str) -> str:
                 "causal_conv1d)")
 
     def cpp() -> str | None:
-        return "is Mamba-1's CPU scan; Mamba-2 has none" if kind != "mamba" else cpu_scan.unavailable()
+        return cpu_scan.unavailable()
 
     checks = {"cuda": cuda, "cpp": cpp, "torch": runs}
     return resolve("backend", requested, checks, prefer=lambda name: name != "cpp" or not torch.cuda.is_available())
@@ -252,8 +253,10 @@ class Mamba2Mixer(nn.Module):
 
     def compile_hot_path(self) -> None:
         """torch.compile the chunked SSD (training only; about 2x on 2 CPU cores: the decays, masks and
-        scalings fuse around the matmuls). One graph per shape, shared by the layers."""
-        self._compiled_ssd = compiled_ssd()
+        scalings fuse around the matmuls). One graph per shape, shared by the layers. backend=cpp: nothing to
+        compile."""
+        if self.backend != "cpp":
+            self._compiled_ssd = compiled_ssd()
 
     def forward(self, x: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         Bsz, T, _ = x.shape
@@ -261,6 +264,8 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(x).split([D, D + 2 * G * N, H], dim=-1)
         fresh = cache is None or cache.seen == 0
         use_cuda = self.backend == "cuda" and fresh
+        if self.backend == "cpp" and x.device.type != "cpu":
+            raise BackendUnavailable(f"mamba2 backend=cpp needs CPU inputs, got {x.device}")
         if use_cuda:
             if not x.is_cuda:
                 raise BackendUnavailable(f"mamba2 backend=cuda needs CUDA inputs, got {x.device}")
@@ -286,14 +291,16 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y)
 
     def _torch_core(self, xs, dt, Bm, Cm, state, step: bool):
-        """Ours, in fp32 outside autocast. xs (B, T, H, P), dt (B, T, H), Bm, Cm (B, T, G, N)."""
+        """Ours (C++ or PyTorch), in fp32 outside autocast. xs (B, T, H, P), dt (B, T, H), Bm, Cm (B, T, G, N)."""
         ct = torch.promote_types(xs.dtype, torch.float32)
         with torch.autocast(xs.device.type, enabled=False):
             xs, Bm, Cm = xs.to(ct), Bm.to(ct), Cm.to(ct)
             dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))  # (B, T, H)
             a = dt * -torch.exp(self.A_log.to(ct))  # (B, T, H): log decay per step
             xdt = xs * dt[..., None]
-            if step:  # one token: update the state in place
+            if self.backend == "cpp":  # one sequential C++ pass (cpu_scan.ssd_scan_cpp), decode steps too
+                y, last = cpu_scan.ssd_scan_cpp(xdt, a, Bm, Cm, state)
+            elif step:  # one token: update the state in place
                 y = ssd_step(state, xdt[:, 0], a[:, 0], Bm[:, 0], Cm[:, 0])[:, None]
                 last = state
             else:
