@@ -19,8 +19,8 @@ Mamba-2 mixer, H = D / headdim heads, G groups sharing B and C:
 Backends (`backend:` in conf/arch): `cuda` runs mamba-ssm's kernels (selective_scan_fn,
 mamba_chunk_scan_combined, causal_conv1d); `cpp` our sequential scans in C++ on CPU (cpu_scan.py: Mamba-1's
 selective scan, Mamba-2's SSM); `torch` ours in PyTorch (scan.py, ssd.py); `auto` takes cuda when CUDA is
-present and the kernels import, cpp on a machine without CUDA where it builds, torch otherwise. A backend that is asked for and cannot run
-raises. Continuing from a decode state always runs ours (the kernels start from the zero state).
+present and the kernels import, cpp on a machine without CUDA where it builds, torch otherwise. A backend that
+is asked for and cannot run raises. Continuing from a decode state always runs ours (the kernels start from the zero state).
 
 dt_proj and A_log are plain parameters, not nn.Linear, so no recipe's init scheme (architectures/recipe.py)
 touches their initialisation (below); under recipe=native (init mamba_ssm) in_proj, x_proj and out_proj keep
@@ -291,7 +291,8 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y)
 
     def _torch_core(self, xs, dt, Bm, Cm, state, step: bool):
-        """Ours (C++ or PyTorch), in fp32 outside autocast. xs (B, T, H, P), dt (B, T, H), Bm, Cm (B, T, G, N)."""
+        """Ours (C++ or PyTorch), in fp32 outside autocast. xs (B, T, H, P), dt (B, T, H), Bm, Cm (B, T, G,
+        N)."""
         ct = torch.promote_types(xs.dtype, torch.float32)
         with torch.autocast(xs.device.type, enabled=False):
             xs, Bm, Cm = xs.to(ct), Bm.to(ct), Cm.to(ct)
