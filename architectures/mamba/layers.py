@@ -20,7 +20,8 @@ Backends (`backend:` in conf/arch): `cuda` runs mamba-ssm's kernels (selective_s
 mamba_chunk_scan_combined, causal_conv1d); `cpp` our sequential scans in C++ on CPU (cpu_scan.py: Mamba-1's
 selective scan, Mamba-2's SSM); `torch` ours in PyTorch (scan.py, ssd.py); `auto` takes cuda when CUDA is
 present and the kernels import, cpp on a machine without CUDA where it builds, torch otherwise. A backend that
-is asked for and cannot run raises. Continuing from a decode state always runs ours (the kernels start from the zero state).
+is asked for and cannot run raises. Continuing from a decode state always runs ours (the kernels start from the
+zero state).
 
 dt_proj and A_log are plain parameters, not nn.Linear, so no recipe's init scheme (architectures/recipe.py)
 touches their initialisation (below); under recipe=native (init mamba_ssm) in_proj, x_proj and out_proj keep
