@@ -340,66 +340,85 @@ void decode_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, 
 //   Xbar2 = gelu(Zbar1),  Zbar2 = Xbar2 W2 + b2 - M2 G2 - tok (Xbar2 A2 + Ab2),  M2 = tril(tok a^T) * (Xbar2 X2^T + 1)
 //   out = Q + gamma LN(Zbar2) + beta;  A1 += K^T (a G1), Ab1 += 1^T (a G1), A2 += X2^T (a G2), Ab2 += 1^T (a G2)
 // (tok per row), and with commit (the piece ends the mini-batch) W -= tok_last A for each weight, in place.
+constexpr double GELU_K0 = 0.7978845608028654, GELU_K1 = 0.044715;  // sqrt(2 / pi); inner.gelu_tanh_and_grad
+
+// tanh(u) of tanh-GELU, u = K0 (x + K1 x^3), as 2 / (1 + exp(-2u)) - 1 (exp vectorises); u clamped to +-20
+// (tanh(20) = 1 in fp64), which keeps exp finite, as -ffast-math assumes
+template <typename T>
+inline T gelu_tanh_u(T x) {
+  const T u = std::min(std::max(T(GELU_K0) * x * (T(1) + T(GELU_K1) * x * x), T(-20)), T(20));
+  return T(2) / (T(1) + std::exp(T(-2) * u)) - T(1);
+}
+
 template <typename T>
 inline void gelu_and_grad(T x, T* g, T* dg) {
-  const T k0 = T(0.7978845608028654), k1 = T(0.044715);  // sqrt(2 / pi); inner.gelu_tanh_and_grad
-  const T x2 = x * x, u = std::min(std::max(k0 * x * (T(1) + k1 * x2), T(-20)), T(20));  // tanh(20) = 1 in fp64;
-  const T th = T(2) / (T(1) + std::exp(T(-2) * u)) - T(1);  // the clamp keeps exp finite (-ffast-math assumes it)
+  const T k0 = T(GELU_K0), k1 = T(GELU_K1), x2 = x * x, th = gelu_tanh_u(x);
   const T half_1p = T(0.5) * (T(1) + th);
   *g = x * half_1p;
   *dg = half_1p + T(0.5) * k0 * x * (T(1) - th * th) * (T(1) + T(3) * k1 * x2);
 }
 
+// One piece's forward at the weights of its mini-batch's start, before the accumulators' terms: what mlp_piece
+// finishes into outputs and mlp_backward_job recomputes for its adjoint. first(): Z1 = [K; Q] W1 + b1, X2 =
+// gelu(Z1k), s1 = gelu'(Z1k), G2 = LNgrad(X2 W2 + b2, t) (with zhat, r), P = G2 W2^T, G1 = P s1, A1 = Q K^T,
+// E = tril(tok a^T), M = E * (A1 + 1) and Zbar1 = Z1q - M G1 (in Z1's second half). second(), after the caller's
+// terms on Zbar1: Xbar2 = gelu(Zbar1), sb1 = gelu'(Zbar1), A2 = Xbar2 X2^T and M = E * (A2 + 1).
 template <typename T>
-struct MlpScratch {
-  std::vector<T> Z1, X2, dX2, G1, xb2, Z2, G2, zhat, r, gx, M;
-  MlpScratch(int64_t c, int64_t f)
-      : Z1(2 * c * 4 * f), X2(c * 4 * f), dX2(c * 4 * f), G1(c * 4 * f), xb2(c * 4 * f), Z2(c * f), G2(c * f),
-        zhat(c * f), r(c), gx(f), M(c * c) {}
-};
+struct MlpForward {
+  int64_t c, f, h;
+  std::vector<T> Z1, X2, s1, P, G1, xb2, sb1, Z2, G2, zhat, r, gx, A1, A2, E, M;
+  MlpForward(int64_t c, int64_t f)
+      : c(c), f(f), h(4 * f), Z1(2 * c * h), X2(c * h), s1(c * h), P(c * h), G1(c * h), xb2(c * h), sb1(c * h),
+        Z2(c * f), G2(c * f), zhat(c * f), r(c), gx(f), A1(c * c), A2(c * c), E(c * c), M(c * c) {}
+  T* zbar1() { return Z1.data() + c * h; }
 
-// M = tril(tok a^T) * (S + 1) for S (c, c) in place
-template <typename T>
-void lr_mask(T* M, const T* tok, const T* a, int64_t c) {
-  for (int64_t row = 0; row < c; row++)
-    for (int64_t col = 0; col < c; col++)
-      M[row * c + col] = col <= row ? tok[row] * a[col] * (M[row * c + col] + T(1)) : T(0);
-}
+  void first(const T* Q, const T* K, const T* t, const T* a, const T* tok, const T* g, const T* be, const T* W1,
+             const T* b1, const T* W2, const T* b2) {
+    T *Z1k = Z1.data(), *Z1q = zbar1();
+    for (int64_t row = 0; row < 2 * c; row++) std::copy(b1, b1 + h, Z1k + row * h);
+    mm(Z1k, K, W1, c, f, h);  // K W1 + b1
+    mm(Z1q, Q, W1, c, f, h);  // Q W1 + b1
+    for (int64_t i = 0; i < c * h; i++) gelu_and_grad(Z1k[i], &X2[i], &s1[i]);
+    for (int64_t row = 0; row < c; row++) std::copy(b2, b2 + f, Z2.data() + row * f);
+    mm(Z2.data(), X2.data(), W2, c, h, f);  // X2 W2 + b2
+    for (int64_t row = 0; row < c; row++)
+      ln_grad_row(Z2.data() + row * f, t + row * f, g, be, G2.data() + row * f, zhat.data() + row * f, &r[row],
+                  gx.data(), f);
+    std::fill(P.begin(), P.end(), T(0));
+    mm_nt(P.data(), G2.data(), W2, c, f, h);  // G2 W2^T
+    for (int64_t i = 0; i < c * h; i++) G1[i] = P[i] * s1[i];
+    for (int64_t row = 0; row < c; row++)
+      for (int64_t col = 0; col < c; col++) E[row * c + col] = col <= row ? tok[row] * a[col] : T(0);
+    std::fill(A1.begin(), A1.end(), T(0));
+    mm_nt(A1.data(), Q, K, c, f, c);  // Q K^T
+    for (int64_t i = 0; i < c * c; i++) M[i] = E[i] * (A1[i] + T(1));  // M1
+    mm(Z1q, M.data(), G1.data(), c, c, h, T(-1));  // - M1 G1
+  }
+
+  void second() {
+    const T* Z1q = zbar1();
+    for (int64_t i = 0; i < c * h; i++) gelu_and_grad(Z1q[i], &xb2[i], &sb1[i]);
+    std::fill(A2.begin(), A2.end(), T(0));
+    mm_nt(A2.data(), xb2.data(), X2.data(), c, h, c);  // Xbar2 X2^T
+    for (int64_t i = 0; i < c * c; i++) M[i] = E[i] * (A2[i] + T(1));  // M2
+  }
+};
 
 template <typename T>
 void mlp_piece(const T* Q, const T* K, const T* t, const T* a, const T* tok, T tok_last, const T* g, const T* be,
                T* W1, T* b1, T* W2, T* b2, T* A1, T* Ab1, T* A2, T* Ab2, bool has_acc, bool commit, T* out,
-               int64_t c, int64_t f, MlpScratch<T>& s, bool finish = true) {
+               int64_t c, int64_t f, MlpForward<T>& s, bool finish = true) {
   const int64_t h = 4 * f;
-  T *Z1k = s.Z1.data(), *Z1q = s.Z1.data() + c * h;  // Z1q becomes Zbar1
-  for (int64_t row = 0; row < 2 * c; row++) std::copy(b1, b1 + h, Z1k + row * h);
-  mm(Z1k, K, W1, c, f, h);  // K W1 + b1
-  mm(Z1q, Q, W1, c, f, h);  // Q W1 + b1
-  for (int64_t i = 0; i < c * h; i++) gelu_and_grad(Z1k[i], &s.X2[i], &s.dX2[i]);
-  for (int64_t row = 0; row < c; row++) std::copy(b2, b2 + f, s.Z2.data() + row * f);
-  mm(s.Z2.data(), s.X2.data(), W2, c, h, f);  // X2 W2 + b2
-  for (int64_t row = 0; row < c; row++)
-    ln_grad_row(s.Z2.data() + row * f, t + row * f, g, be, s.G2.data() + row * f, s.zhat.data() + row * f,
-                s.r.data() + row, s.gx.data(), f);
-  std::fill(s.G1.begin(), s.G1.end(), T(0));
-  mm_nt(s.G1.data(), s.G2.data(), W2, c, f, h);  // G2 W2^T
-  for (int64_t i = 0; i < c * h; i++) s.G1[i] *= s.dX2[i];
-  std::fill(s.M.begin(), s.M.end(), T(0));
-  mm_nt(s.M.data(), Q, K, c, f, c);  // Q K^T
-  lr_mask(s.M.data(), tok, a, c);
-  mm(Z1q, s.M.data(), s.G1.data(), c, c, h, T(-1));  // - M1 G1
+  s.first(Q, K, t, a, tok, g, be, W1, b1, W2, b2);
+  T* Z1q = s.zbar1();
   if (has_acc)
     for (int64_t row = 0; row < c; row++) {
       mm(Z1q + row * h, Q + row * f, A1, 1, f, h, -tok[row]);
       axpy(Z1q + row * h, Ab1, -tok[row], h);
     }
-  T* dummy = s.dX2.data();  // gelu' of Zbar1 is not needed
-  for (int64_t i = 0; i < c * h; i++) gelu_and_grad(Z1q[i], &s.xb2[i], &dummy[i]);
+  s.second();
   for (int64_t row = 0; row < c; row++) std::copy(b2, b2 + f, out + row * f);
-  mm(out, s.xb2.data(), W2, c, h, f);  // Xbar2 W2 + b2
-  std::fill(s.M.begin(), s.M.end(), T(0));
-  mm_nt(s.M.data(), s.xb2.data(), s.X2.data(), c, h, c);  // Xbar2 X2^T
-  lr_mask(s.M.data(), tok, a, c);
+  mm(out, s.xb2.data(), W2, c, h, f);                 // Xbar2 W2 + b2
   mm(out, s.M.data(), s.G2.data(), c, c, f, T(-1));  // - M2 G2
   if (has_acc)
     for (int64_t row = 0; row < c; row++) {
@@ -419,7 +438,7 @@ void mlp_piece(const T* Q, const T* K, const T* t, const T* a, const T* tok, T t
     std::fill(A2, A2 + h * f, T(0));
     std::fill(Ab2, Ab2 + f, T(0));
   }
-  for (int64_t row = 0; row < c; row++) {  // a G1, a G2 in place: G1 and G2 are not read again
+  for (int64_t row = 0; row < c; row++) {  // a G1, a G2 in place: the piece reads G1 and G2 no more
     for (int64_t col = 0; col < h; col++) s.G1[row * h + col] *= a[row];
     for (int64_t col = 0; col < f; col++) s.G2[row * f + col] *= a[row];
     axpy(Ab1, s.G1.data() + row * h, T(1), h);
@@ -442,7 +461,7 @@ template <typename T>
 void mlp_infer_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam, const T* bet, T* W1,
                    T* b1, T* W2, T* b2, T* out, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
   const int64_t h = 4 * f;
-  MlpScratch<T> s(c, f);
+  MlpForward<T> s(c, f);
   std::vector<T> A1(f * h), Ab1(h), A2(h * f), Ab2(f);
   const T *g = gam + (j % H) * f, *be = bet + (j % H) * f;
   for (int64_t i = 0; i < n; i++) {
@@ -461,13 +480,13 @@ void mlp_decode_job(const T* q, const T* k, const T* tb, const T* ab, const T* t
                     const T* bet, T* W1, T* b1, T* W2, T* b2, T* A1, T* Ab1, T* A2, T* Ab2, bool has_acc, bool commit,
                     T* out, int64_t H, int64_t c, int64_t f, int64_t j) {
   const int64_t h = 4 * f;
-  MlpScratch<T> s(c, f);
+  MlpForward<T> s(c, f);
   mlp_piece<T>(q + j * c * f, k + j * c * f, tb + j * c * f, ab + j * c, tok, tok_last, gam + (j % H) * f,
                bet + (j % H) * f, W1 + j * f * h, b1 + j * h, W2 + j * h * f, b2 + j * f, A1 + j * f * h, Ab1 + j * h,
                A2 + j * h * f, Ab2 + j * f, has_acc, commit, out + j * c * f, c, f, s);
 }
 
-// TTT-MLP training (MlpScan in cpu_scan.py): the forward over the n whole mini-batches of one (sequence, head),
+// TTT-MLP training (MLPScan in cpu_scan.py): the forward over the n whole mini-batches of one (sequence, head),
 // heads-first, keeping the weights at the start of every mini-batch (W1s (BH, n + 1, f, h), b1s (BH, n + 1, h),
 // W2s (BH, n + 1, h, f), b2s (BH, n + 1, f); slot 0 given) and writing Zbar2 (the LN and the residual run in
 // autograd); the backward walks them in reverse (mlp_backward_job).
@@ -475,7 +494,7 @@ template <typename T>
 void mlp_forward_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam, const T* bet,
                      T* W1s, T* b1s, T* W2s, T* b2s, T* zbar, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
   const int64_t h = 4 * f;
-  MlpScratch<T> s(c, f);
+  MlpForward<T> s(c, f);
   std::vector<T> A1(f * h), Ab1(h), A2(h * f), Ab2(f);
   const T *g = gam + (j % H) * f, *be = bet + (j % H) * f;
   for (int64_t i = 0; i < n; i++) {
@@ -493,9 +512,7 @@ void mlp_forward_job(const T* q, const T* k, const T* tb, const T* ab, const T* 
 // d^2 gelu_tanh / dx^2 (dual_backward.gelu_tanh_second)
 template <typename T>
 inline T gelu_second(T x) {
-  const T k0 = T(0.7978845608028654), k1 = T(0.044715);
-  const T u = std::min(std::max(k0 * x * (T(1) + k1 * x * x), T(-20)), T(20));
-  const T th = T(2) / (T(1) + std::exp(T(-2) * u)) - T(1);
+  const T k0 = T(GELU_K0), k1 = T(GELU_K1), th = gelu_tanh_u(x);
   const T du = k0 * (T(1) + T(3) * k1 * x * x), d2u = k0 * T(6) * k1 * x;
   return (T(1) - th * th) * (du + T(0.5) * x * (d2u - T(2) * th * du * du));
 }
@@ -510,10 +527,10 @@ void mlp_backward_job(const T* q, const T* k, const T* tb, const T* ab, const T*
                       T* db2, T* dq, T* dk, T* dt, T* da, T* dtok, T* dgam, T* dbet, int64_t n, int64_t H, int64_t c,
                       int64_t f, int64_t j) {
   const int64_t h = 4 * f, ch = c * h, cf = c * f;
-  MlpScratch<T> s(c, f);
-  // per mini-batch: the forward's Z1k, X2, s1 (= gelu'(Z1k)), P = G2 W2^T, G1, Xbar2, sbar1; A1 = Q K^T, A2, E
-  std::vector<T> Z1k(ch), X2(ch), s1(ch), P(ch), G1(ch), xb2(ch), sb1(ch), A1(c * c), A2(c * c), E(c * c);
-  std::vector<T> G2(cf), zhat(cf), r(c), gx(f), dgx(f), dzh(f), Z2(cf);
+  MlpForward<T> s(c, f);  // each mini-batch's forward, recomputed
+  const T *X2 = s.X2.data(), *s1 = s.s1.data(), *P = s.P.data(), *G1 = s.G1.data(), *xb2 = s.xb2.data();
+  const T *sb1 = s.sb1.data(), *A1 = s.A1.data(), *A2 = s.A2.data(), *E = s.E.data(), *G2 = s.G2.data();
+  std::vector<T> dgx(f), dzh(f);
   std::vector<T> dXb2(ch), dX2(ch), dZb1(ch), dG1(ch), dP(ch), ds1(ch), dZ1(ch), dG2(cf), dZ2(cf), P1(ch), P2(cf);
   std::vector<T> dM(c * c), dE(c * c), dA(c * c);
   std::vector<T> nW1(f * h), nb1(h), nW2(h * f), nb2(f);  // the gradients of the weights before the mini-batch
@@ -524,29 +541,8 @@ void mlp_backward_job(const T* q, const T* k, const T* tb, const T* ab, const T*
     const int64_t row0 = j * n * c + i * c, st = j * (n + 1) + i;
     const T *Q = q + row0 * f, *K = k + row0 * f, *t = tb + row0 * f, *a = ab + row0, *dZb2 = dzbar + row0 * f;
     const T *W1 = W1s + st * f * h, *b1 = b1s + st * h, *W2 = W2s + st * h * f, *b2 = b2s + st * f;
-    // the forward, again
-    for (int64_t row = 0; row < c; row++) std::copy(b1, b1 + h, Z1k.data() + row * h);
-    mm(Z1k.data(), K, W1, c, f, h);
-    for (int64_t x = 0; x < ch; x++) gelu_and_grad(Z1k[x], &X2[x], &s1[x]);
-    for (int64_t row = 0; row < c; row++) std::copy(b2, b2 + f, Z2.data() + row * f);
-    mm(Z2.data(), X2.data(), W2, c, h, f);
-    for (int64_t row = 0; row < c; row++)
-      ln_grad_row(Z2.data() + row * f, t + row * f, g, be, G2.data() + row * f, zhat.data() + row * f, &r[row],
-                  gx.data(), f);
-    std::fill(P.begin(), P.end(), T(0));
-    mm_nt(P.data(), G2.data(), W2, c, f, h);  // G2 W2^T
-    for (int64_t x = 0; x < ch; x++) G1[x] = P[x] * s1[x];
-    for (int64_t row = 0; row < c; row++)
-      for (int64_t col = 0; col < c; col++) E[row * c + col] = col <= row ? tok[row] * a[col] : T(0);
-    std::fill(A1.begin(), A1.end(), T(0));
-    mm_nt(A1.data(), Q, K, c, f, c);  // Q K^T
-    for (int64_t x = 0; x < c * c; x++) dM[x] = E[x] * (A1[x] + T(1));  // M1 (dM as scratch)
-    for (int64_t row = 0; row < c; row++) std::copy(b1, b1 + h, dZb1.data() + row * h);  // Zbar1 (scratch)
-    mm(dZb1.data(), Q, W1, c, f, h);
-    mm(dZb1.data(), dM.data(), G1.data(), c, c, h, T(-1));
-    for (int64_t x = 0; x < ch; x++) gelu_and_grad(dZb1[x], &xb2[x], &sb1[x]);
-    std::fill(A2.begin(), A2.end(), T(0));
-    mm_nt(A2.data(), xb2.data(), X2.data(), c, h, c);  // Xbar2 X2^T
+    s.first(Q, K, t, a, tok, g, be, W1, b1, W2, b2);
+    s.second();
     // through Zbar2 = Xbar2 W2 + b2 - M2 G2
     std::copy(gW1, gW1 + f * h, nW1.data());  // the gradients before start from those after, plus ...
     std::copy(gb1, gb1 + h, nb1.data());
@@ -554,20 +550,19 @@ void mlp_backward_job(const T* q, const T* k, const T* tb, const T* ab, const T*
     std::copy(gb2, gb2 + f, nb2.data());
     std::fill(dXb2.begin(), dXb2.end(), T(0));
     mm_nt(dXb2.data(), dZb2, W2, c, f, h);       // dZbar2 W2^T
-    mm_tn(nW2.data(), xb2.data(), dZb2, h, c, f);  // Xbar2^T dZbar2
+    mm_tn(nW2.data(), xb2, dZb2, h, c, f);  // Xbar2^T dZbar2
     for (int64_t row = 0; row < c; row++) axpy(nb2.data(), dZb2 + row * f, T(1), f);
     std::fill(dM.begin(), dM.end(), T(0));
-    mm_nt(dM.data(), dZb2, G2.data(), c, f, c, T(-1));  // dM2 = -dZbar2 G2^T
+    mm_nt(dM.data(), dZb2, G2, c, f, c, T(-1));  // dM2 = -dZbar2 G2^T
     for (int64_t x = 0; x < c * c; x++) {
       dE[x] = dM[x] * (A2[x] + T(1));
       dA[x] = dM[x] * E[x];  // dA2
     }
     std::fill(dG2.begin(), dG2.end(), T(0));
-    for (int64_t x = 0; x < c * c; x++) dM[x] = E[x] * (A2[x] + T(1));  // M2 (scratch)
-    mm_tn(dG2.data(), dM.data(), dZb2, c, c, f, T(-1));  // -M2^T dZbar2
-    mm(dXb2.data(), dA.data(), X2.data(), c, c, h);      // + dA2 X2
+    mm_tn(dG2.data(), s.M.data(), dZb2, c, c, f, T(-1));  // -M2^T dZbar2
+    mm(dXb2.data(), dA.data(), X2, c, c, h);               // + dA2 X2
     std::fill(dX2.begin(), dX2.end(), T(0));
-    mm_tn(dX2.data(), dA.data(), xb2.data(), c, c, h);   // dA2^T Xbar2
+    mm_tn(dX2.data(), dA.data(), xb2, c, c, h);            // dA2^T Xbar2
     for (int64_t x = 0; x < ch; x++) dZb1[x] = dXb2[x] * sb1[x];
     // through Zbar1 = Q W1 + b1 - M1 G1
     T* dQ = dq + row0 * f;
@@ -577,7 +572,7 @@ void mlp_backward_job(const T* q, const T* k, const T* tb, const T* ab, const T*
     mm_tn(nW1.data(), Q, dZb1.data(), f, c, h);     // Q^T dZbar1
     for (int64_t row = 0; row < c; row++) axpy(nb1.data(), dZb1.data() + row * h, T(1), h);
     std::fill(dM.begin(), dM.end(), T(0));
-    mm_nt(dM.data(), dZb1.data(), G1.data(), c, h, c, T(-1));  // dM1 = -dZbar1 G1^T
+    mm_nt(dM.data(), dZb1.data(), G1, c, h, c, T(-1));  // dM1 = -dZbar1 G1^T
     std::fill(dG1.begin(), dG1.end(), T(0));
     for (int64_t x = 0; x < c * c; x++) {
       dE[x] += dM[x] * (A1[x] + T(1));
@@ -601,11 +596,11 @@ void mlp_backward_job(const T* q, const T* k, const T* tb, const T* ab, const T*
       std::copy(gb2, gb2 + f, P2.data() + row * f);
     }
     mm(P1.data(), K, gW1, c, f, h);
-    mm(P2.data(), X2.data(), gW2, c, h, f);
+    mm(P2.data(), X2, gW2, c, h, f);
     T dtok_last = 0;
     for (int64_t row = 0; row < c; row++) {
-      const T *p1 = P1.data() + row * h, *p2 = P2.data() + row * f, *g1 = G1.data() + row * h;
-      const T *g2 = G2.data() + row * f;
+      const T *p1 = P1.data() + row * h, *p2 = P2.data() + row * f, *g1 = G1 + row * h;
+      const T *g2 = G2 + row * f;
       const T s1p = dot(g1, p1, h), s2p = dot(g2, p2, f);
       dtok_last -= a[row] * (s1p + s2p);            // -sum(aG1 P1) - sum(aG2 P2)
       dA_[row] -= tok_c * (s1p + s2p);              // da += sum(daG1 G1) + sum(daG2 G2), daG = -tok_c P
@@ -625,17 +620,17 @@ void mlp_backward_job(const T* q, const T* k, const T* tb, const T* ab, const T*
       ds1[x] = dG1[x] * P[x];
     }
     mm(dG2.data(), dP.data(), W2, c, h, f);             // dG2 += dP W2
-    mm_tn(nW2.data(), dP.data(), G2.data(), h, c, f);   // dW2 += dP^T G2
+    mm_tn(nW2.data(), dP.data(), G2, h, c, f);   // dW2 += dP^T G2
     // through G2 = LNgrad(Z2, t)
     T* dT = dt + row0 * f;
     for (int64_t row = 0; row < c; row++)
-      ln_grad_vjp_row(zhat.data() + row * f, r[row], t + row * f, g, be, G2.data() + row * f, dG2.data() + row * f,
-                      dZ2.data() + row * f, dT + row * f, dg, dbt, gx.data(), dgx.data(), dzh.data(), f);
+      ln_grad_vjp_row(s.zhat.data() + row * f, s.r[row], t + row * f, g, be, G2 + row * f, dG2.data() + row * f,
+                      dZ2.data() + row * f, dT + row * f, dg, dbt, s.gx.data(), dgx.data(), dzh.data(), f);
     mm_nt(dX2.data(), dZ2.data(), W2, c, f, h);         // dX2 += dZ2 W2^T
-    mm_tn(nW2.data(), X2.data(), dZ2.data(), h, c, f);  // dW2 += X2^T dZ2
+    mm_tn(nW2.data(), X2, dZ2.data(), h, c, f);  // dW2 += X2^T dZ2
     for (int64_t row = 0; row < c; row++) axpy(nb2.data(), dZ2.data() + row * f, T(1), f);
     // through X2 = gelu(Z1), s1 = gelu'(Z1), Z1 = K W1 + b1
-    for (int64_t x = 0; x < ch; x++) dZ1[x] = dX2[x] * s1[x] + ds1[x] * gelu_second(Z1k[x]);
+    for (int64_t x = 0; x < ch; x++) dZ1[x] = dX2[x] * s1[x] + ds1[x] * gelu_second(s.Z1[x]);
     mm_nt(dK, dZ1.data(), W1, c, h, f);                 // dk += dZ1 W1^T (t = V - K: autograd adds -dt)
     mm_tn(nW1.data(), K, dZ1.data(), f, c, h);          // dW1 += K^T dZ1
     for (int64_t row = 0; row < c; row++) axpy(nb1.data(), dZ1.data() + row * h, T(1), h);

@@ -35,6 +35,11 @@ def unavailable() -> str | None:
     return KERNEL.unavailable()
 
 
+def _as(dt, *xs):
+    """The tensors as contiguous tensors of dtype dt, the layout the kernels read (no copy where they are)."""
+    return (x.to(dt).contiguous() for x in xs)
+
+
 def forward_loop(kq, tb, ab, Mb, gam, bet, tok, Ws, bs, Gs, zhats, rs, zbar) -> None:
     """LinearScan.forward's loop: fills Ws[1:], bs[1:] (from Ws[0], bs[0]), Gs, zhats, rs and zbar in place.
     kq (n, BH, 2c, f); tb (n, BH, c, f); ab (n, BH, c, 1); Mb (n, BH, c, c); gam, bet (BH, 1, f); tok a float;
@@ -63,7 +68,7 @@ def infer(q, k, t, a, tok, gamma, beta, W0, b0):
     B, H, T, f = q.shape
     c = tok.shape[0]
     dt = q.dtype
-    q, k, t, a, tok, gamma, beta = (x.to(dt).contiguous() for x in (q, k, t, a, tok, gamma, beta))
+    q, k, t, a, tok, gamma, beta = _as(dt, q, k, t, a, tok, gamma, beta)
     W = W0.to(dt).expand(B, H, f, f).clone(memory_format=torch.contiguous_format)  # the kernel updates W, b in place
     b = b0.to(dt).expand(B, H, 1, f).clone(memory_format=torch.contiguous_format)
     out = torch.empty_like(q)
@@ -82,7 +87,7 @@ def decode(q, k, t, a, tok, complete: bool, gamma, beta, W, b, acc: dict):
     Nothing given is written to: the layer's own W0, b0 start every sequence."""
     B, H, c, f = q.shape
     dt = q.dtype
-    q, k, t, a, tok, gamma, beta = (x.to(dt).contiguous() for x in (q, k, t, a, tok, gamma, beta))
+    q, k, t, a, tok, gamma, beta = _as(dt, q, k, t, a, tok, gamma, beta)
     W_in, b_in = (x.to(dt).expand(B, *x.shape[1:]).contiguous() for x in (W, b))  # (B, H, f, f), (B, H, 1, f)
     GW_in, Gb_in = (acc["W"].to(dt).contiguous(), acc["b"].to(dt).contiguous()) if acc else (None, None)
     GW, Gb = torch.empty_like(W_in), torch.empty_like(b_in)
@@ -113,7 +118,7 @@ def infer_mlp(q, k, t, a, tok, gamma, beta, params: dict):
     B, H, T, f = q.shape
     c = tok.shape[0]
     dt = q.dtype
-    q, k, t, a, tok, gamma, beta = (x.to(dt).contiguous() for x in (q, k, t, a, tok, gamma, beta))
+    q, k, t, a, tok, gamma, beta = _as(dt, q, k, t, a, tok, gamma, beta)
     weights = _mlp_weights(params, B, dt, copy=True)  # the kernel updates them in place
     out = torch.empty_like(q)
     KERNEL.call("ttt_mlp_infer", dt, q, k, t, a, tok, gamma, beta, *weights, out, T // c, B * H, H, c, f,
@@ -128,7 +133,7 @@ def decode_mlp(q, k, t, a, tok, complete: bool, gamma, beta, params: dict, acc: 
     ({} if complete). Nothing given is written to."""
     B, H, c, f = q.shape
     dt = q.dtype
-    q, k, t, a, tok, gamma, beta = (x.to(dt).contiguous() for x in (q, k, t, a, tok, gamma, beta))
+    q, k, t, a, tok, gamma, beta = _as(dt, q, k, t, a, tok, gamma, beta)
     weights = _mlp_weights(params, B, dt, copy=complete)  # written only by a commit
     sums = ([acc[n].to(dt).clone(memory_format=torch.contiguous_format) for n in MLP] if acc
             else [torch.empty_like(w) for w in weights])
