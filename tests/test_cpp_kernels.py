@@ -94,7 +94,7 @@ def test_a_compiler_without_pytorchs_openmp_builds_the_per_call_threads(monkeypa
     monkeypatch.setenv("CXX", str(cxx))
     monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path / "cache"))
     assert cpp_kernels.openmp_shared_with_torch(str(cxx)) == (name == "cxx-without-openmp")
-    lib = cpp_kernels.Library(ttt_scan.KERNEL.source, ttt_scan.KERNEL.backend)
+    lib = cpp_kernels.Library(mamba_scan.KERNEL.source, mamba_scan.KERNEL.backend)  # the smaller build (1 s)
     assert lib.unavailable() is None
     assert lib.threads() == "per call"
     assert len(os.listdir(tmp_path / "cache" / "kernels")) == 1  # the build without OpenMP, nothing half-made
@@ -122,3 +122,16 @@ def test_a_call_takes_only_contiguous_cpu_tensors_of_one_float_dtype(bad):
         call()
     out, W, b = ttt_scan.infer(q, k, t, *args.values())
     assert out.shape == q.shape and torch.isfinite(out).all() and W.shape == (2, 3, 32, 32)
+
+
+def test_a_failed_build_says_which_command_failed_and_why(monkeypatch, tmp_path):
+    """The two objects (one per dtype) compile at once; one failing is the library's reason it is unavailable,
+    and nothing half-made stays in the cache."""
+    cxx = _wrapped_compiler(tmp_path, "fails-on-f64", 'case "$*" in *-DKERNEL_ONLY_F64*) '
+                                                     'echo "error: no room for doubles" >&2; exit 1;; esac')
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path / "cache"))
+    lib = cpp_kernels.Library(mamba_scan.KERNEL.source, mamba_scan.KERNEL.backend)
+    why = lib.unavailable()
+    assert "-DKERNEL_ONLY_F64" in why and "error: no room for doubles" in why, why
+    assert os.listdir(tmp_path / "cache" / "kernels") == []

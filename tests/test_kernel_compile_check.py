@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,13 +33,19 @@ def test_a_launch_variant_compiles_as_asked(tmp_path):
     assert all((r["status"], r["num_warps"], r["num_stages"]) == ("ok", 4, 1) for r in rows), rows
 
 
-def test_the_forwards_spill_nothing_and_every_mlp_kernel_fits(tmp_path):
+def test_the_forwards_spill_nothing(tmp_path):
     """At head dim 64 as the launchers compile them: both forwards (both launches: the whole mini-batches and a
-    trailing partial one) keep everything in registers; TTT-MLP's kernels, which read the inner weights a tile of
-    hidden units at a time, fit in sm_90's shared memory (the backward that held W1 and W2 whole asked for
-    262 KB, more than the 227 KB there are)."""
-    rows = check(tmp_path, "--only", "linear forward,mlp")
+    trailing partial one) and TTT-MLP's decode keep everything in registers."""
+    rows = check(tmp_path, "--only", "linear forward,mlp forward,mlp decode")
     assert {r["kernel"] for r in rows} == {"linear forward", "linear forward partial", "mlp forward",
-                                          "mlp forward partial", "mlp backward", "mlp backward partial", "mlp decode"}
+                                          "mlp forward partial", "mlp decode"}
+    assert all(r["status"] == "ok" and r["spill_store_bytes"] == 0 for r in rows), rows
+
+
+@pytest.mark.slow  # ptxas takes about 12 s over the MLP backward
+def test_the_mlp_backward_fits_in_shared_memory(tmp_path):
+    """TTT-MLP's backward reads the inner weights a tile of hidden units at a time, so it fits in sm_90's shared
+    memory (the one that held W1 and W2 whole asked for 262 KB, more than the 227 KB there are)."""
+    rows = check(tmp_path, "--only", "mlp backward")
+    assert {r["kernel"] for r in rows} == {"mlp backward", "mlp backward partial"}
     assert all(r["status"] == "ok" for r in rows), rows
-    assert all(r["spill_store_bytes"] == 0 for r in rows if "forward" in r["kernel"]), rows

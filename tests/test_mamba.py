@@ -110,7 +110,8 @@ def test_scan_backward_fp64_gradcheck():
     assert torch.autograd.gradcheck(f, (*x.values(), h0), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("chunk", [16, 13, 4])
+@pytest.mark.parametrize("chunk", [pytest.param(16, marks=pytest.mark.slow), 13,
+                                   pytest.param(4, marks=pytest.mark.slow)])  # a compile each: 8-17 s cold
 def test_compiled_loop_bodies_match_eager(chunk):
     """trainer.compile=hot_path runs the scan's loop bodies through torch.compile: same numbers (an odd chunk
     leaves short blocks of positions; 18 chunks of 4, two blocks of chunk boundaries)."""

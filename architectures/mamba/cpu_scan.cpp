@@ -268,8 +268,10 @@ void ssd_backward_job(const T* x, const T* a, const T* Bm, const T* Cm, const T*
 }  // namespace
 
 extern "C" {
+#ifndef KERNEL_ONLY_F64  // in one of cpp_kernels.py's two objects
 int64_t mamba_scan_tile() { return TILE; }
 int64_t mamba_scan_segment() { return SEG; }
+#endif
 
 #define MAMBA_SCAN_ENTRY_POINTS(T, suffix)                                                                       \
   void mamba_scan_forward_##suffix(const T* x, const T* dl, const T* At, const T* Bm, const T* Cm, const T* h0,   \
@@ -301,8 +303,12 @@ int64_t mamba_scan_segment() { return SEG; }
     });                                                                                                          \
   }
 
+#ifndef KERNEL_ONLY_F64  // cpp_kernels.py builds each dtype's entry points at once, as two objects
 MAMBA_SCAN_ENTRY_POINTS(float, f32)
-MAMBA_SCAN_ENTRY_POINTS(double, f64)
 SSD_SCAN_ENTRY_POINTS(float, f32)
+#endif
+#ifndef KERNEL_ONLY_F32
+MAMBA_SCAN_ENTRY_POINTS(double, f64)
 SSD_SCAN_ENTRY_POINTS(double, f64)
+#endif
 }

@@ -714,6 +714,10 @@ extern "C" {
     });                                                                                                          \
   }
 
+#ifndef KERNEL_ONLY_F64  // cpp_kernels.py builds each dtype's entry points at once, as two objects
 TTT_SCAN_ENTRY_POINTS(float, f32)
+#endif
+#ifndef KERNEL_ONLY_F32
 TTT_SCAN_ENTRY_POINTS(double, f64)
+#endif
 }
