@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from architectures.cpp_kernels import Library
+
+CONV_KERNEL = Library(Path(__file__).with_name("causal_conv.cpp"), "causal conv backend=cpp")
 
 
 class RMSNorm(nn.Module):
@@ -53,6 +58,7 @@ class CausalConv(nn.Module):
         bound = 1 / math.sqrt(width)
         self.weight = nn.Parameter(torch.empty(dim, width).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
+        self.cpp = False  # set by the layer that owns it when that layer's backend is cpp (_CausalConvCpp)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C), state (B, k-1, C) or None (zeros) -> y (B, T, C), new state (B, k-1, C).
@@ -66,6 +72,8 @@ class CausalConv(nn.Module):
         w = self.weight.to(x.dtype)  # (C, k)
         if T == 1:  # a decode step: one weighted sum over the window (B, k, C), 3 ops instead of k + 1
             return (xp * w.t()).sum(1, keepdim=True) + self.bias.to(x.dtype), xp[:, 1:]
+        if self.cpp and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            return _CausalConvCpp.apply(xp, w, self.bias.to(x.dtype)), xp[:, T:]
         y = torch.addcmul(self.bias.to(x.dtype), xp[:, k - 1:], w[:, k - 1])  # (B, T, C)
         for j in range(k - 1):
             y = torch.addcmul(y, xp[:, j:j + T], w[:, j])
@@ -75,6 +83,37 @@ class CausalConv(nn.Module):
         """causal_conv1d with SiLU fused: x (B, T, C) -> silu(conv(x)) (B, T, C)."""
         y = conv_fn(x.transpose(1, 2).contiguous(), self.weight.to(x.dtype), self.bias.to(x.dtype), activation="silu")
         return y.transpose(1, 2)
+
+
+class _CausalConvCpp(torch.autograd.Function):
+    """CausalConv over T > 1 tokens in C++ (causal_conv.cpp), for the layers whose backend is cpp: one pass over
+    the sequence forward and one backward, where the k shifted multiply-adds and autograd's backward of them (a
+    product, a sum and a zero-filled slice per tap) take about 5 passes per tap. cpu-xs at 8k, forward and
+    backward: 4.4 -> 0.x ms at 64 channels, 28 -> x ms at Mamba-2's 384 (tests/test_layers.py checks it against
+    the PyTorch ops, fp64)."""
+
+    @staticmethod
+    def forward(ctx, xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """xp (B, T + k - 1, C): the k - 1 earlier inputs, then the T new ones; weight (C, k); bias (C,) -> y (B,
+        T, C)."""
+        xp, wt = xp.contiguous(), weight.t().contiguous()  # the kernel reads the taps as (k, C) rows
+        (B, L, C), k = xp.shape, wt.shape[0]
+        y = xp.new_empty(B, L - k + 1, C)
+        CONV_KERNEL.call("causal_conv_forward", xp.dtype, xp, wt, bias.contiguous(), y, B, L - k + 1, C, k,
+                         torch.get_num_threads())
+        ctx.save_for_backward(xp, wt)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xp, wt = ctx.saved_tensors
+        (B, L, C), k = xp.shape, wt.shape[0]
+        dxp = torch.empty_like(xp)
+        partial = xp.new_empty(B * -(-L // CONV_KERNEL.constant("causal_conv_span")), k + 1, C)  # per job: dw, db
+        CONV_KERNEL.call("causal_conv_backward", xp.dtype, xp, wt, dy.contiguous(), dxp, partial, B, L - k + 1, C, k,
+                         torch.get_num_threads())
+        sums = partial.sum(0)  # (k + 1, C)
+        return dxp, sums[:k].t(), sums[k]
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float = 1e4):

@@ -342,6 +342,42 @@ def test_causal_conv_is_a_depthwise_conv1d():
     assert (y - ref).abs().max() < 1e-12 and torch.equal(new_state, x[:, -3:])
 
 
+@pytest.mark.parametrize("B,T,C,k,with_state,dtype", [(2, 600, 70, 4, False, F64), (1, 5, 8, 4, True, F64),
+                                                       (3, 517, 33, 3, True, F64), (2, 300, 40, 4, True, F32)])
+def test_cpp_causal_conv_equals_the_pytorch_ops(B, T, C, k, with_state, dtype):
+    """CausalConv under a cpp backend (layers._CausalConvCpp, causal_conv.cpp): the output, the state after, and
+    the gradients of x, the weights, the bias and the state before equal the k shifted multiply-adds through
+    autograd. 600 and 517 tokens: several jobs of 256 rows, the last one short."""
+    from architectures.layers import CausalConv
+
+    g = torch.Generator().manual_seed(3)
+    conv = CausalConv(C, k).to(dtype)
+    x = torch.randn(B, T, C, generator=g, dtype=dtype).requires_grad_()
+    state = torch.randn(B, k - 1, C, generator=g, dtype=dtype).requires_grad_() if with_state else None
+    dy, dstate = torch.randn(B, T, C, generator=g, dtype=dtype), torch.randn(B, k - 1, C, generator=g, dtype=dtype)
+    leaves = [x, conv.weight, conv.bias] + ([state] if with_state else [])
+    runs = []
+    for cpp in (False, True):
+        conv.cpp = cpp
+        y, after = conv(x, state)
+        runs.append([y, after, *torch.autograd.grad((y * dy).sum() + (after * dstate).sum(), leaves)])
+    tol = 1e-12 if dtype == F64 else 1e-6  # relative to each tensor's largest entry (dw sums 600 products)
+    for name, a, b in zip(["y", "state after", "dx", "dw", "dbias", "dstate"], *runs):
+        assert (b - a).abs().max() <= tol * a.abs().max(), name
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "ttt_linear", "transformer_conv"])
+def test_the_convs_run_in_cpp_exactly_where_the_layers_backend_is_cpp(arch):
+    from architectures.layers import CausalConv
+
+    for backend in ("sdpa",) if arch == "transformer_conv" else ("cpp", "torch"):  # attention has no cpp
+        opts = {"mamba": {"chunk_size": 16}, "mamba2": {"chunk_size": 16, "headdim": 16, "d_state": 32}}.get(arch, {})
+        model = build_model(ModelConfig(arch, 61, 32, 2, 2, 64, 256, options={**opts, "backend": backend}))
+        convs = [m for m in model.modules() if isinstance(m, CausalConv)]
+        assert len(convs) == {"mamba": 2, "mamba2": 2, "ttt_linear": 6, "transformer_conv": 2}[arch]
+        assert all(m.cpp == (backend == "cpp") for m in convs), arch
+
+
 MODELS = [("mamba", "torch"), ("mamba", "cpp"), ("mamba2", "torch"), ("mamba2", "cpp")]  # (arch, backend)
 
 

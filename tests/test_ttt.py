@@ -8,7 +8,7 @@ import torch
 from architectures import ModelConfig, build_model
 from architectures.backends import BackendUnavailable
 from architectures.ttt.dual import InnerState, ttt_dual
-from architectures.ttt.inner import gelu_tanh, gelu_tanh_grad, layer_norm, ln_loss_grad
+from architectures.ttt.inner import gelu_tanh, gelu_tanh_grad, layer_norm, layer_norm_fused, ln_loss_grad
 from architectures.ttt.layer import TTTLayer
 from architectures.ttt.reference import ttt_reference
 
@@ -67,6 +67,19 @@ def test_ln_gradient_formula_equals_autograd():
     loss = 0.5 * (layer_norm(z, w, b) - t).pow(2).sum()
     (auto,) = torch.autograd.grad(loss, z)
     torch.testing.assert_close(ln_loss_grad(z.detach(), t, w, b), auto, rtol=1e-12, atol=1e-12)
+
+
+def test_the_fused_layer_norm_equals_the_formula_forward_and_backward():
+    """inner.layer_norm_fused (PyTorch's LayerNorm kernel, then the per-head affine: dual.py's outputs) against
+    layer_norm's formula (reference.py's), per-head weights (H, 1, f) broadcast over (B, H, T, f), fp64."""
+    g = torch.Generator().manual_seed(1)
+    leaves = [torch.randn(2, 3, 7, 24, generator=g, dtype=F64), 1 + 0.2 * torch.randn(3, 1, 24, generator=g, dtype=F64),
+              0.1 * torch.randn(3, 1, 24, generator=g, dtype=F64)]
+    leaves = [x.requires_grad_() for x in leaves]
+    dy = torch.randn(2, 3, 7, 24, generator=g, dtype=F64)
+    runs = [(y, *torch.autograd.grad((y * dy).sum(), leaves)) for y in (layer_norm(*leaves), layer_norm_fused(*leaves))]
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
 def test_gelu_tanh_and_its_derivative():

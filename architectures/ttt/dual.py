@@ -30,7 +30,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from architectures.ttt import cpu_scan
-from architectures.ttt.inner import gelu_tanh, gelu_tanh_and_grad, layer_norm, ln_loss_grad
+from architectures.ttt.inner import gelu_tanh, gelu_tanh_and_grad, layer_norm_fused, ln_loss_grad
 from architectures.ttt.scan import ScanKernels, linear_scan
 
 # mini-batches longer than this many tokens are processed in pieces of it, carrying the accumulators between
@@ -212,7 +212,7 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
 
     def finish(zbar, sl: slice):
         """A span's output from its Zbar: [q +] [LN](Zbar)."""
-        out = layer_norm(zbar, ln_w, ln_b) if ln else zbar
+        out = layer_norm_fused(zbar, ln_w, ln_b) if ln else zbar
         return q[:, :, sl] + out if residual else out  # the residual is with Q
 
     # without a gradient, backend=cpp runs whole mini-batches and the pieces inside one (decoding) as one C++ call

@@ -54,7 +54,6 @@ from architectures.config import ModelConfig
 from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles_periodic
 from architectures.backends import BackendUnavailable, resolve, runs
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
-from architectures.ttt.inner import gelu_tanh
 from architectures.ttt import cpu_scan
 from architectures.ttt.scan import CPP, EAGER, ScanKernels
 from architectures.ttt.reference import ttt_reference_op
@@ -178,6 +177,7 @@ class TTTLayer(nn.Module):
         if self.backbone == "mamba":
             width = int(cfg.opt("conv_width"))
             self.conv_q, self.conv_k = CausalConv(d, width), CausalConv(d, width)
+            self.conv_q.cpp = self.conv_k.cpp = self.backend == "cpp"  # backend=cpp: the convs in C++ too
             self.wg = nn.Linear(d, d, bias=False)
         else:
             self.wk = nn.Linear(d, d, bias=False)
@@ -277,7 +277,7 @@ class TTTLayer(nn.Module):
         z = z.to(x.dtype).transpose(1, 2).reshape(B, T, d)
         y = self.post_norm(z)
         if self.backbone == "mamba":
-            y = y * gelu_tanh(self.wg(x))
+            y = y * F.gelu(self.wg(x), approximate="tanh")  # inner.gelu_tanh's formula, in one fused op each way
         return self.wo(y)
 
     def _inner_loop(self, q, k, v, a, cache: TTTCache | None) -> torch.Tensor:
@@ -330,6 +330,7 @@ class TTTBlock(nn.Module):
         if self.ttt.backbone == "mamba":
             self.conv_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.pre_conv = CausalConv(cfg.d_model, int(cfg.opt("conv_width")))
+            self.pre_conv.cpp = self.ttt.backend == "cpp"
         self.ttt_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.ffn else None  # cfg.ffn false: no FFN
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim) if cfg.ffn else None

@@ -1,0 +1,102 @@
+// The causal depthwise convolution of layers.CausalConv on the CPU (backend=cpp of the layer that owns it;
+// built and loaded by layers.py, which documents it). Per sequence b, token t, channel c, tap j (width k), with
+// xp = [state, x] the k - 1 earlier inputs and the T new ones, (B, T + k - 1, C):
+//   forward   y[t, c] = bias[c] + sum_j w[j, c] xp[t + j, c]
+//   backward  dxp[s, c] = sum_j w[j, c] dy[s - j, c]   (terms with 0 <= s - j < T)
+//             dw[j, c] = sum_{b, t} dy[t, c] xp[t + j, c]      dbias[c] = sum_{b, t} dy[t, c]
+// One job is one sequence and one span of SPAN rows (of y forward, of xp backward): a single pass over its rows, the channels (contiguous in
+// the (B, T, C) layout) innermost, so the loops vectorise. The weights are passed as (k, C). dw and dbias sum
+// over every sequence and token, so each job writes its own partial sums (jobs, k + 1, C) and the caller adds
+// them (row k: dbias).
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "parallel_jobs.h"
+
+namespace {
+
+constexpr int64_t SPAN = 256;  // tokens per job
+
+struct Conv {
+  int64_t B, T, C, k;
+  int64_t out_spans() const { return (T + SPAN - 1) / SPAN; }         // the forward's jobs: over the T rows of y
+  int64_t in_spans() const { return (T + k - 1 + SPAN - 1) / SPAN; }  // the backward's: over the rows of xp
+};
+
+template <class T>
+void forward_job(const T* xp, const T* w, const T* bias, T* y, const Conv& s, int64_t job) {
+  const int64_t b = job / s.out_spans(), lo = (job % s.out_spans()) * SPAN, hi = std::min(lo + SPAN, s.T);
+  const T* xb = xp + b * (s.T + s.k - 1) * s.C;
+  T* yb = y + b * s.T * s.C;
+  for (int64_t t = lo; t < hi; t++) {
+    T* yt = yb + t * s.C;
+    std::copy(bias, bias + s.C, yt);
+    for (int64_t j = 0; j < s.k; j++) {
+      const T* xr = xb + (t + j) * s.C;
+      const T* wj = w + j * s.C;
+#pragma omp simd
+      for (int64_t c = 0; c < s.C; c++) yt[c] += wj[c] * xr[c];
+    }
+  }
+}
+
+template <class T>
+void backward_job(const T* xp, const T* w, const T* dy, T* dxp, T* dwb, const Conv& s, int64_t job) {
+  const int64_t b = job / s.in_spans(), lo = (job % s.in_spans()) * SPAN, hi = std::min(lo + SPAN, s.T + s.k - 1);
+  const T* xb = xp + b * (s.T + s.k - 1) * s.C;
+  const T* gb = dy + b * s.T * s.C;
+  T* dxb = dxp + b * (s.T + s.k - 1) * s.C;
+  std::vector<T> acc((s.k + 1) * s.C, T(0));  // this job's dw (k rows) and dbias (row k)
+  for (int64_t r = lo; r < hi; r++) {  // r: a row of xp for dxp, and a token t = r of dy for dw, dbias
+    T* dr = dxb + r * s.C;
+    std::fill(dr, dr + s.C, T(0));
+    for (int64_t j = 0; j < s.k; j++) {
+      const int64_t t = r - j;
+      if (t < 0 || t >= s.T) continue;
+      const T* gt = gb + t * s.C;
+      const T* wj = w + j * s.C;
+#pragma omp simd
+      for (int64_t c = 0; c < s.C; c++) dr[c] += wj[c] * gt[c];
+    }
+    if (r >= s.T) continue;
+    const T* gt = gb + r * s.C;
+    for (int64_t j = 0; j < s.k; j++) {
+      const T* xr = xb + (r + j) * s.C;
+      T* aj = acc.data() + j * s.C;
+#pragma omp simd
+      for (int64_t c = 0; c < s.C; c++) aj[c] += gt[c] * xr[c];
+    }
+    T* ab = acc.data() + s.k * s.C;
+#pragma omp simd
+    for (int64_t c = 0; c < s.C; c++) ab[c] += gt[c];
+  }
+  std::copy(acc.begin(), acc.end(), dwb + job * (s.k + 1) * s.C);
+}
+
+}  // namespace
+
+extern "C" {
+#ifndef KERNEL_ONLY_F64  // in one of cpp_kernels.py's two objects
+int64_t causal_conv_span() { return SPAN; }
+#endif
+
+#define CAUSAL_CONV_ENTRY_POINTS(T, suffix)                                                                      \
+  void causal_conv_forward_##suffix(const T* xp, const T* w, const T* bias, T* y, int64_t B, int64_t L,          \
+                                    int64_t C, int64_t k, int64_t threads) {                                     \
+    const Conv s{B, L, C, k};                                                                                    \
+    parallel_jobs(B * s.out_spans(), threads, [&](int64_t job) { forward_job<T>(xp, w, bias, y, s, job); });     \
+  }                                                                                                              \
+  void causal_conv_backward_##suffix(const T* xp, const T* w, const T* dy, T* dxp, T* dwb, int64_t B, int64_t L, \
+                                     int64_t C, int64_t k, int64_t threads) {                                    \
+    const Conv s{B, L, C, k};                                                                                    \
+    parallel_jobs(B * s.in_spans(), threads, [&](int64_t job) { backward_job<T>(xp, w, dy, dxp, dwb, s, job); }); \
+  }
+
+#ifndef KERNEL_ONLY_F64  // cpp_kernels.py builds each dtype's entry points at once, as two objects
+CAUSAL_CONV_ENTRY_POINTS(float, f32)
+#endif
+#ifndef KERNEL_ONLY_F32
+CAUSAL_CONV_ENTRY_POINTS(double, f64)
+#endif
+}
