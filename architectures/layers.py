@@ -65,7 +65,8 @@ class CausalConv(nn.Module):
 
         y_t = bias + sum_j w[:, j] xp_{t+j}, xp = [state, x]: k shifted multiply-adds in the (B, T, C)
         layout (on CPU several times faster than a grouped conv1d, whose backward and layout copies
-        dominate a Mamba layer). Elementwise, so a FLOP counter does not see it (accounting.py: unseen)."""
+        dominate a Mamba layer); with `cpp` set, over T > 1 tokens in fp32 or fp64 on CPU, one C++ pass
+        each way (_CausalConvCpp). Elementwise, so a FLOP counter does not see it (accounting.py: unseen)."""
         B, T, C = x.shape
         k = self.width
         xp = F.pad(x, (0, 0, k - 1, 0)) if state is None else torch.cat([state.to(x.dtype), x], dim=1)
