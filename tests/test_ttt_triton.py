@@ -220,10 +220,13 @@ def test_layer_backends_agree_forward_and_backward(inner, backbone):
 
 @pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp"])
 def test_generate_with_the_triton_decode_kernel_equals_one_prefill(arch):
-    """Prefill 7 tokens, decode 26 one at a time through the cache (decode kernel), as one prefill."""
+    """Prefill 7 tokens, decode 26 one at a time through the cache (decode kernel), as one prefill. TTT-Linear
+    with 2 layers (each keeps its own state); TTT-MLP with one (its kernel is the slower one to interpret)."""
     torch.manual_seed(0)
     inner = arch.split("_")[1]
-    cfg = ModelConfig(arch, 61, 32, 2, 2, 64, 64, options={"inner": inner, "mini_batch": B_MB, "backend": "triton"})
+    layers = 2 if inner == "linear" else 1
+    cfg = ModelConfig(arch, 61, 32, layers, 2, 64, 64, options={"inner": inner, "mini_batch": B_MB,
+                                                                "backend": "triton"})
     model = build_model(cfg).to(DEVICE).eval()
     assert model.backends() == {"ttt": "triton"}
     idx = torch.randint(0, 61, (2, 33), device=DEVICE)
