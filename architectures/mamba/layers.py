@@ -70,10 +70,7 @@ def resolve_backend(requested: str, kind: str) -> str:
         return (f"needs CUDA and mamba-ssm's compiled kernels for {kind} (selective_scan_cuda / Triton SSD, "
                 "causal_conv1d)")
 
-    def cpp() -> str | None:
-        return cpu_scan.unavailable()
-
-    checks = {"cuda": cuda, "cpp": cpp, "torch": runs}
+    checks = {"cuda": cuda, "cpp": cpu_scan.unavailable, "torch": runs}
     return resolve("backend", requested, checks, prefer=lambda name: name != "cpp" or not torch.cuda.is_available())
 
 

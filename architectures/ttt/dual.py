@@ -218,7 +218,7 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
     # without a gradient, backend=cpp runs whole mini-batches and the pieces inside one (decoding) as one C++ call
     # each, the LN and the residual included (cpu_scan.py)
     cpp = scan is not None and scan.cpp and ln and residual and bias and not torch.is_grad_enabled()
-    gamma, beta = (ln_w.reshape(q.shape[1], -1), ln_b.reshape(q.shape[1], -1)) if cpp else (None, None)  # (H, f)
+    gamma, beta = (ln_w.reshape(q.shape[1], -1), ln_b.reshape(q.shape[1], -1)) if ln else (None, None)  # (H, f)
 
     def piece(lo: int, hi: int, tok_piece, complete: bool):
         nonlocal params, acc
@@ -250,32 +250,24 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
             piece(0, c, tok[off:off + c], off + c == b)
             t, off = c, (off + c) % b
         n_full = (T - t) // b
-        if n_full and cpp:
+        if n_full:
             sl = slice(t, t + n_full * b)
-            span = (q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl], tok, gamma, beta)
-            if inner == "linear":
-                out, W, bias_after = cpu_scan.infer(*span, params["W"], params["b"])
-                params = {**params, "W": W, "b": bias_after}
+            span = (q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl], tok)
+            if cpp:  # the outputs straight from C++, LN and residual included
+                if inner == "linear":
+                    out, W, bias_after = cpu_scan.infer(*span, gamma, beta, params["W"], params["b"])
+                    new = {"W": W, "b": bias_after}
+                else:
+                    out, new = cpu_scan.infer_mlp(*span, gamma, beta, params)
+            elif inner == "mlp" and scan is not None and scan.cpp and ln and residual and checkpoint_group == 0:
+                zbar, new = cpu_scan.mlp_scan(*span, gamma, beta, params)  # TTT-MLP training: both loops in C++
+                out = finish(zbar, sl)
             else:
-                out, weights = cpu_scan.infer_mlp(*span, params)
-                params = {**params, **weights}
+                use_scan = scan if inner == "linear" and ln and residual and bias and checkpoint_group == 0 else None
+                full, new = _full_minibatches(inner, params, *span, b, checkpoint_group, full_piece, use_scan)
+                out = finish(full[0] if len(full) == 1 else torch.cat(full, dim=2), sl)
+            params = {**params, **new}
             outs.append(out)
-            t += n_full * b
-        elif n_full and inner == "mlp" and scan is not None and scan.cpp and ln and residual and checkpoint_group == 0:
-            sl = slice(t, t + n_full * b)  # TTT-MLP training: both loops in C++ (cpu_scan.MLPScan)
-            H = q.shape[1]
-            zbar, weights = cpu_scan.mlp_scan(q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl], tok,
-                                              ln_w.reshape(H, -1), ln_b.reshape(H, -1), params)
-            params = {**params, **weights}
-            outs.append(finish(zbar, sl))
-            t += n_full * b
-        elif n_full:
-            sl = slice(t, t + n_full * b)
-            use_scan = scan if inner == "linear" and ln and residual and bias and checkpoint_group == 0 else None
-            full, params = _full_minibatches(inner, params, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
-                                             tok, b, checkpoint_group, full_piece, use_scan)
-            full = full[0] if len(full) == 1 else torch.cat(full, dim=2)
-            outs.append(finish(full, sl))
             t += n_full * b
         if t < T:  # a trailing partial mini-batch: processed, its update kept as accumulators
             piece(t, T, tok[: T - t], False)
