@@ -85,10 +85,10 @@ test-slow: $(STAMP) ## the slow tier: end-to-end checks that take minutes (kill 
 test-all: $(STAMP) ## both tiers: the fast one and the slow one
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests
 
-test-kernels: $(STAMP) ## only the Triton kernel tests (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests/test_ttt_triton.py
+test-kernels: $(STAMP) ## only the Triton kernel tests, TTT's and Mamba's (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests/test_ttt_triton.py tests/test_mamba_triton.py
 
-check-kernels: $(STAMP) ## compile the TTT Triton kernels for sm_90 without a GPU; ptxas registers/spills/shared memory
+check-kernels: $(STAMP) ## compile the Triton kernels (TTT, Mamba scan) for sm_90 without a GPU; ptxas registers/spills/shared memory
 	env -u TRITON_INTERPRET $(PY) -m bench.kernel_compile_check --results "$(RESULTS)" $(ARGS)
 
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots

@@ -11,7 +11,10 @@ The model's `backends()` says what ran; every run's summary records it.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
+
+import torch
 
 
 class BackendUnavailable(RuntimeError):
@@ -40,4 +43,20 @@ def resolve(option: str, requested: str, checks: dict[str, Check],
 
 def runs() -> None:
     """The check of a backend that always runs (plain PyTorch)."""
+    return None
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors, in Python (for tests; slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unavailable() -> str | None:
+    """The check of a Triton backend: triton installed, and CUDA (or the interpreter, TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "needs triton (pip install triton) and CUDA"
+    if not (torch.cuda.is_available() or triton_interpreting()):
+        return "needs triton and CUDA (or TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
     return None

@@ -157,7 +157,7 @@ def markdown(r: dict) -> str:
                 for v in r["kernel_variants"] if v.get("status") == "ok"]
     return (f"# make gpu-check on {r['device'] or 'an unknown device'}\n\n"
             f"## Stages\n{_table(r['stages'], ['stage', 'rc', 'took_s', 'timed_out'])}\n"
-            f"## Kernel tests on the device (tests/test_ttt_triton.py)\n{tests}\n{failures}\n"
+            f"## Kernel tests on the device (tests/test_ttt_triton.py, tests/test_mamba_triton.py)\n{tests}\n{failures}\n"
             "## Launch variants of our kernels (ms per call; error: relative RMSE against the first variant timed)\n"
             f"{_table(variants, ['impl', 'mode', 'T', 'batch', 'ms', 'out_rel_rmse', 'dq_rel_rmse'])}\n"
             "## Kernels: ours against fla's chunk_ttt_linear (ms per call, medians)\n"

@@ -1,4 +1,4 @@
-"""Compile every TTT Triton kernel for a GPU architecture without a GPU, and report what ptxas says:
+"""Compile every Triton kernel (TTT's, Mamba-1's scan) for a GPU architecture without a GPU, and report what ptxas says:
 registers per thread, spilled bytes, shared memory. Catches compile errors and resource blow-ups on
 machines that have no GPU (the interpreter tests check the math, not what the compiler makes of it).
 
@@ -30,12 +30,13 @@ SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on sm_90 (H1
 
 
 def _signature(fn, consts: dict) -> dict:
-    """Pointers (capitalised names) fp32 except q/k/v/out bf16, eps fp32, the rest i32, constexprs."""
+    """Pointers (capitalised names) fp32 except TTT's q/k/v/out bf16, eps fp32, the rest i32, constexprs."""
     sig = {}
+    ttt = fn.__module__.startswith("architectures.ttt")
     for n in fn.arg_names:
         if n in consts:
             sig[n] = "constexpr"
-        elif n in ("Q", "K", "V", "OUT"):
+        elif ttt and n in ("Q", "K", "V", "OUT"):
             sig[n] = "*bf16"
         elif n in ("T", "H") or not n[:1].isupper():
             sig[n] = "fp32" if n == "eps" else "i32"
@@ -113,6 +114,21 @@ def kernels(f: int, launch) -> list[tuple[str, object, dict, int, int]]:
     ]
 
 
+def mamba_kernels(d_state: int = 16) -> list[tuple[str, object, dict, int, int]]:
+    """Mamba-1's selective scan (triton_scan.py) as its launcher compiles it, at the papers' d_state 16: the
+    forward that keeps the segment states (training) and the one that does not (prefill), and the backward."""
+    import triton
+
+    from architectures.mamba import triton_scan as ts
+
+    common = {"N": d_state, "BLOCK_N": triton.next_power_of_2(d_state), "BLOCK_D": ts.BLOCK_D, "SEG": ts.SEG}
+    return [
+        ("mamba scan forward", ts._scan_forward, {**common, "HAS_H0": False, "KEEP": True}, ts.NUM_WARPS, 3),
+        ("mamba scan prefill", ts._scan_forward, {**common, "HAS_H0": True, "KEEP": False}, ts.NUM_WARPS, 3),
+        ("mamba scan backward", ts._scan_backward, {**common, "HAS_DLAST": True}, ts.NUM_WARPS, 3),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.kernel_compile_check", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -134,19 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     launch = replace(LAUNCH, precision=args.precision or LAUNCH.precision, num_warps=args.num_warps or LAUNCH.num_warps,
                      num_stages=args.num_stages or LAUNCH.num_stages)
     rows = []
-    for f in (int(x) for x in args.head_dims.split(",")):
-        for name, fn, consts, num_warps, num_stages in kernels(f, launch):
-            if args.only and not any(s.strip() and s.strip() in name for s in args.only.split(",")):
-                continue
-            row = {"kernel": name, "head_dim": f, "arch": f"sm_{args.arch}", "precision": consts.get("PREC"),
-                   "num_warps": num_warps, "num_stages": num_stages}
-            t0 = time.perf_counter()
-            row.update(**compile_one(fn, consts, args.arch, num_warps, num_stages),
-                       compile_s=round(time.perf_counter() - t0, 1))
-            rows.append(row)
-            print(f"[ttt-bench] {name:23s} f={f:4d} sm_{args.arch}: {row['status']:10s} "
-                  f"regs={row.get('registers')} spill_stores={row.get('spill_store_bytes')}B "
-                  f"shared={row.get('shared_bytes')}B  ({row['compile_s']} s)", flush=True)
+    todo = [(f, k) for f in (int(x) for x in args.head_dims.split(",")) for k in kernels(f, launch)]
+    todo += [(None, k) for k in mamba_kernels()]  # no head dim: one compile each
+    for f, (name, fn, consts, num_warps, num_stages) in todo:
+        if args.only and not any(s.strip() and s.strip() in name for s in args.only.split(",")):
+            continue
+        row = {"kernel": name, "head_dim": f, "arch": f"sm_{args.arch}", "precision": consts.get("PREC"),
+               "num_warps": num_warps, "num_stages": num_stages}
+        t0 = time.perf_counter()
+        row.update(**compile_one(fn, consts, args.arch, num_warps, num_stages),
+                   compile_s=round(time.perf_counter() - t0, 1))
+        rows.append(row)
+        shape = f"f={f:4d}" if f else f"N={consts['N']:4d}"
+        print(f"[ttt-bench] {name:25s} {shape} sm_{args.arch}: {row['status']:10s} "
+              f"regs={row.get('registers')} spill_stores={row.get('spill_store_bytes')}B "
+              f"shared={row.get('shared_bytes')}B  ({row['compile_s']} s)", flush=True)
     atomic_write_json(Path(args.results) / "bench" / "kernel_compile_check.json", rows)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

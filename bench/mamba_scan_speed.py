@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         report("scan", "ours (chunked)", ours["ours (chunked)"])
         why = cpu_scan.unavailable()
         if why is None:
-            ours["ours (cpp)"] = fwd_and_fwd_bwd(lambda: (selective_scan(**x, delta_softplus=True, cpp=True),), leaves,
+            ours["ours (cpp)"] = fwd_and_fwd_bwd(lambda: (selective_scan(**x, delta_softplus=True, kernel="cpp"),), leaves,
                                                  args.repeats, True)
             report("scan", "ours (cpp)", ours["ours (cpp)"])
         else:

@@ -1,4 +1,4 @@
-"""`make check-kernels`: the TTT Triton kernels compiled for sm_90 without a GPU (ptxas ships with triton), in a
+"""`make check-kernels`: the Triton kernels (TTT's, Mamba-1's scan) compiled for sm_90 without a GPU (ptxas ships with triton), in a
 subprocess without TRITON_INTERPRET (under the interpreter `triton.jit` gives functions that do not compile)."""
 import json
 import os
@@ -34,11 +34,13 @@ def test_a_launch_variant_compiles_as_asked(tmp_path):
 
 
 def test_the_forwards_spill_nothing(tmp_path):
-    """At head dim 64 as the launchers compile them: both forwards (both launches: the whole mini-batches and a
-    trailing partial one) and TTT-MLP's decode keep everything in registers."""
-    rows = check(tmp_path, "--only", "linear forward,mlp forward,mlp decode")
+    """At head dim 64 as the launchers compile them: both TTT forwards (both launches: the whole mini-batches and
+    a trailing partial one) and TTT-MLP's decode keep everything in registers; so do Mamba-1's scan kernels
+    (d_state 16), forward and backward."""
+    rows = check(tmp_path, "--only", "linear forward,mlp forward,mlp decode,mamba scan")
     assert {r["kernel"] for r in rows} == {"linear forward", "linear forward partial", "mlp forward",
-                                          "mlp forward partial", "mlp decode"}
+                                          "mlp forward partial", "mlp decode", "mamba scan forward",
+                                          "mamba scan prefill", "mamba scan backward"}
     assert all(r["status"] == "ok" and r["spill_store_bytes"] == 0 for r in rows), rows
 
 

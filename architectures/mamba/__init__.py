@@ -2,8 +2,11 @@
 
     scan.py    Mamba's selective scan in PyTorch: chunked two-level scan, hand-written backward, decode step
     cpu_scan.py, cpu_scan.cpp  the same scan as one sequential C++ pass for CPU tensors (backend=cpp)
+    triton_scan.py  the same scan as one sequential Triton pass for GPUs without mamba-ssm's CUDA build
+               (backend=triton)
     ssd.py     Mamba-2's chunked SSD algorithm in PyTorch, and its decode step
-    layers.py  the mixers and blocks, the mamba-ssm (cuda) / our C++ (cpp) / ours (torch) backends
+    layers.py  the mixers and blocks, the mamba-ssm (cuda) / our Triton (triton) / C++ (cpp) / PyTorch (torch)
+               backends
 
 Size matching follows the papers: a Mamba block has about half the parameters of a Transformer block
 (no FFN), so Mamba doubles the layer count of the Transformer of the same size (`layer_multiplier: 2`
@@ -100,7 +103,8 @@ register(ArchSpec(
     count=mamba_count,
     options={"d_state": 16, "expand": 2, "d_conv": 4, "dt_rank": "auto", **DT_INIT, "dt_scale": 1.0,
              "chunk_size": 64,  # torch backend: positions per local scan (scan.py)
-             "backend": "auto"},  # auto | cuda (mamba-ssm's kernels) | cpp (our C++ scan, CPU) | torch (ours)
+             "backend": "auto"},  # auto | cuda (mamba-ssm's kernels) | triton (our Triton scan, GPU) | cpp (our
+                                  #   C++ scan, CPU) | torch (ours)
     width_rule="mamba",
 ))
 register(ArchSpec(

@@ -17,11 +17,12 @@ Mamba-2 mixer, H = D / headdim heads, G groups sharing B and C:
     out   = out_proj(RMSNorm(y * silu(z)))              the gated RMSNorm
 
 Backends (`backend:` in conf/arch): `cuda` runs mamba-ssm's kernels (selective_scan_fn,
-mamba_chunk_scan_combined, causal_conv1d); `cpp` our sequential scans in C++ on CPU (cpu_scan.py: Mamba-1's
-selective scan, Mamba-2's SSM); `torch` ours in PyTorch (scan.py, ssd.py); `auto` takes cuda when CUDA is
-present and the kernels import, cpp on a machine without CUDA where it builds, torch otherwise. A backend that
-is asked for and cannot run raises. Continuing from a decode state always runs ours (the kernels start from the
-zero state).
+mamba_chunk_scan_combined, causal_conv1d); `triton` (Mamba-1) our sequential selective scan in Triton
+(triton_scan.py) with our conv, for GPUs without mamba-ssm's compiled extension; `cpp` our sequential scans in C++
+on CPU (cpu_scan.py: Mamba-1's selective scan, Mamba-2's SSM); `torch` ours in PyTorch (scan.py, ssd.py); `auto`
+takes cuda when CUDA is present and the kernels import, then triton on CUDA (Mamba-1), cpp on a machine without
+CUDA where it builds, torch otherwise. A backend that is asked for and cannot run raises. Continuing from a decode
+state always runs ours (mamba-ssm's kernels start from the zero state).
 
 dt_proj and A_log are plain parameters, not nn.Linear, so no recipe's init scheme (architectures/recipe.py)
 touches their initialisation (below); under recipe=native (init mamba_ssm) in_proj, x_proj and out_proj keep
@@ -41,7 +42,7 @@ from architectures.layers import CausalConv, RMSNorm
 from architectures.mamba import cpu_scan
 from architectures.mamba.scan import chunk_for, compiled_steps, selective_scan, selective_state_step
 from architectures.mamba.ssd import ssd_chunked, ssd_step
-from architectures.backends import BackendUnavailable, resolve, runs
+from architectures.backends import BackendUnavailable, resolve, runs, triton_interpreting, triton_unavailable
 
 
 # -- backends ---------------------------------------------------------------------------------
@@ -62,16 +63,23 @@ def cuda_kernels(kind: str):
 
 
 def resolve_backend(requested: str, kind: str) -> str:
-    """backend (architectures/backends.py): mamba-ssm's compiled kernels where CUDA and they are present; on a
-    machine without CUDA, our C++ scans (cpu_scan.py) where they build; else our PyTorch scans."""
+    """backend (architectures/backends.py): mamba-ssm's compiled kernels where CUDA and they are present; else on
+    CUDA our Triton scan (Mamba-1); on a machine without CUDA, our C++ scans (cpu_scan.py) where they build; else
+    our PyTorch scans. Triton's CPU interpreter runs only when asked for by name."""
     def cuda() -> str | None:
         if torch.cuda.is_available() and cuda_kernels(kind) is not None:
             return None
         return (f"needs CUDA and mamba-ssm's compiled kernels for {kind} (selective_scan_cuda / Triton SSD, "
                 "causal_conv1d)")
 
-    checks = {"cuda": cuda, "cpp": cpu_scan.unavailable, "torch": runs}
-    return resolve("backend", requested, checks, prefer=lambda name: name != "cpp" or not torch.cuda.is_available())
+    def triton() -> str | None:
+        return "has no Triton kernel of ours for Mamba-2 (backend=cuda runs mamba-ssm's)" if kind == "mamba2" \
+            else triton_unavailable()
+
+    on_cuda = torch.cuda.is_available()
+    checks = {"cuda": cuda, "triton": triton, "cpp": cpu_scan.unavailable, "torch": runs}
+    prefer = {"triton": on_cuda, "cpp": not on_cuda}  # auto: no interpreter, no C++ scan beside a GPU
+    return resolve("backend", requested, checks, prefer=lambda name: prefer.get(name, True))
 
 
 # -- pieces -----------------------------------------------------------------------------------
@@ -114,6 +122,7 @@ class MambaMixer(nn.Module):
         self.in_proj = nn.Linear(d, 2 * D, bias=False)
         self.conv = CausalConv(D, int(cfg.opt("d_conv")))
         self.conv.cpp = self.backend == "cpp"  # backend=cpp: the conv in C++ too
+        self.scan_kernel = self.backend if self.backend in ("cpp", "triton") else "chunked"  # selective_scan's
         self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
         bound = R ** -0.5 * float(cfg.opt("dt_scale"))
         self.dt_weight = nn.Parameter(torch.empty(D, R).uniform_(-bound, bound))  # dt_proj, "random" init
@@ -139,6 +148,8 @@ class MambaMixer(nn.Module):
             return self.out_proj(self._cuda_core(xi, z, cache))
         if self.backend == "cpp" and x.device.type != "cpu":
             raise BackendUnavailable(f"mamba backend=cpp needs CPU inputs, got {x.device}")
+        if self.backend == "triton" and x.device.type != "cuda" and not triton_interpreting():
+            raise BackendUnavailable(f"mamba backend=triton needs CUDA inputs, got {x.device}")
         xc, conv_state = self.conv(xi, None if fresh else cache.conv)
         xc = F.silu(xc)
         dt, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -152,7 +163,7 @@ class MambaMixer(nn.Module):
                                      None if fresh else cache.ssm, chunk_size=chunk_for(x.shape[1], self.chunk_size),
                                      return_last_state=True,
                                      steps=self._compiled_steps if self.training else None,
-                                     cpp=self.backend == "cpp")
+                                     kernel=self.scan_kernel)
             if cache is not None:
                 cache.ssm.copy_(last)
         if cache is not None:

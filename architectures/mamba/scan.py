@@ -30,7 +30,8 @@ only their end state, so a body runs LOCAL_BLOCK positions of every chunk and ne
 between; a true scan's body runs BLOCK positions; a boundary recurrence's body CARRY_BLOCK chunks.
 `compiled_steps()` gives torch.compile'd versions (each body fuses into a few loops) that the mixer uses in
 training with trainer.compile=hot_path and backend=torch. On machines without CUDA the mixer's default is
-backend=cpp instead: the same recurrence as one sequential C++ pass (cpu_scan.py; selective_scan(cpp=True)).
+backend=cpp instead: the same recurrence as one sequential C++ pass (cpu_scan.py; selective_scan(kernel="cpp")),
+and on GPUs without mamba-ssm's CUDA kernels backend=triton: one sequential Triton pass (triton_scan.py).
 Layout: (B, L, D) activations, (B, L, N) B and C, the state (N, D) so that the long axis D is contiguous;
 mamba-ssm's selective_scan_fn takes (B, D, L), (B, N, L), state (B, D, N). Compute is fp32 (fp64 when given
 fp64, for tests), outside autocast.
@@ -51,6 +52,7 @@ CARRY_BLOCK = 16  # chunks per call of the recurrences over the chunk boundaries
 BLOCK = 2  # positions per call of the true scans' loop bodies (they write every state or read it back)
 MIN_CHUNKS = 64  # short sequences take shorter chunks, down to MIN_CHUNK, to have this many (chunk_for)
 MIN_CHUNK = 16
+KERNELS = ("chunked", "cpp", "triton")  # selective_scan's implementations of the recurrence
 
 
 def chunk_for(L: int, chunk_size: int) -> int:
@@ -72,11 +74,14 @@ def _effective_delta(delta, delta_bias, delta_softplus: bool, dtype):
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
                    initial_state=None, chunk_size: int = DEFAULT_CHUNK, return_last_state: bool = False,
-                   steps: dict | None = None, cpp: bool = False):
+                   steps: dict | None = None, kernel: str = "chunked"):
     """u, delta, z: (B, L, D); A: (D, N); B, C: (B, L, N); D, delta_bias: (D,);
     initial_state: (B, D, N) or None (zeros); steps: the loop bodies (None: eager, or compiled_steps());
-    cpp: run the recurrence in the C++ kernel (cpu_scan.py, CPU tensors) instead of the chunked schedule.
+    kernel: "chunked" (this file's schedule), "cpp" (the sequential C++ kernel, cpu_scan.py: CPU tensors) or
+    "triton" (the sequential Triton kernels, triton_scan.py: CUDA tensors, or CPU under TRITON_INTERPRET=1).
     Returns y (B, L, D) [and the last state (B, D, N)]."""
+    if kernel not in KERNELS:
+        raise ValueError(f"selective_scan kernel must be one of {KERNELS}, got {kernel!r}")
     dtype = u.dtype
     ct = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(u.device.type, enabled=False):
@@ -86,8 +91,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         h0 = None if initial_state is None else initial_state.to(ct).transpose(-1, -2)  # (B, N, D)
         args = (x, delta, A.to(ct).t().contiguous(), B.to(ct), C.to(ct), h0)  # A^T (N, D), contiguous: compiled bodies lay out their states like it
         steps = steps or EAGER_STEPS
-        if cpp:
+        if kernel == "cpp":
             y, last = selective_scan_cpp(*args)
+        elif kernel == "triton":
+            from architectures.mamba.triton_scan import selective_scan_triton  # imports triton
+
+            y, last = selective_scan_triton(*args)
         elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
             y, last = ChunkedScan.apply(*args, chunk_size, steps)
         else:

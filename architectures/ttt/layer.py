@@ -44,7 +44,6 @@ Triton kernels, cpp and scan do not apply (auto and torch: dual).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -52,7 +51,7 @@ import torch.nn.functional as F
 
 from architectures.config import ModelConfig
 from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles_periodic
-from architectures.backends import BackendUnavailable, resolve, runs
+from architectures.backends import BackendUnavailable, resolve, runs, triton_interpreting, triton_unavailable
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt import cpu_scan
 from architectures.ttt.scan import CPP, EAGER, ScanKernels
@@ -66,18 +65,6 @@ TRITON_INNERS = ("linear", "mlp")  # inner models with Triton kernels (triton_li
 # not yet timed against the dual form on a GPU, so `auto` takes them only up to this head dim (where the kernels
 # that held the weights whole ran before); `backend=triton` runs them at any.
 MLP_TRITON_AUTO_MAX_HEAD_DIM = 32
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True, head_dim: int = 64) -> str:
@@ -97,9 +84,7 @@ def resolve_ttt_backend(requested: str, inner: str, paper_f: bool = True, head_d
             return f"has no kernel for TTT-{inner}"
         if not paper_f:
             return paper_f_only
-        if not (_triton_importable() and (torch.cuda.is_available() or _triton_interpreting())):
-            return "needs triton and CUDA (or TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
-        return None
+        return triton_unavailable()
 
     def scan() -> str | None:
         if inner != "linear":
@@ -292,7 +277,7 @@ class TTTLayer(nn.Module):
             args = (self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], self.mini_batch)  # one
             #   op signature and state (InnerState) for every backend: dual.py, triton_op.py, reference.py
             if self.backend == "triton":
-                if q.device.type != "cuda" and not _triton_interpreting():
+                if q.device.type != "cuda" and not triton_interpreting():
                     raise BackendUnavailable(f"TTT backend=triton needs CUDA tensors, got {q.device}")
                 from architectures.ttt.triton_op import ttt_triton
 

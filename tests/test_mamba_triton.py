@@ -1,0 +1,129 @@
+"""Mamba-1's Triton selective scan (backend=triton, architectures/mamba/triton_scan.py) against our chunked scan
+(scan.py, itself checked against mamba-ssm's selective_scan_ref in test_mamba.py): outputs, the last state and
+every gradient, then the layer with backend=triton against backend=torch, decoding against prefill.
+
+Where CUDA is present the inputs and models live on the GPU and the kernels run compiled (`make gpu-check`); on
+CPU they run under TRITON_INTERPRET=1 (tests/conftest.py sets it). Shapes stay small either way."""
+import pytest
+import torch
+
+from architectures import ModelConfig, build_model
+from architectures.mamba.scan import EAGER_STEPS, ChunkedScan, selective_scan
+from architectures.mamba import triton_scan
+from architectures.mamba.triton_scan import BLOCK_D, SEG, selective_scan_triton
+
+F32, F64 = torch.float32, torch.float64
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the kernels run
+TOL = {F64: 1e-12, F32: 1e-5}  # the largest error over the largest value of each output and gradient
+SHORT_SEG = 8  # tokens per segment in most tests: several segments in a few tokens (the interpreter runs every
+#                token of a segment, padding included, in Python)
+
+
+@pytest.fixture
+def short_segments(monkeypatch):
+    monkeypatch.setattr(triton_scan, "SEG", SHORT_SEG)
+
+
+def recurrence_inputs(B, L, D, N, dtype, h0: bool, seed=0):
+    """The scan's own inputs (x = delta u, delta, A^T, B, C, h0), all requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    x = {"x": r(B, L, D), "delta": torch.rand(B, L, D, generator=g, dtype=dtype) * 0.5,
+         "At": -torch.rand(N, D, generator=g, dtype=dtype) * 2, "Bm": r(B, L, N), "Cm": r(B, L, N),
+         "h0": r(B, N, D) if h0 else None}
+    return {k: None if v is None else v.to(DEVICE).requires_grad_() for k, v in x.items()}
+
+
+def outputs_and_grads(scan, x: dict, seed=1):
+    """(y, last) and the gradient of a random projection of both (through the last state too) for every input."""
+    y, last = scan(*x.values())
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum() for o in (y, last))
+    leaves = [t for t in x.values() if t is not None]
+    return [y, last, *torch.autograd.grad(loss, leaves)]
+
+
+def assert_close(ours, ref, tol, names):
+    for name, a, b in zip(names, ours, ref):
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err <= tol, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("B,L,D,N,h0,seg", [
+    (2, 2 * SHORT_SEG + 3, BLOCK_D + 8, 16, True, SHORT_SEG),  # 3 segments, the last short; a partial 2nd block
+    (1, 5, 7, 3, False, SEG),  # shorter than a segment; N not a power of two
+    (1, 2 * SEG, BLOCK_D, 4, True, SEG),  # whole segments of the default length, one whole block
+])
+def test_triton_scan_equals_the_chunked_scan_forward_and_backward(B, L, D, N, h0, seg, dtype, monkeypatch):
+    monkeypatch.setattr(triton_scan, "SEG", seg)
+    x = recurrence_inputs(B, L, D, N, dtype, h0)
+    ours = outputs_and_grads(selective_scan_triton, x)
+    ref = outputs_and_grads(lambda *a: ChunkedScan.apply(*a, 16, EAGER_STEPS), x)
+    names = ["y", "last", *(k for k, v in x.items() if v is not None)]
+    assert_close(ours, ref, TOL[dtype], names)
+
+
+def test_without_a_gradient_the_forward_keeps_no_states_and_gives_the_same_numbers(short_segments):
+    x = recurrence_inputs(2, SHORT_SEG + 3, 12, 16, F64, h0=True)
+    with_grad = selective_scan_triton(*x.values())
+    with torch.no_grad():
+        without = selective_scan_triton(*x.values())
+    for a, b in zip(with_grad, without):
+        assert torch.equal(a.detach(), b)
+
+
+def test_selective_scan_with_the_triton_kernel_equals_the_chunked_one(short_segments):
+    """selective_scan(kernel="triton") around the kernel: softplus(delta + bias), D, z, the initial state (B, D, N)."""
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)
+    B, L, D, N = 2, 19, 12, 16
+    x = {"u": r(B, L, D), "delta": 0.5 * r(B, L, D), "A": -torch.rand(D, N, generator=g, dtype=F64) * 4,
+         "B": r(B, L, N), "C": r(B, L, N), "D": r(D), "z": r(B, L, D), "delta_bias": 0.5 * r(D),
+         "initial_state": r(B, D, N)}
+    x = {k: v.to(DEVICE).requires_grad_() for k, v in x.items()}
+    runs = [selective_scan(**x, return_last_state=True, kernel=k) for k in ("triton", "chunked")]
+    grads = [torch.autograd.grad(sum((o * (i + 1.5)).sum() for i, o in enumerate(run)), list(x.values()))
+             for run in runs]
+    assert_close([*runs[0], *grads[0]], [*runs[1], *grads[1]], TOL[F64], ["y", "last", *x])
+
+
+def test_the_kernel_refuses_mixed_or_half_dtypes():
+    x = recurrence_inputs(1, 4, 4, 4, F32, h0=False)
+    with pytest.raises(ValueError, match="one dtype, fp32 or fp64"):
+        selective_scan_triton(x["x"], x["delta"].double(), x["At"], x["Bm"], x["Cm"])
+    with pytest.raises(ValueError, match="one dtype, fp32 or fp64"):
+        selective_scan_triton(*(t.bfloat16() for t in (x["x"], x["delta"], x["At"], x["Bm"], x["Cm"])))
+
+
+def tiny_mamba(backend: str) -> ModelConfig:
+    return ModelConfig("mamba", 61, 32, 2, 2, 64, 256, options={"backend": backend, "chunk_size": 16})
+
+
+def test_the_layer_with_backend_triton_equals_backend_torch_forward_and_every_parameter_gradient(short_segments):
+    torch.manual_seed(0)
+    ref = build_model(tiny_mamba("torch")).to(DEVICE)
+    ours = build_model(tiny_mamba("triton")).to(DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.backends() == {"ssm": "triton"}
+    idx = torch.randint(0, 61, (2, 2 * SHORT_SEG + 5), device=DEVICE)
+    out_ref, out = ref(idx), ours(idx)
+    assert ((out - out_ref).abs().max() / out_ref.abs().max()).item() < 1e-5
+    out_ref.square().mean().backward()
+    out.square().mean().backward()
+    for (name, p_ref), p in zip(ref.named_parameters(), ours.parameters()):
+        assert ((p.grad - p_ref.grad).abs().max() / p_ref.grad.abs().max()).item() < 1e-4, name
+
+
+def test_decode_after_a_triton_prefill_equals_one_prefill(short_segments):
+    """A prefill that ends mid-segment, two tokens one at a time, then a prefill from that state (the kernel's
+    initial state), in fp64."""
+    torch.manual_seed(0)
+    model = build_model(tiny_mamba("triton")).double().to(DEVICE).eval()
+    idx = torch.randint(0, 61, (2, 30), device=DEVICE)
+    with torch.no_grad():
+        full = model(idx)
+        state = model.new_state(2, 30)
+        parts = [model(idx[:, :11], state), model(idx[:, 11:12], state), model(idx[:, 12:13], state),
+                 model(idx[:, 13:], state)]
+    assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-10
