@@ -163,15 +163,24 @@ def test_interleaved_rope_rotates_adjacent_pairs():
     torch.testing.assert_close(y[..., 2:], torch.zeros(1, 1, 1, 2))
 
 
-def test_interleaved_rope_eager_complex_form_equals_the_compiled_real_one():
-    """Eager, the interleaved rotation is one complex product; under torch.compile (no complex kernels in
-    inductor) the real-arithmetic form: the same numbers, on a head-transposed (non-contiguous) input as the
-    TTT layer passes it."""
+def _interleaved_rope_case():
+    """A head-transposed (non-contiguous) input as the TTT layer passes it, its angles, and the rotation by hand."""
     x = torch.randn(2, 37, 3, 16).transpose(1, 2)  # (B, H, T, f) view of (B, T, H, f)
     cos, sin = rope_angles(16, torch.arange(37) % 16)
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    by_hand = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return x, cos, sin, torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def test_interleaved_rope_eager_complex_form_equals_the_rotation_by_hand():
+    """Eager, the interleaved rotation is one complex product."""
+    x, cos, sin, by_hand = _interleaved_rope_case()
     torch.testing.assert_close(apply_rope(x, cos, sin, interleaved=True), by_hand, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow  # the first torch.compile of a process costs 12-19 s of inductor start-up from a cold cache
+def test_interleaved_rope_compiled_real_form_equals_the_rotation_by_hand():
+    """Under torch.compile (no complex kernels in inductor) the real-arithmetic form: the same numbers."""
+    x, cos, sin, by_hand = _interleaved_rope_case()
     compiled = torch.compile(lambda t: apply_rope(t, cos, sin, interleaved=True))
     torch.testing.assert_close(compiled(x), by_hand, rtol=1e-6, atol=1e-6)
 
@@ -194,6 +203,7 @@ def test_periodic_rope_table_equals_the_angles_it_replaces(start, T):
     torch.testing.assert_close(x.grad, (cos * sin).expand_as(x))
 
 
+@pytest.mark.slow  # a torch.compile: inductor's start-up from a cold cache
 def test_periodic_rope_under_torch_compile_computes_the_angles_in_the_graph():
     """trainer.compile=model traces the TTT layer: the periodic angles are then computed in the graph (one graph,
     no trace of the table's cache, whose wrapper dynamo would warn about on every compile), and equal eager's."""

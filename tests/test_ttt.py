@@ -376,7 +376,12 @@ def test_ttt_mlp_base_lr_warms_up_with_the_outer_lr():
     assert layer.base_lr_now == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("backend", ["scan", "dual", "cpp"])
+COMPILING = pytest.mark.slow  # torch.compile's inductor: seconds per graph from a cold cache (12-19 s for the first
+#                               of a process); it runs only where asked for (backend=scan/dual; on CPU auto is cpp)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("scan", marks=COMPILING), pytest.param("dual", marks=COMPILING),
+                                     "cpp"])
 def test_compiled_hot_path_matches_eager(backend):
     """trainer.compile=hot_path (the CPU profile) compiles the per-mini-batch work: same numbers."""
     from bench.train import compile_for_training
@@ -483,7 +488,8 @@ def _run_scan_case(leaves, offset, scan):
     return out, new, grads
 
 
-@pytest.mark.parametrize("kernels,f", [("eager", 8), ("compiled", 8), ("blocks", 8), ("cpp", 8), ("cpp", 45)])
+@pytest.mark.parametrize("kernels,f", [("eager", 8), pytest.param("compiled", 8, marks=COMPILING),
+                                       pytest.param("blocks", 8, marks=COMPILING), ("cpp", 8), ("cpp", 45)])
 @pytest.mark.parametrize("T,offset", [(87, 5), (64, 0), (16, 0)])
 def test_scan_equals_autograd_through_the_dual_form_fp64(kernels, f, T, offset):
     """Outputs, the state after the call and the gradient of every input (q, k, v, a, tok, the LN, W0, b0
