@@ -125,7 +125,7 @@ def mamba_kernels(d_state: int = 16) -> list[tuple[str, object, dict, int, int]]
     return [
         ("mamba scan forward", ts._scan_forward, {**common, "HAS_H0": False, "KEEP": True}, ts.NUM_WARPS, 3),
         ("mamba scan prefill", ts._scan_forward, {**common, "HAS_H0": True, "KEEP": False}, ts.NUM_WARPS, 3),
-        ("mamba scan backward", ts._scan_backward, {**common, "HAS_DLAST": True}, ts.NUM_WARPS, 3),
+        ("mamba scan backward", ts._scan_backward, common, ts.NUM_WARPS, 3),
     ]
 
 

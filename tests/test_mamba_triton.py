@@ -4,6 +4,8 @@ every gradient, then the layer with backend=triton against backend=torch, decodi
 
 Where CUDA is present the inputs and models live on the GPU and the kernels run compiled (`make gpu-check`); on
 CPU they run under TRITON_INTERPRET=1 (tests/conftest.py sets it). Shapes stay small either way."""
+import copy
+
 import pytest
 import torch
 
@@ -96,6 +98,15 @@ def test_the_kernel_refuses_mixed_or_half_dtypes():
         selective_scan_triton(*(t.bfloat16() for t in (x["x"], x["delta"], x["At"], x["Bm"], x["Cm"])))
 
 
+def test_the_scan_operators_pass_opcheck(short_segments):
+    """The scan is two torch.library operators (forward, backward) so that torch.compile(model) traces around the
+    kernels: their schema, fake (shape-only) versions, autograd registration and AOT dispatch, as
+    torch.library.opcheck checks them, with and without an initial state."""
+    for h0 in (True, False):
+        x = recurrence_inputs(1, SHORT_SEG + 3, 12, 4, F32, h0)
+        torch.library.opcheck(triton_scan.mamba_scan, (*x.values(), True))
+
+
 def tiny_mamba(backend: str) -> ModelConfig:
     return ModelConfig("mamba", 61, 32, 2, 2, 64, 256, options={"backend": backend, "chunk_size": 16})
 
@@ -127,3 +138,19 @@ def test_decode_after_a_triton_prefill_equals_one_prefill(short_segments):
         parts = [model(idx[:, :11], state), model(idx[:, 11:12], state), model(idx[:, 12:13], state),
                  model(idx[:, 13:], state)]
     assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-10
+
+
+@pytest.mark.slow  # torch.compile: inductor from a cold cache (on a GPU, `make gpu-check` runs it)
+def test_compiled_model_equals_eager_forward_and_every_parameter_gradient(short_segments):
+    """trainer.compile=model: torch.compile traces the mixer around the scan's operators (one graph): the same
+    outputs and parameter gradients as the eager model."""
+    torch.manual_seed(0)
+    eager = build_model(tiny_mamba("triton")).to(DEVICE)
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    idx = torch.randint(0, 61, (2, 2 * SHORT_SEG + 5), device=DEVICE)
+    outs = [m(idx) for m in (eager, compiled)]
+    assert ((outs[1] - outs[0]).abs().max() / outs[0].abs().max()).item() < 1e-5
+    for out in outs:
+        out.square().mean().backward()
+    for (name, p), p_c in zip(eager.named_parameters(), compiled.parameters()):
+        assert ((p_c.grad - p.grad).abs().max() / p.grad.abs().max()).item() < 1e-4, name

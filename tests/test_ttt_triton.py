@@ -218,6 +218,36 @@ def test_layer_backends_agree_forward_and_backward(inner, backbone):
         assert rel_rmse(p.grad, p_ref.grad) < max(TOL, 1e-4), name
 
 
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_the_prefill_operators_pass_opcheck(inner):
+    """The prefill is two torch.library operators (forward, backward) so that torch.compile(model) traces around
+    the kernels: their schema, fake (shape-only) versions, autograd registration and AOT dispatch, as
+    torch.library.opcheck checks them, with a trailing partial mini-batch and W0 shared by the batch."""
+    x = inputs(inner, B=1, H=1, T=B_MB + 5, f=16)
+    params = [x[n] for n in PARAMS[inner]]
+    op = {"linear": triton_linear.linear_prefill, "mlp": triton_mlp.mlp_prefill}[inner]
+    torch.library.opcheck(op, (*(x[n] for n in IO), *params, 1, True))
+
+
+@pytest.mark.slow  # torch.compile: inductor from a cold cache (on a GPU, `make gpu-check` runs it)
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp"])
+def test_compiled_model_equals_eager_forward_and_every_parameter_gradient(arch):
+    """trainer.compile=model: torch.compile traces the model around the kernels' operators in one graph (the glue
+    fuses, the kernels run as they are): the same outputs and parameter gradients as the eager model."""
+    torch.manual_seed(0)
+    inner = arch.split("_")[1]
+    cfg = ModelConfig(arch, 61, 32, 1, 2, 64, 64, options={"inner": inner, "mini_batch": B_MB, "backend": "triton"})
+    eager = build_model(cfg).to(DEVICE)
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    idx = torch.randint(0, 61, (2, 2 * B_MB + 5), device=DEVICE)
+    outs = [m(idx) for m in (eager, compiled)]
+    assert rel_rmse(outs[1], outs[0]) < 1e-5
+    for out in outs:
+        out.square().mean().backward()
+    for (name, p), p_c in zip(eager.named_parameters(), compiled.parameters()):
+        assert rel_rmse(p_c.grad, p.grad) < 1e-4, name
+
+
 @pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp"])
 def test_generate_with_the_triton_decode_kernel_equals_one_prefill(arch):
     """Prefill 7 tokens, decode 26 one at a time through the cache (decode kernel), as one prefill. TTT-Linear

@@ -74,8 +74,7 @@ def _scan_forward(X, DL, AT, BM, CM, H0, Y, LAST, CKPT, seq_len, d_inner, N: tl.
 
 @triton.jit
 def _scan_backward(X, DL, AT, BM, CM, CKPT, DY, DLAST, DX, DDL, DAT, DB, DC, DH0, SCRATCH, seq_len, d_inner,
-                   N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SEG: tl.constexpr,
-                   HAS_DLAST: tl.constexpr):
+                   N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SEG: tl.constexpr):
     """Every gradient of _scan_forward's (y, last): dx, d(delta) (B, L, D); dA^T and dh0 (B, N, D); dB and dC per
     block of channels (B, blocks, L, N)."""
     row = tl.program_id(0).to(tl.int64)
@@ -86,10 +85,7 @@ def _scan_backward(X, DL, AT, BM, CM, CKPT, DY, DLAST, DX, DDL, DAT, DB, DC, DH0
     state_at = offs_n[:, None] * d_inner + offs_d[None, :]
     mask_s = mask_n[:, None] & mask_d[None, :]
     At = tl.load(AT + state_at, mask=mask_s, other=0.0)
-    if HAS_DLAST:
-        ag = tl.load(DLAST + row * N * d_inner + state_at, mask=mask_s, other=0.0)  # a_{t+1} g_{t+1}
-    else:
-        ag = tl.zeros((BLOCK_N, BLOCK_D), dtype=At.dtype)
+    ag = tl.load(DLAST + row * N * d_inner + state_at, mask=mask_s, other=0.0)  # a_{t+1} g_{t+1}
     dAt = tl.zeros((BLOCK_N, BLOCK_D), dtype=At.dtype)
     tile_at = offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # one state in the scratch
     scratch = SCRATCH + (row * n_blk + blk) * (SEG + 1) * BLOCK_N * BLOCK_D  # slot j: h before token t0 + j
@@ -134,42 +130,68 @@ def _grid(x: torch.Tensor) -> tuple[int, int]:
     return x.shape[0], triton.cdiv(x.shape[2], BLOCK_D)
 
 
-def _forward(x, delta, At, Bm, Cm, h0, keep_states: bool):
-    """y (B, L, D), the last state (B, N, D) and, if keep_states, the state every SEG tokens (B, L / SEG, N, D)."""
+# -- the scan as two operators (torch.library): torch.compile(model) traces around them, as around a matmul ----
+
+@torch.library.custom_op("ttt_bench::mamba_scan", mutates_args=())
+def mamba_scan(x: torch.Tensor, delta: torch.Tensor, At: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
+               h0: torch.Tensor | None, keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (B, L, D), the last state (B, N, D) and the state every SEG tokens (B, L / SEG, N, D) for the backward
+    (keep_states; else one unused slot). Inputs contiguous, of one dtype (selective_scan_triton)."""
     (Bsz, L, D), N = x.shape, At.shape[0]
     y, last = torch.empty_like(x), x.new_empty(Bsz, N, D)
-    ckpt = x.new_empty(Bsz, triton.cdiv(L, SEG), N, D) if keep_states else None
-    _scan_forward[_grid(x)](x, delta, At, Bm, Cm, x if h0 is None else h0, y, last, last if ckpt is None else ckpt,
-                            L, D, N=N, BLOCK_N=triton.next_power_of_2(N), BLOCK_D=BLOCK_D, SEG=SEG,
-                            HAS_H0=h0 is not None, KEEP=keep_states, num_warps=NUM_WARPS)
+    ckpt = x.new_empty(Bsz, triton.cdiv(L, SEG) if keep_states else 1, N, D)
+    _scan_forward[_grid(x)](x, delta, At, Bm, Cm, x if h0 is None else h0, y, last, ckpt, L, D, N=N,
+                            BLOCK_N=triton.next_power_of_2(N), BLOCK_D=BLOCK_D, SEG=SEG, HAS_H0=h0 is not None,
+                            KEEP=keep_states, num_warps=NUM_WARPS)
     return y, last, ckpt
 
 
-class SelectiveScanTriton(torch.autograd.Function):
-    """(x = delta * u, delta, A^T, B, C, h0) -> (y = sum_n C h, last state), as scan.ChunkedScan."""
+@mamba_scan.register_fake
+def _(x, delta, At, Bm, Cm, h0, keep_states):
+    (Bsz, L, D), N = x.shape, At.shape[0]
+    return torch.empty_like(x), x.new_empty(Bsz, N, D), x.new_empty(Bsz, -(-L // SEG) if keep_states else 1, N, D)
 
-    @staticmethod
-    def forward(ctx, x, delta, At, Bm, Cm, h0):
-        y, last, ckpt = _forward(x, delta, At, Bm, Cm, h0, keep_states=True)
-        ctx.save_for_backward(x, delta, At, Bm, Cm, ckpt)
-        ctx.has_h0 = h0 is not None
-        return y, last
 
-    @staticmethod
-    def backward(ctx, dy, dlast):
-        x, delta, At, Bm, Cm, ckpt = ctx.saved_tensors
-        (Bsz, L, D), N = x.shape, At.shape[0]
-        grid = _grid(x)
-        block_n = triton.next_power_of_2(N)
-        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
-        dx, ddelta = torch.empty_like(x), torch.empty_like(x)
-        dAt, dh0 = x.new_empty(Bsz, N, D), x.new_empty(Bsz, N, D)
-        dB, dC = x.new_empty(Bsz, grid[1], L, N), x.new_empty(Bsz, grid[1], L, N)  # per block: summed below
-        scratch = x.new_empty(Bsz * grid[1], SEG + 1, block_n, BLOCK_D)
-        _scan_backward[grid](x, delta, At, Bm, Cm, ckpt, dy, x if dlast is None else dlast.contiguous(), dx, ddelta,
-                             dAt, dB, dC, dh0, scratch, L, D, N=N, BLOCK_N=block_n, BLOCK_D=BLOCK_D, SEG=SEG,
-                             HAS_DLAST=dlast is not None, num_warps=NUM_WARPS)
-        return dx, ddelta, dAt.sum(0), dB.sum(1), dC.sum(1), dh0 if ctx.has_h0 else None
+@torch.library.custom_op("ttt_bench::mamba_scan_backward", mutates_args=())
+def mamba_scan_backward(x: torch.Tensor, delta: torch.Tensor, At: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
+                        ckpt: torch.Tensor, dy: torch.Tensor, dlast: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of x, delta, A^T, B, C and h0 from those of y and the last state."""
+    (Bsz, L, D), N = x.shape, At.shape[0]
+    grid = _grid(x)
+    block_n = triton.next_power_of_2(N)
+    dx, ddelta = torch.empty_like(x), torch.empty_like(x)
+    dAt, dh0 = x.new_empty(Bsz, N, D), x.new_empty(Bsz, N, D)
+    dB, dC = x.new_empty(Bsz, grid[1], L, N), x.new_empty(Bsz, grid[1], L, N)  # per block: summed below
+    scratch = x.new_empty(Bsz * grid[1], SEG + 1, block_n, BLOCK_D)
+    _scan_backward[grid](x, delta, At, Bm, Cm, ckpt, dy.contiguous(), dlast.contiguous(), dx, ddelta, dAt, dB, dC,
+                         dh0, scratch, L, D, N=N, BLOCK_N=block_n, BLOCK_D=BLOCK_D, SEG=SEG, num_warps=NUM_WARPS)
+    return dx, ddelta, dAt.sum(0), dB.sum(1), dC.sum(1), dh0
+
+
+@mamba_scan_backward.register_fake
+def _(x, delta, At, Bm, Cm, ckpt, dy, dlast):
+    (Bsz, L, D), N = x.shape, At.shape[0]
+    return (torch.empty_like(x), torch.empty_like(x), torch.empty_like(At), torch.empty_like(Bm), torch.empty_like(Cm),
+            x.new_empty(Bsz, N, D))
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, delta, At, Bm, Cm, h0, _keep = inputs
+    ctx.save_for_backward(x, delta, At, Bm, Cm, output[2])
+    ctx.has_h0 = h0 is not None
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, dy, dlast, _dckpt):
+    x, delta, At, Bm, Cm, ckpt = ctx.saved_tensors
+    dy = torch.zeros_like(x) if dy is None else dy
+    dlast = x.new_zeros(x.shape[0], At.shape[0], x.shape[2]) if dlast is None else dlast
+    dx, ddelta, dAt, dB, dC, dh0 = mamba_scan_backward(x, delta, At, Bm, Cm, ckpt, dy, dlast)
+    return dx, ddelta, dAt, dB, dC, dh0 if ctx.has_h0 else None, None
+
+
+mamba_scan.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def selective_scan_triton(x, delta, At, Bm, Cm, h0=None):
@@ -181,6 +203,6 @@ def selective_scan_triton(x, delta, At, Bm, Cm, h0=None):
     if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64}:
         got = ", ".join(sorted(map(str, dtypes)))
         raise ValueError(f"the Triton selective scan takes tensors of one dtype, fp32 or fp64; got {got}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return SelectiveScanTriton.apply(*args)
-    return _forward(*args, keep_states=False)[:2]
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    y, last, _ = mamba_scan(*args, keep)
+    return y, last

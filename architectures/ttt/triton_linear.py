@@ -315,7 +315,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
                 T, H, n_full, n_ckpt, group, gi, eps,
                 F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, PHASE: tl.constexpr, FIRST: tl.constexpr,
                 PREC: tl.constexpr):
-    """One phase of the backward (TTTLinearFunction.backward launches them in turn). PHASE "partial": a trailing
+    """One phase of the backward (linear_prefill_backward launches them in turn). PHASE "partial": a trailing
     partial mini-batch (its outputs used the final committed state; it changed no state); "recompute": the states
     inside group gi (counted from the last) from its checkpoint, slot to slot in WS, BS; "reverse": the
     mini-batches of group gi, the last first. dW is carried in place at DW0 and db, dgamma, dbeta, dtok at DB0,
@@ -502,72 +502,116 @@ def launch_settings(**changes):
             setattr(LAUNCH, f.name, getattr(old, f.name))
 
 
-class TTTLinearFunction(torch.autograd.Function):
-    """Whole sequences from a mini-batch boundary. Inputs q, k, v (B, H, T, f), a (B, H, T), tok (b,),
-    ln_w, ln_b (H, f), W0 (B|1, H, f, f), b0 (B|1, H, f). Outputs out (B, H, T, f) in q's dtype and the
-    state after T tokens: W, b (fp32, committed) and the partial mini-batch's accumulators."""
+# -- the prefill as two operators (torch.library): torch.compile(model) traces around them, as around a matmul --
 
-    @staticmethod
-    def forward(ctx, q, k, v, a, tok, ln_w, ln_b, W0, b0, group: int):
-        Bsz, H, T, f = q.shape
-        MB = tok.shape[0]
-        n_full, partial = T // MB, T % MB
-        n_ckpt = max(1, math.ceil(n_full / group))
-        q, k, v, a = (x.contiguous() for x in (q, k, v, a))
-        f32 = dict(device=q.device, dtype=torch.float32)
-        tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
-        W0c, b0c = W0.float().contiguous(), b0.float().contiguous()
-        out = torch.empty_like(q)
-        Wn, bn = torch.empty(Bsz, H, f, f, **f32), torch.empty(Bsz, H, f, **f32)
-        aw, ab = torch.zeros(Bsz, H, f, f, **f32), torch.zeros(Bsz, H, f, **f32)
-        save = any(ctx.needs_input_grad)
-        wc = torch.empty(Bsz, H, n_ckpt if save else 1, f, f, **f32)
-        bc = torch.empty(Bsz, H, n_ckpt if save else 1, f, **f32)
-        for part in (False, True)[: 1 + (partial > 0)]:  # the whole mini-batches, then a trailing partial one
-            _fwd_kernel[(Bsz * H,)](
-                q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
-                T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
-                LN_EPS, F=f, BF=_block(f), MB=MB, PARTIAL=part, SAVE=bool(save), PREC=LAUNCH.precision,
-                num_warps=LAUNCH.warps("linear", "fwd"), num_stages=LAUNCH.num_stages)
-        ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn)
-        ctx.meta = (group, n_full, n_ckpt, partial, W0.shape, b0.shape, tok.dtype, ln_w.dtype, W0.dtype)
-        ctx.mark_non_differentiable(aw, ab)
-        return out, Wn, bn, aw, ab
+@torch.library.custom_op("ttt_bench::linear_prefill", mutates_args=())
+def linear_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, tok: torch.Tensor,
+                   ln_w: torch.Tensor, ln_b: torch.Tensor, W0: torch.Tensor, b0: torch.Tensor, group: int,
+                   save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor]:
+    """Whole sequences from a mini-batch boundary. q, k, v (B, H, T, f) and a (B, H, T) contiguous, tok (b,), ln_w,
+    ln_b (H, f), W0 (B|1, H, f, f), b0 (B|1, H, f). Returns out (B, H, T, f) in q's dtype; the state after T tokens:
+    W, b (fp32, committed) and a trailing partial mini-batch's accumulators; and, for the backward (save), the
+    state every `group` mini-batches (B, H, n_ckpt, f, f) / (B, H, n_ckpt, f) (one unused slot without save)."""
+    Bsz, H, T, f = q.shape
+    MB = tok.shape[0]
+    n_full, partial = T // MB, T % MB
+    n_ckpt = _checkpoints(n_full, group)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
+    W0c, b0c = W0.float().contiguous(), b0.float().contiguous()
+    out = torch.empty_like(q)
+    Wn, bn = torch.empty(Bsz, H, f, f, **f32), torch.empty(Bsz, H, f, **f32)
+    aw, ab = torch.zeros(Bsz, H, f, f, **f32), torch.zeros(Bsz, H, f, **f32)
+    wc = torch.empty(Bsz, H, n_ckpt if save else 1, f, f, **f32)
+    bc = torch.empty(Bsz, H, n_ckpt if save else 1, f, **f32)
+    for part in (False, True)[: 1 + (partial > 0)]:  # the whole mini-batches, then a trailing partial one
+        _fwd_kernel[(Bsz * H,)](
+            q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
+            T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
+            LN_EPS, F=f, BF=_block(f), MB=MB, PARTIAL=part, SAVE=save, PREC=LAUNCH.precision,
+            num_warps=LAUNCH.warps("linear", "fwd"), num_stages=LAUNCH.num_stages)
+    return out, Wn, bn, aw, ab, wc, bc
 
-    @staticmethod
-    def backward(ctx, dout, dWn, dbn, _daw, _dab):
-        q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn = ctx.saved_tensors
-        group, n_full, n_ckpt, partial, w_shape, b_shape, tok_dtype, ln_dtype, w_dtype = ctx.meta
-        Bsz, H, T, f = q.shape
-        MB = tok32.shape[0]
-        f32 = dict(device=q.device, dtype=torch.float32)
-        dout = torch.zeros_like(q) if dout is None else dout.contiguous()
-        dWn = torch.zeros(Bsz, H, f, f, **f32) if dWn is None else dWn.float().contiguous()
-        dbn = torch.zeros(Bsz, H, f, **f32) if dbn is None else dbn.float().contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        da = torch.empty_like(a)
-        dtok = torch.empty(Bsz, H, MB, **f32)
-        dlnw, dlnb = torch.empty(Bsz, H, f, **f32), torch.empty(Bsz, H, f, **f32)
-        dW0, db0 = torch.empty(Bsz, H, f, f, **f32), torch.empty(Bsz, H, f, **f32)
-        ws, bs = torch.empty(Bsz, H, group, f, f, **f32), torch.empty(Bsz, H, group, f, **f32)
 
-        def launch(phase: str, first: bool, gi: int = 0):
-            _bwd_kernel[(Bsz * H,)](
-                q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn, dout, dWn, dbn,
-                dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
-                T, H, n_full, n_ckpt, group, gi, LN_EPS,
-                F=f, BF=_block(f), MB=MB, PHASE=phase, FIRST=first, PREC=LAUNCH.precision,
-                num_warps=LAUNCH.warps("linear", "bwd"), num_stages=LAUNCH.num_stages)
+def _checkpoints(n_full: int, group: int) -> int:
+    """States the forward saves for the backward: one every `group` mini-batches (integer arithmetic: under
+    torch.compile n_full may be symbolic)."""
+    return max(1, -(-n_full // group))
 
-        if partial:  # a trailing partial mini-batch first, then the groups of whole ones, the last first
-            launch("partial", True)
-        for gi in range(n_ckpt if n_full else 0):
-            launch("recompute", False, gi)
-            launch("reverse", gi == 0 and not partial, gi)
-        if w_shape[0] == 1:
-            dW0, db0 = dW0.sum(0, keepdim=True), db0.sum(0, keepdim=True)
-        return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),
-                dW0.to(w_dtype), db0.to(w_dtype), None)
+
+@linear_prefill.register_fake
+def _(q, k, v, a, tok, ln_w, ln_b, W0, b0, group, save):
+    Bsz, H, T, f = q.shape
+    nc = _checkpoints(T // tok.shape[0], group) if save else 1
+    fp32 = lambda *shape: q.new_empty(*shape, dtype=torch.float32)
+    return (torch.empty_like(q), fp32(Bsz, H, f, f), fp32(Bsz, H, f), fp32(Bsz, H, f, f), fp32(Bsz, H, f),
+            fp32(Bsz, H, nc, f, f), fp32(Bsz, H, nc, f))
+
+
+@torch.library.custom_op("ttt_bench::linear_prefill_backward", mutates_args=())
+def linear_prefill_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, tok: torch.Tensor,
+                            ln_w: torch.Tensor, ln_b: torch.Tensor, W0: torch.Tensor, b0: torch.Tensor,
+                            wc: torch.Tensor, bc: torch.Tensor, Wn: torch.Tensor, bn: torch.Tensor,
+                            dout: torch.Tensor, dWn: torch.Tensor, dbn: torch.Tensor,
+                            group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of linear_prefill's inputs q .. b0 (each like its input) from those of out, W and b."""
+    Bsz, H, T, f = q.shape
+    MB = tok.shape[0]
+    n_full, partial = T // MB, T % MB
+    n_ckpt = _checkpoints(n_full, group)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
+    dout, dWn, dbn = dout.contiguous(), dWn.float().contiguous(), dbn.float().contiguous()
+    dq, dk, dv, da = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(a)
+    dtok = torch.empty(Bsz, H, MB, **f32)
+    dlnw, dlnb = torch.empty(Bsz, H, f, **f32), torch.empty(Bsz, H, f, **f32)
+    dW0, db0 = torch.empty(Bsz, H, f, f, **f32), torch.empty(Bsz, H, f, **f32)
+    ws, bs = torch.empty(Bsz, H, group, f, f, **f32), torch.empty(Bsz, H, group, f, **f32)
+
+    def launch(phase: str, first: bool, gi: int = 0):
+        _bwd_kernel[(Bsz * H,)](
+            q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn, dout, dWn, dbn,
+            dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
+            T, H, n_full, n_ckpt, group, gi, LN_EPS,
+            F=f, BF=_block(f), MB=MB, PHASE=phase, FIRST=first, PREC=LAUNCH.precision,
+            num_warps=LAUNCH.warps("linear", "bwd"), num_stages=LAUNCH.num_stages)
+
+    if partial:  # a trailing partial mini-batch first, then the groups of whole ones, the last first
+        launch("partial", True)
+    for gi in range(n_ckpt if n_full else 0):
+        launch("recompute", False, gi)
+        launch("reverse", gi == 0 and not partial, gi)
+    if W0.shape[0] == 1:
+        dW0, db0 = dW0.sum(0, keepdim=True), db0.sum(0, keepdim=True)
+    return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok.dtype), dlnw.sum(0).to(ln_w.dtype), dlnb.sum(0).to(ln_b.dtype),
+            dW0.to(W0.dtype), db0.to(b0.dtype))
+
+
+@linear_prefill_backward.register_fake
+def _(q, k, v, a, tok, ln_w, ln_b, W0, b0, wc, bc, Wn, bn, dout, dWn, dbn, group):
+    return tuple(torch.empty_like(x) for x in (q, k, v, a, tok, ln_w, ln_b, W0, b0))
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, a, tok, ln_w, ln_b, W0, b0, group, _save = inputs
+    _out, Wn, bn, aw, ab, wc, bc = output
+    ctx.save_for_backward(q, k, v, a, tok, ln_w, ln_b, W0, b0, wc, bc, Wn, bn)
+    ctx.group = group
+    ctx.mark_non_differentiable(aw, ab, wc, bc)
+
+
+def _backward(ctx, dout, dWn, dbn, *_):
+    q, k, v, a, tok, ln_w, ln_b, W0, b0, wc, bc, Wn, bn = ctx.saved_tensors
+    dout = torch.zeros_like(q) if dout is None else dout
+    dWn = torch.zeros_like(Wn) if dWn is None else dWn
+    dbn = torch.zeros_like(bn) if dbn is None else dbn
+    grads = linear_prefill_backward(q, k, v, a, tok, ln_w, ln_b, W0, b0, wc, bc, Wn, bn, dout, dWn, dbn, ctx.group)
+    return (*grads, None, None)
+
+
+linear_prefill.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 # -- the interface the layer uses (the same in triton_mlp.py) ------------------------------------
@@ -578,7 +622,10 @@ PARAMS = ("W", "b")
 def prefill(q, k, v, a, tok, ln_w, ln_b, params: dict, group: int = DEFAULT_GROUP):
     """out (B, H, T, f), the inner weights after T tokens and a trailing partial mini-batch's accumulators,
     as dicts keyed W, b (b as (B, H, f))."""
-    out, W, b, GW, Gb = TTTLinearFunction.apply(q, k, v, a, tok, ln_w, ln_b, params["W"], params["b"], group)
+    q, k, v, a = (x.contiguous() for x in (q, k, v, a))  # saved for the backward as the kernels read them
+    inputs = (q, k, v, a, tok, ln_w, ln_b, params["W"], params["b"])
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    out, W, b, GW, Gb, _, _ = linear_prefill(*inputs, group, save)
     return out, {"W": W, "b": b}, {"W": GW, "b": Gb}
 
 

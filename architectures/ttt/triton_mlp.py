@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 
 from architectures.ttt.inner import LN_EPS
-from architectures.ttt.triton_linear import (DEFAULT_GROUP, LAUNCH, _block, _group_backwards, _ln_grad_vjp,
-                                             _ln_loss_grad, _ln_stats, _ln_vjp, _load_minibatch, _load_outer,
-                                             _load_carried_grads, _load_qkva, _load_rows, _store_carried_grads,
-                                             _store_rows, decode_warps)
+from architectures.ttt.triton_linear import (DEFAULT_GROUP, LAUNCH, _block, _checkpoints, _group_backwards,
+                                             _ln_grad_vjp, _ln_loss_grad, _ln_stats, _ln_vjp, _load_minibatch,
+                                             _load_outer, _load_carried_grads, _load_qkva, _load_rows,
+                                             _store_carried_grads, _store_rows, decode_warps)
 
 
 @triton.jit
@@ -553,74 +553,119 @@ def _shapes(Bsz, H, f):
     return {"W1": (Bsz, H, f, 4 * f), "b1": (Bsz, H, 4 * f), "W2": (Bsz, H, 4 * f, f), "b2": (Bsz, H, f)}
 
 
-class TTTMLPFunction(torch.autograd.Function):
-    """As triton_linear.TTTLinearFunction, with the inner weights W1 (B|1, H, f, 4f), b1 (B|1, H, 4f),
-    W2 (B|1, H, 4f, f), b2 (B|1, H, f)."""
+# -- the prefill as two operators (torch.library), as triton_linear.linear_prefill ---------------------------
 
-    @staticmethod
-    def forward(ctx, q, k, v, a, tok, ln_w, ln_b, W1, b1, W2, b2, group: int):
-        Bsz, H, T, f = q.shape
-        MB = tok.shape[0]
-        n_full, partial = T // MB, T % MB
-        n_ckpt = max(1, math.ceil(n_full / group))
-        q, k, v, a = (x.contiguous() for x in (q, k, v, a))
-        f32 = dict(device=q.device, dtype=torch.float32)
-        tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
-        init = [p.float().contiguous() for p in (W1, b1, W2, b2)]
-        shapes = _shapes(Bsz, H, f)
-        new = [torch.empty(shapes[n], **f32) for n in PARAMS]
-        acc = [torch.zeros(shapes[n], **f32) for n in PARAMS]
-        save = any(ctx.needs_input_grad)
-        nc = n_ckpt if save else 1
-        ckpt = [torch.empty(Bsz, H, nc, *shapes[n][2:], **f32) for n in PARAMS]
-        strides = [0 if p.shape[0] == 1 else p[0].numel() for p in init]
-        out = torch.empty_like(q)
-        for part in (False, True)[: 1 + (partial > 0)]:  # the whole mini-batches, then a trailing partial one
-            _fwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *init, out, *new, *acc, *ckpt,
-                                    T, H, n_full, n_ckpt, group, *strides, LN_EPS,
-                                    F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part, SAVE=bool(save),
-                                    PREC=LAUNCH.precision, num_warps=LAUNCH.warps("mlp", "fwd"),
-                                    num_stages=LAUNCH.num_stages)
-        ctx.save_for_backward(q, k, v, a, tok32, lnw, lnb, *ckpt, *new)
-        ctx.meta = (group, n_full, n_ckpt, partial, [p.shape for p in (W1, b1, W2, b2)], tok.dtype, ln_w.dtype,
-                    W1.dtype)
-        ctx.mark_non_differentiable(*acc)
-        return (out, *new, *acc)
+Tensors11 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Tensors13 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-    @staticmethod
-    def backward(ctx, dout, dW1n, db1n, dW2n, db2n, *_dacc):
-        q, k, v, a, tok32, lnw, lnb, *rest = ctx.saved_tensors
-        ckpt, new = rest[:4], rest[4:]
-        group, n_full, n_ckpt, partial, shapes_in, tok_dtype, ln_dtype, w_dtype = ctx.meta
-        Bsz, H, T, f = q.shape
-        MB = tok32.shape[0]
-        f32 = dict(device=q.device, dtype=torch.float32)
-        shapes = _shapes(Bsz, H, f)
-        dout = torch.zeros_like(q) if dout is None else dout.contiguous()
-        dnext = [torch.zeros(shapes[n], **f32) if g is None else g.float().contiguous()
-                 for n, g in zip(PARAMS, (dW1n, db1n, dW2n, db2n))]
-        dq, dk, dv, da = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(a)
-        dtok = torch.empty(Bsz, H, MB, **f32)
-        dlnw, dlnb = torch.empty(Bsz, H, f, **f32), torch.empty(Bsz, H, f, **f32)
-        dinit = [torch.empty(shapes[n], **f32) for n in PARAMS]
-        scratch = [torch.empty(Bsz, H, group, *shapes[n][2:], **f32) for n in PARAMS]  # the group's states
-        tiles = torch.empty(Bsz, H, 6, MB, 4 * f, **f32)  # per program: Zbar1, dZbar1, dP, dX2, ds1; G2, dZbar2, dZ2
-        for part in (True, False)[partial == 0:]:  # a trailing partial mini-batch first, then the whole ones
-            _bwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *ckpt, *new, dout, *dnext,
-                                    dq, dk, dv, da, dtok, dlnw, dlnb, *dinit, *scratch, tiles,
-                                    T, H, n_full, n_ckpt if n_full else 0, group, tiles[0, 0].numel(), LN_EPS,
-                                    F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part,
-                                    AFTER_PARTIAL=partial > 0 and not part, PREC=LAUNCH.precision,
-                                    num_warps=LAUNCH.warps("mlp", "bwd"), num_stages=LAUNCH.num_stages)
-        dinit = [(g.sum(0, keepdim=True) if s[0] == 1 else g).to(w_dtype) for g, s in zip(dinit, shapes_in)]
-        return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok_dtype), dlnw.sum(0).to(ln_dtype), dlnb.sum(0).to(ln_dtype),
-                *dinit, None)
+
+@torch.library.custom_op("ttt_bench::mlp_prefill", mutates_args=())
+def mlp_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, tok: torch.Tensor,
+                ln_w: torch.Tensor, ln_b: torch.Tensor, W1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor,
+                b2: torch.Tensor, group: int, save: bool) -> Tensors13:
+    """As triton_linear.linear_prefill, with the inner weights W1 (B|1, H, f, 4f), b1 (B|1, H, 4f), W2 (B|1, H, 4f,
+    f), b2 (B|1, H, f). Returns out, the four new weights, their four accumulators and the four states saved every
+    `group` mini-batches."""
+    Bsz, H, T, f = q.shape
+    MB = tok.shape[0]
+    n_full, partial = T // MB, T % MB
+    n_ckpt = _checkpoints(n_full, group)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
+    init = [p.float().contiguous() for p in (W1, b1, W2, b2)]
+    shapes = _shapes(Bsz, H, f)
+    new = [torch.empty(shapes[n], **f32) for n in PARAMS]
+    acc = [torch.zeros(shapes[n], **f32) for n in PARAMS]
+    ckpt = [torch.empty(Bsz, H, n_ckpt if save else 1, *shapes[n][2:], **f32) for n in PARAMS]
+    strides = [0 if p.shape[0] == 1 else p[0].numel() for p in init]
+    out = torch.empty_like(q)
+    for part in (False, True)[: 1 + (partial > 0)]:  # the whole mini-batches, then a trailing partial one
+        _fwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *init, out, *new, *acc, *ckpt,
+                                T, H, n_full, n_ckpt, group, *strides, LN_EPS,
+                                F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part, SAVE=save,
+                                PREC=LAUNCH.precision, num_warps=LAUNCH.warps("mlp", "fwd"),
+                                num_stages=LAUNCH.num_stages)
+    return (out, *new, *acc, *ckpt)
+
+
+@mlp_prefill.register_fake
+def _(q, k, v, a, tok, ln_w, ln_b, W1, b1, W2, b2, group, save):
+    Bsz, H, T, f = q.shape
+    nc = _checkpoints(T // tok.shape[0], group) if save else 1
+    shapes = _shapes(Bsz, H, f)
+    fp32 = lambda shape: q.new_empty(shape, dtype=torch.float32)
+    return (torch.empty_like(q), *(fp32(shapes[n]) for n in PARAMS), *(fp32(shapes[n]) for n in PARAMS),
+            *(fp32((Bsz, H, nc, *shapes[n][2:])) for n in PARAMS))
+
+
+@torch.library.custom_op("ttt_bench::mlp_prefill_backward", mutates_args=())
+def mlp_prefill_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, tok: torch.Tensor,
+                         ln_w: torch.Tensor, ln_b: torch.Tensor, W1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor,
+                         b2: torch.Tensor, ckpt: list[torch.Tensor], new: list[torch.Tensor], dout: torch.Tensor,
+                         dnext: list[torch.Tensor], group: int) -> Tensors11:
+    """The gradients of mlp_prefill's inputs q .. b2 (each like its input) from those of out and the new weights
+    (dnext, in PARAMS order); ckpt and new: mlp_prefill's saved states and new weights."""
+    Bsz, H, T, f = q.shape
+    MB = tok.shape[0]
+    n_full, partial = T // MB, T % MB
+    n_ckpt = _checkpoints(n_full, group)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
+    shapes = _shapes(Bsz, H, f)
+    dout = dout.contiguous()
+    dnext = [g.float().contiguous() for g in dnext]
+    dq, dk, dv, da = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(a)
+    dtok = torch.empty(Bsz, H, MB, **f32)
+    dlnw, dlnb = torch.empty(Bsz, H, f, **f32), torch.empty(Bsz, H, f, **f32)
+    dinit = [torch.empty(shapes[n], **f32) for n in PARAMS]
+    scratch = [torch.empty(Bsz, H, group, *shapes[n][2:], **f32) for n in PARAMS]  # the group's states
+    tiles = torch.empty(Bsz, H, 6, MB, 4 * f, **f32)  # per program: Zbar1, dZbar1, dP, dX2, ds1; G2, dZbar2, dZ2
+    for part in (True, False)[partial == 0:]:  # a trailing partial mini-batch first, then the whole ones
+        _bwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *ckpt, *new, dout, *dnext,
+                                dq, dk, dv, da, dtok, dlnw, dlnb, *dinit, *scratch, tiles,
+                                T, H, n_full, n_ckpt if n_full else 0, group, tiles[0, 0].numel(), LN_EPS,
+                                F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part,
+                                AFTER_PARTIAL=partial > 0 and not part, PREC=LAUNCH.precision,
+                                num_warps=LAUNCH.warps("mlp", "bwd"), num_stages=LAUNCH.num_stages)
+    inits = (W1, b1, W2, b2)
+    dinit = [(g.sum(0, keepdim=True) if p.shape[0] == 1 else g).to(p.dtype) for g, p in zip(dinit, inits)]
+    return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok.dtype), dlnw.sum(0).to(ln_w.dtype), dlnb.sum(0).to(ln_b.dtype),
+            *dinit)
+
+
+@mlp_prefill_backward.register_fake
+def _(q, k, v, a, tok, ln_w, ln_b, W1, b1, W2, b2, ckpt, new, dout, dnext, group):
+    return tuple(torch.empty_like(x) for x in (q, k, v, a, tok, ln_w, ln_b, W1, b1, W2, b2))
+
+
+def _save_for_backward(ctx, inputs, output):
+    *tensors, group, _save = inputs
+    new, acc, ckpt = output[1:5], output[5:9], output[9:13]
+    ctx.save_for_backward(*tensors, *ckpt, *new)
+    ctx.group = group
+    ctx.mark_non_differentiable(*acc, *ckpt)
+
+
+def _backward(ctx, dout, *grads):
+    saved = ctx.saved_tensors
+    inputs, ckpt, new = saved[:11], list(saved[11:15]), list(saved[15:19])
+    dout = torch.zeros_like(inputs[0]) if dout is None else dout
+    dnext = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[:4], new)]
+    return (*mlp_prefill_backward(*inputs, ckpt, new, dout, dnext, ctx.group), None, None)
+
+
+mlp_prefill.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def prefill(q, k, v, a, tok, ln_w, ln_b, params: dict, group: int = DEFAULT_GROUP):
     """out (B, H, T, f), the inner weights after T tokens and a trailing partial mini-batch's accumulators,
     as dicts keyed W1, b1, W2, b2 (biases (B, H, n))."""
-    res = TTTMLPFunction.apply(q, k, v, a, tok, ln_w, ln_b, *[params[n] for n in PARAMS], group)
+    q, k, v, a = (x.contiguous() for x in (q, k, v, a))  # saved for the backward as the kernels read them
+    inputs = (q, k, v, a, tok, ln_w, ln_b, *[params[n] for n in PARAMS])
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    res = mlp_prefill(*inputs, group, save)
     return res[0], dict(zip(PARAMS, res[1:5])), dict(zip(PARAMS, res[5:9]))
 
 
