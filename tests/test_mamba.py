@@ -191,7 +191,8 @@ def test_cpp_scan_backward_fp64_gradcheck():
 
     def f(*leaves):
         kw = dict(zip(names, leaves[:-1]))
-        return selective_scan(**kw, delta_softplus=True, initial_state=leaves[-1], return_last_state=True, kernel="cpp")
+        return selective_scan(**kw, delta_softplus=True, initial_state=leaves[-1], return_last_state=True,
+                              kernel="cpp")
 
     assert torch.autograd.gradcheck(f, (*x.values(), h0), eps=1e-6, atol=1e-7, fast_mode=True)
 
@@ -433,7 +434,7 @@ def test_special_init_survives_the_shell(arch):
 
 
 @pytest.mark.parametrize("arch", ["mamba", "mamba2"])
-def test_backends(arch):
+def test_backends(arch, monkeypatch):
     assert resolve_backend("torch", arch) == "torch"
     cpu_only = not torch.cuda.is_available()
     expected = "cpp" if cpu_only else resolve_backend("auto", arch)
@@ -444,6 +445,10 @@ def test_backends(arch):
             build_model(tiny(arch, backend="cuda"))
     if arch == "mamba":  # by name: on CUDA, or on CPU under the interpreter (TRITON_INTERPRET=1 here); auto: CUDA
         assert resolve_backend("triton", arch) == "triton" and (expected != "triton" or not cpu_only)
+        if cpu_only:
+            monkeypatch.setenv("TRITON_INTERPRET", "0")
+            with pytest.raises(BackendUnavailable, match="backend=triton needs triton and CUDA"):
+                resolve_backend("triton", arch)
     else:
         with pytest.raises(BackendUnavailable, match="no Triton kernel of ours for Mamba-2"):
             resolve_backend("triton", arch)

@@ -15,8 +15,8 @@ registers, as mamba-ssm's CUDA kernel and our C++ one do: the work per token is 
 decays at its own rate), so there is nothing for the tensor cores, and the scan reads each input once. The
 forward saves the state every SEG tokens; the backward walks the segments last first, recomputes a segment's
 states into a per-program scratch (SEG + 1 states of N x BLOCK_D: 66 KB per program, 25 MB at 125m and batch 8,
-about an H100's L2), then runs the adjoint back over it. dB and dC sum over all channels, so each program writes partial sums (B, blocks, L, N) that the caller
-adds; dA^T likewise per sequence. Tokens past the end are read as delta = x = B = C = dy = 0: they leave the
+about an H100's L2), then runs the adjoint back over it. dB and dC sum over all channels, so each program writes
+partial sums (B, blocks, L, N) that the caller adds; dA^T likewise per sequence. Tokens past the end are read as delta = x = B = C = dy = 0: they leave the
 state and the adjoint unchanged, so every loop runs whole segments.
 
 The kernels compute in the inputs' dtype: fp32 (selective_scan upcasts bf16 first) or fp64 (tests). Forward and
