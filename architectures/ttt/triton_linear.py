@@ -513,12 +513,9 @@ def linear_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.T
     ln_b (H, f), W0 (B|1, H, f, f), b0 (B|1, H, f). Returns out (B, H, T, f) in q's dtype; the state after T tokens:
     W, b (fp32, committed) and a trailing partial mini-batch's accumulators; and, for the backward (save), the
     state every `group` mini-batches (B, H, n_ckpt, f, f) / (B, H, n_ckpt, f) (one unused slot without save)."""
-    Bsz, H, T, f = q.shape
-    MB = tok.shape[0]
-    n_full, partial = T // MB, T % MB
-    n_ckpt = _checkpoints(n_full, group)
+    Bsz, H, T, f, MB, n_full, partial, n_ckpt = prefill_shape(q, tok, group)
     f32 = dict(device=q.device, dtype=torch.float32)
-    tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
+    tok32, lnw, lnb = outer_fp32(tok, ln_w, ln_b)
     W0c, b0c = W0.float().contiguous(), b0.float().contiguous()
     out = torch.empty_like(q)
     Wn, bn = torch.empty(Bsz, H, f, f, **f32), torch.empty(Bsz, H, f, **f32)
@@ -540,6 +537,19 @@ def _checkpoints(n_full: int, group: int) -> int:
     return max(1, -(-n_full // group))
 
 
+def prefill_shape(q: torch.Tensor, tok: torch.Tensor, group: int) -> tuple[int, ...]:
+    """(B, H, T, f, the mini-batch b, whole mini-batches, tokens of a trailing partial one, states saved for the
+    backward) of a prefill of q (B, H, T, f) with token factors tok (b,) (TTT-Linear's and TTT-MLP's)."""
+    Bsz, H, T, f = q.shape
+    MB = tok.shape[0]
+    return Bsz, H, T, f, MB, T // MB, T % MB, _checkpoints(T // MB, group)
+
+
+def outer_fp32(tok: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The token factors and the inner LN's weight and bias as the prefill kernels read them: fp32, contiguous."""
+    return tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
+
+
 @linear_prefill.register_fake
 def _(q, k, v, a, tok, ln_w, ln_b, W0, b0, group, save):
     Bsz, H, T, f = q.shape
@@ -557,12 +567,9 @@ def linear_prefill_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
                             group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of linear_prefill's inputs q .. b0 (each like its input) from those of out, W and b."""
-    Bsz, H, T, f = q.shape
-    MB = tok.shape[0]
-    n_full, partial = T // MB, T % MB
-    n_ckpt = _checkpoints(n_full, group)
+    Bsz, H, T, f, MB, n_full, partial, n_ckpt = prefill_shape(q, tok, group)
     f32 = dict(device=q.device, dtype=torch.float32)
-    tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
+    tok32, lnw, lnb = outer_fp32(tok, ln_w, ln_b)
     dout, dWn, dbn = dout.contiguous(), dWn.float().contiguous(), dbn.float().contiguous()
     dq, dk, dv, da = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(a)
     dtok = torch.empty(Bsz, H, MB, **f32)

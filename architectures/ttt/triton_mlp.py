@@ -23,7 +23,8 @@ from architectures.ttt.inner import LN_EPS
 from architectures.ttt.triton_linear import (DEFAULT_GROUP, LAUNCH, _block, _checkpoints, _group_backwards,
                                              _ln_grad_vjp, _ln_loss_grad, _ln_stats, _ln_vjp, _load_minibatch,
                                              _load_outer, _load_carried_grads, _load_qkva, _load_rows,
-                                             _store_carried_grads, _store_rows, decode_warps)
+                                             _store_carried_grads, _store_rows, decode_warps,
+                                             outer_fp32, prefill_shape)
 
 
 @triton.jit
@@ -568,12 +569,9 @@ def mlp_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tens
     """As triton_linear.linear_prefill, with the inner weights W1 (B|1, H, f, 4f), b1 (B|1, H, 4f), W2 (B|1, H, 4f,
     f), b2 (B|1, H, f). Returns out, the four new weights, their four accumulators and the four states saved every
     `group` mini-batches."""
-    Bsz, H, T, f = q.shape
-    MB = tok.shape[0]
-    n_full, partial = T // MB, T % MB
-    n_ckpt = _checkpoints(n_full, group)
+    Bsz, H, T, f, MB, n_full, partial, n_ckpt = prefill_shape(q, tok, group)
     f32 = dict(device=q.device, dtype=torch.float32)
-    tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
+    tok32, lnw, lnb = outer_fp32(tok, ln_w, ln_b)
     init = [p.float().contiguous() for p in (W1, b1, W2, b2)]
     shapes = _shapes(Bsz, H, f)
     new = [torch.empty(shapes[n], **f32) for n in PARAMS]
@@ -607,12 +605,9 @@ def mlp_prefill_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
                          dnext: list[torch.Tensor], group: int) -> Tensors11:
     """The gradients of mlp_prefill's inputs q .. b2 (each like its input) from those of out and the new weights
     (dnext, in PARAMS order); ckpt and new: mlp_prefill's saved states and new weights."""
-    Bsz, H, T, f = q.shape
-    MB = tok.shape[0]
-    n_full, partial = T // MB, T % MB
-    n_ckpt = _checkpoints(n_full, group)
+    Bsz, H, T, f, MB, n_full, partial, n_ckpt = prefill_shape(q, tok, group)
     f32 = dict(device=q.device, dtype=torch.float32)
-    tok32, lnw, lnb = tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous()
+    tok32, lnw, lnb = outer_fp32(tok, ln_w, ln_b)
     shapes = _shapes(Bsz, H, f)
     dout = dout.contiguous()
     dnext = [g.float().contiguous() for g in dnext]
