@@ -93,9 +93,10 @@ def best_variants(rows: list[dict]) -> list[dict]:
              "out_rel_rmse": r.get("out_rel_rmse"), "dq_rel_rmse": r.get("dq_rel_rmse")} for k, r in best.items()]
 
 
-def throughput(out: Path) -> tuple[list[dict], list[dict]]:
-    """Training tokens/s (with the ratio to the Transformer at the same context) and decode ms per step."""
-    path = out / "results" / "throughput.csv"
+def throughput(results: Path) -> tuple[list[dict], list[dict]]:
+    """Training tokens/s (with the ratio to the Transformer at the same context) and decode ms per step, from
+    results/throughput.csv."""
+    path = results / "throughput.csv"
     if not path.exists():
         return [], []
     df = pd.read_csv(path)
@@ -105,7 +106,7 @@ def throughput(out: Path) -> tuple[list[dict], list[dict]]:
                  & (df["status"] == "ok")]
         ok = r["status"] == "ok"
         train.append({"arch": r["arch"], "size": r["size"], "ctx": int(r["ctx"]), "batch": int(r["batch"]),
-                      "backend": r["backend"], "status": r["status"],
+                      "backend": r["backend"], "compile": r.get("compile"), "status": r["status"],
                       "tokens_per_s": float(r["tokens_per_s"]) if ok else None,
                       "over_transformer": _ratio(float(r["tokens_per_s"]), float(ref["tokens_per_s"].iloc[0]))
                       if ok and len(ref) else None})
@@ -140,11 +141,16 @@ def device(out: Path) -> str | None:
 
 def report(out: Path) -> dict:
     speed = out / "results" / "bench" / "ttt_kernel_speed.json"
-    train, decode = throughput(out)
+    train, decode = throughput(out / "results")
+    train_compiled, _ = throughput(out / "results" / "compiled")  # the train-125m-compiled stage, if it ran
     variants = [r for p in sorted(out.glob("results/**/ttt_kernel_variants.json")) for r in _rows(p)]
     return {"device": device(out), "stages": stages(out), "kernel_tests": kernel_tests(out),
             "kernel_variants": variants, "best_variants": best_variants(variants),
-            "kernel_speed": kernel_ratios(_rows(speed)), "train": train, "decode": decode}
+            "kernel_speed": kernel_ratios(_rows(speed)), "train": train, "train_compiled": train_compiled,
+            "decode": decode}
+
+
+TRAIN_COLUMNS = ["arch", "size", "ctx", "batch", "backend", "compile", "status", "tokens_per_s", "over_transformer"]
 
 
 def markdown(r: dict) -> str:
@@ -155,17 +161,23 @@ def markdown(r: dict) -> str:
     variants = [{**v, "variant": f"{v['variant']['precision']}, {v['variant']['num_warps']} warps, "
                                 f"{v['variant'].get('num_stages', 3)} stages"}  # 3: Triton's default (older runs)
                 for v in r["kernel_variants"] if v.get("status") == "ok"]
-    return (f"# make gpu-check on {r['device'] or 'an unknown device'}\n\n"
-            f"## Stages\n{_table(r['stages'], ['stage', 'rc', 'took_s', 'timed_out'])}\n"
-            f"## Kernel tests on the device (tests/test_ttt_triton.py, tests/test_mamba_triton.py)\n{tests}\n{failures}\n"
-            "## Launch variants of our kernels (ms per call; error: relative RMSE against the first variant timed)\n"
-            f"{_table(variants, ['impl', 'mode', 'T', 'batch', 'ms', 'out_rel_rmse', 'dq_rel_rmse'])}\n"
-            "## Kernels: ours against fla's chunk_ttt_linear (ms per call, medians)\n"
-            f"{_table(r['kernel_speed'], ['mode', 'T', 'ttt_linear_ms', 'fla_ms', 'linear_over_fla', 'ttt_mlp_ms', 'mlp_over_linear'])}\n"
-            "## Training tokens/s (bf16; ratio to the Transformer at the same context)\n"
-            f"{_table(r['train'], ['arch', 'size', 'ctx', 'batch', 'backend', 'status', 'tokens_per_s', 'over_transformer'])}\n"
-            "## Decode step (ms per step for the whole batch)\n"
-            f"{_table(r['decode'], ['arch', 'size', 'ctx', 'batch', 'backend', 'graph', 'status', 'ms_per_step'])}")
+    sections = [
+        ("Stages", _table(r["stages"], ["stage", "rc", "took_s", "timed_out"])),
+        ("Kernel tests on the device (tests/test_ttt_triton.py, tests/test_mamba_triton.py)", f"{tests}\n{failures}"),
+        ("Launch variants of our kernels (ms per call; error: relative RMSE against the first variant timed)",
+         _table(variants, ["impl", "mode", "T", "batch", "ms", "out_rel_rmse", "dq_rel_rmse"])),
+        ("Kernels: ours against fla's chunk_ttt_linear (ms per call, medians)",
+         _table(r["kernel_speed"], ["mode", "T", "ttt_linear_ms", "fla_ms", "linear_over_fla", "ttt_mlp_ms",
+                                    "mlp_over_linear"])),
+        ("Training tokens/s (bf16; ratio to the Transformer at the same context)", _table(r["train"], TRAIN_COLUMNS)),
+    ]
+    if r.get("train_compiled"):
+        sections.append(("Training tokens/s under trainer.compile=model (the train-125m-compiled stage)",
+                         _table(r["train_compiled"], TRAIN_COLUMNS)))
+    sections.append(("Decode step (ms per step for the whole batch)",
+                     _table(r["decode"], ["arch", "size", "ctx", "batch", "backend", "graph", "status", "ms_per_step"])))
+    return f"# make gpu-check on {r['device'] or 'an unknown device'}\n\n" + "\n".join(
+        f"## {title}\n{body}" for title, body in sections)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,4 +76,21 @@ def test_report_from_stage_outputs(tmp_path):
     assert r["decode"][0]["ms_per_step"] == pytest.approx(50.0)
     md = (tmp_path / "report.md").read_text()
     assert "# make gpu-check on NVIDIA H200" in md and "2 passed, 1 failed" in md and "| 2048 | 1 | 1.25 | 0.8 |" in md
+    assert r["train_compiled"] == [] and "compile=model" not in md  # that stage did not run
+    _write(tmp_path / "results" / "compiled" / "throughput.csv",  # train-125m-compiled's, a results folder apart
+           "arch,size,mode,ctx,batch,time_per_token_s,tokens_per_s,backend,status,compile\n"
+           "ttt_linear,125m,train,2048,8,1e-5,240000,ttt=triton,ok,model\n"
+           "transformer,125m,train,2048,8,1e-5,300000,attention=sdpa,ok,model\n")
+    assert gpu_report([str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert {t["arch"]: t["over_transformer"] for t in r["train_compiled"]} == {"ttt_linear": 0.8, "transformer": 1.0}
+    assert len(r["train"]) == 3 and "## Training tokens/s under trainer.compile=model" in (
+        tmp_path / "report.md").read_text()
     assert gpu_report([str(tmp_path / "missing")]) == 2
+
+
+def test_an_unknown_stage_is_refused_before_anything_runs(tmp_path):
+    res = subprocess.run(["bash", str(ROOT / ".ci" / "gpu-check"), "--stages", "env,nope"], capture_output=True,
+                         text=True, env={**os.environ, "OUT": str(tmp_path / "out"), "PY": "false"}, timeout=30)
+    assert res.returncode == 2 and "unknown stage: nope" in res.stderr
+    assert not (tmp_path / "out" / "env.log").exists()
