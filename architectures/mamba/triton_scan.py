@@ -16,8 +16,8 @@ decays at its own rate), so there is nothing for the tensor cores, and the scan 
 forward saves the state every SEG tokens; the backward walks the segments last first, recomputes a segment's
 states into a per-program scratch (SEG + 1 states of N x BLOCK_D: 66 KB per program, 25 MB at 125m and batch 8,
 about an H100's L2), then runs the adjoint back over it. dB and dC sum over all channels, so each program writes
-partial sums (B, blocks, L, N) that the caller adds; dA^T likewise per sequence. Tokens past the end are read as delta = x = B = C = dy = 0: they leave the
-state and the adjoint unchanged, so every loop runs whole segments.
+partial sums (B, blocks, L, N) that the caller adds; dA^T likewise per sequence. Tokens past the end are read as
+delta = x = B = C = dy = 0: they leave the state and the adjoint unchanged, so every loop runs whole segments.
 
 The kernels compute in the inputs' dtype: fp32 (selective_scan upcasts bf16 first) or fp64 (tests). Forward and
 backward are torch.library operators (mamba_scan, mamba_scan_backward), so torch.compile(model) traces around
@@ -26,13 +26,27 @@ training at 125m (not yet run on a GPU).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-SEG = 32  # tokens between saved states: the checkpoints are N / SEG of x's size, the scratch SEG + 1 states
-BLOCK_D = 32  # channels per program: B x D / 32 programs (125m, batch 8: 384)
-NUM_WARPS = 4
+
+def _power_of_two_from_env(name: str, default: int, most: int) -> int:
+    """A launch setting from the environment (to time variants on a GPU without editing code), checked."""
+    value = int(os.environ.get(name, default))
+    if value < 1 or value > most or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two from 1 to {most}, got {value}")
+    return value
+
+
+# Launch settings, not yet timed on a GPU (MAMBA_TRITON_SEG, MAMBA_TRITON_BLOCK_D, MAMBA_TRITON_WARPS override)
+SEG = _power_of_two_from_env("MAMBA_TRITON_SEG", 32, 256)  # tokens between saved states: the checkpoints are
+#   N / SEG of x's size, the backward's scratch SEG + 1 states per program
+BLOCK_D = _power_of_two_from_env("MAMBA_TRITON_BLOCK_D", 32, 256)  # channels per program: B x D / 32 programs
+#   (125m, batch 8: 384)
+NUM_WARPS = _power_of_two_from_env("MAMBA_TRITON_WARPS", 4, 16)
 
 
 @triton.jit
