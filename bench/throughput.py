@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import architectures
 from architectures.sizing import MATCH_RULES
 from bench.config import UsageError, compose, group_options, model_config, parse_archs, parse_choice, parse_ctx
-from bench.latency import DECODE_ROOM, PeakMemory, prefill_and_decode
+from bench.latency import DECODE_ROOM, PeakMemory, inference_model, prefill_and_decode
 from bench.results import atomic_write_text, device_name
 from bench.threads import ThreadGovernor, configure_compute_process, omp_wait
 from bench.timing import STEADY_WINDOW_S, Timing, measure
@@ -99,7 +99,7 @@ def _row(arch, size, mode, T, B, device, model, sized, **kw) -> dict:
     return {"arch": arch, "size": size, "mode": mode, "ctx": T, "batch": B, "device": device_name(device),
             "backend": ",".join(f"{k}={v}" for k, v in sorted(model.backends().items())),
             "threads": torch.get_num_threads(), "params": model.num_params(), "match": sized.match,
-            "precision": _autocast(device)[1],
+            "precision": _autocast(device)[1],  # training's; prefill and decode rows give their own
             "d_model": sized.cfg.d_model, "layers": sized.cfg.n_layers, "graph": "", **kw}
 
 
@@ -148,6 +148,7 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
         return [{"arch": arch, "size": size, "mode": m, "ctx": T, "batch": B, "device": device_name(device),
                  "status": f"failed: {type(e).__name__}: {e}"[:300]} for m in modes for T in lengths]
     model.eval()
+    infer, infer_precision = inference_model(model, device) if {"prefill", "decode"} & set(modes) else (model, "")
     history = {m: [] for m in MODES}
     for T in lengths:
         if governor is not None:
@@ -160,17 +161,17 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                          if m in modes]
             else:
                 try:
-                    pre, mem, dec, graph = prefill_and_decode(model, B, T, device, vocab,
+                    pre, mem, dec, graph = prefill_and_decode(infer, B, T, device, vocab,
                                                               graphs and arch in ("mamba", "mamba2"))
                     history["prefill"].append((T, pre.median))
                     if "prefill" in modes:
                         rows.append(_row(arch, size, "prefill", T, B, device, model, sized, status="ok",
                                          time_per_token_s=pre.median / T, tokens_per_s=B * T / pre.median,
-                                         peak_mem_bytes=mem, **_timed(pre)))
+                                         peak_mem_bytes=mem, precision=infer_precision, **_timed(pre)))
                     if "decode" in modes:
                         rows.append(_row(arch, size, "decode", T, B, device, model, sized, status="ok",
                                          time_per_token_s=dec.median, tokens_per_s=B / dec.median,
-                                         graph=graph, **_timed(dec)))
+                                         graph=graph, precision=infer_precision, **_timed(dec)))
                 except Exception as e:
                     why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
                     rows += [_row(arch, size, m, T, B, device, model, sized, status=why)

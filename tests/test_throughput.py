@@ -80,3 +80,32 @@ def test_bad_input(tmp_path, capsys, args, message):
     assert main([*args, "--results", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "throughput.csv").exists()
+
+
+@pytest.mark.parametrize("arch", ["transformer", "ttt_linear", "ttt_mlp", "mamba", "mamba2"])
+def test_prefill_and_decode_run_with_bf16_weights_and_leave_the_model_fp32(arch):
+    """On CUDA, prefill and decode are timed on a bf16 copy of the model (bench/latency.inference_model: no per-call
+    casts of fp32 weights); the same copy on CPU, under bf16 autocast as on CUDA: every architecture runs, its KV
+    cache follows the weights, the recurrent states stay fp32, and the trained model is left fp32."""
+    from architectures import ModelConfig, build_model
+    from bench.latency import as_bf16, prefill_and_decode
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch, 61, 32, 1, 2, 64, 64)).eval()
+    infer = as_bf16(model)
+    assert {p.dtype for p in infer.parameters()} == {torch.bfloat16}
+    pre, _, dec, _ = prefill_and_decode(infer, 1, 40, torch.device("cpu"), 61, graphs=False, quick=True)
+    assert pre.median > 0 and dec.median > 0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    state = infer.new_state(1, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = infer(torch.arange(8)[None])
+        steps = torch.cat([infer(torch.arange(t, t + 1)[None], state) for t in range(8)], dim=1)
+    assert (steps.float() - full.float()).abs().max() < 0.1 * full.float().abs().max()  # bf16 rounding, not a bug
+    cache = state.caches[0]
+    if arch == "transformer":
+        assert cache.k.dtype == torch.bfloat16  # the KV cache in the compute dtype
+    elif arch.startswith("ttt"):
+        assert {t.dtype for t in cache.inner.params.values()} == {torch.float32}
+    else:
+        assert cache.ssm.dtype == torch.float32
