@@ -175,7 +175,8 @@ def markdown(r: dict) -> str:
         sections.append(("Training tokens/s under trainer.compile=model (the train-125m-compiled stage)",
                          _table(r["train_compiled"], TRAIN_COLUMNS)))
     sections.append(("Decode step (ms per step for the whole batch)",
-                     _table(r["decode"], ["arch", "size", "ctx", "batch", "backend", "graph", "status", "ms_per_step"])))
+                     _table(r["decode"], ["arch", "size", "ctx", "batch", "backend", "graph", "status",
+                                          "ms_per_step"])))
     return f"# make gpu-check on {r['device'] or 'an unknown device'}\n\n" + "\n".join(
         f"## {title}\n{body}" for title, body in sections)
 
