@@ -11,6 +11,7 @@ every 2 ms, after freed heap pages are handed back to the OS (glibc malloc_trim)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 
@@ -21,6 +22,7 @@ from bench.train import autocast_for
 
 DECODE_STEPS = 48  # timed single-token steps after each prompt: three TTT mini-batches (median)
 DECODE_ROOM = 2 * DECODE_STEPS + MAX_WARMUP_CALLS + 2  # cache slots after the prompt: warm-up, steps, a re-measure
+MAX_GRAPHED_STEPS = 32  # the most decode steps one CUDA graph replays (capturing them takes 2x that many slots)
 
 
 def _release_free_memory() -> None:
@@ -106,27 +108,42 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, 
         state = last["state"]  # the cache the last timed prefill filled
         step_in = torch.randint(0, vocab, (B, 1), device=device)
         step = lambda: model(step_in, state)
-        graph_note = ""
+        graph_note, period = "", 1
         if graphs and device.type == "cuda":
-            step, graph_note = _graphed(step)
+            step, graph_note, period = _graphed(step, decode_period(model))
         dec = measure(step, device, repeats=DECODE_STEPS, max_warmup_calls=warm)  # warm-up: the first tokens
-    return pre, mem.peak, dec, graph_note
+    return pre, mem.peak, dataclasses.replace(dec, median=dec.median / period), graph_note
 
 
-def _graphed(step):
-    """Replay the decode step as a CUDA graph (its tensors update in place); say why not if capture fails."""
+def decode_period(model) -> int:
+    """Decode steps after which a model's step repeats its work: a TTT layer's mini-batch (its last token commits
+    the inner weights), else 1 (Transformer: one KV slot and T keys; Mamba: one state update)."""
+    return max([m.mini_batch for m in model.modules() if isinstance(getattr(m, "mini_batch", None), int)] or [1])
+
+
+def _graphed(step, period: int):
+    """Replay `period` decode steps as one CUDA graph: each replay does the work of steps at the same positions
+    again (its tensors update in place), so the time of a replay / period is a step's. Returns (the replay, the
+    row's note, period); eager steps, with the reason, when the period is too long or capture fails."""
+    if period > MAX_GRAPHED_STEPS:
+        return step, f"eager (a period of {period} steps is too long to capture)", 1
+
+    def steps():
+        for _ in range(period):
+            step()
+
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            step()
+            steps()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            step()
-        return g.replay, "cuda_graph"
+            steps()
+        return g.replay, "cuda_graph" if period == 1 else f"cuda_graph ({period} steps per replay)", period
     except Exception as e:  # eager then, and the row says why
-        return step, f"eager (capture failed: {type(e).__name__})"
+        return step, f"eager (capture failed: {type(e).__name__})", 1
 
 
 def latency_probe(model, ctx: int, device, vocab: int) -> dict:

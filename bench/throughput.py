@@ -19,10 +19,10 @@ or 30 s; `settled` says whether they did), then repeats (fewer for long calls; 4
 median and the relative spread. A prefill or training point also warms up for at least 0.25 s and is
 timed over at least 0.5 s (at most 60 calls). A point whose spread is over 25% is measured again and, if
 the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. CUDA events on GPU (CUDA graphs
-replay Mamba's and the Transformer's decode step where capture works; the row says so), time.perf_counter on
-CPU; thread count recorded. On CUDA prefill and decode run on a bf16 copy of the model (bench/latency.py). A
-point whose predicted time exceeds --max-seconds, or that runs out of memory, is a row with that reason, never a
-crash.
+replay every architecture's decode steps where capture works, a TTT mini-batch of them per replay; the row says
+so), time.perf_counter on CPU; thread count recorded. On CUDA prefill and decode run on a bf16 copy of the model
+(bench/latency.py). A point whose predicted time exceeds --max-seconds, or that runs out of memory, is a row with
+that reason, never a crash.
 Writes RESULTS/throughput.csv (rows keyed by arch, size, mode, ctx, batch, device; a new run replaces its
 keys), RESULTS/plots/{prefill,decode}_latency.png and train_throughput.png, and a W&B run (offline).
 Models are composed as a run under --profile composes them (bench/config.py); widths follow
@@ -56,10 +56,6 @@ COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_p
            "compile", "params", "match", "d_model", "layers"]
 KEY = ["arch", "size", "mode", "ctx", "batch", "device"]
 MODES = ("prefill", "decode", "train")
-# Decode steps replayed as a CUDA graph: those that do the same work at every position of a context (Mamba's, and
-# the Transformer's: a replay writes the same KV slot and attends over the same T keys). TTT's step is not: one in
-# a mini-batch also commits the inner weights, so a replay would time one kind of step only.
-GRAPHED_DECODE = ("mamba", "mamba2", "transformer")
 BYTE_VOCAB = 257
 LATENCY_MATCH = "params"  # the default sizing rule here (the paper's latency figures: equal parameters)
 
@@ -166,8 +162,7 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                          if m in modes]
             else:
                 try:
-                    pre, mem, dec, graph = prefill_and_decode(infer, B, T, device, vocab,
-                                                              graphs and arch in GRAPHED_DECODE)
+                    pre, mem, dec, graph = prefill_and_decode(infer, B, T, device, vocab, graphs)
                     history["prefill"].append((T, pre.median))
                     if "prefill" in modes:
                         rows.append(_row(arch, size, "prefill", T, B, device, model, sized, status="ok",

@@ -109,3 +109,18 @@ def test_prefill_and_decode_run_with_bf16_weights_and_leave_the_model_fp32(arch)
         assert {t.dtype for t in cache.inner.params.values()} == {torch.float32}
     else:
         assert cache.ssm.dtype == torch.float32
+
+
+def test_a_cuda_graph_replays_a_whole_ttt_mini_batch_of_decode_steps():
+    """On CUDA a graph replays the steps after which the work repeats (bench/latency.decode_period): a TTT
+    mini-batch, whose last step commits the inner weights; one step elsewhere. Too long a period stays eager, and
+    the row says why (capture itself needs a GPU: `make gpu-check` runs it)."""
+    from architectures import ModelConfig, build_model
+    from bench.latency import MAX_GRAPHED_STEPS, _graphed, decode_period
+
+    period = lambda arch, **o: decode_period(build_model(ModelConfig(arch, 61, 32, 1, 2, 64, 64, options=o)))
+    assert (period("ttt_linear"), period("ttt_mlp", mini_batch=8)) == (16, 8)
+    assert period("transformer") == period("mamba") == period("mamba2") == 1
+    step = lambda: None
+    assert _graphed(step, MAX_GRAPHED_STEPS + 1) == (step, f"eager (a period of {MAX_GRAPHED_STEPS + 1} steps is "
+                                                           "too long to capture)", 1)
