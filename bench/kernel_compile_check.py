@@ -1,5 +1,5 @@
-"""Compile every Triton kernel (TTT's, Mamba-1's scan) for a GPU architecture without a GPU, and report what ptxas says:
-registers per thread, spilled bytes, shared memory. Catches compile errors and resource blow-ups on
+"""Compile every Triton kernel (TTT's, Mamba-1's scan) for a GPU architecture without a GPU, and report what ptxas
+says: registers per thread, spilled bytes, shared memory. Catches compile errors and resource blow-ups on
 machines that have no GPU (the interpreter tests check the math, not what the compiler makes of it).
 
     python -m bench.kernel_compile_check [--arch 90] [--head-dims 32,64,96,128] [--precision ieee] [--num-warps 8]
@@ -32,11 +32,10 @@ SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on sm_90 (H1
 def _signature(fn, consts: dict) -> dict:
     """Pointers (capitalised names) fp32 except TTT's q/k/v/out bf16, eps fp32, the rest i32, constexprs."""
     sig = {}
-    ttt = fn.__module__.startswith("architectures.ttt")
     for n in fn.arg_names:
         if n in consts:
             sig[n] = "constexpr"
-        elif ttt and n in ("Q", "K", "V", "OUT"):
+        elif n in ("Q", "K", "V", "OUT"):
             sig[n] = "*bf16"
         elif n in ("T", "H") or not n[:1].isupper():
             sig[n] = "fp32" if n == "eps" else "i32"
