@@ -39,6 +39,8 @@ GPUS_PER_NODE ?=
 PARTITION ?=
 ACCOUNT ?=
 TIMEOUT_MIN ?=
+# make test: processes the fast tier runs in (pytest-xdist), by default this machine's cores up to 4
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 ARGS ?=
 
 .PHONY: help install eval test test-slow test-all test-kernels gpu-check gpu-wheels check-kernels sweep sizes throughput contention plots paper bench-ttt bench-mamba bench-kernels clean
@@ -54,7 +56,7 @@ help: ## list the targets and variables
 	@echo "                  LAUNCHER=local|slurm (slurm: one job per run;"
 	@echo "                  NODES= GPUS_PER_NODE= PARTITION= ACCOUNT= TIMEOUT_MIN=; conf/hydra/launcher/slurm.yaml)"
 	@echo "           sizes: SIZE=125m|a,b  CTX=2k|2k,32k  MATCH=flops|params|flops,params  VOCAB=257|32000"
-	@echo "           install: TORCH_SPEC=..."
+	@echo "           install: TORCH_SPEC=...  test: TEST_WORKERS=N (processes; default the cores, at most 4)"
 
 install: $(STAMP) ## create .venv and install the pinned stack (torch first)
 
@@ -77,13 +79,13 @@ $(STAMP): pyproject.toml requirements.txt
 	touch $(STAMP)
 
 test: $(STAMP) ## the fast test tier (CPU, under 5 minutes on 2 cores); CI runs this
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q -m "not slow" tests
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not serial" tests
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q -m "serial and not slow" tests
 
 test-slow: $(STAMP) ## the slow tier: end-to-end checks that take minutes (kill -9 at every point, concurrent sweeps)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q -m slow tests
 
-test-all: $(STAMP) ## both tiers: the fast one and the slow one
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests
+test-all: test test-slow ## both tiers: the fast one and the slow one
 
 test-kernels: $(STAMP) ## only the Triton kernel tests, TTT's and Mamba's (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests/test_ttt_triton.py tests/test_mamba_triton.py

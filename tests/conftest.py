@@ -18,6 +18,14 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `make test` runs the tests in several processes (pytest-xdist): each takes its share of the cores, as
+# two processes of two threads each on two cores would make every parallel op wait for a descheduled thread
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    from bench.threads import cpu_cores  # noqa: E402
+
+    torch.set_num_threads(max(1, cpu_cores() // _workers))
+
 # generated evaluation sets (tasks/cache.py) go to a fresh directory, not the user's cache
 import tempfile  # noqa: E402
 

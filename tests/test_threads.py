@@ -86,6 +86,7 @@ def test_subnormals_are_flushed_in_every_worker_when_set_first():
     assert _denormal_policy(TTT_BENCH_DENORMALS="keep") == "keep"
 
 
+@pytest.mark.serial
 def test_governor_gives_the_busy_core_back_and_records_it():
     import torch
 
@@ -108,6 +109,7 @@ def test_governor_gives_the_busy_core_back_and_records_it():
         torch.set_num_threads(before)
 
 
+@pytest.mark.serial
 def test_our_own_child_processes_are_not_counted_as_others():
     """Work this process started (torch.compile's compile workers, their compilers) is our load: a busy
     child leaves the governor's count of other processes' cores near zero, where the same loop in a
@@ -131,6 +133,7 @@ def test_our_own_child_processes_are_not_counted_as_others():
         torch.set_num_threads(before)
 
 
+@pytest.mark.serial
 def test_a_training_step_beside_a_busy_process_stays_within_2x_of_idle():
     """The collapse this guards against is 6x (1 busy core beside a 1k step) to 35x (measured in
     bench/threads.py): the default OpenMP spin with more runnable threads than cores. The bound compares
