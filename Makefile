@@ -122,11 +122,13 @@ contention: $(STAMP) ## a training step of ARCH at SIZE and CTX, idle and beside
 gpu-check: ## on a lent GPU machine (no install: its own torch): kernel tests on CUDA, kernel speed, throughput; logs in OUT
 	OUT="$(or $(OUT),$(RESULTS)/gpu-check)" PY="$(if $(findstring --smoke,$(ARGS)),$(PY),python3)" bash .ci/gpu-check $(ARGS)
 
-gpu-wheels: ## fetch what the GPU machine lacks (hydra, omegaconf, fla, ...) as wheels into gpu/wheels/ (git-ignored)
+gpu-wheels: $(STAMP) ## fetch what the GPU machine lacks (hydra, omegaconf, fla, mamba-ssm's Triton parts, ...) as wheels into gpu/wheels/ (git-ignored)
 	mkdir -p gpu/wheels
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 	  -d gpu/wheels omegaconf==2.3.0 hydra-core==1.3.8 psutil==7.2.2 fla-core==0.6.0 flash-linear-attention==0.6.0
 	python3 -m pip wheel -q --no-deps -w gpu/wheels antlr4-python3-runtime==4.9.3
+	@# mamba-ssm without its CUDA build (pure Python, any platform): Mamba-2's Triton SSD (backend=triton)
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PIP) wheel -q --no-deps --no-build-isolation -w gpu/wheels $(MAMBA_SSM)
 
 throughput-gpu: $(STAMP) ## the GPU throughput run: 1.3B shapes, batch 16 prefill/decode, 2k..32k (one GPU, < 8 min)
 	$(PY) -m bench.throughput --arch all --ctx 32k --size 1.3b --profile paper --batch 16 --train-batch 1 --max-seconds 10 \

@@ -5,8 +5,8 @@
     triton_scan.py  the same scan as one sequential Triton pass for GPUs without mamba-ssm's CUDA build
                (backend=triton)
     ssd.py     Mamba-2's chunked SSD algorithm in PyTorch, and its decode step
-    layers.py  the mixers and blocks, the mamba-ssm (cuda) / our Triton (triton) / C++ (cpp) / PyTorch (torch)
-               backends
+    layers.py  the mixers and blocks, the mamba-ssm (cuda) / Triton (triton: ours for Mamba-1, mamba-ssm's SSD
+               for Mamba-2) / C++ (cpp) / PyTorch (torch) backends
 
 Size matching follows the papers: a Mamba block has about half the parameters of a Transformer block
 (no FFN), so Mamba doubles the layer count of the Transformer of the same size (`layer_multiplier: 2`
@@ -114,6 +114,7 @@ register(ArchSpec(
     count=mamba2_count,
     options={"d_state": 128, "expand": 2, "d_inner": None,  # None: expand x d_model (sizing may set whole heads)
              "headdim": 64, "ngroups": 1, "d_conv": 4, "chunk_size": 256, **DT_INIT, "A_init_range": (1, 16),
-             "backend": "auto"},
+             "backend": "auto"},  # auto | cuda (mamba-ssm's kernels) | triton (mamba-ssm's Triton SSD, our conv;
+                                  #   GPU) | cpp (our C++ SSM, CPU) | torch (ours)
     width_rule="mamba2",
 ))

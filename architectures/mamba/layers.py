@@ -17,12 +17,13 @@ Mamba-2 mixer, H = D / headdim heads, G groups sharing B and C:
     out   = out_proj(RMSNorm(y * silu(z)))              the gated RMSNorm
 
 Backends (`backend:` in conf/arch): `cuda` runs mamba-ssm's kernels (selective_scan_fn,
-mamba_chunk_scan_combined, causal_conv1d); `triton` (Mamba-1) our sequential selective scan in Triton
-(triton_scan.py) with our conv, for GPUs without mamba-ssm's compiled extension; `cpp` our sequential scans in C++
+mamba_chunk_scan_combined, causal_conv1d); `triton`, for GPUs without mamba-ssm's compiled extensions, runs a
+Triton scan with our conv: for Mamba-1 our sequential selective scan (triton_scan.py), for Mamba-2 mamba-ssm's
+Triton SSD (mamba_chunk_scan_combined, which needs none of its compiled code); `cpp` our sequential scans in C++
 on CPU (cpu_scan.py: Mamba-1's selective scan, Mamba-2's SSM); `torch` ours in PyTorch (scan.py, ssd.py); `auto`
-takes cuda when CUDA is present and the kernels import, then triton on CUDA (Mamba-1), cpp on a machine without
-CUDA where it builds, torch otherwise. A backend that is asked for and cannot run raises. Continuing from a decode
-state always runs ours (mamba-ssm's kernels start from the zero state).
+takes cuda when CUDA is present and the kernels import, then triton on CUDA, cpp on a machine without CUDA where
+it builds, torch otherwise. A backend that is asked for and cannot run raises. Decode steps of Mamba-2, and with
+backend=cuda a prefill that continues a decode state, run ours (mamba-ssm's conv kernel starts from zeros).
 
 dt_proj and A_log are plain parameters, not nn.Linear, so no recipe's init scheme (architectures/recipe.py)
 touches their initialisation (below); under recipe=native (init mamba_ssm) in_proj, x_proj and out_proj keep
@@ -30,7 +31,11 @@ PyTorch's default Linear init and out_proj is rescaled by 1 / sqrt(n_layers), as
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import sys
+import types
 from functools import lru_cache
 
 import torch
@@ -62,10 +67,45 @@ def cuda_kernels(kind: str):
         return None
 
 
+@lru_cache(maxsize=None)
+def triton_ssd():
+    """mamba-ssm's Triton SSD (mamba_chunk_scan_combined), or None where mamba-ssm is not installed. It needs none
+    of mamba-ssm's compiled extensions, but the package's __init__ imports them: where that fails (an install with
+    MAMBA_SKIP_CUDA_BUILD=TRUE, as `make gpu-wheels` builds), the subpackage is loaded without that __init__."""
+    name = "mamba_ssm.ops.triton.ssd_combined"
+    try:
+        return importlib.import_module(name).mamba_chunk_scan_combined
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package = types.ModuleType("mamba_ssm")  # the package's folder, its __init__ not run
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["mamba_ssm"] = package
+    try:
+        return importlib.import_module(name).mamba_chunk_scan_combined
+    except ImportError:
+        del sys.modules["mamba_ssm"]
+        return None
+
+
+def triton_ssd_unavailable() -> str | None:
+    """Why Mamba-2's backend=triton cannot run here, or None. mamba-ssm's Triton SSD sets the CUDA device at each
+    call, so it runs on CUDA only (not under Triton's CPU interpreter)."""
+    if not torch.cuda.is_available():
+        return "backend=triton runs mamba-ssm's Triton SSD for Mamba-2, which needs CUDA"
+    if triton_ssd() is None:
+        return ("backend=triton needs mamba-ssm's Triton SSD for Mamba-2 (mamba-ssm installed, its CUDA build not "
+                "needed: MAMBA_SKIP_CUDA_BUILD=TRUE pip install mamba-ssm)")
+    return triton_unavailable()
+
+
 def resolve_backend(requested: str, kind: str) -> str:
     """backend (architectures/backends.py): mamba-ssm's compiled kernels where CUDA and they are present; else on
-    CUDA our Triton scan (Mamba-1); on a machine without CUDA, our C++ scans (cpu_scan.py) where they build; else
-    our PyTorch scans. Triton's CPU interpreter runs only when asked for by name."""
+    CUDA a Triton scan (Mamba-1: ours; Mamba-2: mamba-ssm's SSD); on a machine without CUDA, our C++ scans
+    (cpu_scan.py) where they build; else our PyTorch scans. Triton's CPU interpreter runs Mamba-1's scan only when
+    asked for by name."""
     def cuda() -> str | None:
         if torch.cuda.is_available() and cuda_kernels(kind) is not None:
             return None
@@ -73,8 +113,7 @@ def resolve_backend(requested: str, kind: str) -> str:
                 "causal_conv1d)")
 
     def triton() -> str | None:
-        return "has no Triton kernel of ours for Mamba-2 (backend=cuda runs mamba-ssm's)" if kind == "mamba2" \
-            else triton_unavailable()
+        return triton_ssd_unavailable() if kind == "mamba2" else triton_unavailable()
 
     on_cuda = torch.cuda.is_available()
     checks = {"cuda": cuda, "triton": triton, "cpp": cpu_scan.unavailable, "torch": runs}
@@ -274,9 +313,13 @@ class Mamba2Mixer(nn.Module):
         D, N, G, H, P = self.d_inner, self.d_state, self.ngroups, self.n_heads, self.headdim
         z, xBC, dt = self.in_proj(x).split([D, D + 2 * G * N, H], dim=-1)
         fresh = cache is None or cache.seen == 0
+        step = cache is not None and T == 1  # decode: one token, cache.ssm updated in place
         use_cuda = self.backend == "cuda" and fresh
+        use_triton = self.backend == "triton" and not step  # mamba-ssm's Triton SSD after our conv
         if self.backend == "cpp" and x.device.type != "cpu":
             raise BackendUnavailable(f"mamba2 backend=cpp needs CPU inputs, got {x.device}")
+        if use_triton and not (x.is_cuda or triton_interpreting()):
+            raise BackendUnavailable(f"mamba2 backend=triton needs CUDA inputs, got {x.device}")
         if use_cuda:
             if not x.is_cuda:
                 raise BackendUnavailable(f"mamba2 backend=cuda needs CUDA inputs, got {x.device}")
@@ -288,12 +331,12 @@ class Mamba2Mixer(nn.Module):
         xs, Bm, Cm = xBC_c.split([D, G * N, G * N], dim=-1)
         xs = xs.view(Bsz, T, H, P)
         Bm, Cm = Bm.view(Bsz, T, G, N), Cm.view(Bsz, T, G, N)
-        if use_cuda:
-            y, last = cuda_kernels("mamba2")["scan"](
-                xs, dt, -torch.exp(self.A_log.float()), Bm, Cm, self.chunk_size, D=self.D.float(),
-                dt_bias=self.dt_bias.float(), dt_softplus=True, return_final_states=True)
+        if use_cuda or use_triton:  # mamba_chunk_scan_combined: softplus(dt + dt_bias), the SSD, + D x
+            scan = cuda_kernels("mamba2")["scan"] if use_cuda else triton_ssd()
+            y, last = scan(xs, dt, -torch.exp(self.A_log.float()), Bm, Cm, self.chunk_size, D=self.D.float(),
+                           dt_bias=self.dt_bias.float(), initial_states=None if fresh else cache.ssm,
+                           dt_softplus=True, return_final_states=True)
         else:
-            step = cache is not None and T == 1  # decode: update cache.ssm in place
             y, last = self._torch_core(xs, dt, Bm, Cm, cache.ssm if step or not fresh else None, step)
         if cache is not None:
             cache.ssm.copy_(last)
