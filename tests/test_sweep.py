@@ -114,6 +114,7 @@ def test_compute_budget_gives_every_architecture_the_same_tokens(tmp_path):
     for r in runs:
         assert (r["token_rule"], r["compute_budget"], r["tokens"]) == ("compute", 1e9, expected)
         assert r["threads"] >= 1 and r["cpu_cores"] >= 1 and "omp_wait" in r
+        assert r["optimizer"] == "adamw (fused)"
         trained = (Path(r["run_dir"]) / "config.yaml").read_text()
         assert f"tokens: {int(1e9 / ref['ref_train_flops_per_token'])}" in trained
 
