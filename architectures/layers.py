@@ -21,7 +21,8 @@ CONV_KERNEL = Library(Path(__file__).with_name("causal_conv.cpp"), "causal conv 
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (F.rms_norm: one fused kernel each way on
+    CUDA, where the formula written out is about eight forward and ten backward; the same numbers on CPU)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -29,9 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -56,6 +56,27 @@ def built(arch, recipe, seed=0, **kw):
     return build_model(tiny(arch, recipe, **kw))
 
 
+# -- the norms ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rms_norm_is_its_formula_forward_and_backward(dtype, tol):
+    """RMSNorm (F.rms_norm) against x / sqrt(mean(x^2) + eps) * weight written out, both in fp32 whatever the
+    input's dtype: the output and the gradients of x and the weight."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 7, 48, generator=g) * 0.01).to(dtype).requires_grad_()  # mean(x^2) ~ 1e-4: eps counts
+    norm = RMSNorm(48, eps=1e-5).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48, generator=g) + 0.5)
+    x32 = x.float()
+    ref = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()).to(dtype)
+    out = norm(x)
+    assert out.dtype == dtype
+    dy = torch.randn(out.shape, generator=g).to(dtype)
+    ours, theirs = (torch.autograd.grad(o, (x, norm.weight), dy) for o in (out, ref))
+    for name, a, b in zip(("out", "dx", "dweight"), (out, *ours), (ref, *theirs)):
+        assert ((a - b).abs().max() / b.abs().max()).item() <= tol, name
+
+
 # -- Mamba-2's grouped gated norm --------------------------------------------------------------
 
 def test_gated_norm_normalises_per_group_as_rms_norm_ref():

@@ -255,8 +255,8 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z (..., dim) -> (..., dim)."""
         g = y.float() * F.silu(z.float())
-        g = g.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        g = F.rms_norm(g.unflatten(-1, (-1, self.group_size)), (self.group_size,), eps=self.eps)  # (..., groups,
+        #   group_size): g / sqrt(mean(g^2) + eps) per group
         return (g.flatten(-2) * self.weight.float()).to(y.dtype)
 
 
