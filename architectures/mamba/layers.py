@@ -22,8 +22,8 @@ Triton scan with our conv: for Mamba-1 our sequential selective scan (triton_sca
 Triton SSD (mamba_chunk_scan_combined, which needs none of its compiled code); `cpp` our sequential scans in C++
 on CPU (cpu_scan.py: Mamba-1's selective scan, Mamba-2's SSM); `torch` ours in PyTorch (scan.py, ssd.py); `auto`
 takes cuda when CUDA is present and the kernels import, then triton on CUDA, cpp on a machine without CUDA where
-it builds, torch otherwise. A backend that is asked for and cannot run raises. Decode steps of Mamba-2, and with
-backend=cuda a prefill that continues a decode state, run ours (mamba-ssm's conv kernel starts from zeros).
+it builds, torch otherwise. A backend that is asked for and cannot run raises. Decode steps (one token) run ours;
+with backend=cuda so does a prefill that continues a decode state (mamba-ssm's conv kernel starts from zeros).
 
 dt_proj and A_log are plain parameters, not nn.Linear, so no recipe's init scheme (architectures/recipe.py)
 touches their initialisation (below); under recipe=native (init mamba_ssm) in_proj, x_proj and out_proj keep
@@ -75,7 +75,7 @@ def triton_ssd():
     name = "mamba_ssm.ops.triton.ssd_combined"
     try:
         return importlib.import_module(name).mamba_chunk_scan_combined
-    except ImportError:
+    except Exception:  # ImportError, or whatever the package's __init__ raises without its extensions
         pass
     spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
     if spec is None or not spec.submodule_search_locations:
@@ -85,7 +85,7 @@ def triton_ssd():
     sys.modules["mamba_ssm"] = package
     try:
         return importlib.import_module(name).mamba_chunk_scan_combined
-    except ImportError:
+    except Exception:
         del sys.modules["mamba_ssm"]
         return None
 
