@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             shown = (f"{r['time_per_token_s'] * 1e3:9.4f} ms/token {r['tokens_per_s']:12,.0f} tok/s {mem}{trust}"
                      if r["status"] == "ok" else r["status"])
             print(f"[ttt-bench] {arch:16s} {r['mode']:7s} T={r['ctx']:6d}  {shown}", flush=True)
-    df = merge_csv(results / "throughput.csv", rows)
+        df = merge_csv(results / "throughput.csv", rows)  # after each architecture: a run cut short (a time
+        #   limit, `make gpu-check`'s stages) keeps what it measured
     plots = results / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     paths = [plots / "prefill_latency.png", plots / "decode_latency.png", plots / "train_throughput.png"]

@@ -72,6 +72,24 @@ def test_slow_and_failing_points_are_rows_not_crashes(tmp_path, monkeypatch):
     assert rows == {"prefill": "out of memory", "decode": "out of memory", "train": "ok"}
 
 
+def test_a_run_cut_short_keeps_the_architectures_it_finished(tmp_path, monkeypatch):
+    """`make gpu-check` stops a stage at its time limit: the rows of the architectures done by then are on disk."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    real = tp.run_arch
+
+    def cut_at_mamba(arch, *args, **kw):
+        if arch == "mamba":
+            raise KeyboardInterrupt  # the process ends midway, as at a stage's time limit
+        return real(arch, *args, **kw)
+
+    monkeypatch.setattr(tp, "run_arch", cut_at_mamba)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--arch", "transformer,mamba", "--ctx", "1k", "--size", "smoke-xs", "--modes", "prefill",
+              "--results", str(tmp_path)])
+    assert [(r["arch"], r["mode"], r["status"]) for r in read(tmp_path / "throughput.csv")] == [
+        ("transformer", "prefill", "ok")]
+
+
 @pytest.mark.parametrize("args,message", [(["--size", "huge"], "unknown SIZE 'huge'"),
                                           (["--match", "bytes"], "unknown MATCH"),
                                           (["--ctx", "2x"], "CTX must be"),
