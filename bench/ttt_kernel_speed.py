@@ -9,7 +9,8 @@ attention (SDPA; flash-attn when installed), mamba-ssm's selective scan and fla'
 Shape (paper Table 3, 1.3B): d = 2048, 32 heads of 64; batch 16 for the forward (the paper's latency
 figure), --bwd-batch (default 4) for forward+backward (memory). Inputs of the TTT kernels are the layer's
 q, k, v (B, H, T, 64) in bf16 with fp32 state; attention takes the same q, k, v (bf16); the Mamba scan
-runs at the same width (d_inner 4096 = 2 x 2048, d_state 16). Times: bench/timing.py, the suite's one timer
+runs at the same width (d_inner 4096 = 2 x 2048, d_state 16; mamba-ssm's CUDA kernel and our Triton one), and
+Mamba-2's SSD (mamba-ssm's Triton kernels) at its 1.3B layer (64 heads of 64, d_state 128). Times: bench/timing.py, the suite's one timer
 (CUDA events; warm-up until two calls agree, median and spread of repeats; on CPU one warm-up call and one
 timed call, as a check of the script). A point that fails (out
 of memory, missing package, over --max-seconds for the previous length) is recorded with its reason.
@@ -36,6 +37,10 @@ MODES = {False: "fwd", True: "fwd+bwd"}  # backward? -> the mode's name
 
 
 # -- the contenders: each returns fn() running one forward (and backward when asked) -----------------
+
+class NeedsCuda(Exception):
+    """A contender that cannot run on this device (a row "needs CUDA" under --smoke, not a failure)."""
+
 
 def _ttt_inputs(B, H, T, f, inner, device, requires_grad):
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -126,6 +131,48 @@ def mamba_scan(B, H, T, f, device, backward):
     return fn
 
 
+def mamba_scan_ours(B, H, T, f, device, backward):
+    """Our sequential Triton selective scan (architectures/mamba/triton_scan.py, Mamba-1's backend=triton) through
+    the layer's wrapper, at mamba_scan's width: fp32 inputs, as the layer gives it under autocast."""
+    from architectures.mamba.scan import selective_scan
+
+    D, N = 2 * H * f, 16
+    u, delta, z = (torch.randn(B, T, D, device=device, requires_grad=backward) for _ in range(3))
+    A = (-torch.rand(D, N, device=device)).requires_grad_(backward)
+    Bm, Cm = (torch.randn(B, T, N, device=device, requires_grad=backward) for _ in range(2))
+    Dv = torch.ones(D, device=device, requires_grad=backward)
+
+    def fn():
+        out = selective_scan(u, delta, A, Bm, Cm, Dv, z, None, True, kernel="triton")
+        if backward:
+            out.sum().backward()
+    return fn
+
+
+def mamba2_ssd(B, H, T, f, device, backward):
+    """mamba-ssm's Triton SSD (Mamba-2's backend=triton) at the 1.3B Mamba-2 layer: d_inner 4096 = 2 x 2048 in
+    heads of 64, d_state 128, one group, chunks of 256 (conf/arch mamba2), bf16 inputs."""
+    from architectures.mamba.layers import triton_ssd
+
+    if device.type != "cuda":
+        raise NeedsCuda("mamba-ssm's Triton SSD sets the CUDA device at each call")
+    ssd = triton_ssd()
+    if ssd is None:
+        raise ImportError("mamba-ssm is not installed (`make gpu-wheels` brings it to a machine without network)")
+    heads, P, N = 2 * H * f // 64, 64, 128
+    x = torch.randn(B, T, heads, P, device=device, dtype=torch.bfloat16, requires_grad=backward)
+    dt = torch.randn(B, T, heads, device=device, dtype=torch.bfloat16, requires_grad=backward)
+    A = (-torch.rand(heads, device=device) * 15 - 1).requires_grad_(backward)
+    Bm, Cm = (torch.randn(B, T, 1, N, device=device, dtype=torch.bfloat16, requires_grad=backward) for _ in range(2))
+    Dv, dt_bias = torch.ones(heads, device=device), torch.zeros(heads, device=device)
+
+    def fn():
+        out = ssd(x, dt, A, Bm, Cm, 256, D=Dv, dt_bias=dt_bias, dt_softplus=True)
+        if backward:
+            out.float().sum().backward()
+    return fn
+
+
 def fla_ttt_linear(B, H, T, f, device, backward):
     from fla.ops.ttt import chunk_ttt_linear  # different semantics; raises ImportError where not installed
 
@@ -148,6 +195,8 @@ CONTENDERS = {
     "attention [sdpa]": attention_sdpa,
     "attention [flash_attn]": attention_flash,
     "mamba scan [mamba-ssm cuda]": mamba_scan,
+    "mamba scan [triton]": mamba_scan_ours,
+    "mamba2 ssd [mamba-ssm triton]": mamba2_ssd,
     "fla chunk_ttt_linear (different semantics)": fla_ttt_linear,
 }
 
@@ -255,6 +304,8 @@ def kernel_row(name, build, B, H, T, f, device, backward) -> dict:
         row.update(status="ok", ms=ms, spread=t.spread, tokens_per_s=B * T / (ms / 1e3))
     except ImportError as e:
         row.update(status="not installed", error=str(e))
+    except NeedsCuda as e:
+        row.update(status="needs CUDA", error=str(e))
     except torch.cuda.OutOfMemoryError as e:
         row.update(status="out of memory", error=str(e).splitlines()[0])
     except Exception as e:  # a contender that cannot run here is recorded, the others go on
@@ -323,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = kernel_row(name, CONTENDERS[name], B, args.heads, T, args.head_dim, device, backward)
                 record.add(row)
                 slow = row["status"] == "ok" and row["ms"] > 1e3 * args.max_seconds
-                if row["status"] in ("not installed",):
+                if row["status"] in ("not installed", "needs CUDA"):
                     break
     wall_s = record.close()
     (out / "plots").mkdir(parents=True, exist_ok=True)

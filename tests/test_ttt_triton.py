@@ -350,7 +350,10 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert main(["--smoke", "--only", "triton,dual,sdpa,flash", "--results", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench" / "ttt_kernel_speed.json").read_text())["rows"]
     ran = {(r["impl"], r["mode"]) for r in rows if r["status"] == "ok"}
-    for impl in ("ttt_linear [triton]", "ttt_mlp [triton]", "ttt_linear [torch dual form]", "attention [sdpa]"):
+    for impl in ("ttt_linear [triton]", "ttt_mlp [triton]", "ttt_linear [torch dual form]", "attention [sdpa]",
+                 "mamba scan [triton]"):
         assert {(impl, "fwd"), (impl, "fwd+bwd")} <= ran, impl
-    assert all(r["status"] in ("ok", "not installed") for r in rows)
+    ssd = {r["status"] for r in rows if r["impl"] == "mamba2 ssd [mamba-ssm triton]"}
+    assert ssd <= {"ok", "not installed"} if torch.cuda.is_available() else ssd == {"needs CUDA"}
+    assert all(r["status"] in ("ok", "not installed") for r in rows if r["impl"] != "mamba2 ssd [mamba-ssm triton]")
     assert (tmp_path / "plots" / "ttt_kernel_speed.png").stat().st_size > 10_000
