@@ -78,17 +78,22 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# each tier: its tests over TEST_WORKERS processes (whole files each), then those marked serial alone
+PYTEST = WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q
+IN_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP) ## the fast test tier (CPU, under 5 minutes on 2 cores); CI runs this
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not serial" tests
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q -m "serial and not slow" tests
+	$(PYTEST) $(IN_PARALLEL) -m "not slow and not serial" tests
+	$(PYTEST) -m "serial and not slow" tests
 
 test-slow: $(STAMP) ## the slow tier: end-to-end checks that take minutes (kill -9 at every point, concurrent sweeps)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q -m slow tests
+	$(PYTEST) $(IN_PARALLEL) -m "slow and not serial" tests
+	$(PYTEST) -m "slow and serial" tests
 
 test-all: test test-slow ## both tiers: the fast one and the slow one
 
 test-kernels: $(STAMP) ## only the Triton kernel tests, TTT's and Mamba's (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests/test_ttt_triton.py tests/test_mamba_triton.py
+	$(PYTEST) tests/test_ttt_triton.py tests/test_mamba_triton.py
 
 check-kernels: $(STAMP) ## compile the Triton kernels (TTT, Mamba scan) for sm_90 without a GPU; ptxas registers/spills/shared memory
 	env -u TRITON_INTERPRET $(PY) -m bench.kernel_compile_check --results "$(RESULTS)" $(ARGS)

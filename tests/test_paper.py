@@ -109,6 +109,7 @@ def test_notebook_runs_on_the_fixture(results, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # timed: alone on the machine
 def test_make_paper_smoke_end_to_end(tmp_path):
     """`make paper PROFILE=smoke` from nothing within 3 minutes; run again, it trains nothing."""
     cmd = [sys.executable, "-m", "bench.paper", "--profile", "smoke", "--results", str(tmp_path)]
