@@ -131,19 +131,30 @@ def mamba_scan(B, H, T, f, device, backward):
     return fn
 
 
-def mamba_scan_ours(B, H, T, f, device, backward):
-    """Our sequential Triton selective scan (architectures/mamba/triton_scan.py, Mamba-1's backend=triton) through
-    the layer's wrapper, at mamba_scan's width: fp32 inputs, as the layer gives it under autocast."""
+def _mamba_inputs(B, H, T, f, device, requires_grad) -> dict:
+    """The selective scan's inputs at mamba_scan's width (D = 2 H f, N = 16), (B, T, .) as the layer has them, fp32
+    (as the layer gives them to our kernel under autocast), the same for every call."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    D, N = 2 * H * f, 16
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = {"u": r(B, T, D), "delta": r(B, T, D), "A": -torch.rand(D, N, generator=g), "B": r(B, T, N), "C": r(B, T, N),
+         "D": torch.ones(D), "z": r(B, T, D)}
+    return {n: t.to(device).requires_grad_(requires_grad) for n, t in x.items()}
+
+
+def _mamba_scan(x: dict):
     from architectures.mamba.scan import selective_scan
 
-    D, N = 2 * H * f, 16
-    u, delta, z = (torch.randn(B, T, D, device=device, requires_grad=backward) for _ in range(3))
-    A = (-torch.rand(D, N, device=device)).requires_grad_(backward)
-    Bm, Cm = (torch.randn(B, T, N, device=device, requires_grad=backward) for _ in range(2))
-    Dv = torch.ones(D, device=device, requires_grad=backward)
+    return selective_scan(*x.values(), None, True, kernel="triton")  # softplus(delta), no delta bias
+
+
+def mamba_scan_ours(B, H, T, f, device, backward):
+    """Our sequential Triton selective scan (architectures/mamba/triton_scan.py, Mamba-1's backend=triton) through
+    the layer's wrapper (selective_scan), at mamba_scan's width."""
+    x = _mamba_inputs(B, H, T, f, device, backward)
 
     def fn():
-        out = selective_scan(u, delta, A, Bm, Cm, Dv, z, None, True, kernel="triton")
+        out = _mamba_scan(x)
         if backward:
             out.sum().backward()
     return fn
@@ -211,10 +222,50 @@ VARIANTS = ([{"precision": p, "num_warps": w, "num_stages": 3} for p in ("ieee",
             + [{"precision": "tf32", "num_warps": 4, "num_stages": 1}])  # 3: Triton's default, DEFAULT_STAGES
 
 
+# Mamba-1's Triton scan (architectures/mamba/triton_scan.py), the default first: 32 channels over 4 warps, which
+# split a channel's 16 states; then BLOCK_D = 32 x warps, where each thread holds all 16 states of its channel and
+# the forward needs no shared memory (ptxas for sm_90: 127 registers forward, about 168 backward, no spills)
+MAMBA_VARIANTS = [{"BLOCK_D": 32, "NUM_WARPS": 4}, {"BLOCK_D": 32, "NUM_WARPS": 1}, {"BLOCK_D": 64, "NUM_WARPS": 2},
+                  {"BLOCK_D": 128, "NUM_WARPS": 4}]
+VARIANT_KERNELS = ("linear", "mlp", "mamba")  # --variants
+
+
 def variants_for(inner: str) -> list[dict]:
     """TTT-MLP is timed in tf32 only: with exact products its kernels take ptxas minutes and spill over
     100 KB per thread at f = 64 (`make check-kernels --precision ieee`)."""
+    if inner == "mamba":
+        return MAMBA_VARIANTS
     return VARIANTS if inner == "linear" else [v for v in VARIANTS if v["precision"] == "tf32"]
+
+
+def variant_name(inner: str, v: dict) -> str:
+    if inner == "mamba":
+        return f"mamba scan [triton, BLOCK_D {v['BLOCK_D']}, {v['NUM_WARPS']} warps]"
+    return f"ttt_{inner} [triton {v['precision']}, {v['num_warps']} warps, {v['num_stages']} stages]"
+
+
+def _variant_runner(inner: str):
+    """(the context that applies a variant, the contender, its outputs) for one of VARIANT_KERNELS."""
+    if inner == "mamba":
+        from architectures.mamba.triton_scan import launch_settings as mamba_settings
+
+        return lambda v: mamba_settings(**v), mamba_scan_ours, _mamba_outputs
+    from architectures.ttt.triton_linear import launch_settings
+
+    return (lambda v: launch_settings(**v), lambda *a: ttt_triton(inner, *a),
+            lambda *a: _triton_outputs(inner, *a))
+
+
+def _mamba_outputs(B, H, T, f, device, backward):
+    """The scan's output (and the gradient of u when backward) on _mamba_inputs' fixed inputs, under the current
+    launch settings."""
+    x = _mamba_inputs(B, H, T, f, device, backward)
+    out = _mamba_scan(x)
+    if not backward:
+        return out.detach().float(), None
+    proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    (out * proj).sum().backward()
+    return out.detach().float(), x["u"].grad.float()
 
 
 def _triton_outputs(inner, B, H, T, f, device, backward):
@@ -237,23 +288,22 @@ def _triton_outputs(inner, B, H, T, f, device, backward):
 def variant_rows(add, inners, lengths, B, bwd_B, H, f, device, max_seconds, modes=("fwd", "fwd+bwd"),
                  precisions=("ieee", "tf32")) -> list[dict]:
     """Each launch variant of our kernels: ms per call (forward at B, forward+backward at bwd_B) and the
-    relative RMSE of its output and of dq against the first variant that ran (`error_against`; exact fp32
-    products at 4 warps for TTT-Linear unless --precisions leaves them out)."""
-    from architectures.ttt.triton_linear import launch_settings
-
+    relative RMSE of its output and of the first input's gradient (dq; Mamba: du) against the first variant that
+    ran (`error_against`; exact fp32 products at 4 warps for TTT-Linear unless --precisions leaves them out; the
+    default launch for Mamba)."""
     rows = []
     for inner in inners:
-        variants = [v for v in variants_for(inner) if v["precision"] in precisions]
+        variants = [v for v in variants_for(inner) if v.get("precision", precisions[0]) in precisions]
+        settings, contender, outputs = _variant_runner(inner)
         for backward, batch in [(bw, b) for bw, b in ((False, B), (True, bwd_B)) if MODES[bw] in modes]:
             for T in lengths:
                 ref = None
                 for v in variants:
-                    name = f"ttt_{inner} [triton {v['precision']}, {v['num_warps']} warps, {v['num_stages']} stages]"
-                    with launch_settings(**v):
-                        row = kernel_row(name, lambda *a: ttt_triton(inner, *a), batch, H, T, f, device, backward)
+                    with settings(v):
+                        row = kernel_row(variant_name(inner, v), contender, batch, H, T, f, device, backward)
                         row.update(variant=v)
                         if row["status"] == "ok":
-                            out, dq = _triton_outputs(inner, batch, H, T, f, device, backward)
+                            out, dq = outputs(batch, H, T, f, device, backward)
                             ref = ref or (out, dq, v)
                             row["error_against"] = ref[2]
                             row["out_rel_rmse"] = _rel_rmse(out, ref[0])
@@ -328,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="skip a contender's longer lengths once one call takes longer than this")
     p.add_argument("--variants", default="",
-                   help="instead of the contenders: our kernels' launch variants (precision x warps) for these\n"
-                        "inners (linear,mlp), timed and compared with the exact default")
+                   help="instead of the contenders: our kernels' launch variants for these kernels (linear, mlp:\n"
+                        "TTT's, precision x warps; mamba: Mamba-1's scan, BLOCK_D x warps), timed and compared\n"
+                        "with the first (the exact or default one)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd and/or fwd+bwd")
     p.add_argument("--precisions", default="ieee,tf32", help="--variants: the products' precisions to time")
     p.add_argument("--smoke", action="store_true", help="CPU check of the script: tiny shapes, interpreter")
@@ -352,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = [n for n in CONTENDERS if not args.only or any(s.strip() and s.strip() in n for s in args.only.split(","))]
     inners = [i.strip() for i in args.variants.split(",") if i.strip()]
-    if set(inners) - {"linear", "mlp"}:
-        print(f"error: --variants takes linear and/or mlp, got {args.variants!r}", file=sys.stderr)
+    if set(inners) - set(VARIANT_KERNELS):
+        print(f"error: --variants takes {', '.join(VARIANT_KERNELS)}, got {args.variants!r}", file=sys.stderr)
         return 2
     out = Path(args.results)
     stem = "ttt_kernel_variants" if inners else "ttt_kernel_speed"

@@ -24,7 +24,7 @@ def test_gpu_check_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     stages = (tmp_path / "stages.txt").read_text().split("\n")
     names = [line.split()[0] for line in stages if line]
     assert names == ["env", "kernel-tests", "kernel-variants", "kernel-variants-mlp", "kernel-speed", "train-125m",
-                     "decode-1.3b", "report"]
+                     "decode-1.3b", "kernel-variants-mamba", "report"]
     assert all(" rc=0 " in line for line in stages if line), stages
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["kernel_tests"]["passed"] > 0 and report["kernel_tests"]["failed"] == 0
@@ -32,6 +32,7 @@ def test_gpu_check_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in report["train"] if r["status"] == "ok")
     assert {r["arch"] for r in report["decode"]} == {"transformer", "ttt_linear", "mamba2"}
     assert report["kernel_variants"] and report["kernel_speed"]
+    assert {v["kernel"] for v in report["best_variants"]} == {"ttt_linear", "ttt_mlp", "mamba scan"}
     # at most 8 files come back from the device tool: the summary and one archive of the rest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-check.tgz", "report.json", "report.md", "stages.txt"]
     with tarfile.open(tmp_path / "gpu-check.tgz") as tar:

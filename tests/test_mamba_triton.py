@@ -222,3 +222,35 @@ def test_mamba_ssm_without_its_cuda_build_still_gives_its_triton_ssd():
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
 
+
+
+# -- launch settings and their benchmark --------------------------------------------------------------------
+
+def test_launch_settings_apply_inside_and_are_checked():
+    x = torch.zeros(2, 8, 256)
+    warps = triton_scan.NUM_WARPS
+    assert triton_scan._grid(x) == (2, 256 // BLOCK_D)
+    with triton_scan.launch_settings(BLOCK_D=128, NUM_WARPS=1):
+        assert triton_scan._grid(x) == (2, 2) and triton_scan.NUM_WARPS == 1
+    assert triton_scan._grid(x) == (2, 256 // BLOCK_D) and triton_scan.NUM_WARPS == warps
+    for bad in ({"BLOCK_D": 48}, {"NUM_WARPS": 32}, {"WARPS": 2}):
+        with pytest.raises(ValueError, match="launch setting"):
+            with triton_scan.launch_settings(**bad):
+                pass
+
+
+def test_launch_variants_benchmark_times_every_setting_with_the_same_numbers(tmp_path):
+    """bench/ttt_kernel_speed.py --variants mamba: each BLOCK_D x warps setting timed, with its output and du
+    against the default's. The per-channel math is the same, so they agree up to the order of fp32 sums over N
+    (exactly, under the interpreter)."""
+    import json
+
+    from bench.ttt_kernel_speed import MAMBA_VARIANTS, main
+
+    assert main(["--smoke", "--variants", "mamba", "--lengths", "32", "--results", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench" / "ttt_kernel_variants.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == MAMBA_VARIANTS * 2
+    assert all(r["status"] == "ok" for r in rows) and {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    for r in rows:
+        errors = [r["out_rel_rmse"]] + ([r["dq_rel_rmse"]] if r["mode"] == "fwd+bwd" else [])
+        assert all(e == 0 if DEVICE.type == "cpu" else e < 1e-5 for e in errors), r

@@ -26,6 +26,7 @@ training at 125m (not yet run on a GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -47,6 +48,23 @@ SEG = _power_of_two_from_env("MAMBA_TRITON_SEG", 32, 256)  # tokens between save
 BLOCK_D = _power_of_two_from_env("MAMBA_TRITON_BLOCK_D", 32, 256)  # channels per program: B x D / 32 programs
 #   (125m, batch 8: 384)
 NUM_WARPS = _power_of_two_from_env("MAMBA_TRITON_WARPS", 4, 16)
+LIMITS = {"SEG": 256, "BLOCK_D": 256, "NUM_WARPS": 16}
+
+
+@contextlib.contextmanager
+def launch_settings(**changes: int):
+    """Temporarily change SEG, BLOCK_D or NUM_WARPS (the benchmark's variants), checked as the environment's are:
+    `with launch_settings(BLOCK_D=32, NUM_WARPS=1): ...`."""
+    for name, value in changes.items():
+        if name not in LIMITS or value < 1 or value > LIMITS[name] or value & (value - 1):
+            raise ValueError(f"launch setting {name}={value}: one of {sorted(LIMITS)}, a power of two up to "
+                             f"{LIMITS.get(name)}")
+    old = {name: globals()[name] for name in changes}
+    globals().update(changes)
+    try:
+        yield
+    finally:
+        globals().update(old)
 
 
 @triton.jit
