@@ -10,10 +10,11 @@ Shape (paper Table 3, 1.3B): d = 2048, 32 heads of 64; batch 16 for the forward 
 figure), --bwd-batch (default 4) for forward+backward (memory). Inputs of the TTT kernels are the layer's
 q, k, v (B, H, T, 64) in bf16 with fp32 state; attention takes the same q, k, v (bf16); the Mamba scan
 runs at the same width (d_inner 4096 = 2 x 2048, d_state 16; mamba-ssm's CUDA kernel and our Triton one), and
-Mamba-2's SSD (mamba-ssm's Triton kernels) at its 1.3B layer (64 heads of 64, d_state 128). Times: bench/timing.py, the suite's one timer
-(CUDA events; warm-up until two calls agree, median and spread of repeats; on CPU one warm-up call and one
-timed call, as a check of the script). A point that fails (out
-of memory, missing package, over --max-seconds for the previous length) is recorded with its reason.
+Mamba-2's SSD (mamba-ssm's Triton kernels) at its 1.3B layer (64 heads of 64, d_state 128). Times:
+bench/timing.py, the suite's one timer (CUDA events; warm-up until two calls agree, median and spread of
+repeats; on CPU one warm-up call and one timed call, as a check of the script). A point that fails (out of
+memory, missing package, a GPU-only contender on CPU, over --max-seconds for the previous length) is recorded
+with its reason.
 
 fla's chunk_ttt_linear has different semantics (a learning rate per query token, o + LN(o) residual,
 no TTT-MLP): its times are labelled so and are not a like-for-like comparison.
@@ -231,8 +232,8 @@ VARIANT_KERNELS = ("linear", "mlp", "mamba")  # --variants
 
 
 def variants_for(inner: str) -> list[dict]:
-    """TTT-MLP is timed in tf32 only: with exact products its kernels take ptxas minutes and spill over
-    100 KB per thread at f = 64 (`make check-kernels --precision ieee`)."""
+    """The launch variants of one of VARIANT_KERNELS. TTT-MLP is timed in tf32 only: with exact products its
+    kernels take ptxas minutes and spill over 100 KB per thread at f = 64 (`make check-kernels --precision ieee`)."""
     if inner == "mamba":
         return MAMBA_VARIANTS
     return VARIANTS if inner == "linear" else [v for v in VARIANTS if v["precision"] == "tf32"]
@@ -293,7 +294,7 @@ def variant_rows(add, inners, lengths, B, bwd_B, H, f, device, max_seconds, mode
     default launch for Mamba)."""
     rows = []
     for inner in inners:
-        variants = [v for v in variants_for(inner) if v.get("precision", precisions[0]) in precisions]
+        variants = [v for v in variants_for(inner) if "precision" not in v or v["precision"] in precisions]
         settings, contender, outputs = _variant_runner(inner)
         for backward, batch in [(bw, b) for bw, b in ((False, B), (True, bwd_B)) if MODES[bw] in modes]:
             for T in lengths:
