@@ -245,6 +245,12 @@ def test_native_ttt_decays_every_parameter():
     assert group["weight_decay"] == 0.1 and len(group["params"]) == len(list(model.parameters()))
 
 
+def _group_names(model, opt) -> list[list[str]]:
+    """The names of each optimizer group's parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
+
 def test_the_fused_optimizer_steps_as_adamw_one_parameter_at_a_time():
     """make_optimizer's fused AdamW (the fast path) against PyTorch's per-parameter loop (the plain reference),
     with the native recipe's two weight decays and an lr multiplier, over three steps."""
@@ -254,10 +260,9 @@ def test_the_fused_optimizer_steps_as_adamw_one_parameter_at_a_time():
     ref_model.load_state_dict(model.state_dict())
     opt = make_optimizer(model, TRAINER)
     assert opt.defaults["fused"] and optimizer_name(opt) == "adamw (fused)"
-    ref_params = dict(ref_model.named_parameters())
-    options = lambda g: {k: v for k, v in g.items() if k not in ("params", "fused", "foreach")}  # noqa: E731
-    ref = torch.optim.AdamW([{**options(g), "params": [ref_params[n] for n in names]}
-                             for g, names in zip(opt.param_groups, _group_names(model, opt))])
+    ref_params, names = dict(ref_model.named_parameters()), _group_names(model, opt)
+    ref = torch.optim.AdamW([{**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
+                              "params": [ref_params[n] for n in group]} for g, group in zip(opt.param_groups, names)])
     assert optimizer_name(ref) == "adamw" and not any(g["fused"] or g["foreach"] for g in ref.param_groups)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -269,11 +274,6 @@ def test_the_fused_optimizer_steps_as_adamw_one_parameter_at_a_time():
         ref.step()
     for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
         assert torch.allclose(p, p_ref, rtol=1e-5, atol=1e-7), name
-
-
-def _group_names(model, opt) -> list[list[str]]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
 
 
 def test_lr_multipliers_get_groups_of_their_own():
