@@ -35,7 +35,6 @@ import importlib
 import importlib.util
 import math
 import sys
-import types
 from functools import lru_cache
 
 import torch
@@ -80,8 +79,7 @@ def triton_ssd():
     spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
     if spec is None or not spec.submodule_search_locations:
         return None
-    package = types.ModuleType("mamba_ssm")  # the package's folder, its __init__ not run
-    package.__path__ = list(spec.submodule_search_locations)
+    package = importlib.util.module_from_spec(spec)  # the package's folder and spec, its __init__ not run
     sys.modules["mamba_ssm"] = package
     try:
         return importlib.import_module(name).mamba_chunk_scan_combined
