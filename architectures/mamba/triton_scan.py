@@ -34,21 +34,24 @@ import triton
 import triton.language as tl
 
 
-def _power_of_two_from_env(name: str, default: int, most: int) -> int:
-    """A launch setting from the environment (to time variants on a GPU without editing code), checked."""
-    value = int(os.environ.get(name, default))
+LIMITS = {"SEG": 256, "BLOCK_D": 256, "NUM_WARPS": 16}  # each launch setting: a power of two from 1 to this
+
+
+def _checked(name: str, value: int, label: str) -> int:
+    """A launch setting's value if it is a power of two from 1 to LIMITS[name]; else a ValueError naming `label`."""
+    most = LIMITS[name]
     if value < 1 or value > most or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two from 1 to {most}, got {value}")
+        raise ValueError(f"{label} must be a power of two from 1 to {most}, got {value}")
     return value
 
 
-# Launch settings, not yet timed on a GPU (MAMBA_TRITON_SEG, MAMBA_TRITON_BLOCK_D, MAMBA_TRITON_WARPS override)
-SEG = _power_of_two_from_env("MAMBA_TRITON_SEG", 32, 256)  # tokens between saved states: the checkpoints are
-#   N / SEG of x's size, the backward's scratch SEG + 1 states per program
-BLOCK_D = _power_of_two_from_env("MAMBA_TRITON_BLOCK_D", 32, 256)  # channels per program: B x D / 32 programs
-#   (125m, batch 8: 384)
-NUM_WARPS = _power_of_two_from_env("MAMBA_TRITON_WARPS", 4, 16)
-LIMITS = {"SEG": 256, "BLOCK_D": 256, "NUM_WARPS": 16}
+# Launch settings, not yet timed on a GPU (MAMBA_TRITON_SEG, MAMBA_TRITON_BLOCK_D, MAMBA_TRITON_WARPS override, to
+# time variants on a GPU without editing code)
+SEG = _checked("SEG", int(os.environ.get("MAMBA_TRITON_SEG", 32)), "MAMBA_TRITON_SEG")  # tokens between saved
+#   states: the checkpoints are N / SEG of x's size, the backward's scratch SEG + 1 states per program
+BLOCK_D = _checked("BLOCK_D", int(os.environ.get("MAMBA_TRITON_BLOCK_D", 32)), "MAMBA_TRITON_BLOCK_D")  # channels
+#   per program: B x D / 32 programs (125m, batch 8: 384)
+NUM_WARPS = _checked("NUM_WARPS", int(os.environ.get("MAMBA_TRITON_WARPS", 4)), "MAMBA_TRITON_WARPS")
 
 
 @contextlib.contextmanager
@@ -56,9 +59,9 @@ def launch_settings(**changes: int):
     """Temporarily change SEG, BLOCK_D or NUM_WARPS (the benchmark's variants), checked as the environment's are:
     `with launch_settings(BLOCK_D=32, NUM_WARPS=1): ...`."""
     for name, value in changes.items():
-        if name not in LIMITS or value < 1 or value > LIMITS[name] or value & (value - 1):
-            raise ValueError(f"launch setting {name}={value}: one of {sorted(LIMITS)}, a power of two up to "
-                             f"{LIMITS.get(name)}")
+        if name not in LIMITS:
+            raise ValueError(f"launch setting {name}: not one of {sorted(LIMITS)}")
+        _checked(name, value, f"launch setting {name}")
     old = {name: globals()[name] for name in changes}
     globals().update(changes)
     try:
