@@ -46,6 +46,16 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+def keep_state(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """A decode cache's state after a step: `old` overwritten with `new` in place when it has new's shape and
+    dtype and neither is part of an autograd graph, else `new`. In place, a step reads and writes the same
+    memory as the step before it, so a CUDA graph of decode steps continues the sequence on every replay
+    (every cache updates its contents in place: shell.py)."""
+    if old is None or old.shape != new.shape or old.dtype != new.dtype or old.requires_grad or new.requires_grad:
+        return new
+    return old.copy_(new)
+
+
 class CausalConv(nn.Module):
     """Depthwise causal convolution over time, width k, with bias (nn.Conv1d's default init; recipe init
     ttt_jax redraws it as flax's). Decode state: the last k - 1 inputs. The one conv of every architecture:
@@ -72,12 +82,13 @@ class CausalConv(nn.Module):
         w = self.weight.to(x.dtype)  # (C, k)
         if T == 1:  # a decode step: one weighted sum over the window (B, k, C), 3 ops instead of k + 1
             return (xp * w.t()).sum(1, keepdim=True) + self.bias.to(x.dtype), xp[:, 1:]
+        new_state = xp[:, T:].clone()  # (B, k-1, C) of its own: a view would keep all of xp (B, T + k-1, C) alive
         if self.cpp and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-            return _CausalConvCpp.apply(xp, w, self.bias.to(x.dtype)), xp[:, T:]
+            return _CausalConvCpp.apply(xp, w, self.bias.to(x.dtype)), new_state
         y = torch.addcmul(self.bias.to(x.dtype), xp[:, k - 1:], w[:, k - 1])  # (B, T, C)
         for j in range(k - 1):
             y = torch.addcmul(y, xp[:, j:j + T], w[:, j])
-        return y, xp[:, T:]
+        return y, new_state
 
     def cuda_forward(self, x: torch.Tensor, conv_fn) -> torch.Tensor:
         """causal_conv1d with SiLU fused: x (B, T, C) -> silu(conv(x)) (B, T, C)."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from architectures.accounting import Counts, embedding_params
 from architectures.backends import BackendUnavailable, resolve, runs
 from architectures.config import ModelConfig
-from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles
+from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, keep_state, rope_angles
 from architectures.registry import ArchSpec, register
 
 
@@ -156,7 +156,7 @@ class TransformerBlock(nn.Module):
         if self.conv is not None:
             x, state = self.conv(x, None if cache is None else cache.conv)
             if cache is not None:
-                cache.conv = state
+                cache.conv = keep_state(cache.conv, state)
         h = h + self.attn(x, cache)
         return h if self.ffn is None else h + self.ffn(self.ffn_norm(h))
 

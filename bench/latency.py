@@ -123,8 +123,10 @@ def decode_period(model) -> int:
 
 def _graphed(step, period: int):
     """Replay `period` decode steps as one CUDA graph: each replay does the work of steps at the same positions
-    again (its tensors update in place), so the time of a replay / period is a step's. Returns (the replay, the
-    row's note, period); eager steps, with the reason, when the period is too long or capture fails."""
+    again, so the time of a replay / period is a step's. The caches update in place, so a recurrent model's replay
+    continues from the state the one before left (tests/test_ttt_triton.py checks TTT's outputs so); a
+    Transformer's writes the same KV slots again. Returns (the replay, the row's note, period); eager steps, with
+    the reason, when the period is too long or capture fails."""
     if period > MAX_GRAPHED_STEPS:
         return step, f"eager (a period of {period} steps is too long to capture)", 1
 

@@ -129,6 +129,42 @@ def test_prefill_and_decode_run_with_bf16_weights_and_leave_the_model_fp32(arch)
         assert cache.ssm.dtype == torch.float32
 
 
+def _cache_tensors(cache) -> dict[str, torch.Tensor]:
+    """A block's decode cache as named tensors, the TTT inner state's included."""
+    out = {}
+    for name, value in vars(cache).items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+        elif hasattr(value, "params"):  # TTT's InnerState
+            out.update({f"{name}.{n}": t for n, t in value.params.items()})
+            out.update({f"{name}.acc.{n}": t for n, t in value.acc.items()})
+    return out
+
+
+@pytest.mark.parametrize("arch", ["transformer_conv", "ttt_linear", "ttt_mlp", "mamba", "mamba2"])
+def test_a_prefill_leaves_a_cache_that_holds_only_its_state(arch):
+    """After a prefill of T tokens, each tensor of the decode cache owns no more memory than its own elements
+    (a conv state, (B, k-1, C), once kept a view of the whole padded input, (B, T + k-1, C): at 1.3B, batch 16
+    and 32k tokens, 2 GB per conv). The conv states are then updated in place by every decode step."""
+    from architectures import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch, 61, 32, 2, 2, 64, 64)).eval()
+    state = model.new_state(2, 600)
+    with torch.no_grad():
+        model(torch.randint(0, 61, (2, 512)), state)
+        tensors = [_cache_tensors(c) for c in state.caches]
+        for named in tensors:
+            for name, t in named.items():
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+        convs = [{n: t.data_ptr() for n, t in named.items() if n.startswith("conv")} for named in tensors]
+        assert all(convs)
+        for _ in range(3):
+            model(torch.randint(0, 61, (2, 1)), state)
+        assert [{n: t.data_ptr() for n, t in _cache_tensors(c).items() if n.startswith("conv")}
+                for c in state.caches] == convs
+
+
 def test_a_cuda_graph_replays_a_whole_ttt_mini_batch_of_decode_steps():
     """On CUDA a graph replays the steps after which the work repeats (bench/latency.decode_period): a TTT
     mini-batch, whose last step commits the inner weights; one step elsewhere. Too long a period stays eager, and

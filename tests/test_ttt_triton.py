@@ -267,6 +267,103 @@ def test_generate_with_the_triton_decode_kernel_equals_one_prefill(arch):
     assert rel_rmse(torch.cat(steps, 1), full) < TOL
 
 
+def _cache_tensors(state) -> dict[str, torch.Tensor]:
+    """Every tensor of each TTT block's decode cache: the three conv states and the inner state."""
+    out = {}
+    for i, c in enumerate(state.caches):
+        out.update({f"{i}.{n}": getattr(c, n) for n in ("conv_pre", "conv_q", "conv_k")})
+        out.update({f"{i}.{n}": t for n, t in c.inner.params.items()})
+        out.update({f"{i}.acc.{n}": t for n, t in c.inner.acc.items()})
+    return out
+
+
+def _ttt_model(arch, layers=1):
+    cfg = ModelConfig(arch, 61, 32, layers, 2, 64, 64, options={"inner": arch.split("_")[1], "mini_batch": B_MB,
+                                                                "backend": "triton"})
+    return build_model(cfg).to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp"])
+@pytest.mark.parametrize("prompt", [7, 0])
+def test_decode_updates_the_cache_in_place(arch, prompt):
+    """After a prefill without gradient (prompt 7) or a first decode step (prompt 0: that step copies the
+    layer's initial weights), every decode step reads and writes the same cache tensors, across the commits at
+    16 and 32: no copy of the state per token, and what a CUDA graph of steps needs to continue the sequence.
+    The layer's own weights are never written, and the outputs equal one prefill's."""
+    torch.manual_seed(0)
+    model = _ttt_model(arch)
+    weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    B = 2 if prompt else 1  # batch 1: the initial weights have the state's shape, and only ownership guards them
+    idx = torch.randint(0, 61, (B, 34), device=DEVICE)
+    with torch.no_grad():
+        full = model(idx)
+        state = model.new_state(B, 34)
+        steps = [model(idx[:, :max(prompt, 1)], state)]
+        where = {n: t.data_ptr() for n, t in _cache_tensors(state).items()}
+        assert state.caches[0].inner.owned
+        for i in range(max(prompt, 1), 34):
+            steps.append(model(idx[:, i:i + 1], state))
+            assert {n: t.data_ptr() for n, t in _cache_tensors(state).items()} == where, i
+    assert rel_rmse(torch.cat(steps, 1), full) < TOL
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, weights[n]), n
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_decode_copies_a_state_autograd_keeps(inner):
+    """A prefill that records a gradient returns a state autograd saved for its backward: not owned, so the
+    decode step after it works on copies and the backward still sees the prefill's values."""
+    from architectures.ttt.triton_op import ttt_triton
+
+    x = inputs(inner, T=8, f=16)
+    params = {n: x[n][:, :, None] if n.startswith("b") else x[n] for n in PARAMS[inner]}
+    tokens = lambda span: [x[n][:, :, span] for n in ("q", "k", "v", "a")]
+    rest = [x["tok"], x["ln_w"][:, None], x["ln_b"][:, None], B_MB]
+    out, state = ttt_triton(inner, InnerState(params), *tokens(slice(0, 7)), *rest)
+    assert not state.owned
+    kept = [*state.params.items(), *[(f"acc.{n}", t) for n, t in state.acc.items()]]
+    before = {n: (t.detach().clone(), t._version) for n, t in kept}
+    with torch.no_grad():
+        _, after = ttt_triton(inner, state, *tokens(slice(7, 8)), *rest)
+    assert after.owned
+    for n, t in kept:
+        assert torch.equal(t.detach(), before[n][0]) and t._version == before[n][1], n
+    (out.sum() + sum(p.sum() for p in state.params.values())).backward()  # autograd's saved tensors are intact
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need CUDA; on CPU "
+                    "test_decode_updates_the_cache_in_place checks what a replay relies on")
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp"])
+def test_cuda_graph_of_decode_steps_continues_the_sequence(arch):
+    """A CUDA graph of one mini-batch of decode steps (bench/latency.py times decoding so), replayed twice on new
+    tokens, gives the outputs of eager decoding: each replay starts from the state the one before it left."""
+    torch.manual_seed(0)
+    model = _ttt_model(arch, layers=2)
+    idx = torch.randint(0, 61, (2, 4 * B_MB), device=DEVICE)
+    with torch.no_grad():
+        ref_state = model.new_state(2, 4 * B_MB)
+        model(idx[:, :B_MB], ref_state)
+        want = torch.cat([model(idx[:, i:i + 1], ref_state) for i in range(B_MB, 4 * B_MB)], 1)
+        state = model.new_state(2, 4 * B_MB)
+        model(idx[:, :B_MB], state)
+        tokens = idx[:, B_MB:2 * B_MB].clone()  # the graph's input, refilled before each replay
+        steps = lambda: torch.cat([model(tokens[:, i:i + 1], state) for i in range(B_MB)], 1)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            got = [steps()]  # eager: warms up (compiles) and decodes the second mini-batch
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = steps()  # recorded, not run
+        for m in (2, 3):
+            tokens.copy_(idx[:, m * B_MB:(m + 1) * B_MB])
+            graph.replay()
+            got.append(out.clone())
+    torch.cuda.synchronize()
+    assert rel_rmse(torch.cat(got, 1), want) < TOL
+
+
 def test_backend_selection(monkeypatch):
     assert resolve_ttt_backend("torch", "mlp") == "dual"
     assert resolve_ttt_backend("auto", "linear") == ("triton" if torch.cuda.is_available() else "cpp")

@@ -47,11 +47,14 @@ class InnerState:
     """Inner weights at the start of the current mini-batch, the accumulators of the tokens of it
     seen so far, and how many those are (offset, 0 <= offset < b). Tensors are (B, H, ...), fp32;
     biases (names starting with "b") are (B, H, 1, n), rows that broadcast over tokens (the Triton kernels
-    take them as (B, H, n): flat_biases / row_biases convert)."""
+    take them as (B, H, n): flat_biases / row_biases convert). owned: the tensors belong to this state alone
+    (made by the Triton backend without a gradient), so its decode kernel may update them in place; a state
+    built from a layer's initial weights, or kept by autograd, is copied first."""
 
     params: dict[str, torch.Tensor]
     acc: dict[str, torch.Tensor] = field(default_factory=dict)
     offset: int = 0
+    owned: bool = False
 
     @classmethod
     def fresh(cls, init: dict[str, torch.Tensor]) -> "InnerState":

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.config import ModelConfig
-from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, rope_angles_periodic
+from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, keep_state, rope_angles_periodic
 from architectures.backends import BackendUnavailable, resolve, runs, triton_interpreting, triton_unavailable
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt import cpu_scan
@@ -232,6 +232,11 @@ class TTTLayer(nn.Module):
         names = ("W", "b") if self.inner == "linear" else ("W1", "b1", "W2", "b2")
         return {n: getattr(self, n) for n in names if hasattr(self, n)}  # no "b": inner_bias=false
 
+    def initial_state(self, dt) -> InnerState:
+        """The inner state before a sequence's first token: the initial weights in dtype dt (a decode step
+        continues its cache's state and does not cast them again)."""
+        return InnerState.fresh({n: p.to(dt) for n, p in self.initial_params().items()})
+
     def inner_ln_params(self, dt) -> tuple[torch.Tensor, torch.Tensor]:
         """The inner LN's (H, f) weight and bias in dtype dt; without it (inner_ln=false), ones and
         zeros that the inner loop does not use."""
@@ -250,7 +255,7 @@ class TTTLayer(nn.Module):
             q, sq = self.conv_q(u, None if cache is None else cache.conv_q)
             k, sk = self.conv_k(u, None if cache is None else cache.conv_k)
             if cache is not None:
-                cache.conv_q, cache.conv_k = sq, sk
+                cache.conv_q, cache.conv_k = keep_state(cache.conv_q, sq), keep_state(cache.conv_k, sk)
         else:
             q, k = self.wq(x), self.wk(x)
         v = self.wv(x)
@@ -272,8 +277,7 @@ class TTTLayer(nn.Module):
             q, k, v, a = q.to(dt), k.to(dt), v.to(dt), a.to(dt)
             tok, (ln_w, ln_b) = self.token_factor().to(dt), self.inner_ln_params(dt)
             opts = {"ln": self.inner_ln, "residual": self.inner_residual}
-            init = {n: p.to(dt) for n, p in self.initial_params().items()}
-            state = cache.inner if cache is not None and cache.inner is not None else InnerState.fresh(init)
+            state = cache.inner if cache is not None and cache.inner is not None else self.initial_state(dt)
             args = (self.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], self.mini_batch)  # one
             #   op signature and state (InnerState) for every backend: dual.py, triton_op.py, reference.py
             if self.backend == "triton":
@@ -324,7 +328,7 @@ class TTTBlock(nn.Module):
         if self.ttt.backbone == "mamba":
             y, state = self.pre_conv(self.conv_norm(h), None if cache is None else cache.conv_pre)
             if cache is not None:
-                cache.conv_pre = state
+                cache.conv_pre = keep_state(cache.conv_pre, state)
             h = h + y
         h = h + self.ttt(self.ttt_norm(h), cache)
         return h if self.ffn is None else h + self.ffn(self.ffn_norm(h))

@@ -32,16 +32,14 @@ def ttt_triton(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, a, *params.values()))
     n_decode = min((b - off) % b, T) if off else int(T == 1 and not needs_grad)
     outs, t = [], 0
-    if n_decode:  # the primal form, token by token, in place on fp32 copies of the state
-        params = {n: p.float().expand(B, *p.shape[1:]).contiguous().clone() for n, p in params.items()}
-        acc = {n: (acc[n].float().expand(B, *p.shape[1:]).contiguous().clone() if acc else torch.zeros_like(p))
-               for n, p in params.items()}
+    owned = state.owned
+    if n_decode:  # the primal form, token by token, updating the state's buffers in place
+        params, acc = decode_buffers(params, acc, B, owned)
         for i in range(n_decode):
             outs.append(kernels.decode_step(q[:, :, i], k[:, :, i], v[:, :, i], a[:, :, i], tok, ln_w, ln_b,
                                             params, acc, off)[:, :, None])
-            off = (off + 1) % b
-        acc = acc if off else {}
-        t = n_decode
+            off = (off + 1) % b  # a commit (off back to 0) zeroes acc in place: kept for the next mini-batch
+        t, owned = n_decode, True
     if t < T:
         group = checkpoint_group if checkpoint_group > 0 else triton_linear.DEFAULT_GROUP
         out, params, acc = kernels.prefill(q[:, :, t:], k[:, :, t:], v[:, :, t:], a[:, :, t:], tok, ln_w, ln_b,
@@ -49,5 +47,23 @@ def ttt_triton(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_
         outs.append(out)
         off = (T - t) % b
         acc = acc if off else {}
+        owned = not needs_grad  # fresh tensors; with a gradient, autograd keeps them for the backward
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out, InnerState(row_biases(params), row_biases(acc), off)
+    return out, InnerState(row_biases(params), row_biases(acc), off, owned)
+
+
+def decode_buffers(params: dict, acc: dict, B: int, owned: bool) -> tuple[dict, dict]:
+    """The fp32 contiguous (B, H, ...) tensors the decode kernel updates in place (biases (B, H, n)): the
+    state's own when it owns them (`InnerState.owned`: a decode cache after its first step or a prefill
+    without gradient), so a step reads and writes the same memory as the step before it (no copy of the
+    state per token, and a CUDA graph of steps continues the sequence on every replay); else fp32 copies,
+    so a layer's initial weights and tensors autograd saved are never written. acc {}: zeros."""
+    def ours(x: torch.Tensor) -> bool:
+        return owned and x.dtype == torch.float32 and x.is_contiguous() and x.shape[0] == B
+
+    def buffer(x: torch.Tensor) -> torch.Tensor:
+        return x if ours(x) else x.float().expand(B, *x.shape[1:]).contiguous().clone()
+
+    params = {n: buffer(p) for n, p in params.items()}
+    acc = {n: buffer(acc[n]) if acc else torch.zeros_like(p) for n, p in params.items()}
+    return params, acc
