@@ -114,6 +114,7 @@ def throughput(results: Path) -> tuple[list[dict], list[dict]]:
         ok = r["status"] == "ok"
         decode.append({"arch": r["arch"], "size": r["size"], "ctx": int(r["ctx"]), "batch": int(r["batch"]),
                        "backend": r["backend"], "status": r["status"], "graph": r.get("graph"),
+                       "compile": r.get("compile"),
                        "ms_per_step": 1e3 * float(r["time_per_token_s"]) if ok else None})
     return train, decode
 
@@ -143,14 +144,16 @@ def report(out: Path) -> dict:
     speed = out / "results" / "bench" / "ttt_kernel_speed.json"
     train, decode = throughput(out / "results")
     train_compiled, _ = throughput(out / "results" / "compiled")  # the train-125m-compiled stage, if it ran
+    _, decode_compiled = throughput(out / "results" / "compiled-decode")  # decode-1.3b-compiled's, if it ran
     variants = [r for p in sorted(out.glob("results/**/ttt_kernel_variants.json")) for r in _rows(p)]
     return {"device": device(out), "stages": stages(out), "kernel_tests": kernel_tests(out),
             "kernel_variants": variants, "best_variants": best_variants(variants),
             "kernel_speed": kernel_ratios(_rows(speed)), "train": train, "train_compiled": train_compiled,
-            "decode": decode}
+            "decode": decode, "decode_compiled": decode_compiled}
 
 
 TRAIN_COLUMNS = ["arch", "size", "ctx", "batch", "backend", "compile", "status", "tokens_per_s", "over_transformer"]
+DECODE_COLUMNS = ["arch", "size", "ctx", "batch", "backend", "graph", "status", "ms_per_step"]
 
 
 def markdown(r: dict) -> str:
@@ -173,9 +176,10 @@ def markdown(r: dict) -> str:
     if r.get("train_compiled"):
         sections.append(("Training tokens/s under trainer.compile=model (the train-125m-compiled stage)",
                          _table(r["train_compiled"], TRAIN_COLUMNS)))
-    sections.append(("Decode step (ms per step for the whole batch)",
-                     _table(r["decode"], ["arch", "size", "ctx", "batch", "backend", "graph", "status",
-                                          "ms_per_step"])))
+    sections.append(("Decode step (ms per step for the whole batch)", _table(r["decode"], DECODE_COLUMNS)))
+    if r.get("decode_compiled"):
+        sections.append(("Decode step through torch.compile (the decode-1.3b-compiled stage)",
+                         _table(r["decode_compiled"], DECODE_COLUMNS + ["compile"])))
     return f"# make gpu-check on {r['device'] or 'an unknown device'}\n\n" + "\n".join(
         f"## {title}\n{body}" for title, body in sections)
 

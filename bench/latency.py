@@ -21,8 +21,9 @@ from bench.timing import MAX_WARMUP_CALLS, STEADY_WINDOW_S, measure
 from bench.train import autocast_for
 
 DECODE_STEPS = 48  # timed single-token steps after each prompt: three TTT mini-batches (median)
-DECODE_ROOM = 2 * DECODE_STEPS + MAX_WARMUP_CALLS + 2  # cache slots after the prompt: warm-up, steps, a re-measure
 MAX_GRAPHED_STEPS = 32  # the most decode steps one CUDA graph replays (capturing them takes 2x that many slots)
+# cache slots after the prompt: warm-up, steps, a re-measure, and a compiled step's warm-up (two periods, _compiled)
+DECODE_ROOM = 2 * DECODE_STEPS + MAX_WARMUP_CALLS + 2 + 2 * MAX_GRAPHED_STEPS
 
 
 def _release_free_memory() -> None:
@@ -89,10 +90,12 @@ def as_bf16(model) -> torch.nn.Module:
     return copy.deepcopy(model).to(torch.bfloat16)
 
 
-def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, quick: bool = False):
+def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, quick: bool = False,
+                       compile_decode: bool = False):
     """Timed prefill of T tokens (after warm-up calls), then timed decode steps from its cache, under bf16
     autocast when the model's weights are bf16 (inference_model) or on CUDA. quick: one untimed warm-up call each
-    (the probe `make sweep` runs). Returns (prefill timing, peak memory, decode timing, graph note)."""
+    (the probe `make sweep` runs). compile_decode: the decode step through torch.compile (_compiled). Returns
+    (prefill timing, peak memory, decode timing, graph note, compile note: "model", "none" or why it failed)."""
     warm = 1 if quick else MAX_WARMUP_CALLS
     idx = torch.randint(0, vocab, (B, T), device=device)
     last = {}
@@ -108,17 +111,49 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, 
         state = last["state"]  # the cache the last timed prefill filled
         step_in = torch.randint(0, vocab, (B, 1), device=device)
         step = lambda: model(step_in, state)
-        graph_note, period = "", 1
+        graph_note, period, compile_note = "", 1, "none"
+        if compile_decode:
+            step, compile_note = _compiled(step, model)
         if graphs and device.type == "cuda":
             step, graph_note, period = _graphed(step, decode_period(model))
         dec = measure(step, device, repeats=DECODE_STEPS, max_warmup_calls=warm)  # warm-up: the first tokens
-    return pre, mem.peak, dataclasses.replace(dec, median=dec.median / period), graph_note
+    return pre, mem.peak, dataclasses.replace(dec, median=dec.median / period), graph_note, compile_note
 
 
 def decode_period(model) -> int:
     """Decode steps after which a model's step repeats its work: a TTT layer's mini-batch (its last token commits
     the inner weights), else 1 (Transformer: one KV slot and T keys; Mamba: one state update)."""
     return max([m.mini_batch for m in model.modules() if isinstance(getattr(m, "mini_batch", None), int)] or [1])
+
+
+def _compiled(step, model):
+    """The decode step through torch.compile: its elementwise work (norms, casts, gates, rotary angles) fused into
+    fewer kernels, which a single token's step is made of (on a GPU each costs a launch even in a CUDA graph).
+    The Triton TTT decode kernels are operators (torch.library) and compile in; the C++ backends' decode steps
+    (TTT, Mamba-2: backend=cpp) run as PyTorch ops instead, which fuse (a C++ call would break the graph), and
+    the note says so. Two periods of steps run first, so that every variant compiles before timing (the first
+    call's static shapes, then positions as symbols, a TTT mini-batch's first, middle and last tokens). Returns
+    (the step, note: "model" and what ran differently), or the eager step and why compiling failed (the steps
+    already run stay in the cache: its room allows for them). Running out of recompiles (torch._dynamo's
+    recompile_limit, after which it would run eagerly and silently) is a failure too. torch.compile keeps its
+    graphs by the step's code, shared by every model's step: call torch._dynamo.reset() before another model."""
+    compiled = torch.compile(step)
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for _ in range(2 * decode_period(model)):
+                compiled()
+    except Exception as e:
+        return step, f"failed: {type(e).__name__}: {e}"[:200]
+    return compiled, "model" + (" (backend=cpp decode steps as PyTorch ops)" if _cpp_decode_steps(model) else "")
+
+
+def _cpp_decode_steps(model) -> bool:
+    """Whether a layer's decode step is one C++ call when eager and PyTorch ops when compiled (TTT's dual.py and
+    Mamba-2's _torch_core with backend=cpp; Mamba-1's step is PyTorch ops either way)."""
+    from architectures.mamba.layers import Mamba2Mixer
+    from architectures.ttt.layer import TTTLayer
+
+    return any(isinstance(m, (TTTLayer, Mamba2Mixer)) and m.backend == "cpp" for m in model.modules())
 
 
 def _graphed(step, period: int):
@@ -157,8 +192,8 @@ def latency_probe(model, ctx: int, device, vocab: int) -> dict:
     was_training = model.training
     model.eval()
     try:
-        pre, _, dec, _ = prefill_and_decode(inference_model(model, device)[0], 1, ctx, device, vocab, graphs=False,
-                                            quick=True)
+        pre, _, dec, *_ = prefill_and_decode(inference_model(model, device)[0], 1, ctx, device, vocab, graphs=False,
+                                             quick=True)
         return {"prefill_tokens_per_s": ctx / pre.median, "prefill_time_per_token_s": pre.median / ctx,
                 "decode_tokens_per_s": 1 / dec.median, "decode_time_per_token_s": dec.median,
                 "throughput_status": "ok"}

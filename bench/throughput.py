@@ -20,7 +20,8 @@ median and the relative spread. A prefill or training point also warms up for at
 timed over at least 0.5 s (at most 60 calls). A point whose spread is over 25% is measured again and, if
 the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. CUDA events on GPU (CUDA graphs
 replay every architecture's decode steps where capture works, a TTT mini-batch of them per replay; the row says
-so), time.perf_counter on CPU; thread count recorded. On CUDA prefill and decode run on a bf16 copy of the model
+so), time.perf_counter on CPU; thread count recorded. --compile-decode runs the decode step through torch.compile
+(bench/latency._compiled; the CSV's compile column says model, or why it failed). On CUDA prefill and decode run on a bf16 copy of the model
 (bench/latency.py). A point whose predicted time exceeds --max-seconds, or that runs out of memory, is a row with
 that reason, never a crash.
 Writes RESULTS/throughput.csv (rows keyed by arch, size, mode, ctx, batch, device; a new run replaces its
@@ -141,7 +142,7 @@ def _predicted(history: list[tuple[int, float]], T: int) -> float:
 
 
 def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None,
-             compile_mode: str = "none", governor=None, profile: str = "cpu") -> list[dict]:
+             compile_mode: str = "none", governor=None, profile: str = "cpu", compile_decode: bool = False) -> list[dict]:
     rows = []
     try:
         model, sized = build(arch, size, max(lengths), match, device, vocab, profile)
@@ -150,6 +151,8 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                  "status": f"failed: {type(e).__name__}: {e}"[:300]} for m in modes for T in lengths]
     model.eval()
     infer, infer_precision = inference_model(model, device) if {"prefill", "decode"} & set(modes) else (model, "")
+    if compile_decode:
+        torch._dynamo.reset()  # the compiled decode step of the architecture before is of no use to this one
     history = {m: [] for m in MODES}
     for T in lengths:
         if governor is not None:
@@ -162,7 +165,8 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                          if m in modes]
             else:
                 try:
-                    pre, mem, dec, graph = prefill_and_decode(infer, B, T, device, vocab, graphs)
+                    pre, mem, dec, graph, compiled = prefill_and_decode(infer, B, T, device, vocab, graphs,
+                                                                        compile_decode=compile_decode)
                     history["prefill"].append((T, pre.median))
                     if "prefill" in modes:
                         rows.append(_row(arch, size, "prefill", T, B, device, model, sized, status="ok",
@@ -171,7 +175,8 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                     if "decode" in modes:
                         rows.append(_row(arch, size, "decode", T, B, device, model, sized, status="ok",
                                          time_per_token_s=dec.median, tokens_per_s=B / dec.median,
-                                         graph=graph, precision=infer_precision, **_timed(dec)))
+                                         graph=graph, compile=compiled, precision=infer_precision,
+                                         **_timed(dec)))
                 except Exception as e:
                     why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
                     rows += [_row(arch, size, m, T, B, device, model, sized, status=why)
@@ -244,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="skip a point whose predicted single call exceeds this (default: 20 on CPU, 60 on CUDA)")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: decode eagerly (no CUDA graphs)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="decode points: the step through torch.compile (fewer, fused kernels per token; compiling "
+                        "takes seconds to a minute per architecture); the CSV's compile column says model, or why not")
     p.add_argument("--compile", default=None, help="train points: none | hot_path | model (default: hot_path on CPU, "
                                                    "as the cpu profile trains; none on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads at most (default: every free core)")
@@ -273,11 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     governor = ThreadGovernor(args.threads, enabled=device.type == "cpu" and not args.no_governor)
     print(f"[ttt-bench] throughput on {device_name(device)} ({torch.get_num_threads()} threads, "
           f"{omp_wait()}): {', '.join(archs)} at {size} (match={match}), lengths {lengths}, "
-          f"batch {args.batch}, train compile={compile_mode}", flush=True)
+          f"batch {args.batch}, train compile={compile_mode}, decode compile="
+          f"{'model' if args.compile_decode else 'none'}", flush=True)
     rows = []
     for arch in archs:
         for r in run_arch(arch, size, lengths, args.batch, device, match, max_s, BYTE_VOCAB, not args.no_graphs,
-                          modes, args.train_batch, compile_mode, governor, profile):
+                          modes, args.train_batch, compile_mode, governor, profile, args.compile_decode):
             rows.append(r)
             mem = f"mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB" if r.get("peak_mem_bytes") is not None else ""
             trust = (f" spread {r['spread']:.0%}" + (" NOISY" if r.get("noisy") else "")

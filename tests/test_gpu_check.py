@@ -87,6 +87,14 @@ def test_report_from_stage_outputs(tmp_path):
     assert {t["arch"]: t["over_transformer"] for t in r["train_compiled"]} == {"ttt_linear": 0.8, "transformer": 1.0}
     assert len(r["train"]) == 3 and "## Training tokens/s under trainer.compile=model" in (
         tmp_path / "report.md").read_text()
+    assert r["decode_compiled"] == [] and "through torch.compile" not in (tmp_path / "report.md").read_text()
+    _write(tmp_path / "results" / "compiled-decode" / "throughput.csv",  # decode-1.3b-compiled's
+           "arch,size,mode,ctx,batch,time_per_token_s,tokens_per_s,backend,status,graph,compile\n"
+           "ttt_linear,1.3b,decode,2048,16,0.002,8000,ttt=triton,ok,cuda_graph (16 steps per replay),model\n")
+    assert gpu_report([str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert r["decode_compiled"][0]["ms_per_step"] == pytest.approx(2.0) and r["decode_compiled"][0]["compile"] == "model"
+    assert "## Decode step through torch.compile" in (tmp_path / "report.md").read_text()
     assert gpu_report([str(tmp_path / "missing")]) == 2
 
 

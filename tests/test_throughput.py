@@ -112,7 +112,7 @@ def test_prefill_and_decode_run_with_bf16_weights_and_leave_the_model_fp32(arch)
     model = build_model(ModelConfig(arch, 61, 32, 1, 2, 64, 64)).eval()
     infer = as_bf16(model)
     assert {p.dtype for p in infer.parameters()} == {torch.bfloat16}
-    pre, _, dec, _ = prefill_and_decode(infer, 1, 40, torch.device("cpu"), 61, graphs=False, quick=True)
+    pre, _, dec, *_ = prefill_and_decode(infer, 1, 40, torch.device("cpu"), 61, graphs=False, quick=True)
     assert pre.median > 0 and dec.median > 0
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     state = infer.new_state(1, 8)
@@ -163,6 +163,68 @@ def test_a_prefill_leaves_a_cache_that_holds_only_its_state(arch):
             model(torch.randint(0, 61, (2, 1)), state)
         assert [{n: t.data_ptr() for n, t in _cache_tensors(c).items() if n.startswith("conv")}
                 for c in state.caches] == convs
+
+
+def _decode_outputs(model, compile_decode: bool):
+    """The outputs of 16 decode steps of one token after a 20-token prompt (the same token each time, as
+    bench.latency steps) and the steps latency._compiled runs to compile (a TTT model's 32), eager or compiled,
+    and the note."""
+    from bench.latency import _compiled, decode_period
+
+    torch.manual_seed(1)
+    prompt, tok = torch.randint(0, 61, (2, 20)), torch.randint(0, 61, (2, 1))
+    state = model.new_state(2, 68)
+    step = lambda: model(tok, state)
+    note = "none"
+    with torch.no_grad():
+        model(prompt, state)
+        if compile_decode:
+            torch._dynamo.reset()  # as bench.throughput does before each architecture
+            step, note = _compiled(step, model)
+        else:
+            for _ in range(2 * decode_period(model)):  # the steps _compiled runs first
+                step()
+        return torch.cat([step() for _ in range(16)], 1), note
+
+
+@pytest.mark.parametrize("arch", ["ttt_linear", pytest.param("transformer", marks=pytest.mark.slow),
+                                  pytest.param("ttt_mlp", marks=pytest.mark.slow),
+                                  pytest.param("mamba", marks=pytest.mark.slow),
+                                  pytest.param("mamba2", marks=pytest.mark.slow)])
+def test_a_compiled_decode_step_equals_the_eager_one(arch):
+    """`make throughput ARGS=--compile-decode` (bench/latency._compiled): the step through torch.compile is one
+    graph (no graph break) and gives the eager step's outputs after its compiling steps (TTT: 32, crossing
+    commits; their state carries into the steps compared, which cross one more); its note says when a backend=cpp
+    layer's step ran as PyTorch ops. TTT-Linear in the fast tier (its C++ decode step becomes the dual form's ops,
+    compiled in five variants); the others in the slow one (each compile takes 10-20 s)."""
+    from torch._dynamo.utils import counters
+
+    from architectures import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch, 61, 32, 2, 2, 64, 64)).eval()
+    want, _ = _decode_outputs(model, compile_decode=False)
+    counters.clear()
+    got, note = _decode_outputs(model, compile_decode=True)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    cpp_step = model.backends() == {"ttt": "cpp"} or arch == "mamba2"
+    assert note == "model (backend=cpp decode steps as PyTorch ops)" if cpp_step else note == "model"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_decode_step_that_fails_to_compile_runs_eagerly_and_says_why(monkeypatch):
+    """A compile error is a row that says why (CSV column compile), with the eager step's time, never a crash."""
+    from bench import latency
+
+    def broken(fn):
+        def run():
+            raise RuntimeError("inductor exploded")
+        return run
+
+    monkeypatch.setattr(latency.torch, "compile", broken)
+    model = torch.nn.Linear(2, 2)
+    step = lambda: None
+    assert latency._compiled(step, model) == (step, "failed: RuntimeError: inductor exploded")
 
 
 def test_a_cuda_graph_replays_a_whole_ttt_mini_batch_of_decode_steps():

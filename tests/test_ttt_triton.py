@@ -229,6 +229,20 @@ def test_the_prefill_operators_pass_opcheck(inner):
     torch.library.opcheck(op, (*(x[n] for n in IO), *params, 1, True))
 
 
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+@pytest.mark.parametrize("pos", [3, B_MB - 1])
+def test_the_decode_operators_pass_opcheck(inner, pos):
+    """The decode step is a torch.library operator that writes the state in place (so that a compiled decode step
+    calls it): its schema's mutated arguments, fake version and dispatch, as torch.library.opcheck checks them,
+    inside a mini-batch and at its last token (the commit, which also writes the weights)."""
+    x = {n: t.detach() for n, t in inputs(inner, B=2, H=2, T=1, f=16).items()}
+    state = {n: x[n].expand(2, *x[n].shape[1:]).contiguous() for n in PARAMS[inner]}
+    acc = {n: 0.1 * torch.randn_like(p) for n, p in state.items()}
+    op = {"linear": triton_linear.linear_decode_step, "mlp": triton_mlp.mlp_decode_step}[inner]
+    step = [x[n][:, :, 0] for n in ("q", "k", "v", "a")]
+    torch.library.opcheck(op, (*step, x["tok"], x["ln_w"], x["ln_b"], *state.values(), *acc.values(), pos))
+
+
 @pytest.mark.slow  # torch.compile: inductor from a cold cache (on a GPU, `make gpu-check` runs it)
 @pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp"])
 def test_compiled_model_equals_eager_forward_and_every_parameter_gradient(arch):
@@ -307,6 +321,39 @@ def test_decode_updates_the_cache_in_place(arch, prompt):
     assert rel_rmse(torch.cat(steps, 1), full) < TOL
     for n, p in model.state_dict().items():
         assert torch.equal(p, weights[n]), n
+
+
+@pytest.mark.parametrize("arch", ["ttt_linear", pytest.param("ttt_mlp", marks=pytest.mark.slow)])
+def test_a_compiled_decode_step_calls_the_kernel_in_place(arch):
+    """The decode step through torch.compile (`make throughput ARGS=--compile-decode`, bench/latency._compiled):
+    one graph with the decode kernel in it (an operator that writes the state: no graph break), the eager step's
+    outputs, and the cache's tensors updated where they are."""
+    from torch._dynamo.utils import counters
+
+    from bench.latency import _compiled
+
+    torch.manual_seed(0)
+    model = _ttt_model(arch)
+    idx = torch.randint(0, 61, (2, 7), device=DEVICE)
+    tok = torch.randint(0, 61, (2, 1), device=DEVICE)
+    outs = {}
+    for compiled in (False, True):
+        state = model.new_state(2, 7 + 2 * B_MB + 10)
+        step = lambda: model(tok, state)
+        with torch.no_grad():
+            model(idx, state)
+            where = {n: t.data_ptr() for n, t in _cache_tensors(state).items()}
+            if compiled:
+                torch._dynamo.reset()
+                counters.clear()
+                step, note = _compiled(step, model)
+                assert note == "model" and not counters["graph_break"], (note, dict(counters["graph_break"]))
+            else:
+                for _ in range(2 * B_MB):
+                    step()
+            outs[compiled] = torch.cat([step() for _ in range(10)], 1)  # tokens 40-49: the 48th commits
+        assert {n: t.data_ptr() for n, t in _cache_tensors(state).items()} == where
+    assert rel_rmse(outs[True], outs[False]) < TOL
 
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])

@@ -351,7 +351,8 @@ class Mamba2Mixer(nn.Module):
             dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))  # (B, T, H)
             a = dt * -torch.exp(self.A_log.to(ct))  # (B, T, H): log decay per step
             xdt = xs * dt[..., None]
-            if self.backend == "cpp":  # one sequential C++ pass (cpu_scan.ssd_scan_cpp), decode steps too
+            if self.backend == "cpp" and not (step and torch.compiler.is_compiling()):  # one sequential C++ pass
+                #   (cpu_scan.ssd_scan_cpp), decode steps too, except in a compiled step (a C++ call breaks the graph)
                 y, last = cpu_scan.ssd_scan_cpp(xdt, a, Bm, Cm, state)
             elif step:  # one token: update the state in place
                 y = ssd_step(state, xdt[:, 0], a[:, 0], Bm[:, 0], Cm[:, 0])[:, None]

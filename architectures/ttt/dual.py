@@ -219,8 +219,10 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
         return q[:, :, sl] + out if residual else out  # the residual is with Q
 
     # without a gradient, backend=cpp runs whole mini-batches and the pieces inside one (decoding) as one C++ call
-    # each, the LN and the residual included (cpu_scan.py)
-    cpp = scan is not None and scan.cpp and ln and residual and bias and not torch.is_grad_enabled()
+    # each, the LN and the residual included (cpu_scan.py); not in a compiled step (a decode step through
+    # torch.compile, bench/latency._compiled), where a C++ call would break the graph and PyTorch's ops fuse
+    cpp = (scan is not None and scan.cpp and ln and residual and bias and not torch.is_grad_enabled()
+           and not torch.compiler.is_compiling())
     gamma, beta = (ln_w.reshape(q.shape[1], -1), ln_b.reshape(q.shape[1], -1)) if ln else (None, None)  # (H, f)
 
     def piece(lo: int, hi: int, tok_piece, complete: bool):

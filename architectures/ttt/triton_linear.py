@@ -640,10 +640,24 @@ def decode_step(q, k, v, a, tok, ln_w, ln_b, params: dict, acc: dict, pos: int):
     """One token for every (sequence, head): q, k, v (B, H, f), a (B, H); params and acc fp32 contiguous
     (B, H, f, f) / (B, H, f) dicts, updated in place; pos the token's 0-based place in its mini-batch.
     Returns out (B, H, f)."""
+    return linear_decode_step(q, k, v, a, tok, ln_w, ln_b, params["W"], params["b"], acc["W"], acc["b"], pos)
+
+
+@torch.library.custom_op("ttt_bench::linear_decode_step", mutates_args=("W", "b", "GW", "Gb"))
+def linear_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, tok: torch.Tensor,
+                       ln_w: torch.Tensor, ln_b: torch.Tensor, W: torch.Tensor, b: torch.Tensor, GW: torch.Tensor,
+                       Gb: torch.Tensor, pos: int) -> torch.Tensor:
+    """decode_step as an operator that writes W, b (at the mini-batch's last token) and GW, Gb in place, so a
+    compiled decode step (torch.compile) calls the kernel as it is, with no graph break."""
     Bsz, H, f = q.shape
     out = torch.empty_like(q)
     _decode_kernel[(Bsz * H,)](q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(),
                                tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous(),
-                               params["W"], params["b"], acc["W"], acc["b"], out, H, pos, LN_EPS, F=f, BF=_block(f),
+                               W, b, GW, Gb, out, H, pos, LN_EPS, F=f, BF=_block(f),
                                COMMIT=pos == tok.shape[0] - 1, num_warps=decode_warps(_block(f)))
     return out
+
+
+@linear_decode_step.register_fake
+def _(q, k, v, a, tok, ln_w, ln_b, W, b, GW, Gb, pos):
+    return torch.empty_like(q)

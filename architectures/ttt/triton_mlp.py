@@ -666,11 +666,26 @@ def prefill(q, k, v, a, tok, ln_w, ln_b, params: dict, group: int = DEFAULT_GROU
 
 def decode_step(q, k, v, a, tok, ln_w, ln_b, params: dict, acc: dict, pos: int):
     """One token; params and acc: fp32 contiguous (B, H, ...) dicts, updated in place. Returns (B, H, f)."""
+    return mlp_decode_step(q, k, v, a, tok, ln_w, ln_b, *[params[n] for n in PARAMS], *[acc[n] for n in PARAMS], pos)
+
+
+@torch.library.custom_op("ttt_bench::mlp_decode_step",
+                         mutates_args=("W1", "b1", "W2", "b2", "GW1", "Gb1", "GW2", "Gb2"))
+def mlp_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, tok: torch.Tensor,
+                    ln_w: torch.Tensor, ln_b: torch.Tensor, W1: torch.Tensor, b1: torch.Tensor, W2: torch.Tensor,
+                    b2: torch.Tensor, GW1: torch.Tensor, Gb1: torch.Tensor, GW2: torch.Tensor, Gb2: torch.Tensor,
+                    pos: int) -> torch.Tensor:
+    """decode_step as an operator writing the weights and accumulators in place (triton_linear.linear_decode_step)."""
     Bsz, H, f = q.shape
     out = torch.empty_like(q)
     _decode_kernel[(Bsz * H,)](q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(),
                                tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous(),
-                               *[params[n] for n in PARAMS], *[acc[n] for n in PARAMS], out, H, pos, LN_EPS,
+                               W1, b1, W2, b2, GW1, Gb1, GW2, Gb2, out, H, pos, LN_EPS,
                                F=f, BF=_block(f), BT=hidden_tile(f, decode=True), COMMIT=pos == tok.shape[0] - 1,
                                num_warps=decode_warps(_block(f)))
     return out
+
+
+@mlp_decode_step.register_fake
+def _(q, k, v, a, tok, ln_w, ln_b, W1, b1, W2, b2, GW1, Gb1, GW2, Gb2, pos):
+    return torch.empty_like(q)
