@@ -139,12 +139,20 @@ def _compiled(step, model):
     graphs by the step's code, shared by every model's step: call torch._dynamo.reset() before another model."""
     compiled = torch.compile(step)
     try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        with _failing_on_recompile_limit():
             for _ in range(2 * decode_period(model)):
                 compiled()
     except Exception as e:
         return step, f"failed: {type(e).__name__}: {e}"[:200]
     return compiled, "model" + (" (backend=cpp decode steps as PyTorch ops)" if _cpp_decode_steps(model) else "")
+
+
+def _failing_on_recompile_limit():
+    """torch._dynamo raising where it would fall back to eager at its recompile limit (the option's name before
+    torch 2.6: fail_on_cache_limit_hit; a GPU machine may have an older torch than ours)."""
+    cfg = torch._dynamo.config
+    name = next(n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(cfg, n))
+    return cfg.patch(**{name: True})
 
 
 def _cpp_decode_steps(model) -> bool:
