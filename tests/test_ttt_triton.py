@@ -323,7 +323,8 @@ def test_decode_updates_the_cache_in_place(arch, prompt):
         assert torch.equal(p, weights[n]), n
 
 
-@pytest.mark.parametrize("arch", ["ttt_linear", pytest.param("ttt_mlp", marks=pytest.mark.slow)])
+@pytest.mark.slow  # torch.compile: inductor from a cold cache (on a GPU, `make gpu-check` runs it)
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp"])
 def test_a_compiled_decode_step_calls_the_kernel_in_place(arch):
     """The decode step through torch.compile (`make throughput ARGS=--compile-decode`, bench/latency._compiled):
     one graph with the decode kernel in it (an operator that writes the state: no graph break), the eager step's
