@@ -21,9 +21,9 @@ timed over at least 0.5 s (at most 60 calls). A point whose spread is over 25% i
 the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. CUDA events on GPU (CUDA graphs
 replay every architecture's decode steps where capture works, a TTT mini-batch of them per replay; the row says
 so), time.perf_counter on CPU; thread count recorded. --compile-decode runs the decode step through torch.compile
-(bench/latency._compiled; the CSV's compile column says model, or why it failed). On CUDA prefill and decode run on a bf16 copy of the model
-(bench/latency.py). A point whose predicted time exceeds --max-seconds, or that runs out of memory, is a row with
-that reason, never a crash.
+(bench/latency._compiled; the CSV's compile column says model, or why it failed). On CUDA prefill and decode run
+on a bf16 copy of the model (bench/latency.py). A point whose predicted time exceeds --max-seconds, or that runs
+out of memory, is a row with that reason, never a crash.
 Writes RESULTS/throughput.csv (rows keyed by arch, size, mode, ctx, batch, device; a new run replaces its
 keys), RESULTS/plots/{prefill,decode}_latency.png and train_throughput.png, and a W&B run (offline).
 Models are composed as a run under --profile composes them (bench/config.py); widths follow
@@ -142,7 +142,8 @@ def _predicted(history: list[tuple[int, float]], T: int) -> float:
 
 
 def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None,
-             compile_mode: str = "none", governor=None, profile: str = "cpu", compile_decode: bool = False) -> list[dict]:
+             compile_mode: str = "none", governor=None, profile: str = "cpu",
+             compile_decode: bool = False) -> list[dict]:
     rows = []
     try:
         model, sized = build(arch, size, max(lengths), match, device, vocab, profile)

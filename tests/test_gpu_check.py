@@ -93,7 +93,8 @@ def test_report_from_stage_outputs(tmp_path):
            "ttt_linear,1.3b,decode,2048,16,0.002,8000,ttt=triton,ok,cuda_graph (16 steps per replay),model\n")
     assert gpu_report([str(tmp_path)]) == 0
     r = json.loads((tmp_path / "report.json").read_text())
-    assert r["decode_compiled"][0]["ms_per_step"] == pytest.approx(2.0) and r["decode_compiled"][0]["compile"] == "model"
+    row = r["decode_compiled"][0]
+    assert row["ms_per_step"] == pytest.approx(2.0) and row["compile"] == "model"
     assert "## Decode step through torch.compile" in (tmp_path / "report.md").read_text()
     assert gpu_report([str(tmp_path / "missing")]) == 2
 
