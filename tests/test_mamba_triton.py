@@ -226,7 +226,6 @@ def test_mamba_ssm_without_its_cuda_build_still_gives_its_triton_ssd():
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-
 # -- launch settings and their benchmark --------------------------------------------------------------------
 
 def test_launch_settings_apply_inside_and_are_checked():
