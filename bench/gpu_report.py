@@ -86,10 +86,10 @@ def best_variants(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r.get("status") != "ok":
             continue
-        key = (r["impl"].split(" [")[0], r["mode"], r["T"])
+        key = (r["impl"].split(" [")[0], r.get("head_dim"), r["mode"], r["T"])
         if key not in best or r["ms"] < best[key]["ms"]:
             best[key] = r
-    return [{"kernel": k[0], "mode": k[1], "T": k[2], "variant": r["variant"], "ms": r["ms"],
+    return [{"kernel": k[0], "head_dim": k[1], "mode": k[2], "T": k[3], "variant": r["variant"], "ms": r["ms"],
              "out_rel_rmse": r.get("out_rel_rmse"), "dq_rel_rmse": r.get("dq_rel_rmse")} for k, r in best.items()]
 
 
@@ -167,7 +167,7 @@ def markdown(r: dict) -> str:
         ("Kernel tests on the device (tests/test_ttt_triton.py, tests/test_mamba_triton.py)", f"{tests}\n{failures}"),
         ("Launch variants of our kernels (ms per call; error: relative RMSE of the output and of the first input's "
          "gradient, q or u, against the first variant timed)",
-         _table(variants, ["impl", "mode", "T", "batch", "ms", "out_rel_rmse", "dq_rel_rmse"])),
+         _table(variants, ["impl", "head_dim", "mode", "T", "batch", "ms", "out_rel_rmse", "dq_rel_rmse"])),
         ("Kernels: ours against fla's chunk_ttt_linear (ms per call, medians)",
          _table(r["kernel_speed"], ["mode", "T", "ttt_linear_ms", "fla_ms", "linear_over_fla", "ttt_mlp_ms",
                                     "mlp_over_linear"])),

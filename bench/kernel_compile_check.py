@@ -81,7 +81,8 @@ def compile_one(fn, consts: dict, arch: int, num_warps: int, num_stages: int = 3
 def kernels(f: int, launch) -> list[tuple[str, object, dict, int, int]]:
     """(name, kernel, constexprs, num_warps, num_stages) as the launchers compile them: prefill kernels under the
     given launch settings (triton_linear.Launch), both decode kernels at triton_linear.decode_warps and Triton's
-    default 3 stages (no loop to pipeline). The prefill kernels run a trailing partial mini-batch in a launch
+    default 3 stages, each as a token inside its mini-batch compiles it and as the last one, which commits the
+    update ("... decode commit"). The prefill kernels run a trailing partial mini-batch in a launch
     of its own (PARTIAL), compiled apart: "... partial"; TTT-Linear's backward recomputes each group's states
     in a launch of its own too: "linear backward recompute"."""
     from architectures.ttt import triton_linear as lin
@@ -91,25 +92,30 @@ def kernels(f: int, launch) -> list[tuple[str, object, dict, int, int]]:
     stages = launch.num_stages
     common = {"F": f, "BF": bf, "MB": 16, "PREC": launch.precision}
     mlp_common = {**common, "BT": mlp.hidden_tile(f)}
+    warps = lambda inner, direction: launch.warps(inner, direction, f)
+    decode, mlp_decode = {"F": f, "BF": bf}, {"F": f, "BF": bf, "BT": mlp.hidden_tile(f, decode=True)}
     fwd, fwd_partial = {"PARTIAL": False, "SAVE": True}, {"PARTIAL": True, "SAVE": True}
     mlp_bwd, mlp_bwd_partial = {"PARTIAL": False, "AFTER_PARTIAL": True}, {"PARTIAL": True, "AFTER_PARTIAL": False}
     lin_bwd = {phase: {"PHASE": phase, "FIRST": phase == "partial"} for phase in ("reverse", "recompute", "partial")}
     return [
-        ("linear forward", lin._fwd_kernel, {**common, **fwd}, launch.warps("linear", "fwd"), stages),
-        ("linear forward partial", lin._fwd_kernel, {**common, **fwd_partial}, launch.warps("linear", "fwd"), stages),
-        ("linear backward", lin._bwd_kernel, {**common, **lin_bwd["reverse"]}, launch.warps("linear", "bwd"), stages),
+        ("linear forward", lin._fwd_kernel, {**common, **fwd}, warps("linear", "fwd"), stages),
+        ("linear forward partial", lin._fwd_kernel, {**common, **fwd_partial}, warps("linear", "fwd"), stages),
+        ("linear backward", lin._bwd_kernel, {**common, **lin_bwd["reverse"]}, warps("linear", "bwd"), stages),
         ("linear backward recompute", lin._bwd_kernel, {**common, **lin_bwd["recompute"]},
-         launch.warps("linear", "bwd"), stages),
-        ("linear backward partial", lin._bwd_kernel, {**common, **lin_bwd["partial"]}, launch.warps("linear", "bwd"),
+         warps("linear", "bwd"), stages),
+        ("linear backward partial", lin._bwd_kernel, {**common, **lin_bwd["partial"]}, warps("linear", "bwd"),
          stages),
-        ("linear decode", lin._decode_kernel, {"F": f, "BF": bf, "COMMIT": True}, lin.decode_warps(bf), 3),
-        ("mlp forward", mlp._fwd_kernel, {**mlp_common, **fwd}, launch.warps("mlp", "fwd"), stages),
-        ("mlp forward partial", mlp._fwd_kernel, {**mlp_common, **fwd_partial}, launch.warps("mlp", "fwd"), stages),
-        ("mlp backward", mlp._bwd_kernel, {**mlp_common, **mlp_bwd}, launch.warps("mlp", "bwd"), stages),
-        ("mlp backward partial", mlp._bwd_kernel, {**mlp_common, **mlp_bwd_partial}, launch.warps("mlp", "bwd"),
-         stages),
-        ("mlp decode", mlp._decode_kernel, {"F": f, "BF": bf, "BT": mlp.hidden_tile(f, decode=True), "COMMIT": True},
+        ("linear decode", lin._decode_kernel, {**decode, "ROWS": lin.decode_rows(bf), "COMMIT": False},
          lin.decode_warps(bf), 3),
+        ("linear decode commit", lin._decode_kernel, {**decode, "ROWS": lin.decode_rows(bf), "COMMIT": True},
+         lin.decode_warps(bf), 3),
+        ("mlp forward", mlp._fwd_kernel, {**mlp_common, **fwd}, warps("mlp", "fwd"), stages),
+        ("mlp forward partial", mlp._fwd_kernel, {**mlp_common, **fwd_partial}, warps("mlp", "fwd"), stages),
+        ("mlp backward", mlp._bwd_kernel, {**mlp_common, **mlp_bwd}, warps("mlp", "bwd"), stages),
+        ("mlp backward partial", mlp._bwd_kernel, {**mlp_common, **mlp_bwd_partial}, warps("mlp", "bwd"),
+         stages),
+        ("mlp decode", mlp._decode_kernel, {**mlp_decode, "COMMIT": False}, lin.decode_warps(bf), 3),
+        ("mlp decode commit", mlp._decode_kernel, {**mlp_decode, "COMMIT": True}, lin.decode_warps(bf), 3),
     ]
 
 

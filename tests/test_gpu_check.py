@@ -99,6 +99,22 @@ def test_report_from_stage_outputs(tmp_path):
     assert gpu_report([str(tmp_path / "missing")]) == 2
 
 
+def test_the_fastest_launch_variant_is_chosen_per_head_dim(tmp_path):
+    """kernel-variants (1.3B: head dim 64) and kernel-variants-760m (head dim 96) write variants of the same
+    kernel to two folders: the report keeps the fastest of each head dim apart and lists every row with its own."""
+    _write(tmp_path / "stages.txt", "env rc=0 15s-limit took=3s\n")
+    for folder, f, ms4, ms8 in (("results", 64, 1.0, 1.5), ("results/760m", 96, 3.0, 2.0)):
+        rows = [{"impl": f"ttt_linear [triton tf32, {w} warps, 3 stages]", "head_dim": f, "mode": "fwd", "T": 2048,
+                 "batch": 16, "status": "ok", "ms": ms, "variant": {"num_warps": w}} for w, ms in ((4, ms4), (8, ms8))]
+        _write(tmp_path / folder / "bench" / "ttt_kernel_variants.json", json.dumps({"rows": rows}))
+    assert gpu_report([str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "report.json").read_text())
+    best = {v["head_dim"]: (v["variant"]["num_warps"], v["ms"]) for v in r["best_variants"]}
+    assert best == {64: (4, 1.0), 96: (8, 2.0)}
+    assert "| ttt_linear [triton tf32, 8 warps, 3 stages] | 96 | fwd | 2048 | 16 | 2 |" in (
+        tmp_path / "report.md").read_text()
+
+
 def test_an_unknown_stage_is_refused_before_anything_runs(tmp_path):
     res = subprocess.run(["bash", str(ROOT / ".ci" / "gpu-check"), "--stages", "env,nope"], capture_output=True,
                          text=True, env={**os.environ, "OUT": str(tmp_path / "out"), "PY": "false"}, timeout=30)

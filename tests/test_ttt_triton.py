@@ -125,11 +125,12 @@ def test_bf16_inputs_with_fp32_state(inner):
     assert all(rel_rmse(g, w) < max(TOL, 1e-2) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("inner", ["linear", "mlp"])
-def test_decode_kernel_equals_the_dual_form_over_two_minibatches(inner):
+@pytest.mark.parametrize("inner,f", [("linear", 16), ("linear", 96), ("mlp", 16), ("mlp", 96)])
+def test_decode_kernel_equals_the_dual_form_over_two_minibatches(inner, f):
     """Prefill 5 tokens, then decode 27 one at a time (committing at 16 and 32): the outputs and the
-    final state equal one dual-form pass over all 32."""
-    x = {n: t.detach() for n, t in inputs(inner, T=32, f=16).items()}
+    final state equal one dual-form pass over all 32. f = 96: a padded block of 128, whose W the TTT-Linear
+    kernel reads 64 rows at a time (decode_rows) and whose hidden units TTT-MLP's reads 16 at a time."""
+    x = {n: t.detach() for n, t in inputs(inner, B=2 if f < 64 else 1, H=2 if f < 64 else 1, T=32, f=f).items()}
     out_ref, state = dual(x, inner)
     first5 = {n: (t[:, :, :5] if n in "qkva" else t) for n, t in x.items()}
     out5, params, acc = prefill(first5, inner)
@@ -437,7 +438,8 @@ def test_launch_settings_are_checked_and_restored(monkeypatch):
 
     before = (LAUNCH.precision, LAUNCH.num_warps, LAUNCH.num_stages)
     with launch_settings(precision="ieee", num_warps=2, num_stages=1) as launch:
-        assert (launch.precision, launch.warps("mlp", "bwd"), launch.num_stages) == ("ieee", 2, 1) and launch is LAUNCH
+        assert launch is LAUNCH
+        assert (launch.precision, launch.warps("mlp", "bwd", 64), launch.num_stages) == ("ieee", 2, 1)
     assert (LAUNCH.precision, LAUNCH.num_warps, LAUNCH.num_stages) == before
     with pytest.raises(ValueError, match="precision must be one of"):
         with launch_settings(precision="fp8"):

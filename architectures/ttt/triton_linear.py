@@ -376,18 +376,16 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
 
 @triton.jit
 def _decode_kernel(Q, K, V, A, TOK, LNW, LNB, W, B, GW, GB, OUT, H, pos, eps,
-                   F: tl.constexpr, BF: tl.constexpr, COMMIT: tl.constexpr):
+                   F: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr, COMMIT: tl.constexpr):
     """One token at in-mini-batch position `pos` (0-based) for every (sequence, head); W, B, GW, GB
-    (fp32) are updated in place."""
+    (fp32) are updated in place. W and GW are read ROWS rows at a time (decode_rows): z = k W + b in a first
+    pass, the update and zbar = q Wbar + bbar in a second, so the registers hold two (ROWS, BF) tiles, not
+    three (BF, BF) ones."""
     pid = tl.program_id(0)
     h = pid % H
     offs = tl.arange(0, BF)
     maskf = offs < F
-    wmask = maskf[:, None] & maskf[None, :]
-    w_off = pid * F * F + offs[:, None] * F + offs[None, :]
-    Wt = tl.load(W + w_off, mask=wmask, other=0.0)
     bt = tl.load(B + pid * F + offs, mask=maskf, other=0.0)
-    gW = tl.load(GW + w_off, mask=wmask, other=0.0)
     gb = tl.load(GB + pid * F + offs, mask=maskf, other=0.0)
     gamma = tl.load(LNW + h * F + offs, mask=maskf, other=0.0).to(tl.float32)
     beta = tl.load(LNB + h * F + offs, mask=maskf, other=0.0).to(tl.float32)
@@ -396,25 +394,38 @@ def _decode_kernel(Q, K, V, A, TOK, LNW, LNB, W, B, GW, GB, OUT, H, pos, eps,
     v = tl.load(V + pid * F + offs, mask=maskf, other=0.0).to(tl.float32)
     a = tl.load(A + pid).to(tl.float32)
     tok = tl.load(TOK + pos).to(tl.float32)
-    z = tl.sum(k[:, None] * Wt, axis=0) + bt  # k W + b, (BF,)
+    z = bt  # k W + b, (BF,)
+    for r0 in range(0, BF, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        w_off, wmask = pid * F * F + rows[:, None] * F + offs[None, :], (rows < F)[:, None] & maskf[None, :]
+        kr = tl.load(K + pid * F + rows, mask=rows < F, other=0.0).to(tl.float32)
+        z += tl.sum(kr[:, None] * tl.load(W + w_off, mask=wmask, other=0.0), axis=0)
     zhat, r = _ln_stats(z[None, :], maskf, F, eps)
     G, gx, m2 = _ln_loss_grad(zhat, r, (v - k)[None, :], gamma, beta, maskf, F)
     G = tl.sum(G, axis=0)  # (BF,)
-    gW += a * k[:, None] * G[None, :]
     gb += a * G
-    Wbar = Wt - tok * gW
     bbar = bt - tok * gb
-    zb = tl.sum(q[:, None] * Wbar, axis=0) + bbar
+    zb = bbar  # q Wbar + bbar, (BF,)
+    for r0 in range(0, BF, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        w_off, wmask = pid * F * F + rows[:, None] * F + offs[None, :], (rows < F)[:, None] & maskf[None, :]
+        kr = tl.load(K + pid * F + rows, mask=rows < F, other=0.0).to(tl.float32)
+        qr = tl.load(Q + pid * F + rows, mask=rows < F, other=0.0).to(tl.float32)
+        gW = tl.load(GW + w_off, mask=wmask, other=0.0) + a * kr[:, None] * G[None, :]
+        Wbar = tl.load(W + w_off, mask=wmask, other=0.0) - tok * gW
+        zb += tl.sum(qr[:, None] * Wbar, axis=0)
+        if COMMIT:
+            tl.store(W + w_off, Wbar, mask=wmask)
+            tl.store(GW + w_off, tl.zeros([ROWS, BF], dtype=tl.float32), mask=wmask)
+        else:
+            tl.store(GW + w_off, gW, mask=wmask)
     zbhat, rb = _ln_stats(zb[None, :], maskf, F, eps)
     out = q + gamma * tl.sum(zbhat, axis=0) + beta
     tl.store(OUT + pid * F + offs, out.to(OUT.dtype.element_ty), mask=maskf)
     if COMMIT:
-        tl.store(W + w_off, Wbar, mask=wmask)
         tl.store(B + pid * F + offs, bbar, mask=maskf)
-        tl.store(GW + w_off, tl.zeros([BF, BF], dtype=tl.float32), mask=wmask)
         tl.store(GB + pid * F + offs, tl.zeros([BF], dtype=tl.float32), mask=maskf)
     else:
-        tl.store(GW + w_off, gW, mask=wmask)
         tl.store(GB + pid * F + offs, gb, mask=maskf)
 
 
@@ -428,11 +439,17 @@ def _block(f: int) -> int:
 
 
 def decode_warps(bf: int) -> int:
-    """Warps per program of the TTT-Linear decode kernel at block size bf: it holds W, its accumulated gradient
-    and the updated W (3 x bf^2 fp32) in registers. ptxas for sm_90 (`make check-kernels`), spill stores at
-    4 / 8 / 16 warps: bf 32: 0 / 0 / 0; 64: 108 B / 0 / 0 (170 registers at 8); 128 (f 96 or 128): 2.7-5.0 KB /
-    0.6-3.8 KB / 0.4-1.2 KB. Not yet timed on a GPU."""
+    """Warps per program of the decode kernels (TTT-Linear's and TTT-MLP's) at block size bf."""
     return 4 if bf <= 32 else 8 if bf <= 64 else 16
+
+
+def decode_rows(bf: int) -> int:
+    """Rows of W (and of its accumulated gradient) the TTT-Linear decode kernel reads at a time: all of them up
+    to bf 64, else 64 per pass. ptxas for sm_90 (`make check-kernels`; registers, spill stores), bf 64 at 8 warps:
+    one tile 110-128 registers, 0 B (the whole-W kernel before it: 170, 0 B); bf 128 (f 96 or 128) at 16 warps:
+    tiles of 64 rows 98-128 registers, 0 B, against 368 B (f 96) and 1204 B (f 128) for the whole W. Tiles of
+    32 rows at 8 warps also give 0 B. Not yet timed on a GPU."""
+    return min(bf, 64)
 
 
 PRECISIONS = ("tf32", "ieee")
@@ -443,6 +460,10 @@ PRECISIONS = ("tf32", "ieee")
 # 8; its backward was not timed (it held W1 and W2 whole and needed more shared memory than sm_90 has at f = 64).
 # TTT-MLP's kernels now read them a tile of hidden units at a time (triton_mlp.py): not yet timed.
 DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 8, ("mlp", "fwd"): 8, ("mlp", "bwd"): 8}
+# ... where they differ at a block of 128 (f = 96 or 128; the paper's 760M has f = 96). ptxas for sm_90 (`make
+# check-kernels ARGS="--num-warps N --num-stages S"`, S = 1-3), spill stores of the TTT-Linear forward, which holds
+# the fp32 W (64 KB) in registers: 1.3-1.7 KB at 4 warps, 220-252 B at 8, 448-460 B at 16. Not yet timed on a GPU.
+WIDE_WARPS = {("linear", "fwd"): 8}
 # Software-pipelining stages of the prefill kernels' loops: Triton's default for CUDA. ptxas for sm_90 at f = 64
 # (`make check-kernels ARGS="--num-stages N"`), spill stores at 3 / 2 / 1 stages: TTT-Linear forward (4 warps)
 # 0 / 0 / 0; backward (8 warps, each phase) 0 / 0 / 0; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
@@ -458,11 +479,10 @@ class Launch:
     tests/test_ttt_triton.py states the tolerance against the fp32 dual form); "ieee" gives exact fp32
     products on the CUDA cores, 2.8x slower in the TTT-Linear forward on an H200 (ptxas spills 1.6 KB per
     thread in its backward at f = 64: `make check-kernels ARGS="--precision ieee"`). The interpreter ignores it
-    (exact). `num_warps` per program: None takes DEFAULT_WARPS per kernel, a number applies to every prefill
-    kernel; `num_stages`
-    the loops' software-pipelining stages (DEFAULT_STAGES). `make gpu-check` times every variant
-    (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION, TTT_TRITON_WARPS and TTT_TRITON_STAGES
-    override the defaults."""
+    (exact). `num_warps` per program: None takes DEFAULT_WARPS per kernel (WIDE_WARPS past f = 64), a number
+    applies to every prefill kernel; `num_stages` the loops' software-pipelining stages (DEFAULT_STAGES).
+    `make gpu-check` times every variant (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION,
+    TTT_TRITON_WARPS and TTT_TRITON_STAGES override the defaults."""
     precision: str = "tf32"
     num_warps: int | None = None
     num_stages: int = DEFAULT_STAGES
@@ -475,9 +495,12 @@ class Launch:
         if self.num_stages not in (1, 2, 3, 4):
             raise ValueError(f"TTT kernel num_stages must be 1 to 4, got {self.num_stages!r}")
 
-    def warps(self, inner: str, direction: str) -> int:
-        """Warps for one kernel: inner "linear" | "mlp", direction "fwd" | "bwd"."""
-        return self.num_warps or DEFAULT_WARPS[inner, direction]
+    def warps(self, inner: str, direction: str, f: int) -> int:
+        """Warps for one kernel: inner "linear" | "mlp", direction "fwd" | "bwd", at head dim f."""
+        if self.num_warps:
+            return self.num_warps
+        return WIDE_WARPS.get((inner, direction), DEFAULT_WARPS[inner, direction]) if _block(f) > 64 else \
+            DEFAULT_WARPS[inner, direction]
 
 
 def _launch_from_env() -> Launch:
@@ -527,7 +550,7 @@ def linear_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.T
             q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
             T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
             LN_EPS, F=f, BF=_block(f), MB=MB, PARTIAL=part, SAVE=save, PREC=LAUNCH.precision,
-            num_warps=LAUNCH.warps("linear", "fwd"), num_stages=LAUNCH.num_stages)
+            num_warps=LAUNCH.warps("linear", "fwd", f), num_stages=LAUNCH.num_stages)
     return out, Wn, bn, aw, ab, wc, bc
 
 
@@ -583,7 +606,7 @@ def linear_prefill_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
             dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
             T, H, n_full, n_ckpt, group, gi, LN_EPS,
             F=f, BF=_block(f), MB=MB, PHASE=phase, FIRST=first, PREC=LAUNCH.precision,
-            num_warps=LAUNCH.warps("linear", "bwd"), num_stages=LAUNCH.num_stages)
+            num_warps=LAUNCH.warps("linear", "bwd", f), num_stages=LAUNCH.num_stages)
 
     if partial:  # a trailing partial mini-batch first, then the groups of whole ones, the last first
         launch("partial", True)
@@ -653,7 +676,7 @@ def linear_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: tor
     out = torch.empty_like(q)
     _decode_kernel[(Bsz * H,)](q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(),
                                tok.float().contiguous(), ln_w.float().contiguous(), ln_b.float().contiguous(),
-                               W, b, GW, Gb, out, H, pos, LN_EPS, F=f, BF=_block(f),
+                               W, b, GW, Gb, out, H, pos, LN_EPS, F=f, BF=_block(f), ROWS=decode_rows(_block(f)),
                                COMMIT=pos == tok.shape[0] - 1, num_warps=decode_warps(_block(f)))
     return out
 

@@ -541,13 +541,18 @@ PARAMS = ("W1", "b1", "W2", "b2")
 HIDDEN_TILE = 64  # hidden units (of 4f) per tile of the forward kernel
 
 
-DECODE_TILE = 32  # ... of the decode kernel: ptxas for sm_90 at f = 64 (`make check-kernels`), 8 warps: tiles of 16 /
-                  # 32 / 64: 128 / 186 / 253 registers, no spills; 4 warps: 168 / 255 / 32 registers (the last with
-                  # 4.8 KB of spill stores)
+DECODE_TILE = 32  # ... of the decode kernel up to a block of 64 (f <= 64); 16 above. ptxas for sm_90
+                  # (`make check-kernels`; registers, spill stores of a token inside its mini-batch / of the
+                  # committing one): f = 64, 8 warps, tiles of 16 / 32 / 64: 101-128 / 128-186 / 193-253
+                  # registers, no spills (4 warps: up to 4.8 KB); f = 96 and 128 (16 warps, decode_warps),
+                  # tiles of 16: 102-128 registers, no spills; of 32: 44 and 76 B at the commit
 
 
 def hidden_tile(f: int, decode: bool = False) -> int:
-    return min(DECODE_TILE if decode else HIDDEN_TILE, _block(4 * f))
+    """Hidden units (of 4f) per tile: HIDDEN_TILE in the prefill kernels, DECODE_TILE (16 past f = 64) in decode."""
+    if decode:
+        return min(DECODE_TILE if _block(f) <= 64 else DECODE_TILE // 2, _block(4 * f))
+    return min(HIDDEN_TILE, _block(4 * f))
 
 
 def _shapes(Bsz, H, f):
@@ -583,7 +588,7 @@ def mlp_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tens
         _fwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *init, out, *new, *acc, *ckpt,
                                 T, H, n_full, n_ckpt, group, *strides, LN_EPS,
                                 F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part, SAVE=save,
-                                PREC=LAUNCH.precision, num_warps=LAUNCH.warps("mlp", "fwd"),
+                                PREC=LAUNCH.precision, num_warps=LAUNCH.warps("mlp", "fwd", f),
                                 num_stages=LAUNCH.num_stages)
     return (out, *new, *acc, *ckpt)
 
@@ -623,7 +628,7 @@ def mlp_prefill_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
                                 T, H, n_full, n_ckpt if n_full else 0, group, tiles[0, 0].numel(), LN_EPS,
                                 F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part,
                                 AFTER_PARTIAL=partial > 0 and not part, PREC=LAUNCH.precision,
-                                num_warps=LAUNCH.warps("mlp", "bwd"), num_stages=LAUNCH.num_stages)
+                                num_warps=LAUNCH.warps("mlp", "bwd", f), num_stages=LAUNCH.num_stages)
     inits = (W1, b1, W2, b2)
     dinit = [(g.sum(0, keepdim=True) if p.shape[0] == 1 else g).to(p.dtype) for g, p in zip(dinit, inits)]
     return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok.dtype), dlnw.sum(0).to(ln_w.dtype), dlnb.sum(0).to(ln_b.dtype),
