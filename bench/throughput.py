@@ -23,7 +23,8 @@ replay every architecture's decode steps where capture works, a TTT mini-batch o
 so), time.perf_counter on CPU; thread count recorded. --compile-decode runs the decode step through torch.compile
 (bench/latency._compiled; the CSV's compile column says model, or why it failed). On CUDA prefill and decode run
 on a bf16 copy of the model (bench/latency.py). A point whose predicted time exceeds --max-seconds, or that runs
-out of memory, is a row with that reason, never a crash.
+out of memory, is a row with that reason, never a crash; so is one that would overrun its architecture's share of
+--budget-s, the wall-clock limit of the whole run (Budget; `make throughput-gpu` sets 7.5 minutes).
 Writes RESULTS/throughput.csv (rows keyed by arch, size, mode, ctx, batch, device; a new run replaces its
 keys), RESULTS/plots/{prefill,decode}_latency.png and train_throughput.png, and a W&B run (offline).
 Models are composed as a run under --profile composes them (bench/config.py); widths follow
@@ -141,9 +142,39 @@ def _predicted(history: list[tuple[int, float]], T: int) -> float:
     return s1 * (T / t1) ** p
 
 
+class Budget:
+    """--budget-s: the wall-clock seconds a whole run may take. Each architecture, as it starts, gets an equal share
+    of what is left (one that finishes early leaves the rest to those after it). A point whose predicted time to
+    measure (warm-up and repeats: the mode's last two points' wall-clock, scaled as _predicted scales a call) would
+    run past its architecture's share is skipped, and its row says so. The first point of each mode has nothing to
+    predict from and always runs, so that every architecture gets a number."""
+
+    def __init__(self, seconds: float | None, archs: int, clock=time.perf_counter):
+        self.clock, self.archs_left = clock, archs
+        self.end = None if seconds is None else clock() + seconds
+        self.deadline = None  # this architecture's
+
+    def start_arch(self) -> None:
+        if self.end is not None:
+            now = self.clock()
+            self.deadline = now + max(0.0, self.end - now) / max(self.archs_left, 1)
+        self.archs_left -= 1
+
+    def refuses(self, walls: list[tuple[int, float]], T: int) -> str | None:
+        """Why the point at T is skipped (walls: the mode's (T, seconds spent measuring) so far), or None."""
+        if self.deadline is None or not walls:
+            return None
+        need, left = _predicted(walls, T), self.deadline - self.clock()
+        if need <= left:
+            return None
+        return f"skipped: predicted {need:.1f} s to measure > {max(left, 0.0):.1f} s left of its share of --budget-s"
+
+
 def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None,
              compile_mode: str = "none", governor=None, profile: str = "cpu",
-             compile_decode: bool = False) -> list[dict]:
+             compile_decode: bool = False, budget: Budget | None = None) -> list[dict]:
+    budget = budget or Budget(None, 1)
+    budget.start_arch()  # building the model counts against the architecture's share
     rows = []
     try:
         model, sized = build(arch, size, max(lengths), match, device, vocab, profile)
@@ -154,21 +185,25 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
     infer, infer_precision = inference_model(model, device) if {"prefill", "decode"} & set(modes) else (model, "")
     if compile_decode:
         torch._dynamo.reset()  # the compiled decode step of the architecture before is of no use to this one
-    history = {m: [] for m in MODES}
+    history = {m: [] for m in MODES}  # (T, seconds per call)
+    walls = {m: [] for m in MODES}  # (T, seconds spent measuring the point): for the budget
     for T in lengths:
         if governor is not None:
             governor.update(force=True)
         if "prefill" in modes or "decode" in modes:
             guess = _predicted(history["prefill"], T)
-            if guess > max_s:
-                why = f"skipped: predicted {guess:.0f} s per call > --max-seconds {max_s:.0f}"
+            why = (f"skipped: predicted {guess:.0f} s per call > --max-seconds {max_s:.0f}" if guess > max_s
+                   else budget.refuses(walls["prefill"], T))
+            if why:
                 rows += [_row(arch, size, m, T, B, device, model, sized, status=why) for m in ("prefill", "decode")
                          if m in modes]
             else:
+                t_point = time.perf_counter()
                 try:
                     pre, mem, dec, graph, compiled = prefill_and_decode(infer, B, T, device, vocab, graphs,
                                                                         compile_decode=compile_decode)
                     history["prefill"].append((T, pre.median))
+                    walls["prefill"].append((T, time.perf_counter() - t_point))
                     if "prefill" in modes:
                         rows.append(_row(arch, size, "prefill", T, B, device, model, sized, status="ok",
                                          time_per_token_s=pre.median / T, tokens_per_s=B * T / pre.median,
@@ -186,13 +221,16 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
         if "train" in modes:
             Bt = train_batch or B
             guess = _predicted(history["train"], T)
-            if guess > max_s:
-                rows.append(_row(arch, size, "train", T, Bt, device, model, sized,
-                                 status=f"skipped: predicted {guess:.0f} s per call > --max-seconds {max_s:.0f}"))
+            why = (f"skipped: predicted {guess:.0f} s per call > --max-seconds {max_s:.0f}" if guess > max_s
+                   else budget.refuses(walls["train"], T))
+            if why:
+                rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status=why))
                 continue
+            t_point = time.perf_counter()
             try:
                 t, mem = train_step(model, Bt, T, device, vocab, compile_mode)
                 history["train"].append((T, t.median))
+                walls["train"].append((T, time.perf_counter() - t_point))
                 rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status="ok", compile=compile_mode,
                                  time_per_token_s=t.median / T, tokens_per_s=Bt * T / t.median, peak_mem_bytes=mem,
                                  **_timed(t)))
@@ -249,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="prefill,decode,train")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="skip a point whose predicted single call exceeds this (default: 20 on CPU, 60 on CUDA)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="wall-clock seconds for the whole run: each architecture gets an equal share of what is "
+                        "left, and a point predicted to overrun it is skipped, saying so (default: no limit)")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: decode eagerly (no CUDA graphs)")
     p.add_argument("--compile-decode", action="store_true",
                    help="decode points: the step through torch.compile (fewer, fused kernels per token; compiling "
@@ -272,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                                     list(COMPILE_MODES))
         if args.batch <= 0 or (args.train_batch is not None and args.train_batch <= 0):
             raise UsageError(f"batch must be positive; got {args.batch} / {args.train_batch}")
+        if args.budget_s is not None and not args.budget_s > 0:
+            raise UsageError(f"--budget-s must be a positive number of seconds; got {args.budget_s}")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -283,11 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[ttt-bench] throughput on {device_name(device)} ({torch.get_num_threads()} threads, "
           f"{omp_wait()}): {', '.join(archs)} at {size} (match={match}), lengths {lengths}, "
           f"batch {args.batch}, train compile={compile_mode}, decode compile="
-          f"{'model' if args.compile_decode else 'none'}", flush=True)
+          f"{'model' if args.compile_decode else 'none'}"
+          + (f", budget {args.budget_s:.0f} s" if args.budget_s else ""), flush=True)
     rows = []
+    budget = Budget(args.budget_s, len(archs))
     for arch in archs:
         for r in run_arch(arch, size, lengths, args.batch, device, match, max_s, BYTE_VOCAB, not args.no_graphs,
-                          modes, args.train_batch, compile_mode, governor, profile, args.compile_decode):
+                          modes, args.train_batch, compile_mode, governor, profile, args.compile_decode, budget):
             rows.append(r)
             mem = f"mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB" if r.get("peak_mem_bytes") is not None else ""
             trust = (f" spread {r['spread']:.0%}" + (" NOISY" if r.get("noisy") else "")

@@ -72,6 +72,40 @@ def test_slow_and_failing_points_are_rows_not_crashes(tmp_path, monkeypatch):
     assert rows == {"prefill": "out of memory", "decode": "out of memory", "train": "ok"}
 
 
+def test_a_budget_shares_what_is_left_among_the_architectures_to_come():
+    """Budget on a clock we move by hand: equal shares of what is left, the rest of a fast architecture passed on,
+    a point predicted to overrun refused with why, and a mode's first point (nothing to predict from) allowed."""
+    now = [0.0]
+    budget = tp.Budget(90.0, 3, clock=lambda: now[0])
+    budget.start_arch()  # 90 s left for 3: 30 each
+    assert budget.refuses([], 1024) is None  # the first point always runs
+    now[0] = 10.0
+    assert budget.refuses([(1024, 5.0)], 2048) is None  # 20 s (quadratic from one point) of the 20 left
+    assert budget.refuses([(1024, 5.0), (2048, 10.0)], 4096) is None  # linear: 20 s
+    now[0] = 15.0
+    why = budget.refuses([(1024, 5.0), (2048, 10.0)], 4096)
+    assert why == "skipped: predicted 20.0 s to measure > 15.0 s left of its share of --budget-s"
+    now[0] = 20.0  # the first architecture ends 10 s early: 70 s left for 2
+    budget.start_arch()
+    assert budget.deadline == pytest.approx(55.0)
+    now[0] = 100.0  # past the whole budget: only first points run
+    budget.start_arch()
+    assert budget.refuses([], 1024) is None and "0.0 s left" in budget.refuses([(1024, 0.1)], 2048)
+    unlimited = tp.Budget(None, 2)
+    unlimited.start_arch()
+    assert unlimited.refuses([(1024, 1e9)], 2048) is None
+
+
+def test_a_run_over_budget_measures_each_architecture_s_first_points_and_skips_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(["--arch", "transformer,mamba", "--ctx", "4k", "--size", "smoke-xs", "--modes", "prefill,decode",
+                 "--budget-s", "0.01", "--results", str(tmp_path)]) == 0
+    rows = {(r["arch"], r["mode"], int(r["ctx"])): r["status"] for r in read(tmp_path / "throughput.csv")}
+    assert len(rows) == 2 * 2 * 3
+    for (arch, mode, T), status in rows.items():
+        assert status == "ok" if T == 1024 else status.startswith("skipped: predicted") and "--budget-s" in status
+
+
 def test_a_run_cut_short_keeps_the_architectures_it_finished(tmp_path, monkeypatch):
     """`make gpu-check` stops a stage at its time limit: the rows of the architectures done by then are on disk."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -93,7 +127,8 @@ def test_a_run_cut_short_keeps_the_architectures_it_finished(tmp_path, monkeypat
 @pytest.mark.parametrize("args,message", [(["--size", "huge"], "unknown SIZE 'huge'"),
                                           (["--match", "bytes"], "unknown MATCH"),
                                           (["--ctx", "2x"], "CTX must be"),
-                                          (["--batch", "0"], "batch must be positive")])
+                                          (["--batch", "0"], "batch must be positive"),
+                                          (["--budget-s", "-5"], "--budget-s must be a positive")])
 def test_bad_input(tmp_path, capsys, args, message):
     assert main([*args, "--results", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
