@@ -93,17 +93,18 @@ def best_variants(rows: list[dict]) -> list[dict]:
              "out_rel_rmse": r.get("out_rel_rmse"), "dq_rel_rmse": r.get("dq_rel_rmse")} for k, r in best.items()]
 
 
-def throughput(results: Path) -> tuple[list[dict], list[dict]]:
-    """Training tokens/s (with the ratio to the Transformer at the same context) and decode ms per step, from
-    results/throughput.csv."""
+def throughput(results: Path, reference: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """Training tokens/s (with the ratio to the Transformer at the same context: its row in the same
+    results/throughput.csv, or in reference's) and decode ms per step, from results/throughput.csv."""
     path = results / "throughput.csv"
     if not path.exists():
         return [], []
     df = pd.read_csv(path)
+    base = pd.read_csv(reference / "throughput.csv") if reference and (reference / "throughput.csv").exists() else df
     train, decode = [], []
     for _, r in df[df["mode"] == "train"].iterrows():
-        ref = df[(df["mode"] == "train") & (df["arch"] == "transformer") & (df["ctx"] == r["ctx"])
-                 & (df["status"] == "ok")]
+        ref = base[(base["mode"] == "train") & (base["arch"] == "transformer") & (base["ctx"] == r["ctx"])
+                   & (base["status"] == "ok")]
         ok = r["status"] == "ok"
         train.append({"arch": r["arch"], "size": r["size"], "ctx": int(r["ctx"]), "batch": int(r["batch"]),
                       "backend": r["backend"], "compile": r.get("compile"), "status": r["status"],
@@ -145,10 +146,12 @@ def report(out: Path) -> dict:
     train, decode = throughput(out / "results")
     train_compiled, _ = throughput(out / "results" / "compiled")  # the train-125m-compiled stage, if it ran
     _, decode_compiled = throughput(out / "results" / "compiled-decode")  # decode-1.3b-compiled's, if it ran
+    train_mlp_triton, _ = throughput(out / "results" / "mlp-triton", out / "results")  # train-125m-mlp-triton's
     variants = [r for p in sorted(out.glob("results/**/ttt_kernel_variants.json")) for r in _rows(p)]
     return {"device": device(out), "stages": stages(out), "kernel_tests": kernel_tests(out),
             "kernel_variants": variants, "best_variants": best_variants(variants),
             "kernel_speed": kernel_ratios(_rows(speed)), "train": train, "train_compiled": train_compiled,
+            "train_mlp_triton": train_mlp_triton,
             "decode": decode, "decode_compiled": decode_compiled}
 
 
@@ -176,6 +179,9 @@ def markdown(r: dict) -> str:
     if r.get("train_compiled"):
         sections.append(("Training tokens/s under trainer.compile=model (the train-125m-compiled stage)",
                          _table(r["train_compiled"], TRAIN_COLUMNS)))
+    if r.get("train_mlp_triton"):
+        sections.append(("TTT-MLP trained on its Triton kernels (arch.backend=triton; the train-125m-mlp-triton stage; "
+                         "ratio to the Transformer of the table above)", _table(r["train_mlp_triton"], TRAIN_COLUMNS)))
     sections.append(("Decode step (ms per step for the whole batch)", _table(r["decode"], DECODE_COLUMNS)))
     if r.get("decode_compiled"):
         sections.append(("Decode step through torch.compile (the decode-1.3b-compiled stage)",

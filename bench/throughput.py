@@ -71,10 +71,11 @@ def lengths_up_to(ctx: int) -> list[int]:
     return out if out else [ctx]
 
 
-def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_VOCAB, profile: str = "cpu"):
+def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_VOCAB, profile: str = "cpu",
+          overrides: tuple[str, ...] = ()):
     """The model a run of (arch, size, ctx) under the profile trains (bench/config.py), sized by `match`,
-    with room to decode past ctx."""
-    cfg = compose([f"arch={arch}", f"size={size}", f"ctx={ctx}", f"match={match}", f"profile={profile}"])
+    with room to decode past ctx; overrides: more of the run's Hydra overrides (--set, e.g. arch.backend=dual)."""
+    cfg = compose([f"arch={arch}", f"size={size}", f"ctx={ctx}", f"match={match}", f"profile={profile}", *overrides])
     sized = model_config(cfg, vocab)
     cfg = sized.cfg
     cfg.max_seq_len = ctx + DECODE_ROOM
@@ -172,12 +173,13 @@ class Budget:
 
 def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None,
              compile_mode: str = "none", governor=None, profile: str = "cpu",
-             compile_decode: bool = False, budget: Budget | None = None) -> list[dict]:
+             compile_decode: bool = False, budget: Budget | None = None,
+             overrides: tuple[str, ...] = ()) -> list[dict]:
     budget = budget or Budget(None, 1)
     budget.start_arch()  # building the model counts against the architecture's share
     rows = []
     try:
-        model, sized = build(arch, size, max(lengths), match, device, vocab, profile)
+        model, sized = build(arch, size, max(lengths), match, device, vocab, profile, overrides)
     except Exception as e:  # e.g. a SizingError: every point of the architecture says why
         return [{"arch": arch, "size": size, "mode": m, "ctx": T, "batch": B, "device": device_name(device),
                  "status": f"failed: {type(e).__name__}: {e}"[:300]} for m in modes for T in lengths]
@@ -290,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock seconds for the whole run: each architecture gets an equal share of what is "
                         "left, and a point predicted to overrun it is skipped, saying so (default: no limit)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for every architecture's model, as `make sweep ARGS=...` takes one "
+                        "(e.g. arch.backend=dual to time one backend); repeatable")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: decode eagerly (no CUDA graphs)")
     p.add_argument("--compile-decode", action="store_true",
                    help="decode points: the step through torch.compile (fewer, fused kernels per token; compiling "
@@ -315,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"batch must be positive; got {args.batch} / {args.train_batch}")
         if args.budget_s is not None and not args.budget_s > 0:
             raise UsageError(f"--budget-s must be a positive number of seconds; got {args.budget_s}")
+        overrides = tuple(args.set)
+        for arch in archs:  # a bad override is the user's input: refused before anything runs
+            compose([f"arch={arch}", f"size={size}", f"profile={profile}", *overrides])
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -327,12 +335,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{omp_wait()}): {', '.join(archs)} at {size} (match={match}), lengths {lengths}, "
           f"batch {args.batch}, train compile={compile_mode}, decode compile="
           f"{'model' if args.compile_decode else 'none'}"
-          + (f", budget {args.budget_s:.0f} s" if args.budget_s else ""), flush=True)
+          + (f", budget {args.budget_s:.0f} s" if args.budget_s else "")
+          + (f", overrides {' '.join(overrides)}" if overrides else ""), flush=True)
     rows = []
     budget = Budget(args.budget_s, len(archs))
     for arch in archs:
         for r in run_arch(arch, size, lengths, args.batch, device, match, max_s, BYTE_VOCAB, not args.no_graphs,
-                          modes, args.train_batch, compile_mode, governor, profile, args.compile_decode, budget):
+                          modes, args.train_batch, compile_mode, governor, profile, args.compile_decode, budget,
+                          overrides):
             rows.append(r)
             mem = f"mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB" if r.get("peak_mem_bytes") is not None else ""
             trust = (f" spread {r['spread']:.0%}" + (" NOISY" if r.get("noisy") else "")

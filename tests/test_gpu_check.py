@@ -96,6 +96,13 @@ def test_report_from_stage_outputs(tmp_path):
     row = r["decode_compiled"][0]
     assert row["ms_per_step"] == pytest.approx(2.0) and row["compile"] == "model"
     assert "## Decode step through torch.compile" in (tmp_path / "report.md").read_text()
+    _write(tmp_path / "results" / "mlp-triton" / "throughput.csv",  # train-125m-mlp-triton's: no Transformer row
+           "arch,size,mode,ctx,batch,time_per_token_s,tokens_per_s,backend,status,compile\n"
+           "ttt_mlp,125m,train,2048,8,1e-5,120000,ttt=triton,ok,none\n")
+    assert gpu_report([str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert [(t["backend"], t["over_transformer"]) for t in r["train_mlp_triton"]] == [("ttt=triton", 0.6)]
+    assert "## TTT-MLP trained on its Triton kernels" in (tmp_path / "report.md").read_text()
     assert gpu_report([str(tmp_path / "missing")]) == 2
 
 

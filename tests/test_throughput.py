@@ -106,6 +106,15 @@ def test_a_run_over_budget_measures_each_architecture_s_first_points_and_skips_t
         assert status == "ok" if T == 1024 else status.startswith("skipped: predicted") and "--budget-s" in status
 
 
+def test_set_overrides_every_architecture_s_model(tmp_path, monkeypatch):
+    """--set arch.backend=dual times the dual form where auto would take the C++ loop; the row names it."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(["--arch", "ttt_linear,ttt_mlp", "--ctx", "1k", "--size", "smoke-xs", "--modes", "prefill",
+                 "--set", "arch.backend=dual", "--results", str(tmp_path)]) == 0
+    assert {(r["arch"], r["backend"], r["status"]) for r in read(tmp_path / "throughput.csv")} == {
+        ("ttt_linear", "ttt=dual", "ok"), ("ttt_mlp", "ttt=dual", "ok")}
+
+
 def test_a_run_cut_short_keeps_the_architectures_it_finished(tmp_path, monkeypatch):
     """`make gpu-check` stops a stage at its time limit: the rows of the architectures done by then are on disk."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -128,7 +137,8 @@ def test_a_run_cut_short_keeps_the_architectures_it_finished(tmp_path, monkeypat
                                           (["--match", "bytes"], "unknown MATCH"),
                                           (["--ctx", "2x"], "CTX must be"),
                                           (["--batch", "0"], "batch must be positive"),
-                                          (["--budget-s", "-5"], "--budget-s must be a positive")])
+                                          (["--budget-s", "-5"], "--budget-s must be a positive"),
+                                          (["--set", "arch.no_such_option=1"], "Could not override")])
 def test_bad_input(tmp_path, capsys, args, message):
     assert main([*args, "--results", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
