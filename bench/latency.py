@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench.timing import MAX_WARMUP_CALLS, STEADY_WINDOW_S, measure
+from bench.timing import MAX_WARMUP_CALLS, STEADY_WINDOW_S, Timing, measure
 from bench.train import autocast_for
 
 DECODE_STEPS = 48  # timed single-token steps after each prompt: three TTT mini-batches (median)
@@ -75,6 +75,27 @@ class PeakMemory:
         return False
 
 
+MEMORY_WINDOW_S = 0.05  # CPU: the calls whose memory is sampled (every 2 ms) take at least this long together
+
+
+def measure_with_memory(fn, device, **measure_kw) -> tuple[Timing, int]:
+    """measure(fn, device, **measure_kw) and the peak extra memory of a call (PeakMemory). On CUDA the allocator's
+    peak over the timed calls. On CPU the sampled RSS over calls of their own after the timed ones, repeated for at
+    least MEMORY_WINDOW_S: beside the timed calls the sampling thread competes with them for the GIL and a core
+    (measured on 2 cores, TTT-Linear prefill at cpu-xs: 4.07 us per token without it, 4.37-4.44 beside it at 1k
+    tokens; 2.71-2.80 against 2.84-2.96 at 4k), which made short points look slower than they are."""
+    if device.type == "cuda":
+        with PeakMemory(device) as mem:
+            return measure(fn, device, **measure_kw), mem.peak
+    timing = measure(fn, device, **measure_kw)
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        fn()
+        while time.perf_counter() - t0 < MEMORY_WINDOW_S:
+            fn()
+    return timing, mem.peak
+
+
 def inference_model(model, device) -> tuple[torch.nn.Module, str]:
     """The model prefill and decode are timed with, and its precision. On CUDA a copy with bf16 weights: under
     autocast alone every linear casts its fp32 weight again on every call, which at 1.3B reads about 5 GB per decode
@@ -106,9 +127,9 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, 
         model(idx, last["state"])
 
     with torch.no_grad(), autocast_for(device, "bf16" if bf16_weights else "auto")[0]():
-        with PeakMemory(device) as mem:
-            pre = measure(prefill, device, max_warmup_calls=warm, window_s=0.0 if quick else STEADY_WINDOW_S)
-        state = last["state"]  # the cache the last timed prefill filled
+        pre, peak = measure_with_memory(prefill, device, max_warmup_calls=warm,
+                                        window_s=0.0 if quick else STEADY_WINDOW_S)
+        state = last["state"]  # the cache the last prefill filled
         step_in = torch.randint(0, vocab, (B, 1), device=device)
         step = lambda: model(step_in, state)
         graph_note, period, compile_note = "", 1, "none"
@@ -117,7 +138,7 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, 
         if graphs and device.type == "cuda":
             step, graph_note, period = _graphed(step, decode_period(model))
         dec = measure(step, device, repeats=DECODE_STEPS, max_warmup_calls=warm)  # warm-up: the first tokens
-    return pre, mem.peak, dataclasses.replace(dec, median=dec.median / period), graph_note, compile_note
+    return pre, peak, dataclasses.replace(dec, median=dec.median / period), graph_note, compile_note
 
 
 def decode_period(model) -> int:

@@ -11,9 +11,10 @@ For each architecture and each context length T (doubling from 1k up to CTX):
             state, conv + SSM state): time_per_token_s = wall per step
   train     forward + backward of a batch of T tokens (next-token loss): time_per_token_s = wall / T
 tokens_per_s = batch x positions / wall in every mode. `make sweep` adds the trained model's prefill and
-decode tokens/s at its context (batch 1) to each run's summary (bench/latency.py). Peak memory: CUDA max_memory_allocated during the
-point; CPU the peak growth of the process's resident memory over the point, sampled every 2 ms, after
-freed heap pages are handed back to the OS (glibc malloc_trim).
+decode tokens/s at its context (batch 1) to each run's summary (bench/latency.py). Peak memory: CUDA
+max_memory_allocated during the point; CPU the peak growth of the process's resident memory, sampled every 2 ms
+after freed heap pages are handed back to the OS (glibc malloc_trim), over calls of its own after the timed ones
+(latency.measure_with_memory: a sampling thread beside the timed calls slowed them).
 Timing (bench/timing.py): warm-up calls until two consecutive ones agree within 10% (at most 6 calls
 or 30 s; `settled` says whether they did), then repeats (fewer for long calls; 48 decode steps), the
 median and the relative spread. A prefill or training point also warms up for at least 0.25 s and is
@@ -47,10 +48,10 @@ import torch.nn.functional as F
 import architectures
 from architectures.sizing import MATCH_RULES
 from bench.config import UsageError, compose, group_options, model_config, parse_archs, parse_choice, parse_ctx
-from bench.latency import DECODE_ROOM, PeakMemory, inference_model, prefill_and_decode
+from bench.latency import DECODE_ROOM, inference_model, measure_with_memory, prefill_and_decode
 from bench.results import atomic_write_text, device_name
 from bench.threads import ThreadGovernor, configure_compute_process, omp_wait
-from bench.timing import STEADY_WINDOW_S, Timing, measure
+from bench.timing import STEADY_WINDOW_S, Timing
 from bench.train import COMPILE_MODES, autocast_for, compile_for_training
 
 COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
@@ -122,11 +123,10 @@ def train_step(model, B: int, T: int, device, vocab: int, compile_mode: str = "n
     if compile_mode != "none":
         step()  # compiles forward and backward (once per shape); measure()'s own warm-up call then runs warm
     try:
-        with PeakMemory(device) as mem:
-            t = measure(step, device, window_s=STEADY_WINDOW_S)
+        t, peak = measure_with_memory(step, device, window_s=STEADY_WINDOW_S)
     finally:
         model.eval()
-    return t, mem.peak
+    return t, peak
 
 
 def _predicted(history: list[tuple[int, float]], T: int) -> float:

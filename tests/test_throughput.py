@@ -115,6 +115,28 @@ def test_set_overrides_every_architecture_s_model(tmp_path, monkeypatch):
         ("ttt_linear", "ttt=dual", "ok"), ("ttt_mlp", "ttt=dual", "ok")}
 
 
+def test_cpu_memory_is_sampled_apart_from_the_timed_calls(monkeypatch):
+    """PeakMemory's sampling thread competes with timed calls for the GIL and a core: on CPU no timed call runs
+    beside it, and the calls it samples still see a 64 MB allocation."""
+    from bench import latency
+
+    sampling, beside = [False], []
+    enter, exit_ = latency.PeakMemory.__enter__, latency.PeakMemory.__exit__
+    monkeypatch.setattr(latency.PeakMemory, "__enter__", lambda self: sampling.__setitem__(0, True) or enter(self))
+    monkeypatch.setattr(latency.PeakMemory, "__exit__",
+                        lambda self, *e: sampling.__setitem__(0, False) or exit_(self, *e))
+    measure = latency.measure
+    monkeypatch.setattr(latency, "measure", lambda fn, device, **kw: measure(
+        lambda: beside.append(sampling[0]) or fn(), device, **kw))
+
+    def allocate():
+        torch.ones(16 * 2**20).add_(1)  # 64 MB, every page touched
+
+    timing, peak = latency.measure_with_memory(allocate, torch.device("cpu"), repeats=3)
+    assert timing.median > 0 and len(beside) >= 3 and not any(beside)
+    assert peak > 32 * 2**20
+
+
 def test_a_run_cut_short_keeps_the_architectures_it_finished(tmp_path, monkeypatch):
     """`make gpu-check` stops a stage at its time limit: the rows of the architectures done by then are on disk."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
