@@ -499,8 +499,9 @@ class Launch:
         """Warps for one kernel: inner "linear" | "mlp", direction "fwd" | "bwd", at head dim f."""
         if self.num_warps:
             return self.num_warps
-        return WIDE_WARPS.get((inner, direction), DEFAULT_WARPS[inner, direction]) if _block(f) > 64 else \
-            DEFAULT_WARPS[inner, direction]
+        if _block(f) > 64:
+            return WIDE_WARPS.get((inner, direction), DEFAULT_WARPS[inner, direction])
+        return DEFAULT_WARPS[inner, direction]
 
 
 def _launch_from_env() -> Launch:
