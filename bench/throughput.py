@@ -171,6 +171,16 @@ class Budget:
         return f"skipped: predicted {need:.1f} s to measure > {max(left, 0.0):.1f} s left of its share of --budget-s"
 
 
+def _skipped(calls: list[tuple[int, float]], walls: list[tuple[int, float]], T: int, max_s: float,
+             budget: Budget) -> str | None:
+    """Why a mode's point at T is skipped (calls, walls: its (T, seconds per call) and (T, seconds spent measuring)
+    so far), or None: a call predicted past --max-seconds, or a point past the architecture's share of the budget."""
+    guess = _predicted(calls, T)
+    if guess > max_s:
+        return f"skipped: predicted {guess:.0f} s per call > --max-seconds {max_s:.0f}"
+    return budget.refuses(walls, T)
+
+
 def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None,
              compile_mode: str = "none", governor=None, profile: str = "cpu",
              compile_decode: bool = False, budget: Budget | None = None,
@@ -193,9 +203,7 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
         if governor is not None:
             governor.update(force=True)
         if "prefill" in modes or "decode" in modes:
-            guess = _predicted(history["prefill"], T)
-            why = (f"skipped: predicted {guess:.0f} s per call > --max-seconds {max_s:.0f}" if guess > max_s
-                   else budget.refuses(walls["prefill"], T))
+            why = _skipped(history["prefill"], walls["prefill"], T, max_s, budget)
             if why:
                 rows += [_row(arch, size, m, T, B, device, model, sized, status=why) for m in ("prefill", "decode")
                          if m in modes]
@@ -222,9 +230,7 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                     history["prefill"].append((T, float("inf")))
         if "train" in modes:
             Bt = train_batch or B
-            guess = _predicted(history["train"], T)
-            why = (f"skipped: predicted {guess:.0f} s per call > --max-seconds {max_s:.0f}" if guess > max_s
-                   else budget.refuses(walls["train"], T))
+            why = _skipped(history["train"], walls["train"], T, max_s, budget)
             if why:
                 rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status=why))
                 continue

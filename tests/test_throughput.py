@@ -120,14 +120,26 @@ def test_cpu_memory_is_sampled_apart_from_the_timed_calls(monkeypatch):
     beside it, and the calls it samples still see a 64 MB allocation."""
     from bench import latency
 
-    sampling, beside = [False], []
-    enter, exit_ = latency.PeakMemory.__enter__, latency.PeakMemory.__exit__
-    monkeypatch.setattr(latency.PeakMemory, "__enter__", lambda self: sampling.__setitem__(0, True) or enter(self))
-    monkeypatch.setattr(latency.PeakMemory, "__exit__",
-                        lambda self, *e: sampling.__setitem__(0, False) or exit_(self, *e))
-    measure = latency.measure
-    monkeypatch.setattr(latency, "measure", lambda fn, device, **kw: measure(
-        lambda: beside.append(sampling[0]) or fn(), device, **kw))
+    sampling, beside = [False], []  # whether the sampler runs; its value at each timed call
+    enter, exit_, measure = latency.PeakMemory.__enter__, latency.PeakMemory.__exit__, latency.measure
+
+    def sampler_on(self):
+        sampling[0] = True
+        return enter(self)
+
+    def sampler_off(self, *exc):
+        sampling[0] = False
+        return exit_(self, *exc)
+
+    def measure_noting_the_sampler(fn, device, **kw):
+        def timed():
+            beside.append(sampling[0])
+            fn()
+        return measure(timed, device, **kw)
+
+    monkeypatch.setattr(latency.PeakMemory, "__enter__", sampler_on)
+    monkeypatch.setattr(latency.PeakMemory, "__exit__", sampler_off)
+    monkeypatch.setattr(latency, "measure", measure_noting_the_sampler)
 
     def allocate():
         torch.ones(16 * 2**20).add_(1)  # 64 MB, every page touched
