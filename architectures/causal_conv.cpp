@@ -1,13 +1,14 @@
 // The causal depthwise convolution of layers.CausalConv on the CPU (backend=cpp of the layer that owns it;
 // built and loaded by layers.py, which documents it). Per sequence b, token t, channel c, tap j (width k), with
 // xp = [state, x] the k - 1 earlier inputs and the T new ones, (B, T + k - 1, C):
-//   forward   y[t, c] = bias[c] + sum_j w[j, c] xp[t + j, c]
-//   backward  dxp[s, c] = sum_j w[j, c] dy[s - j, c]   (terms with 0 <= s - j < T)
-//             dw[j, c] = sum_{b, t} dy[t, c] xp[t + j, c]      dbias[c] = sum_{b, t} dy[t, c]
+//   forward   y[t, c] = bias[c] + sum_j w[c, j] xp[t + j, c]
+//   backward  dxp[s, c] = sum_j w[c, j] dy[s - j, c]   (terms with 0 <= s - j < T)
+//             dw[c, j] = sum_{b, t} dy[t, c] xp[t + j, c]      dbias[c] = sum_{b, t} dy[t, c]
 // One job is one sequence and one span of SPAN rows (of y forward, of xp backward): a single pass over its rows, the channels (contiguous in
-// the (B, T, C) layout) innermost, so the loops vectorise. The weights are passed as (k, C). dw and dbias sum
-// over every sequence and token, so each job writes its own partial sums (jobs, k + 1, C) and the caller adds
-// them (row k: dbias).
+// the (B, T, C) layout) innermost, so the loops vectorise. The weights come as the module holds them, (C, k); each
+// job first copies them as (k, C) rows. The forward reads xp's k - 1 earlier rows from `state` (B, k - 1, C), or
+// zeros where it is null, and the rest from x (B, T, C): no padded copy of x. dw and dbias sum over every sequence
+// and token, so each job writes its own partial sums (jobs, k + 1, C) and the caller adds them (row k: dbias).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -25,16 +26,28 @@ struct Conv {
 };
 
 template <class T>
-void forward_job(const T* xp, const T* w, const T* bias, T* y, const Conv& s, int64_t job) {
+std::vector<T> taps_by_row(const T* w, const Conv& s) {  // w (C, k) -> (k, C)
+  std::vector<T> rows(s.k * s.C);
+  for (int64_t c = 0; c < s.C; c++)
+    for (int64_t j = 0; j < s.k; j++) rows[j * s.C + c] = w[c * s.k + j];
+  return rows;
+}
+
+template <class T>
+void forward_job(const T* x, const T* state, const T* w_ck, const T* bias, T* y, const Conv& s, int64_t job) {
   const int64_t b = job / s.out_spans(), lo = (job % s.out_spans()) * SPAN, hi = std::min(lo + SPAN, s.T);
-  const T* xb = xp + b * (s.T + s.k - 1) * s.C;
+  const std::vector<T> w = taps_by_row(w_ck, s);
+  const std::vector<T> zeros(state ? 0 : s.C, T(0));
+  const T* xb = x + b * s.T * s.C;
+  const T* sb = state ? state + b * (s.k - 1) * s.C : nullptr;
   T* yb = y + b * s.T * s.C;
   for (int64_t t = lo; t < hi; t++) {
     T* yt = yb + t * s.C;
     std::copy(bias, bias + s.C, yt);
     for (int64_t j = 0; j < s.k; j++) {
-      const T* xr = xb + (t + j) * s.C;
-      const T* wj = w + j * s.C;
+      const int64_t r = t + j - (s.k - 1);  // xp's row t + j is x's row r, or the state's row k - 1 + r
+      const T* xr = r >= 0 ? xb + r * s.C : sb ? sb + (s.k - 1 + r) * s.C : zeros.data();
+      const T* wj = w.data() + j * s.C;
 #pragma omp simd
       for (int64_t c = 0; c < s.C; c++) yt[c] += wj[c] * xr[c];
     }
@@ -42,7 +55,8 @@ void forward_job(const T* xp, const T* w, const T* bias, T* y, const Conv& s, in
 }
 
 template <class T>
-void backward_job(const T* xp, const T* w, const T* dy, T* dxp, T* dwb, const Conv& s, int64_t job) {
+void backward_job(const T* xp, const T* w_ck, const T* dy, T* dxp, T* dwb, const Conv& s, int64_t job) {
+  const std::vector<T> w = taps_by_row(w_ck, s);
   const int64_t b = job / s.in_spans(), lo = (job % s.in_spans()) * SPAN, hi = std::min(lo + SPAN, s.T + s.k - 1);
   const T* xb = xp + b * (s.T + s.k - 1) * s.C;
   const T* gb = dy + b * s.T * s.C;
@@ -55,7 +69,7 @@ void backward_job(const T* xp, const T* w, const T* dy, T* dxp, T* dwb, const Co
       const int64_t t = r - j;
       if (t < 0 || t >= s.T) continue;
       const T* gt = gb + t * s.C;
-      const T* wj = w + j * s.C;
+      const T* wj = w.data() + j * s.C;
 #pragma omp simd
       for (int64_t c = 0; c < s.C; c++) dr[c] += wj[c] * gt[c];
     }
@@ -82,10 +96,11 @@ int64_t causal_conv_span() { return SPAN; }
 #endif
 
 #define CAUSAL_CONV_ENTRY_POINTS(T, suffix)                                                                      \
-  void causal_conv_forward_##suffix(const T* xp, const T* w, const T* bias, T* y, int64_t B, int64_t L,          \
-                                    int64_t C, int64_t k, int64_t threads) {                                     \
+  void causal_conv_forward_##suffix(const T* x, const T* state, const T* w, const T* bias, T* y, int64_t B,       \
+                                    int64_t L, int64_t C, int64_t k, int64_t threads) {                          \
     const Conv s{B, L, C, k};                                                                                    \
-    parallel_jobs(B * s.out_spans(), threads, [&](int64_t job) { forward_job<T>(xp, w, bias, y, s, job); });     \
+    parallel_jobs(B * s.out_spans(), threads,                                                                    \
+                  [&](int64_t job) { forward_job<T>(x, state, w, bias, y, s, job); });                           \
   }                                                                                                              \
   void causal_conv_backward_##suffix(const T* xp, const T* w, const T* dy, T* dxp, T* dwb, int64_t B, int64_t L, \
                                      int64_t C, int64_t k, int64_t threads) {                                    \

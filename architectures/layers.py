@@ -78,13 +78,15 @@ class CausalConv(nn.Module):
         each way (_CausalConvCpp). Elementwise, so a FLOP counter does not see it (accounting.py: unseen)."""
         B, T, C = x.shape
         k = self.width
-        xp = F.pad(x, (0, 0, k - 1, 0)) if state is None else torch.cat([state.to(x.dtype), x], dim=1)
         w = self.weight.to(x.dtype)  # (C, k)
+        if T > 1 and self.cpp and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            state = None if state is None else state.to(x.dtype)
+            new_state = (x[:, T - k + 1:] if T >= k - 1 else torch.cat([_or_zeros(state, x, k), x], 1)[:, T:]).clone()
+            return _CausalConvCpp.apply(x, state, w, self.bias.to(x.dtype)), new_state
+        xp = F.pad(x, (0, 0, k - 1, 0)) if state is None else torch.cat([state.to(x.dtype), x], dim=1)
         if T == 1:  # a decode step: one weighted sum over the window (B, k, C), 3 ops instead of k + 1
             return (xp * w.t()).sum(1, keepdim=True) + self.bias.to(x.dtype), xp[:, 1:]
         new_state = xp[:, T:].clone()  # (B, k-1, C) of its own: a view would keep all of xp (B, T + k-1, C) alive
-        if self.cpp and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-            return _CausalConvCpp.apply(xp, w, self.bias.to(x.dtype)), new_state
         y = torch.addcmul(self.bias.to(x.dtype), xp[:, k - 1:], w[:, k - 1])  # (B, T, C)
         for j in range(k - 1):
             y = torch.addcmul(y, xp[:, j:j + T], w[:, j])
@@ -96,35 +98,46 @@ class CausalConv(nn.Module):
         return y.transpose(1, 2)
 
 
+def _or_zeros(state: torch.Tensor | None, x: torch.Tensor, k: int) -> torch.Tensor:
+    """A conv's state before x (B, k - 1, C): the given one, or zeros (a sequence's start)."""
+    return state if state is not None else x.new_zeros(x.shape[0], k - 1, x.shape[2])
+
+
 class _CausalConvCpp(torch.autograd.Function):
     """CausalConv over T > 1 tokens in C++ (causal_conv.cpp), for the layers whose backend is cpp: one pass over
     the sequence forward and one backward, where the k shifted multiply-adds and autograd's backward of them (a
     product, a sum and a zero-filled slice per tap) take about 5 passes per tap. Forward and backward of one conv
     over 8k tokens (2 cores, fp32): 4.2 -> 0.86 ms at 64 channels, 10.6 -> 1.3 at 128, 24.9 -> 4.5 at Mamba-2's 384
-    at cpu-xs. tests/test_mamba.py checks it against the PyTorch ops (fp64 and fp32)."""
+    at cpu-xs. The kernel reads x and the state where they are and the weights as (C, k): no padded copy of x and no
+    transposed one of the weights per call (a prefill runs the forward alone, and at 1k tokens a conv's few ops
+    are mostly their fixed cost). tests/test_mamba.py checks it against the PyTorch ops (fp64 and fp32)."""
 
     @staticmethod
-    def forward(ctx, xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """xp (B, T + k - 1, C): the k - 1 earlier inputs, then the T new ones; weight (C, k); bias (C,) -> y (B,
-        T, C)."""
-        xp, wt = xp.contiguous(), weight.t().contiguous()  # the kernel reads the taps as (k, C) rows
-        (B, L, C), k = xp.shape, wt.shape[0]
-        y = xp.new_empty(B, L - k + 1, C)
-        CONV_KERNEL.call("causal_conv_forward", xp.dtype, xp, wt, bias.contiguous(), y, B, L - k + 1, C, k,
+    def forward(ctx, x: torch.Tensor, state: torch.Tensor | None, weight: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C); state (B, k - 1, C), the k - 1 earlier inputs, or None (zeros); weight (C, k); bias (C,)
+        -> y (B, T, C)."""
+        x, weight = x.contiguous(), weight.contiguous()
+        state = None if state is None else state.contiguous()
+        (B, T, C), k = x.shape, weight.shape[1]
+        y = torch.empty_like(x)
+        CONV_KERNEL.call("causal_conv_forward", x.dtype, x, state, weight, bias.contiguous(), y, B, T, C, k,
                          torch.get_num_threads())
-        ctx.save_for_backward(xp, wt)
+        ctx.save_for_backward(x, state, weight)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xp, wt = ctx.saved_tensors
-        (B, L, C), k = xp.shape, wt.shape[0]
+        x, state, weight = ctx.saved_tensors
+        (B, T, C), k = x.shape, weight.shape[1]
+        xp = torch.cat([_or_zeros(state, x, k), x], 1)  # (B, T + k - 1, C)
         dxp = torch.empty_like(xp)
-        partial = xp.new_empty(B * -(-L // CONV_KERNEL.constant("causal_conv_span")), k + 1, C)  # per job: dw, db
-        CONV_KERNEL.call("causal_conv_backward", xp.dtype, xp, wt, dy.contiguous(), dxp, partial, B, L - k + 1, C, k,
+        partial = xp.new_empty(B * -(-(T + k - 1) // CONV_KERNEL.constant("causal_conv_span")), k + 1, C)  # per
+        #   job: dw, db
+        CONV_KERNEL.call("causal_conv_backward", xp.dtype, xp, weight, dy.contiguous(), dxp, partial, B, T, C, k,
                          torch.get_num_threads())
         sums = partial.sum(0)  # (k + 1, C)
-        return dxp, sums[:k].t(), sums[k]
+        return dxp[:, k - 1:], None if state is None else dxp[:, :k - 1], sums[:k].t(), sums[k]
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float = 1e4):
@@ -159,6 +172,31 @@ def rope_angles_periodic(head_dim: int, start: int, T: int, period: int, theta: 
         return cos[s:s + T], sin[s:s + T]
     pos = (s + torch.arange(T, device=cos.device)) % period
     return cos[pos], sin[pos]
+
+
+@lru_cache(maxsize=32)
+def _rope_period_rotations(head_dim: int, period: int, theta: float, device: torch.device) -> torch.Tensor:
+    """cos + i sin of _rope_period's angles: (period, head_dim // 2) complex64, built as _rope_period is."""
+    cos, sin = _rope_period(head_dim, period, theta, device)
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.complex(cos, sin)
+
+
+def apply_rope_periodic(x: torch.Tensor, start: int, period: int, theta: float) -> torch.Tensor:
+    """The interleaved RoPE of x (B, T, H, f), laid out as the projections make it, at positions (start + 0 .. T - 1)
+    mod period (TTT's, restarting every mini-batch): apply_rope's numbers on x.transpose(1, 2) with
+    rope_angles_periodic's angles. Over whole periods from a period's start (a prefill) T is viewed as (T / period,
+    period) and every period rotated by one cached table of `period` rotations, in x's own (contiguous) layout: no
+    (T, f/2) angles gathered, no complex table built and no strided product per call. A cpu-xs TTT-Linear prefill
+    at 1k tokens: 336 -> 232 us for its RoPE per layer, 1061 -> 704 at 8k."""
+    B, T, H, f = x.shape
+    if start % period or T % period or torch.compiler.is_compiling():
+        cos, sin = rope_angles_periodic(f, start, T, period, theta, x.device)
+        return apply_rope(x.transpose(1, 2), cos, sin, interleaved=True).transpose(1, 2)
+    rot = _rope_period_rotations(f, period, float(theta), torch.device(x.device))[:, None]  # (period, 1, f/2)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).unflatten(1, (T // period, period)))  # (B,
+    #   T / period, period, H, f/2)
+    return torch.view_as_real(pairs * rot).flatten(-2).flatten(1, 2).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

@@ -345,11 +345,14 @@ def test_causal_conv_is_a_depthwise_conv1d():
 
 
 @pytest.mark.parametrize("B,T,C,k,with_state,dtype", [(2, 600, 70, 4, False, F64), (1, 5, 8, 4, True, F64),
-                                                       (3, 517, 33, 3, True, F64), (2, 300, 40, 4, True, F32)])
+                                                       (3, 517, 33, 3, True, F64), (2, 300, 40, 4, True, F32),
+                                                       (2, 2, 8, 4, True, F64), (2, 2, 8, 4, False, F32)])
 def test_cpp_causal_conv_equals_the_pytorch_ops(B, T, C, k, with_state, dtype):
     """CausalConv under a cpp backend (layers._CausalConvCpp, causal_conv.cpp): the output, the state after, and
     the gradients of x, the weights, the bias and the state before equal the k shifted multiply-adds through
-    autograd. 600 and 517 tokens: several jobs of 256 rows, the last one short."""
+    autograd. 600 and 517 tokens: several jobs of 256 rows, the last one short; 2 tokens: fewer than the k - 1
+    the state holds, so the window reads the state (or zeros) past x's first row, and the state after keeps part
+    of the one before."""
     from architectures.layers import CausalConv
 
     g = torch.Generator().manual_seed(3)
@@ -366,6 +369,9 @@ def test_cpp_causal_conv_equals_the_pytorch_ops(B, T, C, k, with_state, dtype):
     tol = 1e-12 if dtype == F64 else 1e-6  # relative to each tensor's largest entry (dw sums 600 products)
     for name, a, b in zip(["y", "state after", "dx", "dw", "dbias", "dstate"], *runs):
         assert (b - a).abs().max() <= tol * a.abs().max(), name
+    with torch.no_grad():  # a prefill: the kernel's forward alone
+        y, after = conv(x, state)
+    assert (y - runs[0][0]).abs().max() <= tol * runs[0][0].abs().max() and torch.equal(after, runs[0][1])
 
 
 @pytest.mark.parametrize("arch", ["mamba", "mamba2", "ttt_linear", "transformer_conv"])

@@ -203,6 +203,27 @@ def test_periodic_rope_table_equals_the_angles_it_replaces(start, T):
     torch.testing.assert_close(x.grad, (cos * sin).expand_as(x))
 
 
+@pytest.mark.parametrize("start,T", [(0, 48), (16, 32), (0, 16), (3, 48), (0, 40), (5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_periodic_rope_equals_apply_rope_with_the_periodic_angles(start, T, dtype):
+    """apply_rope_periodic, the TTT layer's RoPE on (B, T, H, f): whole periods from a period's start (0, 48; 16, 32;
+    0, 16) rotate every period by one table, the rest (an offset, a trailing part, a decode step) take the angles
+    path; both equal apply_rope on the head-major layout with rope_angles at (start + t) mod 16, and so does the
+    gradient through them."""
+    from architectures.layers import apply_rope_periodic
+
+    x = torch.randn(2, T, 3, 8, dtype=dtype, requires_grad=True)  # (B, T, H, f)
+    cos, sin = rope_angles(8, (start + torch.arange(T)) % 16)
+    want = apply_rope(x.transpose(1, 2), cos, sin, interleaved=True).transpose(1, 2)
+    got = apply_rope_periodic(x, start, 16, 1e4)
+    assert got.shape == x.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    dy = torch.randn_like(want)
+    (g_want,) = torch.autograd.grad(want, x, dy)
+    (g_got,) = torch.autograd.grad(got, x, dy)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow  # a torch.compile: inductor's start-up from a cold cache
 def test_periodic_rope_under_torch_compile_computes_the_angles_in_the_graph():
     """trainer.compile=model traces the TTT layer: the periodic angles are then computed in the graph (one graph,

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.config import ModelConfig
-from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope, keep_state, rope_angles_periodic
+from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope_periodic, keep_state
 from architectures.backends import BackendUnavailable, resolve, runs, triton_interpreting, triton_unavailable
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt import cpu_scan
@@ -259,10 +259,10 @@ class TTTLayer(nn.Module):
         else:
             q, k = self.wq(x), self.wk(x)
         v = self.wv(x)
-        q, k, v = (t.view(B, T, H, f).transpose(1, 2) for t in (q, k, v))  # (B, H, T, f)
-        cos, sin = rope_angles_periodic(f, seen, T, self.mini_batch, self.rope_theta, x.device)  # RoPE restarts
+        q, k, v = (t.view(B, T, H, f) for t in (q, k, v))
+        q, k = (apply_rope_periodic(t, seen, self.mini_batch, self.rope_theta) for t in (q, k))  # RoPE restarts
         #   every mini-batch
-        q, k = apply_rope(q, cos, sin, interleaved=True), apply_rope(k, cos, sin, interleaved=True)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, f)
         z = self._inner_loop(q, k, v, self.key_factor(x), cache)  # (B, H, T, f)
         z = z.to(x.dtype).transpose(1, 2).reshape(B, T, d)
         y = self.post_norm(z)
