@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -46,6 +47,12 @@ DTYPES = {torch.float32: "f32", torch.float64: "f64"}  # the entry points' suffi
 # compiled at once, each with one of these macros defined (the source keeps the other dtype's entry points out):
 # TTT's kernels build in 3.8 s instead of 5.9 on 2 cores
 PARTS = ("KERNEL_ONLY_F32", "KERNEL_ONLY_F64")
+
+
+class Strided(NamedTuple):
+    """A tensor a kernel reads (or writes) at the strides the call passes beside it, in any layout: Library.call
+    checks its dtype and device, and the caller what the kernel assumes of its strides."""
+    tensor: torch.Tensor
 
 
 def compiler() -> str:
@@ -150,19 +157,22 @@ class Library:
 
     def call(self, name: str, dtype: torch.dtype, *args) -> None:
         """`{name}_{f32|f64}(*args)`: tensors (or None) as pointers, ints as int64, floats as double. The kernels
-        read raw memory, so every tensor must be a contiguous CPU tensor of `dtype` (fp32 or fp64). The entry
-        point's argument types are set on its first call (a call of 22 arguments then costs about 10 us, 2 of them
-        in ctypes, against 20 when every argument was wrapped per call)."""
+        read raw memory, so every tensor must be a contiguous CPU tensor of `dtype` (fp32 or fp64), or a `Strided`
+        one of them, whose strides the call passes beside it. The entry point's argument types are set on its first call (a
+        call of 22 arguments then costs about 10 us, 2 of them in ctypes, against 20 when every argument was wrapped
+        per call)."""
         if dtype not in DTYPES:
             raise ValueError(f"{self.backend} takes fp32 or fp64 tensors, got {dtype}")
         values = []
         for a in args:
-            if isinstance(a, torch.Tensor):
-                if a.dtype != dtype or not a.is_cpu or not a.is_contiguous():
-                    tensors = [t for t in args if isinstance(t, torch.Tensor)]
+            if isinstance(a, (torch.Tensor, Strided)):
+                t = a.tensor if isinstance(a, Strided) else a
+                if t.dtype != dtype or not t.is_cpu or not (isinstance(a, Strided) or t.is_contiguous()):
+                    tensors = [x.tensor if isinstance(x, Strided) else x for x in args
+                               if isinstance(x, (torch.Tensor, Strided))]
                     raise ValueError(f"{self.backend} takes contiguous CPU tensors of one dtype, fp32 or fp64; got "
                                      + ", ".join(sorted({f"{t.dtype} on {t.device}" for t in tensors})))
-                values.append(a.data_ptr())
+                values.append(t.data_ptr())
             else:
                 values.append(a)
         self._entry(f"{name}_{DTYPES[dtype]}", args)(*values)

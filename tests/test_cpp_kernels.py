@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from architectures import cpp_kernels
+from architectures.cpp_kernels import Strided
 from architectures.mamba import cpu_scan as mamba_scan
 from architectures.ttt import cpu_scan as ttt_scan
 
@@ -56,8 +57,8 @@ def _mamba_scan(L=40, Bsz=3, D=70, N=16):
 def _ttt_infer(Bsz=2, H=3, n=4, c=16, f=32):
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)
-    q, k, t = r(Bsz, H, n * c, f), r(Bsz, H, n * c, f), r(Bsz, H, n * c, f)
-    return ttt_scan.infer(q, k, t, torch.rand(Bsz, H, n * c, generator=g), torch.rand(c, generator=g), 1 + 0.1 * r(H, f), 0.1 * r(H, f), 0.1 * r(1, H, f, f),
+    q, k, v = r(Bsz, H, n * c, f), r(Bsz, H, n * c, f), r(Bsz, H, n * c, f)
+    return ttt_scan.infer(q, k, v, torch.rand(Bsz, H, n * c, generator=g), torch.rand(c, generator=g), 1 + 0.1 * r(H, f), 0.1 * r(H, f), 0.1 * r(1, H, f, f),
                           torch.zeros(1, H, 1, f))
 
 
@@ -102,26 +103,48 @@ def test_a_compiler_without_pytorchs_openmp_builds_the_per_call_threads(monkeypa
 
 @pytest.mark.parametrize("bad", ["strided", "fp16", "mixed"])
 def test_a_call_takes_only_contiguous_cpu_tensors_of_one_float_dtype(bad):
-    """The kernels read raw memory: a strided view, a dtype without an entry point, or tensors of two dtypes are a
-    ValueError before any pointer is passed. A good call after it runs (the entry point's types were set once)."""
-    q, k, t = (torch.randn(2, 3, 64, 32) for _ in range(3))
+    """The kernels read raw memory: a strided view not marked Strided, a dtype without an entry point, or tensors
+    of two dtypes (Strided ones included) are a ValueError before any pointer is passed. A good call after it runs
+    (the entry point's types were set once)."""
+    q, k, v = (torch.randn(2, 3, 64, 32) for _ in range(3))
     args = dict(a=torch.rand(2, 3, 64), tok=torch.rand(16), gamma=torch.ones(3, 32), beta=torch.zeros(3, 32),
                 W0=torch.zeros(1, 3, 32, 32), b0=torch.zeros(1, 3, 1, 32))
+    rows = (q.stride(0), q.stride(1), q.stride(2))
     if bad == "strided":
-        W, b = torch.zeros(2, 3, 32, 32).transpose(-1, -2), torch.zeros(2, 3, 32)
-        call = lambda: ttt_scan.KERNEL.call("ttt_linear_scan_infer", torch.float32, q, k, t, args["a"], args["tok"],
-                                            args["gamma"], args["beta"], W, b, torch.empty_like(q), 4, 6, 3, 16, 32, 1)
+        W = torch.zeros(2, 3, 32, 32).transpose(-1, -2)
+        call = lambda: ttt_scan.KERNEL.call("ttt_linear_scan_infer", torch.float32, Strided(q), Strided(k), Strided(v),
+                                            *rows, Strided(args["a"]), 192, 64, 1, args["tok"], args["gamma"],
+                                            args["beta"], W, torch.zeros(2, 3, 32), Strided(torch.empty_like(k)),
+                                            *rows, 4, 6, 3, 16, 32, 1)
         match = "contiguous CPU tensors"
     elif bad == "fp16":
-        call = lambda: ttt_scan.infer(q.half(), k.half(), t.half(), *args.values())
+        call = lambda: ttt_scan.infer(q.half(), k.half(), v.half(), *args.values())
         match = "fp32 or fp64"
     else:
-        call = lambda: ttt_scan.KERNEL.call("ttt_linear_scan_infer", torch.float32, q, k.double(), t)
+        call = lambda: ttt_scan.KERNEL.call("ttt_linear_scan_infer", torch.float32, Strided(q), Strided(k.double()))
         match = "torch.float64 on cpu"
     with pytest.raises(ValueError, match=match):
         call()
-    out, W, b = ttt_scan.infer(q, k, t, *args.values())
+    out, W, b = ttt_scan.infer(q, k, v, *args.values())
     assert out.shape == q.shape and torch.isfinite(out).all() and W.shape == (2, 3, 32, 32)
+
+
+def test_inference_reads_any_layout_of_its_inputs():
+    """cpu_scan.infer reads q, k, v and a where they lie when q, k, v share a layout with a unit stride along the
+    head dim (the layer's head-transposed views); q in another layout (here: transposed rows) is copied first. The
+    numbers are those of contiguous inputs, bit for bit, and the output is laid out (B, T, H, f)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 64, 32, generator=g) for _ in range(3))
+    a = torch.rand(2, 3, 64, generator=g)
+    rest = (torch.rand(16, generator=g), torch.ones(3, 32), torch.zeros(3, 32), 0.1 * torch.randn(1, 3, 32, 32,
+                                                                                                  generator=g),
+            torch.zeros(1, 3, 1, 32))
+    want = ttt_scan.infer(q, k, v, a, *rest)
+    assert want[0].transpose(1, 2).is_contiguous()
+    rows_transposed = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    for got in (ttt_scan.infer(rows_transposed, k, v, a, *rest), ttt_scan.infer(q, k, v, a.mT.contiguous().mT, *rest)):
+        for x, y in zip(got, want, strict=True):
+            assert torch.equal(x, y)
 
 
 def test_a_failed_build_says_which_command_failed_and_why(monkeypatch, tmp_path):

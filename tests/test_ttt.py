@@ -518,17 +518,26 @@ def test_scan_equals_autograd_through_the_dual_form_fp64(kernels, f, T, offset):
         torch.testing.assert_close(g, gd, rtol=1e-10, atol=1e-11, msg=name)
 
 
+def _laid_out_as_the_layer(*xs):
+    """(B, H, T[, f]) tensors with the same values, laid out (B, T, H[, f]) as the layer's projections are: its q, k,
+    v and a are head-transposed views, which C++ inference reads where they lie."""
+    return [x.transpose(1, 2).contiguous().transpose(1, 2) for x in xs]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "head-transposed"])
 @pytest.mark.parametrize("T,offset,f", [(87, 5, 8), (64, 0, 8), (53, 0, 45), (16, 0, 8), (9, 3, 8)])
-def test_cpp_inference_equals_the_dual_form_and_the_reference(T, offset, f):
-    """Without a gradient, backend=cpp runs whole mini-batches as one C++ call that also builds M and applies the
-    LN and the residual (cpu_scan.infer): outputs and the state after the call equal the dual form's in fp64
-    (an open mini-batch continued, whole ones, a trailing partial one; f = 45 through the products' left-over
-    rows and columns), and the outputs of a fresh state equal the token-by-token reference. (9, 3): no whole
-    mini-batch, the C++ call is skipped."""
+def test_cpp_inference_equals_the_dual_form_and_the_reference(T, offset, f, layout):
+    """Without a gradient, backend=cpp runs whole mini-batches as one C++ call that also forms the target v - k,
+    builds M and applies the LN and the residual (cpu_scan.infer): outputs and the state after the call equal the
+    dual form's in fp64 (an open mini-batch continued, whole ones, a trailing partial one; f = 45 through the
+    products' left-over rows and columns), and the outputs of a fresh state equal the token-by-token reference.
+    (9, 3): no whole mini-batch, the C++ call is skipped. head-transposed: q, k, v, a as the layer passes them."""
     from architectures.ttt.scan import CPP
 
     leaves, off = _scan_case(T=T, f=f, offset=offset)
     q, k, v, a, tok, ln_w, ln_b, W, b, accW, accb = (x.detach() for x in leaves)
+    if layout == "head-transposed":
+        q, k, v, a = _laid_out_as_the_layer(q, k, v, a)
     state = lambda o: InnerState({"W": W, "b": b}, {"W": accW, "b": accb} if o else {}, o)
     run = lambda o, scan: ttt_dual("linear", state(o), q, k, v, a, tok, ln_w[:, None], ln_b[:, None], 16, scan=scan)
     with torch.no_grad():
@@ -545,17 +554,20 @@ def test_cpp_inference_equals_the_dual_form_and_the_reference(T, offset, f):
     torch.testing.assert_close(fresh[:1], ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "head-transposed"])
 @pytest.mark.parametrize("T,offset,f", [(87, 5, 8), (64, 0, 8), (53, 0, 12), (16, 0, 8), (9, 3, 8), (3, 13, 8)])
-def test_cpp_mlp_inference_equals_the_dual_form(T, offset, f):
+def test_cpp_mlp_inference_equals_the_dual_form(T, offset, f, layout):
     """TTT-MLP without a gradient under backend=cpp: whole mini-batches in one C++ call (cpu_scan.infer_mlp), an
     open mini-batch continued and a trailing one as pieces (decode_mlp), each with the LN and the residual: the
     outputs and the state after equal the dual form's in fp64, over a batch of 2 from a broadcast initial state,
     and the given state is not written to. f = 12: hidden 48, through the products' left-over columns; (3, 13):
-    the 3 tokens that finish a mini-batch (its commit)."""
+    the 3 tokens that finish a mini-batch (its commit). head-transposed: q, k, v, a as the layer passes them."""
     from architectures.ttt.scan import CPP
 
     B, H = 2, 2
     q, k, v, a, tok, ln_w, ln_b = random_inputs(B, H, T, f, F64, seed=2)
+    if layout == "head-transposed":
+        q, k, v, a = _laid_out_as_the_layer(q, k, v, a)
     init = {n: (p if p.dim() == 3 else p[:, None, :])[None] for n, p in initial("mlp", H, f, F64).items()}
     g = torch.Generator().manual_seed(5)
     acc = {n: 0.05 * torch.randn(B, *p.shape[1:], generator=g, dtype=F64) for n, p in init.items()} if offset else {}

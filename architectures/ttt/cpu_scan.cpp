@@ -239,21 +239,56 @@ void backward_job(const T* kq, const T* tb, const T* ab, const T* Mb, const T* g
   dtok[j] = dtok_j;
 }
 
-// Inference (no gradient): the whole layer-side inner loop of one (sequence, head) over its n whole mini-batches,
-// heads-first as the layer holds it: q, k, t, out (BH, n c, f), a (BH, n c); tok (c); gamma, beta (H, f);
-// W (BH, f, f) and b (BH, f) from the initial weights to the final ones, in place. Besides forward_job's math it
-// builds M = tril(tok a^T) * (Q K^T + 1) (dual._lr_matrices) and applies the LN and the residual after the loop
-// (out = Q + gamma LN(Zbar) + beta, dual.ttt_dual), and keeps no per-mini-batch states.
+// Where row t of one (sequence, head) j = b H + h starts in a (B, H, T, f) tensor with any strides but a unit one
+// along f, or the entry (b, h, t) of a (B, H, T) one: the layer's q, k, v are head-transposed views of its (B, T, H,
+// f) projections, and inference reads and writes them as they lie instead of as contiguous copies.
+struct Rows {
+  int64_t batch, head, token;  // strides, in entries
+  int64_t at(int64_t j, int64_t H, int64_t t) const { return (j / H) * batch + (j % H) * head + t * token; }
+};
+
+// One mini-batch's c rows of q, k and the target t = v - k, and its a, copied contiguous for the products.
 template <typename T>
-void infer_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam, const T* bet, T* W,
-               T* bias, T* out, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
-  std::vector<T> Zk(c * f), G(c * f), zhat(c * f), r(c), gx(f), M(c * c), aG(c * f);
+struct MiniBatchRows {
+  std::vector<T> Q, K, t, a;
+  MiniBatchRows(int64_t c, int64_t f) : Q(c * f), K(c * f), t(c * f), a(c) {}
+  void gather(const T* q, const T* k, const T* v, const Rows& qkv, const T* ab, const Rows& ar, int64_t j, int64_t H,
+              int64_t t0, int64_t c, int64_t f) {
+    for (int64_t row = 0; row < c; row++) {
+      const int64_t at = qkv.at(j, H, t0 + row);
+      std::copy(q + at, q + at + f, Q.data() + row * f);
+      std::copy(k + at, k + at + f, K.data() + row * f);
+      T* tr = t.data() + row * f;
+      const T *vr = v + at, *kr = k + at;
+#pragma omp simd
+      for (int64_t col = 0; col < f; col++) tr[col] = vr[col] - kr[col];
+      a[row] = ab[ar.at(j, H, t0 + row)];
+    }
+  }
+};
+
+// out's c rows from a contiguous block
+template <typename T>
+void scatter_rows(const T* block, T* out, const Rows& outr, int64_t j, int64_t H, int64_t t0, int64_t c, int64_t f) {
+  for (int64_t row = 0; row < c; row++) std::copy(block + row * f, block + (row + 1) * f, out + outr.at(j, H, t0 + row));
+}
+
+// Inference (no gradient): the whole layer-side inner loop of one (sequence, head) over its n whole mini-batches:
+// q, k, v, out (B, H, n c, f) and a (B, H, n c) where they lie (Rows); tok (c); gamma, beta (H, f); W (BH, f, f)
+// and b (BH, f) from the initial weights to the final ones, in place. Besides forward_job's math it forms the
+// target t = v - k, builds M = tril(tok a^T) * (Q K^T + 1) (dual._lr_matrices) and applies the LN and the residual
+// after the loop (out = Q + gamma LN(Zbar) + beta, dual.ttt_dual), and keeps no per-mini-batch states.
+template <typename T>
+void infer_job(const T* q, const T* k, const T* v, const Rows& qkv, const T* ab, const Rows& ar, const T* tok,
+               const T* gam, const T* bet, T* W, T* bias, T* out, const Rows& outr, int64_t n, int64_t H, int64_t c,
+               int64_t f, int64_t j) {
+  MiniBatchRows<T> in(c, f);
+  std::vector<T> Zk(c * f), zbar(c * f), G(c * f), zhat(c * f), r(c), gx(f), M(c * c), aG(c * f);
   const T *g = gam + (j % H) * f, *be = bet + (j % H) * f, tok_c = tok[c - 1];
-  T *Wj = W + j * f * f, *bj = bias + j * f;
+  const T *K = in.K.data(), *Q = in.Q.data(), *t = in.t.data(), *a = in.a.data();
+  T *Wj = W + j * f * f, *bj = bias + j * f, *zb = zbar.data();  // Zbar, then the output in place
   for (int64_t i = 0; i < n; i++) {
-    const int64_t row0 = j * n * c + i * c;
-    const T *K = k + row0 * f, *Q = q + row0 * f, *t = tb + row0 * f, *a = ab + row0;
-    T* zb = out + row0 * f;  // Zbar, then the output in place
+    in.gather(q, k, v, qkv, ab, ar, j, H, i * c, c, f);
     for (int64_t row = 0; row < c; row++) {
       std::copy(bj, bj + f, Zk.data() + row * f);
       std::copy(bj, bj + f, zb + row * f);
@@ -276,6 +311,7 @@ void infer_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, c
 #pragma omp simd
       for (int64_t col = 0; col < f; col++) z[col] = x[col] + g[col] * (z[col] - mu) * rstd + be[col];
     }
+    scatter_rows(zb, out, outr, j, H, i * c, c, f);
     for (int64_t row = 0; row < c; row++)
       for (int64_t col = 0; col < f; col++) aG[row * f + col] = a[row] * G[row * f + col];
     mm_tn(Wj, K, aG.data(), f, c, f, -tok_c);  // W - tok K^T aG (after both products with W)
@@ -454,21 +490,24 @@ void mlp_piece(const T* Q, const T* K, const T* t, const T* a, const T* tok, T t
   }
 }
 
-// TTT-MLP over the n whole mini-batches of one (sequence, head), heads-first as infer_job: q, k, t, out (BH, n c,
-// f), a (BH, n c); the weights W1 (BH, f, h), b1 (BH, h), W2 (BH, h, f), b2 (BH, f) from the initial ones to the
-// final ones, in place.
+// TTT-MLP over the n whole mini-batches of one (sequence, head), read and written where they lie as infer_job:
+// q, k, v, out (B, H, n c, f), a (B, H, n c); the weights W1 (BH, f, h), b1 (BH, h), W2 (BH, h, f), b2 (BH, f) from
+// the initial ones to the final ones, in place.
 template <typename T>
-void mlp_infer_job(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam, const T* bet, T* W1,
-                   T* b1, T* W2, T* b2, T* out, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
+void mlp_infer_job(const T* q, const T* k, const T* v, const Rows& qkv, const T* ab, const Rows& ar, const T* tok,
+                   const T* gam, const T* bet, T* W1, T* b1, T* W2, T* b2, T* out, const Rows& outr, int64_t n,
+                   int64_t H, int64_t c, int64_t f, int64_t j) {
   const int64_t h = 4 * f;
   MlpForward<T> s(c, f);
-  std::vector<T> A1(f * h), Ab1(h), A2(h * f), Ab2(f);
+  MiniBatchRows<T> in(c, f);
+  std::vector<T> A1(f * h), Ab1(h), A2(h * f), Ab2(f), o(c * f);
   const T *g = gam + (j % H) * f, *be = bet + (j % H) * f;
   for (int64_t i = 0; i < n; i++) {
-    const int64_t row0 = j * n * c + i * c;
-    mlp_piece<T>(q + row0 * f, k + row0 * f, tb + row0 * f, ab + row0, tok, tok[c - 1], g, be, W1 + j * f * h,
+    in.gather(q, k, v, qkv, ab, ar, j, H, i * c, c, f);
+    mlp_piece<T>(in.Q.data(), in.K.data(), in.t.data(), in.a.data(), tok, tok[c - 1], g, be, W1 + j * f * h,
                  b1 + j * h, W2 + j * h * f, b2 + j * f, A1.data(), Ab1.data(), A2.data(), Ab2.data(), false, true,
-                 out + row0 * f, c, f, s);
+                 o.data(), c, f, s);
+    scatter_rows(o.data(), out, outr, j, H, i * c, c, f);
   }
 }
 
@@ -664,11 +703,14 @@ extern "C" {
                       dtok, dgam, dbet, d, j);                                                                   \
     });                                                                                                          \
   }                                                                                                              \
-  void ttt_linear_scan_infer_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok,            \
-                                      const T* gam, const T* bet, T* W, T* b, T* out, int64_t n, int64_t BH,     \
-                                      int64_t H, int64_t c, int64_t f, int64_t threads) {                        \
+  void ttt_linear_scan_infer_##suffix(const T* q, const T* k, const T* v, int64_t qkv_b, int64_t qkv_h,          \
+                                      int64_t qkv_t, const T* ab, int64_t a_b, int64_t a_h, int64_t a_t,         \
+                                      const T* tok, const T* gam, const T* bet, T* W, T* b, T* out, int64_t out_b, \
+                                      int64_t out_h, int64_t out_t, int64_t n, int64_t BH, int64_t H, int64_t c, \
+                                      int64_t f, int64_t threads) {                                              \
+    const Rows qkv{qkv_b, qkv_h, qkv_t}, ar{a_b, a_h, a_t}, outr{out_b, out_h, out_t};                           \
     parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
-      infer_job<T>(q, k, tb, ab, tok, gam, bet, W, b, out, n, H, c, f, j);                                       \
+      infer_job<T>(q, k, v, qkv, ab, ar, tok, gam, bet, W, b, out, outr, n, H, c, f, j);                         \
     });                                                                                                          \
   }                                                                                                              \
   void ttt_linear_scan_decode_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok,           \
@@ -680,11 +722,14 @@ extern "C" {
                     H, f, j);                                                                                    \
     });                                                                                                          \
   }                                                                                                              \
-  void ttt_mlp_infer_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok, const T* gam,      \
-                              const T* bet, T* W1, T* b1, T* W2, T* b2, T* out, int64_t n, int64_t BH, int64_t H, \
-                              int64_t c, int64_t f, int64_t threads) {                                           \
+  void ttt_mlp_infer_##suffix(const T* q, const T* k, const T* v, int64_t qkv_b, int64_t qkv_h, int64_t qkv_t,   \
+                              const T* ab, int64_t a_b, int64_t a_h, int64_t a_t, const T* tok, const T* gam,    \
+                              const T* bet, T* W1, T* b1, T* W2, T* b2, T* out, int64_t out_b, int64_t out_h,     \
+                              int64_t out_t, int64_t n, int64_t BH, int64_t H, int64_t c, int64_t f,              \
+                              int64_t threads) {                                                                 \
+    const Rows qkv{qkv_b, qkv_h, qkv_t}, ar{a_b, a_h, a_t}, outr{out_b, out_h, out_t};                           \
     parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
-      mlp_infer_job<T>(q, k, tb, ab, tok, gam, bet, W1, b1, W2, b2, out, n, H, c, f, j);                         \
+      mlp_infer_job<T>(q, k, v, qkv, ab, ar, tok, gam, bet, W1, b1, W2, b2, out, outr, n, H, c, f, j);           \
     });                                                                                                          \
   }                                                                                                              \
   void ttt_mlp_decode_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok, double tok_last,  \

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from architectures.cpp_kernels import Library
+from architectures.cpp_kernels import Library, Strided
 
 KERNEL = Library(Path(__file__).with_name("cpu_scan.cpp"), "TTT backend=cpp")
 
@@ -60,20 +60,48 @@ def backward_loop(kq, tb, ab, Mb, gam, bet, tok, Ws, Gs, zhats, rs, dzb, dW, db,
     return dtok.sum()
 
 
-def infer(q, k, t, a, tok, gamma, beta, W0, b0):
+def _rows(x: torch.Tensor) -> tuple[int, int, int]:
+    """The (batch, head, token) strides of a (B, H, T[, f]) tensor, in entries: cpu_scan.cpp's Rows."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _where_they_lie(dt, q, k, v):
+    """q, k, v (B, H, T, f) as inference reads them: in dtype dt, each as it lies where the three share one layout
+    with a unit stride along f (the layer's head-transposed projections), else contiguous copies."""
+    q, k, v = (x.to(dt) for x in (q, k, v))
+    if q.stride(-1) == 1 and q.stride() == k.stride() == v.stride():
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _strided_inputs(q, k, v, a) -> tuple:
+    """The first arguments of an inference call: q, k, v and their strides, a and its strides (cpu_scan.cpp's
+    Rows), each read where it lies: no contiguous copies of the layer's head-transposed tensors, no target v - k."""
+    return (Strided(q), Strided(k), Strided(v), *_rows(q), Strided(a), *_rows(a))
+
+
+def _output(B: int, H: int, T: int, f: int, dt) -> torch.Tensor:
+    """Inference's out (B, H, T, f), laid out (B, T, H, f) as the layer reads it back: its transpose to (B, T, H f)
+    is then a view, not a copy."""
+    return torch.empty(B, T, H, f, dtype=dt).transpose(1, 2)
+
+
+def infer(q, k, v, a, tok, gamma, beta, W0, b0):
     """Inference over whole mini-batches (no gradient): the outputs q + LN(Zbar) and the weights after them, in one
-    call that also builds M and applies the LN and the residual (dual.ttt_dual does both around the loop when it
-    trains). q, k, t (B, H, n c, f); a (B, H, n c); tok (c,); gamma, beta (H, f); W0 (B|1, H, f, f); b0 (B|1, H,
-    1, f). Returns out (B, H, n c, f), W (B, H, f, f), b (B, H, 1, f)."""
+    call that also forms the target v - k, builds M and applies the LN and the residual (dual.ttt_dual does these
+    around the loop when it trains). q, k, v (B, H, n c, f) and a (B, H, n c), read where they lie (the layer's
+    head-transposed views); tok (c,); gamma, beta (H, f); W0 (B|1, H, f, f); b0 (B|1, H, 1, f). Returns out (B, H,
+    n c, f), laid out (B, T, H, f), W (B, H, f, f), b (B, H, 1, f)."""
     B, H, T, f = q.shape
     c = tok.shape[0]
     dt = q.dtype
-    q, k, t, a, tok, gamma, beta = _as(dt, q, k, t, a, tok, gamma, beta)
+    q, k, v = _where_they_lie(dt, q, k, v)
+    a, tok, gamma, beta = a.to(dt), *_as(dt, tok, gamma, beta)
     W = W0.to(dt).expand(B, H, f, f).clone(memory_format=torch.contiguous_format)  # the kernel updates W, b in place
     b = b0.to(dt).expand(B, H, 1, f).clone(memory_format=torch.contiguous_format)
-    out = torch.empty_like(q)
-    KERNEL.call("ttt_linear_scan_infer", dt, q, k, t, a, tok, gamma, beta, W, b, out, T // c, B * H, H, c, f,
-                torch.get_num_threads())
+    out = _output(B, H, T, f, dt)
+    KERNEL.call("ttt_linear_scan_infer", dt, *_strided_inputs(q, k, v, a), tok, gamma, beta, W, b, Strided(out),
+                *_rows(out), T // c, B * H, H, c, f, torch.get_num_threads())
     return out, W, b
 
 
@@ -110,19 +138,20 @@ def _mlp_weights(params: dict, B: int, dt, copy: bool) -> list[torch.Tensor]:
     return [x.clone(memory_format=torch.contiguous_format) if copy else x.contiguous() for x in out]
 
 
-def infer_mlp(q, k, t, a, tok, gamma, beta, params: dict):
+def infer_mlp(q, k, v, a, tok, gamma, beta, params: dict):
     """TTT-MLP's whole mini-batches without a gradient (f_res(x) = gelu(x W1 + b1) W2 + b2, dual._piece_mlp), the LN
-    and the residual included, as `infer` for TTT-Linear: q, k, t (B, H, n c, f); a (B, H, n c); tok (c,); gamma,
-    beta (H, f); params W1 (B|1, H, f, 4f), b1 (B|1, H, 1, 4f), W2 (B|1, H, 4f, f), b2 (B|1, H, 1, f). Returns out
-    (B, H, n c, f) and the weights after (B, H, ...), as a dict."""
+    and the residual included, as `infer` for TTT-Linear: q, k, v (B, H, n c, f) and a (B, H, n c) where they lie;
+    tok (c,); gamma, beta (H, f); params W1 (B|1, H, f, 4f), b1 (B|1, H, 1, 4f), W2 (B|1, H, 4f, f), b2 (B|1, H, 1,
+    f). Returns out (B, H, n c, f), laid out (B, T, H, f), and the weights after (B, H, ...), as a dict."""
     B, H, T, f = q.shape
     c = tok.shape[0]
     dt = q.dtype
-    q, k, t, a, tok, gamma, beta = _as(dt, q, k, t, a, tok, gamma, beta)
+    q, k, v = _where_they_lie(dt, q, k, v)
+    a, tok, gamma, beta = a.to(dt), *_as(dt, tok, gamma, beta)
     weights = _mlp_weights(params, B, dt, copy=True)  # the kernel updates them in place
-    out = torch.empty_like(q)
-    KERNEL.call("ttt_mlp_infer", dt, q, k, t, a, tok, gamma, beta, *weights, out, T // c, B * H, H, c, f,
-                torch.get_num_threads())
+    out = _output(B, H, T, f, dt)
+    KERNEL.call("ttt_mlp_infer", dt, *_strided_inputs(q, k, v, a), tok, gamma, beta, *weights, Strided(out),
+                *_rows(out), T // c, B * H, H, c, f, torch.get_num_threads())
     return out, dict(zip(MLP, weights))
 
 

@@ -205,7 +205,10 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
     cpu_scan.MLPScan (both loops in C++). Other options ignore it.
     """
     b, T = mini_batch, q.shape[2]
-    t_all = v - k if residual else v  # reconstruction target: f(k) = k + LN(f_res(k)) should be v
+    def target(sl: slice) -> torch.Tensor:
+        """A span's reconstruction target: f(k) = k + LN(f_res(k)) should be v."""
+        return v[:, :, sl] - k[:, :, sl] if residual else v[:, :, sl]
+
     params = dict(state.params)
     if ln:
         params.update(_ln_w=ln_w, _ln_b=ln_b)  # the LN rides along with the weights
@@ -232,7 +235,7 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
         nonlocal params, acc
         sl = slice(lo, hi)
         if cpp:
-            span = (q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl], tok_piece, complete, gamma, beta)
+            span = (q[:, :, sl], k[:, :, sl], target(sl), a[:, :, sl], tok_piece, complete, gamma, beta)
             if inner == "linear":
                 out, new, acc = cpu_scan.decode(*span, params["W"], params["b"], acc)
             else:
@@ -241,7 +244,7 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
             outs.append(out)
             return
         E, M = _lr_matrices(q[:, :, sl], k[:, :, sl], a[:, :, sl], tok_piece, bias)
-        zbar, params, acc = _step(inner, params, acc, q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl],
+        zbar, params, acc = _step(inner, params, acc, q[:, :, sl], k[:, :, sl], target(sl), a[:, :, sl],
                                   tok_piece, E, M, complete)
         outs.append(finish(zbar, sl))
 
@@ -260,20 +263,23 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
         n_full = (T - t) // b
         if n_full:
             sl = slice(t, t + n_full * b)
-            span = (q[:, :, sl], k[:, :, sl], t_all[:, :, sl], a[:, :, sl], tok)
-            if cpp:  # the outputs straight from C++, LN and residual included
+            if cpp:  # the outputs straight from C++, which reads v where it lies and forms the target itself
+                span = (q[:, :, sl], k[:, :, sl], v[:, :, sl], a[:, :, sl], tok)
                 if inner == "linear":
                     out, W, bias_after = cpu_scan.infer(*span, gamma, beta, params["W"], params["b"])
                     new = {"W": W, "b": bias_after}
                 else:
                     out, new = cpu_scan.infer_mlp(*span, gamma, beta, params)
-            elif inner == "mlp" and scan is not None and scan.cpp and ln and residual and checkpoint_group == 0:
-                zbar, new = cpu_scan.mlp_scan(*span, gamma, beta, params)  # TTT-MLP training: both loops in C++
-                out = finish(zbar, sl)
             else:
-                use_scan = scan if inner == "linear" and ln and residual and bias and checkpoint_group == 0 else None
-                full, new = _full_minibatches(inner, params, *span, b, checkpoint_group, full_piece, use_scan)
-                out = finish(full[0] if len(full) == 1 else torch.cat(full, dim=2), sl)
+                span = (q[:, :, sl], k[:, :, sl], target(sl), a[:, :, sl], tok)
+                if inner == "mlp" and scan is not None and scan.cpp and ln and residual and checkpoint_group == 0:
+                    zbar, new = cpu_scan.mlp_scan(*span, gamma, beta, params)  # TTT-MLP training: both loops in C++
+                    out = finish(zbar, sl)
+                else:
+                    linear_scan = inner == "linear" and ln and residual and bias and checkpoint_group == 0
+                    use_scan = scan if linear_scan else None
+                    full, new = _full_minibatches(inner, params, *span, b, checkpoint_group, full_piece, use_scan)
+                    out = finish(full[0] if len(full) == 1 else torch.cat(full, dim=2), sl)
             params = {**params, **new}
             outs.append(out)
             t += n_full * b
