@@ -1,5 +1,5 @@
-"""Our C++ CPU kernels (backend=cpp: mamba/cpu_scan.cpp, ttt/cpu_scan.cpp, and the layers' convs, causal_conv.cpp):
-built on first use, loaded with ctypes.
+"""Our C++ CPU kernels (backend=cpp: mamba/cpu_scan.cpp, ttt/cpu_scan.cpp, and the layers' convs and norms,
+causal_conv.cpp and rms_norm.cpp): built on first use, loaded with ctypes.
 
 Each kernel is one C++ file with `extern "C"` entry points that take raw pointers and int64 sizes (no PyTorch
 headers: a build takes 1 to 4 s), plus the headers beside this module (parallel_jobs.h).

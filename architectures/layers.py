@@ -18,19 +18,39 @@ import torch.nn.functional as F
 from architectures.cpp_kernels import Library
 
 CONV_KERNEL = Library(Path(__file__).with_name("causal_conv.cpp"), "causal conv backend=cpp")
+NORM_KERNEL = Library(Path(__file__).with_name("rms_norm.cpp"), "RMSNorm backend=cpp")
 
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (F.rms_norm: one fused kernel each way on
-    CUDA, where the formula written out is about eight forward and ten backward; the same numbers on CPU)."""
+    CUDA, where the formula written out is about eight forward and ten backward; the same numbers on CPU).
+
+    With `cpp` set (by a block whose backend is cpp, as its convs), an fp32 CPU forward without a gradient (a
+    prefill, a decode step) is one C++ pass (rms_norm.cpp) instead of F.rms_norm's six ops on CPU, most of them a
+    fixed cost per call at a prefill of 1k tokens and all of it at a decode step; tests/test_mamba.py checks it
+    against F.rms_norm."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.cpp = False  # set by the block that owns it when that block's backend is cpp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.cpp and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            return _rms_norm_cpp(x, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+def _rms_norm_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over x's last dim in one C++ pass (no gradient): x (..., d) fp32 on CPU."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    d = x.shape[-1]
+    NORM_KERNEL.call("rms_norm_forward", x.dtype, x, weight.contiguous(), y, x.numel() // d, d, float(eps),
+                     torch.get_num_threads())
+    return y
 
 
 class SwiGLU(nn.Module):

@@ -375,8 +375,10 @@ def test_cpp_causal_conv_equals_the_pytorch_ops(B, T, C, k, with_state, dtype):
 
 
 @pytest.mark.parametrize("arch", ["mamba", "mamba2", "ttt_linear", "transformer_conv"])
-def test_the_convs_run_in_cpp_exactly_where_the_layers_backend_is_cpp(arch):
-    from architectures.layers import CausalConv
+def test_the_convs_and_norms_run_in_cpp_exactly_where_the_layers_backend_is_cpp(arch):
+    """The blocks' convs and RMSNorms (not the shell's final norm, nor Mamba-2's gated one) follow their layer's
+    backend."""
+    from architectures.layers import CausalConv, RMSNorm
 
     for backend in ("sdpa",) if arch == "transformer_conv" else ("cpp", "torch"):  # attention has no cpp
         opts = {"mamba": {"chunk_size": 16}, "mamba2": {"chunk_size": 16, "headdim": 16, "d_state": 32}}.get(arch, {})
@@ -384,6 +386,36 @@ def test_the_convs_run_in_cpp_exactly_where_the_layers_backend_is_cpp(arch):
         convs = [m for m in model.modules() if isinstance(m, CausalConv)]
         assert len(convs) == {"mamba": 2, "mamba2": 2, "ttt_linear": 6, "transformer_conv": 2}[arch]
         assert all(m.cpp == (backend == "cpp") for m in convs), arch
+        norms = [m for m in model.blocks.modules() if isinstance(m, RMSNorm)]
+        assert len(norms) == {"mamba": 2, "mamba2": 2, "ttt_linear": 6, "transformer_conv": 4}[arch]
+        assert all(m.cpp == (backend == "cpp") for m in norms) and not model.norm.cpp, arch
+
+
+@pytest.mark.parametrize("shape", [(2, 600, 70), (1, 1, 64), (3, 5, 8)])
+def test_cpp_rms_norm_equals_f_rms_norm_without_a_gradient(shape, monkeypatch):
+    """RMSNorm with `cpp` set (layers._rms_norm_cpp, rms_norm.cpp) in fp32 without a gradient equals F.rms_norm
+    (600 rows: several jobs of 256, the last one short; one row: a decode step). With a gradient, or in fp64, the
+    PyTorch ops run, so training and the fp64 checks see F.rms_norm's numbers and gradients."""
+    import architectures.layers as layers
+
+    calls, cpp = [], layers._rms_norm_cpp
+    monkeypatch.setattr(layers, "_rms_norm_cpp", lambda *args: calls.append(args[0].shape) or cpp(*args))
+    g = torch.Generator().manual_seed(0)
+    norm = layers.RMSNorm(shape[-1])
+    norm.weight.data = torch.randn(shape[-1], generator=g)
+    norm.cpp = True
+    x = (3 * torch.randn(*shape, generator=g)).requires_grad_()
+    with torch.no_grad():
+        got = norm(x)
+    assert calls == [shape]
+    want = torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+    dy = torch.randn(*shape, generator=g)
+    grads = [torch.autograd.grad(y, (x, norm.weight), dy) for y in (norm(x), want)]
+    torch.testing.assert_close(grads[0], grads[1])
+    with torch.no_grad():
+        norm.double()(x.double())
+    assert calls == [shape]
 
 
 MODELS = [("mamba", "torch"), ("mamba", "cpp"), ("mamba2", "torch"), ("mamba2", "cpp")]  # (arch, backend)

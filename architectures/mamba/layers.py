@@ -380,6 +380,7 @@ class MambaBlock(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = self.mixer_class(cfg)
+        self.norm.cpp = self.mixer.backend == "cpp"  # backend=cpp: the norm's inference in C++ too
 
     def forward(self, h: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         return h + self.mixer(self.norm(h), cache)

@@ -323,6 +323,9 @@ class TTTBlock(nn.Module):
         self.ttt_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.ffn else None  # cfg.ffn false: no FFN
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim) if cfg.ffn else None
+        for norm in (getattr(self, "conv_norm", None), self.ttt_norm, self.ffn_norm):
+            if norm is not None:
+                norm.cpp = self.ttt.backend == "cpp"  # backend=cpp: the norms' inference in C++ too
 
     def forward(self, h: torch.Tensor, cache: TTTCache | None = None) -> torch.Tensor:
         if self.ttt.backbone == "mamba":
