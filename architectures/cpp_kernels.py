@@ -158,9 +158,9 @@ class Library:
     def call(self, name: str, dtype: torch.dtype, *args) -> None:
         """`{name}_{f32|f64}(*args)`: tensors (or None) as pointers, ints as int64, floats as double. The kernels
         read raw memory, so every tensor must be a contiguous CPU tensor of `dtype` (fp32 or fp64), or a `Strided`
-        one of them, whose strides the call passes beside it. The entry point's argument types are set on its first call (a
-        call of 22 arguments then costs about 10 us, 2 of them in ctypes, against 20 when every argument was wrapped
-        per call)."""
+        one of them, whose strides the call passes beside it. The entry point's argument types are set on its first
+        call (a call of 22 arguments then costs about 10 us, 2 of them in ctypes, against 20 when every argument was
+        wrapped per call)."""
         if dtype not in DTYPES:
             raise ValueError(f"{self.backend} takes fp32 or fp64 tensors, got {dtype}")
         values = []

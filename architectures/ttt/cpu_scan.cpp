@@ -270,7 +270,8 @@ struct MiniBatchRows {
 // out's c rows from a contiguous block
 template <typename T>
 void scatter_rows(const T* block, T* out, const Rows& outr, int64_t j, int64_t H, int64_t t0, int64_t c, int64_t f) {
-  for (int64_t row = 0; row < c; row++) std::copy(block + row * f, block + (row + 1) * f, out + outr.at(j, H, t0 + row));
+  for (int64_t row = 0; row < c; row++)
+    std::copy(block + row * f, block + (row + 1) * f, out + outr.at(j, H, t0 + row));
 }
 
 // Inference (no gradient): the whole layer-side inner loop of one (sequence, head) over its n whole mini-batches:

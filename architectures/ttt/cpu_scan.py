@@ -9,7 +9,9 @@ innermost runs along a contiguous row of the head dim (vectorised). LinearScan c
 ScanKernels.cpp (CPP below); everything around the loops (the layout, the LN after the loop, the residual)
 stays as it is. Without a gradient (prefill, generation) `infer` takes the layer's tensors as they are and does
 the work around the loop too (M, the LN, the residual), keeping no per-mini-batch state: cpu-xs prefill about
-1.4x faster per token at 1k-8k than through the training loop. `decode` does the same for the tokens inside one
+1.4x faster per token at 1k-8k than through the training loop. It reads q, k, v and a where they lie (the layer's
+head-transposed views, cpu_scan.cpp's Rows), forms the target v - k itself and writes its output in the layout
+the layer reads back, so a prefill copies none of them. `decode` does the same for the tokens inside one
 mini-batch (decoding) in place of the dual form's two dozen ops per token (a whole cpu-xs decode step of
 `ttt_linear_base`, with layer.py's RoPE table: 1.17 -> 0.73 ms). The library is built on first use
 (architectures/cpp_kernels.py); tests/test_ttt.py checks forward and backward against the eager loops and, through

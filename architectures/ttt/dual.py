@@ -205,6 +205,7 @@ def ttt_dual(inner: str, state: InnerState, q, k, v, a, tok, ln_w, ln_b, mini_ba
     cpu_scan.MLPScan (both loops in C++). Other options ignore it.
     """
     b, T = mini_batch, q.shape[2]
+
     def target(sl: slice) -> torch.Tensor:
         """A span's reconstruction target: f(k) = k + LN(f_res(k)) should be v."""
         return v[:, :, sl] - k[:, :, sl] if residual else v[:, :, sl]
