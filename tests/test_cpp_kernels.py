@@ -136,13 +136,13 @@ def test_inference_reads_any_layout_of_its_inputs():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 64, 32, generator=g) for _ in range(3))
     a = torch.rand(2, 3, 64, generator=g)
-    rest = (torch.rand(16, generator=g), torch.ones(3, 32), torch.zeros(3, 32), 0.1 * torch.randn(1, 3, 32, 32,
-                                                                                                  generator=g),
-            torch.zeros(1, 3, 1, 32))
+    W0 = 0.1 * torch.randn(1, 3, 32, 32, generator=g)
+    rest = (torch.rand(16, generator=g), torch.ones(3, 32), torch.zeros(3, 32), W0, torch.zeros(1, 3, 1, 32))
     want = ttt_scan.infer(q, k, v, a, *rest)
     assert want[0].transpose(1, 2).is_contiguous()
-    rows_transposed = q.transpose(-1, -2).contiguous().transpose(-1, -2)
-    for got in (ttt_scan.infer(rows_transposed, k, v, a, *rest), ttt_scan.infer(q, k, v, a.mT.contiguous().mT, *rest)):
+    q_rows_transposed = q.mT.contiguous().mT  # the same values, a stride of 64 along the head dim
+    a_head_major = a.mT.contiguous().mT  # (B, H, T) with a stride of H along T, as the layer's key factor
+    for got in (ttt_scan.infer(q_rows_transposed, k, v, a, *rest), ttt_scan.infer(q, k, v, a_head_major, *rest)):
         for x, y in zip(got, want, strict=True):
             assert torch.equal(x, y)
 
