@@ -141,8 +141,8 @@ def test_inference_reads_any_layout_of_its_inputs():
     want = ttt_scan.infer(q, k, v, a, *rest)
     assert want[0].transpose(1, 2).is_contiguous()
     q_rows_transposed = q.mT.contiguous().mT  # the same values, a stride of 64 along the head dim
-    a_head_major = a.mT.contiguous().mT  # (B, H, T) with a stride of H along T, as the layer's key factor
-    for got in (ttt_scan.infer(q_rows_transposed, k, v, a, *rest), ttt_scan.infer(q, k, v, a_head_major, *rest)):
+    a_as_the_layer = a.mT.contiguous().mT  # (B, H, T) laid out (B, T, H), as the layer's key factor
+    for got in (ttt_scan.infer(q_rows_transposed, k, v, a, *rest), ttt_scan.infer(q, k, v, a_as_the_layer, *rest)):
         for x, y in zip(got, want, strict=True):
             assert torch.equal(x, y)
 
