@@ -368,6 +368,26 @@ def test_inner_lr_is_rank_one_with_the_paper_factors():
     torch.testing.assert_close(E[..., 0, :], 1.0 * gate / 16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_token_factor_is_the_paper_formula_from_its_cached_positions(dtype):
+    """tok_i = max(0, 1/i + delta_i): from 1/i made once per (b, dtype, device), even when first made in inference
+    mode (a prefill), the same numbers as the formula, bit for bit, and the gradient of delta through it."""
+    from architectures.ttt.layer import _inverse_positions
+
+    layer = TTTLayer(layer_cfg(d=48, heads=3)).to(dtype)
+    with torch.no_grad():
+        layer.token_offset.copy_(torch.linspace(-0.9, 0.3, 16))  # some tokens clamped to 0
+    _inverse_positions.cache_clear()
+    with torch.inference_mode():
+        layer.token_factor()
+    tok = layer.token_factor()
+    i = torch.arange(1, 17, dtype=dtype)
+    want = torch.clamp(1.0 / i + layer.token_offset, min=0.0)
+    assert torch.equal(tok, want) and (tok == 0).any() and _inverse_positions.cache_info().hits >= 1
+    (grad,) = torch.autograd.grad(tok.sum(), layer.token_offset)
+    assert torch.equal(grad, (want > 0).to(dtype))
+
+
 def test_ttt_mlp_base_lr_warms_up_with_the_outer_lr():
     layer = TTTLayer(layer_cfg("mlp", base_lr_init=0.01))
     layer.set_train_progress(0, 10)

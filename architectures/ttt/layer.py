@@ -44,6 +44,7 @@ Triton kernels, cpp and scan do not apply (auto and torch: dual).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -121,6 +122,14 @@ def ttt_flags(cfg: ModelConfig) -> dict[str, bool]:
         raise ValueError("TTT options inner_bias=false and learnable_w0=false are for TTT-Linear only "
                          "(a TTT-MLP from W0 = 0 has zero gradients)")
     return flags
+
+
+@lru_cache(maxsize=32)
+def _inverse_positions(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1/i for i = 1..b, (b,): made once per (b, dtype, device), outside inference mode (as layers._rope_period), so
+    a layer's every call (a decode step's too) adds delta to it instead of building it again in three ops."""
+    with torch.inference_mode(False), torch.no_grad():
+        return 1.0 / torch.arange(1, b + 1, device=device, dtype=dtype)
 
 
 class TTTCache:
@@ -209,8 +218,11 @@ class TTTLayer(nn.Module):
         if not self.learnable_lr:
             return torch.ones(self.mini_batch, device=self.post_norm.weight.device, dtype=self.post_norm.weight.dtype)
         delta = self.token_offset
-        i = torch.arange(1, self.mini_batch + 1, device=delta.device, dtype=delta.dtype)
-        return torch.clamp(1.0 / i + delta, min=0.0)
+        if torch.compiler.is_compiling():  # computed in the graph (no trace of the cache)
+            inverse = 1.0 / torch.arange(1, self.mini_batch + 1, device=delta.device, dtype=delta.dtype)
+        else:
+            inverse = _inverse_positions(self.mini_batch, delta.dtype, delta.device)
+        return torch.clamp(inverse + delta, min=0.0)
 
     def key_factor(self, x: torch.Tensor) -> torch.Tensor:
         """a_j = base_lr * sigmoid(theta_h . x_j + beta_h) / f: (B, H, T). A constant eta
