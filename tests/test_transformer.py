@@ -209,10 +209,14 @@ def test_periodic_rope_equals_apply_rope_with_the_periodic_angles(start, T, dtyp
     """apply_rope_periodic, the TTT layer's RoPE on (B, T, H, f): whole periods from a period's start (0, 48; 16, 32;
     0, 16) rotate every period by one table, the rest (an offset, a trailing part, a decode step) take the angles
     path; both equal apply_rope on the head-major layout with rope_angles at (start + t) mod 16, and so does the
-    gradient through them."""
-    from architectures.layers import apply_rope_periodic
+    gradient through them, from a table first made in inference mode (a prefill before training)."""
+    from architectures.layers import _rope_period, _rope_period_rotations, apply_rope_periodic
 
     x = torch.randn(2, T, 3, 8, dtype=dtype, requires_grad=True)  # (B, T, H, f)
+    _rope_period.cache_clear()
+    _rope_period_rotations.cache_clear()
+    with torch.inference_mode():
+        apply_rope_periodic(x.detach(), start, 16, 1e4)
     cos, sin = rope_angles(8, (start + torch.arange(T)) % 16)
     want = apply_rope(x.transpose(1, 2), cos, sin, interleaved=True).transpose(1, 2)
     got = apply_rope_periodic(x, start, 16, 1e4)
