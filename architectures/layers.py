@@ -8,7 +8,7 @@ SwiGLU FFN without biases, RoPE with theta 1e4.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 
 import torch
@@ -172,12 +172,23 @@ def rope_angles(head_dim: int, positions: torch.Tensor, theta: float = 1e4):
     return angles.cos(), angles.sin()
 
 
-@lru_cache(maxsize=32)
-def _rope_period(head_dim: int, period: int, theta: float, device: torch.device):
-    """rope_angles at positions 0 .. period - 1, computed once per (shape, device). Built outside inference mode,
+def constant_table(make):
+    """`make`'s tensors made once per arguments (an lru_cache: cache_clear, cache_info) and outside inference mode,
     so a table first made while generating can still be saved for a backward later."""
-    with torch.inference_mode(False), torch.no_grad():
-        return rope_angles(head_dim, torch.arange(period, device=device), theta)
+
+    @lru_cache(maxsize=32)
+    @wraps(make)
+    def made(*args):
+        with torch.inference_mode(False), torch.no_grad():
+            return make(*args)
+
+    return made
+
+
+@constant_table
+def _rope_period(head_dim: int, period: int, theta: float, device: torch.device):
+    """rope_angles at positions 0 .. period - 1, computed once per (shape, device)."""
+    return rope_angles(head_dim, torch.arange(period, device=device), theta)
 
 
 def rope_angles_periodic(head_dim: int, start: int, T: int, period: int, theta: float, device):
@@ -194,12 +205,10 @@ def rope_angles_periodic(head_dim: int, start: int, T: int, period: int, theta: 
     return cos[pos], sin[pos]
 
 
-@lru_cache(maxsize=32)
+@constant_table
 def _rope_period_rotations(head_dim: int, period: int, theta: float, device: torch.device) -> torch.Tensor:
-    """cos + i sin of _rope_period's angles: (period, head_dim // 2) complex64, built as _rope_period is."""
-    cos, sin = _rope_period(head_dim, period, theta, device)
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.complex(cos, sin)
+    """cos + i sin of _rope_period's angles: (period, head_dim // 2) complex64."""
+    return torch.complex(*_rope_period(head_dim, period, theta, device))
 
 
 def apply_rope_periodic(x: torch.Tensor, start: int, period: int, theta: float) -> torch.Tensor:

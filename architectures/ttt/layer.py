@@ -44,14 +44,13 @@ Triton kernels, cpp and scan do not apply (auto and torch: dual).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.config import ModelConfig
-from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope_periodic, keep_state
+from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope_periodic, constant_table, keep_state
 from architectures.backends import BackendUnavailable, resolve, runs, triton_interpreting, triton_unavailable
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt import cpu_scan
@@ -124,12 +123,11 @@ def ttt_flags(cfg: ModelConfig) -> dict[str, bool]:
     return flags
 
 
-@lru_cache(maxsize=32)
+@constant_table
 def _inverse_positions(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """1/i for i = 1..b, (b,): made once per (b, dtype, device), outside inference mode (as layers._rope_period), so
-    a layer's every call (a decode step's too) adds delta to it instead of building it again in three ops."""
-    with torch.inference_mode(False), torch.no_grad():
-        return 1.0 / torch.arange(1, b + 1, device=device, dtype=dtype)
+    """1/i for i = 1..b, (b,), made once per (b, dtype, device): a layer's every call (a decode step's too) adds
+    delta to it instead of building it again in three ops."""
+    return 1.0 / torch.arange(1, b + 1, device=device, dtype=dtype)
 
 
 class TTTCache:
