@@ -25,10 +25,10 @@ class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (F.rms_norm: one fused kernel each way on
     CUDA, where the formula written out is about eight forward and ten backward; the same numbers on CPU).
 
-    With `cpp` set (by a block whose backend is cpp, as its convs), an fp32 CPU forward without a gradient (a
-    prefill, a decode step) is one C++ pass (rms_norm.cpp) instead of F.rms_norm's six ops on CPU, most of them a
-    fixed cost per call at a prefill of 1k tokens and all of it at a decode step; tests/test_mamba.py checks it
-    against F.rms_norm."""
+    With `cpp` set (by a block whose backend is cpp, as its convs), an fp32 CPU forward outside torch.compile is
+    one C++ pass (rms_norm.cpp) instead of F.rms_norm's six ops on CPU, and with a gradient its
+    backward is one more (_RMSNormCpp) instead of about ten: most of their cost is fixed per call at 1k tokens, and
+    at a decode step all of it. tests/test_mamba.py checks both against F.rms_norm."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -38,19 +38,45 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.cpp and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling()):
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _RMSNormCpp.apply(x, self.weight, self.eps)
             return _rms_norm_cpp(x, self.weight, self.eps)
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 def _rms_norm_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over x's last dim in one C++ pass (no gradient): x (..., d) fp32 on CPU."""
+    """RMSNorm over x's last dim in one C++ pass (no gradient): x (..., d) fp32 (or fp64, the tests') on CPU."""
     x = x.contiguous()
     y = torch.empty_like(x)
     d = x.shape[-1]
     NORM_KERNEL.call("rms_norm_forward", x.dtype, x, weight.contiguous(), y, x.numel() // d, d, float(eps),
                      torch.get_num_threads())
     return y
+
+
+class _RMSNormCpp(torch.autograd.Function):
+    """RMSNorm with a gradient in C++ (rms_norm.cpp): one pass forward, one backward, which recomputes each row's
+    1 / rms rather than keeping it. x (..., d), weight (d,)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x, weight = x.contiguous(), weight.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        with torch.no_grad():
+            return _rms_norm_cpp(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        d = x.shape[-1]
+        rows = x.numel() // d
+        dx = torch.empty_like(x)
+        partial = x.new_empty(-(-rows // NORM_KERNEL.constant("rms_norm_rows_per_job")), d)  # per job: dw
+        NORM_KERNEL.call("rms_norm_backward", x.dtype, x, weight, dy.contiguous(), dx, partial, rows, d,
+                         float(ctx.eps), torch.get_num_threads())
+        return dx, partial.sum(0), None
 
 
 class SwiGLU(nn.Module):
@@ -102,7 +128,9 @@ class CausalConv(nn.Module):
         if T > 1 and self.cpp and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
             state = None if state is None else state.to(x.dtype)
             new_state = (x[:, T - k + 1:] if T >= k - 1 else torch.cat([_or_zeros(state, x, k), x], 1)[:, T:]).clone()
-            return _CausalConvCpp.apply(x, state, w, self.bias.to(x.dtype)), new_state
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w, self.bias)):
+                return _CausalConvCpp.apply(x, state, w, self.bias.to(x.dtype)), new_state
+            return _causal_conv_cpp(x, state, w, self.bias.to(x.dtype)), new_state  # no autograd node to record
         xp = F.pad(x, (0, 0, k - 1, 0)) if state is None else torch.cat([state.to(x.dtype), x], dim=1)
         if T == 1:  # a decode step: one weighted sum over the window (B, k, C), 3 ops instead of k + 1
             return (xp * w.t()).sum(1, keepdim=True) + self.bias.to(x.dtype), xp[:, 1:]
@@ -123,6 +151,18 @@ def _or_zeros(state: torch.Tensor | None, x: torch.Tensor, k: int) -> torch.Tens
     return state if state is not None else x.new_zeros(x.shape[0], k - 1, x.shape[2])
 
 
+def _causal_conv_cpp(x: torch.Tensor, state: torch.Tensor | None, weight: torch.Tensor,
+                     bias: torch.Tensor) -> torch.Tensor:
+    """causal_conv.cpp's forward (no gradient): x (B, T, C); state (B, k - 1, C) or None (zeros); weight (C, k); bias
+    (C,) -> y (B, T, C)."""
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    state = None if state is None else state.contiguous()
+    (B, T, C), k = x.shape, weight.shape[1]
+    y = torch.empty_like(x)
+    CONV_KERNEL.call("causal_conv_forward", x.dtype, x, state, weight, bias, y, B, T, C, k, torch.get_num_threads())
+    return y
+
+
 class _CausalConvCpp(torch.autograd.Function):
     """CausalConv over T > 1 tokens in C++ (causal_conv.cpp), for the layers whose backend is cpp: one pass over
     the sequence forward and one backward, where the k shifted multiply-adds and autograd's backward of them (a
@@ -139,12 +179,8 @@ class _CausalConvCpp(torch.autograd.Function):
         -> y (B, T, C)."""
         x, weight = x.contiguous(), weight.contiguous()
         state = None if state is None else state.contiguous()
-        (B, T, C), k = x.shape, weight.shape[1]
-        y = torch.empty_like(x)
-        CONV_KERNEL.call("causal_conv_forward", x.dtype, x, state, weight, bias.contiguous(), y, B, T, C, k,
-                         torch.get_num_threads())
         ctx.save_for_backward(x, state, weight)
-        return y
+        return _causal_conv_cpp(x, state, weight, bias)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -186,7 +222,7 @@ def constant_table(make):
 
 
 @constant_table
-def _rope_period(head_dim: int, period: int, theta: float, device: torch.device):
+def rope_period(head_dim: int, period: int, theta: float, device: torch.device):
     """rope_angles at positions 0 .. period - 1, computed once per (shape, device)."""
     return rope_angles(head_dim, torch.arange(period, device=device), theta)
 
@@ -198,7 +234,7 @@ def rope_angles_periodic(head_dim: int, start: int, T: int, period: int, theta: 
     s = start % period
     if torch.compiler.is_compiling():
         return rope_angles(head_dim, (s + torch.arange(T, device=device)) % period, theta)
-    cos, sin = _rope_period(head_dim, period, float(theta), torch.device(device))
+    cos, sin = rope_period(head_dim, period, float(theta), torch.device(device))
     if s + T <= period:
         return cos[s:s + T], sin[s:s + T]
     pos = (s + torch.arange(T, device=cos.device)) % period
@@ -207,8 +243,8 @@ def rope_angles_periodic(head_dim: int, start: int, T: int, period: int, theta: 
 
 @constant_table
 def _rope_period_rotations(head_dim: int, period: int, theta: float, device: torch.device) -> torch.Tensor:
-    """cos + i sin of _rope_period's angles: (period, head_dim // 2) complex64."""
-    return torch.complex(*_rope_period(head_dim, period, theta, device))
+    """cos + i sin of rope_period's angles: (period, head_dim // 2) complex64."""
+    return torch.complex(*rope_period(head_dim, period, theta, device))
 
 
 def apply_rope_periodic(x: torch.Tensor, start: int, period: int, theta: float) -> torch.Tensor:

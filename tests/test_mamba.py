@@ -392,10 +392,10 @@ def test_the_convs_and_norms_run_in_cpp_exactly_where_the_layers_backend_is_cpp(
 
 
 @pytest.mark.parametrize("shape", [(2, 600, 70), (1, 1, 64), (3, 5, 8)])
-def test_cpp_rms_norm_equals_f_rms_norm_without_a_gradient(shape, monkeypatch):
-    """RMSNorm with `cpp` set (layers._rms_norm_cpp, rms_norm.cpp) in fp32 without a gradient equals F.rms_norm
-    (600 rows: several jobs of 256, the last one short; one row: a decode step). With a gradient, or in fp64, the
-    PyTorch ops run, so training and the fp64 checks see F.rms_norm's numbers and gradients."""
+def test_cpp_rms_norm_equals_f_rms_norm(shape, monkeypatch):
+    """RMSNorm with `cpp` set (rms_norm.cpp) in fp32 equals F.rms_norm (600 rows: several jobs of 256, the last one
+    short; one row: a decode step): without a gradient one C++ forward (layers._rms_norm_cpp), with one the C++
+    forward and backward (layers._RMSNormCpp), its gradients those of F.rms_norm. In fp64 the PyTorch ops run."""
     import architectures.layers as layers
 
     calls, cpp = [], layers._rms_norm_cpp
@@ -410,12 +410,32 @@ def test_cpp_rms_norm_equals_f_rms_norm_without_a_gradient(shape, monkeypatch):
     assert calls == [shape]
     want = torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
     torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+    y = norm(x)
+    assert type(y.grad_fn).__name__ == "_RMSNormCppBackward" and calls == [shape, shape]
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
     dy = torch.randn(*shape, generator=g)
-    grads = [torch.autograd.grad(y, (x, norm.weight), dy) for y in (norm(x), want)]
-    torch.testing.assert_close(grads[0], grads[1])
+    grads = [torch.autograd.grad(out, (x, norm.weight), dy) for out in (y, want)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         norm.double()(x.double())
-    assert calls == [shape]
+    assert calls == [shape, shape]
+
+
+@pytest.mark.parametrize("shape", [(2, 600, 70), (1, 1, 64), (3, 5, 8)])
+def test_cpp_rms_norm_backward_equals_autograd_in_fp64(shape):
+    """rms_norm.cpp's backward (layers._RMSNormCpp, dx and the per-job partial sums of dw) against autograd through
+    F.rms_norm in fp64, to rounding."""
+    from architectures.layers import _RMSNormCpp
+
+    g = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(shape[-1], generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    got = _RMSNormCpp.apply(x, w, 1e-6)
+    want = torch.nn.functional.rms_norm(x, w.shape, w, 1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (x, w), dy), torch.autograd.grad(want, (x, w), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 MODELS = [("mamba", "torch"), ("mamba", "cpp"), ("mamba2", "torch"), ("mamba2", "cpp")]  # (arch, backend)

@@ -190,9 +190,9 @@ def test_periodic_rope_table_equals_the_angles_it_replaces(start, T):
     """TTT's RoPE restarts every mini-batch: the angles at (start + 0 .. T - 1) mod 16 come from one cached table
     (a slice inside a period, an index across its end), equal to rope_angles at those positions. A table first made
     in inference mode still goes into a graph that trains."""
-    from architectures.layers import _rope_period
+    from architectures.layers import rope_period
 
-    _rope_period.cache_clear()  # the table is made here, in inference mode
+    rope_period.cache_clear()  # the table is made here, in inference mode
     with torch.inference_mode():
         cos, sin = rope_angles_periodic(8, start, T, 16, 1e4, "cpu")
     want_cos, want_sin = rope_angles(8, (start + torch.arange(T)) % 16)
@@ -210,10 +210,10 @@ def test_periodic_rope_equals_apply_rope_with_the_periodic_angles(start, T, dtyp
     0, 16) rotate every period by one table, the rest (an offset, a trailing part, a decode step) take the angles
     path; both equal apply_rope on the head-major layout with rope_angles at (start + t) mod 16, and so does the
     gradient through them, from a table first made in inference mode (a prefill before training)."""
-    from architectures.layers import _rope_period, _rope_period_rotations, apply_rope_periodic
+    from architectures.layers import rope_period, _rope_period_rotations, apply_rope_periodic
 
     x = torch.randn(2, T, 3, 8, dtype=dtype, requires_grad=True)  # (B, T, H, f)
-    _rope_period.cache_clear()
+    rope_period.cache_clear()
     _rope_period_rotations.cache_clear()
     with torch.inference_mode():
         apply_rope_periodic(x.detach(), start, 16, 1e4)
@@ -234,19 +234,19 @@ def test_periodic_rope_under_torch_compile_computes_the_angles_in_the_graph():
     no trace of the table's cache, whose wrapper dynamo would warn about on every compile), and equal eager's."""
     import warnings
 
-    from architectures.layers import _rope_period
+    from architectures.layers import rope_period
 
     def rotate(x, seen: int):
         cos, sin = rope_angles_periodic(8, seen, x.shape[2], 16, 1e4, x.device)
         return apply_rope(x, cos, sin, interleaved=True)
 
-    _rope_period.cache_clear()
+    rope_period.cache_clear()
     x = torch.randn(1, 2, 40, 8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y = torch.compile(rotate, fullgraph=True)(x, 3)
     assert not [w for w in caught if "lru_cache" in str(w.message)]
-    assert _rope_period.cache_info().currsize == 0
+    assert rope_period.cache_info().currsize == 0
     torch.testing.assert_close(y, rotate(x, 3), rtol=1e-6, atol=1e-6)
 
 

@@ -629,6 +629,89 @@ def test_cpp_mlp_inference_in_fp32_stays_at_fp32_rounding():
         torch.testing.assert_close(new.params[n].double(), new64.params[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
+def _rotated(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """The interleaved RoPE of x (B, H, T, f) by angles (T, f/2), in x's own precision (fp64 here: the layer's RoPE
+    rotates in fp32)."""
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+@pytest.mark.parametrize("f", [8, 12])
+def test_cpp_inference_rotates_q_and_k_and_computes_the_key_factor(inner, f):
+    """With RoPE tables and a Gate (what the layer's prefill passes, TTTLayer._cpp_inference), cpu_scan.infer and
+    infer_mlp rotate q and k by the angles of positions 0 .. c - 1 of every mini-batch and compute a = scale *
+    sigmoid(x theta^T + bias) in C++: outputs and final weights equal those of the same call given q, k rotated
+    beforehand and a itself, in fp64 (3 mini-batches, a batch of 2 over a broadcast initial state, q, k, v and x laid
+    out as the layer's projections and input are)."""
+    from architectures.ttt import cpu_scan
+
+    B, H, T, c = 2, 2, 48, 16
+    d = H * f
+    q, k, v, _, tok, ln_w, ln_b = random_inputs(B, H, T, f, F64, seed=3)
+    q, k, v = _laid_out_as_the_layer(q, k, v)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, T, d, generator=g, dtype=F64)
+    theta, bias = 0.3 * torch.randn(H, d, generator=g, dtype=F64), torch.randn(H, generator=g, dtype=F64)
+    scale = 0.7 / f
+    a = (scale * torch.sigmoid(x @ theta.T + bias)).transpose(1, 2)  # (B, H, T): TTTLayer.key_factor's formula
+    angles = torch.arange(c, dtype=F64)[:, None] * 1e4 ** (-torch.arange(0, f, 2, dtype=F64) / f)  # (c, f/2)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    every = angles.repeat(T // c, 1)  # (T, f/2): the RoPE restarts every mini-batch
+    init = {n: (p if p.dim() == 3 else p[:, None, :])[None] for n, p in initial(inner, H, f, F64).items()}
+    with torch.no_grad():
+        if inner == "linear":
+            run = lambda *args, **kw: cpu_scan.infer(*args, tok, ln_w, ln_b, init["W"], init["b"], **kw)
+            out, *after = run(q, k, v, cpu_scan.Gate(x, theta, bias, scale), rope=(cos, sin))
+            want, *want_after = run(_rotated(q, every), _rotated(k, every), v, a)
+        else:
+            out, after = cpu_scan.infer_mlp(q, k, v, cpu_scan.Gate(x, theta, bias, scale), tok, ln_w, ln_b, init,
+                                            rope=(cos, sin))
+            want, want_after = cpu_scan.infer_mlp(_rotated(q, every), _rotated(k, every), v, a, tok, ln_w, ln_b, init)
+            after, want_after = list(after.values()), list(want_after.values())
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(after, want_after):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cpp_prefill_equals_the_layers_step_by_step_path(arch, monkeypatch):
+    """A prefill of whole mini-batches under backend=cpp takes TTTLayer._cpp_inference (the RoPE, the key factor and
+    the inner loop in one C++ call): in fp32 its logits, and those of the decode steps that continue its cache, equal
+    the same model's with the RoPE, the key factor and the loop run one by one (_inner_loop), every arch. Decode
+    steps, a prefill of 20 tokens and one that continues a cache mid mini-batch take _inner_loop."""
+    inner, backbone = ARCHS[arch]
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch, 61, 32, 2, 2, 48, 128, options={"inner": inner, "backbone": backbone, "mini_batch": 16,
+                                                           "backend": "cpp"})
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # the lr gate's bias, the token offsets and W0 off their init: every input matters
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] in ("bias", "token_offset", "W", "b", "W1", "W2"):
+                p.add_(0.1 * torch.randn_like(p))
+    idx = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1))
+    applies, taken = TTTLayer._cpp_inference_applies, []
+    monkeypatch.setattr(TTTLayer, "_cpp_inference_applies", lambda *args: taken.append(applies(*args)) or taken[-1])
+
+    def prefill_then_decode():
+        state = model.new_state(2, 64)
+        with torch.no_grad():
+            return torch.cat([model(idx[:, :32], state)] + [model(idx[:, t:t + 1], state) for t in range(32, 37)], 1)
+
+    got = prefill_then_decode()
+    assert taken == [True, True] + [False] * 10, taken  # the prefill's two layers; not the five decode steps'
+    monkeypatch.setattr(TTTLayer, "_cpp_inference_applies", lambda *args: False)
+    torch.testing.assert_close(got, prefill_then_decode(), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(TTTLayer, "_cpp_inference_applies", lambda *args: taken.append(applies(*args)) or taken[-1])
+    taken.clear()
+    with torch.no_grad():
+        model(idx[:, :20], model.new_state(2, 64))  # 20 tokens: a trailing partial mini-batch
+        state = model.new_state(2, 64)
+        model(idx[:, :5], state)
+        model(idx[:, 5:21], state)  # 16 tokens from the middle of a mini-batch
+    assert not any(taken), taken
+
+
 def test_cpp_inference_leaves_the_initial_weights_alone():
     """The C++ call updates its weights in place: a copy of them, never the layer's W0, b0 (B = 1 and a broadcast
     W0 make expand() + contiguous() a no-op view)."""

@@ -247,22 +247,63 @@ struct Rows {
   int64_t at(int64_t j, int64_t H, int64_t t) const { return (j / H) * batch + (j % H) * head + t * token; }
 };
 
-// One mini-batch's c rows of q, k and the target t = v - k, and its a, copied contiguous for the products.
+// What inference reads for a mini-batch's rows: q, k, v where they lie (Rows); the key factor a (B, H, T) where it
+// lies, or, with x non-null, computed from the layer's input as the layer's lr gate does,
+//   a_t = a_scale sigmoid(x_t . theta_h + gate_bias_h),   x (B, T, d) at strides x_b, x_t (1 along d), theta (H, d);
+// and, with cos non-null, q and k rotated here by the interleaved RoPE at positions 0 .. c - 1 of every mini-batch
+// (TTT's RoPE restarts every mini-batch): cos, sin (c, f / 2), pair p of row r rotated by angle (r, p). Else q and k
+// come rotated already.
+template <typename T>
+struct InferInputs {
+  const T *q, *k, *v;
+  Rows qkv;
+  const T* ab;
+  Rows ar;
+  const T *x, *theta, *gate_bias;
+  int64_t x_b, x_t, d;
+  T a_scale;
+  const T *cos, *sin;
+};
+
+// (x0, x1) pairs of a row rotated by the angles of one RoPE row: out_2p + i out_2p+1 = (x_2p + i x_2p+1)(cos + i sin)
+template <typename T>
+inline void rotate_pairs(const T* __restrict x, const T* __restrict cos, const T* __restrict sin, T* __restrict out,
+                         int64_t f) {
+#pragma omp simd
+  for (int64_t p = 0; p < f / 2; p++) {
+    const T x0 = x[2 * p], x1 = x[2 * p + 1];
+    out[2 * p] = x0 * cos[p] - x1 * sin[p];
+    out[2 * p + 1] = x0 * sin[p] + x1 * cos[p];
+  }
+}
+
+// One mini-batch's c rows of q, k (rotated where InferInputs says so), the target t = v - k and its a, copied
+// contiguous for the products.
 template <typename T>
 struct MiniBatchRows {
   std::vector<T> Q, K, t, a;
   MiniBatchRows(int64_t c, int64_t f) : Q(c * f), K(c * f), t(c * f), a(c) {}
-  void gather(const T* q, const T* k, const T* v, const Rows& qkv, const T* ab, const Rows& ar, int64_t j, int64_t H,
-              int64_t t0, int64_t c, int64_t f) {
+  void gather(const InferInputs<T>& in, int64_t j, int64_t H, int64_t t0, int64_t c, int64_t f) {
+    const int64_t b = j / H, h = j % H;
     for (int64_t row = 0; row < c; row++) {
-      const int64_t at = qkv.at(j, H, t0 + row);
-      std::copy(q + at, q + at + f, Q.data() + row * f);
-      std::copy(k + at, k + at + f, K.data() + row * f);
-      T* tr = t.data() + row * f;
-      const T *vr = v + at, *kr = k + at;
+      const int64_t at = in.qkv.at(j, H, t0 + row);
+      T *Qr = Q.data() + row * f, *Kr = K.data() + row * f, *tr = t.data() + row * f;
+      if (in.cos) {
+        rotate_pairs(in.q + at, in.cos + row * (f / 2), in.sin + row * (f / 2), Qr, f);
+        rotate_pairs(in.k + at, in.cos + row * (f / 2), in.sin + row * (f / 2), Kr, f);
+      } else {
+        std::copy(in.q + at, in.q + at + f, Qr);
+        std::copy(in.k + at, in.k + at + f, Kr);
+      }
+      const T* vr = in.v + at;
 #pragma omp simd
-      for (int64_t col = 0; col < f; col++) tr[col] = vr[col] - kr[col];
-      a[row] = ab[ar.at(j, H, t0 + row)];
+      for (int64_t col = 0; col < f; col++) tr[col] = vr[col] - Kr[col];
+      if (in.x) {
+        const T logit = dot(in.x + b * in.x_b + (t0 + row) * in.x_t, in.theta + h * in.d, in.d) + in.gate_bias[h];
+        a[row] = in.a_scale / (T(1) + std::exp(-logit));
+      } else {
+        a[row] = in.ab[in.ar.at(j, H, t0 + row)];
+      }
     }
   }
 };
@@ -275,21 +316,21 @@ void scatter_rows(const T* block, T* out, const Rows& outr, int64_t j, int64_t H
 }
 
 // Inference (no gradient): the whole layer-side inner loop of one (sequence, head) over its n whole mini-batches:
-// q, k, v, out (B, H, n c, f) and a (B, H, n c) where they lie (Rows); tok (c); gamma, beta (H, f); W (BH, f, f)
-// and b (BH, f) from the initial weights to the final ones, in place. Besides forward_job's math it forms the
-// target t = v - k, builds M = tril(tok a^T) * (Q K^T + 1) (dual._lr_matrices) and applies the LN and the residual
-// after the loop (out = Q + gamma LN(Zbar) + beta, dual.ttt_dual), and keeps no per-mini-batch states.
+// q, k, v, out (B, H, n c, f) and a where they lie, or a from x, and q, k rotated here or before (InferInputs);
+// tok (c); gamma, beta (H, f); W (BH, f, f) and b (BH, f) from the initial weights to the final ones, in place.
+// Besides forward_job's math it forms the target t = v - k, builds M = tril(tok a^T) * (Q K^T + 1)
+// (dual._lr_matrices) and applies the LN and the residual after the loop (out = Q + gamma LN(Zbar) + beta,
+// dual.ttt_dual), and keeps no per-mini-batch states.
 template <typename T>
-void infer_job(const T* q, const T* k, const T* v, const Rows& qkv, const T* ab, const Rows& ar, const T* tok,
-               const T* gam, const T* bet, T* W, T* bias, T* out, const Rows& outr, int64_t n, int64_t H, int64_t c,
-               int64_t f, int64_t j) {
+void infer_job(const InferInputs<T>& src, const T* tok, const T* gam, const T* bet, T* W, T* bias, T* out,
+               const Rows& outr, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
   MiniBatchRows<T> in(c, f);
   std::vector<T> Zk(c * f), zbar(c * f), G(c * f), zhat(c * f), r(c), gx(f), M(c * c), aG(c * f);
   const T *g = gam + (j % H) * f, *be = bet + (j % H) * f, tok_c = tok[c - 1];
   const T *K = in.K.data(), *Q = in.Q.data(), *t = in.t.data(), *a = in.a.data();
   T *Wj = W + j * f * f, *bj = bias + j * f, *zb = zbar.data();  // Zbar, then the output in place
   for (int64_t i = 0; i < n; i++) {
-    in.gather(q, k, v, qkv, ab, ar, j, H, i * c, c, f);
+    in.gather(src, j, H, i * c, c, f);
     for (int64_t row = 0; row < c; row++) {
       std::copy(bj, bj + f, Zk.data() + row * f);
       std::copy(bj, bj + f, zb + row * f);
@@ -492,19 +533,18 @@ void mlp_piece(const T* Q, const T* K, const T* t, const T* a, const T* tok, T t
 }
 
 // TTT-MLP over the n whole mini-batches of one (sequence, head), read and written where they lie as infer_job:
-// q, k, v, out (B, H, n c, f), a (B, H, n c); the weights W1 (BH, f, h), b1 (BH, h), W2 (BH, h, f), b2 (BH, f) from
-// the initial ones to the final ones, in place.
+// q, k, v, out (B, H, n c, f), a (B, H, n c) or from x (InferInputs); the weights W1 (BH, f, h), b1 (BH, h),
+// W2 (BH, h, f), b2 (BH, f) from the initial ones to the final ones, in place.
 template <typename T>
-void mlp_infer_job(const T* q, const T* k, const T* v, const Rows& qkv, const T* ab, const Rows& ar, const T* tok,
-                   const T* gam, const T* bet, T* W1, T* b1, T* W2, T* b2, T* out, const Rows& outr, int64_t n,
-                   int64_t H, int64_t c, int64_t f, int64_t j) {
+void mlp_infer_job(const InferInputs<T>& src, const T* tok, const T* gam, const T* bet, T* W1, T* b1, T* W2, T* b2,
+                   T* out, const Rows& outr, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
   const int64_t h = 4 * f;
   MlpForward<T> s(c, f);
   MiniBatchRows<T> in(c, f);
   std::vector<T> A1(f * h), Ab1(h), A2(h * f), Ab2(f), o(c * f);
   const T *g = gam + (j % H) * f, *be = bet + (j % H) * f;
   for (int64_t i = 0; i < n; i++) {
-    in.gather(q, k, v, qkv, ab, ar, j, H, i * c, c, f);
+    in.gather(src, j, H, i * c, c, f);
     mlp_piece<T>(in.Q.data(), in.K.data(), in.t.data(), in.a.data(), tok, tok[c - 1], g, be, W1 + j * f * h,
                  b1 + j * h, W2 + j * h * f, b2 + j * f, A1.data(), Ab1.data(), A2.data(), Ab2.data(), false, true,
                  o.data(), c, f, s);
@@ -683,6 +723,19 @@ void mlp_backward_job(const T* q, const T* k, const T* tb, const T* ab, const T*
 
 }  // namespace
 
+// The inference entry points' first arguments, InferInputs' fields in order (cpu_scan.py's _infer_inputs): q, k, v
+// and their (batch, head, token) strides; a and its strides (null: from x); x, its (batch, token) strides and d,
+// theta, the gate's bias and a_scale; the RoPE tables cos, sin (null: q, k rotated already).
+#define INFER_INPUTS_ARGS(T)                                                                                   \
+  const T *q, const T *k, const T *v, int64_t qkv_b, int64_t qkv_h, int64_t qkv_t, const T *ab, int64_t a_b,   \
+      int64_t a_h, int64_t a_t, const T *x, int64_t x_b, int64_t x_t, int64_t d, const T *theta,             \
+      const T *gate_bias, double a_scale, const T *cos, const T *sin
+#define INFER_INPUTS(T)                                                                                        \
+  InferInputs<T> {                                                                                             \
+    q, k, v, Rows{qkv_b, qkv_h, qkv_t}, ab, Rows{a_b, a_h, a_t}, x, theta, gate_bias, x_b, x_t, d, T(a_scale), \
+        cos, sin                                                                                               \
+  }
+
 extern "C" {
 #define TTT_SCAN_ENTRY_POINTS(T, suffix)                                                                         \
   void ttt_linear_scan_forward_##suffix(const T* kq, const T* tb, const T* ab, const T* Mb, const T* gam,        \
@@ -704,15 +757,12 @@ extern "C" {
                       dtok, dgam, dbet, d, j);                                                                   \
     });                                                                                                          \
   }                                                                                                              \
-  void ttt_linear_scan_infer_##suffix(const T* q, const T* k, const T* v, int64_t qkv_b, int64_t qkv_h,          \
-                                      int64_t qkv_t, const T* ab, int64_t a_b, int64_t a_h, int64_t a_t,         \
-                                      const T* tok, const T* gam, const T* bet, T* W, T* b, T* out, int64_t out_b, \
-                                      int64_t out_h, int64_t out_t, int64_t n, int64_t BH, int64_t H, int64_t c, \
-                                      int64_t f, int64_t threads) {                                              \
-    const Rows qkv{qkv_b, qkv_h, qkv_t}, ar{a_b, a_h, a_t}, outr{out_b, out_h, out_t};                           \
-    parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
-      infer_job<T>(q, k, v, qkv, ab, ar, tok, gam, bet, W, b, out, outr, n, H, c, f, j);                         \
-    });                                                                                                          \
+  void ttt_linear_scan_infer_##suffix(INFER_INPUTS_ARGS(T), const T* tok, const T* gam, const T* bet, T* W, T* b,  \
+                                      T* out, int64_t out_b, int64_t out_h, int64_t out_t, int64_t n, int64_t BH, \
+                                      int64_t H, int64_t c, int64_t f, int64_t threads) {                        \
+    const InferInputs<T> src = INFER_INPUTS(T);                                                                  \
+    const Rows outr{out_b, out_h, out_t};                                                                        \
+    parallel_jobs(BH, threads, [&](int64_t j) { infer_job<T>(src, tok, gam, bet, W, b, out, outr, n, H, c, f, j); }); \
   }                                                                                                              \
   void ttt_linear_scan_decode_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok,           \
                                        double tok_last, const T* gam, const T* bet, const T* W, const T* b,      \
@@ -723,14 +773,13 @@ extern "C" {
                     H, f, j);                                                                                    \
     });                                                                                                          \
   }                                                                                                              \
-  void ttt_mlp_infer_##suffix(const T* q, const T* k, const T* v, int64_t qkv_b, int64_t qkv_h, int64_t qkv_t,   \
-                              const T* ab, int64_t a_b, int64_t a_h, int64_t a_t, const T* tok, const T* gam,    \
-                              const T* bet, T* W1, T* b1, T* W2, T* b2, T* out, int64_t out_b, int64_t out_h,     \
-                              int64_t out_t, int64_t n, int64_t BH, int64_t H, int64_t c, int64_t f,              \
-                              int64_t threads) {                                                                 \
-    const Rows qkv{qkv_b, qkv_h, qkv_t}, ar{a_b, a_h, a_t}, outr{out_b, out_h, out_t};                           \
+  void ttt_mlp_infer_##suffix(INFER_INPUTS_ARGS(T), const T* tok, const T* gam, const T* bet, T* W1, T* b1, T* W2, \
+                              T* b2, T* out, int64_t out_b, int64_t out_h, int64_t out_t, int64_t n, int64_t BH,  \
+                              int64_t H, int64_t c, int64_t f, int64_t threads) {                                \
+    const InferInputs<T> src = INFER_INPUTS(T);                                                                  \
+    const Rows outr{out_b, out_h, out_t};                                                                        \
     parallel_jobs(BH, threads, [&](int64_t j) {                                                                  \
-      mlp_infer_job<T>(q, k, v, qkv, ab, ar, tok, gam, bet, W1, b1, W2, b2, out, outr, n, H, c, f, j);           \
+      mlp_infer_job<T>(src, tok, gam, bet, W1, b1, W2, b2, out, outr, n, H, c, f, j);                            \
     });                                                                                                          \
   }                                                                                                              \
   void ttt_mlp_decode_##suffix(const T* q, const T* k, const T* tb, const T* ab, const T* tok, double tok_last,  \

@@ -24,6 +24,7 @@ checked against autograd through the dual form in fp64 and fp32.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -76,10 +77,33 @@ def _where_they_lie(dt, q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _strided_inputs(q, k, v, a) -> tuple:
-    """The first arguments of an inference call: q, k, v and their strides, a and its strides (cpu_scan.cpp's
-    Rows), each read where it lies: no contiguous copies of the layer's head-transposed tensors, no target v - k."""
-    return (Strided(q), Strided(k), Strided(v), *_rows(q), Strided(a), *_rows(a))
+class Gate(NamedTuple):
+    """The key factor's inputs, for inference to compute a = scale * sigmoid(x theta^T + bias) itself (the layer's lr
+    gate, layer.TTTLayer.key_factor) instead of reading a: x (B, T, d) with a unit stride along d, theta (H, d),
+    bias (H,), scale = base_lr / f."""
+    x: torch.Tensor
+    theta: torch.Tensor
+    bias: torch.Tensor
+    scale: float
+
+
+def _infer_inputs(dt, q, k, v, a: torch.Tensor | Gate, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
+    """The first arguments of an inference call (cpu_scan.cpp's INFER_INPUTS_ARGS), each read where it lies: q, k, v
+    and their strides (Rows; no contiguous copies of the layer's head-transposed tensors, no target v - k); a and
+    its strides, or null and the Gate's x, its strides, theta, bias and scale; the RoPE tables cos, sin (c, f/2) that
+    rotate q and k in the kernel, or null (rotated already)."""
+    q, k, v = _where_they_lie(dt, q, k, v)
+    if isinstance(a, Gate):
+        x = a.x.to(dt)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        given = (None, 0, 0, 0, Strided(x), x.stride(0), x.stride(1), x.shape[-1], *_as(dt, a.theta, a.bias),
+                 float(a.scale))
+    else:
+        a = a.to(dt)
+        given = (Strided(a), *_rows(a), None, 0, 0, 0, None, None, 0.0)
+    cos_sin = tuple(_as(dt, *rope)) if rope is not None else (None, None)
+    return (Strided(q), Strided(k), Strided(v), *_rows(q), *given, *cos_sin)
 
 
 def _output(B: int, H: int, T: int, f: int, dt) -> torch.Tensor:
@@ -88,22 +112,24 @@ def _output(B: int, H: int, T: int, f: int, dt) -> torch.Tensor:
     return torch.empty(B, T, H, f, dtype=dt).transpose(1, 2)
 
 
-def infer(q, k, v, a, tok, gamma, beta, W0, b0):
+def infer(q, k, v, a, tok, gamma, beta, W0, b0, rope=None):
     """Inference over whole mini-batches (no gradient): the outputs q + LN(Zbar) and the weights after them, in one
     call that also forms the target v - k, builds M and applies the LN and the residual (dual.ttt_dual does these
-    around the loop when it trains). q, k, v (B, H, n c, f) and a (B, H, n c), read where they lie (the layer's
-    head-transposed views); tok (c,); gamma, beta (H, f); W0 (B|1, H, f, f); b0 (B|1, H, 1, f). Returns out (B, H,
-    n c, f), laid out (B, T, H, f), W (B, H, f, f), b (B, H, 1, f)."""
+    around the loop when it trains). q, k, v (B, H, n c, f) read where they lie (the layer's head-transposed views);
+    a (B, H, n c) where it lies, or a Gate that the kernel computes it from; rope: None (q, k rotated already), or
+    the tables cos, sin (c, f/2) of the positions 0 .. c - 1 of every mini-batch, which rotate q and k in the kernel
+    (layer.TTTLayer's RoPE, restarting every mini-batch); tok (c,); gamma, beta (H, f); W0 (B|1, H, f, f); b0 (B|1,
+    H, 1, f). Returns out (B, H, n c, f), laid out (B, T, H, f), W (B, H, f, f), b (B, H, 1, f)."""
     B, H, T, f = q.shape
     c = tok.shape[0]
     dt = q.dtype
-    q, k, v = _where_they_lie(dt, q, k, v)
-    a, tok, gamma, beta = a.to(dt), *_as(dt, tok, gamma, beta)
+    inputs = _infer_inputs(dt, q, k, v, a, rope)
+    tok, gamma, beta = _as(dt, tok, gamma, beta)
     W = W0.to(dt).expand(B, H, f, f).clone(memory_format=torch.contiguous_format)  # the kernel updates W, b in place
     b = b0.to(dt).expand(B, H, 1, f).clone(memory_format=torch.contiguous_format)
     out = _output(B, H, T, f, dt)
-    KERNEL.call("ttt_linear_scan_infer", dt, *_strided_inputs(q, k, v, a), tok, gamma, beta, W, b, Strided(out),
-                *_rows(out), T // c, B * H, H, c, f, torch.get_num_threads())
+    KERNEL.call("ttt_linear_scan_infer", dt, *inputs, tok, gamma, beta, W, b, Strided(out), *_rows(out), T // c, B * H,
+                H, c, f, torch.get_num_threads())
     return out, W, b
 
 
@@ -140,20 +166,21 @@ def _mlp_weights(params: dict, B: int, dt, copy: bool) -> list[torch.Tensor]:
     return [x.clone(memory_format=torch.contiguous_format) if copy else x.contiguous() for x in out]
 
 
-def infer_mlp(q, k, v, a, tok, gamma, beta, params: dict):
+def infer_mlp(q, k, v, a, tok, gamma, beta, params: dict, rope=None):
     """TTT-MLP's whole mini-batches without a gradient (f_res(x) = gelu(x W1 + b1) W2 + b2, dual._piece_mlp), the LN
-    and the residual included, as `infer` for TTT-Linear: q, k, v (B, H, n c, f) and a (B, H, n c) where they lie;
-    tok (c,); gamma, beta (H, f); params W1 (B|1, H, f, 4f), b1 (B|1, H, 1, 4f), W2 (B|1, H, 4f, f), b2 (B|1, H, 1,
-    f). Returns out (B, H, n c, f), laid out (B, T, H, f), and the weights after (B, H, ...), as a dict."""
+    and the residual included, as `infer` for TTT-Linear: q, k, v (B, H, n c, f) where they lie; a (B, H, n c) or a
+    Gate; rope None or (cos, sin); tok (c,); gamma, beta (H, f); params W1 (B|1, H, f, 4f), b1 (B|1, H, 1, 4f), W2
+    (B|1, H, 4f, f), b2 (B|1, H, 1, f). Returns out (B, H, n c, f), laid out (B, T, H, f), and the weights after (B,
+    H, ...), as a dict."""
     B, H, T, f = q.shape
     c = tok.shape[0]
     dt = q.dtype
-    q, k, v = _where_they_lie(dt, q, k, v)
-    a, tok, gamma, beta = a.to(dt), *_as(dt, tok, gamma, beta)
+    inputs = _infer_inputs(dt, q, k, v, a, rope)
+    tok, gamma, beta = _as(dt, tok, gamma, beta)
     weights = _mlp_weights(params, B, dt, copy=True)  # the kernel updates them in place
     out = _output(B, H, T, f, dt)
-    KERNEL.call("ttt_mlp_infer", dt, *_strided_inputs(q, k, v, a), tok, gamma, beta, *weights, Strided(out),
-                *_rows(out), T // c, B * H, H, c, f, torch.get_num_threads())
+    KERNEL.call("ttt_mlp_infer", dt, *inputs, tok, gamma, beta, *weights, Strided(out), *_rows(out), T // c, B * H, H,
+                c, f, torch.get_num_threads())
     return out, dict(zip(MLP, weights))
 
 

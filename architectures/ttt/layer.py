@@ -50,7 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.config import ModelConfig
-from architectures.layers import CausalConv, RMSNorm, SwiGLU, apply_rope_periodic, constant_table, keep_state
+from architectures.layers import (CausalConv, RMSNorm, SwiGLU, apply_rope_periodic, constant_table, keep_state,
+                                  rope_period)
 from architectures.backends import BackendUnavailable, resolve, runs, triton_interpreting, triton_unavailable
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt import cpu_scan
@@ -270,15 +271,54 @@ class TTTLayer(nn.Module):
             q, k = self.wq(x), self.wk(x)
         v = self.wv(x)
         q, k, v = (t.view(B, T, H, f) for t in (q, k, v))
-        q, k = (apply_rope_periodic(t, seen, self.mini_batch, self.rope_theta) for t in (q, k))  # RoPE restarts
-        #   every mini-batch
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, f)
-        z = self._inner_loop(q, k, v, self.key_factor(x), cache)  # (B, H, T, f)
+        if self._cpp_inference_applies(x, q, cache):
+            z = self._cpp_inference(x, q, k, v, cache)  # (B, H, T, f): the RoPE and the key factor in C++ too
+        else:
+            q, k = (apply_rope_periodic(t, seen, self.mini_batch, self.rope_theta) for t in (q, k))  # RoPE restarts
+            #   every mini-batch
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, f)
+            z = self._inner_loop(q, k, v, self.key_factor(x), cache)  # (B, H, T, f)
         z = z.to(x.dtype).transpose(1, 2).reshape(B, T, d)
         y = self.post_norm(z)
         if self.backbone == "mamba":
             y = y * F.gelu(self.wg(x), approximate="tanh")  # inner.gelu_tanh's formula, in one fused op each way
         return self.wo(y)
+
+    def _cpp_inference_applies(self, x: torch.Tensor, q: torch.Tensor, cache: TTTCache | None) -> bool:
+        """Whether _cpp_inference runs this call: backend cpp without a gradient, eagerly, on CPU tensors already in
+        the inner loop's dtype (no autocast), over whole mini-batches from a mini-batch's start (a prefill of a
+        multiple of b tokens). Else the RoPE, the key factor and the inner loop run one by one (_inner_loop)."""
+        if self.backend != "cpp" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        state = None if cache is None else cache.inner
+        B, T, d = x.shape
+        dt = torch.promote_types(self.post_norm.weight.dtype, torch.float32)
+        return (x.device.type == "cpu" and x.dtype == q.dtype == dt and T > 0 and T % self.mini_batch == 0
+                and (cache is None or cache.seen % self.mini_batch == 0)
+                and (state is None or (state.offset == 0 and not state.acc)))
+
+    def _cpp_inference(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cache: TTTCache | None) -> torch.Tensor:
+        """The RoPE of q and k, the key factor and the inner loop over whole mini-batches as one C++ call
+        (cpu_scan.infer, infer_mlp; where _cpp_inference_applies): at a prefill of 1k tokens the dozen ops they take
+        one by one cost more than their arithmetic. x (B, T, d) the layer's input, from which the kernel computes the
+        lr gate; q, k, v (B, T, H, f) as the projections make them (q and k not rotated). Returns (B, H, T, f)."""
+        dt = x.dtype
+        state = cache.inner if cache is not None and cache.inner is not None else self.initial_state(dt)
+        a = (cpu_scan.Gate(x, self.lr_gate.weight, self.lr_gate.bias, self.base_lr_now / self.head_dim)
+             if self.learnable_lr else self.key_factor(x))  # key_factor's a, from x in the kernel
+        rope = rope_period(self.head_dim, self.mini_batch, self.rope_theta, x.device)  # (b, f/2) each: positions
+        #   0 .. b - 1 of every mini-batch
+        tok, (gamma, beta) = self.token_factor().to(dt), self.inner_ln_params(dt)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, f) views
+        if self.inner == "linear":
+            out, W, b = cpu_scan.infer(q, k, v, a, tok, gamma, beta, state.params["W"], state.params["b"], rope)
+            weights = {"W": W, "b": b}
+        else:
+            out, weights = cpu_scan.infer_mlp(q, k, v, a, tok, gamma, beta, state.params, rope)
+        if cache is not None:
+            cache.inner = InnerState(weights)
+        return out
 
     def _inner_loop(self, q, k, v, a, cache: TTTCache | None) -> torch.Tensor:
         """The inner loop in fp32 (W and its accumulators stay fp32 under autocast)."""
