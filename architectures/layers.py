@@ -127,7 +127,7 @@ class CausalConv(nn.Module):
         w = self.weight.to(x.dtype)  # (C, k)
         if T > 1 and self.cpp and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
             state = None if state is None else state.to(x.dtype)
-            new_state = (x[:, T - k + 1:] if T >= k - 1 else torch.cat([_or_zeros(state, x, k), x], 1)[:, T:]).clone()
+            new_state = self.next_state(x, state)
             if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w, self.bias)):
                 return _CausalConvCpp.apply(x, state, w, self.bias.to(x.dtype)), new_state
             return _causal_conv_cpp(x, state, w, self.bias.to(x.dtype)), new_state  # no autograd node to record
@@ -139,6 +139,12 @@ class CausalConv(nn.Module):
         for j in range(k - 1):
             y = torch.addcmul(y, xp[:, j:j + T], w[:, j])
         return y, new_state
+
+    def next_state(self, x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """The decode state after x (B, T, C) following `state` (B, k - 1, C) or None (zeros): the last k - 1 inputs,
+        (B, k - 1, C), a tensor of its own."""
+        T, k = x.shape[1], self.width
+        return (x[:, T - k + 1:] if T >= k - 1 else torch.cat([_or_zeros(state, x, k), x], 1)[:, T:]).clone()
 
     def cuda_forward(self, x: torch.Tensor, conv_fn) -> torch.Tensor:
         """causal_conv1d with SiLU fused: x (B, T, C) -> silu(conv(x)) (B, T, C)."""

@@ -9,7 +9,11 @@ For each architecture and each context length T (doubling from 1k up to CTX):
             time_per_token_s = wall / T (the latency per position at the batch; the paper's figure)
   decode    single-token steps after that prompt, through each architecture's cache (KV cache, TTT
             state, conv + SSM state): time_per_token_s = wall per step
-  train     forward + backward of a batch of T tokens (next-token loss): time_per_token_s = wall / T
+  train     forward + backward of a micro-batch of B sequences of T tokens (next-token loss), B as `make sweep`
+            trains at T (sweep_micro_batch: the size's batch_tokens per step in micro-batches of at most
+            trainer.micro_batch; cpu-xs: 8 x 1k, 4 x 2k, 2 x 4k, 1 x 8k and longer; --train-batch fixes B):
+            time_per_token_s = wall / (B T). At one 1k sequence a cpu-xs step is mostly its fixed cost (some
+            900 ops forward and backward), which no sweep pays per 1k tokens
 tokens_per_s = batch x positions / wall in every mode. `make sweep` adds the trained model's prefill and
 decode tokens/s at its context (batch 1) to each run's summary (bench/latency.py). Peak memory: CUDA
 max_memory_allocated during the point; CPU the peak growth of the process's resident memory, sampled every 2 ms
@@ -52,7 +56,7 @@ from bench.latency import DECODE_ROOM, inference_model, measure_with_memory, pre
 from bench.results import atomic_write_text, device_name
 from bench.threads import ThreadGovernor, configure_compute_process, omp_wait
 from bench.timing import STEADY_WINDOW_S, Timing
-from bench.train import COMPILE_MODES, autocast_for, compile_for_training
+from bench.train import COMPILE_MODES, Plan, autocast_for, compile_for_training
 
 COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
            "device", "status", "precision", "threads", "repeats", "spread", "noisy", "warmup_calls", "settled", "graph",
@@ -83,6 +87,14 @@ def build(arch: str, size: str, ctx: int, match: str, device, vocab: int = BYTE_
     torch.manual_seed(0)
     model = architectures.build_model(cfg).to(device)
     return model, sized
+
+
+def sweep_micro_batch(arch: str, size: str, T: int, profile: str = "cpu", overrides: tuple[str, ...] = ()) -> int:
+    """The sequences of one forward + backward as `make sweep` trains (arch, size) at context T under the profile
+    (bench/train.py's Plan): the size's trainer.batch_tokens per step, at least one sequence, in micro-batches of at
+    most trainer.micro_batch."""
+    cfg = compose([f"arch={arch}", f"size={size}", f"ctx={T}", f"profile={profile}", *overrides])
+    return Plan.resolve(1, int(cfg.trainer.batch_tokens), int(cfg.trainer.micro_batch), T).micro_batch
 
 
 def _autocast(device):
@@ -229,23 +241,23 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                              for m in ("prefill", "decode") if m in modes]
                     history["prefill"].append((T, float("inf")))
         if "train" in modes:
-            Bt = train_batch or B
-            why = _skipped(history["train"], walls["train"], T, max_s, budget)
+            Bt = train_batch or sweep_micro_batch(arch, size, T, profile, overrides)
+            why = _skipped(history["train"], walls["train"], Bt * T, max_s, budget)  # train: predicted by tokens
             if why:
                 rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status=why))
                 continue
             t_point = time.perf_counter()
             try:
                 t, mem = train_step(model, Bt, T, device, vocab, compile_mode)
-                history["train"].append((T, t.median))
-                walls["train"].append((T, time.perf_counter() - t_point))
+                history["train"].append((Bt * T, t.median))
+                walls["train"].append((Bt * T, time.perf_counter() - t_point))
                 rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status="ok", compile=compile_mode,
-                                 time_per_token_s=t.median / T, tokens_per_s=Bt * T / t.median, peak_mem_bytes=mem,
-                                 **_timed(t)))
+                                 time_per_token_s=t.median / (Bt * T), tokens_per_s=Bt * T / t.median,
+                                 peak_mem_bytes=mem, **_timed(t)))
             except Exception as e:
                 why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
                 rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status=why))
-                history["train"].append((T, float("inf")))
+                history["train"].append((Bt * T, float("inf")))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -288,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ctx", default="32k", help="the longest context; lengths double from 1k up to it")
     p.add_argument("--size", default="cpu-xs", help="a conf/size name")
     p.add_argument("--batch", type=int, default=1, help="prefill and decode batch")
-    p.add_argument("--train-batch", type=int, default=None, help="training batch (default: --batch)")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="training batch (default: the sequences of one forward + backward as `make sweep` trains at "
+                        "each length, sweep_micro_batch)")
     p.add_argument("--match", default="", help=f"params | flops (architectures/sizing.py; default {LATENCY_MATCH}: "
                                                "the paper's latency figures compare models of equal parameters)")
     p.add_argument("--profile", default="cpu", help="the conf/profile the models are composed under (bench/config.py)")
@@ -339,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     governor = ThreadGovernor(args.threads, enabled=device.type == "cpu" and not args.no_governor)
     print(f"[ttt-bench] throughput on {device_name(device)} ({torch.get_num_threads()} threads, "
           f"{omp_wait()}): {', '.join(archs)} at {size} (match={match}), lengths {lengths}, "
-          f"batch {args.batch}, train compile={compile_mode}, decode compile="
+          f"batch {args.batch}, train batch {args.train_batch or 'as make sweep trains'}, "
+          f"train compile={compile_mode}, decode compile="
           f"{'model' if args.compile_decode else 'none'}"
           + (f", budget {args.budget_s:.0f} s" if args.budget_s else "")
           + (f", overrides {' '.join(overrides)}" if overrides else ""), flush=True)

@@ -22,6 +22,14 @@ def test_prediction_follows_the_measured_scaling():
     assert _predicted([(1024, 1.0), (2048, 8.0)], 4096) == pytest.approx(32.0)  # capped at quadratic
 
 
+def test_train_points_take_the_sweeps_micro_batch():
+    """The sequences of one forward + backward as `make sweep` trains at each length (bench/train.py's Plan): cpu-xs's
+    8192 tokens per step, in micro-batches of at most 8 sequences; the paper's 0.5M tokens per step at 1.3B."""
+    assert [tp.sweep_micro_batch("ttt_linear", "cpu-xs", 1024 * 2 ** i) for i in range(6)] == [8, 4, 2, 1, 1, 1]
+    assert tp.sweep_micro_batch("transformer", "1.3b", 2048, "paper") == 16
+    assert tp.sweep_micro_batch("mamba", "cpu-xs", 1024, overrides=("trainer.micro_batch=2",)) == 2
+
+
 def read(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -44,6 +52,10 @@ def test_throughput_end_to_end_and_merge(tmp_path, monkeypatch):
     assert by[("ttt_linear", "decode", "1024")]["backend"] == "ttt=cpp"  # decoding: dual.py's partial mini-batches
     assert float(by[("transformer", "train", "2048")]["peak_mem_bytes"]) > 0
     assert by[("ttt_linear", "train", "2048")]["compile"] == "none"
+    for T, seqs in ((1024, 4), (2048, 2)):  # as `make sweep` trains smoke-xs: 4096 tokens per forward + backward
+        train = by[("ttt_linear", "train", str(T))]
+        assert int(train["batch"]) == seqs
+        assert float(train["time_per_token_s"]) * float(train["tokens_per_s"]) == pytest.approx(1.0)  # per token
     for plot in ("prefill_latency.png", "decode_latency.png", "train_throughput.png"):
         assert (tmp_path / "plots" / plot).stat().st_size > 10_000
     assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -638,12 +638,15 @@ def _rotated(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 @pytest.mark.parametrize("f", [8, 12])
-def test_cpp_inference_rotates_q_and_k_and_computes_the_key_factor(inner, f):
-    """With RoPE tables and a Gate (what the layer's prefill passes, TTTLayer._cpp_inference), cpu_scan.infer and
+@pytest.mark.parametrize("qk", ["given", "convs from zeros", "convs from states"])
+def test_cpp_inference_rotates_q_and_k_and_computes_the_key_factor(inner, f, qk):
+    """With RoPE tables and a Gate (what the layer's prefill passes, TTTLayer._cpp_prefill), cpu_scan.infer and
     infer_mlp rotate q and k by the angles of positions 0 .. c - 1 of every mini-batch and compute a = scale *
-    sigmoid(x theta^T + bias) in C++: outputs and final weights equal those of the same call given q, k rotated
-    beforehand and a itself, in fp64 (3 mini-batches, a batch of 2 over a broadcast initial state, q, k, v and x laid
-    out as the layer's projections and input are)."""
+    sigmoid(x theta^T + bias) in C++; given Convs instead of q and k, they compute q and k as the causal convs of u
+    (layers.CausalConv, width 4, from zero rows or from given states). Outputs and final weights equal those of the
+    same call given q, k (convolved and) rotated beforehand and a itself, in fp64 (3 mini-batches, a batch of 2 over
+    a broadcast initial state, q, k, v, u and x laid out as the layer's projections and input are)."""
+    from architectures.layers import CausalConv
     from architectures.ttt import cpu_scan
 
     B, H, T, c = 2, 2, 48, 16
@@ -658,15 +661,24 @@ def test_cpp_inference_rotates_q_and_k_and_computes_the_key_factor(inner, f):
     angles = torch.arange(c, dtype=F64)[:, None] * 1e4 ** (-torch.arange(0, f, 2, dtype=F64) / f)  # (c, f/2)
     cos, sin = torch.cos(angles), torch.sin(angles)
     every = angles.repeat(T // c, 1)  # (T, f/2): the RoPE restarts every mini-batch
+    q_in, k_in = q, k  # what the C++ call gets
+    if qk != "given":
+        u = torch.randn(B, T, d, generator=g, dtype=F64)
+        convs = [CausalConv(d, 4).double() for _ in range(2)]
+        states = [None, None] if qk == "convs from zeros" else [torch.randn(B, 3, d, generator=g, dtype=F64)
+                                                                for _ in range(2)]
+        with torch.no_grad():
+            q, k = (conv(u, st)[0].view(B, T, H, f).transpose(1, 2) for conv, st in zip(convs, states))
+        q_in, k_in = cpu_scan.Convs(u, convs[0].weight, convs[0].bias, convs[1].weight, convs[1].bias, *states), None
     init = {n: (p if p.dim() == 3 else p[:, None, :])[None] for n, p in initial(inner, H, f, F64).items()}
     with torch.no_grad():
         if inner == "linear":
             run = lambda *args, **kw: cpu_scan.infer(*args, tok, ln_w, ln_b, init["W"], init["b"], **kw)
-            out, *after = run(q, k, v, cpu_scan.Gate(x, theta, bias, scale), rope=(cos, sin))
+            out, *after = run(q_in, k_in, v, cpu_scan.Gate(x, theta, bias, scale), rope=(cos, sin))
             want, *want_after = run(_rotated(q, every), _rotated(k, every), v, a)
         else:
-            out, after = cpu_scan.infer_mlp(q, k, v, cpu_scan.Gate(x, theta, bias, scale), tok, ln_w, ln_b, init,
-                                            rope=(cos, sin))
+            out, after = cpu_scan.infer_mlp(q_in, k_in, v, cpu_scan.Gate(x, theta, bias, scale), tok, ln_w, ln_b,
+                                            init, rope=(cos, sin))
             want, want_after = cpu_scan.infer_mlp(_rotated(q, every), _rotated(k, every), v, a, tok, ln_w, ln_b, init)
             after, want_after = list(after.values()), list(want_after.values())
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
@@ -674,12 +686,32 @@ def test_cpp_inference_rotates_q_and_k_and_computes_the_key_factor(inner, f):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_cpp_output_is_the_post_norm_times_the_gelu_gate(gated):
+    """cpu_scan.output (the layer's output before Wo in C++): LayerNorm over each token's d features with the
+    post-norm's weight, bias and eps, times gelu_tanh of the gate where one is given (the Mamba backbone), equal to
+    F.layer_norm and F.gelu in fp64 (150 rows: jobs of 64, the last one short; gate values far into GELU's tails)."""
+    import torch.nn.functional as F
+
+    from architectures.ttt import cpu_scan
+
+    g = torch.Generator().manual_seed(6)
+    z = 3 * torch.randn(2, 75, 40, generator=g, dtype=F64)
+    weight, bias = torch.randn(40, generator=g, dtype=F64), torch.randn(40, generator=g, dtype=F64)
+    gate = 12 * torch.randn(2, 75, 40, generator=g, dtype=F64) if gated else None
+    want = F.layer_norm(z, (40,), weight, bias, 1e-6)
+    if gated:
+        want = want * F.gelu(gate, approximate="tanh")
+    torch.testing.assert_close(cpu_scan.output(z, weight, bias, gate, 1e-6), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_cpp_prefill_equals_the_layers_step_by_step_path(arch, monkeypatch):
-    """A prefill of whole mini-batches under backend=cpp takes TTTLayer._cpp_inference (the RoPE, the key factor and
-    the inner loop in one C++ call): in fp32 its logits, and those of the decode steps that continue its cache, equal
-    the same model's with the RoPE, the key factor and the loop run one by one (_inner_loop), every arch. Decode
-    steps, a prefill of 20 tokens and one that continues a cache mid mini-batch take _inner_loop."""
+    """A prefill of whole mini-batches under backend=cpp takes TTTLayer._cpp_prefill (the convs, the RoPE, the key
+    factor and the inner loop in one C++ call, the post-norm and the gate in another): in fp32 its logits, those of
+    a second prefill from its cache and of the decode steps after, equal the same model's with the layer's ops run
+    one by one (_inner_loop), every arch. Decode steps, a prefill of 20 tokens and one that continues a cache mid
+    mini-batch take _inner_loop."""
     inner, backbone = ARCHS[arch]
     torch.manual_seed(0)
     cfg = ModelConfig(arch, 61, 32, 2, 2, 48, 128, options={"inner": inner, "backbone": backbone, "mini_batch": 16,
@@ -690,19 +722,20 @@ def test_cpp_prefill_equals_the_layers_step_by_step_path(arch, monkeypatch):
             if name.split(".")[-1] in ("bias", "token_offset", "W", "b", "W1", "W2"):
                 p.add_(0.1 * torch.randn_like(p))
     idx = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1))
-    applies, taken = TTTLayer._cpp_inference_applies, []
-    monkeypatch.setattr(TTTLayer, "_cpp_inference_applies", lambda *args: taken.append(applies(*args)) or taken[-1])
+    applies, taken = TTTLayer._cpp_prefill_applies, []
+    monkeypatch.setattr(TTTLayer, "_cpp_prefill_applies", lambda *args: taken.append(applies(*args)) or taken[-1])
 
-    def prefill_then_decode():
+    def prefill_then_decode():  # two prefills (the second continues the first's cache), then five decode steps
         state = model.new_state(2, 64)
         with torch.no_grad():
-            return torch.cat([model(idx[:, :32], state)] + [model(idx[:, t:t + 1], state) for t in range(32, 37)], 1)
+            prefills = [model(idx[:, :16], state), model(idx[:, 16:32], state)]
+            return torch.cat(prefills + [model(idx[:, t:t + 1], state) for t in range(32, 37)], 1)
 
     got = prefill_then_decode()
-    assert taken == [True, True] + [False] * 10, taken  # the prefill's two layers; not the five decode steps'
-    monkeypatch.setattr(TTTLayer, "_cpp_inference_applies", lambda *args: False)
+    assert taken == [True] * 4 + [False] * 10, taken  # the prefills' two layers each; not the decode steps'
+    monkeypatch.setattr(TTTLayer, "_cpp_prefill_applies", lambda *args: False)
     torch.testing.assert_close(got, prefill_then_decode(), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(TTTLayer, "_cpp_inference_applies", lambda *args: taken.append(applies(*args)) or taken[-1])
+    monkeypatch.setattr(TTTLayer, "_cpp_prefill_applies", lambda *args: taken.append(applies(*args)) or taken[-1])
     taken.clear()
     with torch.no_grad():
         model(idx[:, :20], model.new_state(2, 64))  # 20 tokens: a trailing partial mini-batch

@@ -247,8 +247,11 @@ struct Rows {
   int64_t at(int64_t j, int64_t H, int64_t t) const { return (j / H) * batch + (j % H) * head + t * token; }
 };
 
-// What inference reads for a mini-batch's rows: q, k, v where they lie (Rows); the key factor a (B, H, T) where it
-// lies, or, with x non-null, computed from the layer's input as the layer's lr gate does,
+// What inference reads for a mini-batch's rows: q, k, v where they lie (Rows); or, with u non-null, q and k computed
+// here as the Mamba backbone's causal convs (width kw) of u = x Wq (B, T, d = H f; strides u_b, u_t, 1 along d),
+//   q_t = bq + sum_j wq[:, j] u_{t + j - kw + 1}     (wq (d, kw), bq (d); k's with wk, bk)
+// with the rows before u from the convs' states sq, sk (B, kw - 1, d), or zeros where null; the key factor a (B, H,
+// T) where it lies, or, with x non-null, computed from the layer's input as the layer's lr gate does,
 //   a_t = a_scale sigmoid(x_t . theta_h + gate_bias_h),   x (B, T, d) at strides x_b, x_t (1 along d), theta (H, d);
 // and, with cos non-null, q and k rotated here by the interleaved RoPE at positions 0 .. c - 1 of every mini-batch
 // (TTT's RoPE restarts every mini-batch): cos, sin (c, f / 2), pair p of row r rotated by angle (r, p). Else q and k
@@ -263,6 +266,43 @@ struct InferInputs {
   int64_t x_b, x_t, d;
   T a_scale;
   const T *cos, *sin;
+  const T *u, *wq, *bq, *wk, *bk, *sq, *sk;
+  int64_t u_b, u_t, kw;
+};
+
+// One (sequence, head)'s taps of the q and k convs, tap-major (kw, f), so a row's sums run along f (vectorised)
+template <typename T>
+struct HeadConvs {
+  std::vector<T> wq, wk;
+  HeadConvs(const InferInputs<T>& in, int64_t h, int64_t f) : wq(in.u ? in.kw * f : 0), wk(wq.size()) {
+    for (int64_t j = 0; j < (in.u ? in.kw : 0); j++)
+      for (int64_t col = 0; col < f; col++) {
+        wq[j * f + col] = in.wq[(h * f + col) * in.kw + j];
+        wk[j * f + col] = in.wk[(h * f + col) * in.kw + j];
+      }
+  }
+  // q and k of token t of sequence b, head h (f features from column h f): the convs of u and the states
+  void rows(const InferInputs<T>& in, int64_t b, int64_t h, int64_t t, int64_t H, int64_t f, T* q, T* k) const {
+    const int64_t d = H * f, c0 = h * f;
+    std::copy(in.bq + c0, in.bq + c0 + f, q);
+    std::copy(in.bk + c0, in.bk + c0 + f, k);
+    for (int64_t j = 0; j < in.kw; j++) {
+      const int64_t r = t + j - (in.kw - 1);  // u's row, or the states' row kw - 1 + r before u (null: zeros)
+      const int64_t state_row = (b * (in.kw - 1) + in.kw - 1 + r) * d + c0;
+      const T* ur = r >= 0 ? in.u + b * in.u_b + r * in.u_t + c0 : nullptr;
+      const T* uq = ur ? ur : in.sq ? in.sq + state_row : nullptr;
+      const T* uk = ur ? ur : in.sk ? in.sk + state_row : nullptr;
+      const T *tq = wq.data() + j * f, *tk = wk.data() + j * f;
+      if (uq) {
+#pragma omp simd
+        for (int64_t col = 0; col < f; col++) q[col] += tq[col] * uq[col];
+      }
+      if (uk) {
+#pragma omp simd
+        for (int64_t col = 0; col < f; col++) k[col] += tk[col] * uk[col];
+      }
+    }
+  }
 };
 
 // (x0, x1) pairs of a row rotated by the angles of one RoPE row: out_2p + i out_2p+1 = (x_2p + i x_2p+1)(cos + i sin)
@@ -277,23 +317,30 @@ inline void rotate_pairs(const T* __restrict x, const T* __restrict cos, const T
   }
 }
 
-// One mini-batch's c rows of q, k (rotated where InferInputs says so), the target t = v - k and its a, copied
-// contiguous for the products.
+// One mini-batch's c rows of q, k (from the convs of u, rotated, where InferInputs says so), the target t = v - k
+// and its a, copied contiguous for the products.
 template <typename T>
 struct MiniBatchRows {
-  std::vector<T> Q, K, t, a;
-  MiniBatchRows(int64_t c, int64_t f) : Q(c * f), K(c * f), t(c * f), a(c) {}
+  std::vector<T> Q, K, t, a, q_raw, k_raw;
+  HeadConvs<T> convs;
+  MiniBatchRows(const InferInputs<T>& in, int64_t h, int64_t c, int64_t f)
+      : Q(c * f), K(c * f), t(c * f), a(c), q_raw(f), k_raw(f), convs(in, h, f) {}
   void gather(const InferInputs<T>& in, int64_t j, int64_t H, int64_t t0, int64_t c, int64_t f) {
     const int64_t b = j / H, h = j % H;
     for (int64_t row = 0; row < c; row++) {
       const int64_t at = in.qkv.at(j, H, t0 + row);
       T *Qr = Q.data() + row * f, *Kr = K.data() + row * f, *tr = t.data() + row * f;
+      const T *qs = in.q + at, *ks = in.k + at;  // q and k before the RoPE
+      if (in.u) {
+        convs.rows(in, b, h, t0 + row, H, f, q_raw.data(), k_raw.data());
+        qs = q_raw.data(), ks = k_raw.data();
+      }
       if (in.cos) {
-        rotate_pairs(in.q + at, in.cos + row * (f / 2), in.sin + row * (f / 2), Qr, f);
-        rotate_pairs(in.k + at, in.cos + row * (f / 2), in.sin + row * (f / 2), Kr, f);
+        rotate_pairs(qs, in.cos + row * (f / 2), in.sin + row * (f / 2), Qr, f);
+        rotate_pairs(ks, in.cos + row * (f / 2), in.sin + row * (f / 2), Kr, f);
       } else {
-        std::copy(in.q + at, in.q + at + f, Qr);
-        std::copy(in.k + at, in.k + at + f, Kr);
+        std::copy(qs, qs + f, Qr);
+        std::copy(ks, ks + f, Kr);
       }
       const T* vr = in.v + at;
 #pragma omp simd
@@ -324,7 +371,7 @@ void scatter_rows(const T* block, T* out, const Rows& outr, int64_t j, int64_t H
 template <typename T>
 void infer_job(const InferInputs<T>& src, const T* tok, const T* gam, const T* bet, T* W, T* bias, T* out,
                const Rows& outr, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
-  MiniBatchRows<T> in(c, f);
+  MiniBatchRows<T> in(src, j % H, c, f);
   std::vector<T> Zk(c * f), zbar(c * f), G(c * f), zhat(c * f), r(c), gx(f), M(c * c), aG(c * f);
   const T *g = gam + (j % H) * f, *be = bet + (j % H) * f, tok_c = tok[c - 1];
   const T *K = in.K.data(), *Q = in.Q.data(), *t = in.t.data(), *a = in.a.data();
@@ -436,6 +483,32 @@ inline void gelu_and_grad(T x, T* g, T* dg) {
   *dg = half_1p + T(0.5) * k0 * x * (T(1) - th * th) * (T(1) + T(3) * k1 * x2);
 }
 
+// The layer's output before Wo, inference (cpu_scan.output): per token row r of z (rows, d), with the LN over the
+// token's d = H f features (the layer's post_norm: weight w, bias b, eps),
+//   y[r] = (LN(z[r]) w + b) * gelu_tanh(g[r])      (g null: no gate, the Transformer backbone)
+// a job is OUTPUT_ROWS rows.
+constexpr int64_t OUTPUT_ROWS = 64;
+
+template <typename T>
+void output_job(const T* z, const T* w, const T* b, const T* g, T* y, int64_t rows, int64_t d, T eps, int64_t job) {
+  const int64_t lo = job * OUTPUT_ROWS, hi = std::min(lo + OUTPUT_ROWS, rows);
+  for (int64_t r = lo; r < hi; r++) {
+    const T* zr = z + r * d;
+    T* yr = y + r * d;
+    const T mu = mean(zr, d);
+    T var = 0;
+#pragma omp simd reduction(+ : var)
+    for (int64_t c = 0; c < d; c++) var += (zr[c] - mu) * (zr[c] - mu);
+    const T rstd = T(1) / std::sqrt(var / T(d) + eps);
+#pragma omp simd
+    for (int64_t c = 0; c < d; c++) yr[c] = (zr[c] - mu) * rstd * w[c] + b[c];
+    if (!g) continue;
+    const T* gr = g + r * d;
+#pragma omp simd
+    for (int64_t c = 0; c < d; c++) yr[c] *= T(0.5) * gr[c] * (T(1) + gelu_tanh_u(gr[c]));
+  }
+}
+
 // One piece's forward at the weights of its mini-batch's start, before the accumulators' terms: what mlp_piece
 // finishes into outputs and mlp_backward_job recomputes for its adjoint. first(): Z1 = [K; Q] W1 + b1, X2 =
 // gelu(Z1k), s1 = gelu'(Z1k), G2 = LNgrad(X2 W2 + b2, t) (with zhat, r), P = G2 W2^T, G1 = P s1, A1 = Q K^T,
@@ -540,7 +613,7 @@ void mlp_infer_job(const InferInputs<T>& src, const T* tok, const T* gam, const 
                    T* out, const Rows& outr, int64_t n, int64_t H, int64_t c, int64_t f, int64_t j) {
   const int64_t h = 4 * f;
   MlpForward<T> s(c, f);
-  MiniBatchRows<T> in(c, f);
+  MiniBatchRows<T> in(src, j % H, c, f);
   std::vector<T> A1(f * h), Ab1(h), A2(h * f), Ab2(f), o(c * f);
   const T *g = gam + (j % H) * f, *be = bet + (j % H) * f;
   for (int64_t i = 0; i < n; i++) {
@@ -725,15 +798,17 @@ void mlp_backward_job(const T* q, const T* k, const T* tb, const T* ab, const T*
 
 // The inference entry points' first arguments, InferInputs' fields in order (cpu_scan.py's _infer_inputs): q, k, v
 // and their (batch, head, token) strides; a and its strides (null: from x); x, its (batch, token) strides and d,
-// theta, the gate's bias and a_scale; the RoPE tables cos, sin (null: q, k rotated already).
+// theta, the gate's bias and a_scale; the RoPE tables cos, sin (null: q, k rotated already); u (null: q, k given),
+// the convs' weights, biases and states, u's (batch, token) strides and the conv width.
 #define INFER_INPUTS_ARGS(T)                                                                                   \
   const T *q, const T *k, const T *v, int64_t qkv_b, int64_t qkv_h, int64_t qkv_t, const T *ab, int64_t a_b,   \
       int64_t a_h, int64_t a_t, const T *x, int64_t x_b, int64_t x_t, int64_t d, const T *theta,             \
-      const T *gate_bias, double a_scale, const T *cos, const T *sin
+      const T *gate_bias, double a_scale, const T *cos, const T *sin, const T *u, const T *wq, const T *bq,   \
+      const T *wk, const T *bk, const T *sq, const T *sk, int64_t u_b, int64_t u_t, int64_t kw
 #define INFER_INPUTS(T)                                                                                        \
   InferInputs<T> {                                                                                             \
     q, k, v, Rows{qkv_b, qkv_h, qkv_t}, ab, Rows{a_b, a_h, a_t}, x, theta, gate_bias, x_b, x_t, d, T(a_scale), \
-        cos, sin                                                                                               \
+        cos, sin, u, wq, bq, wk, bk, sq, sk, u_b, u_t, kw                                                      \
   }
 
 extern "C" {
@@ -807,6 +882,11 @@ extern "C" {
       mlp_backward_job<T>(q, k, tb, ab, tok, gam, bet, W1s, b1s, W2s, b2s, dzbar, dW1, db1, dW2, db2, dq, dk, dt, \
                           da, dtok, dgam, dbet, n, H, c, f, j);                                                  \
     });                                                                                                          \
+  }                                                                                                              \
+  void ttt_output_##suffix(const T* z, const T* w, const T* b, const T* g, T* y, int64_t rows, int64_t d,        \
+                           double eps, int64_t threads) {                                                        \
+    parallel_jobs((rows + OUTPUT_ROWS - 1) / OUTPUT_ROWS, threads,                                               \
+                  [&](int64_t job) { output_job<T>(z, w, b, g, y, rows, d, T(eps), job); });                     \
   }
 
 #ifndef KERNEL_ONLY_F64  // cpp_kernels.py builds each dtype's entry points at once, as two objects

@@ -87,12 +87,34 @@ class Gate(NamedTuple):
     scale: float
 
 
+class Convs(NamedTuple):
+    """q and k as the Mamba backbone makes them, for inference to compute in C++ instead of reading them: the causal
+    convs (width k) of u = x Wq (B, T, d), q_t = q_bias + sum_j q_weight[:, j] u_{t + j - k + 1} (layers.CausalConv;
+    k's with k_weight, k_bias), the rows before u from the convs' states (B, k - 1, d), or zeros where None."""
+    u: torch.Tensor
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor
+    k_weight: torch.Tensor
+    k_bias: torch.Tensor
+    q_state: torch.Tensor | None
+    k_state: torch.Tensor | None
+
+
 def _infer_inputs(dt, q, k, v, a: torch.Tensor | Gate, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
     """The first arguments of an inference call (cpu_scan.cpp's INFER_INPUTS_ARGS), each read where it lies: q, k, v
-    and their strides (Rows; no contiguous copies of the layer's head-transposed tensors, no target v - k); a and
-    its strides, or null and the Gate's x, its strides, theta, bias and scale; the RoPE tables cos, sin (c, f/2) that
-    rotate q and k in the kernel, or null (rotated already)."""
-    q, k, v = _where_they_lie(dt, q, k, v)
+    and their strides (Rows; no contiguous copies of the layer's head-transposed tensors, no target v - k), or with q
+    a Convs (and k None) no q, k but v's strides; a and its strides, or null and the Gate's x, its strides, theta,
+    bias and scale; the RoPE tables cos, sin (c, f/2) that rotate q and k in the kernel, or null (rotated already);
+    the Convs' u, weights, biases, states, u's strides and the width, or nulls."""
+    convs = q if isinstance(q, Convs) else None
+    if convs is not None:
+        if k is not None:
+            raise ValueError("inference takes q and k, or Convs as q and k=None")
+        v = v.to(dt)
+        v, q_k = (v if v.stride(-1) == 1 else v.contiguous()), (None, None)
+    else:
+        q, k, v = _where_they_lie(dt, q, k, v)
+        q_k = (Strided(q), Strided(k))
     if isinstance(a, Gate):
         x = a.x.to(dt)
         if x.stride(-1) != 1:
@@ -103,7 +125,15 @@ def _infer_inputs(dt, q, k, v, a: torch.Tensor | Gate, rope: tuple[torch.Tensor,
         a = a.to(dt)
         given = (Strided(a), *_rows(a), None, 0, 0, 0, None, None, 0.0)
     cos_sin = tuple(_as(dt, *rope)) if rope is not None else (None, None)
-    return (Strided(q), Strided(k), Strided(v), *_rows(q), *given, *cos_sin)
+    if convs is not None:
+        u = convs.u.to(dt)
+        u = u if u.stride(-1) == 1 else u.contiguous()
+        states = [None if st is None else next(_as(dt, st)) for st in (convs.q_state, convs.k_state)]
+        wq, bq, wk, bk = _as(dt, convs.q_weight, convs.q_bias, convs.k_weight, convs.k_bias)
+        conv_args = (Strided(u), wq, bq, wk, bk, *states, u.stride(0), u.stride(1), wq.shape[1])
+    else:
+        conv_args = (None,) * 7 + (0, 0, 0)
+    return (*q_k, Strided(v), *_rows(v), *given, *cos_sin, *conv_args)
 
 
 def _output(B: int, H: int, T: int, f: int, dt) -> torch.Tensor:
@@ -115,14 +145,15 @@ def _output(B: int, H: int, T: int, f: int, dt) -> torch.Tensor:
 def infer(q, k, v, a, tok, gamma, beta, W0, b0, rope=None):
     """Inference over whole mini-batches (no gradient): the outputs q + LN(Zbar) and the weights after them, in one
     call that also forms the target v - k, builds M and applies the LN and the residual (dual.ttt_dual does these
-    around the loop when it trains). q, k, v (B, H, n c, f) read where they lie (the layer's head-transposed views);
-    a (B, H, n c) where it lies, or a Gate that the kernel computes it from; rope: None (q, k rotated already), or
-    the tables cos, sin (c, f/2) of the positions 0 .. c - 1 of every mini-batch, which rotate q and k in the kernel
+    around the loop when it trains). q, k, v (B, H, n c, f) read where they lie (the layer's head-transposed views),
+    or q a Convs and k None (the Mamba backbone's q and k computed in the kernel, before their RoPE); a (B, H, n c)
+    where it lies, or a Gate that the kernel computes it from; rope: None (q, k rotated already), or the tables cos,
+    sin (c, f/2) of the positions 0 .. c - 1 of every mini-batch, which rotate q and k in the kernel
     (layer.TTTLayer's RoPE, restarting every mini-batch); tok (c,); gamma, beta (H, f); W0 (B|1, H, f, f); b0 (B|1,
     H, 1, f). Returns out (B, H, n c, f), laid out (B, T, H, f), W (B, H, f, f), b (B, H, 1, f)."""
-    B, H, T, f = q.shape
+    B, H, T, f = v.shape
     c = tok.shape[0]
-    dt = q.dtype
+    dt = v.dtype
     inputs = _infer_inputs(dt, q, k, v, a, rope)
     tok, gamma, beta = _as(dt, tok, gamma, beta)
     W = W0.to(dt).expand(B, H, f, f).clone(memory_format=torch.contiguous_format)  # the kernel updates W, b in place
@@ -131,6 +162,21 @@ def infer(q, k, v, a, tok, gamma, beta, W0, b0, rope=None):
     KERNEL.call("ttt_linear_scan_infer", dt, *inputs, tok, gamma, beta, W, b, Strided(out), *_rows(out), T // c, B * H,
                 H, c, f, torch.get_num_threads())
     return out, W, b
+
+
+def output(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None,
+           eps: float) -> torch.Tensor:
+    """The layer's output before Wo without a gradient, one C++ pass per token: LayerNorm(z) with the layer's post_norm
+    (weight, bias (d,), eps), times gelu_tanh(gate) where a gate is given (the Mamba backbone's). z, gate (B, T, d),
+    the output (B, T, d). In place of LayerNorm's, GELU's and the product's three passes, which at a prefill of 1k
+    tokens cost mostly their fixed cost per call."""
+    dt = z.dtype
+    z, weight, bias = _as(dt, z, weight, bias)
+    gate = None if gate is None else gate.to(dt).contiguous()
+    y = torch.empty_like(z)
+    d = z.shape[-1]
+    KERNEL.call("ttt_output", dt, z, weight, bias, gate, y, z.numel() // d, d, float(eps), torch.get_num_threads())
+    return y
 
 
 def decode(q, k, t, a, tok, complete: bool, gamma, beta, W, b, acc: dict):
@@ -168,13 +214,13 @@ def _mlp_weights(params: dict, B: int, dt, copy: bool) -> list[torch.Tensor]:
 
 def infer_mlp(q, k, v, a, tok, gamma, beta, params: dict, rope=None):
     """TTT-MLP's whole mini-batches without a gradient (f_res(x) = gelu(x W1 + b1) W2 + b2, dual._piece_mlp), the LN
-    and the residual included, as `infer` for TTT-Linear: q, k, v (B, H, n c, f) where they lie; a (B, H, n c) or a
-    Gate; rope None or (cos, sin); tok (c,); gamma, beta (H, f); params W1 (B|1, H, f, 4f), b1 (B|1, H, 1, 4f), W2
-    (B|1, H, 4f, f), b2 (B|1, H, 1, f). Returns out (B, H, n c, f), laid out (B, T, H, f), and the weights after (B,
-    H, ...), as a dict."""
-    B, H, T, f = q.shape
+    and the residual included, as `infer` for TTT-Linear: q, k, v (B, H, n c, f) where they lie, or Convs, None, v;
+    a (B, H, n c) or a Gate; rope None or (cos, sin); tok (c,); gamma, beta (H, f); params W1 (B|1, H, f, 4f), b1
+    (B|1, H, 1, 4f), W2 (B|1, H, 4f, f), b2 (B|1, H, 1, f). Returns out (B, H, n c, f), laid out (B, T, H, f), and
+    the weights after (B, H, ...), as a dict."""
+    B, H, T, f = v.shape
     c = tok.shape[0]
-    dt = q.dtype
+    dt = v.dtype
     inputs = _infer_inputs(dt, q, k, v, a, rope)
     tok, gamma, beta = _as(dt, tok, gamma, beta)
     weights = _mlp_weights(params, B, dt, copy=True)  # the kernel updates them in place

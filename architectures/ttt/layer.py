@@ -32,7 +32,9 @@ conf/arch/table1_*.yaml, turns them off one by one; TABLE1 in architectures/ttt/
                    triton    the Triton kernels (triton_linear.py, triton_mlp.py)
                    cpp       cpu_scan.py, for CPU tensors: the loops over whole mini-batches as one C++ call
                              each, forward and backward (TTT-Linear: scan.py's LinearScan; TTT-MLP: MLPScan),
-                             and without a gradient (prefill, decoding) the whole inner loop of both in C++
+                             and without a gradient (prefill, decoding) the whole inner loop of both in C++; a
+                             prefill of whole mini-batches runs everything between the layer's products in C++
+                             (TTTLayer._cpp_prefill: the QK convs, RoPE, key factor, loop, post-norm and gate)
                    torch     the fastest PyTorch implementation that applies: scan, else dual
                    scan      scan.py: TTT-Linear's loop over whole mini-batches as one autograd op with the
                              hand-derived backward, ~2x faster to train on CPU than dual
@@ -260,6 +262,8 @@ class TTTLayer(nn.Module):
     def forward(self, x: torch.Tensor, cache: TTTCache | None = None) -> torch.Tensor:
         B, T, d = x.shape
         H, f = self.n_heads, self.head_dim
+        if self._cpp_prefill_applies(x, cache):
+            return self._cpp_prefill(x, cache)
         seen = 0 if cache is None else cache.seen
         if self.backbone == "mamba":
             u = self.wq(x)
@@ -271,54 +275,64 @@ class TTTLayer(nn.Module):
             q, k = self.wq(x), self.wk(x)
         v = self.wv(x)
         q, k, v = (t.view(B, T, H, f) for t in (q, k, v))
-        if self._cpp_inference_applies(x, q, cache):
-            z = self._cpp_inference(x, q, k, v, cache)  # (B, H, T, f): the RoPE and the key factor in C++ too
-        else:
-            q, k = (apply_rope_periodic(t, seen, self.mini_batch, self.rope_theta) for t in (q, k))  # RoPE restarts
-            #   every mini-batch
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, f)
-            z = self._inner_loop(q, k, v, self.key_factor(x), cache)  # (B, H, T, f)
-        z = z.to(x.dtype).transpose(1, 2).reshape(B, T, d)
-        y = self.post_norm(z)
+        q, k = (apply_rope_periodic(t, seen, self.mini_batch, self.rope_theta) for t in (q, k))  # RoPE restarts
+        #   every mini-batch
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, f)
+        z = self._inner_loop(q, k, v, self.key_factor(x), cache)  # (B, H, T, f)
+        y = self.post_norm(z.to(x.dtype).transpose(1, 2).reshape(B, T, d))
         if self.backbone == "mamba":
             y = y * F.gelu(self.wg(x), approximate="tanh")  # inner.gelu_tanh's formula, in one fused op each way
         return self.wo(y)
 
-    def _cpp_inference_applies(self, x: torch.Tensor, q: torch.Tensor, cache: TTTCache | None) -> bool:
-        """Whether _cpp_inference runs this call: backend cpp without a gradient, eagerly, on CPU tensors already in
-        the inner loop's dtype (no autocast), over whole mini-batches from a mini-batch's start (a prefill of a
-        multiple of b tokens). Else the RoPE, the key factor and the inner loop run one by one (_inner_loop)."""
-        if self.backend != "cpp" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    def _cpp_prefill_applies(self, x: torch.Tensor, cache: TTTCache | None) -> bool:
+        """Whether _cpp_prefill runs this call: backend cpp without a gradient, eagerly, without autocast, on a CPU x
+        in the inner loop's dtype, over whole mini-batches from a mini-batch's start (a prefill of a multiple of b
+        tokens). Else the layer's ops run one by one, the inner loop through _inner_loop (decode steps too)."""
+        if (self.backend != "cpp" or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled("cpu")):
             return False
         state = None if cache is None else cache.inner
-        B, T, d = x.shape
+        T = x.shape[1]
         dt = torch.promote_types(self.post_norm.weight.dtype, torch.float32)
-        return (x.device.type == "cpu" and x.dtype == q.dtype == dt and T > 0 and T % self.mini_batch == 0
+        return (x.device.type == "cpu" and x.dtype == dt and T > 0 and T % self.mini_batch == 0
                 and (cache is None or cache.seen % self.mini_batch == 0)
                 and (state is None or (state.offset == 0 and not state.acc)))
 
-    def _cpp_inference(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       cache: TTTCache | None) -> torch.Tensor:
-        """The RoPE of q and k, the key factor and the inner loop over whole mini-batches as one C++ call
-        (cpu_scan.infer, infer_mlp; where _cpp_inference_applies): at a prefill of 1k tokens the dozen ops they take
-        one by one cost more than their arithmetic. x (B, T, d) the layer's input, from which the kernel computes the
-        lr gate; q, k, v (B, T, H, f) as the projections make them (q and k not rotated). Returns (B, H, T, f)."""
-        dt = x.dtype
-        state = cache.inner if cache is not None and cache.inner is not None else self.initial_state(dt)
+    def _cpp_prefill(self, x: torch.Tensor, cache: TTTCache | None) -> torch.Tensor:
+        """The layer over whole mini-batches with everything between its products in C++ (where
+        _cpp_prefill_applies): the QK convs (Mamba backbone), the RoPE of q and k, the key factor from x and the inner
+        loop as one call (cpu_scan.infer, infer_mlp), then the post-norm and the gate as one more (cpu_scan.output).
+        At a prefill of 1k tokens the two dozen ops they take one by one cost more than their arithmetic. x (B, T, d)
+        -> (B, T, d), the same numbers as forward's ops to fp32 rounding (tests/test_ttt.py)."""
+        B, T, d = x.shape
+        H, f = self.n_heads, self.head_dim
+        v = self.wv(x).view(B, T, H, f).transpose(1, 2)  # (B, H, T, f), laid out (B, T, H, f)
+        if self.backbone == "mamba":
+            u = self.wq(x)
+            q_state, k_state = (None, None) if cache is None else (cache.conv_q, cache.conv_k)
+            q, k = cpu_scan.Convs(u, self.conv_q.weight, self.conv_q.bias, self.conv_k.weight, self.conv_k.bias,
+                                  q_state, k_state), None
+        else:
+            q, k = (w(x).view(B, T, H, f).transpose(1, 2) for w in (self.wq, self.wk))
+        state = cache.inner if cache is not None and cache.inner is not None else self.initial_state(x.dtype)
         a = (cpu_scan.Gate(x, self.lr_gate.weight, self.lr_gate.bias, self.base_lr_now / self.head_dim)
              if self.learnable_lr else self.key_factor(x))  # key_factor's a, from x in the kernel
-        rope = rope_period(self.head_dim, self.mini_batch, self.rope_theta, x.device)  # (b, f/2) each: positions
-        #   0 .. b - 1 of every mini-batch
-        tok, (gamma, beta) = self.token_factor().to(dt), self.inner_ln_params(dt)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, f) views
+        rope = rope_period(f, self.mini_batch, self.rope_theta, x.device)  # (b, f/2) each: positions 0 .. b - 1
+        #   of every mini-batch
+        tok, (gamma, beta) = self.token_factor().to(x.dtype), self.inner_ln_params(x.dtype)
         if self.inner == "linear":
-            out, W, b = cpu_scan.infer(q, k, v, a, tok, gamma, beta, state.params["W"], state.params["b"], rope)
+            z, W, b = cpu_scan.infer(q, k, v, a, tok, gamma, beta, state.params["W"], state.params["b"], rope)
             weights = {"W": W, "b": b}
         else:
-            out, weights = cpu_scan.infer_mlp(q, k, v, a, tok, gamma, beta, state.params, rope)
+            z, weights = cpu_scan.infer_mlp(q, k, v, a, tok, gamma, beta, state.params, rope)
         if cache is not None:
             cache.inner = InnerState(weights)
-        return out
+            if self.backbone == "mamba":  # after the call, which read the states (keep_state writes them in place)
+                cache.conv_q = keep_state(q_state, self.conv_q.next_state(u, q_state))
+                cache.conv_k = keep_state(k_state, self.conv_k.next_state(u, k_state))
+        z = z.transpose(1, 2).reshape(B, T, d)  # a view: the kernel writes (B, T, H, f)
+        gate = self.wg(x) if self.backbone == "mamba" else None
+        return self.wo(cpu_scan.output(z, self.post_norm.weight, self.post_norm.bias, gate, self.post_norm.eps))
 
     def _inner_loop(self, q, k, v, a, cache: TTTCache | None) -> torch.Tensor:
         """The inner loop in fp32 (W and its accumulators stay fp32 under autocast)."""
