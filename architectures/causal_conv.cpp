@@ -10,6 +10,7 @@
 // zeros where it is null, and the rest from x (B, T, C): no padded copy of x. dw and dbias sum over every sequence
 // and token, so each job writes its own partial sums (jobs, k + 1, C) and the caller adds them (row k: dbias).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -88,6 +89,58 @@ void backward_job(const T* xp, const T* w_ck, const T* dy, T* dxp, T* dwb, const
   std::copy(acc.begin(), acc.end(), dwb + job * (s.k + 1) * s.C);
 }
 
+// The TTT block's pre-conv without a gradient (layers.conv_residual_cpp), its norms around it in the same pass:
+//   n = RMSNorm(h) w_in,   h' = h + CausalConv(n),   x = RMSNorm(h') w_out
+// h, h', x (B, T, C); the conv's k - 1 earlier inputs (rows of n) from `state` (B, k - 1, C), or zeros where null,
+// and its new state (the last k - 1 rows of n, T >= k - 1) into state_out. A job is one sequence and SPAN rows; it
+// normalises the k - 1 rows before its span again rather than wait for the job that owns them.
+template <class T>
+T inverse_rms(const T* x, int64_t C, T eps) {
+  T ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t c = 0; c < C; c++) ss += x[c] * x[c];
+  return T(1) / std::sqrt(ss / T(C) + eps);
+}
+
+template <class T>
+void residual_job(const T* h, const T* state, const T* w_in, const T* w_ck, const T* bias, const T* w_out, T* h_out,
+                  T* x_out, T* state_out, const Conv& s, T eps, int64_t job) {
+  const int64_t b = job / s.out_spans(), lo = (job % s.out_spans()) * SPAN, hi = std::min(lo + SPAN, s.T);
+  const int64_t first = std::max<int64_t>(lo - (s.k - 1), 0), C = s.C;
+  const std::vector<T> w = taps_by_row(w_ck, s);
+  std::vector<T> n((hi - first) * C), zeros(C, T(0));  // n's rows first .. hi - 1
+  const T* hb = h + b * s.T * C;
+  for (int64_t r = first; r < hi; r++) {
+    const T *hr = hb + r * C, scale = inverse_rms(hr, C, eps);
+    T* nr = n.data() + (r - first) * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) nr[c] = hr[c] * scale * w_in[c];
+  }
+  for (int64_t t = lo; t < hi; t++) {
+    T *ho = h_out + (b * s.T + t) * C, *xo = x_out + (b * s.T + t) * C;
+    std::copy(bias, bias + C, ho);
+    for (int64_t j = 0; j < s.k; j++) {
+      const int64_t r = t + j - (s.k - 1);  // n's row r, or the state's row k - 1 + r
+      const T* nr = r >= 0      ? n.data() + (r - first) * C
+                    : state     ? state + (b * (s.k - 1) + s.k - 1 + r) * C
+                                : zeros.data();
+      const T* wj = w.data() + j * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; c++) ho[c] += wj[c] * nr[c];
+    }
+    const T* hr = hb + t * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) ho[c] += hr[c];
+    const T scale = inverse_rms(ho, C, eps);
+#pragma omp simd
+    for (int64_t c = 0; c < C; c++) xo[c] = ho[c] * scale * w_out[c];
+  }
+  for (int64_t r = std::max(lo, s.T - (s.k - 1)); r < hi; r++) {  // the new state: n's last k - 1 rows
+    const T* nr = n.data() + (r - first) * C;
+    std::copy(nr, nr + C, state_out + (b * (s.k - 1) + r - (s.T - (s.k - 1))) * C);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -108,10 +161,22 @@ int64_t causal_conv_span() { return SPAN; }
     parallel_jobs(B * s.in_spans(), threads, [&](int64_t job) { backward_job<T>(xp, w, dy, dxp, dwb, s, job); }); \
   }
 
+#define CONV_RESIDUAL_ENTRY_POINT(T, suffix)                                                                     \
+  void conv_residual_forward_##suffix(const T* h, const T* state, const T* w_in, const T* w, const T* bias,      \
+                                      const T* w_out, T* h_out, T* x_out, T* state_out, int64_t B, int64_t L,    \
+                                      int64_t C, int64_t k, double eps, int64_t threads) {                       \
+    const Conv s{B, L, C, k};                                                                                    \
+    parallel_jobs(B * s.out_spans(), threads, [&](int64_t job) {                                                 \
+      residual_job<T>(h, state, w_in, w, bias, w_out, h_out, x_out, state_out, s, T(eps), job);                  \
+    });                                                                                                          \
+  }
+
 #ifndef KERNEL_ONLY_F64  // cpp_kernels.py builds each dtype's entry points at once, as two objects
 CAUSAL_CONV_ENTRY_POINTS(float, f32)
+CONV_RESIDUAL_ENTRY_POINT(float, f32)
 #endif
 #ifndef KERNEL_ONLY_F32
 CAUSAL_CONV_ENTRY_POINTS(double, f64)
+CONV_RESIDUAL_ENTRY_POINT(double, f64)
 #endif
 }

@@ -104,6 +104,7 @@ class Library:
 
     def __init__(self, source: Path, backend: str):
         self.source, self.backend = source, backend  # backend: how errors name it, e.g. "Mamba backend=cpp"
+        self._entries = {}  # symbol -> the loaded entry point, its argument types set
 
     def _build(self, so: Path, extra: tuple[str, ...]) -> None:
         """Compile and link into `so` (atomically: concurrent runs may build the same library)."""
@@ -137,6 +138,7 @@ class Library:
     def reset(self) -> None:
         """Forget the loaded library (tests: build again under another $CXX or cache)."""
         self.__dict__.pop("_loaded", None)
+        self._entries = {}
 
     def unavailable(self) -> str | None:
         """None when the kernel runs here, else why not ("needs ...")."""
@@ -164,22 +166,29 @@ class Library:
         if dtype not in DTYPES:
             raise ValueError(f"{self.backend} takes fp32 or fp64 tensors, got {dtype}")
         values = []
-        for a in args:
-            if isinstance(a, (torch.Tensor, Strided)):
-                t = a.tensor if isinstance(a, Strided) else a
-                if t.dtype != dtype or not t.is_cpu or not (isinstance(a, Strided) or t.is_contiguous()):
-                    tensors = [x.tensor if isinstance(x, Strided) else x for x in args
-                               if isinstance(x, (torch.Tensor, Strided))]
-                    raise ValueError(f"{self.backend} takes contiguous CPU tensors of one dtype, fp32 or fp64; got "
-                                     + ", ".join(sorted({f"{t.dtype} on {t.device}" for t in tensors})))
+        for a in args:  # one pass, as few calls per argument as can be (a call passes up to 50)
+            strided = type(a) is Strided
+            t = a.tensor if strided else a
+            if isinstance(t, torch.Tensor):
+                if t.dtype != dtype or not t.is_cpu or not (strided or t.is_contiguous()):
+                    self._refuse(dtype, args)
                 values.append(t.data_ptr())
             else:
                 values.append(a)
         self._entry(f"{name}_{DTYPES[dtype]}", args)(*values)
 
+    def _refuse(self, dtype: torch.dtype, args: tuple) -> None:
+        """A call's tensors are not what the kernels read: say which dtypes and devices they are."""
+        tensors = [x.tensor if isinstance(x, Strided) else x for x in args if isinstance(x, (torch.Tensor, Strided))]
+        raise ValueError(f"{self.backend} takes contiguous CPU tensors of one dtype, fp32 or fp64; got "
+                         + ", ".join(sorted({f"{t.dtype} on {t.device}" for t in tensors})))
+
     def _entry(self, symbol: str, args: tuple):
         """The entry point, its argument types set from the first call's arguments (tensor or None: a pointer)."""
-        fn = getattr(self.lib(), symbol)
+        fn = self._entries.get(symbol)
+        if fn is not None:
+            return fn
+        fn = self._entries[symbol] = getattr(self.lib(), symbol)
         if fn.argtypes is None:
             fn.argtypes = [ctypes.c_int64 if isinstance(a, int) else ctypes.c_double if isinstance(a, float)
                            else ctypes.c_void_p for a in args]

@@ -55,6 +55,22 @@ def _rms_norm_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return y
 
 
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the norm after it: (h + y, norm(h + y)), h and y (..., d). One C++ pass (rms_norm.cpp)
+    where the norm's forward runs in C++ without a gradient (RMSNorm: `cpp` set, fp32 on CPU, not compiling) and h, y
+    are fp32 too; else the add and the norm."""
+    if (norm.cpp and h.dtype == y.dtype == norm.weight.dtype == torch.float32 and h.device.type == "cpu"
+            and h.shape == y.shape and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        h, y = h.contiguous(), y.contiguous()
+        out, normed = torch.empty_like(h), torch.empty_like(h)
+        d = h.shape[-1]
+        NORM_KERNEL.call("rms_norm_residual_forward", h.dtype, h, y, norm.weight.contiguous(), out, normed,
+                         h.numel() // d, d, float(norm.eps), torch.get_num_threads())
+        return out, normed
+    h = h + y
+    return h, norm(h)
+
+
 class _RMSNormCpp(torch.autograd.Function):
     """RMSNorm with a gradient in C++ (rms_norm.cpp): one pass forward, one backward, which recomputes each row's
     1 / rms rather than keeping it. x (..., d), weight (d,)."""
@@ -200,6 +216,31 @@ class _CausalConvCpp(torch.autograd.Function):
                          torch.get_num_threads())
         sums = partial.sum(0)  # (k + 1, C)
         return dxp[:, k - 1:], None if state is None else dxp[:, :k - 1], sums[:k].t(), sums[k]
+
+
+def conv_residual(h: torch.Tensor, norm_in: RMSNorm, conv: CausalConv, norm_out: RMSNorm,
+                  state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The TTT block's pre-conv and the norm after it: h' = h + conv(norm_in(h)) and x = norm_out(h'), with the
+    conv's new state. h (B, T, C); state (B, k - 1, C) or None (zeros). Returns (h', x, new state). Where the three
+    run in C++ (their `cpp` set by a block whose backend is cpp), in fp32 on CPU without a gradient over at least
+    k - 1 tokens (a prefill), one C++ pass (causal_conv.cpp's conv_residual_forward) in place of their four calls
+    and the add, which at a prefill of 1k tokens cost mostly their fixed cost per call; else the modules one by one.
+    tests/test_mamba.py checks the two agree."""
+    T, k = h.shape[1], conv.width
+    weights = (norm_in.weight, conv.weight, conv.bias, norm_out.weight)
+    if (norm_in.cpp and conv.cpp and norm_out.cpp and T >= k - 1 and h.device.type == "cpu"
+            and all(t.dtype == torch.float32 for t in (h, *weights)) and norm_in.eps == norm_out.eps
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        h = h.contiguous()
+        B, _, C = h.shape
+        h_out, x, new_state = torch.empty_like(h), torch.empty_like(h), h.new_empty(B, k - 1, C)
+        state = None if state is None else state.contiguous()
+        CONV_KERNEL.call("conv_residual_forward", h.dtype, h, state, *(w.contiguous() for w in weights), h_out, x,
+                         new_state, B, T, C, k, float(norm_in.eps), torch.get_num_threads())
+        return h_out, x, new_state
+    y, new_state = conv(norm_in(h), state)
+    h = h + y
+    return h, norm_out(h), new_state
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float = 1e4):

@@ -391,6 +391,36 @@ def test_the_convs_and_norms_run_in_cpp_exactly_where_the_layers_backend_is_cpp(
         assert all(m.cpp == (backend == "cpp") for m in norms) and not model.norm.cpp, arch
 
 
+@pytest.mark.parametrize("T", [600, 5, 3, 2])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_residual_in_one_cpp_pass_equals_the_modules(T, with_state, monkeypatch):
+    """layers.conv_residual, the TTT block's h + conv(norm_in(h)) and norm_out of it: with the modules' `cpp` set, in
+    fp32 without a gradient, one C++ pass (causal_conv.cpp's conv_residual_forward) whose h', x and new conv state
+    equal the PyTorch ops' (F.rms_norm, the conv's shifted products), from zeros or from a given state (600 tokens:
+    jobs of 256 that normalise the rows before their span again; 3 = k - 1 tokens, the fewest it takes; 2 tokens go
+    through the modules one by one)."""
+    import architectures.layers as layers
+
+    g = torch.Generator().manual_seed(2)
+    B, C = 2, 70
+    norm_in, conv, norm_out = layers.RMSNorm(C), layers.CausalConv(C, 4), layers.RMSNorm(C)
+    for p in (norm_in.weight, norm_out.weight, conv.weight, conv.bias):
+        p.data = torch.randn(p.shape, generator=g)
+    h = 3 * torch.randn(B, T, C, generator=g)
+    state = torch.randn(B, 3, C, generator=g) if with_state else None
+    with torch.no_grad():
+        want = layers.conv_residual(h, norm_in, conv, norm_out, state)  # cpp unset: F.rms_norm and PyTorch's conv
+        for m in (norm_in, conv, norm_out):
+            m.cpp = True
+        calls = []
+        call = layers.CONV_KERNEL.call
+        monkeypatch.setattr(layers.CONV_KERNEL, "call", lambda name, *a: calls.append(name) or call(name, *a))
+        got = layers.conv_residual(h, norm_in, conv, norm_out, state)
+    assert calls == (["conv_residual_forward"] if T >= 3 else ["causal_conv_forward"])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(2, 600, 70), (1, 1, 64), (3, 5, 8)])
 def test_cpp_rms_norm_equals_f_rms_norm(shape, monkeypatch):
     """RMSNorm with `cpp` set (rms_norm.cpp) in fp32 equals F.rms_norm (600 rows: several jobs of 256, the last one
@@ -419,6 +449,31 @@ def test_cpp_rms_norm_equals_f_rms_norm(shape, monkeypatch):
     with torch.no_grad():
         norm.double()(x.double())
     assert calls == [shape, shape]
+
+
+@pytest.mark.parametrize("shape", [(2, 600, 70), (1, 1, 64)])
+def test_add_rms_norm_in_one_cpp_pass_equals_the_add_and_the_norm(shape, monkeypatch):
+    """layers.add_rms_norm (a block's residual add and the norm after it): with the norm's `cpp` set, in fp32 without
+    a gradient, one C++ pass whose h + y and norm equal the add and F.rms_norm (600 rows: several jobs; one row: a
+    decode step); with a gradient, the add and the norm's own path, the same numbers."""
+    import architectures.layers as layers
+
+    g = torch.Generator().manual_seed(3)
+    norm = layers.RMSNorm(shape[-1])
+    norm.weight.data = torch.randn(shape[-1], generator=g)
+    norm.cpp = True
+    h, y = (3 * torch.randn(*shape, generator=g) for _ in range(2))
+    want = (h + y, torch.nn.functional.rms_norm(h + y, norm.weight.shape, norm.weight, norm.eps))
+    calls, call = [], layers.NORM_KERNEL.call
+    monkeypatch.setattr(layers.NORM_KERNEL, "call", lambda name, *a: calls.append(name) or call(name, *a))
+    with torch.no_grad():
+        got = layers.add_rms_norm(h, y, norm)
+    assert calls == ["rms_norm_residual_forward"]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(layers.add_rms_norm(h, y, norm), want):  # with a gradient: the add, then _RMSNormCpp
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+    assert calls == ["rms_norm_residual_forward", "rms_norm_forward"]
 
 
 @pytest.mark.parametrize("shape", [(2, 600, 70), (1, 1, 64), (3, 5, 8)])

@@ -52,8 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from architectures.config import ModelConfig
-from architectures.layers import (CausalConv, RMSNorm, SwiGLU, apply_rope_periodic, constant_table, keep_state,
-                                  rope_period)
+from architectures.layers import (CausalConv, RMSNorm, SwiGLU, add_rms_norm, apply_rope_periodic, constant_table,
+                                  conv_residual, keep_state, rope_period)
 from architectures.backends import BackendUnavailable, resolve, runs, triton_interpreting, triton_unavailable
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt import cpu_scan
@@ -392,13 +392,17 @@ class TTTBlock(nn.Module):
                 norm.cpp = self.ttt.backend == "cpp"  # backend=cpp: the norms' inference in C++ too
 
     def forward(self, h: torch.Tensor, cache: TTTCache | None = None) -> torch.Tensor:
-        if self.ttt.backbone == "mamba":
-            y, state = self.pre_conv(self.conv_norm(h), None if cache is None else cache.conv_pre)
+        if self.ttt.backbone == "mamba":  # h + conv(norm(h)) and the TTT norm after it, one C++ pass in a cpp prefill
+            h, x, state = conv_residual(h, self.conv_norm, self.pre_conv, self.ttt_norm,
+                                        None if cache is None else cache.conv_pre)
             if cache is not None:
                 cache.conv_pre = keep_state(cache.conv_pre, state)
-            h = h + y
-        h = h + self.ttt(self.ttt_norm(h), cache)
-        return h if self.ffn is None else h + self.ffn(self.ffn_norm(h))
+        else:
+            x = self.ttt_norm(h)
+        if self.ffn is None:
+            return h + self.ttt(x, cache)
+        h, x = add_rms_norm(h, self.ttt(x, cache), self.ffn_norm)  # one C++ pass in a cpp prefill
+        return h + self.ffn(x)
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> TTTCache:
         return TTTCache()
