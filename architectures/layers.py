@@ -234,7 +234,7 @@ def conv_residual(h: torch.Tensor, norm_in: RMSNorm, conv: CausalConv, norm_out:
         h = h.contiguous()
         B, _, C = h.shape
         h_out, x, new_state = torch.empty_like(h), torch.empty_like(h), h.new_empty(B, k - 1, C)
-        state = None if state is None else state.contiguous()
+        state = None if state is None else state.to(h.dtype).contiguous()
         CONV_KERNEL.call("conv_residual_forward", h.dtype, h, state, *(w.contiguous() for w in weights), h_out, x,
                          new_state, B, T, C, k, float(norm_in.eps), torch.get_num_threads())
         return h_out, x, new_state
