@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "parallel_jobs.h"
+#include "rms.h"
 
 namespace {
 
@@ -89,19 +90,11 @@ void backward_job(const T* xp, const T* w_ck, const T* dy, T* dxp, T* dwb, const
   std::copy(acc.begin(), acc.end(), dwb + job * (s.k + 1) * s.C);
 }
 
-// The TTT block's pre-conv without a gradient (layers.conv_residual_cpp), its norms around it in the same pass:
+// The TTT block's pre-conv without a gradient (layers.conv_residual), its norms around it in the same pass:
 //   n = RMSNorm(h) w_in,   h' = h + CausalConv(n),   x = RMSNorm(h') w_out
 // h, h', x (B, T, C); the conv's k - 1 earlier inputs (rows of n) from `state` (B, k - 1, C), or zeros where null,
 // and its new state (the last k - 1 rows of n, T >= k - 1) into state_out. A job is one sequence and SPAN rows; it
 // normalises the k - 1 rows before its span again rather than wait for the job that owns them.
-template <class T>
-T inverse_rms(const T* x, int64_t C, T eps) {
-  T ss = 0;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t c = 0; c < C; c++) ss += x[c] * x[c];
-  return T(1) / std::sqrt(ss / T(C) + eps);
-}
-
 template <class T>
 void residual_job(const T* h, const T* state, const T* w_in, const T* w_ck, const T* bias, const T* w_out, T* h_out,
                   T* x_out, T* state_out, const Conv& s, T eps, int64_t job) {

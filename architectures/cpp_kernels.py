@@ -2,7 +2,7 @@
 causal_conv.cpp and rms_norm.cpp): built on first use, loaded with ctypes.
 
 Each kernel is one C++ file with `extern "C"` entry points that take raw pointers and int64 sizes (no PyTorch
-headers: a build takes 1 to 4 s), plus the headers beside this module (parallel_jobs.h).
+headers: a build takes 1 to 4 s), plus the headers beside this module (parallel_jobs.h, rms.h).
 `Library(source)` compiles it with the C++ compiler `$CXX` (default `c++`) into $TTT_BENCH_CACHE (default
 ~/.cache/ttt-bench)/kernels, named by a hash of the source and headers, the flags, the compiler and the host
 (it is built for this host's CPU, -march=native, so hosts sharing a home directory each build their own),
@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-INCLUDE = Path(__file__).parent  # the headers the kernels share (parallel_jobs.h)
+INCLUDE = Path(__file__).parent  # the headers the kernels share (parallel_jobs.h, rms.h)
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c++17",
                  *(["-mprefer-vector-width=512"] if platform.machine().lower() in ("x86_64", "amd64") else []))
 LINK_FLAGS = ("-shared", "-pthread")

@@ -10,18 +10,11 @@
 #include <cstdint>
 
 #include "parallel_jobs.h"
+#include "rms.h"
 
 namespace {
 
 constexpr int64_t ROWS = 256;  // rows per job
-
-template <class T>
-T inverse_rms(const T* x, int64_t d, T eps) {
-  T ss = 0;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t c = 0; c < d; c++) ss += x[c] * x[c];
-  return T(1) / std::sqrt(ss / T(d) + eps);
-}
 
 template <class T>
 void rows_job(const T* x, const T* w, T* y, int64_t rows, int64_t d, T eps, int64_t job) {
