@@ -93,7 +93,7 @@ void backward_job(const T* xp, const T* w_ck, const T* dy, T* dxp, T* dwb, const
 // The TTT block's pre-conv without a gradient (layers.conv_residual), its norms around it in the same pass:
 //   n = RMSNorm(h) w_in,   h' = h + CausalConv(n),   x = RMSNorm(h') w_out
 // h, h', x (B, T, C); the conv's k - 1 earlier inputs (rows of n) from `state` (B, k - 1, C), or zeros where null,
-// and its new state (the last k - 1 rows of n, T >= k - 1) into state_out. A job is one sequence and SPAN rows; it
+// and its new state (the last k - 1 rows of [state, n]) into state_out. A job is one sequence and SPAN rows; it
 // normalises the k - 1 rows before its span again rather than wait for the job that owns them.
 template <class T>
 void residual_job(const T* h, const T* state, const T* w_in, const T* w_ck, const T* bias, const T* w_out, T* h_out,
@@ -128,9 +128,13 @@ void residual_job(const T* h, const T* state, const T* w_in, const T* w_ck, cons
 #pragma omp simd
     for (int64_t c = 0; c < C; c++) xo[c] = ho[c] * scale * w_out[c];
   }
-  for (int64_t r = std::max(lo, s.T - (s.k - 1)); r < hi; r++) {  // the new state: n's last k - 1 rows
-    const T* nr = n.data() + (r - first) * C;
-    std::copy(nr, nr + C, state_out + (b * (s.k - 1) + r - (s.T - (s.k - 1))) * C);
+  if (hi < s.T) return;  // the last job writes the new state: the last k - 1 rows of [state, n]
+  for (int64_t i = 0; i < s.k - 1; i++) {
+    const int64_t r = s.T - (s.k - 1) + i;  // n's row r (r >= first here), or the old state's row k - 1 + r
+    const T* src = r >= 0   ? n.data() + (r - first) * C
+                   : state ? state + (b * (s.k - 1) + s.k - 1 + r) * C
+                           : zeros.data();
+    std::copy(src, src + C, state_out + (b * (s.k - 1) + i) * C);
   }
 }
 

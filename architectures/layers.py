@@ -222,13 +222,13 @@ def conv_residual(h: torch.Tensor, norm_in: RMSNorm, conv: CausalConv, norm_out:
                   state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The TTT block's pre-conv and the norm after it: h' = h + conv(norm_in(h)) and x = norm_out(h'), with the
     conv's new state. h (B, T, C); state (B, k - 1, C) or None (zeros). Returns (h', x, new state). Where the three
-    run in C++ (their `cpp` set by a block whose backend is cpp), in fp32 on CPU without a gradient over at least
-    k - 1 tokens (a prefill), one C++ pass (causal_conv.cpp's conv_residual_forward) in place of their four calls
-    and the add, which at a prefill of 1k tokens cost mostly their fixed cost per call; else the modules one by one.
-    tests/test_mamba.py checks the two agree."""
+    run in C++ (their `cpp` set by a block whose backend is cpp), in fp32 on CPU without a gradient (a prefill, a
+    decode step), one C++ pass (causal_conv.cpp's conv_residual_forward) in place of their four calls and the add,
+    which at a prefill of 1k tokens cost mostly their fixed cost per call, and at a decode step all of it; else the
+    modules one by one. tests/test_mamba.py checks the two agree."""
     T, k = h.shape[1], conv.width
     weights = (norm_in.weight, conv.weight, conv.bias, norm_out.weight)
-    if (norm_in.cpp and conv.cpp and norm_out.cpp and T >= k - 1 and h.device.type == "cpu"
+    if (norm_in.cpp and conv.cpp and norm_out.cpp and h.device.type == "cpu"
             and all(t.dtype == torch.float32 for t in (h, *weights)) and norm_in.eps == norm_out.eps
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
         h = h.contiguous()

@@ -391,14 +391,14 @@ def test_the_convs_and_norms_run_in_cpp_exactly_where_the_layers_backend_is_cpp(
         assert all(m.cpp == (backend == "cpp") for m in norms) and not model.norm.cpp, arch
 
 
-@pytest.mark.parametrize("T", [600, 5, 3, 2])
+@pytest.mark.parametrize("T", [600, 5, 3, 2, 1])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_conv_residual_in_one_cpp_pass_equals_the_modules(T, with_state, monkeypatch):
     """layers.conv_residual, the TTT block's h + conv(norm_in(h)) and norm_out of it: with the modules' `cpp` set, in
     fp32 without a gradient, one C++ pass (causal_conv.cpp's conv_residual_forward) whose h', x and new conv state
     equal the PyTorch ops' (F.rms_norm, the conv's shifted products), from zeros or from a given state (600 tokens:
-    jobs of 256 that normalise the rows before their span again; 3 = k - 1 tokens, the fewest it takes; 2 tokens go
-    through the modules one by one)."""
+    jobs of 256 that normalise the rows before their span again; 3 = k - 1 tokens; 2 and 1 tokens, a decode step:
+    the new state partly the old one's rows)."""
     import architectures.layers as layers
 
     g = torch.Generator().manual_seed(2)
@@ -416,7 +416,7 @@ def test_conv_residual_in_one_cpp_pass_equals_the_modules(T, with_state, monkeyp
         call = layers.CONV_KERNEL.call
         monkeypatch.setattr(layers.CONV_KERNEL, "call", lambda name, *a: calls.append(name) or call(name, *a))
         got = layers.conv_residual(h, norm_in, conv, norm_out, state)
-    assert calls == (["conv_residual_forward"] if T >= 3 else ["causal_conv_forward"])
+    assert calls == ["conv_residual_forward"]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
