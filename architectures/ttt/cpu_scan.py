@@ -11,12 +11,12 @@ stays as it is. Without a gradient (prefill, generation) `infer` takes the layer
 the work around the loop too (M, the LN, the residual), keeping no per-mini-batch state: cpu-xs prefill about
 1.4x faster per token at 1k-8k than through the training loop. It reads q, k, v and a where they lie (the layer's
 head-transposed views, cpu_scan.cpp's Rows), forms the target v - k itself and writes its output in the layout
-the layer reads back, so a prefill copies none of them. In a prefill of whole mini-batches (TTTLayer._cpp_prefill)
-the same call also computes q and k as the Mamba backbone's convs of x Wq (Convs), rotates them by RoPE (a table of
-one mini-batch's angles) and computes the key factor from the layer's input (Gate); `output` then applies the
-post-norm and the gate. `decode` does the same for the tokens inside one
-mini-batch (decoding) in place of the dual form's two dozen ops per token (a whole cpu-xs decode step of
-`ttt_linear_base`, with layer.py's RoPE table: 1.17 -> 0.73 ms). The library is built on first use
+the layer reads back, so a prefill copies none of them. `decode` does the same for the tokens inside one mini-batch
+(decoding) in place of the dual form's two dozen ops per token (a whole cpu-xs decode step of `ttt_linear_base`,
+with layer.py's RoPE table: 1.17 -> 0.73 ms). In a prefill of whole mini-batches (TTTLayer._cpp_prefill) `infer`
+also computes q and k as the Mamba backbone's convs of x Wq (Convs), rotates them by RoPE (a table of one
+mini-batch's angles) and computes the key factor from the layer's input (Gate); `output` then applies the
+post-norm and the gate. The library is built on first use
 (architectures/cpp_kernels.py); tests/test_ttt.py checks forward and backward against the eager loops and, through
 the layer, against the dual form, and `infer` and `decode` against the dual form (`infer` also against the
 token-by-token reference). TTT-MLP runs the same way: without a gradient infer_mlp and decode_mlp (dual._piece_mlp's
