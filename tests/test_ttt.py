@@ -686,6 +686,39 @@ def test_cpp_inference_rotates_q_and_k_and_computes_the_key_factor(inner, f, qk)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("qk", ["given", "convs from states"])
+def test_cpp_gather_is_decodings_q_k_target_and_key_factor(qk):
+    """cpu_scan.gather (the inputs of tokens inside one mini-batch, TTTLayer._cpp_decode): for 7 tokens at positions 5
+    .. 11 of their mini-batch, q and k (given, or the convs of u from given states) rotated by the RoPE of those
+    positions, the target v - k and a = scale * sigmoid(x theta^T + bias), contiguous, equal to the same formulas in
+    fp64 (1e-12)."""
+    from architectures.layers import CausalConv
+    from architectures.ttt import cpu_scan
+
+    B, H, c, f, pos0 = 2, 2, 7, 8, 5
+    d = H * f
+    g = torch.Generator().manual_seed(7)
+    q, k, v = _laid_out_as_the_layer(*(torch.randn(B, H, c, f, generator=g, dtype=F64) for _ in range(3)))
+    x = torch.randn(B, c, d, generator=g, dtype=F64)
+    theta, bias = 0.3 * torch.randn(H, d, generator=g, dtype=F64), torch.randn(H, generator=g, dtype=F64)
+    angles = torch.arange(16, dtype=F64)[:, None] * 1e4 ** (-torch.arange(0, f, 2, dtype=F64) / f)  # (16, f/2)
+    q_in, k_in = q, k
+    if qk != "given":
+        u = torch.randn(B, c, d, generator=g, dtype=F64)
+        convs = [CausalConv(d, 4).double() for _ in range(2)]
+        states = [torch.randn(B, 3, d, generator=g, dtype=F64) for _ in range(2)]
+        with torch.no_grad():
+            q, k = (conv(u, st)[0].view(B, c, H, f).transpose(1, 2) for conv, st in zip(convs, states))
+        q_in, k_in = cpu_scan.Convs(u, convs[0].weight, convs[0].bias, convs[1].weight, convs[1].bias, *states), None
+    with torch.no_grad():
+        got = cpu_scan.gather(q_in, k_in, v, cpu_scan.Gate(x, theta, bias, 0.1), (angles.cos(), angles.sin()), pos0)
+    q_rot, k_rot = (_rotated(t, angles[pos0:pos0 + c]) for t in (q, k))
+    want = (q_rot, k_rot, v - k_rot, (0.1 * torch.sigmoid(x @ theta.T + bias)).transpose(1, 2))
+    for a, b in zip(got, want):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_cpp_output_is_the_post_norm_times_the_gelu_gate(gated):
     """cpu_scan.output (the layer's output before Wo in C++): LayerNorm over each token's d features with the
@@ -706,12 +739,13 @@ def test_cpp_output_is_the_post_norm_times_the_gelu_gate(gated):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_cpp_prefill_equals_the_layers_step_by_step_path(arch, monkeypatch):
-    """A prefill of whole mini-batches under backend=cpp takes TTTLayer._cpp_prefill (the convs, the RoPE, the key
-    factor and the inner loop in one C++ call, the post-norm and the gate in another): in fp32 its logits, those of
-    a second prefill from its cache and of the decode steps after, equal the same model's with the layer's ops run
-    one by one (_inner_loop), every arch. Decode steps, a prefill of 20 tokens and one that continues a cache mid
-    mini-batch take _inner_loop."""
+def test_cpp_prefill_and_decode_equal_the_layers_step_by_step_path(arch, monkeypatch):
+    """Under backend=cpp a prefill of whole mini-batches takes TTTLayer._cpp_prefill (the convs, the RoPE, the key
+    factor and the inner loop in one C++ call, the post-norm and the gate in another) and tokens inside one
+    mini-batch take _cpp_decode (cpu_scan.gather, then the decode kernel): in fp32 the logits of two prefills (the
+    second from the first's cache), five decode steps, the 11 tokens that finish their mini-batch at once and a step
+    that starts the next equal the same model's with the layer's ops run one by one (_inner_loop), every arch. A
+    prefill of 20 tokens, or of 16 from the middle of a mini-batch, takes _inner_loop."""
     inner, backbone = ARCHS[arch]
     torch.manual_seed(0)
     cfg = ModelConfig(arch, 61, 32, 2, 2, 48, 128, options={"inner": inner, "backbone": backbone, "mini_batch": 16,
@@ -721,28 +755,35 @@ def test_cpp_prefill_equals_the_layers_step_by_step_path(arch, monkeypatch):
         for name, p in model.named_parameters():
             if name.split(".")[-1] in ("bias", "token_offset", "W", "b", "W1", "W2"):
                 p.add_(0.1 * torch.randn_like(p))
-    idx = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1))
-    applies, taken = TTTLayer._cpp_prefill_applies, []
-    monkeypatch.setattr(TTTLayer, "_cpp_prefill_applies", lambda *args: taken.append(applies(*args)) or taken[-1])
+    idx = torch.randint(0, 61, (2, 49), generator=torch.Generator().manual_seed(1))
+    paths = {name: getattr(TTTLayer, name) for name in ("_cpp_prefill_applies", "_cpp_decode_applies")}
+    taken = []
 
-    def prefill_then_decode():  # two prefills (the second continues the first's cache), then five decode steps
-        state = model.new_state(2, 64)
+    def recording(on: bool):
+        for name, applies in paths.items():
+            monkeypatch.setattr(TTTLayer, name, (lambda f, n: lambda *args: f(*args) and not taken.append(n))(
+                applies, name) if on else (lambda *args: False))
+
+    def run():  # per call: 16, 16 (whole mini-batches), 5 x 1, 11 (finishing the mini-batch), 1 (starting the next)
+        state, spans = model.new_state(2, 64), [(0, 16), (16, 32), *[(t, t + 1) for t in range(32, 37)], (37, 48),
+                                                (48, 49)]
         with torch.no_grad():
-            prefills = [model(idx[:, :16], state), model(idx[:, 16:32], state)]
-            return torch.cat(prefills + [model(idx[:, t:t + 1], state) for t in range(32, 37)], 1)
+            return torch.cat([model(idx[:, lo:hi], state) for lo, hi in spans], 1)
 
-    got = prefill_then_decode()
-    assert taken == [True] * 4 + [False] * 10, taken  # the prefills' two layers each; not the decode steps'
-    monkeypatch.setattr(TTTLayer, "_cpp_prefill_applies", lambda *args: False)
-    torch.testing.assert_close(got, prefill_then_decode(), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(TTTLayer, "_cpp_prefill_applies", lambda *args: taken.append(applies(*args)) or taken[-1])
+    recording(True)
+    got = run()
+    assert taken == ["_cpp_prefill_applies"] * 4 + ["_cpp_decode_applies"] * 14, taken  # two layers per call
+    recording(False)
+    torch.testing.assert_close(got, run(), rtol=1e-5, atol=1e-5)
+    recording(True)
     taken.clear()
     with torch.no_grad():
         model(idx[:, :20], model.new_state(2, 64))  # 20 tokens: a trailing partial mini-batch
         state = model.new_state(2, 64)
         model(idx[:, :5], state)
+        taken.clear()
         model(idx[:, 5:21], state)  # 16 tokens from the middle of a mini-batch
-    assert not any(taken), taken
+    assert taken == [], taken
 
 
 def test_cpp_inference_leaves_the_initial_weights_alone():

@@ -325,9 +325,11 @@ struct MiniBatchRows {
   HeadConvs<T> convs;
   MiniBatchRows(const InferInputs<T>& in, int64_t h, int64_t c, int64_t f)
       : Q(c * f), K(c * f), t(c * f), a(c), q_raw(f), k_raw(f), convs(in, h, f) {}
-  void gather(const InferInputs<T>& in, int64_t j, int64_t H, int64_t t0, int64_t c, int64_t f) {
+  // rows t0 .. t0 + c - 1 of (sequence, head) j; pos0: the first row's position in its mini-batch (the RoPE's)
+  void gather(const InferInputs<T>& in, int64_t j, int64_t H, int64_t t0, int64_t c, int64_t f, int64_t pos0 = 0) {
     const int64_t b = j / H, h = j % H;
     for (int64_t row = 0; row < c; row++) {
+      const T *cos = in.cos + (pos0 + row) * (f / 2), *sin = in.sin + (pos0 + row) * (f / 2);
       const int64_t at = in.qkv.at(j, H, t0 + row);
       T *Qr = Q.data() + row * f, *Kr = K.data() + row * f, *tr = t.data() + row * f;
       const T *qs = in.q + at, *ks = in.k + at;  // q and k before the RoPE
@@ -336,8 +338,8 @@ struct MiniBatchRows {
         qs = q_raw.data(), ks = k_raw.data();
       }
       if (in.cos) {
-        rotate_pairs(qs, in.cos + row * (f / 2), in.sin + row * (f / 2), Qr, f);
-        rotate_pairs(ks, in.cos + row * (f / 2), in.sin + row * (f / 2), Kr, f);
+        rotate_pairs(qs, cos, sin, Qr, f);
+        rotate_pairs(ks, cos, sin, Kr, f);
       } else {
         std::copy(qs, qs + f, Qr);
         std::copy(ks, ks + f, Kr);
@@ -354,6 +356,21 @@ struct MiniBatchRows {
     }
   }
 };
+
+// Inference's inputs for tokens inside one mini-batch (decoding, TTTLayer._cpp_decode): the c rows of q, k (from
+// the convs, rotated at positions pos0 .. pos0 + c - 1 of their mini-batch), the target t = v - k and a of one
+// (sequence, head), as MiniBatchRows gathers them, written contiguous, q, k, t (BH, c, f) and a (BH, c), for the
+// decode kernels.
+template <typename T>
+void gather_job(const InferInputs<T>& src, int64_t pos0, T* q, T* k, T* t, T* a, int64_t H, int64_t c, int64_t f,
+                int64_t j) {
+  MiniBatchRows<T> in(src, j % H, c, f);
+  in.gather(src, j, H, 0, c, f, pos0);
+  std::copy(in.Q.begin(), in.Q.end(), q + j * c * f);
+  std::copy(in.K.begin(), in.K.end(), k + j * c * f);
+  std::copy(in.t.begin(), in.t.end(), t + j * c * f);
+  std::copy(in.a.begin(), in.a.end(), a + j * c);
+}
 
 // out's c rows from a contiguous block
 template <typename T>
@@ -847,6 +864,12 @@ extern "C" {
       decode_job<T>(q, k, tb, ab, tok, T(tok_last), gam, bet, W, b, GW_in, Gb_in, GW, Gb, W_out, b_out, out, c,  \
                     H, f, j);                                                                                    \
     });                                                                                                          \
+  }                                                                                                              \
+  void ttt_infer_gather_##suffix(INFER_INPUTS_ARGS(T), int64_t pos0, T* q_out, T* k_out, T* t_out, T* a_out,       \
+                                 int64_t BH, int64_t H, int64_t c, int64_t f, int64_t threads) {                 \
+    const InferInputs<T> src = INFER_INPUTS(T);                                                                  \
+    parallel_jobs(BH, threads,                                                                                   \
+                  [&](int64_t j) { gather_job<T>(src, pos0, q_out, k_out, t_out, a_out, H, c, f, j); });         \
   }                                                                                                              \
   void ttt_mlp_infer_##suffix(INFER_INPUTS_ARGS(T), const T* tok, const T* gam, const T* bet, T* W1, T* b1, T* W2, \
                               T* b2, T* out, int64_t out_b, int64_t out_h, int64_t out_t, int64_t n, int64_t BH,  \

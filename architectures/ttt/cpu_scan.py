@@ -167,6 +167,20 @@ def infer(q, k, v, a, tok, gamma, beta, W0, b0, rope=None):
     return out, W, b
 
 
+def gather(q, k, v, a, rope, pos0: int) -> tuple[torch.Tensor, ...]:
+    """Inference's inputs for tokens inside one mini-batch (decoding: TTTLayer._cpp_decode), in one call: q, k, v and
+    a as `infer` takes them (q a Convs and k None on the Mamba backbone; a a Gate), rope the tables (b, f/2) of a
+    mini-batch's positions, pos0 the first token's position in its mini-batch. Returns q, k rotated, the target
+    t = v - k (B, H, c, f) and a (B, H, c), contiguous, as `decode` and `decode_mlp` read them."""
+    B, H, c, f = v.shape
+    dt = v.dtype
+    inputs = _infer_inputs(dt, q, k, v, a, rope)
+    q, k, t = (torch.empty(B, H, c, f, dtype=dt) for _ in range(3))
+    a = torch.empty(B, H, c, dtype=dt)
+    KERNEL.call("ttt_infer_gather", dt, *inputs, int(pos0), q, k, t, a, B * H, H, c, f, torch.get_num_threads())
+    return q, k, t, a
+
+
 def output(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor | None,
            eps: float) -> torch.Tensor:
     """The layer's output before Wo without a gradient, one C++ pass per token: LayerNorm(z) with the layer's post_norm

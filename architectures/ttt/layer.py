@@ -264,6 +264,8 @@ class TTTLayer(nn.Module):
         H, f = self.n_heads, self.head_dim
         if self._cpp_prefill_applies(x, cache):
             return self._cpp_prefill(x, cache)
+        if self._cpp_decode_applies(x, cache):
+            return self._cpp_decode(x, cache)
         seen = 0 if cache is None else cache.seen
         if self.backbone == "mamba":
             u = self.wq(x)
@@ -284,18 +286,22 @@ class TTTLayer(nn.Module):
             y = y * F.gelu(self.wg(x), approximate="tanh")  # inner.gelu_tanh's formula, in one fused op each way
         return self.wo(y)
 
+    def _cpp_eager(self, x: torch.Tensor) -> bool:
+        """Whether x goes through the C++ inference paths at all: backend cpp without a gradient, eagerly, without
+        autocast, on a CPU x in fp32, the inner loop's dtype. fp64 layers (the tests' oracle runs) keep the ops one by
+        one, whose RoPE rotates in fp32 as on every other path; tests/test_ttt.py checks the C++ paths' kernels in
+        fp64 and the layer in fp32."""
+        return (self.backend == "cpp" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled("cpu") and x.device.type == "cpu"
+                and x.dtype == self.post_norm.weight.dtype == torch.float32)
+
     def _cpp_prefill_applies(self, x: torch.Tensor, cache: TTTCache | None) -> bool:
-        """Whether _cpp_prefill runs this call: backend cpp without a gradient, eagerly, without autocast, on a CPU x
-        in the inner loop's dtype, over whole mini-batches from a mini-batch's start (a prefill of a multiple of b
-        tokens). Else the layer's ops run one by one, the inner loop through _inner_loop (decode steps too)."""
-        if (self.backend != "cpp" or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch.is_autocast_enabled("cpu")):
+        """Whether _cpp_prefill runs this call: _cpp_eager, over whole mini-batches from a mini-batch's start (a
+        prefill of a multiple of b tokens). Else _cpp_decode where it applies, or the layer's ops one by one."""
+        if not self._cpp_eager(x):
             return False
-        state = None if cache is None else cache.inner
-        T = x.shape[1]
-        dt = torch.promote_types(self.post_norm.weight.dtype, torch.float32)
-        return (x.device.type == "cpu" and x.dtype == dt and T > 0 and T % self.mini_batch == 0
-                and (cache is None or cache.seen % self.mini_batch == 0)
+        state, T = None if cache is None else cache.inner, x.shape[1]
+        return (T > 0 and T % self.mini_batch == 0 and (cache is None or cache.seen % self.mini_batch == 0)
                 and (state is None or (state.offset == 0 and not state.acc)))
 
     def _cpp_prefill(self, x: torch.Tensor, cache: TTTCache | None) -> torch.Tensor:
@@ -305,33 +311,85 @@ class TTTLayer(nn.Module):
         At a prefill of 1k tokens the two dozen ops they take one by one cost more than their arithmetic. x (B, T, d)
         -> (B, T, d), the same numbers as forward's ops to fp32 rounding (tests/test_ttt.py)."""
         B, T, d = x.shape
-        H, f = self.n_heads, self.head_dim
-        v = self.wv(x).view(B, T, H, f).transpose(1, 2)  # (B, H, T, f), laid out (B, T, H, f)
-        if self.backbone == "mamba":
-            u = self.wq(x)
-            q_state, k_state = (None, None) if cache is None else (cache.conv_q, cache.conv_k)
-            q, k = cpu_scan.Convs(u, self.conv_q.weight, self.conv_q.bias, self.conv_k.weight, self.conv_k.bias,
-                                  q_state, k_state), None
-        else:
-            q, k = (w(x).view(B, T, H, f).transpose(1, 2) for w in (self.wq, self.wk))
+        v = self.wv(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, f), laid out (B, T, H, f)
+        q, k, u = self._qk_inputs(x, cache)
         state = cache.inner if cache is not None and cache.inner is not None else self.initial_state(x.dtype)
-        a = (cpu_scan.Gate(x, self.lr_gate.weight, self.lr_gate.bias, self.base_lr_now / self.head_dim)
-             if self.learnable_lr else self.key_factor(x))  # key_factor's a, from x in the kernel
-        rope = rope_period(f, self.mini_batch, self.rope_theta, x.device)  # (b, f/2) each: positions 0 .. b - 1
-        #   of every mini-batch
+        rope = rope_period(self.head_dim, self.mini_batch, self.rope_theta, x.device)  # (b, f/2) each: positions
+        #   0 .. b - 1 of every mini-batch
         tok, (gamma, beta) = self.token_factor().to(x.dtype), self.inner_ln_params(x.dtype)
+        a = self._key_factor_input(x)
         if self.inner == "linear":
             z, W, b = cpu_scan.infer(q, k, v, a, tok, gamma, beta, state.params["W"], state.params["b"], rope)
             weights = {"W": W, "b": b}
         else:
             z, weights = cpu_scan.infer_mlp(q, k, v, a, tok, gamma, beta, state.params, rope)
+        self._keep_conv_states(u, cache)
         if cache is not None:
             cache.inner = InnerState(weights)
-            if self.backbone == "mamba":  # after the call, which read the states (keep_state writes them in place)
-                cache.conv_q = keep_state(q_state, self.conv_q.next_state(u, q_state))
-                cache.conv_k = keep_state(k_state, self.conv_k.next_state(u, k_state))
-        z = z.transpose(1, 2).reshape(B, T, d)  # a view: the kernel writes (B, T, H, f)
+        return self._output(x, z)  # z laid out (B, T, H, f): its transpose back is a view
+
+    def _cpp_decode_applies(self, x: torch.Tensor, cache: TTTCache | None) -> bool:
+        """Whether _cpp_decode runs this call: as _cpp_prefill (_cpp_eager) with a cache, over tokens that stay
+        inside one mini-batch (a decode step; the tokens that finish an open mini-batch)."""
+        if cache is None or not self._cpp_eager(x):
+            return False
+        offset = 0 if cache.inner is None else cache.inner.offset
+        return 0 < x.shape[1] and offset + x.shape[1] <= self.mini_batch and cache.seen % self.mini_batch == offset
+
+    def _cpp_decode(self, x: torch.Tensor, cache: TTTCache) -> torch.Tensor:
+        """Tokens inside one mini-batch (where _cpp_decode_applies) with everything between the layer's products in
+        C++: one call gathers q and k (the Mamba backbone's convs from the cache's states), rotates them at their
+        positions in the mini-batch, forms the target and computes a (cpu_scan.gather); the decode kernel runs the
+        tokens through the accumulators (cpu_scan.decode, decode_mlp, as dual.ttt_dual's pieces); cpu_scan.output
+        applies the post-norm and the gate. x (B, T, d) -> (B, T, d)."""
+        B, T, d = x.shape
+        dt, b = x.dtype, self.mini_batch
+        v = self.wv(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k, u = self._qk_inputs(x, cache)
+        state = cache.inner if cache.inner is not None else self.initial_state(dt)
+        off = state.offset
+        rope = rope_period(self.head_dim, b, self.rope_theta, x.device)
+        q, k, t, a = cpu_scan.gather(q, k, v, self._key_factor_input(x), rope, off)
+        self._keep_conv_states(u, cache)
+        tok, (gamma, beta) = self.token_factor().to(dt)[off:off + T], self.inner_ln_params(dt)
+        complete = off + T == b
+        if self.inner == "linear":
+            z, new, acc = cpu_scan.decode(q, k, t, a, tok, complete, gamma, beta, state.params["W"],
+                                          state.params["b"], state.acc)
+        else:
+            z, new, acc = cpu_scan.decode_mlp(q, k, t, a, tok, complete, gamma, beta, state.params, state.acc)
+        cache.inner = InnerState({**state.params, **new}, acc, (off + T) % b)
+        return self._output(x, z)
+
+    def _qk_inputs(self, x: torch.Tensor, cache: TTTCache | None):
+        """q and k as the C++ inference paths take them: the Mamba backbone's convs of u = x Wq (cpu_scan.Convs, with
+        the cache's conv states) and None, or the projections (B, H, T, f); and u (None on the Transformer backbone),
+        from which the caller takes the convs' new states after the call."""
+        B, T, d = x.shape
+        if self.backbone != "mamba":
+            return *(w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk)), None
+        u = self.wq(x)
+        states = (None, None) if cache is None else (cache.conv_q, cache.conv_k)
+        return cpu_scan.Convs(u, self.conv_q.weight, self.conv_q.bias, self.conv_k.weight, self.conv_k.bias,
+                              *states), None, u
+
+    def _key_factor_input(self, x: torch.Tensor):
+        """key_factor's a as the C++ inference paths take it: a cpu_scan.Gate from x, or a itself (learnable_lr off)."""
+        if self.learnable_lr:
+            return cpu_scan.Gate(x, self.lr_gate.weight, self.lr_gate.bias, self.base_lr_now / self.head_dim)
+        return self.key_factor(x)
+
+    def _keep_conv_states(self, u: torch.Tensor | None, cache: TTTCache | None) -> None:
+        """The convs' states after u (after the C++ call, which read the old ones: keep_state writes in place)."""
+        if u is not None and cache is not None:
+            cache.conv_q = keep_state(cache.conv_q, self.conv_q.next_state(u, cache.conv_q))
+            cache.conv_k = keep_state(cache.conv_k, self.conv_k.next_state(u, cache.conv_k))
+
+    def _output(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Wo of the post-norm and the gate (cpu_scan.output, one C++ pass) of the inner loop's z (B, H, T, f)."""
+        B, T, d = x.shape
         gate = self.wg(x) if self.backbone == "mamba" else None
+        z = z.transpose(1, 2).reshape(B, T, d)
         return self.wo(cpu_scan.output(z, self.post_norm.weight, self.post_norm.bias, gate, self.post_norm.eps))
 
     def _inner_loop(self, q, k, v, a, cache: TTTCache | None) -> torch.Tensor:
