@@ -55,12 +55,18 @@ def _rms_norm_cpp(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return y
 
 
+def cpp_inference(*tensors: torch.Tensor) -> bool:
+    """Whether a C++ inference pass (no autograd node) may take these tensors: all fp32 on CPU, no gradient being
+    recorded, and not inside torch.compile (where a C++ call would break the graph)."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors))
+
+
 def add_rms_norm(h: torch.Tensor, y: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """A residual add and the norm after it: (h + y, norm(h + y)), h and y (..., d). One C++ pass (rms_norm.cpp)
     where the norm's forward runs in C++ without a gradient (RMSNorm: `cpp` set, fp32 on CPU, not compiling) and h, y
     are fp32 too; else the add and the norm."""
-    if (norm.cpp and h.dtype == y.dtype == norm.weight.dtype == torch.float32 and h.device.type == "cpu"
-            and h.shape == y.shape and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+    if norm.cpp and h.shape == y.shape and cpp_inference(h, y, norm.weight):
         h, y = h.contiguous(), y.contiguous()
         out, normed = torch.empty_like(h), torch.empty_like(h)
         d = h.shape[-1]
@@ -80,8 +86,7 @@ class _RMSNormCpp(torch.autograd.Function):
         x, weight = x.contiguous(), weight.contiguous()
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        with torch.no_grad():
-            return _rms_norm_cpp(x, weight, eps)
+        return _rms_norm_cpp(x, weight, eps)  # autograd records no ops inside a Function's forward
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -228,9 +233,7 @@ def conv_residual(h: torch.Tensor, norm_in: RMSNorm, conv: CausalConv, norm_out:
     modules one by one. tests/test_mamba.py checks the two agree."""
     T, k = h.shape[1], conv.width
     weights = (norm_in.weight, conv.weight, conv.bias, norm_out.weight)
-    if (norm_in.cpp and conv.cpp and norm_out.cpp and h.device.type == "cpu"
-            and all(t.dtype == torch.float32 for t in (h, *weights)) and norm_in.eps == norm_out.eps
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+    if norm_in.cpp and conv.cpp and norm_out.cpp and norm_in.eps == norm_out.eps and cpp_inference(h, *weights):
         h = h.contiguous()
         B, _, C = h.shape
         h_out, x, new_state = torch.empty_like(h), torch.empty_like(h), h.new_empty(B, k - 1, C)

@@ -71,6 +71,13 @@ def _rows(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _rows_unit_stride(dt, x: torch.Tensor) -> torch.Tensor:
+    """x in dtype dt as it lies where its last dim has a unit stride (the kernels read rows along it), else a
+    contiguous copy."""
+    x = x.to(dt)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _where_they_lie(dt, q, k, v):
     """q, k, v (B, H, T, f) as inference reads them: in dtype dt, each as it lies where the three share one layout
     with a unit stride along f (the layer's head-transposed projections), else contiguous copies."""
@@ -113,15 +120,12 @@ def _infer_inputs(dt, q, k, v, a: torch.Tensor | Gate, rope: tuple[torch.Tensor,
     if convs is not None:
         if k is not None:
             raise ValueError("inference takes q and k, or Convs as q and k=None")
-        v = v.to(dt)
-        v, q_k = (v if v.stride(-1) == 1 else v.contiguous()), (None, None)
+        v, q_k = _rows_unit_stride(dt, v), (None, None)
     else:
         q, k, v = _where_they_lie(dt, q, k, v)
         q_k = (Strided(q), Strided(k))
     if isinstance(a, Gate):
-        x = a.x.to(dt)
-        if x.stride(-1) != 1:
-            x = x.contiguous()
+        x = _rows_unit_stride(dt, a.x)
         given = (None, 0, 0, 0, Strided(x), x.stride(0), x.stride(1), x.shape[-1], *_as(dt, a.theta, a.bias),
                  float(a.scale))
     else:
@@ -129,8 +133,7 @@ def _infer_inputs(dt, q, k, v, a: torch.Tensor | Gate, rope: tuple[torch.Tensor,
         given = (Strided(a), *_rows(a), None, 0, 0, 0, None, None, 0.0)
     cos_sin = tuple(_as(dt, *rope)) if rope is not None else (None, None)
     if convs is not None:
-        u = convs.u.to(dt)
-        u = u if u.stride(-1) == 1 else u.contiguous()
+        u = _rows_unit_stride(dt, convs.u)
         states = [None if st is None else next(_as(dt, st)) for st in (convs.q_state, convs.k_state)]
         wq, bq, wk, bk = _as(dt, convs.q_weight, convs.q_bias, convs.k_weight, convs.k_bias)
         conv_args = (Strided(u), wq, bq, wk, bk, *states, u.stride(0), u.stride(1), wq.shape[1])

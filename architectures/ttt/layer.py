@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from architectures.config import ModelConfig
 from architectures.layers import (CausalConv, RMSNorm, SwiGLU, add_rms_norm, apply_rope_periodic, constant_table,
-                                  conv_residual, keep_state, rope_period)
+                                  conv_residual, cpp_inference, keep_state, rope_period)
 from architectures.backends import BackendUnavailable, resolve, runs, triton_interpreting, triton_unavailable
 from architectures.ttt.dual import LONG_PIECE, InnerState, ttt_dual
 from architectures.ttt import cpu_scan
@@ -291,9 +291,8 @@ class TTTLayer(nn.Module):
         autocast, on a CPU x in fp32, the inner loop's dtype. fp64 layers (the tests' oracle runs) keep the ops one by
         one, whose RoPE rotates in fp32 as on every other path; tests/test_ttt.py checks the C++ paths' kernels in
         fp64 and the layer in fp32."""
-        return (self.backend == "cpp" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled("cpu") and x.device.type == "cpu"
-                and x.dtype == self.post_norm.weight.dtype == torch.float32)
+        return (self.backend == "cpp" and not torch.is_autocast_enabled("cpu")
+                and cpp_inference(x, self.post_norm.weight))
 
     def _cpp_prefill_applies(self, x: torch.Tensor, cache: TTTCache | None) -> bool:
         """Whether _cpp_prefill runs this call: _cpp_eager, over whole mini-batches from a mini-batch's start (a
