@@ -20,9 +20,10 @@ max_memory_allocated during the point; CPU the peak growth of the process's resi
 after freed heap pages are handed back to the OS (glibc malloc_trim), over calls of its own after the timed ones
 (latency.measure_with_memory: a sampling thread beside the timed calls slowed them).
 Timing (bench/timing.py): warm-up calls until two consecutive ones agree within 10% (at most 6 calls
-or 30 s; `settled` says whether they did), then repeats (fewer for long calls; 48 decode steps), the
-median and the relative spread. A prefill or training point also warms up for at least 0.25 s and is
-timed over at least 0.5 s (at most 60 calls). A point whose spread is over 25% is measured again and, if
+or 30 s; `settled` says whether they did), then repeats (fewer for long calls), the median and the
+relative spread. A prefill or training point also warms up for at least 0.25 s and is timed over at least
+0.5 s (at most 60 calls); a decode point too, over 48 to 1000 steps, its positions cycling through the 48
+after the prompt (bench/latency._rewinding). A point whose spread is over 25% is measured again and, if
 the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. CUDA events on GPU (CUDA graphs
 replay every architecture's decode steps where capture works, a TTT mini-batch of them per replay; the row says
 so), time.perf_counter on CPU; thread count recorded. --compile-decode runs the decode step through torch.compile

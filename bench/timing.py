@@ -50,14 +50,14 @@ STEADY_WINDOW_S = 0.5    # the window of a prefill or training point (bench/thro
 MAX_REPEATS = 60         # timed calls in a window at most
 
 
-def _adaptive_repeats(first: float, cuda: bool, window_s: float = 0.0) -> int:
+def _adaptive_repeats(first: float, cuda: bool, window_s: float = 0.0, max_repeats: int = MAX_REPEATS) -> int:
     """More repeats for short calls, one for calls of seconds: a sweep must stay bounded. With a window,
-    enough calls to fill it (at most MAX_REPEATS)."""
+    enough calls to fill it (at most max_repeats)."""
     if cuda:
         n = 10 if first < 0.5 else 3 if first < 5.0 else 1
     else:
         n = 5 if first < 0.2 else 3 if first < 1.0 else 2 if first < 5.0 else 1
-    return max(n, min(MAX_REPEATS, math.ceil(window_s / max(first, 1e-9)))) if window_s else n
+    return max(n, min(max_repeats, math.ceil(window_s / max(first, 1e-9)))) if window_s else n
 
 
 def relative_spread(times: list[float]) -> float:
@@ -105,17 +105,19 @@ def settle(fn, cuda: bool, max_calls: int = MAX_WARMUP_CALLS, min_s: float = 0.0
 
 
 def measure(fn, device, repeats: int | None = None, warmup: bool = True,
-            max_warmup_calls: int = MAX_WARMUP_CALLS, window_s: float = 0.0) -> Timing:
+            max_warmup_calls: int = MAX_WARMUP_CALLS, window_s: float = 0.0,
+            min_repeats: int = 1, max_repeats: int = MAX_REPEATS) -> Timing:
     """Seconds per call of fn() on `device` (a torch.device): warm-up until settled (see `settle`), then
     timed repeats (None: adaptive to the warm-up's last call), median and spread; a spread over
     REMEASURE_SPREAD is measured once more, and if that is over NOISY_SPREAD the Timing says noisy.
     max_warmup_calls=1: one untimed call (a cheap probe, e.g. the prefill/decode speed `make sweep` adds to
     each summary). window_s: for calls that leave no state behind, at least window_s / 2 of warm-up and
-    window_s of timed calls (module docstring)."""
+    window_s of timed calls (module docstring), between min_repeats and max_repeats of them (a decode point:
+    bench/latency.py)."""
     cuda = device.type == "cuda"
     calls, settled, last = settle(fn, cuda, max_warmup_calls, window_s / 2) if warmup else (0, True, 0.0)
     times = [_timer(fn, cuda)]
-    n = repeats or _adaptive_repeats(max(last, times[0]), cuda, window_s)
+    n = repeats or max(min_repeats, _adaptive_repeats(max(last, times[0]), cuda, window_s, max_repeats))
 
     def take(times):
         while len(times) < n:

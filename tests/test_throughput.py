@@ -191,6 +191,80 @@ def test_bad_input(tmp_path, capsys, args, message):
     assert not (tmp_path / "throughput.csv").exists()
 
 
+def _decode_steps(model, state, steps: int, step=None):
+    """Logits of `steps` single-token decode steps (a fixed token) from `state`, through `step` if given."""
+    token = torch.tensor([[7]])
+    step = step or (lambda: model(token, state))
+    with torch.inference_mode():
+        return torch.cat([step() for _ in range(steps)], dim=1)  # (1, steps, V)
+
+
+@pytest.mark.parametrize("arch", ["ttt_linear", "ttt_mlp", "ttt_linear_base", "mamba", "mamba2"])
+def test_rewound_recurrent_decode_steps_compute_what_the_sequence_going_on_would(arch):
+    """A decode point cycles its steps' positions through T..T+span (bench/latency._rewinding) so that a window of
+    up to 1000 steps fits the cache. For TTT (span a multiple of its mini-batch, whose RoPE is periodic in it) and
+    Mamba, 130 rewound steps are the 130 steps of a sequence that goes on in a cache with room for them all."""
+    from architectures import ModelConfig, build_model
+    from bench.latency import _rewinding, decode_period
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch, 61, 32, 2, 2, 64, 256, options=_mini_batch_16(arch))).eval()
+    prompt = torch.randint(0, 61, (1, 32))
+    span = 48 // decode_period(model) * decode_period(model)
+    assert span == 48
+    states = [model.new_state(1, 32 + room) for room in (span, 130)]
+    with torch.inference_mode():
+        for state in states:
+            model(prompt, state)
+    rewound = states[0]
+    got = _decode_steps(model, rewound, 130, _rewinding(lambda: model(torch.tensor([[7]]), rewound), rewound, span))
+    assert 32 <= rewound.seen <= 32 + span
+    torch.testing.assert_close(got, _decode_steps(model, states[1], 130), rtol=1e-5, atol=1e-5)
+
+
+def test_rewound_transformer_decode_steps_attend_to_the_same_keys_again():
+    """The Transformer's rewound step writes the KV slots after the prompt again: with the same token, its steps
+    repeat every span, each attending to T + 1 .. T + span keys."""
+    from architectures import ModelConfig, build_model
+    from bench.latency import _rewinding
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("transformer", 61, 32, 2, 2, 64, 256)).eval()
+    state = model.new_state(1, 32 + 48)
+    with torch.inference_mode():
+        model(torch.randint(0, 61, (1, 32)), state)
+    got = _decode_steps(model, state, 100, _rewinding(lambda: model(torch.tensor([[7]]), state), state, 48))
+    torch.testing.assert_close(got[:, 48:96], got[:, :48], rtol=0, atol=0)
+    assert not torch.equal(got[:, 1], got[:, 0])  # the steps do differ by position
+
+
+def _mini_batch_16(arch: str) -> dict:
+    return {"mini_batch": 16} if arch.startswith("ttt") else {}
+
+
+def test_a_decode_point_is_timed_over_a_window_of_steps(monkeypatch):
+    """Outside the quick probe, decode steps warm up for 0.25 s and are timed over 0.5 s (48 to 1000 of them), like
+    a prefill, 16 in a row per timed call (a TTT mini-batch); the probe keeps its 48 single steps after one."""
+    import bench.latency as latency
+    from architectures import ModelConfig, build_model
+
+    seen = []
+    real = latency.measure
+
+    def recording(fn, device, **kw):
+        seen.append(kw)
+        return real(fn, device, **kw)
+
+    monkeypatch.setattr(latency, "measure", recording)
+    model = build_model(ModelConfig("mamba", 61, 32, 1, 2, 64, 64)).eval()
+    *_, dec, _, _ = latency.prefill_and_decode(model, 1, 32, torch.device("cpu"), 61, graphs=False)
+    assert seen[-1]["window_s"] == 0.5 and seen[-1].get("repeats") is None
+    assert (seen[-1]["min_repeats"], seen[-1]["max_repeats"]) == (3, 62)  # calls of 16 steps
+    assert 3 <= dec.repeats <= 62 and dec.median > 0
+    latency.prefill_and_decode(model, 1, 32, torch.device("cpu"), 61, graphs=False, quick=True)
+    assert (seen[-1].get("window_s", 0.0), seen[-1]["repeats"], seen[-1]["max_warmup_calls"]) == (0.0, 48, 1)
+
+
 @pytest.mark.parametrize("arch", ["transformer", "ttt_linear", "ttt_mlp", "mamba", "mamba2"])
 def test_prefill_and_decode_run_with_bf16_weights_and_leave_the_model_fp32(arch):
     """On CUDA, prefill and decode are timed on a bf16 copy of the model (bench/latency.inference_model: no per-call

@@ -83,6 +83,15 @@ def test_a_window_leaves_long_calls_and_the_quick_probe_alone(monkeypatch):
     assert (t.warmup_calls, t.repeats, len(calls)) == (1, 1, 2)
 
 
+def test_a_window_takes_between_min_and_max_repeats(monkeypatch):
+    """A decode point (bench/latency.py): 1 ms steps fill the 0.5 s window with 500 repeats (past the prefill's cap
+    of 60), 0.2 ms ones stop at 1000, and 50 ms ones still take 48."""
+    for step, warm, want in ((0.001, 250, 500), (0.0002, 1250, 1000), (0.05, 5, 48)):
+        calls = fake_clock(monkeypatch, [step] * 3000)
+        t = timing.measure(lambda: None, CPU, window_s=0.5, min_repeats=48, max_repeats=1000)
+        assert (t.warmup_calls, t.repeats, len(calls)) == (warm, want, warm + want), step
+
+
 def test_a_spread_over_a_quarter_is_measured_again_but_flagged_only_over_a_half(monkeypatch):
     # 48 decode steps: a slow phase over the first (spread 0.4 of the 10-90% range) -> again: steady
     first = [1.0] * 30 + [1.4] * 18
