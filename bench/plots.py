@@ -76,9 +76,43 @@ def log_axis(ax, axis: str = "x", base: int = 10) -> None:
         target.set_minor_formatter(NullFormatter())
 
 
+def tokens_label(n: float) -> str:
+    """A token count as a tick label: 1024 -> 1k, 32768 -> 32k, 1536 -> 1.5k, 512 -> 512."""
+    return f"{n / 1024:g}k" if n >= 1024 else f"{n:g}"
+
+
+def log2_axis(ax, axis: str = "x", tokens: bool = True) -> None:
+    """A log2 axis (call it after plotting) of token counts labelled 1k, 2k, ... 32k, or with tokens=False plain
+    numbers (64, 128, 256: model widths), not matplotlib's 2^10, 2^11, ..."""
+    from matplotlib.ticker import FuncFormatter
+
+    log_axis(ax, axis, 2)
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    if lo > 0 and hi / lo >= 2:  # else log_axis's own short labels
+        label = tokens_label if tokens else (lambda n: f"{n:g}")
+        (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(FuncFormatter(lambda v, _: label(v)))
+
+
+def plain_log_labels(ax, axis: str = "y") -> None:
+    """Tick labels of a log10 axis as plain numbers (0.5, 1, 2, 20) instead of 10^0 and 6 x 10^-1: every minor
+    tick labelled over less than a decade, those at 2 and 5 over up to three, none beyond."""
+    from matplotlib.ticker import FuncFormatter
+
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    decades = math.log10(hi / lo) if lo > 0 else math.inf
+
+    def minor(v, _):
+        lead = round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
+        return f"{v:g}" if decades < 1 or (decades <= 3 and lead in (2, 5)) else ""
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(FuncFormatter(minor))
+
+
 def style_axes(ax, title: str, xlabel: str, ylabel: str, xbase: int = 10) -> None:
-    """Log x axis, title, axis labels with units, grid, legend."""
-    log_axis(ax, "x", xbase)
+    """Log x axis (base 2: token counts, labelled 1k, 2k, ...), title, axis labels with units, grid, legend."""
+    log2_axis(ax) if xbase == 2 else log_axis(ax, "x", xbase)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -169,7 +203,7 @@ def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
             buckets = r["loss_by_position"]
             mids = [(b["start"] * b["end"]) ** 0.5 for b in buckets]
             ax.plot(mids, [b["loss"] for b in buckets], marker=".", label=f"{run_label(r, multi)} {r['size']}")
-        ax.set_xscale("log", base=2)
+        log2_axis(ax)
         ax.set_xlabel("token position in the sequence (log2 buckets)")
         ax.set_ylabel("validation loss (nats / token)")
         ax.set_title(f"Loss by token position, context {ctx:,} tokens")
@@ -215,7 +249,7 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
             acc = g.groupby("length")["acc"].mean()
             ax.plot(acc.index, acc.values, marker="o", label=label)
             ax.axvline(g["ctx"].iloc[0], color="grey", linestyle=":", linewidth=0.8)
-        ax.set_xscale("log", base=2)
+        log2_axis(ax)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("evaluation length (tokens; dotted: trained)")
         ax.set_ylabel("accuracy (exact match; MQAR per value)")
@@ -274,7 +308,7 @@ def plot_mqar_grid(best: pd.DataFrame, path: Path) -> None:
         for (task, arch), g in sub.groupby(["task", "arch"]):
             g = g.sort_values("d_model")
             ax.plot(g["d_model"], g["val_acc"], marker="o", label=f"{arch} ({task})")
-        ax.set_xscale("log", base=2)
+        log2_axis(ax, tokens=False)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("model dimension")
         ax.set_ylabel("MQAR accuracy (best lr)")
@@ -321,13 +355,14 @@ def plot_speed_vs_context(df: pd.DataFrame, mode: str, path: Path) -> None:
         line, = ax.plot(g["ctx"], y, label=f"{arch} [{backend}] {size} B={batch}")
         ax.plot(g["ctx"][~noisy], y[~noisy], "o", color=line.get_color())
         ax.plot(g["ctx"][noisy], y[noisy], "o", color=line.get_color(), markerfacecolor="none")  # spread > 50% twice
-    ax.set_xscale("log", base=2)
+    log2_axis(ax)
     ax.set_xlabel("context length (tokens)" if mode != "decode" else "tokens already in context")
     if mode == "train":
         ax.set_ylabel("training tokens / s (forward + backward)")
         ax.set_title("Training throughput vs context")
     else:
         ax.set_yscale("log")
+        plain_log_labels(ax)
         ax.set_ylabel("time per token (ms)")
         ax.set_title("Prefill: time per token vs prompt length" if mode == "prefill"
                      else "Decode: time per generated token vs context")
@@ -348,8 +383,9 @@ def plot_kernel_speed(rows: list[dict], path: Path, title: str) -> None:
             pts = [(r["T"], r["ms"]) for r in rows if r["impl"] == name and r["mode"] == mode and r["status"] == "ok"]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xscale("log", base=2)
+        log2_axis(ax)
         ax.set_yscale("log")
+        plain_log_labels(ax)
         ax.set_xlabel("sequence length T (tokens)")
         ax.set_ylabel("time per call (ms, median)")
         batch = next((r["batch"] for r in rows if r["mode"] == mode), "?")

@@ -160,6 +160,38 @@ def test_an_interrupted_sweep_of_make_paper_is_continued(tmp_path):
     assert list(paper.resumable(missing, runs, unfinished)) == ["2-killed"]  # 5 would retrain a finished point
 
 
+def test_context_and_time_axes_read_as_token_counts_and_plain_numbers():
+    """bench/plots.py log2_axis and plain_log_labels: a context axis 1k .. 32k (not 2^10 .. 2^15), a time axis
+    0.5, 0.6, ... 1 over less than a decade (not 6 x 10^-1, 10^0), 2 and 5 only over two decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.plots import log2_axis, plain_log_labels, tokens_label
+
+    assert [tokens_label(n) for n in (512, 1024, 1536, 32768)] == ["512", "1k", "1.5k", "32k"]
+    fig, (ax, wide) = plt.subplots(2, 1, figsize=(7.5, 9.6))  # two of `make throughput`'s plots (7.5 x 4.8)
+    ax.plot([1024, 32768], [0.48, 0.95])
+    wide.plot([1024, 32768], [0.0021, 0.21])
+    for a in (ax, wide):
+        log2_axis(a)
+        a.set_yscale("log")
+        plain_log_labels(a)
+    fig.canvas.draw()
+    def labels(axis, minor=False):  # the labelled ticks inside the axis's view
+        lo, hi = sorted(axis.get_view_interval())
+        locs, fmt = ((axis.get_minorticklocs(), axis.get_minor_formatter()) if minor else
+                     (axis.get_majorticklocs(), axis.get_major_formatter()))
+        return [fmt(v) for v in locs if lo <= v <= hi and fmt(v)]
+
+    assert labels(ax.xaxis) == ["1k", "2k", "4k", "8k", "16k", "32k"]
+    assert labels(ax.yaxis, minor=True) == ["0.5", "0.6", "0.7", "0.8", "0.9"]
+    assert labels(wide.yaxis) == ["0.01", "0.1"] and labels(wide.yaxis, minor=True) == ["0.002", "0.005", "0.02",
+                                                                                         "0.05", "0.2"]
+    plt.close(fig)
+
+
 def test_a_log_axis_under_a_decade_gets_a_few_short_labels():
     """bench/plots.py log_axis: matplotlib's fallback labels every linear tick of a short log axis in long
     scientific notation, on top of each other (the 8k loss-vs-FLOPs panel); ours: three short labels."""
