@@ -26,8 +26,9 @@ DECODE_GROUP = 16  # steps per timed call (rounded up to a TTT mini-batch): a ca
 #   commits TTT's inner weights, and a single step's jitter averages out (cpu-xs, 2 cores: single 0.6-1.2 ms
 #   steps spread 25-65% from their 10th to their 90th percentile)
 MAX_GRAPHED_STEPS = 32  # the most decode steps one CUDA graph replays (capturing them takes 2x that many slots)
-# cache slots after the prompt: the positions the timed steps cycle through (_rewinding) and, before them, a
-# compiled step's warm-up or a graph's capture (two periods each)
+# cache slots after the prompt: a compiled step's warm-up or a graph's capture (two periods each), then the timed
+# steps: cycling through DECODE_STEPS positions (_rewinding) or, for a period too long to cycle, warm-up, steps
+# and a re-measure in a row
 DECODE_ROOM = 2 * DECODE_STEPS + MAX_WARMUP_CALLS + 2 + 2 * MAX_GRAPHED_STEPS
 
 
@@ -118,7 +119,8 @@ def as_bf16(model) -> torch.nn.Module:
 
 def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, quick: bool = False,
                        compile_decode: bool = False):
-    """Timed prefill of T tokens (after warm-up calls), then timed decode steps from its cache, under bf16
+    """Timed prefill of T tokens (after warm-up calls), then timed decode steps from its cache (over a window of
+    steps whose positions cycle: _rewinding; a step's time is that of DECODE_GROUP in a row / DECODE_GROUP), under bf16
     autocast when the model's weights are bf16 (inference_model) or on CUDA, in inference mode (no autograd
     bookkeeping at all: on CPU a cpu-xs TTT-Linear forward of 16 tokens, mostly fixed cost per op, took 1.83 ms
     against 2.15 under no_grad, 2 cores, 2026-12-02). quick: one untimed warm-up call each (the probe `make sweep`

@@ -3,10 +3,10 @@
 CPU: time.perf_counter around each call. CUDA: CUDA events around each call, synchronised.
 `measure` warms up until two consecutive calls agree within 10%, times repeats, reports median and
 spread, re-measures a point whose spread is over 25% and flags it `noisy` if the new spread is over
-50%. Given a window (`window_s`, for calls that leave no state behind: a prefill, a training step),
-short calls also warm up for half of it and are timed over all of it: on a shared 2-core machine the
-first calls of a process ran 8.5-10 ms for a third of a second and 7 ms after (Mamba prefill at cpu-xs,
-1k), and five 8 ms repeats had taken the median from that moment alone.
+50%. Given a window (`window_s`, for calls that can be repeated without bound: a prefill, a training
+step, a decode step whose positions cycle), short calls also warm up for half of it and are timed over all
+of it: on a shared 2-core machine the first calls of a process ran 8.5-10 ms for a third of a second and
+7 ms after (Mamba prefill at cpu-xs, 1k), and five 8 ms repeats had taken the median from that moment alone.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ REMEASURE_SPREAD = 0.25  # a point whose spread exceeds 25% is measured again, f
                          # the machine: Mamba's decode at cpu-xs 8k once took 1.85 ms a step, spread 38%; 0.8 ms
                          # in three other runs)
 NOISY_SPREAD = 0.5       # ... and flagged noisy if the re-measurement's spread is still over 50%
-STEADY_WINDOW_S = 0.5    # the window of a prefill or training point (bench/throughput.py, bench/latency.py)
+STEADY_WINDOW_S = 0.5    # the window of a prefill, decode or training point (bench/throughput.py, bench/latency.py)
 MAX_REPEATS = 60         # timed calls in a window at most
 
 
@@ -111,7 +111,8 @@ def measure(fn, device, repeats: int | None = None, warmup: bool = True,
     timed repeats (None: adaptive to the warm-up's last call), median and spread; a spread over
     REMEASURE_SPREAD is measured once more, and if that is over NOISY_SPREAD the Timing says noisy.
     max_warmup_calls=1: one untimed call (a cheap probe, e.g. the prefill/decode speed `make sweep` adds to
-    each summary). window_s: for calls that leave no state behind, at least window_s / 2 of warm-up and
+    each summary). window_s: for calls that can be repeated without bound (a prefill, a training step, a decode
+    step whose positions cycle: bench/latency._rewinding), at least window_s / 2 of warm-up and
     window_s of timed calls (module docstring), between min_repeats and max_repeats of them (a decode point:
     bench/latency.py)."""
     cuda = device.type == "cuda"
