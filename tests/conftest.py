@@ -26,7 +26,12 @@ if _workers > 1:
 
     torch.set_num_threads(max(1, cpu_cores() // _workers))
 
-# generated evaluation sets (tasks/cache.py) go to a fresh directory, not the user's cache
+# generated evaluation sets (tasks/cache.py) and the C++ kernels (architectures/cpp_kernels.py) go to a fresh
+# directory, not the user's cache, removed when the process that made it exits (pytest-xdist's workers inherit it)
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-os.environ.setdefault("TTT_BENCH_CACHE", tempfile.mkdtemp(prefix="ttt-bench-cache-"))
+if "TTT_BENCH_CACHE" not in os.environ:
+    os.environ["TTT_BENCH_CACHE"] = tempfile.mkdtemp(prefix="ttt-bench-cache-")
+    atexit.register(shutil.rmtree, os.environ["TTT_BENCH_CACHE"], ignore_errors=True)
