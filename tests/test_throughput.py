@@ -375,6 +375,43 @@ def test_a_compiled_decode_step_equals_the_eager_one(arch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile, as above
+@pytest.mark.parametrize("arch", ["ttt_linear", "transformer"])
+def test_a_compiled_decode_step_cycles_its_positions_without_compiling_again(arch):
+    """`--compile-decode` with a decode point's window (bench/latency._rewinding): after _compiled's warm-up, 100
+    steps whose positions go back by 48 compile no new graph and give the eager rewound steps' outputs."""
+    from torch._dynamo.utils import counters
+
+    from architectures import ModelConfig, build_model
+    from bench.latency import _compiled, _rewinding, decode_period
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch, 61, 32, 1, 2, 64, 256)).eval()
+    prompt, token = torch.randint(0, 61, (1, 32)), torch.tensor([[7]])
+
+    def rewound_steps(compiled: bool):
+        state = model.new_state(1, 32 + 32 + 48)  # _compiled's warm-up (2 x 16 steps at most), the cycle
+        with torch.inference_mode():
+            model(prompt, state)
+            step = lambda: model(token, state)
+            if compiled:
+                torch._dynamo.reset()
+                before = counters["stats"]["unique_graphs"]
+                step, note = _compiled(step, model)
+                assert note.startswith("model") and counters["stats"]["unique_graphs"] > before, note  # it counts
+            else:
+                for _ in range(2 * decode_period(model)):  # the steps _compiled runs first
+                    step()
+            graphs = counters["stats"]["unique_graphs"]
+            out = _decode_steps(model, state, 100, _rewinding(step, state, 48))
+        return out, counters["stats"]["unique_graphs"] - graphs
+
+    want, _ = rewound_steps(compiled=False)
+    got, new_graphs = rewound_steps(compiled=True)
+    assert new_graphs == 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_a_decode_step_that_fails_to_compile_runs_eagerly_and_says_why(monkeypatch):
     """A compile error is a row that says why (CSV column compile), with the eager step's time, never a crash."""
     from bench import latency
