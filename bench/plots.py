@@ -60,6 +60,11 @@ def finish(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _axis_and_limits(ax, axis: str):
+    """The matplotlib Axis ("x" or "y") of ax and its current limits."""
+    return (ax.xaxis, ax.get_xlim()) if axis == "x" else (ax.yaxis, ax.get_ylim())
+
+
 def log_axis(ax, axis: str = "x", base: int = 10) -> None:
     """A log axis (call it after plotting) whose tick labels never pile up: over less than one factor of
     `base` matplotlib falls back to linear ticks labelled in long scientific notation (1.2 x 10^13,
@@ -68,10 +73,9 @@ def log_axis(ax, axis: str = "x", base: int = 10) -> None:
     from matplotlib.ticker import NullFormatter
 
     getattr(ax, f"set_{axis}scale")("log", base=base)
-    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    target, (lo, hi) = _axis_and_limits(ax, axis)
     if lo > 0 and hi / lo < base:
         ticks = [float(f"{t:.2g}") for t in np.geomspace(lo, hi, 5)[1:-1]]
-        target = ax.xaxis if axis == "x" else ax.yaxis
         target.set_ticks(ticks, [f"{t:.2g}".replace("e+", "e") for t in ticks])
         target.set_minor_formatter(NullFormatter())
 
@@ -87,10 +91,10 @@ def log2_axis(ax, axis: str = "x", tokens: bool = True) -> None:
     from matplotlib.ticker import FuncFormatter
 
     log_axis(ax, axis, 2)
-    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    target, (lo, hi) = _axis_and_limits(ax, axis)
     if lo > 0 and hi / lo >= 2:  # else log_axis's own short labels
         label = tokens_label if tokens else (lambda n: f"{n:g}")
-        (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(FuncFormatter(lambda v, _: label(v)))
+        target.set_major_formatter(FuncFormatter(lambda v, _: label(v)))
 
 
 def plain_log_labels(ax, axis: str = "y") -> None:
@@ -98,14 +102,13 @@ def plain_log_labels(ax, axis: str = "y") -> None:
     tick labelled over less than a decade, those at 2 and 5 over up to three, none beyond."""
     from matplotlib.ticker import FuncFormatter
 
-    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    target, (lo, hi) = _axis_and_limits(ax, axis)
     decades = math.log10(hi / lo) if lo > 0 else math.inf
 
     def minor(v, _):
         lead = round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
         return f"{v:g}" if decades < 1 or (decades <= 3 and lead in (2, 5)) else ""
 
-    target = ax.xaxis if axis == "x" else ax.yaxis
     target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     target.set_minor_formatter(FuncFormatter(minor))
 

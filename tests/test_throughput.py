@@ -191,10 +191,13 @@ def test_bad_input(tmp_path, capsys, args, message):
     assert not (tmp_path / "throughput.csv").exists()
 
 
-def _decode_steps(model, state, steps: int, step=None):
-    """Logits of `steps` single-token decode steps (a fixed token) from `state`, through `step` if given."""
+def _decode_steps(model, state, steps: int, span: int = 0, step=None):
+    """Logits of `steps` single-token decode steps (a fixed token) from `state`, through `step` if given, their
+    positions cycling every `span` (bench/latency._rewinding) if span."""
+    from bench.latency import _rewinding
+
     token = torch.tensor([[7]])
-    step = step or (lambda: model(token, state))
+    step = _rewinding(step or (lambda: model(token, state)), state, span)
     with torch.inference_mode():
         return torch.cat([step() for _ in range(steps)], dim=1)  # (1, steps, V)
 
@@ -205,10 +208,10 @@ def test_rewound_recurrent_decode_steps_compute_what_the_sequence_going_on_would
     up to 1000 steps fits the cache. For TTT (span a multiple of its mini-batch, whose RoPE is periodic in it) and
     Mamba, 130 rewound steps are the 130 steps of a sequence that goes on in a cache with room for them all."""
     from architectures import ModelConfig, build_model
-    from bench.latency import _rewinding, decode_period
+    from bench.latency import decode_period
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch, 61, 32, 2, 2, 64, 256, options=_mini_batch_16(arch))).eval()
+    model = build_model(ModelConfig(arch, 61, 32, 2, 2, 64, 256)).eval()  # TTT: mini-batches of 16
     prompt = torch.randint(0, 61, (1, 32))
     span = 48 // decode_period(model) * decode_period(model)
     assert span == 48
@@ -217,7 +220,7 @@ def test_rewound_recurrent_decode_steps_compute_what_the_sequence_going_on_would
         for state in states:
             model(prompt, state)
     rewound = states[0]
-    got = _decode_steps(model, rewound, 130, _rewinding(lambda: model(torch.tensor([[7]]), rewound), rewound, span))
+    got = _decode_steps(model, rewound, 130, span)
     assert 32 <= rewound.seen <= 32 + span
     torch.testing.assert_close(got, _decode_steps(model, states[1], 130), rtol=1e-5, atol=1e-5)
 
@@ -226,20 +229,15 @@ def test_rewound_transformer_decode_steps_attend_to_the_same_keys_again():
     """The Transformer's rewound step writes the KV slots after the prompt again: with the same token, its steps
     repeat every span, each attending to T + 1 .. T + span keys."""
     from architectures import ModelConfig, build_model
-    from bench.latency import _rewinding
 
     torch.manual_seed(0)
     model = build_model(ModelConfig("transformer", 61, 32, 2, 2, 64, 256)).eval()
     state = model.new_state(1, 32 + 48)
     with torch.inference_mode():
         model(torch.randint(0, 61, (1, 32)), state)
-    got = _decode_steps(model, state, 100, _rewinding(lambda: model(torch.tensor([[7]]), state), state, 48))
+    got = _decode_steps(model, state, 100, 48)
     torch.testing.assert_close(got[:, 48:96], got[:, :48], rtol=0, atol=0)
     assert not torch.equal(got[:, 1], got[:, 0])  # the steps do differ by position
-
-
-def _mini_batch_16(arch: str) -> dict:
-    return {"mini_batch": 16} if arch.startswith("ttt") else {}
 
 
 def test_a_decode_point_is_timed_over_a_window_of_steps(monkeypatch):
@@ -383,7 +381,7 @@ def test_a_compiled_decode_step_cycles_its_positions_without_compiling_again(arc
     from torch._dynamo.utils import counters
 
     from architectures import ModelConfig, build_model
-    from bench.latency import _compiled, _rewinding, decode_period
+    from bench.latency import _compiled, decode_period
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch, 61, 32, 1, 2, 64, 256)).eval()
@@ -403,7 +401,7 @@ def test_a_compiled_decode_step_cycles_its_positions_without_compiling_again(arc
                 for _ in range(2 * decode_period(model)):  # the steps _compiled runs first
                     step()
             graphs = counters["stats"]["unique_graphs"]
-            out = _decode_steps(model, state, 100, _rewinding(step, state, 48))
+            out = _decode_steps(model, state, 100, 48, step)
         return out, counters["stats"]["unique_graphs"] - graphs
 
     want, _ = rewound_steps(compiled=False)
