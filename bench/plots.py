@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -76,7 +77,7 @@ def log_axis(ax, axis: str = "x", base: int = 10) -> None:
     target, (lo, hi) = _axis_and_limits(ax, axis)
     if lo > 0 and hi / lo < base:
         ticks = [float(f"{t:.2g}") for t in np.geomspace(lo, hi, 5)[1:-1]]
-        target.set_ticks(ticks, [f"{t:.2g}".replace("e+", "e") for t in ticks])
+        target.set_ticks(ticks, [re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{t:.2g}") for t in ticks])
         target.set_minor_formatter(NullFormatter())
 
 
@@ -445,17 +446,22 @@ def plot_paper_token_index(tokens: pd.DataFrame, scaling: pd.DataFrame) -> plt.F
 
 
 def plot_paper_latency(latency: pd.DataFrame) -> plt.Figure:
-    """Ours: prefill and decode time per token vs context; published: forward time per token (A100)."""
+    """Ours: prefill and decode time per token vs context; published: forward time per token (A100). Times in
+    microseconds on log axes labelled as plain numbers."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     where = f"{latency['size'].iloc[0]}, batch {latency['batch'].iloc[0]}" if len(latency) else "no points"
     for ax, mode in zip(axes, ("prefill", "decode")):
         for arch, g in by_arch(latency[latency["mode"] == mode]):
-            ax.plot(g["ctx"], g["time_per_token_s"], marker="o", color=COLORS.get(arch), label=LABELS.get(arch, arch))
-        ax.set_yscale("log")
-        style_axes(ax, f"Ours: {mode} ({where})", "context (tokens)", "seconds per token", xbase=2)
+            ax.plot(g["ctx"], g["time_per_token_s"] * 1e6, marker="o", color=COLORS.get(arch),
+                    label=LABELS.get(arch, arch))
+        style_axes(ax, f"Ours: {mode} ({where})", "context (tokens)", "time per token (µs)", xbase=2)
     for arch, g in by_arch(published.load("latency")):
-        axes[2].plot(g["ctx"], g["seconds_per_token"], marker="s", color=COLORS.get(arch), label=g["label"].iloc[0])
-    axes[2].set_yscale("log")  # as ours (and no offset label over the title)
-    style_axes(axes[2], "Published: forward, 1.3B, batch 16, A100", "context (tokens)", "seconds per token", xbase=2)
+        axes[2].plot(g["ctx"], g["seconds_per_token"] * 1e6, marker="s", color=COLORS.get(arch),
+                     label=g["label"].iloc[0])
+    style_axes(axes[2], "Published: forward, 1.3B, batch 16, A100", "context (tokens)", "time per token (µs)",
+               xbase=2)
+    for ax in axes:  # log like the paper's figure (and no offset label over the title)
+        ax.set_yscale("log")
+        plain_log_labels(ax)
     fig.tight_layout()
     return fig

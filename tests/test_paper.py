@@ -202,11 +202,39 @@ def test_a_log_axis_under_a_decade_gets_a_few_short_labels():
 
     from bench.plots import log_axis
 
-    fig, ax = plt.subplots()
+    fig, (ax, small) = plt.subplots(1, 2)
     ax.plot([1.05e13, 2.6e13], [1, 2])
-    log_axis(ax)
+    small.plot([2.5e9, 1.1e10], [1, 2])  # smoke sizes' FLOPs: 5.2e9, not 5.2e+09
+    for a in (ax, small):
+        log_axis(a)
     fig.canvas.draw()
     major = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
     minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+    small_major = [t.get_text() for t in small.get_xticklabels() if t.get_text()]
     plt.close(fig)
     assert len(major) == 3 and all(len(label) <= 6 for label in major) and not minor, (major, minor)
+    assert major == ["1.3e13", "1.7e13", "2.1e13"] and small_major == ["3.5e9", "5.2e9", "7.9e9"], (major, small_major)
+
+
+def test_the_paper_latency_panels_read_in_microseconds_as_plain_numbers():
+    """bench/plots.plot_paper_latency: ours and the paper's A100 points in us per token (16.9-34.5 published), the
+    log axes labelled 20, 30 rather than 2 x 10^-5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.plots import plot_paper_latency
+
+    rows = [{"arch": a, "mode": m, "ctx": c, "size": "smoke-xs", "batch": 1, "time_per_token_s": t * 1e-6}
+            for a, scale in (("transformer", 1.0), ("ttt_linear", 0.5)) for m, base in (("prefill", 2), ("decode", 250))
+            for c, t in ((1024, base * scale), (8192, base * scale * 1.6))]
+    fig = plot_paper_latency(pd.DataFrame(rows))
+    fig.canvas.draw()
+    for ax in fig.axes:
+        assert ax.get_ylabel() == "time per token (µs)"
+        texts = [t.get_text() for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True) if t.get_text()]
+        assert texts and all(set(t) <= set("0123456789.") for t in texts), (ax.get_title(), texts)
+    lo, hi = fig.axes[2].get_ylim()  # the paper's forward times, 16.9 to 34.5 us per token
+    assert 14 < lo < 16.9 and 34.5 < hi < 40, (lo, hi)
+    plt.close(fig)
