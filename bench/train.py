@@ -324,6 +324,36 @@ def resume_metrics(metrics_path: Path, step: int) -> None:
     atomic_write_text(metrics_path, "".join(f"{line}\n" for line in keep))
 
 
+def set_lr(optimizer, lr: float) -> None:
+    """The step's learning rate on every parameter group, times the recipe's multiplier (make_optimizer)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+def accumulate_gradients(task, step_model, wrapped, parallel: str, x_rank: torch.Tensor, y_rank: torch.Tensor,
+                         micro: int, accum: int, device: torch.device, autocast) -> float:
+    """Forward and backward of this rank's slice x_rank, y_rank (seqs, ctx) in `accum` micro-batches of at most
+    `micro` sequences, each loss weighted by its share of the slice (the gradients sum to the slice's mean), the
+    ranks' gradients synchronised on the last; returns the step's loss, the mean over the global batch."""
+    seqs, loss_sum = len(x_rank), 0.0
+    for m in range(accum):
+        sl = slice(m * micro, (m + 1) * micro)
+        x, y = x_rank[sl].to(device), y_rank[sl].to(device)  # (<= micro, ctx)
+        with distributed.grad_sync(wrapped, parallel, last=m == accum - 1):
+            with autocast():  # weight len(x)/seqs: 1/accum for equal micro-batches
+                loss = task.loss(step_model, x, y) / (seqs / len(x))
+            loss.backward()
+        loss_sum += float(loss.detach())
+    return distributed.mean(loss_sum)
+
+
+def clip_gradients(model, parallel: str, max_norm: float) -> float:
+    """Clip the gradients' global norm to max_norm; returns the norm before clipping (FSDP: over every shard)."""
+    if parallel == "fsdp":
+        return distributed.clip_grad_norm(model, max_norm)
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+
 def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.device, autocast,
           desc: str = "train", governor=None, identity: dict | None = None, parallel: str = "none",
           precision: str = "fp32") -> dict:
@@ -389,24 +419,13 @@ def train(model, task, tcfg, ctx: int, run_dir: Path, tracker, device: torch.dev
         if governor is not None:
             governor.update()
         lr = lr_at(step, plan.steps, float(tcfg.lr), float(tcfg.min_lr), float(tcfg.warmup_frac))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)  # the recipe's lr multiplier (make_optimizer)
+        set_lr(optimizer, lr)
         for m in scheduled:
             m.set_train_progress(step, warmup_steps)
         x_all, y_all = task.batch(step, plan.seqs_per_step)  # (seqs_per_step, ctx) each: the global batch
-        x_all, y_all = x_all[first:first + seqs], y_all[first:first + seqs]  # (seqs, ctx): this rank's slice
-        loss_sum = 0.0
-        for m in range(accum):
-            sl = slice(m * micro, (m + 1) * micro)
-            x, y = x_all[sl].to(device), y_all[sl].to(device)  # (<= micro, ctx)
-            with distributed.grad_sync(wrapped, parallel, last=m == accum - 1):
-                with autocast():  # weight len(x)/seqs: 1/accum for equal micro-batches
-                    loss = task.loss(step_model, x, y) / (seqs / len(x))
-                loss.backward()
-            loss_sum += float(loss.detach())
-        loss_sum = distributed.mean(loss_sum)  # the step's loss over the global batch
-        grad_norm = (distributed.clip_grad_norm(model, float(tcfg.grad_clip)) if parallel == "fsdp" else
-                     float(torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.grad_clip))))
+        loss_sum = accumulate_gradients(task, step_model, wrapped, parallel, x_all[first:first + seqs],
+                                        y_all[first:first + seqs], micro, accum, device, autocast)
+        grad_norm = clip_gradients(model, parallel, float(tcfg.grad_clip))
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             bar.close()
             raise Diverged(step, loss_sum, grad_norm, last_ckpt)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.train import Plan, activation_bytes, budget_tokens, lr_at, resolve_recompute, run_tokens
+from bench.train import (Plan, accumulate_gradients, activation_bytes, budget_tokens, lr_at, resolve_recompute,
+                         run_tokens)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -95,6 +96,37 @@ def test_recomputed_blocks_give_the_same_loss_and_gradients(arch):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_micro_batches_accumulate_the_gradients_of_the_whole_slice():
+    """bench.train.accumulate_gradients: a rank's 6 sequences in micro-batches of 4 and 2 (unequal, each weighted by
+    its share) give the loss and gradients of one pass over all 6 (fp64; RoPE rotates in fp32, so gradients through
+    it scaled by a micro-batch's share round differently: 2.5e-7 relative at most)."""
+    import contextlib
+
+    import architectures
+    import torch.nn.functional as F
+
+    class Task:
+        @staticmethod
+        def loss(model, x, y):
+            return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    cfg = architectures.ModelConfig("transformer", 257, 32, 2, 2, 64, 64)
+    torch.manual_seed(0)
+    model = architectures.build_model(cfg).double()
+    idx = torch.randint(0, 257, (6, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    results = []
+    for micro, accum in ((6, 1), (4, 2)):
+        model.zero_grad()
+        loss = accumulate_gradients(Task, model, model, "none", x, y, micro, accum, torch.device("cpu"),
+                                    contextlib.nullcontext)
+        results.append((loss, [p.grad.clone() for p in model.parameters()]))
+    (whole, g_whole), (split, g_split) = results
+    assert math.isclose(whole, split, rel_tol=1e-12), (whole, split)
+    for a, b in zip(g_whole, g_split):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
 def test_recompute_auto_turns_on_for_activations_over_40_percent_of_memory():
