@@ -44,7 +44,7 @@ TIMEOUT_MIN ?=
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 ARGS ?=
 
-.PHONY: help install eval test test-slow test-all test-kernels gpu-check gpu-wheels check-kernels sweep sizes throughput contention plots paper bench-ttt bench-mamba bench-kernels clean
+.PHONY: help install eval test test-slow test-all test-kernels gpu-check gpu-wheels check-kernels sweep sizes throughput profile contention plots paper bench-ttt bench-mamba bench-kernels clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
@@ -119,6 +119,11 @@ sizes: $(STAMP) ## every architecture at SIZE and CTX: dims, params, FLOPs/token
 throughput: $(STAMP) ## prefill/decode latency and training tokens/s vs context (1k..CTX) for ARCH at SIZE
 	$(PY) -m bench.throughput --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),all)" \
 	  --ctx "$(if $(filter command line,$(origin CTX)),$(CTX),32k)" --size "$(or $(SIZE),cpu-xs)" \
+	  --match "$(MATCH)" --profile "$(PROFILE)" --results "$(RESULTS)" $(ARGS)
+
+profile: $(STAMP) ## where a training step's time goes, op by op (torch.profiler): ARCH at SIZE and CTX; RESULTS/profile/
+	$(PY) -m bench.step_profile --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),transformer,ttt_linear,mamba)" \
+	  --ctx "$(if $(filter command line,$(origin CTX)),$(CTX),2k)" --size "$(or $(SIZE),cpu-xs)" \
 	  --match "$(MATCH)" --profile "$(PROFILE)" --results "$(RESULTS)" $(ARGS)
 
 contention: $(STAMP) ## a training step of ARCH at SIZE and CTX, idle and beside a busy process (threads on a shared CPU)

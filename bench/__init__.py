@@ -7,7 +7,7 @@ tests/test_layers.py, every import in the source, lazy ones included):
   tasks           data, task runners and metrics (tasks/)
   engine          one run: the config path (config), the Hydra app (run), the trainer (train), the latency
                   probe (latency), results files, threads, timing, parallelism, tracking
-  tools           what users call: make sweep, sizes, throughput, contention, plots, paper, eval, the
+  tools           what users call: make sweep, sizes, throughput, profile, contention, plots, paper, eval, the
                   kernel and layer benchmarks, the attention-head reader
 """
 from bench.threads import configure_openmp
@@ -21,7 +21,8 @@ LAYERS = (
                 "bench.tracking")),
     ("tools", ("bench.sweep", "bench.sizes", "bench.throughput", "bench.contention", "bench.report", "bench.plots",
                "bench.paper", "bench.published", "bench.harness", "bench.attention_heads", "bench.ttt_kernel_speed",
-               "bench.ttt_layer_speed", "bench.mamba_scan_speed", "bench.kernel_compile_check", "bench.gpu_report")),
+               "bench.ttt_layer_speed", "bench.mamba_scan_speed", "bench.kernel_compile_check", "bench.gpu_report",
+               "bench.step_profile")),
 )
 
 configure_openmp()  # before anything imports torch: OpenMP's spin-waiting bounded (bench/threads.py)

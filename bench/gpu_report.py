@@ -4,9 +4,9 @@
 
 Reads what the stages wrote (any may be missing: a stage that failed or ran out of time is reported as
 such): stages.txt, kernel-tests.xml (pytest's JUnit XML), results/**/bench/ttt_kernel_variants.json,
-results/bench/ttt_kernel_speed.json and results/throughput.csv. The ratios are the ones the GPU issues
-compare (ours over fla's chunk_ttt_linear, TTT-MLP over TTT-Linear, each architecture's training tokens/s
-over the Transformer's); they are measured numbers, not verdicts.
+results/bench/ttt_kernel_speed.json, results/throughput.csv and results/profile/profile.json. The ratios are the
+ones the GPU issues compare (ours over fla's chunk_ttt_linear, TTT-MLP over TTT-Linear, each architecture's
+training tokens/s over the Transformer's); they are measured numbers, not verdicts.
 """
 from __future__ import annotations
 
@@ -120,6 +120,14 @@ def throughput(results: Path, reference: Path | None = None) -> tuple[list[dict]
     return train, decode
 
 
+def profile(results: Path) -> list[dict]:
+    """The profile-125m stage's rows (bench/step_profile.py): per architecture the step's time and tokens/s and the
+    milliseconds of each kind of op per step."""
+    path = results / "profile" / "profile.json"
+    return [{"arch": r["arch"], "backend": r["backend"], "step_ms": r["step_ms"], "tokens_per_s": r["tokens_per_s"],
+             **r["kinds_ms"]} for r in (json.loads(path.read_text()) if path.exists() else [])]
+
+
 def _table(rows: list[dict], cols: list[str]) -> str:
     if not rows:
         return "(none: the stage wrote nothing; see its log)\n"
@@ -152,11 +160,12 @@ def report(out: Path) -> dict:
             "kernel_variants": variants, "best_variants": best_variants(variants),
             "kernel_speed": kernel_ratios(_rows(speed)), "train": train, "train_compiled": train_compiled,
             "train_mlp_triton": train_mlp_triton,
-            "decode": decode, "decode_compiled": decode_compiled}
+            "decode": decode, "decode_compiled": decode_compiled, "profile": profile(out / "results")}
 
 
 TRAIN_COLUMNS = ["arch", "size", "ctx", "batch", "backend", "compile", "status", "tokens_per_s", "over_transformer"]
 DECODE_COLUMNS = ["arch", "size", "ctx", "batch", "backend", "graph", "status", "ms_per_step"]
+PROFILE_COLUMNS = ["arch", "backend", "step_ms", "tokens_per_s"]
 
 
 def markdown(r: dict) -> str:
@@ -186,6 +195,11 @@ def markdown(r: dict) -> str:
     if r.get("decode_compiled"):
         sections.append(("Decode step through torch.compile (the decode-1.3b-compiled stage)",
                          _table(r["decode_compiled"], DECODE_COLUMNS + ["compile"])))
+    if r.get("profile"):
+        kinds = list(dict.fromkeys(k for row in r["profile"] for k in row if k not in PROFILE_COLUMNS))
+        sections.append(("Where a training step's time goes (the profile-125m stage: ms per step by kind of op, kernel "
+                         "time on a GPU; profile.md in the archive lists the ops)",
+                         _table(r["profile"], PROFILE_COLUMNS + kinds)))
     return f"# make gpu-check on {r['device'] or 'an unknown device'}\n\n" + "\n".join(
         f"## {title}\n{body}" for title, body in sections)
 

@@ -40,6 +40,22 @@ def test_gpu_check_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     assert "./kernel-tests.log" in names and "./results/throughput.csv" in names
 
 
+def test_the_profile_stage_runs_and_its_kinds_reach_the_report(tmp_path):
+    """profile-125m (not in the default stages: a second call's) on CPU with tiny shapes: bench/step_profile.py's rows
+    in report.json and a table in report.md."""
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "WANDB_MODE": "disabled"}
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(["bash", ".ci/gpu-check", "--smoke", "--stages", "env,profile-125m"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "profile-125m rc=0 " in (tmp_path / "stages.txt").read_text()
+    rows = {r["arch"]: r for r in json.loads((tmp_path / "report.json").read_text())["profile"]}
+    assert set(rows) == {"transformer", "ttt_linear", "mamba"}
+    assert rows["ttt_linear"]["TTT inner loop"] > 0 and rows["mamba"]["SSM scan"] > 0
+    assert rows["transformer"]["step_ms"] > 0
+    assert "## Where a training step's time goes" in (tmp_path / "report.md").read_text()
+
+
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -103,6 +119,17 @@ def test_report_from_stage_outputs(tmp_path):
     r = json.loads((tmp_path / "report.json").read_text())
     assert [(t["backend"], t["over_transformer"]) for t in r["train_mlp_triton"]] == [("ttt=triton", 0.6)]
     assert "## TTT-MLP trained on its Triton kernels" in (tmp_path / "report.md").read_text()
+    assert r["profile"] == [] and "Where a training step" not in (tmp_path / "report.md").read_text()
+    _write(tmp_path / "results" / "profile" / "profile.json", json.dumps([  # profile-125m's
+        {"arch": "transformer", "backend": "attention=sdpa", "step_ms": 60.0, "tokens_per_s": 270000.0,
+         "kinds_ms": {"matmul": 30.0, "attention": 12.0}},
+        {"arch": "ttt_linear", "backend": "ttt=triton", "step_ms": 150.0, "tokens_per_s": 110000.0,
+         "kinds_ms": {"TTT inner loop": 40.0, "matmul": 31.0}}]))
+    assert gpu_report([str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert r["profile"][1] == {"arch": "ttt_linear", "backend": "ttt=triton", "step_ms": 150.0,
+                               "tokens_per_s": 110000.0, "TTT inner loop": 40.0, "matmul": 31.0}
+    assert "| ttt_linear | ttt=triton | 150 | 1.1e+05 | 31 |  | 40 |" in (tmp_path / "report.md").read_text()
     assert gpu_report([str(tmp_path / "missing")]) == 2
 
 
