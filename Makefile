@@ -93,10 +93,10 @@ test-slow: $(STAMP) ## the slow tier: end-to-end checks that take minutes (kill 
 
 test-all: test test-slow ## both tiers: the fast one and the slow one
 
-test-kernels: $(STAMP) ## only the Triton kernel tests, TTT's and Mamba's (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
-	$(PYTEST) tests/test_ttt_triton.py tests/test_mamba_triton.py
+test-kernels: $(STAMP) ## only the Triton kernel tests, TTT's, Mamba's and the conv's (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
+	$(PYTEST) tests/test_ttt_triton.py tests/test_mamba_triton.py tests/test_conv_triton.py
 
-check-kernels: $(STAMP) ## compile the Triton kernels (TTT, Mamba scan) for sm_90 without a GPU; ptxas registers/spills/shared memory
+check-kernels: $(STAMP) ## compile the Triton kernels (TTT, Mamba scan, causal conv) for sm_90 without a GPU; ptxas registers/spills/shared memory
 	env -u TRITON_INTERPRET $(PY) -m bench.kernel_compile_check --results "$(RESULTS)" $(ARGS)
 
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots

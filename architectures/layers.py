@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from architectures.backends import triton_interpreting
 from architectures.cpp_kernels import Library
 
 CONV_KERNEL = Library(Path(__file__).with_name("causal_conv.cpp"), "causal conv backend=cpp")
@@ -135,6 +136,7 @@ class CausalConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, width).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
         self.cpp = False  # set by the layer that owns it when that layer's backend is cpp (_CausalConvCpp)
+        self.triton = False  # ... when it is triton (architectures/triton_conv.py)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C), state (B, k-1, C) or None (zeros) -> y (B, T, C), new state (B, k-1, C).
@@ -142,9 +144,15 @@ class CausalConv(nn.Module):
         y_t = bias + sum_j w[:, j] xp_{t+j}, xp = [state, x]: k shifted multiply-adds in the (B, T, C)
         layout (on CPU several times faster than a grouped conv1d, whose backward and layout copies
         dominate a Mamba layer); with `cpp` set, over T > 1 tokens in fp32 or fp64 on CPU, one C++ pass
-        each way (_CausalConvCpp). Elementwise, so a FLOP counter does not see it (accounting.py: unseen)."""
+        each way (_CausalConvCpp); with `triton` set, over T > 1 tokens from the zero state on CUDA (or under
+        TRITON_INTERPRET=1), one Triton kernel each way in fp32 (triton_conv.py; a state to continue takes the
+        multiply-adds). Elementwise, so a FLOP counter does not see it (accounting.py: unseen)."""
         B, T, C = x.shape
         k = self.width
+        if T > 1 and state is None and self.triton and (x.is_cuda or triton_interpreting()):
+            from architectures.triton_conv import causal_conv_triton
+
+            return causal_conv_triton(x, self.weight, self.bias), self.next_state(x, None)
         w = self.weight.to(x.dtype)  # (C, k)
         if T > 1 and self.cpp and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
             state = None if state is None else state.to(x.dtype)

@@ -176,7 +176,8 @@ def markdown(r: dict) -> str:
     variants = [v for v in r["kernel_variants"] if v.get("status") == "ok"]
     sections = [
         ("Stages", _table(r["stages"], ["stage", "rc", "took_s", "timed_out"])),
-        ("Kernel tests on the device (tests/test_ttt_triton.py, tests/test_mamba_triton.py)", f"{tests}\n{failures}"),
+        ("Kernel tests on the device (tests/test_ttt_triton.py, tests/test_mamba_triton.py, "
+         "tests/test_conv_triton.py)", f"{tests}\n{failures}"),
         ("Launch variants of our kernels (ms per call; error: relative RMSE of the output and of the first input's "
          "gradient, q or u, against the first variant timed)",
          _table(variants, ["impl", "head_dim", "mode", "T", "batch", "ms", "out_rel_rmse", "dq_rel_rmse"])),

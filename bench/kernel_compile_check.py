@@ -1,4 +1,4 @@
-"""Compile every Triton kernel (TTT's, Mamba-1's scan) for a GPU architecture without a GPU, and report what ptxas
+"""Compile every Triton kernel (TTT's, Mamba-1's scan, the causal conv) for a GPU architecture without a GPU, and report what ptxas
 says: registers per thread, spilled bytes, shared memory. Catches compile errors and resource blow-ups on
 machines that have no GPU (the interpreter tests check the math, not what the compiler makes of it).
 
@@ -134,6 +134,18 @@ def mamba_kernels(d_state: int = 16) -> list[tuple[str, object, dict, int, int]]
     ]
 
 
+def conv_kernels(width: int = 4) -> list[tuple[str, object, dict, int, int]]:
+    """The causal depthwise conv (architectures/triton_conv.py) as its launchers compile it, at the papers' width 4,
+    summing in fp32."""
+    import triton.language as tl
+
+    from architectures import triton_conv as tc
+
+    common = {"K": width, "BLOCK_T": tc.BLOCK_T, "BLOCK_C": tc.BLOCK_C, "ACC": tl.float32}
+    return [("conv forward", tc._conv_forward, common, tc.FORWARD_WARPS, 3),
+            ("conv backward", tc._conv_backward, {**common, "KP": width}, tc.BACKWARD_WARPS, 3)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.kernel_compile_check", description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                      num_stages=args.num_stages or LAUNCH.num_stages)
     rows = []
     todo = [(f, k) for f in (int(x) for x in args.head_dims.split(",")) for k in kernels(f, launch)]
-    todo += [(None, k) for k in mamba_kernels()]  # no head dim: one compile each
+    todo += [(None, k) for k in mamba_kernels() + conv_kernels()]  # no head dim: one compile each
     for f, (name, fn, consts, num_warps, num_stages) in todo:
         if args.only and not any(s.strip() and s.strip() in name for s in args.only.split(",")):
             continue
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         row.update(**compile_one(fn, consts, args.arch, num_warps, num_stages),
                    compile_s=round(time.perf_counter() - t0, 1))
         rows.append(row)
-        shape = f"f={f:4d}" if f else f"N={consts['N']:4d}"
+        shape = f"f={f:4d}" if f else f"N={consts['N']:4d}" if "N" in consts else f"k={consts['K']:4d}"
         print(f"[ttt-bench] {name:25s} {shape} sm_{args.arch}: {row['status']:10s} "
               f"regs={row.get('registers')} spill_stores={row.get('spill_store_bytes')}B "
               f"shared={row.get('shared_bytes')}B  ({row['compile_s']} s)", flush=True)

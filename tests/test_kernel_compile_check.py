@@ -52,11 +52,12 @@ def test_a_launch_variant_compiles_as_asked(tmp_path):
 def test_the_forwards_spill_nothing(tmp_path):
     """At head dim 64 as the launchers compile them: both TTT forwards (both launches: the whole mini-batches and
     a trailing partial one) and TTT-MLP's decode keep everything in registers; so do Mamba-1's scan kernels
-    (d_state 16), forward and backward."""
-    rows = check(tmp_path, "--only", "linear forward,mlp forward,mlp decode,mamba scan")
+    (d_state 16) and the causal conv's (width 4), forward and backward."""
+    rows = check(tmp_path, "--only", "linear forward,mlp forward,mlp decode,mamba scan,conv")
     assert {r["kernel"] for r in rows} == {"linear forward", "linear forward partial", "mlp forward",
                                           "mlp forward partial", "mlp decode", "mlp decode commit",
-                                          "mamba scan forward", "mamba scan prefill", "mamba scan backward"}
+                                          "mamba scan forward", "mamba scan prefill", "mamba scan backward",
+                                          "conv forward", "conv backward"}
     assert all(r["status"] == "ok" and r["spill_store_bytes"] == 0 for r in rows), rows
 
 

@@ -159,6 +159,7 @@ class MambaMixer(nn.Module):
         self.in_proj = nn.Linear(d, 2 * D, bias=False)
         self.conv = CausalConv(D, int(cfg.opt("d_conv")))
         self.conv.cpp = self.backend == "cpp"  # backend=cpp: the conv in C++ too
+        self.conv.triton = self.backend == "triton"  # backend=triton: in Triton (architectures/triton_conv.py)
         self.scan_kernel = self.backend if self.backend in ("cpp", "triton") else "chunked"  # selective_scan's
         self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
         bound = R ** -0.5 * float(cfg.opt("dt_scale"))
@@ -290,6 +291,7 @@ class Mamba2Mixer(nn.Module):
         self.in_proj = nn.Linear(d, 2 * D + 2 * G * N + H, bias=False)  # z, x, B, C, dt
         self.conv = CausalConv(D + 2 * G * N, int(cfg.opt("d_conv")))
         self.conv.cpp = self.backend == "cpp"
+        self.conv.triton = self.backend == "triton"
         self.dt_bias = nn.Parameter(dt_bias_init(H, float(cfg.opt("dt_min")), float(cfg.opt("dt_max")),
                                                  float(cfg.opt("dt_init_floor"))))
         lo, hi = (float(v) for v in cfg.opt("A_init_range"))

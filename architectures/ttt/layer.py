@@ -173,6 +173,7 @@ class TTTLayer(nn.Module):
             width = int(cfg.opt("conv_width"))
             self.conv_q, self.conv_k = CausalConv(d, width), CausalConv(d, width)
             self.conv_q.cpp = self.conv_k.cpp = self.backend == "cpp"  # backend=cpp: the convs in C++ too
+            self.conv_q.triton = self.conv_k.triton = self.backend == "triton"  # ... triton: in Triton
             self.wg = nn.Linear(d, d, bias=False)
         else:
             self.wk = nn.Linear(d, d, bias=False)
@@ -441,6 +442,7 @@ class TTTBlock(nn.Module):
             self.conv_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.pre_conv = CausalConv(cfg.d_model, int(cfg.opt("conv_width")))
             self.pre_conv.cpp = self.ttt.backend == "cpp"
+            self.pre_conv.triton = self.ttt.backend == "triton"
         self.ttt_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.ffn else None  # cfg.ffn false: no FFN
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim) if cfg.ffn else None
