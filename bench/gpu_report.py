@@ -20,6 +20,7 @@ import pandas as pd
 from bench.results import atomic_write_json, atomic_write_text
 
 LINEAR, MLP, FLA = "ttt_linear [triton]", "ttt_mlp [triton]", "fla chunk_ttt_linear (different semantics)"
+CONV, CONV_OPS = "causal conv [triton]", "causal conv [torch multiply-adds]"
 
 
 def stages(out: Path) -> list[dict]:
@@ -70,13 +71,15 @@ def _ratio(a, b):
 
 
 def kernel_ratios(rows: list[dict]) -> list[dict]:
-    """Per (mode, T): ours, fla's and the ratios the issue compares."""
+    """Per (mode, T): ours, fla's and the ratios the issue compares; the conv's Triton kernels over its
+    multiply-adds."""
     out = []
     for mode in ("fwd", "fwd+bwd"):
         for T in sorted({r["T"] for r in rows if r["mode"] == mode}):
-            lin, mlp, fla = (_ms(rows, i, mode, T) for i in (LINEAR, MLP, FLA))
+            lin, mlp, fla, conv, conv_ops = (_ms(rows, i, mode, T) for i in (LINEAR, MLP, FLA, CONV, CONV_OPS))
             out.append({"mode": mode, "T": T, "ttt_linear_ms": lin, "ttt_mlp_ms": mlp, "fla_ms": fla,
-                        "linear_over_fla": _ratio(lin, fla), "mlp_over_linear": _ratio(mlp, lin)})
+                        "linear_over_fla": _ratio(lin, fla), "mlp_over_linear": _ratio(mlp, lin),
+                        "conv_ms": conv, "conv_ops_ms": conv_ops, "conv_over_ops": _ratio(conv, conv_ops)})
     return out
 
 
@@ -181,9 +184,10 @@ def markdown(r: dict) -> str:
         ("Launch variants of our kernels (ms per call; error: relative RMSE of the output and of the first input's "
          "gradient, q or u, against the first variant timed)",
          _table(variants, ["impl", "head_dim", "mode", "T", "batch", "ms", "out_rel_rmse", "dq_rel_rmse"])),
-        ("Kernels: ours against fla's chunk_ttt_linear (ms per call, medians)",
+        ("Kernels: ours against fla's chunk_ttt_linear (ms per call, medians); the causal conv's Triton kernels "
+         "against its PyTorch multiply-adds",
          _table(r["kernel_speed"], ["mode", "T", "ttt_linear_ms", "fla_ms", "linear_over_fla", "ttt_mlp_ms",
-                                    "mlp_over_linear"])),
+                                    "mlp_over_linear", "conv_ms", "conv_ops_ms", "conv_over_ops"])),
         ("Training tokens/s (bf16; ratio to the Transformer at the same context)", _table(r["train"], TRAIN_COLUMNS)),
     ]
     if r.get("train_compiled"):

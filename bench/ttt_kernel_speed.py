@@ -1,6 +1,7 @@
 """TTT kernels vs context length on one GPU: our Triton kernels against our PyTorch dual form, causal
 attention (SDPA; flash-attn when installed), mamba-ssm's selective scan and fla's chunk_ttt_linear
-(when installed), forward and forward+backward, at the 1.3B layer shape.
+(when installed), forward and forward+backward, at the 1.3B layer shape; and the layers' causal conv, our Triton
+kernels against the PyTorch multiply-adds.
 
     python -m bench.ttt_kernel_speed                 # CUDA: T = 2k..32k, under 8 minutes on one H200
     python -m bench.ttt_kernel_speed --smoke         # CPU: tiny shapes under TRITON_INTERPRET=1 (checks the script)
@@ -199,6 +200,22 @@ def fla_ttt_linear(B, H, T, f, device, backward):
     return fn
 
 
+def causal_conv(B, H, T, f, device, backward, triton: bool):
+    """The layer's causal depthwise conv (layers.CausalConv, width 4) over H * f channels (a TTT layer's, 2048 at
+    1.3B), bf16 activations: the Triton kernels, or the PyTorch multiply-adds the other backends run."""
+    from architectures.layers import CausalConv
+
+    conv = CausalConv(H * f, 4).to(device)
+    conv.triton = triton
+    x = torch.randn(B, T, H * f, device=device, dtype=torch.bfloat16, requires_grad=backward)
+
+    def fn():
+        y = conv(x)[0]
+        if backward:
+            y.float().sum().backward()
+    return fn
+
+
 CONTENDERS = {
     "ttt_linear [triton]": lambda *a: ttt_triton("linear", *a),
     "ttt_mlp [triton]": lambda *a: ttt_triton("mlp", *a),
@@ -210,6 +227,8 @@ CONTENDERS = {
     "mamba scan [triton]": mamba_scan_ours,
     "mamba2 ssd [mamba-ssm triton]": mamba2_ssd,
     "fla chunk_ttt_linear (different semantics)": fla_ttt_linear,
+    "causal conv [triton]": lambda *a: causal_conv(*a, triton=True),
+    "causal conv [torch multiply-adds]": lambda *a: causal_conv(*a, triton=False),
 }
 
 

@@ -73,7 +73,9 @@ def test_report_from_stage_outputs(tmp_path):
     rows = [{"impl": "ttt_linear [triton]", "mode": "fwd", "T": 2048, "status": "ok", "ms": 1.0},
             {"impl": "fla chunk_ttt_linear (different semantics)", "mode": "fwd", "T": 2048, "status": "ok",
              "ms": 1.25},
-            {"impl": "ttt_mlp [triton]", "mode": "fwd", "T": 2048, "status": "ok", "ms": 10.0}]
+            {"impl": "ttt_mlp [triton]", "mode": "fwd", "T": 2048, "status": "ok", "ms": 10.0},
+            {"impl": "causal conv [triton]", "mode": "fwd", "T": 2048, "status": "ok", "ms": 0.5},
+            {"impl": "causal conv [torch multiply-adds]", "mode": "fwd", "T": 2048, "status": "ok", "ms": 2.0}]
     _write(tmp_path / "results" / "bench" / "ttt_kernel_speed.json", json.dumps({"device": "GPU X", "rows": rows}))
     _write(tmp_path / "results" / "throughput.csv",
            "arch,size,mode,ctx,batch,time_per_token_s,tokens_per_s,backend,status\n"
@@ -87,12 +89,14 @@ def test_report_from_stage_outputs(tmp_path):
     assert r["kernel_tests"]["failed"] == 1 and r["kernel_tests"]["failures"][0] == {
         "test": "test_b", "message": "assert 0.5 < 0.02"}
     assert r["kernel_speed"] == [{"mode": "fwd", "T": 2048, "ttt_linear_ms": 1.0, "ttt_mlp_ms": 10.0, "fla_ms": 1.25,
-                                  "linear_over_fla": 0.8, "mlp_over_linear": 10.0}]
+                                  "linear_over_fla": 0.8, "mlp_over_linear": 10.0, "conv_ms": 0.5,
+                                  "conv_ops_ms": 2.0, "conv_over_ops": 0.25}]
     train = {t["arch"]: t for t in r["train"]}
     assert train["ttt_linear"]["over_transformer"] == 0.5 and train["mamba"]["tokens_per_s"] is None
     assert r["decode"][0]["ms_per_step"] == pytest.approx(50.0)
     md = (tmp_path / "report.md").read_text()
-    assert "# make gpu-check on NVIDIA H200" in md and "2 passed, 1 failed" in md and "| 2048 | 1 | 1.25 | 0.8 |" in md
+    assert "# make gpu-check on NVIDIA H200" in md and "2 passed, 1 failed" in md
+    assert "| 2048 | 1 | 1.25 | 0.8 | 10 | 10 | 0.5 | 2 | 0.25 |" in md
     assert r["train_compiled"] == [] and "compile=model" not in md  # that stage did not run
     _write(tmp_path / "results" / "compiled" / "throughput.csv",  # train-125m-compiled's, a results folder apart
            "arch,size,mode,ctx,batch,time_per_token_s,tokens_per_s,backend,status,compile\n"
