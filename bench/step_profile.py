@@ -40,9 +40,9 @@ from architectures.sizing import MATCH_RULES
 from bench.config import UsageError, compose, group_options, parse_archs, parse_choice, parse_ctx
 from bench.results import atomic_write_json, atomic_write_text, device_name
 from bench.threads import configure_compute_process
-from bench.throughput import BYTE_VOCAB, LATENCY_MATCH, _autocast, build, sweep_micro_batch
+from bench.throughput import BYTE_VOCAB, LATENCY_MATCH, build, sweep_micro_batch
 from bench.timing import STEADY_WINDOW_S, measure
-from bench.train import COMPILE_MODES, compile_for_training, make_optimizer
+from bench.train import COMPILE_MODES, autocast_for, compile_for_training, make_optimizer
 
 # (kind, what the lower-case names of its ops contain), tried in order: the first match names an op's kind
 KINDS = (
@@ -99,10 +99,12 @@ def attribute(events, cuda: bool) -> tuple[dict[str, float], dict[str, dict], fl
     return dict(kinds), ops, total
 
 
-def training_step(model, step_model, optimizer, idx: torch.Tensor, device):
+def training_step(step_model, optimizer, idx: torch.Tensor, device):
     """One optimizer step on idx (B, T + 1): forward and backward of the next-token loss, AdamW, zeroed grads."""
+    autocast = autocast_for(device, "auto")[0]  # bf16 on CUDA, fp32 on CPU, as runs train
+
     def step():
-        with _autocast(device)[0]():
+        with autocast():
             logits = step_model(idx[:, :-1])  # (B, T, vocab)
         F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
         optimizer.step()
@@ -118,7 +120,7 @@ def profile_arch(arch: str, size: str, ctx: int, batch: int | None, device, step
     B = batch or sweep_micro_batch(arch, size, ctx, profile_name, overrides)
     idx = torch.randint(0, BYTE_VOCAB, (B, ctx + 1), device=device)  # (B, T + 1)
     model.train()
-    step = training_step(model, compile_for_training(model, compile_mode), make_optimizer(model, tcfg), idx, device)
+    step = training_step(compile_for_training(model, compile_mode), make_optimizer(model, tcfg), idx, device)
     timing = measure(step, device, window_s=STEADY_WINDOW_S)  # warms up (and compiles) first
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -135,7 +137,7 @@ def profile_arch(arch: str, size: str, ctx: int, batch: int | None, device, step
     return {
         "arch": arch, "size": size, "ctx": ctx, "batch": B, "device": device_name(device),
         "backend": ",".join(f"{k}={v}" for k, v in sorted(model.backends().items())), "compile": compile_mode,
-        "precision": _autocast(device)[1], "threads": torch.get_num_threads(), "params": model.num_params(),
+        "precision": autocast_for(device, "auto")[1], "threads": torch.get_num_threads(), "params": model.num_params(),
         "match": sized.match, "d_model": sized.cfg.d_model, "layers": sized.cfg.n_layers,
         "step_ms": timing.median * 1e3, "spread": timing.spread, "tokens_per_s": B * ctx / timing.median,
         "recorded_steps": steps, "recorded_ms_per_step": per_step(total),
