@@ -106,7 +106,6 @@ def test_layers_whose_backend_is_triton_run_their_convs_in_triton(arch, convs_pe
         model(idx[:, :1], cache)  # one token after the prompt
     assert len(calls) == convs_per_layer * cfg.n_layers
     calls.clear()
-    other = build_model(ModelConfig(arch, 61, 32, 2, 2, 64, 128, options={**options, "backend": "torch" if "mamba"
-                                                                             in arch else "dual"})).to(DEVICE)
-    other(idx)
+    plain = "torch" if arch == "mamba" else "dual"  # the PyTorch backend of each
+    build_model(ModelConfig(arch, 61, 32, 2, 2, 64, 128, options={**options, "backend": plain})).to(DEVICE)(idx)
     assert calls == []
