@@ -1,6 +1,6 @@
-"""Compile every Triton kernel (TTT's, Mamba-1's scan, the causal conv) for a GPU architecture without a GPU, and report what ptxas
-says: registers per thread, spilled bytes, shared memory. Catches compile errors and resource blow-ups on
-machines that have no GPU (the interpreter tests check the math, not what the compiler makes of it).
+"""Compile every Triton kernel (TTT's, Mamba-1's scan, the causal conv) for a GPU architecture without a GPU, and
+report what ptxas says: registers per thread, spilled bytes, shared memory. Catches compile errors and resource
+blow-ups on machines that have no GPU (the interpreter tests check the math, not what the compiler makes of it).
 
     python -m bench.kernel_compile_check [--arch 90] [--head-dims 32,64,96,128] [--precision ieee] [--num-warps 8]
                                          [--num-stages 1]

@@ -32,7 +32,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -40,7 +39,7 @@ from architectures.sizing import MATCH_RULES
 from bench.config import UsageError, compose, group_options, parse_archs, parse_choice, parse_ctx
 from bench.results import atomic_write_json, atomic_write_text, device_name
 from bench.threads import configure_compute_process
-from bench.throughput import BYTE_VOCAB, LATENCY_MATCH, build, sweep_micro_batch
+from bench.throughput import BYTE_VOCAB, LATENCY_MATCH, build, sweep_micro_batch, training_step
 from bench.timing import STEADY_WINDOW_S, measure
 from bench.train import COMPILE_MODES, autocast_for, compile_for_training, make_optimizer
 
@@ -99,19 +98,6 @@ def attribute(events, cuda: bool) -> tuple[dict[str, float], dict[str, dict], fl
     return dict(kinds), ops, total
 
 
-def training_step(step_model, optimizer, idx: torch.Tensor, device):
-    """One optimizer step on idx (B, T + 1): forward and backward of the next-token loss, AdamW, zeroed grads."""
-    autocast = autocast_for(device, "auto")[0]  # bf16 on CUDA, fp32 on CPU, as runs train
-
-    def step():
-        with autocast():
-            logits = step_model(idx[:, :-1])  # (B, T, vocab)
-        F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
 def profile_arch(arch: str, size: str, ctx: int, batch: int | None, device, steps: int, compile_mode: str,
                  match: str, profile_name: str, overrides: tuple[str, ...], top: int, trace: Path | None) -> dict:
     """The timed and the profiled step of one architecture (module docstring) as a row of profile.json."""
@@ -120,7 +106,7 @@ def profile_arch(arch: str, size: str, ctx: int, batch: int | None, device, step
     B = batch or sweep_micro_batch(arch, size, ctx, profile_name, overrides)
     idx = torch.randint(0, BYTE_VOCAB, (B, ctx + 1), device=device)  # (B, T + 1)
     model.train()
-    step = training_step(compile_for_training(model, compile_mode), make_optimizer(model, tcfg), idx, device)
+    step = training_step(model, compile_for_training(model, compile_mode), idx, device, make_optimizer(model, tcfg))
     timing = measure(step, device, window_s=STEADY_WINDOW_S)  # warms up (and compiles) first
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

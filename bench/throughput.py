@@ -121,18 +121,27 @@ def _row(arch, size, mode, T, B, device, model, sized, **kw) -> dict:
             "d_model": sized.cfg.d_model, "layers": sized.cfg.n_layers, "graph": "", **kw}
 
 
+def training_step(model, step_model, idx: torch.Tensor, device, optimizer=None):
+    """A training step on idx (B, T + 1) as a call: forward and backward of the next-token loss (through step_model,
+    the model compiled as training compiles it) under the training precision, then the optimizer's update if one
+    is given, and the gradients zeroed."""
+    autocast = _autocast(device)[0]
+
+    def step():
+        with autocast():
+            logits = step_model(idx[:, :-1])  # (B, T, vocab)
+        F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
 def train_step(model, B: int, T: int, device, vocab: int, compile_mode: str = "none"):
     """Forward + backward of a (B, T) batch, with the hot path compiled as training compiles it."""
     idx = torch.randint(0, vocab, (B, T + 1), device=device)
     model.train()
-    step_model = compile_for_training(model, compile_mode)
-
-    def step():
-        with _autocast(device)[0]():
-            logits = step_model(idx[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
-        model.zero_grad(set_to_none=True)
-
+    step = training_step(model, compile_for_training(model, compile_mode), idx, device)
     if compile_mode != "none":
         step()  # compiles forward and backward (once per shape); measure()'s own warm-up call then runs warm
     try:
