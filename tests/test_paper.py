@@ -2,9 +2,9 @@
 (tests/fixtures/paper_results: 19 summary.json files and a throughput.csv), the notebook executed on them,
 and (slow) `make paper PROFILE=smoke` end to end."""
 import os
+import re
 import shutil
 import subprocess
-import re
 import sys
 from pathlib import Path
 
