@@ -10,14 +10,16 @@ every 2 ms, after freed heap pages are handed back to the OS (glibc malloc_trim)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
-from bench.timing import MAX_WARMUP_CALLS, STEADY_WINDOW_S, Timing, measure
+from bench.timing import MAX_WARMUP_CALLS, STEADY_WINDOW_S, Timing, measure, measure_in_rounds
 from bench.train import autocast_for
 
 DECODE_STEPS = 48  # decode steps timed at least, and the positions they cycle through: three TTT mini-batches
@@ -117,6 +119,27 @@ def as_bf16(model) -> torch.nn.Module:
     return copy.deepcopy(model).to(torch.bfloat16)
 
 
+@dataclasses.dataclass
+class Decoder:
+    """A decode point ready to be timed: `call` runs `per_call` single-token steps from a prompt's cache, under
+    `context()` (inference mode and the model's precision). `cyclic`: the steps' positions cycle (_rewinding), so
+    any number of calls fits the cache's room and the point can be timed over a window; else DECODE_STEPS steps
+    in a row. graph and compile: the CSV's notes (_graphed, _compiled)."""
+    call: Callable[[], object]
+    per_call: int
+    cyclic: bool
+    graph: str
+    compile: str
+    context: Callable[[], contextlib.AbstractContextManager]
+
+    def repeats(self) -> dict:
+        """A window's bounds on its calls: DECODE_STEPS to DECODE_MAX_STEPS steps."""
+        return {"min_repeats": -(-DECODE_STEPS // self.per_call), "max_repeats": DECODE_MAX_STEPS // self.per_call}
+
+    def per_step(self, t: Timing) -> Timing:
+        return dataclasses.replace(t, median=t.median / self.per_call)
+
+
 def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, quick: bool = False,
                        compile_decode: bool = False):
     """Timed prefill of T tokens (after warm-up calls), then timed decode steps from its cache (over a window of
@@ -126,16 +149,25 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, 
     against 2.15 under no_grad, 2 cores, 2026-12-02). quick: one untimed warm-up call each (the probe `make sweep`
     runs). compile_decode: the decode step through torch.compile (_compiled). Returns (prefill timing, peak memory,
     decode timing, graph note, compile note: "model", "none" or why it failed)."""
+    pre, peak, decoder = prefill_and_decoder(model, B, T, device, vocab, graphs, quick, compile_decode)
+    return pre, peak, time_decoder(decoder, device, quick), decoder.graph, decoder.compile
+
+
+def prefill_and_decoder(model, B: int, T: int, device, vocab: int, graphs: bool, quick: bool = False,
+                        compile_decode: bool = False) -> tuple[Timing, int, Decoder]:
+    """prefill_and_decode's timed prefill, and its decode point ready to be timed (a Decoder holding the cache the
+    last prefill filled): by time_decoder at once, or with other lengths' by time_decoders_in_rounds."""
     warm = 1 if quick else MAX_WARMUP_CALLS
     idx = torch.randint(0, vocab, (B, T), device=device)
     last = {}
     bf16_weights = next(model.parameters()).dtype == torch.bfloat16
+    context = lambda: _inference(device, bf16_weights)
 
     def prefill():
         last["state"] = model.new_state(B, T + DECODE_ROOM)
         model(idx, last["state"])
 
-    with torch.inference_mode(), autocast_for(device, "bf16" if bf16_weights else "auto")[0]():
+    with context():
         pre, peak = measure_with_memory(prefill, device, max_warmup_calls=warm,
                                         window_s=0.0 if quick else STEADY_WINDOW_S)
         state = last["state"]  # the cache the last prefill filled
@@ -149,15 +181,41 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, 
             step, graph_note, per_call = _graphed(step, p)
         span = DECODE_STEPS // p * p  # 0: a period too long to cycle through
         step = _rewinding(step, state, span)
-        if quick or span == 0:  # DECODE_STEPS calls in a row, within the cache's room
-            dec = measure(step, device, repeats=DECODE_STEPS, max_warmup_calls=warm)
+        if not quick and span and per_call == 1:  # a window of calls, each not a graph's replay of a TTT mini-batch
+            per_call = -(-DECODE_GROUP // p) * p
+            step = _in_a_row(step, per_call)
+    return pre, peak, Decoder(step, per_call, span > 0, graph_note, compile_note, context)
+
+
+def time_decoder(decoder: Decoder, device, quick: bool = False) -> Timing:
+    """Seconds per decode step of one point: over a window (bench/timing.measure) where its positions cycle, else
+    DECODE_STEPS steps in a row (quick: after one untimed call)."""
+    with decoder.context():
+        if quick or not decoder.cyclic:  # DECODE_STEPS calls in a row, within the cache's room
+            t = measure(decoder.call, device, repeats=DECODE_STEPS, max_warmup_calls=1 if quick else MAX_WARMUP_CALLS)
         else:
-            if per_call == 1:  # not a graph's replay of a TTT mini-batch
-                per_call = -(-DECODE_GROUP // p) * p
-                step = _in_a_row(step, per_call)
-            dec = measure(step, device, max_warmup_calls=warm, window_s=STEADY_WINDOW_S,
-                          min_repeats=-(-DECODE_STEPS // per_call), max_repeats=DECODE_MAX_STEPS // per_call)
-    return pre, peak, dataclasses.replace(dec, median=dec.median / per_call), graph_note, compile_note
+            t = measure(decoder.call, device, window_s=STEADY_WINDOW_S, **decoder.repeats())
+    return decoder.per_step(t)
+
+
+def time_decoders_in_rounds(decoders: list[Decoder], device, rounds: int) -> list[Timing]:
+    """Seconds per decode step of several points of one model (its lengths), timed together in `rounds`
+    interleaved rounds (bench/timing.measure_in_rounds): every point's window is spread over the same stretch of
+    time, so that a machine whose speed drifts moves every length alike (`make throughput` on CPU). The points
+    must be cyclic, and all their caches stay alive until the last round."""
+    if not all(d.cyclic for d in decoders) or len({d.per_call for d in decoders}) > 1:
+        raise ValueError("points timed in rounds must cycle their positions and run as many steps per call")
+    with decoders[0].context():
+        timings = measure_in_rounds([d.call for d in decoders], device, rounds, STEADY_WINDOW_S,
+                                    **decoders[0].repeats())
+    return [d.per_step(t) for d, t in zip(decoders, timings)]
+
+
+@contextlib.contextmanager
+def _inference(device, bf16_weights: bool):
+    """Prefill and decode's setting: inference mode, under bf16 autocast for bf16 weights or on CUDA."""
+    with torch.inference_mode(), autocast_for(device, "bf16" if bf16_weights else "auto")[0]():
+        yield
 
 
 def _in_a_row(step, n: int):

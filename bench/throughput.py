@@ -24,7 +24,11 @@ or 30 s; `settled` says whether they did), then repeats (fewer for long calls), 
 relative spread. A prefill or training point also warms up for at least 0.25 s and is timed over at least
 0.5 s (at most 60 calls); a decode point too, over 48 to 1000 steps, its positions cycling through the 48
 after the prompt (bench/latency._rewinding). A point whose spread is over 25% is measured again and, if
-the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. CUDA events on GPU (CUDA graphs
+the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. On CPU an architecture's decode points
+are timed together after its last length, in 10 interleaved rounds (--decode-rounds; the CSV's rounds column):
+each length's 0.5 s window is cut into slices of 50 ms taken in turn, so that a machine whose speed drifts over
+seconds moves every length alike (bench/timing.measure_in_rounds; all are measured again, together, when any
+point's spread is over 25%). Each point's cache is held until then, while all fit in half the free memory. CUDA events on GPU (CUDA graphs
 replay every architecture's decode steps where capture works, a TTT mini-batch of them per replay; the row says
 so), time.perf_counter on CPU; thread count recorded. --compile-decode runs the decode step through torch.compile
 (bench/latency._compiled; the CSV's compile column says model, or why it failed). On CUDA prefill and decode run
@@ -53,7 +57,8 @@ import torch.nn.functional as F
 import architectures
 from architectures.sizing import MATCH_RULES
 from bench.config import UsageError, compose, group_options, model_config, parse_archs, parse_choice, parse_ctx
-from bench.latency import DECODE_ROOM, inference_model, measure_with_memory, prefill_and_decode
+from bench.latency import (DECODE_ROOM, inference_model, measure_with_memory, prefill_and_decoder, time_decoder,
+                           time_decoders_in_rounds)
 from bench.results import atomic_write_text, device_name
 from bench.threads import ThreadGovernor, configure_compute_process, omp_wait
 from bench.timing import STEADY_WINDOW_S, Timing
@@ -61,10 +66,12 @@ from bench.train import COMPILE_MODES, Plan, autocast_for, compile_for_training
 
 COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
            "device", "status", "precision", "threads", "repeats", "spread", "noisy", "warmup_calls", "settled", "graph",
-           "compile", "params", "match", "d_model", "layers"]
+           "compile", "rounds", "params", "match", "d_model", "layers"]
 KEY = ["arch", "size", "mode", "ctx", "batch", "device"]
+COUNT_COLUMNS = ["repeats", "warmup_calls", "rounds"]  # timed rows only
 MODES = ("prefill", "decode", "train")
 BYTE_VOCAB = 257
+CPU_DECODE_ROUNDS = 10  # decode points timed together in 10 interleaved rounds (slices of 50 ms each) on CPU
 LATENCY_MATCH = "params"  # the default sizing rule here (the paper's latency figures: equal parameters)
 
 
@@ -206,7 +213,10 @@ def _skipped(calls: list[tuple[int, float]], walls: list[tuple[int, float]], T: 
 def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None,
              compile_mode: str = "none", governor=None, profile: str = "cpu",
              compile_decode: bool = False, budget: Budget | None = None,
-             overrides: tuple[str, ...] = ()) -> list[dict]:
+             overrides: tuple[str, ...] = (), decode_rounds: int = 1) -> list[dict]:
+    """Every point of one architecture, as rows. decode_rounds > 1: its decode points are timed together after the
+    last length, in that many interleaved rounds (bench/latency.time_decoders_in_rounds), their caches held until
+    then while they fit in half the free memory (a point that would not is timed at once; its row says rounds 1)."""
     budget = budget or Budget(None, 1)
     budget.start_arch()  # building the model counts against the architecture's share
     rows = []
@@ -219,58 +229,83 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
     infer, infer_precision = inference_model(model, device) if {"prefill", "decode"} & set(modes) else (model, "")
     if compile_decode:
         torch._dynamo.reset()  # the compiled decode step of the architecture before is of no use to this one
+    row = lambda mode, T, batch=B, **kw: _row(arch, size, mode, T, batch, device, model, sized, **kw)
+
+    def decode_row(T, decoder, t: Timing, rounds: int) -> dict:
+        return row("decode", T, status="ok", time_per_token_s=t.median, tokens_per_s=B / t.median,
+                   graph=decoder.graph, compile=decoder.compile, precision=infer_precision, rounds=rounds, **_timed(t))
+
     history = {m: [] for m in MODES}  # (T, seconds per call)
     walls = {m: [] for m in MODES}  # (T, seconds spent measuring the point): for the budget
+    held, held_bytes = [], 0  # (T, Decoder) of the decode points to time in rounds, and their prefills' peak memory
     for T in lengths:
         if governor is not None:
             governor.update(force=True)
         if "prefill" in modes or "decode" in modes:
             why = _skipped(history["prefill"], walls["prefill"], T, max_s, budget)
             if why:
-                rows += [_row(arch, size, m, T, B, device, model, sized, status=why) for m in ("prefill", "decode")
-                         if m in modes]
+                rows += [row(m, T, status=why) for m in ("prefill", "decode") if m in modes]
             else:
                 t_point = time.perf_counter()
                 try:
-                    pre, mem, dec, graph, compiled = prefill_and_decode(infer, B, T, device, vocab, graphs,
-                                                                        compile_decode=compile_decode)
-                    history["prefill"].append((T, pre.median))
-                    walls["prefill"].append((T, time.perf_counter() - t_point))
+                    pre, mem, decoder = prefill_and_decoder(infer, B, T, device, vocab, graphs,
+                                                            compile_decode=compile_decode)
                     if "prefill" in modes:
-                        rows.append(_row(arch, size, "prefill", T, B, device, model, sized, status="ok",
-                                         time_per_token_s=pre.median / T, tokens_per_s=B * T / pre.median,
-                                         peak_mem_bytes=mem, precision=infer_precision, **_timed(pre)))
-                    if "decode" in modes:
-                        rows.append(_row(arch, size, "decode", T, B, device, model, sized, status="ok",
-                                         time_per_token_s=dec.median, tokens_per_s=B / dec.median,
-                                         graph=graph, compile=compiled, precision=infer_precision,
-                                         **_timed(dec)))
+                        rows.append(row("prefill", T, status="ok", time_per_token_s=pre.median / T,
+                                        tokens_per_s=B * T / pre.median, peak_mem_bytes=mem,
+                                        precision=infer_precision, **_timed(pre)))
+                    later = 0.0  # seconds this point's decode will take in the rounds
+                    if "decode" in modes and decode_rounds > 1 and decoder.cyclic \
+                            and held_bytes + mem < free_memory(device) / 2:
+                        held.append((T, decoder))
+                        held_bytes += mem
+                        later = 1.5 * STEADY_WINDOW_S  # its warm-up and window
+                    elif "decode" in modes:
+                        rows.append(decode_row(T, decoder, time_decoder(decoder, device), rounds=1))
+                    history["prefill"].append((T, pre.median))
+                    walls["prefill"].append((T, time.perf_counter() - t_point + later))
                 except Exception as e:
                     why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
-                    rows += [_row(arch, size, m, T, B, device, model, sized, status=why)
-                             for m in ("prefill", "decode") if m in modes]
+                    rows += [row(m, T, status=why) for m in ("prefill", "decode") if m in modes]
                     history["prefill"].append((T, float("inf")))
+                finally:
+                    decoder = None  # a point not held lets its cache go
         if "train" in modes:
             Bt = train_batch or sweep_micro_batch(arch, size, T, profile, overrides)
             why = _skipped(history["train"], walls["train"], Bt * T, max_s, budget)  # train: predicted by tokens
             if why:
-                rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status=why))
+                rows.append(row("train", T, Bt, status=why))
                 continue
             t_point = time.perf_counter()
             try:
                 t, mem = train_step(model, Bt, T, device, vocab, compile_mode)
                 history["train"].append((Bt * T, t.median))
                 walls["train"].append((Bt * T, time.perf_counter() - t_point))
-                rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status="ok", compile=compile_mode,
-                                 time_per_token_s=t.median / (Bt * T), tokens_per_s=Bt * T / t.median,
-                                 peak_mem_bytes=mem, **_timed(t)))
+                rows.append(row("train", T, Bt, status="ok", compile=compile_mode, time_per_token_s=t.median / (Bt * T),
+                                tokens_per_s=Bt * T / t.median, peak_mem_bytes=mem, **_timed(t)))
             except Exception as e:
                 why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
-                rows.append(_row(arch, size, "train", T, Bt, device, model, sized, status=why))
+                rows.append(row("train", T, Bt, status=why))
                 history["train"].append((Bt * T, float("inf")))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if held:
+        try:
+            timings = time_decoders_in_rounds([d for _, d in held], device, decode_rounds)
+            rows += [decode_row(T, d, t, decode_rounds) for (T, d), t in zip(held, timings)]
+        except Exception as e:
+            why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
+            rows += [row("decode", T, status=why) for T, _ in held]
     return rows
+
+
+def free_memory(device) -> int:
+    """Bytes free on the device: CUDA's free memory, or the memory the OS can give the process."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 # -- outputs ----------------------------------------------------------------------------------------
@@ -283,6 +318,8 @@ def merge_csv(path: Path, rows: list[dict]) -> pd.DataFrame:
         keys = set(map(tuple, new[KEY].astype(str).values))
         old = old[[tuple(k) not in keys for k in old[KEY].astype(str).values]]
         new = pd.concat([old.reindex(columns=COLUMNS), new], ignore_index=True)
+    for counts in COUNT_COLUMNS:  # whole numbers, left empty where a row has none (not 10.0 beside NaN)
+        new[counts] = new[counts].astype("Int64")
     atomic_write_text(path, new.to_csv(index=False))
     return new
 
@@ -325,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a Hydra override for every architecture's model, as `make sweep ARGS=...` takes one "
                         "(e.g. arch.backend=dual to time one backend); repeatable")
+    p.add_argument("--decode-rounds", type=int, default=None,
+                   help="time an architecture's decode points together, in this many interleaved rounds after its "
+                        f"last length (default: {CPU_DECODE_ROUNDS} on CPU; 1 on CUDA: each point on its own, as at "
+                        "1.3B the caches of every length would not fit together)")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: decode eagerly (no CUDA graphs)")
     p.add_argument("--compile-decode", action="store_true",
                    help="decode points: the step through torch.compile (fewer, fused kernels per token; compiling "
@@ -348,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                                     list(COMPILE_MODES))
         if args.batch <= 0 or (args.train_batch is not None and args.train_batch <= 0):
             raise UsageError(f"batch must be positive; got {args.batch} / {args.train_batch}")
+        if args.decode_rounds is not None and args.decode_rounds < 1:
+            raise UsageError(f"--decode-rounds must be at least 1; got {args.decode_rounds}")
         if args.budget_s is not None and not args.budget_s > 0:
             raise UsageError(f"--budget-s must be a positive number of seconds; got {args.budget_s}")
         overrides = tuple(args.set)
@@ -357,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     max_s = args.max_seconds or (60.0 if device.type == "cuda" else 20.0)
+    decode_rounds = args.decode_rounds or (1 if device.type == "cuda" else CPU_DECODE_ROUNDS)
     lengths = lengths_up_to(ctx)
     results = Path(args.results).expanduser().resolve()
     t0 = time.perf_counter()
@@ -365,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{omp_wait()}): {', '.join(archs)} at {size} (match={match}), lengths {lengths}, "
           f"batch {args.batch}, train batch {args.train_batch or 'as make sweep trains'}, "
           f"train compile={compile_mode}, decode compile="
-          f"{'model' if args.compile_decode else 'none'}"
+          f"{'model' if args.compile_decode else 'none'}, decode rounds {decode_rounds}"
           + (f", budget {args.budget_s:.0f} s" if args.budget_s else "")
           + (f", overrides {' '.join(overrides)}" if overrides else ""), flush=True)
     rows = []
@@ -373,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         for r in run_arch(arch, size, lengths, args.batch, device, match, max_s, BYTE_VOCAB, not args.no_graphs,
                           modes, args.train_batch, compile_mode, governor, profile, args.compile_decode, budget,
-                          overrides):
+                          overrides, decode_rounds):
             rows.append(r)
             mem = f"mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB" if r.get("peak_mem_bytes") is not None else ""
             trust = (f" spread {r['spread']:.0%}" + (" NOISY" if r.get("noisy") else "")

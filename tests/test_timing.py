@@ -101,3 +101,54 @@ def test_a_spread_over_a_quarter_is_measured_again_but_flagged_only_over_a_half(
     fake_clock(monkeypatch, [1.0, 1.0] + first + first)  # stays at 0.4: kept, not flagged
     t = timing.measure(lambda: None, CPU, repeats=48)
     assert t.spread == pytest.approx(0.4) and not t.noisy
+
+
+def drifting_machine(monkeypatch, cost_s: dict, slow_until_s: float):
+    """A machine twice as slow for its first slow_until_s (virtual) seconds: a timed call of fn takes cost_s[fn] then,
+    half of it after. Returns the log of the fns called, in order."""
+    now, log = [0.0], []
+
+    def timer(fn, cuda):
+        took = cost_s[fn] * (2.0 if now[0] < slow_until_s else 1.0)
+        now[0] += took
+        log.append(fn)
+        return took
+
+    monkeypatch.setattr(timing, "_timer", timer)
+    return log
+
+
+def test_rounds_time_calls_at_the_same_moments_of_a_drifting_machine(monkeypatch):
+    """Two 1 ms calls (one decode step at two lengths) on a machine twice as slow for its first 0.9 s: measured one
+    after the other, each in its own 0.5 s window, the first looks twice the second; in 10 interleaved rounds of
+    50 ms slices both take the same moments and agree. The rounds' mixed samples spread over a quarter, so both are
+    measured again together (now steady), and neither is flagged."""
+    a, b = (lambda: None), (lambda: None)
+    drifting_machine(monkeypatch, {a: 0.001, b: 0.001}, slow_until_s=0.9)
+    alone = [timing.measure(fn, CPU, window_s=0.5, max_repeats=1000) for fn in (a, b)]
+    assert alone[0].median == pytest.approx(2 * alone[1].median)
+
+    log = drifting_machine(monkeypatch, {a: 0.001, b: 0.001}, slow_until_s=0.9)
+    together = timing.measure_in_rounds([a, b], CPU, rounds=10, window_s=0.5, max_repeats=1000)
+    assert [t.median for t in together] == pytest.approx([0.001, 0.001])
+    assert not any(t.noisy for t in together) and all(t.settled for t in together)
+    # each fn's own warm-up (0.25 s of 2 ms calls), then slices of 25 calls (50 ms at the warm-up's 2 ms) in turn:
+    # 10 rounds, and 10 more (measured again, from scratch)
+    warm = [t.warmup_calls for t in together]
+    assert warm[0] == warm[1] == pytest.approx(125, abs=1)
+    assert log[:sum(warm)] == [a] * warm[0] + [b] * warm[1]
+    n = round(0.05 / 0.002)
+    assert log[sum(warm):] == ([a] * n + [b] * n) * 10 * 2
+    assert [t.repeats for t in together] == [10 * n, 10 * n]
+
+
+def test_rounds_flag_the_calls_still_noisy_in_the_second_pass_and_keep_to_the_repeat_bounds(monkeypatch):
+    a, b = (lambda: None), (lambda: None)
+    costs = {a: [0.001, 0.003] * 1000, b: [0.001] * 2000}  # a alternates 1 and 3 ms: spread 100% in both passes
+    it = {fn: iter(c) for fn, c in costs.items()}
+    monkeypatch.setattr(timing, "_timer", lambda fn, cuda: next(it[fn]))
+    a_t, b_t = timing.measure_in_rounds([a, b], CPU, rounds=4, window_s=0.5, min_repeats=48, max_repeats=100)
+    assert a_t.noisy and a_t.spread == pytest.approx(1.0) and not b_t.noisy and b_t.spread == 0.0
+    assert a_t.repeats == b_t.repeats == 4 * 25  # max_repeats // rounds per slice, though 62 ms slices ask for more
+    fewest = timing.measure_in_rounds([b], CPU, rounds=4, window_s=0.0, min_repeats=48, max_repeats=100)[0]
+    assert fewest.repeats == 48  # at least min_repeats: 12 per round
