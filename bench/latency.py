@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.timing import MAX_WARMUP_CALLS, STEADY_WINDOW_S, Timing, measure, measure_in_rounds
+from bench.timing import MAX_WARMUP_CALLS, STEADY_WINDOW_S, Pending, Timing, measure, warm_up
 from bench.train import autocast_for
 
 DECODE_STEPS = 48  # decode steps timed at least, and the positions they cycle through: three TTT mini-batches
@@ -96,12 +96,28 @@ def measure_with_memory(fn, device, **measure_kw) -> tuple[Timing, int]:
         with PeakMemory(device) as mem:
             return measure(fn, device, **measure_kw), mem.peak
     timing = measure(fn, device, **measure_kw)
+    return timing, _sampled_peak(fn, device)
+
+
+def warm_up_with_memory(fn, device, context=contextlib.nullcontext, **warm_up_kw) -> tuple[Pending, int]:
+    """warm_up(fn, device, **warm_up_kw) under context, for measure_in_rounds to time later, and the peak extra
+    memory of a call as measure_with_memory takes it (CUDA: over the warm-up calls)."""
+    if device.type == "cuda":
+        with PeakMemory(device) as mem:
+            return warm_up(fn, device, context=context, **warm_up_kw), mem.peak
+    pending = warm_up(fn, device, context=context, **warm_up_kw)
+    with context():
+        return pending, _sampled_peak(fn, device)
+
+
+def _sampled_peak(fn, device) -> int:
+    """CPU: the sampled peak RSS growth over calls of fn of their own, for at least MEMORY_WINDOW_S."""
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         fn()
         while time.perf_counter() - t0 < MEMORY_WINDOW_S:
             fn()
-    return timing, mem.peak
+    return mem.peak
 
 
 def inference_model(model, device) -> tuple[torch.nn.Module, str]:
@@ -156,21 +172,42 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, 
 def prefill_and_decoder(model, B: int, T: int, device, vocab: int, graphs: bool, quick: bool = False,
                         compile_decode: bool = False) -> tuple[Timing, int, Decoder]:
     """prefill_and_decode's timed prefill, and its decode point ready to be timed (a Decoder holding the cache the
-    last prefill filled): by time_decoder at once, or with other lengths' by time_decoders_in_rounds."""
-    warm = 1 if quick else MAX_WARMUP_CALLS
+    last prefill filled): by time_decoder, or in rounds with other points (pending_decoder)."""
+    prefill, context, filled = prefill_call(model, B, T, device, vocab)
+    with context():
+        pre, peak = measure_with_memory(prefill, device, max_warmup_calls=1 if quick else MAX_WARMUP_CALLS,
+                                        window_s=0.0 if quick else STEADY_WINDOW_S)
+    return pre, peak, decoder_after(model, filled(), B, device, vocab, graphs, quick, compile_decode)
+
+
+def prefill_call(model, B: int, T: int, device, vocab: int):
+    """A prefill of T random tokens into a new cache as a call, the context it runs in (_inference), and a function
+    that returns the cache the last call filled (once: later calls let their caches go)."""
     idx = torch.randint(0, vocab, (B, T), device=device)
-    last = {}
+    last = {"keep": True}
     bf16_weights = next(model.parameters()).dtype == torch.bfloat16
-    context = lambda: _inference(device, bf16_weights)
 
     def prefill():
-        last["state"] = model.new_state(B, T + DECODE_ROOM)
-        model(idx, last["state"])
+        state = model.new_state(B, T + DECODE_ROOM)
+        model(idx, state)
+        if last["keep"]:
+            last["state"] = state
 
+    def filled():  # the cache of the last call so far; calls after this one keep none (points timed in rounds)
+        last["keep"] = False
+        return last.pop("state")
+
+    return prefill, lambda: _inference(device, bf16_weights), filled
+
+
+def decoder_after(model, state, B: int, device, vocab: int, graphs: bool, quick: bool = False,
+                  compile_decode: bool = False) -> Decoder:
+    """The decode point from a prefilled cache: single-token steps (through torch.compile with compile_decode;
+    replayed as a CUDA graph with graphs on CUDA), their positions cycling (_rewinding), DECODE_GROUP of them per
+    call outside the quick probe."""
+    bf16_weights = next(model.parameters()).dtype == torch.bfloat16
+    context = lambda: _inference(device, bf16_weights)
     with context():
-        pre, peak = measure_with_memory(prefill, device, max_warmup_calls=warm,
-                                        window_s=0.0 if quick else STEADY_WINDOW_S)
-        state = last["state"]  # the cache the last prefill filled
         step_in = torch.randint(0, vocab, (B, 1), device=device)
         step = lambda: model(step_in, state)
         graph_note, per_call, compile_note = "", 1, "none"  # per_call: decode steps per timed call
@@ -184,7 +221,7 @@ def prefill_and_decoder(model, B: int, T: int, device, vocab: int, graphs: bool,
         if not quick and span and per_call == 1:  # a window of calls, each not a graph's replay of a TTT mini-batch
             per_call = -(-DECODE_GROUP // p) * p
             step = _in_a_row(step, per_call)
-    return pre, peak, Decoder(step, per_call, span > 0, graph_note, compile_note, context)
+    return Decoder(step, per_call, span > 0, graph_note, compile_note, context)
 
 
 def time_decoder(decoder: Decoder, device, quick: bool = False) -> Timing:
@@ -198,17 +235,11 @@ def time_decoder(decoder: Decoder, device, quick: bool = False) -> Timing:
     return decoder.per_step(t)
 
 
-def time_decoders_in_rounds(decoders: list[Decoder], device, rounds: int) -> list[Timing]:
-    """Seconds per decode step of several points of one model (its lengths), timed together in `rounds`
-    interleaved rounds (bench/timing.measure_in_rounds): every point's window is spread over the same stretch of
-    time, so that a machine whose speed drifts moves every length alike (`make throughput` on CPU). The points
-    must be cyclic, and all their caches stay alive until the last round."""
-    if not all(d.cyclic for d in decoders) or len({d.per_call for d in decoders}) > 1:
-        raise ValueError("points timed in rounds must cycle their positions and run as many steps per call")
-    with decoders[0].context():
-        timings = measure_in_rounds([d.call for d in decoders], device, rounds, STEADY_WINDOW_S,
-                                    **decoders[0].repeats())
-    return [d.per_step(t) for d, t in zip(decoders, timings)]
+def pending_decoder(decoder: Decoder, device) -> Pending:
+    """A cyclic decode point warmed up for bench/timing.measure_in_rounds (its timing then per call: per_step)."""
+    if not decoder.cyclic:
+        raise ValueError("a decode point timed in rounds must cycle its positions")
+    return warm_up(decoder.call, device, STEADY_WINDOW_S, context=decoder.context, **decoder.repeats())
 
 
 @contextlib.contextmanager

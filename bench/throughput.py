@@ -24,13 +24,15 @@ or 30 s; `settled` says whether they did), then repeats (fewer for long calls), 
 relative spread. A prefill or training point also warms up for at least 0.25 s and is timed over at least
 0.5 s (at most 60 calls); a decode point too, over 48 to 1000 steps, its positions cycling through the 48
 after the prompt (bench/latency._rewinding). A point whose spread is over 25% is measured again and, if
-the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. On CPU an architecture's decode points
-are timed together after its last length, in 10 interleaved rounds (--decode-rounds; the CSV's rounds column):
-each length's 0.5 s window is cut into slices of 50 ms taken in turn, so that a machine whose speed drifts over
-seconds moves every length alike (bench/timing.measure_in_rounds; all are measured again, together, when any
-point's spread is over 25%). Each point's cache is held until then, while all fit in half the free memory. CUDA events on GPU (CUDA graphs
-replay every architecture's decode steps where capture works, a TTT mini-batch of them per replay; the row says
-so), time.perf_counter on CPU; thread count recorded. --compile-decode runs the decode step through torch.compile
+the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. On CPU an architecture's points are
+warmed up length by length and timed together after its last one, in 10 interleaved rounds (--rounds; the CSV's
+rounds column): each round runs every point in turn for a tenth of its repeats (a point of fewer repeats sits out
+some rounds), so that a machine whose speed drifts over seconds moves every length and mode alike
+(bench/timing.measure_in_rounds; the points whose spread is over 25% are measured again, in rounds among
+themselves). The decode caches are held until then while they fit in half the free memory (by their prefills'
+peak memory). CUDA events on GPU (CUDA graphs replay every architecture's decode steps where capture works, a TTT
+mini-batch of them per replay; the row says so), time.perf_counter on CPU; thread count recorded.
+--compile-decode runs the decode step through torch.compile
 (bench/latency._compiled; the CSV's compile column says model, or why it failed). On CUDA prefill and decode run
 on a bf16 copy of the model (bench/latency.py). A point whose predicted time exceeds --max-seconds, or that runs
 out of memory, is a row with that reason, never a crash; so is one that would overrun its architecture's share of
@@ -44,10 +46,12 @@ equal parameters).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -57,11 +61,11 @@ import torch.nn.functional as F
 import architectures
 from architectures.sizing import MATCH_RULES
 from bench.config import UsageError, compose, group_options, model_config, parse_archs, parse_choice, parse_ctx
-from bench.latency import (DECODE_ROOM, inference_model, measure_with_memory, prefill_and_decoder, time_decoder,
-                           time_decoders_in_rounds)
+from bench.latency import (DECODE_ROOM, decoder_after, inference_model, measure_with_memory, pending_decoder,
+                           prefill_and_decoder, prefill_call, time_decoder, warm_up_with_memory)
 from bench.results import atomic_write_text, device_name
 from bench.threads import ThreadGovernor, configure_compute_process, omp_wait
-from bench.timing import STEADY_WINDOW_S, Timing
+from bench.timing import STEADY_WINDOW_S, Timing, measure_in_rounds
 from bench.train import COMPILE_MODES, Plan, autocast_for, compile_for_training
 
 COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
@@ -71,7 +75,7 @@ KEY = ["arch", "size", "mode", "ctx", "batch", "device"]
 COUNT_COLUMNS = ["repeats", "warmup_calls", "rounds"]  # timed rows only
 MODES = ("prefill", "decode", "train")
 BYTE_VOCAB = 257
-CPU_DECODE_ROUNDS = 10  # decode points timed together in 10 interleaved rounds (slices of 50 ms each) on CPU
+CPU_ROUNDS = 10  # on CPU an architecture's points are timed together in 10 interleaved rounds (run_arch)
 LATENCY_MATCH = "params"  # the default sizing rule here (the paper's latency figures: equal parameters)
 
 
@@ -145,17 +149,33 @@ def training_step(model, step_model, idx: torch.Tensor, device, optimizer=None):
 
 
 def train_step(model, B: int, T: int, device, vocab: int, compile_mode: str = "none"):
-    """Forward + backward of a (B, T) batch, with the hot path compiled as training compiles it."""
+    """Forward + backward of a (B, T) batch, with the hot path compiled as training compiles it: (timing, peak
+    memory)."""
+    step, context = train_call(model, B, T, device, vocab, compile_mode)
+    with context():
+        return measure_with_memory(step, device, window_s=STEADY_WINDOW_S)
+
+
+def train_call(model, B: int, T: int, device, vocab: int, compile_mode: str = "none"):
+    """A training step of a random (B, T) batch as a call (training_step, no optimizer) and its context: the model in
+    training mode, back in eval mode after. The hot path is compiled as training compiles it, here, by one call
+    (once per shape; the warm-up then runs warm)."""
     idx = torch.randint(0, vocab, (B, T + 1), device=device)
+    context = lambda: _training(model)
+    with context():
+        step = training_step(model, compile_for_training(model, compile_mode), idx, device)
+        if compile_mode != "none":
+            step()
+    return step, context
+
+
+@contextlib.contextmanager
+def _training(model):
     model.train()
-    step = training_step(model, compile_for_training(model, compile_mode), idx, device)
-    if compile_mode != "none":
-        step()  # compiles forward and backward (once per shape); measure()'s own warm-up call then runs warm
     try:
-        t, peak = measure_with_memory(step, device, window_s=STEADY_WINDOW_S)
+        yield
     finally:
         model.eval()
-    return t, peak
 
 
 def _predicted(history: list[tuple[int, float]], T: int) -> float:
@@ -213,10 +233,12 @@ def _skipped(calls: list[tuple[int, float]], walls: list[tuple[int, float]], T: 
 def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes, train_batch=None,
              compile_mode: str = "none", governor=None, profile: str = "cpu",
              compile_decode: bool = False, budget: Budget | None = None,
-             overrides: tuple[str, ...] = (), decode_rounds: int = 1) -> list[dict]:
-    """Every point of one architecture, as rows. decode_rounds > 1: its decode points are timed together after the
-    last length, in that many interleaved rounds (bench/latency.time_decoders_in_rounds), their caches held until
-    then while they fit in half the free memory (a point that would not is timed at once; its row says rounds 1)."""
+             overrides: tuple[str, ...] = (), rounds: int = 1) -> list[dict]:
+    """Every point of one architecture, as rows. rounds 1: each point warmed up and timed in turn. rounds > 1: each
+    point warmed up in turn (compiled, its memory sampled), and all timed together after the last length, in that
+    many interleaved rounds (bench/timing.measure_in_rounds); the decode points' caches are held until then while
+    they fit in half the free memory (by their prefills' peak memory; one that would not is timed at once, its row
+    says rounds 1)."""
     budget = budget or Budget(None, 1)
     budget.start_arch()  # building the model counts against the architecture's share
     rows = []
@@ -230,14 +252,27 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
     if compile_decode:
         torch._dynamo.reset()  # the compiled decode step of the architecture before is of no use to this one
     row = lambda mode, T, batch=B, **kw: _row(arch, size, mode, T, batch, device, model, sized, **kw)
+    failed = lambda e: "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
 
-    def decode_row(T, decoder, t: Timing, rounds: int) -> dict:
+    def prefill_row(T, mem, n_rounds, t: Timing) -> dict:
+        return row("prefill", T, status="ok", time_per_token_s=t.median / T, tokens_per_s=B * T / t.median,
+                   peak_mem_bytes=mem, precision=infer_precision, rounds=n_rounds, **_timed(t))
+
+    def decode_row(T, decoder, n_rounds, t: Timing) -> dict:  # t: per step
         return row("decode", T, status="ok", time_per_token_s=t.median, tokens_per_s=B / t.median,
-                   graph=decoder.graph, compile=decoder.compile, precision=infer_precision, rounds=rounds, **_timed(t))
+                   graph=decoder.graph, compile=decoder.compile, precision=infer_precision, rounds=n_rounds, **_timed(t))
+
+    def held_decode_row(T, decoder, t: Timing) -> dict:  # t: per call of the decoder
+        return decode_row(T, decoder, rounds, decoder.per_step(t))
+
+    def train_row(T, Bt, mem, n_rounds, t: Timing) -> dict:
+        return row("train", T, Bt, status="ok", compile=compile_mode, time_per_token_s=t.median / (Bt * T),
+                   tokens_per_s=Bt * T / t.median, peak_mem_bytes=mem, rounds=n_rounds, **_timed(t))
 
     history = {m: [] for m in MODES}  # (T, seconds per call)
-    walls = {m: [] for m in MODES}  # (T, seconds spent measuring the point): for the budget
-    held, held_bytes = [], 0  # (T, Decoder) of the decode points to time in rounds, and their prefills' peak memory
+    walls = {m: [] for m in MODES}  # (T, seconds spent measuring the point, or to be spent in the rounds): the budget
+    later = []  # (Pending, mode, T, batch, its row from its Timing): the points timed in rounds after the last length
+    held_bytes = 0  # the prefills' peak memory of the decode points held for the rounds
     for T in lengths:
         if governor is not None:
             governor.update(force=True)
@@ -248,28 +283,35 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
             else:
                 t_point = time.perf_counter()
                 try:
-                    pre, mem, decoder = prefill_and_decoder(infer, B, T, device, vocab, graphs,
-                                                            compile_decode=compile_decode)
-                    if "prefill" in modes:
-                        rows.append(row("prefill", T, status="ok", time_per_token_s=pre.median / T,
-                                        tokens_per_s=B * T / pre.median, peak_mem_bytes=mem,
-                                        precision=infer_precision, **_timed(pre)))
-                    later = 0.0  # seconds this point's decode will take in the rounds
-                    if "decode" in modes and decode_rounds > 1 and decoder.cyclic \
+                    if rounds > 1:
+                        prefill, context, filled = prefill_call(infer, B, T, device, vocab)
+                        pending, mem = warm_up_with_memory(prefill, device, context)
+                        per_call, waiting = pending.last_s, pending.repeats * pending.last_s
+                        if "prefill" in modes:
+                            later.append((pending, "prefill", T, B, partial(prefill_row, T, mem, rounds)))
+                        decoder = decoder_after(infer, filled(), B, device, vocab, graphs,
+                                                compile_decode=compile_decode)
+                    else:
+                        pre, mem, decoder = prefill_and_decoder(infer, B, T, device, vocab, graphs,
+                                                                compile_decode=compile_decode)
+                        per_call, waiting = pre.median, 0.0
+                        if "prefill" in modes:
+                            rows.append(prefill_row(T, mem, 1, pre))
+                    if "decode" in modes and rounds > 1 and decoder.cyclic \
                             and held_bytes + mem < free_memory(device) / 2:
-                        held.append((T, decoder))
+                        pending = pending_decoder(decoder, device)
+                        later.append((pending, "decode", T, B, partial(held_decode_row, T, decoder)))
                         held_bytes += mem
-                        later = 1.5 * STEADY_WINDOW_S  # its warm-up and window
+                        waiting += pending.repeats * pending.last_s
                     elif "decode" in modes:
-                        rows.append(decode_row(T, decoder, time_decoder(decoder, device), rounds=1))
-                    history["prefill"].append((T, pre.median))
-                    walls["prefill"].append((T, time.perf_counter() - t_point + later))
+                        rows.append(decode_row(T, decoder, 1, time_decoder(decoder, device)))
+                    history["prefill"].append((T, per_call))
+                    walls["prefill"].append((T, time.perf_counter() - t_point + waiting))
                 except Exception as e:
-                    why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
-                    rows += [row(m, T, status=why) for m in ("prefill", "decode") if m in modes]
+                    rows += [row(m, T, status=failed(e)) for m in ("prefill", "decode") if m in modes]
                     history["prefill"].append((T, float("inf")))
                 finally:
-                    decoder = None  # a point not held lets its cache go
+                    decoder = None  # a decode point not held lets its cache go
         if "train" in modes:
             Bt = train_batch or sweep_micro_batch(arch, size, T, profile, overrides)
             why = _skipped(history["train"], walls["train"], Bt * T, max_s, budget)  # train: predicted by tokens
@@ -278,24 +320,28 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                 continue
             t_point = time.perf_counter()
             try:
-                t, mem = train_step(model, Bt, T, device, vocab, compile_mode)
-                history["train"].append((Bt * T, t.median))
-                walls["train"].append((Bt * T, time.perf_counter() - t_point))
-                rows.append(row("train", T, Bt, status="ok", compile=compile_mode, time_per_token_s=t.median / (Bt * T),
-                                tokens_per_s=Bt * T / t.median, peak_mem_bytes=mem, **_timed(t)))
+                if rounds > 1:
+                    step, context = train_call(model, Bt, T, device, vocab, compile_mode)
+                    pending, mem = warm_up_with_memory(step, device, context)
+                    later.append((pending, "train", T, Bt, partial(train_row, T, Bt, mem, rounds)))
+                    per_call, waiting = pending.last_s, pending.repeats * pending.last_s
+                else:
+                    t, mem = train_step(model, Bt, T, device, vocab, compile_mode)
+                    rows.append(train_row(T, Bt, mem, 1, t))
+                    per_call, waiting = t.median, 0.0
+                history["train"].append((Bt * T, per_call))
+                walls["train"].append((Bt * T, time.perf_counter() - t_point + waiting))
             except Exception as e:
-                why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
-                rows.append(row("train", T, Bt, status=why))
+                rows.append(row("train", T, Bt, status=failed(e)))
                 history["train"].append((Bt * T, float("inf")))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if held:
+    if later:
         try:
-            timings = time_decoders_in_rounds([d for _, d in held], device, decode_rounds)
-            rows += [decode_row(T, d, t, decode_rounds) for (T, d), t in zip(held, timings)]
+            timings = measure_in_rounds([pending for pending, *_ in later], device, rounds)
+            rows += [to_row(t) for (*_, to_row), t in zip(later, timings)]
         except Exception as e:
-            why = "out of memory" if _oom(e) else f"failed: {type(e).__name__}: {e}"[:300]
-            rows += [row("decode", T, status=why) for T, _ in held]
+            rows += [row(mode, T, batch, status=failed(e)) for _, mode, T, batch, _ in later]
     return rows
 
 
@@ -362,10 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a Hydra override for every architecture's model, as `make sweep ARGS=...` takes one "
                         "(e.g. arch.backend=dual to time one backend); repeatable")
-    p.add_argument("--decode-rounds", type=int, default=None,
-                   help="time an architecture's decode points together, in this many interleaved rounds after its "
-                        f"last length (default: {CPU_DECODE_ROUNDS} on CPU; 1 on CUDA: each point on its own, as at "
-                        "1.3B the caches of every length would not fit together)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="time an architecture's points together, in this many interleaved rounds after its last "
+                        f"length (default: {CPU_ROUNDS} on CPU; 1 on CUDA: each point on its own, as at 1.3B the "
+                        "decode caches of every length would not fit together)")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: decode eagerly (no CUDA graphs)")
     p.add_argument("--compile-decode", action="store_true",
                    help="decode points: the step through torch.compile (fewer, fused kernels per token; compiling "
@@ -389,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                                     list(COMPILE_MODES))
         if args.batch <= 0 or (args.train_batch is not None and args.train_batch <= 0):
             raise UsageError(f"batch must be positive; got {args.batch} / {args.train_batch}")
-        if args.decode_rounds is not None and args.decode_rounds < 1:
-            raise UsageError(f"--decode-rounds must be at least 1; got {args.decode_rounds}")
+        if args.rounds is not None and args.rounds < 1:
+            raise UsageError(f"--rounds must be at least 1; got {args.rounds}")
         if args.budget_s is not None and not args.budget_s > 0:
             raise UsageError(f"--budget-s must be a positive number of seconds; got {args.budget_s}")
         overrides = tuple(args.set)
@@ -400,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     max_s = args.max_seconds or (60.0 if device.type == "cuda" else 20.0)
-    decode_rounds = args.decode_rounds or (1 if device.type == "cuda" else CPU_DECODE_ROUNDS)
+    rounds = args.rounds or (1 if device.type == "cuda" else CPU_ROUNDS)
     lengths = lengths_up_to(ctx)
     results = Path(args.results).expanduser().resolve()
     t0 = time.perf_counter()
@@ -409,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{omp_wait()}): {', '.join(archs)} at {size} (match={match}), lengths {lengths}, "
           f"batch {args.batch}, train batch {args.train_batch or 'as make sweep trains'}, "
           f"train compile={compile_mode}, decode compile="
-          f"{'model' if args.compile_decode else 'none'}, decode rounds {decode_rounds}"
+          f"{'model' if args.compile_decode else 'none'}, rounds {rounds}"
           + (f", budget {args.budget_s:.0f} s" if args.budget_s else "")
           + (f", overrides {' '.join(overrides)}" if overrides else ""), flush=True)
     rows = []
@@ -417,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         for r in run_arch(arch, size, lengths, args.batch, device, match, max_s, BYTE_VOCAB, not args.no_graphs,
                           modes, args.train_batch, compile_mode, governor, profile, args.compile_decode, budget,
-                          overrides, decode_rounds):
+                          overrides, rounds):
             rows.append(r)
             mem = f"mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB" if r.get("peak_mem_bytes") is not None else ""
             trust = (f" spread {r['spread']:.0%}" + (" NOISY" if r.get("noisy") else "")

@@ -7,14 +7,16 @@ spread, re-measures a point whose spread is over 25% and flags it `noisy` if the
 step, a decode step whose positions cycle), short calls also warm up for half of it and are timed over all
 of it: on a shared 2-core machine the first calls of a process ran 8.5-10 ms for a third of a second and
 7 ms after (Mamba prefill at cpu-xs, 1k), and five 8 ms repeats had taken the median from that moment alone.
-`measure_in_rounds` times several such calls together, in interleaved rounds, so that they share the
-machine's moments (`make throughput`'s decode points on CPU).
+`warm_up` and `measure_in_rounds` time several such calls together, in interleaved rounds, so that they
+share the machine's moments (`make throughput` on CPU).
 """
 from __future__ import annotations
 
 import math
 import statistics
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 
@@ -135,33 +137,55 @@ def measure(fn, device, repeats: int | None = None, warmup: bool = True,
     return Timing(statistics.median(times), len(times), relative_spread(times), calls, settled, noisy)
 
 
-def measure_in_rounds(fns: list, device, rounds: int, window_s: float = STEADY_WINDOW_S,
-                      max_warmup_calls: int = MAX_WARMUP_CALLS, min_repeats: int = 1,
-                      max_repeats: int = MAX_REPEATS) -> list[Timing]:
-    """Seconds per call of each fn in fns, timed together in interleaved rounds: each warms up on its own (settle,
-    at least window_s / 2), then `rounds` rounds each run every fn in turn for a slice of window_s / rounds
-    (between min_repeats and max_repeats calls in all), so that every fn is timed at the same moments of the
-    machine. On a shared 2-core machine whose speed swings up to 2x over seconds, a point timed in its own 0.5 s
-    took the speed of its moment: the same decode step measured 1.43-1.93 ms back to back, and one length of a
-    recurrent model's curve stood 1.9x above its others (README, issue 17). If any fn's spread is over
-    REMEASURE_SPREAD, all are measured again, from scratch and still together; a spread then over NOISY_SPREAD
-    flags that fn's Timing noisy. The fns must keep each other's state intact (a decode step's own cache)."""
-    cuda = device.type == "cuda"
-    warm = [settle(fn, cuda, max_warmup_calls, window_s / 2) for fn in fns]  # (calls, settled, last call's s)
-    per_slice = [max(-(-min_repeats // rounds), 1,
-                     min(max_repeats // rounds, math.ceil(window_s / rounds / max(last, 1e-9))))
-                 for _, _, last in warm]
+@dataclass(frozen=True)
+class Pending:
+    """A call warmed up (warm_up) and waiting to be timed together with others (measure_in_rounds)."""
+    fn: Callable[[], object]
+    repeats: int          # timed calls in all, as measure would take them after this warm-up
+    warmup_calls: int
+    settled: bool
+    last_s: float         # the warm-up's last call: the seconds a call is expected to take
+    context: Callable[[], AbstractContextManager] = nullcontext  # entered around its calls, outside their timing
 
-    def take() -> list[list[float]]:
-        times = [[] for _ in fns]
-        for _ in range(rounds):
-            for fn, n, ts in zip(fns, per_slice, times):
-                ts.extend(_timer(fn, cuda) for _ in range(n))
+
+def warm_up(fn, device, window_s: float = STEADY_WINDOW_S, max_warmup_calls: int = MAX_WARMUP_CALLS,
+            min_repeats: int = 1, max_repeats: int = MAX_REPEATS, context=nullcontext) -> Pending:
+    """measure's warm-up (settle) and its count of repeats (adaptive to the last warm-up call, filling window_s),
+    for measure_in_rounds to time later."""
+    cuda = device.type == "cuda"
+    with context():
+        calls, settled, last = settle(fn, cuda, max_warmup_calls, window_s / 2)
+    n = max(min_repeats, _adaptive_repeats(last, cuda, window_s, max_repeats))
+    return Pending(fn, n, calls, settled, last, context)
+
+
+def measure_in_rounds(pending: list[Pending], device, rounds: int) -> list[Timing]:
+    """Seconds per call of each warmed-up call, timed together in `rounds` interleaved rounds: each round runs every
+    call in turn for its share of its repeats (a call of fewer repeats than rounds sits out some, evenly spread), so
+    that every call is timed across the same stretch of the machine's time. On a shared 2-core machine whose speed
+    swings up to 2x over seconds, a point timed in its own 0.5 s took the speed of its moment: the same decode step
+    measured 1.43-1.93 ms back to back, and one length of a recurrent model's curve stood 1.9x above its others
+    (README, issue 17). As in measure, a call whose spread is over REMEASURE_SPREAD is measured again, from
+    scratch (in rounds with the others measured again), and flagged noisy if the new spread is over NOISY_SPREAD.
+    The calls must leave each other's state intact (a decode step's own cache)."""
+    cuda = device.type == "cuda"
+
+    def take(which: list[int]) -> dict[int, list[float]]:
+        times = {i: [] for i in which}
+        for r in range(rounds):
+            for i in which:
+                p = pending[i]
+                share = (r + 1) * p.repeats // rounds - r * p.repeats // rounds
+                if share:
+                    with p.context():
+                        times[i].extend(_timer(p.fn, cuda) for _ in range(share))
         return times
 
-    times, noisy = take(), [False] * len(fns)
-    if any(relative_spread(ts) > REMEASURE_SPREAD for ts in times):
-        times = take()
-        noisy = [relative_spread(ts) > NOISY_SPREAD for ts in times]
-    return [Timing(statistics.median(ts), len(ts), relative_spread(ts), calls, settled, flag)
-            for ts, (calls, settled, _), flag in zip(times, warm, noisy)]
+    times = take(list(range(len(pending))))
+    again = [i for i, ts in times.items() if len(ts) > 1 and relative_spread(ts) > REMEASURE_SPREAD]
+    noisy = set()
+    if again:
+        times.update(take(again))
+        noisy = {i for i in again if relative_spread(times[i]) > NOISY_SPREAD}
+    return [Timing(statistics.median(times[i]), len(times[i]), relative_spread(times[i]), p.warmup_calls, p.settled,
+                   i in noisy) for i, p in enumerate(pending)]

@@ -52,8 +52,7 @@ def test_throughput_end_to_end_and_merge(tmp_path, monkeypatch):
     assert by[("ttt_linear", "decode", "1024")]["backend"] == "ttt=cpp"  # decoding: dual.py's partial mini-batches
     assert float(by[("transformer", "train", "2048")]["peak_mem_bytes"]) > 0
     assert by[("ttt_linear", "train", "2048")]["compile"] == "none"
-    assert by[("ttt_linear", "decode", "2048")]["rounds"] == "10"  # CPU: decode points timed together
-    assert by[("ttt_linear", "prefill", "2048")]["rounds"] == ""
+    assert {r["rounds"] for r in rows} == {"10"}  # CPU: each architecture's points timed together
     for T, seqs in ((1024, 4), (2048, 2)):  # as `make sweep` trains smoke-xs: 4096 tokens per forward + backward
         train = by[("ttt_linear", "train", str(T))]
         assert int(train["batch"]) == seqs
@@ -79,35 +78,44 @@ def test_slow_and_failing_points_are_rows_not_crashes(tmp_path, monkeypatch):
     def oom(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 80 GiB")
 
-    monkeypatch.setattr(tp, "prefill_and_decoder", oom)
-    out = tmp_path / "oom"
-    assert main(["--arch", "transformer", "--ctx", "1k", "--size", "smoke-xs", "--results", str(out)]) == 0
-    rows = {r["mode"]: r["status"] for r in read(out / "throughput.csv")}
-    assert rows == {"prefill": "out of memory", "decode": "out of memory", "train": "ok"}
+    monkeypatch.setattr(tp, "prefill_and_decoder", oom)  # --rounds 1
+    monkeypatch.setattr(tp, "prefill_call", oom)  # in rounds (CPU's default)
+    for rounds in ("1", "10"):
+        out = tmp_path / f"oom{rounds}"
+        assert main(["--arch", "transformer", "--ctx", "1k", "--size", "smoke-xs", "--rounds", rounds,
+                     "--results", str(out)]) == 0
+        rows = {r["mode"]: r["status"] for r in read(out / "throughput.csv")}
+        assert rows == {"prefill": "out of memory", "decode": "out of memory", "train": "ok"}
 
 
-def test_decode_points_are_timed_in_rounds_while_their_caches_fit(tmp_path, monkeypatch):
-    """--decode-rounds 3: an architecture's decode points are timed together after its last length, every cache
-    held until then; with no memory to hold them in (free_memory 0) each is timed at once, and its row says so."""
+def test_points_are_timed_in_rounds_and_decode_points_while_their_caches_fit(tmp_path, monkeypatch):
+    """--rounds 3: an architecture's points are warmed up length by length and timed together after its last, every
+    decode cache held until then; with no memory to hold caches in (free_memory 0) each decode point is timed at
+    once, and its row says so. --rounds 1: every point in turn."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     together = []
-    real = tp.time_decoders_in_rounds
+    real = tp.measure_in_rounds
 
-    def recording(decoders, device, rounds):
-        together.append((len(decoders), rounds))
-        return real(decoders, device, rounds)
+    def recording(pending, device, rounds):
+        together.append((len(pending), rounds))
+        return real(pending, device, rounds)
 
-    monkeypatch.setattr(tp, "time_decoders_in_rounds", recording)
-    args = ["--arch", "mamba", "--ctx", "2k", "--size", "smoke-xs", "--modes", "decode", "--results", str(tmp_path)]
-    assert main([*args, "--decode-rounds", "3"]) == 0
-    assert together == [(2, 3)]
-    assert [(r["ctx"], r["status"], r["rounds"]) for r in read(tmp_path / "throughput.csv")] == [
-        ("1024", "ok", "3"), ("2048", "ok", "3")]
+    monkeypatch.setattr(tp, "measure_in_rounds", recording)
+
+    def run(rounds: str, ctx: str, modes: str) -> list[tuple]:
+        out = tmp_path / f"{rounds}-{ctx}-{modes}"
+        assert main(["--arch", "mamba", "--ctx", ctx, "--size", "smoke-xs", "--modes", modes, "--compile", "none",
+                     "--rounds", rounds, "--results", str(out)]) == 0
+        return sorted((r["mode"], r["ctx"], r["status"], r["rounds"]) for r in read(out / "throughput.csv"))
+
+    assert run("3", "2k", "prefill,decode,train") == [(m, T, "ok", "3") for m in ("decode", "prefill", "train")
+                                                      for T in ("1024", "2048")]
+    assert together == [(6, 3)]  # prefill, decode and train at 1k and 2k
     monkeypatch.setattr(tp, "free_memory", lambda device: 0)
-    assert main(args) == 0
-    assert together == [(2, 3)]  # no second call
-    assert [(r["ctx"], r["status"], r["rounds"]) for r in read(tmp_path / "throughput.csv")] == [
-        ("1024", "ok", "1"), ("2048", "ok", "1")]
+    assert run("3", "1k", "prefill,decode") == [("decode", "1024", "ok", "1"), ("prefill", "1024", "ok", "3")]
+    assert together[1:] == [(1, 3)]
+    assert run("1", "1k", "prefill,decode") == [("decode", "1024", "ok", "1"), ("prefill", "1024", "ok", "1")]
+    assert together[2:] == []
 
 
 def test_a_budget_shares_what_is_left_among_the_architectures_to_come():
@@ -210,7 +218,7 @@ def test_a_run_cut_short_keeps_the_architectures_it_finished(tmp_path, monkeypat
                                           (["--ctx", "2x"], "CTX must be"),
                                           (["--batch", "0"], "batch must be positive"),
                                           (["--budget-s", "-5"], "--budget-s must be a positive"),
-                                          (["--decode-rounds", "0"], "--decode-rounds must be at least 1"),
+                                          (["--rounds", "0"], "--rounds must be at least 1"),
                                           (["--set", "arch.no_such_option=1"], "Could not override")])
 def test_bad_input(tmp_path, capsys, args, message):
     assert main([*args, "--results", str(tmp_path)]) == 2

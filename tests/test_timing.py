@@ -1,5 +1,7 @@
 """bench/timing.py: warm-up until two calls agree, median and spread, re-measurement of noisy points;
 bench/hardware.py: MFU from the peak table."""
+import contextlib
+
 import pytest
 import torch
 
@@ -120,35 +122,58 @@ def drifting_machine(monkeypatch, cost_s: dict, slow_until_s: float):
 
 def test_rounds_time_calls_at_the_same_moments_of_a_drifting_machine(monkeypatch):
     """Two 1 ms calls (one decode step at two lengths) on a machine twice as slow for its first 0.9 s: measured one
-    after the other, each in its own 0.5 s window, the first looks twice the second; in 10 interleaved rounds of
-    50 ms slices both take the same moments and agree. The rounds' mixed samples spread over a quarter, so both are
-    measured again together (now steady), and neither is flagged."""
+    after the other, each in its own 0.5 s window, the first looks twice the second; warmed up in turn and timed in
+    10 interleaved rounds both take the same moments and agree. The rounds' mixed samples spread over a quarter, so
+    both are measured again in rounds (now steady), and neither is flagged."""
     a, b = (lambda: None), (lambda: None)
     drifting_machine(monkeypatch, {a: 0.001, b: 0.001}, slow_until_s=0.9)
     alone = [timing.measure(fn, CPU, window_s=0.5, max_repeats=1000) for fn in (a, b)]
     assert alone[0].median == pytest.approx(2 * alone[1].median)
 
     log = drifting_machine(monkeypatch, {a: 0.001, b: 0.001}, slow_until_s=0.9)
-    together = timing.measure_in_rounds([a, b], CPU, rounds=10, window_s=0.5, max_repeats=1000)
+    pending = [timing.warm_up(fn, CPU, window_s=0.5, max_repeats=1000) for fn in (a, b)]
+    warm = [p.warmup_calls for p in pending]  # 0.25 s of 2 ms calls each, and two that agree
+    assert warm[0] == warm[1] == pytest.approx(125, abs=1) and [p.repeats for p in pending] == [250, 250]
+    together = timing.measure_in_rounds(pending, CPU, rounds=10)
     assert [t.median for t in together] == pytest.approx([0.001, 0.001])
     assert not any(t.noisy for t in together) and all(t.settled for t in together)
-    # each fn's own warm-up (0.25 s of 2 ms calls), then slices of 25 calls (50 ms at the warm-up's 2 ms) in turn:
-    # 10 rounds, and 10 more (measured again, from scratch)
-    warm = [t.warmup_calls for t in together]
-    assert warm[0] == warm[1] == pytest.approx(125, abs=1)
     assert log[:sum(warm)] == [a] * warm[0] + [b] * warm[1]
-    n = round(0.05 / 0.002)
-    assert log[sum(warm):] == ([a] * n + [b] * n) * 10 * 2
-    assert [t.repeats for t in together] == [10 * n, 10 * n]
+    assert log[sum(warm):] == ([a] * 25 + [b] * 25) * 10 * 2  # a tenth of the 250 repeats a round, and again
+    assert [t.repeats for t in together] == [250, 250]
 
 
-def test_rounds_flag_the_calls_still_noisy_in_the_second_pass_and_keep_to_the_repeat_bounds(monkeypatch):
-    a, b = (lambda: None), (lambda: None)
-    costs = {a: [0.001, 0.003] * 1000, b: [0.001] * 2000}  # a alternates 1 and 3 ms: spread 100% in both passes
-    it = {fn: iter(c) for fn, c in costs.items()}
-    monkeypatch.setattr(timing, "_timer", lambda fn, cuda: next(it[fn]))
-    a_t, b_t = timing.measure_in_rounds([a, b], CPU, rounds=4, window_s=0.5, min_repeats=48, max_repeats=100)
-    assert a_t.noisy and a_t.spread == pytest.approx(1.0) and not b_t.noisy and b_t.spread == 0.0
-    assert a_t.repeats == b_t.repeats == 4 * 25  # max_repeats // rounds per slice, though 62 ms slices ask for more
-    fewest = timing.measure_in_rounds([b], CPU, rounds=4, window_s=0.0, min_repeats=48, max_repeats=100)[0]
-    assert fewest.repeats == 48  # at least min_repeats: 12 per round
+def test_rounds_spread_few_repeats_remeasure_only_the_noisy_and_enter_each_call_s_context(monkeypatch):
+    """A 3-repeat call sits out rounds evenly (it runs in the 4th, 7th and 10th of 10); only the call whose spread is over a quarter is
+    measured again, and flagged when still over a half; each slice of calls runs inside its call's context."""
+    a, b, c = (lambda: None), (lambda: None), (lambda: None)
+    times = {a: iter([0.001, 0.003] * 1000), b: iter([0.001] * 1000), c: iter([0.2] * 10)}
+    log, inside = [], []
+    monkeypatch.setattr(timing, "_timer", lambda fn, cuda: (log.append((fn, tuple(inside))), next(times[fn]))[1])
+
+    @contextlib.contextmanager
+    def marked(name):
+        inside.append(name)
+        yield
+        inside.pop()
+
+    pending = [timing.Pending(a, 20, 1, False, 0.002, lambda: marked("a")), timing.Pending(b, 20, 1, True, 0.001),
+               timing.Pending(c, 3, 1, True, 0.2)]
+    a_t, b_t, c_t = timing.measure_in_rounds(pending, CPU, rounds=10)
+    assert a_t.noisy and a_t.spread == pytest.approx(1.0) and a_t.repeats == 20 and not a_t.settled
+    assert (b_t.noisy, b_t.spread, b_t.repeats) == (False, 0.0, 20) and (c_t.median, c_t.repeats) == (0.2, 3)
+    first_pass = log[:43]
+    rounds_of_c = [i for i, r in enumerate(_rounds(first_pass, a)) if c in r]
+    assert rounds_of_c == [3, 6, 9]
+    assert all(ctx == (("a",) if fn is a else ()) for fn, ctx in log)
+    assert [fn for fn, _ in log[43:]] == [a] * 20  # measured again: a alone, 2 a round
+
+
+def _rounds(log, first):
+    """The log of (fn, context) split into rounds, each starting at a call of `first` after another fn."""
+    rounds, prev = [], None
+    for fn, _ in log:
+        if fn is first and prev is not first:
+            rounds.append(set())
+        rounds[-1].add(fn)
+        prev = fn
+    return rounds
