@@ -185,7 +185,6 @@ def prefill_call(model, B: int, T: int, device, vocab: int):
     that returns the cache the last call filled (once: later calls let their caches go)."""
     idx = torch.randint(0, vocab, (B, T), device=device)
     last = {"keep": True}
-    bf16_weights = next(model.parameters()).dtype == torch.bfloat16
 
     def prefill():
         state = model.new_state(B, T + DECODE_ROOM)
@@ -197,7 +196,7 @@ def prefill_call(model, B: int, T: int, device, vocab: int):
         last["keep"] = False
         return last.pop("state")
 
-    return prefill, lambda: _inference(device, bf16_weights), filled
+    return prefill, _inference(model, device), filled
 
 
 def decoder_after(model, state, B: int, device, vocab: int, graphs: bool, quick: bool = False,
@@ -205,8 +204,7 @@ def decoder_after(model, state, B: int, device, vocab: int, graphs: bool, quick:
     """The decode point from a prefilled cache: single-token steps (through torch.compile with compile_decode;
     replayed as a CUDA graph with graphs on CUDA), their positions cycling (_rewinding), DECODE_GROUP of them per
     call outside the quick probe."""
-    bf16_weights = next(model.parameters()).dtype == torch.bfloat16
-    context = lambda: _inference(device, bf16_weights)
+    context = _inference(model, device)
     with context():
         step_in = torch.randint(0, vocab, (B, 1), device=device)
         step = lambda: model(step_in, state)
@@ -242,11 +240,18 @@ def pending_decoder(decoder: Decoder, device) -> Pending:
     return warm_up(decoder.call, device, STEADY_WINDOW_S, context=decoder.context, **decoder.repeats())
 
 
-@contextlib.contextmanager
-def _inference(device, bf16_weights: bool):
-    """Prefill and decode's setting: inference mode, under bf16 autocast for bf16 weights or on CUDA."""
-    with torch.inference_mode(), autocast_for(device, "bf16" if bf16_weights else "auto")[0]():
-        yield
+def _inference(model, device) -> Callable[[], contextlib.AbstractContextManager]:
+    """Prefill and decode's setting, as a context to enter: inference mode, under bf16 autocast when the model's
+    weights are bf16 (inference_model) or on CUDA."""
+    bf16_weights = next(model.parameters()).dtype == torch.bfloat16
+    autocast = autocast_for(device, "bf16" if bf16_weights else "auto")[0]
+
+    @contextlib.contextmanager
+    def context():
+        with torch.inference_mode(), autocast():
+            yield
+
+    return context
 
 
 def _in_a_row(step, n: int):

@@ -260,7 +260,8 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
 
     def decode_row(T, decoder, n_rounds, t: Timing) -> dict:  # t: per step
         return row("decode", T, status="ok", time_per_token_s=t.median, tokens_per_s=B / t.median,
-                   graph=decoder.graph, compile=decoder.compile, precision=infer_precision, rounds=n_rounds, **_timed(t))
+                   graph=decoder.graph, compile=decoder.compile, precision=infer_precision, rounds=n_rounds,
+                   **_timed(t))
 
     def held_decode_row(T, decoder, t: Timing) -> dict:  # t: per call of the decoder
         return decode_row(T, decoder, rounds, decoder.per_step(t))

@@ -143,8 +143,9 @@ def test_rounds_time_calls_at_the_same_moments_of_a_drifting_machine(monkeypatch
 
 
 def test_rounds_spread_few_repeats_remeasure_only_the_noisy_and_enter_each_call_s_context(monkeypatch):
-    """A 3-repeat call sits out rounds evenly (it runs in the 4th, 7th and 10th of 10); only the call whose spread is over a quarter is
-    measured again, and flagged when still over a half; each slice of calls runs inside its call's context."""
+    """A 3-repeat call sits out rounds evenly (it runs in the 4th, 7th and 10th of 10); only the call whose spread
+    is over a quarter is measured again, and flagged when still over a half; each slice of calls runs inside its
+    call's context."""
     a, b, c = (lambda: None), (lambda: None), (lambda: None)
     times = {a: iter([0.001, 0.003] * 1000), b: iter([0.001] * 1000), c: iter([0.2] * 10)}
     log, inside = [], []
