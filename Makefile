@@ -83,7 +83,7 @@ $(STAMP): pyproject.toml requirements.txt
 PYTEST = WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q
 IN_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
 
-test: $(STAMP) ## the fast test tier (CPU: about 3 minutes on 2 Xeon cores, 7.5 on a slower AMD EPYC); CI runs this
+test: $(STAMP) ## the fast test tier (CPU: about 3 minutes on 2 Xeon cores, 7.5-8.7 on slower AMD EPYCs); CI runs this
 	$(PYTEST) $(IN_PARALLEL) -m "not slow and not serial" tests
 	$(PYTEST) -m "serial and not slow" tests
 
