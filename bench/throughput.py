@@ -282,14 +282,14 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
             if why:
                 rows += [row(m, T, status=why) for m in ("prefill", "decode") if m in modes]
             else:
-                t_point = time.perf_counter()
+                t_point, waiting_points = time.perf_counter(), []  # this length's points for the rounds
                 try:
                     if rounds > 1:
                         prefill, context, filled = prefill_call(infer, B, T, device, vocab)
                         pending, mem = warm_up_with_memory(prefill, device, context)
                         per_call, waiting = pending.last_s, pending.repeats * pending.last_s
                         if "prefill" in modes:
-                            later.append((pending, "prefill", T, B, partial(prefill_row, T, mem, rounds)))
+                            waiting_points.append((pending, "prefill", T, B, partial(prefill_row, T, mem, rounds)))
                         decoder = decoder_after(infer, filled(), B, device, vocab, graphs,
                                                 compile_decode=compile_decode)
                     else:
@@ -301,11 +301,12 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
                     if "decode" in modes and rounds > 1 and decoder.cyclic \
                             and held_bytes + mem < free_memory(device) / 2:
                         pending = pending_decoder(decoder, device)
-                        later.append((pending, "decode", T, B, partial(held_decode_row, T, decoder)))
+                        waiting_points.append((pending, "decode", T, B, partial(held_decode_row, T, decoder)))
                         held_bytes += mem
                         waiting += pending.repeats * pending.last_s
                     elif "decode" in modes:
                         rows.append(decode_row(T, decoder, 1, time_decoder(decoder, device)))
+                    later += waiting_points  # both or neither: a failure is one row for each mode
                     history["prefill"].append((T, per_call))
                     walls["prefill"].append((T, time.perf_counter() - t_point + waiting))
                 except Exception as e:
