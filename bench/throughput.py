@@ -28,8 +28,8 @@ the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. On CPU 
 warmed up length by length and timed together after its last one, in 10 interleaved rounds (--rounds; the CSV's
 rounds column): each round runs every point in turn for a tenth of its repeats (a point of fewer repeats sits out
 some rounds), so that a machine whose speed drifts over seconds moves every length and mode alike
-(bench/timing.measure_in_rounds; the points whose spread is over 25% are measured again, in rounds among
-themselves). The decode caches are held until then while they fit in half the free memory (by their prefills'
+(bench/timing.measure_in_rounds; when a point's spread is over 25%, all are measured again, in rounds again).
+The decode caches are held until then while they fit in half the free memory (by their prefills'
 peak memory). CUDA events on GPU (CUDA graphs replay every architecture's decode steps where capture works, a TTT
 mini-batch of them per replay; the row says so), time.perf_counter on CPU; thread count recorded.
 --compile-decode runs the decode step through torch.compile

@@ -165,9 +165,11 @@ def measure_in_rounds(pending: list[Pending], device, rounds: int) -> list[Timin
     that every call is timed across the same stretch of the machine's time. On a shared 2-core machine whose speed
     swings up to 2x over seconds, a point timed in its own 0.5 s took the speed of its moment: the same decode step
     measured 1.43-1.93 ms back to back, and one length of a recurrent model's curve stood 1.9x above its others
-    (README, issue 17). As in measure, a call whose spread is over REMEASURE_SPREAD is measured again, from
-    scratch (in rounds with the others measured again), and flagged noisy if the new spread is over NOISY_SPREAD.
-    The calls must leave each other's state intact (a decode step's own cache)."""
+    (README, issue 17). As in measure, a spread over REMEASURE_SPREAD is measured again, from scratch: here every
+    call, in rounds again, so that all still share their moments (re-measuring only the spread ones had them take
+    a slower minute than the rest: Mamba's prefill at 1k-8k 1.7x its 16k-32k on an unsteady machine), and a call
+    whose new spread is over NOISY_SPREAD is flagged noisy. The calls must leave each other's state intact (a
+    decode step's own cache)."""
     cuda = device.type == "cuda"
 
     def take(which: list[int]) -> dict[int, list[float]]:
@@ -181,11 +183,10 @@ def measure_in_rounds(pending: list[Pending], device, rounds: int) -> list[Timin
                         times[i].extend(_timer(p.fn, cuda) for _ in range(share))
         return times
 
-    times = take(list(range(len(pending))))
-    again = [i for i, ts in times.items() if len(ts) > 1 and relative_spread(ts) > REMEASURE_SPREAD]
-    noisy = set()
-    if again:
-        times.update(take(again))
-        noisy = {i for i in again if relative_spread(times[i]) > NOISY_SPREAD}
+    every = list(range(len(pending)))
+    times, noisy = take(every), set()
+    if any(len(ts) > 1 and relative_spread(ts) > REMEASURE_SPREAD for ts in times.values()):
+        times = take(every)
+        noisy = {i for i, ts in times.items() if relative_spread(ts) > NOISY_SPREAD}
     return [Timing(statistics.median(times[i]), len(times[i]), relative_spread(times[i]), p.warmup_calls, p.settled,
                    i in noisy) for i, p in enumerate(pending)]
