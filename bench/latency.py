@@ -165,19 +165,12 @@ def prefill_and_decode(model, B: int, T: int, device, vocab: int, graphs: bool, 
     against 2.15 under no_grad, 2 cores, 2026-12-02). quick: one untimed warm-up call each (the probe `make sweep`
     runs). compile_decode: the decode step through torch.compile (_compiled). Returns (prefill timing, peak memory,
     decode timing, graph note, compile note: "model", "none" or why it failed)."""
-    pre, peak, decoder = prefill_and_decoder(model, B, T, device, vocab, graphs, quick, compile_decode)
-    return pre, peak, time_decoder(decoder, device, quick), decoder.graph, decoder.compile
-
-
-def prefill_and_decoder(model, B: int, T: int, device, vocab: int, graphs: bool, quick: bool = False,
-                        compile_decode: bool = False) -> tuple[Timing, int, Decoder]:
-    """prefill_and_decode's timed prefill, and its decode point ready to be timed (a Decoder holding the cache the
-    last prefill filled): by time_decoder, or in rounds with other points (pending_decoder)."""
     prefill, context, filled = prefill_call(model, B, T, device, vocab)
     with context():
         pre, peak = measure_with_memory(prefill, device, max_warmup_calls=1 if quick else MAX_WARMUP_CALLS,
                                         window_s=0.0 if quick else STEADY_WINDOW_S)
-    return pre, peak, decoder_after(model, filled(), B, device, vocab, graphs, quick, compile_decode)
+    decoder = decoder_after(model, filled(), B, device, vocab, graphs, quick, compile_decode)
+    return pre, peak, time_decoder(decoder, device, quick), decoder.graph, decoder.compile
 
 
 def prefill_call(model, B: int, T: int, device, vocab: int):

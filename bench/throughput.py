@@ -17,21 +17,21 @@ For each architecture and each context length T (doubling from 1k up to CTX):
 tokens_per_s = batch x positions / wall in every mode. `make sweep` adds the trained model's prefill and
 decode tokens/s at its context (batch 1) to each run's summary (bench/latency.py). Peak memory: CUDA
 max_memory_allocated during the point; CPU the peak growth of the process's resident memory, sampled every 2 ms
-after freed heap pages are handed back to the OS (glibc malloc_trim), over calls of its own after the timed ones
-(latency.measure_with_memory: a sampling thread beside the timed calls slowed them).
+after freed heap pages are handed back to the OS (glibc malloc_trim), over calls of its own after the warm-up
+(latency.warm_up_with_memory: a sampling thread beside timed calls slowed them).
 Timing (bench/timing.py): warm-up calls until two consecutive ones agree within 10% (at most 6 calls
 or 30 s; `settled` says whether they did), then repeats (fewer for long calls), the median and the
 relative spread. A prefill or training point also warms up for at least 0.25 s and is timed over at least
 0.5 s (at most 60 calls); a decode point too, over 48 to 1000 steps, its positions cycling through the 48
 after the prompt (bench/latency._rewinding). A point whose spread is over 25% is measured again and, if
-the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. On CPU an architecture's points are
-warmed up length by length and timed together after its last one, in 10 interleaved rounds (--rounds; the CSV's
-rounds column): each round runs every point in turn for a tenth of its repeats (a point of fewer repeats sits out
-some rounds), so that a machine whose speed drifts over seconds moves every length and mode alike
-(bench/timing.measure_in_rounds; when a point's spread is over 25%, all are measured again, in rounds again).
-The decode caches are held until then while they fit in half the free memory (by their prefills'
-peak memory). CUDA events on GPU (CUDA graphs replay every architecture's decode steps where capture works, a TTT
-mini-batch of them per replay; the row says so), time.perf_counter on CPU; thread count recorded.
+the new spread is over 50%, flagged `noisy` in the CSV and drawn hollow. An architecture's points are warmed up
+length by length; on CUDA each is timed right after its warm-up, on CPU all together after the last one, in 10
+interleaved rounds (--rounds; the CSV's rounds column): each round runs every point in turn for a tenth of its
+repeats (a point of fewer repeats sits out some rounds), so that a machine whose speed drifts over seconds moves
+every length and mode alike (bench/timing.measure_in_rounds; when a point's spread is over 25%, all are measured
+again, in rounds again). The decode caches are held until then while they fit in half the free memory (by their
+prefills' peak memory). CUDA events on GPU (CUDA graphs replay every architecture's decode steps where capture
+works, a TTT mini-batch of them per replay; the row says so), time.perf_counter on CPU; thread count recorded.
 --compile-decode runs the decode step through torch.compile
 (bench/latency._compiled; the CSV's compile column says model, or why it failed). On CUDA prefill and decode run
 on a bf16 copy of the model (bench/latency.py). A point whose predicted time exceeds --max-seconds, or that runs
@@ -61,11 +61,11 @@ import torch.nn.functional as F
 import architectures
 from architectures.sizing import MATCH_RULES
 from bench.config import UsageError, compose, group_options, model_config, parse_archs, parse_choice, parse_ctx
-from bench.latency import (DECODE_ROOM, decoder_after, inference_model, measure_with_memory, pending_decoder,
-                           prefill_and_decoder, prefill_call, time_decoder, warm_up_with_memory)
+from bench.latency import (DECODE_ROOM, decoder_after, inference_model, pending_decoder, prefill_call, time_decoder,
+                           warm_up_with_memory)
 from bench.results import atomic_write_text, device_name
 from bench.threads import ThreadGovernor, configure_compute_process, omp_wait
-from bench.timing import STEADY_WINDOW_S, Timing, measure_in_rounds
+from bench.timing import Pending, Timing, measure_in_rounds
 from bench.train import COMPILE_MODES, Plan, autocast_for, compile_for_training
 
 COLUMNS = ["arch", "size", "mode", "ctx", "batch", "time_per_token_s", "tokens_per_s", "peak_mem_bytes", "backend",
@@ -148,14 +148,6 @@ def training_step(model, step_model, idx: torch.Tensor, device, optimizer=None):
     return step
 
 
-def train_step(model, B: int, T: int, device, vocab: int, compile_mode: str = "none"):
-    """Forward + backward of a (B, T) batch, with the hot path compiled as training compiles it: (timing, peak
-    memory)."""
-    step, context = train_call(model, B, T, device, vocab, compile_mode)
-    with context():
-        return measure_with_memory(step, device, window_s=STEADY_WINDOW_S)
-
-
 def train_call(model, B: int, T: int, device, vocab: int, compile_mode: str = "none"):
     """A training step of a random (B, T) batch as a call (training_step, no optimizer) and its context: the model in
     training mode, back in eval mode after. The hot path is compiled as training compiles it, here, by one call
@@ -234,11 +226,11 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
              compile_mode: str = "none", governor=None, profile: str = "cpu",
              compile_decode: bool = False, budget: Budget | None = None,
              overrides: tuple[str, ...] = (), rounds: int = 1) -> list[dict]:
-    """Every point of one architecture, as rows. rounds 1: each point warmed up and timed in turn. rounds > 1: each
-    point warmed up in turn (compiled, its memory sampled), and all timed together after the last length, in that
-    many interleaved rounds (bench/timing.measure_in_rounds); the decode points' caches are held until then while
-    they fit in half the free memory (by their prefills' peak memory; one that would not is timed at once, its row
-    says rounds 1)."""
+    """Every point of one architecture, as rows, each warmed up in length order (compiled, its memory sampled).
+    rounds 1: each point timed right after its warm-up. rounds > 1: all timed together after the last length, in
+    that many interleaved rounds (bench/timing.measure_in_rounds); the decode points' caches are held until then
+    while they fit in half the free memory (by their prefills' peak memory; one that would not is timed at once,
+    its row says rounds 1)."""
     budget = budget or Budget(None, 1)
     budget.start_arch()  # building the model counts against the architecture's share
     rows = []
@@ -270,9 +262,13 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
         return row("train", T, Bt, status="ok", compile=compile_mode, time_per_token_s=t.median / (Bt * T),
                    tokens_per_s=Bt * T / t.median, peak_mem_bytes=mem, rounds=n_rounds, **_timed(t))
 
+    def alone(pending: Pending) -> Timing:  # a point timed right after its warm-up
+        return measure_in_rounds([pending], device, 1)[0]
+
     history = {m: [] for m in MODES}  # (T, seconds per call)
     walls = {m: [] for m in MODES}  # (T, seconds spent measuring the point, or to be spent in the rounds): the budget
     later = []  # (Pending, mode, T, batch, its row from its Timing): the points timed in rounds after the last length
+    waiting_s = lambda points: sum(p.repeats * p.last_s for p, *_ in points)  # their time in the rounds, predicted
     held_bytes = 0  # the prefills' peak memory of the decode points held for the rounds
     for T in lengths:
         if governor is not None:
@@ -282,33 +278,26 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
             if why:
                 rows += [row(m, T, status=why) for m in ("prefill", "decode") if m in modes]
             else:
-                t_point, waiting_points = time.perf_counter(), []  # this length's points for the rounds
+                t_point, timed, waiting = time.perf_counter(), [], []  # this length's rows, and its points for later
                 try:
-                    if rounds > 1:
-                        prefill, context, filled = prefill_call(infer, B, T, device, vocab)
-                        pending, mem = warm_up_with_memory(prefill, device, context)
-                        per_call, waiting = pending.last_s, pending.repeats * pending.last_s
-                        if "prefill" in modes:
-                            waiting_points.append((pending, "prefill", T, B, partial(prefill_row, T, mem, rounds)))
-                        decoder = decoder_after(infer, filled(), B, device, vocab, graphs,
-                                                compile_decode=compile_decode)
-                    else:
-                        pre, mem, decoder = prefill_and_decoder(infer, B, T, device, vocab, graphs,
-                                                                compile_decode=compile_decode)
-                        per_call, waiting = pre.median, 0.0
-                        if "prefill" in modes:
-                            rows.append(prefill_row(T, mem, 1, pre))
+                    prefill, context, filled = prefill_call(infer, B, T, device, vocab)
+                    pending, mem = warm_up_with_memory(prefill, device, context)
+                    if "prefill" in modes and rounds > 1:
+                        waiting.append((pending, "prefill", T, B, partial(prefill_row, T, mem, rounds)))
+                    elif "prefill" in modes:
+                        timed.append(prefill_row(T, mem, 1, alone(pending)))
+                    decoder = decoder_after(infer, filled(), B, device, vocab, graphs, compile_decode=compile_decode)
                     if "decode" in modes and rounds > 1 and decoder.cyclic \
                             and held_bytes + mem < free_memory(device) / 2:
-                        pending = pending_decoder(decoder, device)
-                        waiting_points.append((pending, "decode", T, B, partial(held_decode_row, T, decoder)))
+                        waiting.append((pending_decoder(decoder, device), "decode", T, B,
+                                        partial(held_decode_row, T, decoder)))
                         held_bytes += mem
-                        waiting += pending.repeats * pending.last_s
                     elif "decode" in modes:
-                        rows.append(decode_row(T, decoder, 1, time_decoder(decoder, device)))
-                    later += waiting_points  # both or neither: a failure is one row for each mode
-                    history["prefill"].append((T, per_call))
-                    walls["prefill"].append((T, time.perf_counter() - t_point + waiting))
+                        timed.append(decode_row(T, decoder, 1, time_decoder(decoder, device)))
+                    rows += timed  # all or none: a failure is one row for each mode
+                    later += waiting
+                    history["prefill"].append((T, pending.last_s))
+                    walls["prefill"].append((T, time.perf_counter() - t_point + waiting_s(waiting)))
                 except Exception as e:
                     rows += [row(m, T, status=failed(e)) for m in ("prefill", "decode") if m in modes]
                     history["prefill"].append((T, float("inf")))
@@ -320,19 +309,17 @@ def run_arch(arch, size, lengths, B, device, match, max_s, vocab, graphs, modes,
             if why:
                 rows.append(row("train", T, Bt, status=why))
                 continue
-            t_point = time.perf_counter()
+            t_point, waiting = time.perf_counter(), []
             try:
+                step, context = train_call(model, Bt, T, device, vocab, compile_mode)
+                pending, mem = warm_up_with_memory(step, device, context)
                 if rounds > 1:
-                    step, context = train_call(model, Bt, T, device, vocab, compile_mode)
-                    pending, mem = warm_up_with_memory(step, device, context)
-                    later.append((pending, "train", T, Bt, partial(train_row, T, Bt, mem, rounds)))
-                    per_call, waiting = pending.last_s, pending.repeats * pending.last_s
+                    waiting.append((pending, "train", T, Bt, partial(train_row, T, Bt, mem, rounds)))
                 else:
-                    t, mem = train_step(model, Bt, T, device, vocab, compile_mode)
-                    rows.append(train_row(T, Bt, mem, 1, t))
-                    per_call, waiting = t.median, 0.0
-                history["train"].append((Bt * T, per_call))
-                walls["train"].append((Bt * T, time.perf_counter() - t_point + waiting))
+                    rows.append(train_row(T, Bt, mem, 1, alone(pending)))
+                later += waiting
+                history["train"].append((Bt * T, pending.last_s))
+                walls["train"].append((Bt * T, time.perf_counter() - t_point + waiting_s(waiting)))
             except Exception as e:
                 rows.append(row("train", T, Bt, status=failed(e)))
                 history["train"].append((Bt * T, float("inf")))

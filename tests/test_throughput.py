@@ -7,6 +7,7 @@ import torch
 
 import bench.throughput as tp
 from bench.throughput import COLUMNS, _predicted, lengths_up_to, main
+from bench.timing import measure_in_rounds
 
 
 def test_lengths_double_from_1k_up_to_ctx():
@@ -78,8 +79,7 @@ def test_slow_and_failing_points_are_rows_not_crashes(tmp_path, monkeypatch):
     def oom(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 80 GiB")
 
-    monkeypatch.setattr(tp, "prefill_and_decoder", oom)  # --rounds 1
-    monkeypatch.setattr(tp, "decoder_after", oom)  # in rounds (CPU's default): after the prefill has warmed up
+    monkeypatch.setattr(tp, "decoder_after", oom)  # after the prefill has warmed up (and with --rounds 1, been timed)
     for rounds in ("1", "10"):
         out = tmp_path / f"oom{rounds}"
         assert main(["--arch", "transformer", "--ctx", "1k", "--size", "smoke-xs", "--rounds", rounds,
@@ -91,7 +91,7 @@ def test_slow_and_failing_points_are_rows_not_crashes(tmp_path, monkeypatch):
 def test_points_are_timed_in_rounds_and_decode_points_while_their_caches_fit(tmp_path, monkeypatch):
     """--rounds 3: an architecture's points are warmed up length by length and timed together after its last, every
     decode cache held until then; with no memory to hold caches in (free_memory 0) each decode point is timed at
-    once, and its row says so. --rounds 1: every point in turn."""
+    once, and its row says so. --rounds 1: every point in turn, each timed right after its warm-up."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     together = []
     real = tp.measure_in_rounds
@@ -115,7 +115,7 @@ def test_points_are_timed_in_rounds_and_decode_points_while_their_caches_fit(tmp
     assert run("3", "1k", "prefill,decode") == [("decode", "1024", "ok", "1"), ("prefill", "1024", "ok", "3")]
     assert together[1:] == [(1, 3)]
     assert run("1", "1k", "prefill,decode") == [("decode", "1024", "ok", "1"), ("prefill", "1024", "ok", "1")]
-    assert together[2:] == []
+    assert together[2:] == [(1, 1)]  # the prefill alone, right after its warm-up (the decode point: time_decoder)
 
 
 def test_a_budget_shares_what_is_left_among_the_architectures_to_come():
@@ -161,13 +161,15 @@ def test_set_overrides_every_architecture_s_model(tmp_path, monkeypatch):
         ("ttt_linear", "ttt=dual", "ok"), ("ttt_mlp", "ttt=dual", "ok")}
 
 
-def test_cpu_memory_is_sampled_apart_from_the_timed_calls(monkeypatch):
-    """PeakMemory's sampling thread competes with timed calls for the GIL and a core: on CPU no timed call runs
-    beside it, and the calls it samples still see a 64 MB allocation."""
+@pytest.mark.parametrize("with_memory", ["measure_with_memory", "warm_up_with_memory"])
+def test_cpu_memory_is_sampled_apart_from_the_timed_calls(monkeypatch, with_memory):
+    """PeakMemory's sampling thread competes with timed calls for the GIL and a core: on CPU no timed call (nor a
+    warm-up call, whose times set the repeats) runs beside it, and the calls it samples still see a 64 MB
+    allocation."""
     from bench import latency
 
-    sampling, beside = [False], []  # whether the sampler runs; its value at each timed call
-    enter, exit_, measure = latency.PeakMemory.__enter__, latency.PeakMemory.__exit__, latency.measure
+    sampling, beside = [False], []  # whether the sampler runs; its value at each timed or warm-up call
+    enter, exit_ = latency.PeakMemory.__enter__, latency.PeakMemory.__exit__
 
     def sampler_on(self):
         sampling[0] = True
@@ -177,20 +179,27 @@ def test_cpu_memory_is_sampled_apart_from_the_timed_calls(monkeypatch):
         sampling[0] = False
         return exit_(self, *exc)
 
-    def measure_noting_the_sampler(fn, device, **kw):
-        def timed():
-            beside.append(sampling[0])
-            fn()
-        return measure(timed, device, **kw)
+    def noting_the_sampler(timer):
+        def timing(fn, device, **kw):
+            def timed():
+                beside.append(sampling[0])
+                fn()
+            return timer(timed, device, **kw)
+        return timing
 
     monkeypatch.setattr(latency.PeakMemory, "__enter__", sampler_on)
     monkeypatch.setattr(latency.PeakMemory, "__exit__", sampler_off)
-    monkeypatch.setattr(latency, "measure", measure_noting_the_sampler)
+    monkeypatch.setattr(latency, "measure", noting_the_sampler(latency.measure))
+    monkeypatch.setattr(latency, "warm_up", noting_the_sampler(latency.warm_up))
 
     def allocate():
         torch.ones(16 * 2**20).add_(1)  # 64 MB, every page touched
 
-    timing, peak = latency.measure_with_memory(allocate, torch.device("cpu"), repeats=3)
+    if with_memory == "measure_with_memory":
+        timing, peak = latency.measure_with_memory(allocate, torch.device("cpu"), repeats=3)
+    else:
+        pending, peak = latency.warm_up_with_memory(allocate, torch.device("cpu"))
+        timing = measure_in_rounds([pending], torch.device("cpu"), 1)[0]
     assert timing.median > 0 and len(beside) >= 3 and not any(beside)
     assert peak > 32 * 2**20
 
