@@ -172,21 +172,19 @@ def measure_in_rounds(pending: list[Pending], device, rounds: int) -> list[Timin
     decode step's own cache)."""
     cuda = device.type == "cuda"
 
-    def take(which: list[int]) -> dict[int, list[float]]:
-        times = {i: [] for i in which}
+    def take() -> list[list[float]]:  # every call's times, in `rounds` rounds
+        times = [[] for _ in pending]
         for r in range(rounds):
-            for i in which:
-                p = pending[i]
+            for p, ts in zip(pending, times):
                 share = (r + 1) * p.repeats // rounds - r * p.repeats // rounds
                 if share:
                     with p.context():
-                        times[i].extend(_timer(p.fn, cuda) for _ in range(share))
+                        ts.extend(_timer(p.fn, cuda) for _ in range(share))
         return times
 
-    every = list(range(len(pending)))
-    times, noisy = take(every), set()
-    if any(len(ts) > 1 and relative_spread(ts) > REMEASURE_SPREAD for ts in times.values()):
-        times = take(every)
-        noisy = {i for i, ts in times.items() if relative_spread(ts) > NOISY_SPREAD}
-    return [Timing(statistics.median(times[i]), len(times[i]), relative_spread(times[i]), p.warmup_calls, p.settled,
-                   i in noisy) for i, p in enumerate(pending)]
+    times, noisy = take(), [False] * len(pending)
+    if any(len(ts) > 1 and relative_spread(ts) > REMEASURE_SPREAD for ts in times):
+        times = take()
+        noisy = [relative_spread(ts) > NOISY_SPREAD for ts in times]
+    return [Timing(statistics.median(ts), len(ts), relative_spread(ts), p.warmup_calls, p.settled, flagged)
+            for p, ts, flagged in zip(pending, times, noisy)]
