@@ -43,6 +43,12 @@ TIMEOUT_MIN ?=
 # make test: processes the fast tier runs in (pytest-xdist), by default this machine's cores up to 4
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 ARGS ?=
+# TRITON=3.6.0: test-kernels and check-kernels under that Triton instead of the pinned one (3.6.0 is the lent GPU
+# machine's), installed beside it into .venv/triton-<version>/ and put first on PYTHONPATH. numpy 2.3 goes with
+# it: Triton 3.6's interpreter takes int() of one-element arrays, which numpy 2.4 refuses (Triton 3.7 does not)
+TRITON ?=
+TRITON_SIDE = $(VENV)/triton-$(TRITON)
+WITH_TRITON = $(if $(TRITON),PYTHONPATH="$(abspath $(TRITON_SIDE))$${PYTHONPATH:+:$$PYTHONPATH}")
 
 .PHONY: help install eval test test-slow test-all test-kernels gpu-check gpu-wheels check-kernels sweep sizes throughput profile contention plots paper bench-ttt bench-mamba bench-kernels clean
 
@@ -93,11 +99,17 @@ test-slow: $(STAMP) ## the slow tier: end-to-end checks that take minutes (kill 
 
 test-all: test test-slow ## both tiers: the fast one and the slow one
 
-test-kernels: $(STAMP) ## only the Triton kernel tests, TTT's, Mamba's and the conv's (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)
-	$(PYTEST) tests/test_ttt_triton.py tests/test_mamba_triton.py tests/test_conv_triton.py
+test-kernels: $(STAMP) $(if $(TRITON),$(TRITON_SIDE)/.installed) ## only the Triton kernel tests, TTT's, Mamba's and the conv's (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py); TRITON=3.6.0: under that Triton
+	$(WITH_TRITON) $(PYTEST) $(IN_PARALLEL) tests/test_ttt_triton.py tests/test_mamba_triton.py tests/test_conv_triton.py \
+	  tests/test_kernel_compile_check.py
 
-check-kernels: $(STAMP) ## compile the Triton kernels (TTT, Mamba scan, causal conv) for sm_90 without a GPU; ptxas registers/spills/shared memory
-	env -u TRITON_INTERPRET $(PY) -m bench.kernel_compile_check --results "$(RESULTS)" $(ARGS)
+check-kernels: $(STAMP) $(if $(TRITON),$(TRITON_SIDE)/.installed) ## compile the Triton kernels (TTT, Mamba scan, causal conv) for sm_90 without a GPU; ptxas registers/spills/shared memory; TRITON=3.6.0: with that Triton
+	env -u TRITON_INTERPRET $(WITH_TRITON) $(PY) -m bench.kernel_compile_check --results "$(RESULTS)" $(ARGS)
+
+$(VENV)/triton-%/.installed: $(STAMP)
+	$(PIP) install -q --no-deps --target "$(VENV)/triton-$*" "triton==$*" numpy==2.3.5
+	PYTHONPATH="$(abspath $(VENV)/triton-$*)" $(PY) -c "import triton; v = triton.__version__; assert v == '$*', (v, triton.__file__); print('triton', v, 'from', triton.__file__)"
+	touch $@
 
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
 	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(if $(filter file,$(origin CTX)),,$(CTX))" --profile "$(PROFILE)" --sizes "$(SIZES)" \

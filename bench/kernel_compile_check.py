@@ -166,13 +166,18 @@ def main(argv: list[str] | None = None) -> int:
 
     launch = replace(LAUNCH, precision=args.precision or LAUNCH.precision, num_warps=args.num_warps or LAUNCH.num_warps,
                      num_stages=args.num_stages or LAUNCH.num_stages)
+    import triton
+
+    print(f"[ttt-bench] triton {triton.__version__} ({Path(triton.__file__).parent}), compiling for sm_{args.arch}",
+          flush=True)
     rows = []
     todo = [(f, k) for f in (int(x) for x in args.head_dims.split(",")) for k in kernels(f, launch)]
     todo += [(None, k) for k in mamba_kernels() + conv_kernels()]  # no head dim: one compile each
     for f, (name, fn, consts, num_warps, num_stages) in todo:
         if args.only and not any(s.strip() and s.strip() in name for s in args.only.split(",")):
             continue
-        row = {"kernel": name, "head_dim": f, "arch": f"sm_{args.arch}", "precision": consts.get("PREC"),
+        row = {"kernel": name, "head_dim": f, "arch": f"sm_{args.arch}", "triton": triton.__version__,
+               "precision": consts.get("PREC"),
                "num_warps": num_warps, "num_stages": num_stages}
         t0 = time.perf_counter()
         row.update(**compile_one(fn, consts, args.arch, num_warps, num_stages),

@@ -35,3 +35,16 @@ import tempfile  # noqa: E402
 if "TTT_BENCH_CACHE" not in os.environ:
     os.environ["TTT_BENCH_CACHE"] = tempfile.mkdtemp(prefix="ttt-bench-cache-")
     atexit.register(shutil.rmtree, os.environ["TTT_BENCH_CACHE"], ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The versions the tests ran under, shown under -q too (`make test-kernels TRITON=3.6.0` puts another Triton
+    first on the path)."""
+    try:
+        import triton
+
+        where = f"triton {triton.__version__} ({Path(triton.__file__).parent})"
+    except ImportError:
+        where = "triton not installed"
+    mode = "CUDA" if torch.cuda.is_available() else "the interpreter (TRITON_INTERPRET=1)"
+    terminalreporter.write_line(f"torch {torch.__version__}, {where}, Triton kernels on {mode}")

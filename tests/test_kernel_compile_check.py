@@ -43,10 +43,14 @@ def test_the_wide_linear_forward_runs_at_8_warps_where_it_spills_least(tmp_path)
 
 
 def test_a_launch_variant_compiles_as_asked(tmp_path):
-    """--num-stages compiles the prefill kernels without software pipelining, and the rows say so."""
+    """--num-stages compiles the prefill kernels without software pipelining, and the rows say so, and which
+    Triton compiled them (this process's: `make check-kernels TRITON=3.6.0` puts another first on the path)."""
+    import triton
+
     rows = check(tmp_path, "--only", "linear forward", "--num-stages", "1")
     assert [r["kernel"] for r in rows] == ["linear forward", "linear forward partial"]
-    assert all((r["status"], r["num_warps"], r["num_stages"]) == ("ok", 4, 1) for r in rows), rows
+    assert all((r["status"], r["num_warps"], r["num_stages"], r["triton"]) == ("ok", 4, 1, triton.__version__)
+               for r in rows), rows
 
 
 def test_the_forwards_spill_nothing(tmp_path):
