@@ -7,7 +7,8 @@ headers: a build takes 1 to 4 s), plus the headers beside this module (parallel_
 ~/.cache/ttt-bench)/kernels, named by a hash of the source and headers, the flags, the compiler and the host
 (it is built for this host's CPU, -march=native, so hosts sharing a home directory each build their own),
 and says why not (`unavailable()`) when there is no compiler or the build fails; the backends that use it
-then raise with that reason, and `auto` picks another.
+then raise with that reason, and `auto` picks another. Processes sharing a cache build each library once
+(`build_lock`).
 
 The jobs of a call (one per sequence and head, or per tile of channels) run on PyTorch's own OpenMP threads:
 the library is built with -fopenmp and needs libgomp.so.1, which the loader resolves to the copy PyTorch has
@@ -32,6 +33,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -99,6 +101,23 @@ def _run_all(cmds: list[list[str]]) -> None:
             raise OSError(f"`{' '.join(cmd)}` failed: {err.strip()[-600:]}")
 
 
+@contextmanager
+def build_lock(kernels: Path):
+    """Held while a library is built into the directory `kernels`, through the file beside it (kernels.lock):
+    processes that need a library at once (pytest-xdist's workers, JOBS=2 sweeps on one cache) build it once, the
+    others waiting and then loading it. Without fcntl (not POSIX) there is no lock: concurrent builds stay correct
+    (Library._build replaces atomically), only repeated."""
+    kernels.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(kernels.with_name(kernels.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+        yield
+
+
 class Library:
     """One C++ kernel file, built and loaded on first use (module docstring)."""
 
@@ -129,7 +148,9 @@ class Library:
                                                 platform.node(), platform.machine()]).encode()).hexdigest()[:16]
                 so = cache_dir() / f"{self.source.parent.name}_{self.source.stem}-{key}.so"
                 if not so.exists():
-                    self._build(so, extra)
+                    with build_lock(so.parent):
+                        if not so.exists():  # not built while this process waited for the lock
+                            self._build(so, extra)
                 return ctypes.CDLL(str(so)), None, bool(extra)
             except (OSError, subprocess.SubprocessError) as e:  # no compiler, a failed build, an unloadable library
                 why = f"needs a C++ compiler (CXX={compiler()}) to build {self.source.name}: {e}"

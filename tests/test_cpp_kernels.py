@@ -102,6 +102,33 @@ def test_a_compiler_without_pytorchs_openmp_builds_the_per_call_threads(monkeypa
     assert len(os.listdir(tmp_path / "cache" / "kernels")) == 1  # the build without OpenMP, nothing half-made
 
 
+def test_processes_that_need_a_library_at_once_build_it_once(tmp_path):
+    """Two processes loading one library from an empty cache at the same moment (as pytest-xdist's workers or a
+    JOBS=2 sweep start): one builds it while the other waits on kernels.lock, then loads what was built. The
+    compiler here logs each object it compiles and takes a second over it, so the two would overlap without the
+    lock: 4 objects compiled (2 per build) instead of 2."""
+    log, go = tmp_path / "compiled.log", tmp_path / "go"
+    cxx = _wrapped_compiler(tmp_path, "slow-cxx", f'case " $* " in *" -c "*) echo "$*" >> "{log}"; sleep 1;; esac')
+    loader = ("import pathlib, time\n"
+              "from architectures.mamba import cpu_scan\n"
+              "print('ready', flush=True)\n"
+              f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.005)\n"
+              "print(cpu_scan.KERNEL.unavailable())\n")
+    env = {**os.environ, "CXX": str(cxx), "TTT_BENCH_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", loader], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+        go.touch()  # both start loading now
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [out.strip() for out, _ in outs] == ["None", "None"], outs  # both loaded it
+    assert len(log.read_text().splitlines()) == 2, log.read_text()  # one build: its fp32 and fp64 objects
+    assert len(os.listdir(tmp_path / "cache" / "kernels")) == 1
+
+
 @pytest.mark.parametrize("bad", ["strided", "fp16", "mixed"])
 def test_a_call_takes_only_contiguous_cpu_tensors_of_one_float_dtype(bad):
     """The kernels read raw memory: a strided view not marked Strided, a dtype without an entry point, or tensors
