@@ -44,10 +44,21 @@ def _signature(fn, consts: dict) -> dict:
     return sig
 
 
-def _ptxas_report(ptx: str, arch: int) -> dict:
-    import triton.backends.nvidia as nv
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself assembles for `arch` with: which of the ones it ships (bin/ptxas, bin/ptxas-blackwell)
+    takes its PTX differs between versions (Triton 3.9's PTX for sm_90 is 9.4, newer than its bin/ptxas reads)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = Path(nv.__file__).parent / "bin" / "ptxas"
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):  # a Triton without get_ptxas: the one it ships
+        import triton.backends.nvidia as nv
+
+        return str(Path(nv.__file__).parent / "bin" / "ptxas")
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    ptxas = _ptxas(arch)
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
@@ -56,8 +67,11 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
     text = res.stdout + res.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill_st = re.search(r"(\d+) bytes spill stores", text)
-    return {"registers": int(regs.group(1)) if regs else None,
-            "spill_store_bytes": int(spill_st.group(1)) if spill_st else None, "ptxas_ok": res.returncode == 0}
+    report = {"registers": int(regs.group(1)) if regs else None,
+              "spill_store_bytes": int(spill_st.group(1)) if spill_st else None, "ptxas_ok": res.returncode == 0}
+    if res.returncode != 0 or regs is None:
+        report["error"] = f"{ptxas}: {text.strip()[-400:]}"
+    return report
 
 
 def compile_one(fn, consts: dict, arch: int, num_warps: int, num_stages: int = 3) -> dict:
@@ -73,7 +87,9 @@ def compile_one(fn, consts: dict, arch: int, num_warps: int, num_stages: int = 3
     except Exception as e:
         return {"status": "compile failed", "error": f"{type(e).__name__}: {e}"[:500]}
     row = {"status": "ok", "shared_bytes": k.metadata.shared, **_ptxas_report(k.asm["ptx"], arch)}
-    if row["shared_bytes"] > SHARED_LIMIT:
+    if "error" in row:  # Triton compiled it, but there is no ptxas report of its registers and spills
+        row["status"] = "ptxas failed"
+    elif row["shared_bytes"] > SHARED_LIMIT:
         row["status"] = f"too much shared memory ({row['shared_bytes']} > {SHARED_LIMIT})"
     return row
 
@@ -187,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ttt-bench] {name:25s} {shape} sm_{args.arch}: {row['status']:10s} "
               f"regs={row.get('registers')} spill_stores={row.get('spill_store_bytes')}B "
               f"shared={row.get('shared_bytes')}B  ({row['compile_s']} s)", flush=True)
+        if row["status"] != "ok" and "error" in row:
+            print(f"[ttt-bench]   {row['error']}", flush=True)
     atomic_write_json(Path(args.results) / "bench" / "kernel_compile_check.json", rows)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

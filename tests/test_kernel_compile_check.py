@@ -65,6 +65,28 @@ def test_the_forwards_spill_nothing(tmp_path):
     assert all(r["status"] == "ok" and r["spill_store_bytes"] == 0 for r in rows), rows
 
 
+def test_a_ptxas_that_fails_is_an_error_with_its_message(monkeypatch, tmp_path):
+    """Without a ptxas report there are no registers or spills to show: the row carries ptxas's message (Triton 3.9
+    made PTX 9.4 for sm_90, which the bin/ptxas it also ships refused; _ptxas asks Triton which one it uses)."""
+    from bench import kernel_compile_check as kc
+
+    fake = tmp_path / "ptxas"
+    fake.write_text("#!/bin/sh\necho \"ptxas fatal   : Unsupported .version 9.4; current version is '8.8'\" >&2\nexit 255\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(kc, "_ptxas", lambda arch: str(fake))
+    report = kc._ptxas_report(".version 9.4\n.target sm_90a\n", 90)
+    assert report["registers"] is None and report["ptxas_ok"] is False
+    assert "Unsupported .version 9.4" in report["error"] and str(fake) in report["error"]
+
+
+def test_ptxas_is_the_one_triton_assembles_with():
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    from bench import kernel_compile_check as kc
+
+    assert kc._ptxas(90) == get_ptxas(90).path and Path(kc._ptxas(90)).exists()
+
+
 @pytest.mark.slow  # ptxas takes about 12 s over the MLP backward
 def test_the_mlp_backward_fits_in_shared_memory(tmp_path):
     """TTT-MLP's backward reads the inner weights a tile of hidden units at a time, so it fits in sm_90's shared
