@@ -32,6 +32,7 @@ def test_the_decode_kernels_compile_as_launched_without_spills(tmp_path):
     assert {r["num_warps"] for r in rows if r["head_dim"] == 64} == {8}, rows
 
 
+@pytest.mark.slow  # a compiler's measurement behind a launch setting, not the kernels' correctness: ptxas takes 10-25 s
 def test_the_wide_linear_forward_runs_at_8_warps_where_it_spills_least(tmp_path):
     """At head dim 96 and 128 the TTT-Linear forward holds a 128 x 128 fp32 W: launched at 8 warps (WIDE_WARPS),
     where ptxas spills a fraction of what it spills at 4 (the count at f = 64, measured faster there)."""
