@@ -93,7 +93,7 @@ IN_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
 WITH_TEST_CACHE = d=$$(mktemp -d -t ttt-bench-test-XXXXXX) && trap 'rm -rf "$$d"' EXIT && \
   export TTT_BENCH_CACHE="$${TTT_BENCH_CACHE:-$$d}" &&
 
-test: $(STAMP) ## the fast test tier (CPU: about 3 minutes on 2 Xeon cores, 7.5-8.7 on slower AMD EPYCs); CI runs this
+test: $(STAMP) ## the fast test tier (CPU, 2 cores: about 3 minutes on a Xeon, 4.5-5 on most AMD EPYCs seen, 8.7 on the slowest); CI runs this
 	$(WITH_TEST_CACHE) $(PYTEST) $(IN_PARALLEL) -m "not slow and not serial" tests && \
 	  $(PYTEST) -m "serial and not slow" tests
 
