@@ -35,12 +35,14 @@ def test_the_decode_kernels_compile_as_launched_without_spills(tmp_path):
 @pytest.mark.slow  # a compiler's measurement behind a launch setting, not the kernels' correctness: ptxas takes 10-25 s
 def test_the_wide_linear_forward_runs_at_8_warps_where_it_spills_least(tmp_path):
     """At head dim 96 and 128 the TTT-Linear forward holds a 128 x 128 fp32 W: launched at 8 warps (WIDE_WARPS),
-    where ptxas spills a fraction of what it spills at 4 (the count at f = 64, measured faster there)."""
+    where ptxas spills nothing or a fraction of what it spills at 4 (the count at f = 64, measured faster there;
+    Triton 3.9 compiles the partial mini-batch's launch without spills at either)."""
     wide = check(tmp_path, "--only", "linear forward", "--head-dims", "96,128")
     four = check(tmp_path / "4", "--only", "linear forward", "--head-dims", "96,128", "--num-warps", "4")
     assert [r["num_warps"] for r in wide] == [8] * 4 and [r["num_warps"] for r in four] == [4] * 4
     for w, f in zip(wide, four):
-        assert w["status"] == f["status"] == "ok" and w["spill_store_bytes"] * 4 < f["spill_store_bytes"], (w, f)
+        assert w["status"] == f["status"] == "ok", (w, f)
+        assert w["spill_store_bytes"] == 0 or w["spill_store_bytes"] * 4 < f["spill_store_bytes"], (w, f)
 
 
 def test_a_launch_variant_compiles_as_asked(tmp_path):

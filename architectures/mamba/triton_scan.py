@@ -71,13 +71,20 @@ def launch_settings(**changes: int):
 
 
 @triton.jit
+def _in_sequence(mask, t, seq_len):
+    """mask & (t < seq_len) as a block: Triton 3.9's interpreter makes a block mask and-ed with a scalar condition
+    int32 and refuses it as a mask ("mask has unsupported dtype"); 3.6-3.8 and the compiler take either."""
+    return tl.where(mask, t, seq_len) < seq_len
+
+
+@triton.jit
 def _load_token(X, DL, BM, CM, row, t, seq_len, d_inner, offs_d, mask_d, offs_n, mask_n, N: tl.constexpr):
     """x_t, delta_t (BLOCK_D,) and B_t, C_t (BLOCK_N,) of sequence `row`; zeros past the end."""
-    valid = t < seq_len
+    valid_d, valid_n = _in_sequence(mask_d, t, seq_len), _in_sequence(mask_n, t, seq_len)
     at_d = (row * seq_len + t) * d_inner + offs_d
     at_n = (row * seq_len + t) * N + offs_n
-    return (tl.load(X + at_d, mask=mask_d & valid, other=0.0), tl.load(DL + at_d, mask=mask_d & valid, other=0.0),
-            tl.load(BM + at_n, mask=mask_n & valid, other=0.0), tl.load(CM + at_n, mask=mask_n & valid, other=0.0))
+    return (tl.load(X + at_d, mask=valid_d, other=0.0), tl.load(DL + at_d, mask=valid_d, other=0.0),
+            tl.load(BM + at_n, mask=valid_n, other=0.0), tl.load(CM + at_n, mask=valid_n, other=0.0))
 
 
 @triton.jit
@@ -104,7 +111,7 @@ def _scan_forward(X, DL, AT, BM, CM, H0, Y, LAST, CKPT, seq_len, d_inner, N: tl.
             xv, dv, bv, cv = _load_token(X, DL, BM, CM, row, t, seq_len, d_inner, offs_d, mask_d, offs_n, mask_n, N)
             h = tl.exp(dv[None, :] * At) * h + bv[:, None] * xv[None, :]
             y = tl.sum(cv[:, None] * h, axis=0)
-            tl.store(Y + (row * seq_len + t) * d_inner + offs_d, y, mask=mask_d & (t < seq_len))
+            tl.store(Y + (row * seq_len + t) * d_inner + offs_d, y, mask=_in_sequence(mask_d, t, seq_len))
     tl.store(LAST + row * N * d_inner + state_at, h, mask=mask_s)
 
 
@@ -141,20 +148,20 @@ def _scan_backward(X, DL, AT, BM, CM, CKPT, DY, DLAST, DX, DDL, DAT, DB, DC, DH0
         for jj in range(0, SEG):  # the adjoint back over them
             j = SEG - 1 - jj
             t = t0 + j
-            valid = t < seq_len
+            valid_d, valid_n = _in_sequence(mask_d, t, seq_len), _in_sequence(mask_n, t, seq_len)
             xv, dv, bv, cv = _load_token(X, DL, BM, CM, row, t, seq_len, d_inner, offs_d, mask_d, offs_n, mask_n, N)
-            dy = tl.load(DY + (row * seq_len + t) * d_inner + offs_d, mask=mask_d & valid, other=0.0)
+            dy = tl.load(DY + (row * seq_len + t) * d_inner + offs_d, mask=valid_d, other=0.0)
             h_t = tl.load(scratch + (j + 1) * BLOCK_N * BLOCK_D + tile_at)
             h_prev = tl.load(scratch + j * BLOCK_N * BLOCK_D + tile_at)
             g = ag + cv[:, None] * dy[None, :]
             a = tl.exp(dv[None, :] * At)
             dlog = g * a * h_prev
             at_d = (row * seq_len + t) * d_inner + offs_d
-            tl.store(DX + at_d, tl.sum(g * bv[:, None], axis=0), mask=mask_d & valid)
-            tl.store(DDL + at_d, tl.sum(dlog * At, axis=0), mask=mask_d & valid)
+            tl.store(DX + at_d, tl.sum(g * bv[:, None], axis=0), mask=valid_d)
+            tl.store(DDL + at_d, tl.sum(dlog * At, axis=0), mask=valid_d)
             at_n = (partial + t) * N + offs_n
-            tl.store(DB + at_n, tl.sum(g * xv[None, :], axis=1), mask=mask_n & valid)
-            tl.store(DC + at_n, tl.sum(dy[None, :] * h_t, axis=1), mask=mask_n & valid)
+            tl.store(DB + at_n, tl.sum(g * xv[None, :], axis=1), mask=valid_n)
+            tl.store(DC + at_n, tl.sum(dy[None, :] * h_t, axis=1), mask=valid_n)
             dAt += dlog * dv[None, :]
             ag = a * g
         tl.debug_barrier()  # the reverse pass done reading before the next segment overwrites the scratch
