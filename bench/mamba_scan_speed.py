@@ -31,8 +31,7 @@ from architectures.mamba import cpu_scan
 from architectures.mamba.scan import selective_scan
 from architectures.mamba.ssd import ssd_chunked
 from bench.results import atomic_write_json, device_name
-from bench.timing import time_call
-
+from bench.timing import time_forward_and_backward
 
 
 def references():
@@ -44,16 +43,8 @@ def references():
 
 
 def fwd_and_fwd_bwd(call, leaves, repeats: int, warmup: bool) -> dict:
-    def fwd():
-        with torch.no_grad():
-            call()
-
-    def fwd_bwd():
-        for t in leaves:
-            t.grad = None
-        sum(o.float().square().mean() for o in call()).backward()
-
-    return {"fwd_s": time_call(fwd, repeats, warmup), "fwd_bwd_s": time_call(fwd_bwd, repeats, warmup)}
+    fwd_s, fwd_bwd_s = time_forward_and_backward(call, leaves, repeats, warmup)
+    return {"fwd_s": fwd_s, "fwd_bwd_s": fwd_bwd_s}
 
 
 def scan_case(L: int, D: int, N: int, B: int):
@@ -78,14 +69,22 @@ def main(argv=None) -> int:
     p.add_argument("--d-inner", type=int, default=1536)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="timed calls of ours (median)")
-    p.add_argument("--ref-repeats", type=int, default=1, help="timed calls of the references (median)")
+    p.add_argument("--ref-repeats", type=int, default=1,
+                   help="timed calls of selective_scan_ref (median; minutes each at L=2048); the SSD listing,\n"
+                        "a matter of milliseconds, is timed --repeats times like ours")
     p.add_argument("--chunk", type=int, default=256, help="SSD chunk size (both sides)")
     p.add_argument("--skip", default="", help="comma list of cases to skip: scan, ssd")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
-    selective_scan_ref, ssd_minimal_discrete = references()
     L, D, B = args.L, args.d_inner, args.batch
     skip = set(filter(None, args.skip.split(",")))
+    if skip - {"scan", "ssd"}:
+        p.error(f"--skip takes scan, ssd; got {args.skip!r}")
+    if min(L, D, B, args.chunk) < 1:
+        p.error("--L, --d-inner, --batch and --chunk must be positive")
+    if "ssd" not in skip and L % args.chunk:
+        p.error(f"--L ({L}) must be a multiple of --chunk ({args.chunk}): the SSD reference works in whole chunks")
+    selective_scan_ref, ssd_minimal_discrete = references()
     print(f"device: {device_name('cpu')}, {torch.get_num_threads()} threads; L={L}, d_inner={D}, batch={B}")
     rows = []
 

@@ -32,6 +32,24 @@ def time_call(fn, repeats: int, warmup: bool = True) -> float:
     return statistics.median(times)
 
 
+def time_forward_and_backward(call, leaves, repeats: int, warmup: bool = True) -> tuple[float, float]:
+    """Median seconds (time_call) of call() without autograd, and of call() and the backward of the summed mean
+    squares of its outputs (one tensor or a tuple of them), the leaves' gradients cleared before each."""
+    import torch
+
+    def forward():
+        with torch.no_grad():
+            call()
+
+    def forward_backward():
+        for t in leaves:
+            t.grad = None
+        out = call()
+        sum(o.float().square().mean() for o in (out if isinstance(out, tuple) else (out,))).backward()
+
+    return time_call(forward, repeats, warmup), time_call(forward_backward, repeats, warmup)
+
+
 @dataclass(frozen=True)
 class Timing:
     median: float       # seconds per call

@@ -25,8 +25,7 @@ import torch
 from architectures import ModelConfig
 from architectures.ttt.layer import TTTLayer
 from bench.results import atomic_write_json, device_name
-from bench.timing import time_call
-
+from bench.timing import time_forward_and_backward
 
 
 def inner_loop_speed(layer: TTTLayer, x: torch.Tensor, impl: str, repeats: int) -> dict:
@@ -49,32 +48,18 @@ def inner_loop_speed(layer: TTTLayer, x: torch.Tensor, impl: str, repeats: int) 
         state = InnerState.fresh(init)
         return ttt_dual(layer.inner, state, q, k, v, a, tok, ln_w[:, None], ln_b[:, None], layer.mini_batch)[0]
 
-    def fwd():
-        with torch.no_grad():
-            call()
-
-    def fwd_bwd():
-        for t in leaves:
-            t.grad = None
-        for t in (q, k, v, a):
-            t.requires_grad_()
-        call().square().mean().backward()
-
-    n = B * T
-    return {"fwd_tokens_per_s": n / time_call(fwd, repeats), "fwd_bwd_tokens_per_s": n / time_call(fwd_bwd, repeats)}
+    for t in (q, k, v, a):
+        t.requires_grad_()
+    return _tokens_per_s(B * T, *time_forward_and_backward(call, leaves, repeats))
 
 
 def layer_speed(layer: TTTLayer, x: torch.Tensor, repeats: int) -> dict:
-    def fwd():
-        with torch.no_grad():
-            layer(x)
+    leaves = [x.requires_grad_(), *layer.parameters()]
+    return _tokens_per_s(x.shape[0] * x.shape[1], *time_forward_and_backward(lambda: layer(x), leaves, repeats))
 
-    def fwd_bwd():
-        layer.zero_grad(set_to_none=True)
-        layer(x.requires_grad_()).square().mean().backward()
 
-    n = x.shape[0] * x.shape[1]
-    return {"fwd_tokens_per_s": n / time_call(fwd, repeats), "fwd_bwd_tokens_per_s": n / time_call(fwd_bwd, repeats)}
+def _tokens_per_s(n: int, fwd_s: float, fwd_bwd_s: float) -> dict:
+    return {"fwd_tokens_per_s": n / fwd_s, "fwd_bwd_tokens_per_s": n / fwd_bwd_s}
 
 
 def main(argv=None) -> int:

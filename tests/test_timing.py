@@ -178,3 +178,20 @@ def _rounds(log, first):
         rounds[-1].add(fn)
         prev = fn
     return rounds
+
+
+def test_forward_and_backward_times_the_forward_without_autograd_and_clears_gradients_between_backwards():
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    grad_enabled = []
+
+    def call():  # a tuple of outputs, as the scan benchmarks return
+        grad_enabled.append(torch.is_grad_enabled())
+        return 2 * x, x.double()
+
+    fwd_s, fwd_bwd_s = timing.time_forward_and_backward(call, [x], repeats=2)
+    assert fwd_s > 0 and fwd_bwd_s > 0
+    assert grad_enabled == [False] * 3 + [True] * 3  # warm-up and 2 repeats of each
+    # d/dx [mean((2x)^2) + mean(x^2)] = 10 x / 3, from the last backward alone (not summed over the three)
+    assert torch.allclose(x.grad, 10 * x.detach() / 3)
+    timing.time_forward_and_backward(lambda: 3 * x, [x], repeats=1, warmup=False)  # one tensor, not a tuple
+    assert torch.allclose(x.grad, 6 * x.detach())
