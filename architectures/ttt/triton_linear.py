@@ -375,6 +375,18 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
 
 
 @triton.jit
+def _load_decode_token(Q, K, V, A, TOK, LNW, LNB, pid, h, pos, offs, maskf, F: tl.constexpr):
+    """A decode step's inputs for (sequence, head) `pid`, in fp32: the head's inner-LN weight and bias, q, k, v
+    (BF,), the key factor a and the token factor of position `pos` (TTT-Linear's and TTT-MLP's decode kernels)."""
+    gamma = tl.load(LNW + h * F + offs, mask=maskf, other=0.0).to(tl.float32)
+    beta = tl.load(LNB + h * F + offs, mask=maskf, other=0.0).to(tl.float32)
+    q = tl.load(Q + pid * F + offs, mask=maskf, other=0.0).to(tl.float32)
+    k = tl.load(K + pid * F + offs, mask=maskf, other=0.0).to(tl.float32)
+    v = tl.load(V + pid * F + offs, mask=maskf, other=0.0).to(tl.float32)
+    return gamma, beta, q, k, v, tl.load(A + pid).to(tl.float32), tl.load(TOK + pos).to(tl.float32)
+
+
+@triton.jit
 def _decode_kernel(Q, K, V, A, TOK, LNW, LNB, W, B, GW, GB, OUT, H, pos, eps,
                    F: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr, COMMIT: tl.constexpr):
     """One token at in-mini-batch position `pos` (0-based) for every (sequence, head); W, B, GW, GB
@@ -387,13 +399,7 @@ def _decode_kernel(Q, K, V, A, TOK, LNW, LNB, W, B, GW, GB, OUT, H, pos, eps,
     maskf = offs < F
     bt = tl.load(B + pid * F + offs, mask=maskf, other=0.0)
     gb = tl.load(GB + pid * F + offs, mask=maskf, other=0.0)
-    gamma = tl.load(LNW + h * F + offs, mask=maskf, other=0.0).to(tl.float32)
-    beta = tl.load(LNB + h * F + offs, mask=maskf, other=0.0).to(tl.float32)
-    q = tl.load(Q + pid * F + offs, mask=maskf, other=0.0).to(tl.float32)
-    k = tl.load(K + pid * F + offs, mask=maskf, other=0.0).to(tl.float32)
-    v = tl.load(V + pid * F + offs, mask=maskf, other=0.0).to(tl.float32)
-    a = tl.load(A + pid).to(tl.float32)
-    tok = tl.load(TOK + pos).to(tl.float32)
+    gamma, beta, q, k, v, a, tok = _load_decode_token(Q, K, V, A, TOK, LNW, LNB, pid, h, pos, offs, maskf, F)
     z = bt  # k W + b, (BF,)
     for r0 in range(0, BF, ROWS):
         rows = r0 + tl.arange(0, ROWS)

@@ -21,9 +21,9 @@ import triton.language as tl
 
 from architectures.ttt.inner import LN_EPS
 from architectures.ttt.triton_linear import (DEFAULT_GROUP, LAUNCH, _block, _checkpoints, _group_backwards,
-                                             _ln_grad_vjp, _ln_loss_grad, _ln_stats, _ln_vjp, _load_minibatch,
-                                             _load_outer, _load_carried_grads, _load_qkva, _load_rows,
-                                             _store_carried_grads, _store_rows, decode_warps,
+                                             _ln_grad_vjp, _ln_loss_grad, _ln_stats, _ln_vjp, _load_carried_grads,
+                                             _load_decode_token, _load_minibatch, _load_outer, _load_qkva,
+                                             _load_rows, _store_carried_grads, _store_rows, decode_warps,
                                              outer_fp32, prefill_shape)
 
 
@@ -479,13 +479,7 @@ def _decode_kernel(Q, K, V, A, TOK, LNW, LNB, W1, B1, W2, B2, GW1, GB1, GW2, GB2
     maskf = offs_f < F
     S1, SB1, S2 = W1 + pid * F * 4 * F, B1 + pid * 4 * F, W2 + pid * 4 * F * F
     G1P, GB1P, G2P = GW1 + pid * F * 4 * F, GB1 + pid * 4 * F, GW2 + pid * 4 * F * F
-    gamma = tl.load(LNW + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    beta = tl.load(LNB + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    q = tl.load(Q + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    k = tl.load(K + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    v = tl.load(V + pid * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
-    a = tl.load(A + pid).to(tl.float32)
-    tok = tl.load(TOK + pos).to(tl.float32)
+    gamma, beta, q, k, v, a, tok = _load_decode_token(Q, K, V, A, TOK, LNW, LNB, pid, h, pos, offs_f, maskf, F)
     b2 = tl.load(B2 + pid * F + offs_f, mask=maskf, other=0.0)
     gb2 = tl.load(GB2 + pid * F + offs_f, mask=maskf, other=0.0)
     z2 = b2
