@@ -78,9 +78,9 @@ def _in_sequence(mask, t, seq_len):
 
 
 @triton.jit
-def _load_token(X, DL, BM, CM, row, t, seq_len, d_inner, offs_d, mask_d, offs_n, mask_n, N: tl.constexpr):
-    """x_t, delta_t (BLOCK_D,) and B_t, C_t (BLOCK_N,) of sequence `row`; zeros past the end."""
-    valid_d, valid_n = _in_sequence(mask_d, t, seq_len), _in_sequence(mask_n, t, seq_len)
+def _load_token(X, DL, BM, CM, row, t, seq_len, d_inner, offs_d, valid_d, offs_n, valid_n, N: tl.constexpr):
+    """x_t, delta_t (BLOCK_D,) and B_t, C_t (BLOCK_N,) of sequence `row`; zeros past the end (valid_d, valid_n:
+    _in_sequence's masks of the token's channels and states, which the callers' stores use too)."""
     at_d = (row * seq_len + t) * d_inner + offs_d
     at_n = (row * seq_len + t) * N + offs_n
     return (tl.load(X + at_d, mask=valid_d, other=0.0), tl.load(DL + at_d, mask=valid_d, other=0.0),
@@ -108,10 +108,12 @@ def _scan_forward(X, DL, AT, BM, CM, H0, Y, LAST, CKPT, seq_len, d_inner, N: tl.
             tl.store(CKPT + (row * n_seg + s) * N * d_inner + state_at, h, mask=mask_s)
         for j in range(0, SEG):
             t = s * SEG + j
-            xv, dv, bv, cv = _load_token(X, DL, BM, CM, row, t, seq_len, d_inner, offs_d, mask_d, offs_n, mask_n, N)
+            valid_d, valid_n = _in_sequence(mask_d, t, seq_len), _in_sequence(mask_n, t, seq_len)
+            xv, dv, bv, cv = _load_token(X, DL, BM, CM, row, t, seq_len, d_inner, offs_d, valid_d, offs_n, valid_n,
+                                         N)
             h = tl.exp(dv[None, :] * At) * h + bv[:, None] * xv[None, :]
             y = tl.sum(cv[:, None] * h, axis=0)
-            tl.store(Y + (row * seq_len + t) * d_inner + offs_d, y, mask=_in_sequence(mask_d, t, seq_len))
+            tl.store(Y + (row * seq_len + t) * d_inner + offs_d, y, mask=valid_d)
     tl.store(LAST + row * N * d_inner + state_at, h, mask=mask_s)
 
 
@@ -140,8 +142,10 @@ def _scan_backward(X, DL, AT, BM, CM, CKPT, DY, DLAST, DX, DDL, DAT, DB, DC, DH0
         h = tl.load(CKPT + (row * n_seg + s) * N * d_inner + state_at, mask=mask_s, other=0.0)
         tl.store(scratch + tile_at, h)
         for j in range(0, SEG):  # the segment's states again
-            xv, dv, bv, cv = _load_token(X, DL, BM, CM, row, t0 + j, seq_len, d_inner, offs_d, mask_d, offs_n,
-                                         mask_n, N)
+            t = t0 + j
+            valid_d, valid_n = _in_sequence(mask_d, t, seq_len), _in_sequence(mask_n, t, seq_len)
+            xv, dv, bv, cv = _load_token(X, DL, BM, CM, row, t, seq_len, d_inner, offs_d, valid_d, offs_n, valid_n,
+                                         N)
             h = tl.exp(dv[None, :] * At) * h + bv[:, None] * xv[None, :]
             tl.store(scratch + (j + 1) * BLOCK_N * BLOCK_D + tile_at, h)
         tl.debug_barrier()  # the scratch written before it is read (by other threads of the program)
@@ -149,7 +153,8 @@ def _scan_backward(X, DL, AT, BM, CM, CKPT, DY, DLAST, DX, DDL, DAT, DB, DC, DH0
             j = SEG - 1 - jj
             t = t0 + j
             valid_d, valid_n = _in_sequence(mask_d, t, seq_len), _in_sequence(mask_n, t, seq_len)
-            xv, dv, bv, cv = _load_token(X, DL, BM, CM, row, t, seq_len, d_inner, offs_d, mask_d, offs_n, mask_n, N)
+            xv, dv, bv, cv = _load_token(X, DL, BM, CM, row, t, seq_len, d_inner, offs_d, valid_d, offs_n, valid_n,
+                                         N)
             dy = tl.load(DY + (row * seq_len + t) * d_inner + offs_d, mask=valid_d, other=0.0)
             h_t = tl.load(scratch + (j + 1) * BLOCK_N * BLOCK_D + tile_at)
             h_prev = tl.load(scratch + j * BLOCK_N * BLOCK_D + tile_at)
