@@ -3,7 +3,7 @@
 x86 CPUs compute with subnormal operands (|x| < 1.2e-38 in fp32) in microcode, 10-100x slower than
 with normal ones. Training makes them: attention probabilities over a 32k context once attention
 sharpens, their gradients, Adam's second moments of tiny gradients (a 32k Transformer run whose steps
-went from 6 s to 18-80 s: README "Subnormal floats").
+went from 6 s to 18-80 s: docs/cpu.md "Subnormal floats").
 
 `flush_denormals()` sets the CPU's flush-to-zero and denormals-are-zero modes (torch.set_flush_denormal)
 in the calling thread. Threads inherit the mode when they are created, so it must run before PyTorch

@@ -4,7 +4,7 @@ glibc's malloc serves every block over its mmap threshold (at most 32 MB) with a
 it back with munmap when freed. At long contexts most tensors are that large (one 32k x 388 fp32
 activation is 50 MB; TTT-Linear's weight stack is 600 MB per layer), so each op of a training step
 gets new pages from the kernel and faults them in, zero-filled, one 4 KB page at a time (what it costs:
-README "Long contexts on a CPU: the heap").
+docs/cpu.md "Long contexts on a CPU: the heap").
 
 `configure_heap()` (called by the entry points that train or time: `bench.run`, the Hydra app every sweep
 runs, and `make throughput`) turns glibc's mmap off (M_MMAP_MAX 0), so large blocks

@@ -6,7 +6,7 @@ region (hundreds of thousands of iterations by default). With more runnable thre
 other busy process beside ours) a spinning thread holds the core its partner needs, and the thousands
 of small ops of TTT's and Mamba's loops slow down 6-35x. Passive waiting (OMP_WAIT_POLICY=PASSIVE)
 cures that but puts every region through a sleep and a wake-up, slower on an idle machine (measured:
-README "A shared CPU: threads"; `make contention` measures it again).
+docs/cpu.md "A shared CPU: threads"; `make contention` measures it again).
 
 Hence two things, both on by default:
 1. `configure_openmp()` bounds the spin (GOMP_SPINCOUNT=20000: the idle speed of the default) before
