@@ -372,11 +372,11 @@ def verdict_scaling_long(scaling: pd.DataFrame, ctx: int) -> str:
 
 
 def late_gain(tokens: pd.DataFrame, ctx: int) -> pd.Series:
-    """Per arch (largest model): loss over positions [ctx/4, ctx/2) minus over [ctx/2, ctx) (nats): how much
+    """Per arch (largest model): loss over positions [ctx/4, ctx/2) minus over [ctx/2, ctx] (nats): how much
     the second half of the context still lowers the loss."""
     sub = largest(tokens[tokens["ctx"] == ctx])
     mid = sub[(sub["start"] >= ctx // 4) & (sub["end"] < ctx // 2)].groupby("arch")["loss"].mean()
-    late = sub[(sub["start"] >= ctx // 2) & (sub["end"] < ctx)].groupby("arch")["loss"].mean()
+    late = sub[(sub["start"] >= ctx // 2) & (sub["end"] <= ctx)].groupby("arch")["loss"].mean()
     return (mid - late).dropna()
 
 
@@ -391,7 +391,7 @@ def verdict_token_index(tokens: pd.DataFrame) -> str:
     return claim("The paper's claim that TTT-Linear keeps improving with context while Mamba plateaus",
                  bool(gain["ttt_linear"] > 0 and gain["ttt_linear"] > gain["mamba"]),
                  f"at context {ctx:,} the second half of the sequence lowers the loss (positions [{ctx // 4:,}, "
-                 f"{ctx // 2:,}) minus [{ctx // 2:,}, {ctx:,}), nats) by {_listing(gain, '{:+.3f}')}",
+                 f"{ctx // 2:,}) minus [{ctx // 2:,}, {ctx:,}], nats) by {_listing(gain, '{:+.3f}')}",
                  "the paper's Mamba stops improving only after 16k tokens of books, longer than our contexts, and a "
                  "small byte-level model gets most of what context gives it from the first hundred bytes")
 

@@ -193,7 +193,13 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
     finish(fig, path)
 
 
+FEW_TOKENS = 100  # a loss-by-position bucket averaged over fewer tokens (windows x positions) is drawn hollow
+
+
 def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
+    """Validation loss by token position (log2 buckets), the largest model per architecture, one panel per context.
+    Each point is the mean over every validation window's positions in its bucket; with few windows (a long
+    context on a small validation text) the first buckets hold few tokens, drawn hollow."""
     lm = df[(df["task"] == "lm") & df["loss_by_position"].notna()] if "loss_by_position" in df else df.iloc[:0]
     if lm.empty:
         return
@@ -205,12 +211,23 @@ def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
         for (arch, data), g in sub.groupby(["arch", "data"]):
             r = g.sort_values("params").iloc[-1]  # the largest model of the architecture
             buckets = r["loss_by_position"]
+            windows = int(r["val_tokens"]) // int(ctx) if pd.notna(r.get("val_tokens")) else None
             mids = [(b["start"] * b["end"]) ** 0.5 for b in buckets]
-            ax.plot(mids, [b["loss"] for b in buckets], marker=".", label=f"{run_label(r, multi)} {r['size']}")
+            losses = [b["loss"] for b in buckets]
+            label = f"{run_label(r, multi)} {r['size']}" + (f", {windows:,} windows" if windows else "")
+            line, = ax.plot(mids, losses, label=label)
+            few = [bool(windows) and windows * (b["end"] - b["start"] + 1) < FEW_TOKENS for b in buckets]
+            for hollow in (False, True):
+                pts = [(m, v) for m, v, f in zip(mids, losses, few) if f == hollow]
+                if pts:
+                    ax.plot(*zip(*pts), "o", color=line.get_color(), markerfacecolor="none" if hollow else None,
+                            markersize=6 if hollow else 3.5)
         log2_axis(ax)
         ax.set_xlabel("token position in the sequence (log2 buckets)")
         ax.set_ylabel("validation loss (nats / token)")
         ax.set_title(f"Loss by token position, context {ctx:,} tokens")
+        ax.text(0.01, 0.01, f"hollow: a bucket of fewer than {FEW_TOKENS} tokens (windows x positions)",
+                transform=ax.transAxes, fontsize=7, alpha=0.7)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="architecture, size")
     finish(fig, path)
@@ -430,7 +447,7 @@ def plot_paper_token_index(tokens: pd.DataFrame, scaling: pd.DataFrame) -> plt.F
     ctxs = sorted(tokens["ctx"].unique())
     fig, axes = panel_row(len(ctxs) + 1, 5.2, 4.3)
     for ax, ctx in zip(axes, ctxs):
-        sub = tokens[(tokens["ctx"] == ctx) & (tokens["start"] < ctx)]  # not the last position alone
+        sub = tokens[tokens["ctx"] == ctx]
         for arch, g in by_arch(largest(sub)):
             mids = (g["start"] * g["end"]) ** 0.5
             ax.plot(mids, g["loss"].map(math.exp), marker=".", color=COLORS.get(arch),

@@ -127,14 +127,27 @@ def device_name(device) -> str:
 
 
 def read_summaries(results_root: str | Path) -> list[dict]:
-    """Every runs/**/summary.json under the results folder."""
+    """Every runs/**/summary.json under the results folder (`loss_by_position` in today's buckets)."""
     rows = []
     for path in sorted(Path(results_root).glob("runs/**/summary.json")):
         with open(path, encoding="utf-8") as f:
             row = json.load(f)
         row.setdefault("run_dir", str(path.parent))
+        if row.get("loss_by_position"):
+            row["loss_by_position"] = fold_last_position(row["loss_by_position"])
         rows.append(row)
     return rows
+
+
+def fold_last_position(buckets: list[dict]) -> list[dict]:
+    """A run's `loss_by_position` in the buckets tasks.lm.evaluate.position_buckets makes now, from a summary
+    written before, whose last bucket held the last position alone (one token per window): that bucket folded
+    into the one before it, the two losses weighted by their positions. Today's buckets come back unchanged."""
+    if len(buckets) < 2 or buckets[-1]["start"] != buckets[-1]["end"] or buckets[-2]["end"] != buckets[-1]["start"] - 1:
+        return buckets
+    before, last = buckets[-2], buckets[-1]
+    n = before["end"] - before["start"] + 1  # positions in the bucket before
+    return buckets[:-2] + [{**before, "end": last["end"], "loss": (n * before["loss"] + last["loss"]) / (n + 1)}]
 
 
 def headline_metric(summary: dict) -> str:

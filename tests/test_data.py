@@ -5,6 +5,7 @@ from omegaconf import OmegaConf
 from tasks.lm.data import Document, PackedWindows, load_corpus, pack, text_files
 from tasks.lm.evaluate import evaluate_lm, position_buckets, unigram_bits_per_byte
 from tasks.lm.tokenizers import ByteTokenizer, build_tokenizer
+from bench.results import fold_last_position, read_summaries
 
 CONF = OmegaConf.load
 
@@ -115,3 +116,34 @@ def test_bpb_of_a_uniform_model_is_8_bits():
     assert out["val_bpb"] == pytest.approx(8.0)
     assert out["val_loss"] == pytest.approx(torch.log(torch.tensor(256.0)).item())
     assert len(out["loss_by_position"]) == len(position_buckets(16))
+
+
+@pytest.mark.parametrize("ctx", [1, 2, 3, 16, 20, 256, 32768])
+def test_position_buckets_cover_every_position_once_in_log2_steps(ctx):
+    buckets = position_buckets(ctx)
+    assert buckets[0][0] == 1 and buckets[-1][1] == ctx + 1
+    assert all(b[1] == n[0] for b, n in zip(buckets, buckets[1:]))  # contiguous: each position once
+    assert all(b - a == a for a, b in buckets[:-1])  # [2^k, 2^(k+1))
+    if ctx >= 3:  # the last position is not a bucket of its own (one token per window: a noisy point)
+        assert buckets[-1][1] - buckets[-1][0] >= 2
+
+
+def _buckets(per_position: torch.Tensor, edges: list[tuple[int, int]]) -> list[dict]:
+    return [{"start": a, "end": b - 1, "loss": float(per_position[a - 1:b - 1].mean())} for a, b in edges]
+
+
+def test_old_summaries_last_position_bucket_is_folded_as_evaluate_lm_buckets_now(tmp_path):
+    import json
+
+    ctx = 16
+    per_position = torch.rand(ctx, dtype=torch.float64) * 5
+    old_edges = [(1, 2), (2, 4), (4, 8), (8, 16), (16, 17)]  # before: position 16 alone
+    new = _buckets(per_position, position_buckets(ctx))
+    folded = fold_last_position(_buckets(per_position, old_edges))
+    assert [(b["start"], b["end"]) for b in folded] == [(b["start"], b["end"]) for b in new]
+    assert [b["loss"] for b in folded] == pytest.approx([b["loss"] for b in new], rel=1e-12)
+    assert fold_last_position(new) == new  # today's buckets unchanged
+    run = tmp_path / "runs" / "s" / "r"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"loss_by_position": _buckets(per_position, old_edges)}))
+    assert read_summaries(tmp_path)[0]["loss_by_position"] == folded  # every report and plot reads them so

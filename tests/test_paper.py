@@ -237,3 +237,31 @@ def test_the_paper_latency_panels_read_in_microseconds_as_plain_numbers():
     lo, hi = fig.axes[2].get_ylim()  # the paper's forward times, 16.9 to 34.5 us per token
     assert 14 < lo < 16.9 and 34.5 < hi < 40, (lo, hi)
     plt.close(fig)
+
+
+def test_loss_by_position_ends_at_the_context_and_draws_buckets_of_few_tokens_hollow(monkeypatch, tmp_path):
+    """bench/plots.plot_loss_by_position on a fixture run read as every report reads it (read_summaries): its
+    summary's last bucket, position 256 alone, is folded into [128, 256]; with 2 windows the buckets of fewer
+    than FEW_TOKENS tokens (positions 1-63: 2-64 tokens each) are hollow, [64, 127] and [128, 256] filled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench import plots
+
+    shutil.copytree(FIXTURE / "runs" / "20261130-054721-lm-ctx256-087d82" / "mamba-smoke-xs-ctx256",
+                    tmp_path / "runs" / "s" / "r")
+    run = pd.DataFrame(read_summaries(tmp_path)).assign(val_tokens=512)  # 2 windows of 256
+    assert [b["end"] for b in run["loss_by_position"][0]][-2:] == [127, 256]
+    drawn = []
+    monkeypatch.setattr(plots, "finish", lambda fig, path: drawn.append(fig))
+    plots.plot_loss_by_position(run, tmp_path / "plot.png")
+    ax = drawn[0].axes[0]
+    markers = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+    hollow = [ln for ln in markers if ln.get_markerfacecolor() == "none"]
+    filled = [ln for ln in markers if ln.get_markerfacecolor() != "none"]
+    assert [len(ln.get_xdata()) for ln in hollow] == [6] and [len(ln.get_xdata()) for ln in filled] == [2]
+    assert max(filled[0].get_xdata()) == pytest.approx((128 * 256) ** 0.5)
+    assert "2 windows" in ax.get_legend().get_texts()[0].get_text()
+    plt.close(drawn[0])

@@ -8,13 +8,14 @@ import torch.nn.functional as F
 
 
 def position_buckets(ctx: int) -> list[tuple[int, int]]:
-    """Log2-spaced buckets of 1-based token positions: [1, 2), [2, 4), ..., ending at ctx."""
+    """Log2-spaced buckets [start, end) of 1-based token positions: [1, 2), [2, 4), ..., [2^k, ctx + 1), the last
+    one holding position ctx (a bucket of position ctx alone, at a power-of-two ctx, would be one token per
+    window: a noisy last point on the plot)."""
     edges, e = [1], 2
-    while e <= ctx:
+    while e < ctx:
         edges.append(e)
         e *= 2
-    if edges[-1] != ctx + 1:
-        edges.append(ctx + 1)
+    edges.append(ctx + 1)
     return list(zip(edges[:-1], edges[1:]))
 
 
