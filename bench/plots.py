@@ -3,7 +3,7 @@
   make sweep / make plots (bench/report.py), in RESULTS/plots/:
     plot_loss_vs_flops      validation loss vs training FLOPs per context (the paper's scaling figure)
     plot_loss_by_position   validation loss by token position, largest model per architecture
-    plot_training_curves    training loss vs tokens, every run
+    plot_training_curves    training loss vs tokens, every run, a panel per task and context
     plot_longqa             long-context QA accuracy vs length; passkey depth x length heatmaps
     plot_classification     classification accuracy vs parameters
     plot_mqar_grid          MQAR accuracy vs width per (length, pairs) point (Zoology's figure 2)
@@ -66,19 +66,33 @@ def _axis_and_limits(ax, axis: str):
     return (ax.xaxis, ax.get_xlim()) if axis == "x" else (ax.yaxis, ax.get_ylim())
 
 
+def _short(v: float, digits: int = 2) -> str:
+    """A tick label in short scientific notation: 1.2e13, 5e9 (not 1.2 x 10^13 or 5e+09)."""
+    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{v:.{digits}g}")
+
+
 def log_axis(ax, axis: str = "x", base: int = 10) -> None:
-    """A log axis (call it after plotting) whose tick labels never pile up: over less than one factor of
+    """A log axis (call it after plotting) whose tick labels never pile up. Over less than one factor of
     `base` matplotlib falls back to linear ticks labelled in long scientific notation (1.2 x 10^13,
-    1.4 x 10^13, ... on top of each other); there three log-spaced ticks with short labels (1.2e13) instead."""
+    1.4 x 10^13, ... on top of each other): there three log-spaced ticks with short labels (1.2e13) instead.
+    Over one to three decades of base 10 it labels minor ticks as 2 x 10^9, 3 x 10^9, ... side by side: there
+    short labels at the decades (1e10), and at 2 and 5 within them while the axis spans under two."""
     import numpy as np
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     getattr(ax, f"set_{axis}scale")("log", base=base)
     target, (lo, hi) = _axis_and_limits(ax, axis)
     if lo > 0 and hi / lo < base:
         ticks = [float(f"{t:.2g}") for t in np.geomspace(lo, hi, 5)[1:-1]]
-        target.set_ticks(ticks, [re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{t:.2g}") for t in ticks])
+        target.set_ticks(ticks, [_short(t) for t in ticks])
         target.set_minor_formatter(NullFormatter())
+    elif lo > 0 and base == 10 and hi / lo < 1e3:
+        def minor(v, _):
+            lead = round(v / 10 ** math.floor(math.log10(v)))
+            return _short(v) if hi / lo < 1e2 and lead in (2, 5) else ""
+
+        target.set_major_formatter(FuncFormatter(lambda v, _: _short(v)))
+        target.set_minor_formatter(FuncFormatter(minor))
 
 
 def tokens_label(n: float) -> str:
@@ -233,21 +247,36 @@ def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
     finish(fig, path)
 
 
+SIZE_STYLES = (":", "-.", "--", "-")  # an architecture's sizes, smallest to largest (the largest solid)
+
+
+def _training_curve(run) -> tuple[list[float], list[float]]:
+    """(tokens seen, training loss) at every logged step of a run (its metrics.jsonl; empty when missing)."""
+    metrics = Path(run["run_dir"]) / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    return [m["tokens"] for m in rows], [m["loss"] for m in rows]
+
+
 def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for _, r in df.sort_values(["arch", "params"]).iterrows():
-        metrics = Path(r["run_dir"]) / "metrics.jsonl"
-        if not metrics.exists():
-            continue
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        if rows:
-            ax.plot([m["tokens"] for m in rows], [m["loss"] for m in rows],
-                    label=f"{r['arch']} [{r['backend']}] {r['size']} {r['task']} ctx={r['ctx']}")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("training loss (nats per scored token)")
-    ax.set_title("Training curves")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    """Training loss vs tokens seen, one panel per (task, context): one colour per architecture, its sizes from
+    dotted (smallest) to solid (largest)."""
+    panels = sorted({(r["task"], int(r["ctx"])) for _, r in df.iterrows()})
+    colors = {arch: f"C{i}" for i, arch in enumerate(sorted(df["arch"].unique()))}
+    fig, axes = panel_row(max(1, len(panels)), 6.5, 4.5)
+    for ax, (task, ctx) in zip(axes, panels):
+        for arch, g in df[(df["task"] == task) & (df["ctx"] == ctx)].groupby("arch"):
+            g = g.sort_values("params")
+            styles = [SIZE_STYLES[max(0, len(SIZE_STYLES) - len(g) + i)] for i in range(len(g))]
+            for style, (_, r) in zip(styles, g.iterrows()):
+                tokens, loss = _training_curve(r)
+                if tokens:
+                    ax.plot(tokens, loss, style, color=colors[arch], label=f"{arch} [{r['backend']}] {r['size']}")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("training loss (nats per scored token)")
+        ax.set_title(f"Training curves: {task}, context {ctx:,} tokens", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     finish(fig, path)
 
 

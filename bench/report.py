@@ -7,7 +7,7 @@ Plots (RESULTS/plots/):
                          one panel per context length: the paper's scaling figure.
   loss_by_position.png   validation loss at each token position (log2-spaced buckets) of the largest
                          model per architecture: does the model use long context?
-  training_curves.png    training loss vs tokens seen, every run.
+  training_curves.png    training loss vs tokens seen, every run, a panel per task and context.
   longqa_accuracy.png    TASK=longqa (and its presets mqar, passkey): accuracy vs evaluation length, one
                          panel per sub-task, one line per (task, architecture, ctx) at its largest model;
                          the trained length is marked.

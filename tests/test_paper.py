@@ -265,3 +265,67 @@ def test_loss_by_position_ends_at_the_context_and_draws_buckets_of_few_tokens_ho
     assert max(filled[0].get_xdata()) == pytest.approx((128 * 256) ** 0.5)
     assert "2 windows" in ax.get_legend().get_texts()[0].get_text()
     plt.close(drawn[0])
+
+
+@pytest.mark.parametrize("span, labels", [((2.1e9, 2.9e10), ["2e9", "5e9", "1e10", "2e10"]),
+                                          ((2.1e9, 2.9e11), ["1e10", "1e11"])])
+def test_a_log_axis_over_one_to_three_decades_gets_short_labels_that_do_not_pile_up(span, labels):
+    """bench/plots.py log_axis over 1-3 decades (a smoke sweep's loss-vs-FLOPs panel: 2.1e9 to 2.9e10):
+    matplotlib labelled the minor ticks 2 x 10^9, 3 x 10^9, 4 x 10^9 ... into one another; ours: the decades,
+    and 2 and 5 within them under two decades, all short."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.plots import log_axis
+
+    fig, ax = plt.subplots()
+    ax.plot(span, [1, 2])
+    log_axis(ax)
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    shown = sorted((t.get_position()[0], t.get_text()) for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
+                   if t.get_text() and lo <= t.get_position()[0] <= hi)
+    plt.close(fig)
+    assert [text for _, text in shown] == labels
+
+
+def test_training_curves_get_a_panel_per_context_a_colour_per_architecture_and_solid_largest(monkeypatch, tmp_path):
+    """bench/plots.plot_training_curves: runs at two contexts are two panels (not one tangle of every run); an
+    architecture's sizes share its colour, dotted to solid with size; a run without metrics.jsonl draws nothing."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench import plots
+
+    rows = []
+    for ctx in (256, 1024):
+        for arch in ("transformer", "ttt_linear"):
+            for size, params in (("cpu-xs", 1e5), ("cpu-s", 2e5), ("cpu-m", 3e5)):
+                run = tmp_path / f"{arch}-{size}-{ctx}"
+                run.mkdir()
+                if size != "cpu-m" or arch == "transformer":
+                    (run / "metrics.jsonl").write_text("".join(json.dumps({"tokens": t, "loss": 5.0 - t / 1e4}) + "\n"
+                                                               for t in (1000, 2000)))
+                rows.append({"arch": arch, "size": size, "params": params, "ctx": ctx, "task": "lm",
+                             "backend": "b", "run_dir": str(run)})
+    drawn = []
+    monkeypatch.setattr(plots, "finish", lambda fig, path: drawn.append(fig))
+    plots.plot_training_curves(pd.DataFrame(rows), tmp_path / "curves.png")
+    axes = drawn[0].axes
+    assert [ax.get_title() for ax in axes] == ["Training curves: lm, context 256 tokens",
+                                               "Training curves: lm, context 1,024 tokens"]
+    for ax in axes:
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        assert sorted(lines) == sorted(f"{a} [b] {s}" for a, s in [("transformer", "cpu-xs"), ("transformer", "cpu-s"),
+                                                                   ("transformer", "cpu-m"), ("ttt_linear", "cpu-xs"),
+                                                                   ("ttt_linear", "cpu-s")])
+        assert [lines[f"transformer [b] {s}"].get_linestyle() for s in ("cpu-xs", "cpu-s", "cpu-m")] == ["-.", "--", "-"]
+        assert len({lines[f"transformer [b] {s}"].get_color() for s in ("cpu-xs", "cpu-s", "cpu-m")}) == 1
+        assert lines["ttt_linear [b] cpu-xs"].get_color() != lines["transformer [b] cpu-xs"].get_color()
+    plt.close(drawn[0])
