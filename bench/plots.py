@@ -393,16 +393,34 @@ def plot_metric_vs_lr(sweeps: pd.DataFrame, path: Path) -> None:
 
 # -- make throughput, the kernel benchmark --------------------------------------------------------------
 
+def _speed_series(sub: pd.DataFrame, mode: str):
+    """`make throughput`'s lines: (label, rows by context) per (architecture, size, backend, device) and batch. A
+    training line takes each context's micro-batch as `make sweep` trains there (cpu-xs: 8 x 1k, 4 x 2k, 2 x 4k,
+    ...), so its batch changes along the line; one line per batch only where a context was measured at several."""
+    for (arch, size, backend, dev), g in sub.groupby(["arch", "size", "backend", "device"]):
+        one_line = mode == "train" and not g["ctx"].duplicated().any()
+        for batch, line in ([(None, g)] if one_line else g.groupby("batch")):
+            line = line.sort_values("ctx")
+            batches = [int(b) for b in line["batch"]]
+            shown = f"B={batches[0]}" if len(set(batches)) == 1 else f"B={batches[0]}..{batches[-1]} (as make sweep)"
+            yield f"{arch} [{backend}] {size} {shown}", line
+
+
 def plot_speed_vs_context(df: pd.DataFrame, mode: str, path: Path) -> None:
     """`make throughput`: time per token (prefill, decode) or training tokens/s vs context, one line per
-    (architecture, backend, size, batch, device); hollow points were noisy after a re-measurement."""
+    (architecture, backend, size, batch, device), a colour per architecture; hollow points were noisy after a
+    re-measurement."""
     sub = df[(df["mode"] == mode) & (df["status"] == "ok")]
+    colors = {arch: f"C{i % 10}" for i, arch in enumerate(sorted(sub["arch"].unique()))}
+    styles = {}  # an architecture's second and later lines (other sizes, backends, batches) dashed, dotted
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for (arch, size, backend, batch, dev), g in sub.groupby(["arch", "size", "backend", "batch", "device"]):
-        g = g.sort_values("ctx")
+    for label, g in _speed_series(sub, mode):
+        arch = g["arch"].iloc[0]
+        style = ("-", "--", ":", "-.")[min(styles.setdefault(arch, -1) + 1, 3)]
+        styles[arch] += 1
         y = g["time_per_token_s"] * 1e3 if mode != "train" else g["tokens_per_s"]
         noisy = g["noisy"].astype(str).str.lower().eq("true") if "noisy" in g else pd.Series(False, index=g.index)
-        line, = ax.plot(g["ctx"], y, label=f"{arch} [{backend}] {size} B={batch}")
+        line, = ax.plot(g["ctx"], y, style, color=colors[arch], label=label)
         ax.plot(g["ctx"][~noisy], y[~noisy], "o", color=line.get_color())
         ax.plot(g["ctx"][noisy], y[noisy], "o", color=line.get_color(), markerfacecolor="none")  # spread > 50% twice
     log2_axis(ax)

@@ -482,3 +482,41 @@ def test_a_cuda_graph_replays_a_whole_ttt_mini_batch_of_decode_steps():
     step = lambda: None
     assert _graphed(step, MAX_GRAPHED_STEPS + 1) == (step, f"eager (a period of {MAX_GRAPHED_STEPS + 1} steps is "
                                                            "too long to capture)", 1)
+
+
+def test_a_training_curve_is_one_line_through_the_sweeps_micro_batches(monkeypatch, tmp_path):
+    """bench/plots.plot_speed_vs_context, train: the micro-batch changes with the context (8 x 1k, 4 x 2k, 2 x 4k,
+    as `make sweep` trains), and each architecture is still one line (it was one unconnected point per batch, a
+    legend entry each); a context measured at two batches (runs with and without --train-batch merged into one
+    CSV) has a line per batch instead. Decode keeps its one batch. A colour per architecture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from bench import plots
+
+    def row(arch, mode, ctx, batch):
+        return {"arch": arch, "size": "cpu-xs", "mode": mode, "ctx": ctx, "batch": batch, "backend": "b",
+                "device": "cpu", "status": "ok", "noisy": False, "time_per_token_s": 1e-5, "tokens_per_s": 1e5}
+
+    rows = [row(arch, "train", 1024 * 2 ** i, 8 // 2 ** i) for arch in ("mamba", "ttt_linear") for i in range(3)]
+    rows += [row("transformer", "train", ctx, batch) for ctx, batch in ((1024, 8), (2048, 4), (1024, 1), (2048, 1))]
+    rows += [row(arch, "decode", 1024 * 2 ** i, 1) for arch in ("mamba", "ttt_linear") for i in range(3)]
+    drawn = []
+    monkeypatch.setattr(plots, "finish", lambda fig, path: drawn.append(fig))
+    for mode in ("train", "decode"):
+        plots.plot_speed_vs_context(pd.DataFrame(rows), mode, tmp_path / f"{mode}.png")
+    train, decode = ({ln.get_label(): ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")}
+                     for fig in drawn)
+    assert sorted(train) == ["mamba [b] cpu-xs B=8..2 (as make sweep)", "transformer [b] cpu-xs B=1",
+                             "transformer [b] cpu-xs B=4", "transformer [b] cpu-xs B=8",
+                             "ttt_linear [b] cpu-xs B=8..2 (as make sweep)"]
+    assert list(train["mamba [b] cpu-xs B=8..2 (as make sweep)"].get_xdata()) == [1024, 2048, 4096]
+    assert list(train["transformer [b] cpu-xs B=1"].get_xdata()) == [1024, 2048]
+    assert train["transformer [b] cpu-xs B=1"].get_color() == train["transformer [b] cpu-xs B=4"].get_color()
+    assert train["mamba [b] cpu-xs B=8..2 (as make sweep)"].get_color() != train["ttt_linear [b] cpu-xs B=8..2 (as make sweep)"].get_color()
+    assert sorted(decode) == ["mamba [b] cpu-xs B=1", "ttt_linear [b] cpu-xs B=1"]
+    for fig in drawn:
+        plt.close(fig)
