@@ -193,7 +193,9 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
         sub = lm[lm["ctx"] == ctx]
         for (arch, data, match), g in sub.groupby(["arch", "data", "match"]):
             g = g.sort_values("train_flops")
-            ax.plot(g["train_flops"], g["val_loss"], marker="o", label=run_label(g.iloc[0], multi, multi_match))
+            sem = g["val_loss_sem"].astype(float) if "val_loss_sem" in g else None  # NaN: one window, or older runs
+            ax.errorbar(g["train_flops"], g["val_loss"], yerr=sem, marker="o", capsize=3,
+                        label=run_label(g.iloc[0], multi, multi_match))
             for _, r in g.iterrows():
                 ax.annotate(r["size"], (r["train_flops"], r["val_loss"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
@@ -201,7 +203,8 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel(FLOPS_NOTE)
         ax.set_ylabel("validation loss (nats / token)")
         rules = "/".join(sorted(sub["match"].unique()))
-        ax.set_title(f"Loss vs training compute, context {ctx:,} tokens\n(sizes matched by {rules})", fontsize=10)
+        ax.set_title(f"Loss vs training compute, context {ctx:,} tokens\n(sizes matched by {rules}; bars: standard "
+                     f"error over validation windows)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="architecture", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     finish(fig, path)

@@ -35,7 +35,7 @@ from bench.results import atomic_write_text, read_summaries, results_lock
 
 COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "recipe", "lr", "params", "non_embedding_params", "flops_per_token",
            "train_flops_per_token", "flops_vs_ref", "train_flops", "state_size", "tokens", "token_rule", "min_steps",
-           "val_loss", "val_ppl", "val_bpb", "val_unigram_bpb", "tokens_per_s", "wall_s", "train_wall_s", "backend", "device",
+           "val_loss", "val_loss_sem", "val_ppl", "val_bpb", "val_bpb_sem", "val_unigram_bpb", "tokens_per_s", "wall_s", "train_wall_s", "backend", "device",
            "device_name", "threads", "threads_min", "cpu_busy_others_max", "precision", "layers", "d_model", "heads",
            "ffn_dim", "d_inner", "vocab", "profile", "status", "error", "sweep", "run", "git_commit", "run_dir"]
 KEY = ["arch", "size", "ctx", "task", "data", "match", "recipe"]

@@ -154,5 +154,6 @@ def headline_metric(summary: dict) -> str:
     """A run's headline metric as its log lines print it: bits per byte for language modeling, accuracy
     otherwise."""
     if summary.get("val_bpb") is not None:
-        return f"val_bpb={summary['val_bpb']:.3f}"
+        sem = summary.get("val_bpb_sem")
+        return f"val_bpb={summary['val_bpb']:.3f}" + (f"±{sem:.3f}" if sem is not None else "")
     return f"val_acc={summary.get('val_acc', float('nan')):.3f}"

@@ -147,3 +147,42 @@ def test_old_summaries_last_position_bucket_is_folded_as_evaluate_lm_buckets_now
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"loss_by_position": _buckets(per_position, old_edges)}))
     assert read_summaries(tmp_path)[0]["loss_by_position"] == folded  # every report and plot reads them so
+
+
+def test_validation_loss_and_bpb_carry_their_standard_error_over_windows():
+    """evaluate_lm: val_loss_sem and val_bpb_sem are the standard error of the per-window means (sample std /
+    sqrt(windows)), 0 for a model whose every window scores alike, None for one window."""
+    import contextlib
+    import math
+
+    import torch.nn.functional as F
+
+    class Repeat(torch.nn.Module):  # predicts that the next byte repeats this one
+        def forward(self, x):
+            return F.one_hot(x, 256).float() * 4.0
+
+    tok = ByteTokenizer()
+    text = "x" * 64 + "xy" * 32 + "é" * 40  # windows of runs, of alternation, of two-byte characters
+    w = PackedWindows(torch.from_numpy(tok.encode(text)).long(), ctx=16, split="validation")
+    out = evaluate_lm(Repeat(), w, tok.token_bytes(), 3, "cpu", contextlib.nullcontext)
+    per_window_nats, per_window_bytes = [], []
+    for i in range(w.n):
+        x, y = w.batch([i])
+        per_window_nats.append(float(F.cross_entropy(Repeat()(x)[0], y[0], reduction="sum")))
+        per_window_bytes.append(int(tok.token_bytes()[y[0]].sum()))
+
+    def sem(values):
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+    assert w.n >= 4
+    assert out["val_loss_sem"] == pytest.approx(sem([n / 16 for n in per_window_nats]), rel=1e-9)
+    assert out["val_bpb_sem"] == pytest.approx(
+        sem([n / math.log(2) / b for n, b in zip(per_window_nats, per_window_bytes)]), rel=1e-9)
+    assert out["val_loss_sem"] > 0.1  # the windows differ
+    flat = evaluate_lm(Repeat(), PackedWindows(torch.from_numpy(tok.encode("x" * 100)).long(), ctx=16,
+                                               split="validation"), tok.token_bytes(), 4, "cpu", contextlib.nullcontext)
+    assert flat["val_loss_sem"] == pytest.approx(0.0, abs=1e-12) and flat["val_bpb_sem"] == pytest.approx(0.0, abs=1e-12)
+    one = PackedWindows(torch.from_numpy(tok.encode("x" * 20)).long(), ctx=16, split="validation")
+    single = evaluate_lm(Repeat(), one, tok.token_bytes(), 4, "cpu", contextlib.nullcontext)
+    assert one.n == 1 and single["val_loss_sem"] is None and single["val_bpb_sem"] is None
