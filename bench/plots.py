@@ -402,7 +402,7 @@ def _speed_series(sub: pd.DataFrame, mode: str):
     ...), so its batch changes along the line; one line per batch only where a context was measured at several."""
     for (arch, size, backend, dev), g in sub.groupby(["arch", "size", "backend", "device"]):
         one_line = mode == "train" and not g["ctx"].duplicated().any()
-        for batch, line in ([(None, g)] if one_line else g.groupby("batch")):
+        for _, line in ([(None, g)] if one_line else g.groupby("batch")):
             line = line.sort_values("ctx")
             batches = [int(b) for b in line["batch"]]
             shown = f"B={batches[0]}" if len(set(batches)) == 1 else f"B={batches[0]}..{batches[-1]} (as make sweep)"
@@ -415,12 +415,12 @@ def plot_speed_vs_context(df: pd.DataFrame, mode: str, path: Path) -> None:
     re-measurement."""
     sub = df[(df["mode"] == mode) & (df["status"] == "ok")]
     colors = {arch: f"C{i % 10}" for i, arch in enumerate(sorted(sub["arch"].unique()))}
-    styles = {}  # an architecture's second and later lines (other sizes, backends, batches) dashed, dotted
+    lines_of = {}  # an architecture's lines so far: its second and later (other sizes, backends, batches) dashed, ...
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, g in _speed_series(sub, mode):
         arch = g["arch"].iloc[0]
-        style = ("-", "--", ":", "-.")[min(styles.setdefault(arch, -1) + 1, 3)]
-        styles[arch] += 1
+        lines_of[arch] = lines_of.get(arch, 0) + 1
+        style = ("-", "--", ":", "-.")[min(lines_of[arch], 4) - 1]
         y = g["time_per_token_s"] * 1e3 if mode != "train" else g["tokens_per_s"]
         noisy = g["noisy"].astype(str).str.lower().eq("true") if "noisy" in g else pd.Series(False, index=g.index)
         line, = ax.plot(g["ctx"], y, style, color=colors[arch], label=label)
