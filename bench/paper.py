@@ -12,7 +12,8 @@
 2. Writes RESULTS/paper/ from those runs (--no-run: from whatever of them RESULTS holds):
      table1.csv           Table 1: our perplexity per row, the published one, both differences between
                           consecutive rows, whether each step goes the paper's way, and both rankings
-     scaling.csv          perplexity vs training FLOPs at 2k and at the long context, every architecture
+     scaling.csv          perplexity vs training FLOPs at 2k and at the long context, every architecture (with the
+                          standard errors over validation windows, val_loss_sem and val_bpb_sem)
      ppl_vs_flops.png     ... drawn beside the published points (their own axes: the scales differ)
      token_index.csv      loss by token position (each run's summary.json `loss_by_position`)
      loss_by_token_index.png   ... the largest model per architecture, beside the paper's Books 32k curves
@@ -222,8 +223,8 @@ def scaling_runs(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
 
 def scaling_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     """Our perplexity vs training FLOPs: one row per (arch, size, ctx) of the scaling figure."""
-    cols = ["arch", "label", "size", "ctx", "params", "tokens", "train_flops", "val_loss", "val_bpb", "val_ppl",
-            "data", "tokenizer", "device_name"]
+    cols = ["arch", "label", "size", "ctx", "params", "tokens", "train_flops", "val_loss", "val_loss_sem", "val_bpb",
+            "val_bpb_sem", "val_ppl", "data", "tokenizer", "device_name"]
     ok = scaling_runs(runs, plan)
     if ok.empty:
         return pd.DataFrame(columns=cols)
