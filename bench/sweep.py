@@ -60,6 +60,38 @@ def build_overrides(args) -> tuple[list[list[str]], str, Path]:
     return commands, f"{task}-ctx{'-'.join(map(str, ctxs))}", results
 
 
+def one_run_per_context(overrides: list[str]) -> list[list[str]]:
+    """A multirun's overrides as those of one run per context: each value of ctx, the first of every other sweep
+    (arch=a,b -> arch=a). What a task's check of its context reads does not depend on those (check_contexts)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values = lambda o: list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+    fixed = [f"{o.get_key_element()}={values(o)[0]}" if o.is_sweep_override() else o.input_line
+             for o in parsed if o.get_key_element() != "ctx"]
+    ctxs = [v for o in parsed if o.get_key_element() == "ctx" for v in values(o)]
+    return [[*fixed, f"ctx={ctx}"] for ctx in ctxs]
+
+
+def check_contexts(commands: list[list[str]]) -> None:
+    """Pre-flight: each context of the sweep, composed as its runs will be (the profile's task budget and the
+    user's overrides included), is checked by the task's runner where it can tell without data
+    (tasks/registry.check_context: a long-QA sub-task longer than CTX, a CTX off the MQAR grid), so that such
+    a sweep fails here in one line instead of in every one of its runs."""
+    from bench.config import compose_all
+
+    runs = [run for overrides in commands for run in one_run_per_context(overrides)]
+    configs = compose_all(runs)
+    import tasks  # noqa: F401  (torch and the runners: after the checks that need neither)
+    from tasks.registry import check_context
+
+    for cfg in configs:
+        try:
+            check_context(cfg, int(cfg.ctx))
+        except ValueError as e:
+            raise UsageError(f"TASK={cfg.task.name}: {e}") from None
+
+
 def stored_form(commands: list[list[str]]) -> list:
     """A sweep's commands as its manifest records them: one multirun's overrides as a flat list (the form of
     sweeps from before per-context ladders), several as a list of lists."""
@@ -195,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         commands, label, results = build_overrides(args)
         head = run_command(args)
         sweep_id, commands, how = choose_sweep(results, commands, label, args.resume.strip(), args.fresh)
+        check_contexts(commands)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

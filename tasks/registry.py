@@ -5,7 +5,8 @@ tasks/__init__.py, plus conf/task/<name>.yaml (presets of a runner set `runner:`
 A runner is built as Runner(task_cfg, data_cfg, ctx, seed=...) and provides (tasks/lm/task.py is the
 simplest): `vocab_size`, `info` (what the run summary records about the data), `build_model(model_cfg)`,
 `batch(step, ...)` / `loss(...)` for training, `evaluate(model, device, autocast)`, and optionally
-`budget()` (a protocol's tokens in examples x epochs) and `validate(...)` (a dev split for early stopping).
+`budget()` (a protocol's tokens in examples x epochs), `validate(...)` (a dev split for early stopping) and
+`check(task_cfg, ctx)` (a classmethod: the checks of ctx that need no data, run by `make sweep` before it starts).
 """
 from __future__ import annotations
 
@@ -26,9 +27,23 @@ def names() -> list[str]:
     return sorted(_RUNNERS)
 
 
-def build_task(cfg, ctx: int):
-    """cfg: the full run config (task, data, seed); the runner its task config names, at context ctx."""
-    name = str(cfg.task.get("runner", cfg.task.name))  # a preset (conf/task/mqar.yaml) names its runner
+def runner_of(task_cfg) -> type:
+    """The runner class a task config names (`runner:`, else `name:`)."""
+    name = str(task_cfg.get("runner", task_cfg.name))  # a preset (conf/task/mqar.yaml) names its runner
     if name not in _RUNNERS:
         raise ValueError(f"unknown task runner {name!r}; available: {', '.join(names())}")
-    return _RUNNERS[name](cfg.task, cfg.data, ctx, seed=int(cfg.seed))
+    return _RUNNERS[name]
+
+
+def build_task(cfg, ctx: int):
+    """cfg: the full run config (task, data, seed); the runner its task config names, at context ctx."""
+    return runner_of(cfg.task)(cfg.task, cfg.data, ctx, seed=int(cfg.seed))
+
+
+def check_context(cfg, ctx: int) -> None:
+    """What can be told before any run starts: a runner with a classmethod `check(task_cfg, ctx)` (one that reads
+    no data) raises ValueError when context ctx does not suit its task. `make sweep` asks this of each context
+    it is about to run (bench/sweep.py), so that such a CTX fails once, at once, instead of in every run."""
+    check = getattr(runner_of(cfg.task), "check", None)
+    if check is not None:
+        check(cfg.task, ctx)

@@ -34,6 +34,13 @@ def test_parse_ctx():
     (["--sizes", "huge"], "unknown SIZES 'huge'"),
     (["--data", "nope"], "unknown DATA 'nope'"),
     (["--match", "bytes"], "unknown MATCH 'bytes'; available: params, flops"),
+    (["--profile", "smoke", "--ctx", "256", "trainer.lrr=3"], "Could not override 'trainer.lrr'"),
+    # a context the task cannot run at fails before the first run, not in every one (bench/sweep.check_contexts)
+    (["--task", "longqa", "--ctx", "256", "--profile", "smoke"],
+     r"^error: TASK=longqa: long-QA sub-tasks niah_multikey, niah_multivalue do not fit ctx=256 .*"
+     r"use a longer CTX or task.mixture.niah_multikey=0 task.mixture.niah_multivalue=0$"),
+    (["--task", "mqar_zoology", "--ctx", "64,300", "--profile", "smoke"], "CTX=300 is not a point of its grid"),
+    (["--task", "mqar", "--ctx", "16", "--profile", "smoke"], r"TASK=mqar: task.mqar_train_pairs=\[64\]: none fits"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     """In-process (`make sweep` runs this main): a subprocess per case cost 4 s of imports each."""
@@ -46,6 +53,22 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, args
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), captured.err
     assert captured.out == "" and not (tmp_path / "out").exists()
+
+
+def test_the_context_check_composes_each_context_with_the_users_overrides():
+    """check_contexts asks the task about each context of each multirun, under the overrides the runs get."""
+    from bench.sweep import check_contexts, one_run_per_context
+
+    multirun = ["arch=transformer,mamba", "size=smoke-xs", "task=longqa", "ctx=256,512", "run_name=${arch.name}-x"]
+    assert one_run_per_context(multirun) == [  # ctx's each value, every other sweep's first, the rest as written
+        ["arch=transformer", "size=smoke-xs", "task=longqa", "run_name=${arch.name}-x", f"ctx={ctx}"]
+        for ctx in (256, 512)]
+    check_contexts([["task=longqa", "profile=smoke", "ctx=512,1024"]])
+    with pytest.raises(UsageError, match="ctx=256"):  # the second multirun (a ladder of its own) is checked too
+        check_contexts([["task=longqa", "profile=smoke", "ctx=512"], ["task=longqa", "profile=smoke", "ctx=256"]])
+    check_contexts([["task=longqa", "profile=smoke", "ctx=256", "task.mixture.niah_multikey=0",
+                     "task.mixture.niah_multivalue=0"]])  # the user's fix is read
+    check_contexts([["task=lm", "profile=smoke", "ctx=64"]])  # a runner without a check: nothing to ask
 
 
 @pytest.mark.slow

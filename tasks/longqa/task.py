@@ -120,12 +120,16 @@ class LongQATask:
         self.mqar_train_pairs = [int(p) for p in train_pairs if self.mqar.fits(int(p), ctx)]
         if "mqar" in self.mixture and not self.mqar_train_pairs:
             raise ValueError(f"task.mqar_train_pairs={list(train_pairs)}: none fits ctx={ctx} (4 x pairs <= ctx)")
-        for name in self.mixture:  # every sub-task must fit the training context
+        too_long = {}  # every sub-task must fit the training context; those that do not, all in one message
+        for name in self.mixture:
             try:
                 make_example(name, ctx + 1, 0.5, "check", self.mqar_pairs, self.mqar)
             except ValueError as e:
-                raise ValueError(f"long-QA sub-task {name} does not fit ctx={ctx} ({e}); use a longer CTX or "
-                                 f"task.mixture.{name}=0") from None
+                too_long[name] = str(e)
+        if too_long:
+            raise ValueError(f"long-QA sub-task{'s' * (len(too_long) > 1)} {', '.join(too_long)} do"
+                             f"{'es' * (len(too_long) == 1)} not fit ctx={ctx} ({'; '.join(too_long.values())}); "
+                             f"use a longer CTX or {' '.join(f'task.mixture.{n}=0' for n in too_long)}")
         self.train_examples = int(task_cfg.get("train_examples") or 0)  # 0: fresh examples every step
         self.epochs = task_cfg.get("epochs")
         self.dev_examples = int(task_cfg.get("dev_examples") or 0)
@@ -134,6 +138,12 @@ class LongQATask:
         if self.grid:
             self.info["mqar_pairs"] = self.mqar_pairs
         self._train_set = None
+
+    @classmethod
+    def check(cls, task_cfg, ctx: int) -> None:
+        """The constructor's checks of ctx (every sub-task fits it; the MQAR grid has it; some pair count fits it):
+        building the runner reads no data and draws no example set (tasks/registry.check_context)."""
+        cls(task_cfg, None, ctx)
 
     @property
     def vocab_size(self) -> int:
