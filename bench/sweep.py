@@ -73,14 +73,14 @@ def one_run_per_context(overrides: list[str]) -> list[list[str]]:
     return [[*fixed, f"ctx={ctx}"] for ctx in ctxs]
 
 
-def check_contexts(commands: list[list[str]]) -> None:
-    """Pre-flight: each context of the sweep, composed as its runs will be (the profile's task budget and the
-    user's overrides included), is checked by the task's runner where it can tell without data
-    (tasks/registry.check_context: a long-QA sub-task longer than CTX, a CTX off the MQAR grid), so that such
-    a sweep fails here in one line instead of in every one of its runs."""
+def check_contexts(commands: list[list[str]], launcher: list[str] = ()) -> None:
+    """Pre-flight: each context of the sweep, composed as its runs will be (the launcher's overrides, the
+    profile's task budget and the user's overrides included), is checked by the task's runner where it can tell
+    without data (tasks/registry.check_context: a long-QA sub-task longer than CTX, a CTX off the MQAR grid), so
+    that such a sweep fails here in one line instead of in every one of its runs."""
     from bench.config import compose_all
 
-    runs = [run for overrides in commands for run in one_run_per_context(overrides)]
+    runs = [[*launcher, *run] for overrides in commands for run in one_run_per_context(overrides)]
     configs = compose_all(runs)
     import tasks  # noqa: F401  (torch and the runners: after the checks that need neither)
     from tasks.registry import check_context
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         commands, label, results = build_overrides(args)
         head = run_command(args)
         sweep_id, commands, how = choose_sweep(results, commands, label, args.resume.strip(), args.fresh)
-        check_contexts(commands)
+        check_contexts(commands, launcher=head[head.index("--multirun") + 1:])
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

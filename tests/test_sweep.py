@@ -35,6 +35,7 @@ def test_parse_ctx():
     (["--data", "nope"], "unknown DATA 'nope'"),
     (["--match", "bytes"], "unknown MATCH 'bytes'; available: params, flops"),
     (["--profile", "smoke", "--ctx", "256", "trainer.lrr=3"], "Could not override 'trainer.lrr'"),
+    (["--launcher", "slurm", "--nodes", "2", "--ctx", "256", "hydra.launcher.nodes_typo=3"], "nodes_typo"),
     # a context the task cannot run at fails before the first run, not in every one (bench/sweep.check_contexts)
     (["--task", "longqa", "--ctx", "256", "--profile", "smoke"],
      r"^error: TASK=longqa: long-QA sub-tasks niah_multikey, niah_multivalue do not fit ctx=256 .*"
@@ -69,6 +70,10 @@ def test_the_context_check_composes_each_context_with_the_users_overrides():
     check_contexts([["task=longqa", "profile=smoke", "ctx=256", "task.mixture.niah_multikey=0",
                      "task.mixture.niah_multivalue=0"]])  # the user's fix is read
     check_contexts([["task=lm", "profile=smoke", "ctx=64"]])  # a runner without a check: nothing to ask
+    slurm = ["task=lm", "ctx=64", "hydra.launcher.cpus_per_task=16"]  # the README's LAUNCHER=slurm ARGS
+    with pytest.raises(UsageError, match="hydra.launcher.cpus_per_task"):
+        check_contexts([slurm])  # without its launcher the key does not exist ...
+    check_contexts([slurm], launcher=["hydra/launcher=slurm", "hydra.launcher.nodes=2"])  # ... as the runs have it
 
 
 @pytest.mark.slow
