@@ -61,6 +61,41 @@ def finish(fig, path: Path) -> None:
     plt.close(fig)
 
 
+# where a point's label may go, in order of preference: (dx, dy) offset in points, horizontal, vertical alignment
+LABEL_SPOTS = [(4, 4, "left", "bottom"), (4, -4, "left", "top"), (-4, 4, "right", "bottom"),
+               (-4, -4, "right", "top"), (0, 7, "center", "bottom"), (0, -7, "center", "top")]
+
+
+def label_points(ax, points: list[tuple[float, float, str]], fontsize: int = 7) -> None:
+    """Label each (x, y, text) point of ax beside it, at the first spot of LABEL_SPOTS where the label covers
+    no label placed before and no point (a marker's 6-point square); the first spot if none is free. Call once
+    the figure is laid out (the labels' offsets are in points, the points' places on the page are not)."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    to_page = ax.transData.transform
+    pt = fig.dpi / 72  # pixels per point
+    taken = [(x - 3 * pt, y - 3 * pt, x + 3 * pt, y + 3 * pt) for x, y in (to_page((px, py)) for px, py, _ in points)]
+
+    def free(box) -> bool:
+        return all(box.x1 <= a or box.x0 >= c or box.y1 <= b or box.y0 >= d for a, b, c, d in taken)
+
+    for x, y, text in points:
+        for i, (dx, dy, ha, va) in enumerate(LABEL_SPOTS):
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                                fontsize=fontsize)
+            box = label.get_window_extent(renderer)
+            if free(box) or i == len(LABEL_SPOTS) - 1:
+                break
+            label.remove()
+        if not free(box):  # nowhere free: the first spot, as any plot would put it
+            label.remove()
+            dx, dy, ha, va = LABEL_SPOTS[0]
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                                fontsize=fontsize)
+            box = label.get_window_extent(renderer)
+        taken.append((box.x0, box.y0, box.x1, box.y1))
+
+
 def _axis_and_limits(ax, axis: str):
     """The matplotlib Axis ("x" or "y") of ax and its current limits."""
     return (ax.xaxis, ax.get_xlim()) if axis == "x" else (ax.yaxis, ax.get_ylim())
@@ -189,6 +224,7 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
     ctxs = sorted(lm["ctx"].unique())
     multi, multi_match = lm["data"].nunique() > 1, lm["match"].nunique() > 1
     fig, axes = panel_row(max(1, len(ctxs)), 6, 4.5)
+    sizes = {}  # axes: its points' size labels, placed once the figure is laid out
     for ax, ctx in zip(axes, ctxs):
         sub = lm[lm["ctx"] == ctx]
         for (arch, data, match), g in sub.groupby(["arch", "data", "match"]):
@@ -196,9 +232,7 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
             sem = g["val_loss_sem"].astype(float) if "val_loss_sem" in g else None  # NaN: one window, or older runs
             ax.errorbar(g["train_flops"], g["val_loss"], yerr=sem, marker="o", capsize=3,
                         label=run_label(g.iloc[0], multi, multi_match))
-            for _, r in g.iterrows():
-                ax.annotate(r["size"], (r["train_flops"], r["val_loss"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
+        sizes[ax] = list(zip(sub["train_flops"], sub["val_loss"], sub["size"]))
         log_axis(ax)
         ax.set_xlabel(FLOPS_NOTE)
         ax.set_ylabel("validation loss (nats / token)")
@@ -207,6 +241,9 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
                      f"error over validation windows)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="architecture", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    for ax, points in sizes.items():
+        label_points(ax, points)
     finish(fig, path)
 
 
@@ -474,20 +511,22 @@ def plot_paper_scaling(scaling: pd.DataFrame) -> plt.Figure:
     ctxs = sorted(scaling["ctx"].unique()) or [2048, 8192]
     pub = published.load("scaling")
     fig, axes = plt.subplots(len(ctxs), 2, figsize=(12, 4.3 * len(ctxs)), squeeze=False)
+    sizes = {}  # our axes: the size labels, placed once the figure is laid out
     for (ours_ax, pub_ax), ctx, pctx in zip(axes, ctxs, (2048, 8192)):  # ours may be shorter (smoke)
-        for arch, g in by_arch(scaling[scaling["ctx"] == ctx]):
+        ours = scaling[scaling["ctx"] == ctx]
+        for arch, g in by_arch(ours):
             g = g.sort_values("train_flops")
             ours_ax.plot(g["train_flops"], g["val_ppl"], marker="o", color=COLORS.get(arch),
                          label=LABELS.get(arch, arch))
-            for _, r in g.iterrows():
-                ours_ax.annotate(r["size"], (r["train_flops"], r["val_ppl"]), textcoords="offset points",
-                                 xytext=(3, 3), fontsize=7)
+        sizes[ours_ax] = list(zip(ours["train_flops"], ours["val_ppl"], ours["size"]))
         style_axes(ours_ax, f"Ours: context {ctx:,}", "training FLOPs (3 x forward)", f"perplexity per {unit(scaling)}")
         for arch, g in by_arch(pub[pub["ctx"] == pctx]):
             g = g.sort_values("train_flops")
             pub_ax.plot(g["train_flops"], g["ppl"], marker="s", color=COLORS.get(arch), label=g["label"].iloc[0])
         style_axes(pub_ax, f"Published: Pile, context {pctx:,}", "training FLOPs", "perplexity per Llama-2 token")
     fig.tight_layout()
+    for ax, points in sizes.items():
+        label_points(ax, points)
     return fig
 
 

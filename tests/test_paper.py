@@ -329,3 +329,40 @@ def test_training_curves_get_a_panel_per_context_a_colour_per_architecture_and_s
         assert len({lines[f"transformer [b] {s}"].get_color() for s in ("cpu-xs", "cpu-s", "cpu-m")}) == 1
         assert lines["ttt_linear [b] cpu-xs"].get_color() != lines["transformer [b] cpu-xs"].get_color()
     plt.close(drawn[0])
+
+
+def test_size_labels_of_points_that_sit_together_do_not_cover_one_another(monkeypatch, tmp_path):
+    """bench/plots.label_points (loss_vs_flops.png, the paper's scaling figure): a smoke sweep put TTT-MLP's
+    smoke-s and Mamba-2's smoke-xs, 3% apart in FLOPs and loss, under one smudge of two labels; each label now
+    takes the first spot beside its point that covers no other label and no point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench import plots
+
+    points = [("ttt_mlp", "smoke-xs", 3.5e9, 5.44), ("ttt_mlp", "smoke-s", 1.40e10, 5.270),
+              ("mamba2", "smoke-xs", 1.45e10, 5.275), ("mamba2", "smoke-s", 4.5e10, 5.02),
+              ("mamba", "smoke-xs", 3.0e9, 5.19), ("mamba", "smoke-s", 1.05e10, 4.91),
+              ("transformer", "smoke-xs", 2.6e9, 5.05), ("transformer", "smoke-s", 0.98e10, 4.895)]
+    runs = pd.DataFrame([{"task": "lm", "ctx": 256, "data": "shakespeare", "match": "params", "arch": arch,
+                          "backend": "cpp", "size": size, "train_flops": flops, "val_loss": loss, "val_loss_sem": 0.005}
+                         for arch, size, flops, loss in points])
+    drawn = []
+    monkeypatch.setattr(plots, "finish", lambda fig, path: drawn.append(fig))
+    plots.plot_loss_vs_flops(runs, tmp_path / "plot.png")
+    fig = drawn[0]
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    boxes = {t.get_text() + f"@{t.xy[0]:.3g}": t.get_window_extent(renderer) for t in ax.texts}
+    assert len(boxes) == len(points)  # one label per point
+    named = list(boxes.items())
+    for i, (a, box) in enumerate(named):
+        for b, other in named[i + 1:]:
+            assert not box.overlaps(other), (a, b)
+    marks = [ax.transData.transform((flops, loss)) for _, _, flops, loss in points]
+    for (x, y), box in zip(marks, boxes.values()):  # each beside its own point
+        assert box.x0 - 20 < x < box.x1 + 20 and box.y0 - 20 < y < box.y1 + 20
+    assert not any(box.contains(x, y) for box in boxes.values() for x, y in marks)  # and on no point
+    plt.close(fig)
