@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from bench import published  # noqa: E402
 from bench.results import atomic_write_bytes  # noqa: E402
@@ -320,24 +321,35 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
     finish(fig, path)
 
 
+CTX_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # line and marker of each trained context
+
+
 def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
-    """Accuracy vs evaluation length per sub-task, and the passkey depth x length heatmaps."""
+    """Accuracy vs evaluation length per sub-task (one colour per architecture, a line style per trained
+    context, one legend beside the panels), and the passkey depth x length heatmaps."""
     qa = df[df.get("longqa_cells", pd.Series(index=df.index, dtype=object)).notna()]  # longqa and its presets
     if qa.empty:
         return
+    colors = {arch: f"C{i}" for i, arch in enumerate(sorted(qa["arch"].unique()))}
+    styles = {ctx: CTX_STYLES[i % len(CTX_STYLES)] for i, ctx in enumerate(sorted(qa["ctx"].unique()))}
     runs = [(f"{arch} [{g.iloc[0]['backend']}] {largest_row(g)['size']} {task} ctx={ctx}", largest_row(g))
             for (task, arch, ctx), g in qa.groupby(["task", "arch", "ctx"])]
-    cells = pd.DataFrame([{**c, "label": label, "ctx": r["ctx"]} for label, r in runs for c in r["longqa_cells"]])
+    cells = pd.DataFrame([{**c, "label": label, "arch": r["arch"], "ctx": r["ctx"]}
+                          for label, r in runs for c in r["longqa_cells"]])
     subtasks = sorted(cells["subtask"].unique())
     cols = min(4, len(subtasks))
     rows = -(-len(subtasks) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat[len(subtasks):]:
-        ax.set_visible(False)
+        ax.set_axis_off()
+    legend = {}  # label: how its run is drawn
     for ax, task in zip(axes.flat, subtasks):
-        for label, g in cells[cells["subtask"] == task].groupby("label"):
+        for i, (label, g) in enumerate(cells[cells["subtask"] == task].groupby("label", sort=False)):
             acc = g.groupby("length")["acc"].mean()
-            ax.plot(acc.index, acc.values, marker="o", label=label)
+            legend[label] = dict(linestyle=styles[g["ctx"].iloc[0]][0], marker=styles[g["ctx"].iloc[0]][1],
+                                 color=colors[g["arch"].iloc[0]])
+            # markers shrink in drawing order: runs at the same accuracy (all at 0 early on) stay visible as rings
+            ax.plot(acc.index, acc.values, markersize=max(3.0, 9.0 - 2.0 * i), **legend[label])
             ax.axvline(g["ctx"].iloc[0], color="grey", linestyle=":", linewidth=0.8)
         log2_axis(ax)
         ax.set_ylim(-0.03, 1.03)
@@ -345,7 +357,11 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
         ax.set_ylabel("accuracy (exact match; MQAR per value)")
         ax.set_title(task)
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles = [Line2D([], [], markersize=6, **how) for how in legend.values()]
+    spare = axes.flat[len(subtasks)] if len(subtasks) < axes.size else None  # the legend in an empty panel's place
+    (spare or axes.flat[len(subtasks) - 1]).legend(
+        handles, list(legend), fontsize=7, title="largest size per architecture and context", title_fontsize=8,
+        loc="upper left", **({} if spare else {"bbox_to_anchor": (1.02, 1)}))
     finish(fig, plots / "longqa_accuracy.png")
     pk = cells[cells["subtask"] == "passkey"]
     if pk.empty:

@@ -280,3 +280,43 @@ def test_mqar_zoology_task_grid_vocab_training_set_and_splits():
     assert not train_set & {tuple(e.ids[:-1]) for e in dev + test}
     with pytest.raises(ValueError, match="MQAR alone"):
         zoology_task(128, mixture={"passkey": 1.0, "mqar": 1.0})
+
+
+def test_longqa_accuracy_plot_gives_each_architecture_one_colour_and_each_context_a_line_style(monkeypatch, tmp_path):
+    """bench/plots.plot_longqa: two architectures trained at two contexts are two colours (not four, recycled
+    from the other plots' order) with a line style per context, in one legend in the grid's empty panel;
+    runs at the same accuracy stay visible (markers shrink in drawing order)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from matplotlib.colors import to_hex
+
+    from bench import plots
+
+    def cells(ctx, acc):
+        return [{"subtask": s, "length": n, "depth": 0.5, "n": 8, "acc": acc}
+                for s in ("mqar", "niah_multikey", "niah_single", "passkey", "variable_tracking") for n in (ctx // 2, ctx, 2 * ctx)]
+
+    runs = pd.DataFrame([{"task": "longqa", "arch": arch, "ctx": ctx, "size": "smoke-s", "params": 1e5,
+                          "backend": "b", "longqa_cells": cells(ctx, acc)}
+                         for arch, acc in (("mamba", 0.0), ("transformer", 0.5)) for ctx in (256, 512)])
+    drawn = []
+    monkeypatch.setattr(plots, "finish", lambda fig, path: drawn.append(fig))
+    plots.plot_longqa(runs, tmp_path)
+    fig = drawn[0]
+    panel = fig.axes[0]
+    lines = [ln for ln in panel.get_lines() if ln.get_marker() not in ("None", None, "")]
+    assert len(lines) == 4
+    colour = {(arch, ctx): to_hex(ln.get_color()) for ln, (arch, ctx) in
+              zip(lines, [("mamba", 256), ("mamba", 512), ("transformer", 256), ("transformer", 512)])}
+    assert colour["mamba", 256] == colour["mamba", 512] != colour["transformer", 256] == colour["transformer", 512]
+    assert lines[0].get_linestyle() == lines[2].get_linestyle() != lines[1].get_linestyle()
+    assert [ln.get_markersize() for ln in lines] == sorted((ln.get_markersize() for ln in lines), reverse=True)
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert len(legends) == 1 and legends[0].axes is fig.axes[5] and not fig.axes[5].axison  # 4 x 2 panels, 5 used
+    assert [t.get_text() for t in legends[0].get_texts()] == [
+        f"{arch} [b] smoke-s longqa ctx={ctx}" for arch in ("mamba", "transformer") for ctx in (256, 512)]
+    for fig in drawn:
+        plt.close(fig)
