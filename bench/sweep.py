@@ -60,35 +60,43 @@ def build_overrides(args) -> tuple[list[list[str]], str, Path]:
     return commands, f"{task}-ctx{'-'.join(map(str, ctxs))}", results
 
 
-def one_run_per_context(overrides: list[str]) -> list[list[str]]:
-    """A multirun's overrides as those of one run per context: each value of ctx, the first of every other sweep
-    (arch=a,b -> arch=a). What a task's check of its context reads does not depend on those (check_contexts)."""
+CHECKED = ("ctx", "task", "data")  # the config a task's check reads (tasks/registry.check_task)
+
+
+def runs_to_check(overrides: list[str]) -> list[list[str]]:
+    """A multirun's overrides as those of the runs whose task checks differ: every combination of the values
+    swept of ctx, task and data (their groups and keys), and the first value of every other sweep
+    (arch=a,b -> arch=a: what the checks read does not depend on it). The rest as written."""
+    from itertools import product
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    values = lambda o: list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-    fixed = [f"{o.get_key_element()}={values(o)[0]}" if o.is_sweep_override() else o.input_line
-             for o in parsed if o.get_key_element() != "ctx"]
-    ctxs = [v for o in parsed if o.get_key_element() == "ctx" for v in values(o)]
-    return [[*fixed, f"ctx={ctx}"] for ctx in ctxs]
+    checked = lambda key: key.lstrip("+~").split(".")[0].split("/")[0] in CHECKED
+    choices = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        values = [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() \
+            else [o.input_line]
+        choices.append(values if checked(o.get_key_element()) else values[:1])
+    return [list(run) for run in product(*choices)]
 
 
-def check_contexts(commands: list[list[str]], launcher: list[str] = ()) -> None:
-    """Pre-flight: each context of the sweep, composed as its runs will be (the launcher's overrides, the
-    profile's task budget and the user's overrides included), is checked by the task's runner where it can tell
-    without data (tasks/registry.check_context: a long-QA sub-task longer than CTX, a CTX off the MQAR grid), so
-    that such a sweep fails here in one line instead of in every one of its runs."""
+def preflight(commands: list[list[str]], launcher: list[str] = ()) -> None:
+    """Each run of the sweep whose checks differ (runs_to_check), composed as it will be (the launcher's
+    overrides, the profile's task budget and the user's overrides included), is checked by its task's runner
+    where the runner can tell without reading data (tasks/registry.check_task: a long-QA sub-task longer than
+    CTX, a CTX off the MQAR grid, data files that are not there), so that such a sweep fails here, in one line,
+    before anything is written, instead of in every one of its runs."""
     from bench.config import compose_all
 
-    runs = [[*launcher, *run] for overrides in commands for run in one_run_per_context(overrides)]
+    runs = [[*launcher, *run] for overrides in commands for run in runs_to_check(overrides)]
     configs = compose_all(runs)
     import tasks  # noqa: F401  (torch and the runners: after the checks that need neither)
-    from tasks.registry import check_context
+    from tasks.registry import check_task
 
     for cfg in configs:
         try:
-            check_context(cfg, int(cfg.ctx))
-        except ValueError as e:
+            check_task(cfg, int(cfg.ctx))
+        except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"TASK={cfg.task.name}: {e}") from None
 
 
@@ -227,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         commands, label, results = build_overrides(args)
         head = run_command(args)
         sweep_id, commands, how = choose_sweep(results, commands, label, args.resume.strip(), args.fresh)
-        check_contexts(commands, launcher=head[head.index("--multirun") + 1:])
+        preflight(commands, launcher=head[head.index("--multirun") + 1:])
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

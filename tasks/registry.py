@@ -6,7 +6,7 @@ A runner is built as Runner(task_cfg, data_cfg, ctx, seed=...) and provides (tas
 simplest): `vocab_size`, `info` (what the run summary records about the data), `build_model(model_cfg)`,
 `batch(step, ...)` / `loss(...)` for training, `evaluate(model, device, autocast)`, and optionally
 `budget()` (a protocol's tokens in examples x epochs), `validate(...)` (a dev split for early stopping) and
-`check(task_cfg, ctx)` (a classmethod: the checks of ctx that need no data, run by `make sweep` before it starts).
+`check(task_cfg, data_cfg, ctx)` (a classmethod: the checks that read no data, run by `make sweep` before it starts).
 """
 from __future__ import annotations
 
@@ -40,10 +40,11 @@ def build_task(cfg, ctx: int):
     return runner_of(cfg.task)(cfg.task, cfg.data, ctx, seed=int(cfg.seed))
 
 
-def check_context(cfg, ctx: int) -> None:
-    """What can be told before any run starts: a runner with a classmethod `check(task_cfg, ctx)` (one that reads
-    no data) raises ValueError when context ctx does not suit its task. `make sweep` asks this of each context
-    it is about to run (bench/sweep.py), so that such a CTX fails once, at once, instead of in every run."""
+def check_task(cfg, ctx: int) -> None:
+    """What can be told before any run starts: a runner with a classmethod `check(task_cfg, data_cfg, ctx)` (one
+    that reads no data) raises ValueError (or FileNotFoundError) when the task, its data or context ctx will not
+    run. `make sweep` asks this of each context it is about to run (bench/sweep.py), so that such a sweep fails
+    once, at once, instead of in every run."""
     check = getattr(runner_of(cfg.task), "check", None)
     if check is not None:
-        check(cfg.task, ctx)
+        check(cfg.task, cfg.data, ctx)

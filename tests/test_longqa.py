@@ -122,11 +122,11 @@ def test_a_subtask_that_does_not_fit_the_context_fails_clearly():
         LongQATask(cfg, None, 256)
     cfg = OmegaConf.create({"mixture": {"passkey": 1.0, "niah_multikey": 1.0, "niah_multivalue": 1.0}, "mqar_pairs": 8})
     with pytest.raises(ValueError) as e:  # every one that does not fit, in one message: one fix, not two tries
-        LongQATask.check(cfg, 256)
+        LongQATask.check(cfg, None, 256)
     assert "sub-tasks niah_multikey, niah_multivalue do not fit ctx=256" in str(e.value)
     assert "needs at least 387" in str(e.value) and "needs at least 266" in str(e.value)
     assert str(e.value).endswith("task.mixture.niah_multikey=0 task.mixture.niah_multivalue=0")
-    LongQATask.check(OmegaConf.create({"mixture": {"passkey": 1.0}, "mqar_pairs": 8}), 256)
+    LongQATask.check(OmegaConf.create({"mixture": {"passkey": 1.0}, "mqar_pairs": 8}), None, 256)
 
 
 @pytest.mark.slow

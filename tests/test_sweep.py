@@ -36,12 +36,17 @@ def test_parse_ctx():
     (["--match", "bytes"], "unknown MATCH 'bytes'; available: params, flops"),
     (["--profile", "smoke", "--ctx", "256", "trainer.lrr=3"], "Could not override 'trainer.lrr'"),
     (["--launcher", "slurm", "--nodes", "2", "--ctx", "256", "hydra.launcher.nodes_typo=3"], "nodes_typo"),
-    # a context the task cannot run at fails before the first run, not in every one (bench/sweep.check_contexts)
+    # a context the task cannot run at fails before the first run, not in every one (bench/sweep.preflight)
     (["--task", "longqa", "--ctx", "256", "--profile", "smoke"],
      r"^error: TASK=longqa: long-QA sub-tasks niah_multikey, niah_multivalue do not fit ctx=256 .*"
      r"use a longer CTX or task.mixture.niah_multikey=0 task.mixture.niah_multivalue=0$"),
     (["--task", "mqar_zoology", "--ctx", "64,300", "--profile", "smoke"], "CTX=300 is not a point of its grid"),
     (["--task", "mqar", "--ctx", "16", "--profile", "smoke"], r"TASK=mqar: task.mqar_train_pairs=\[64\]: none fits"),
+    # ... and so do data files that are not there (the runners' checks read no data: tasks/registry.check_task)
+    (["--profile", "smoke", "--ctx", "64", "--data", "text_files", "data.paths=[/nonexistent/*.txt]"],
+     r"TASK=lm: data.paths: no file matches '/nonexistent/\*.txt'"),
+    (["--profile", "smoke", "--ctx", "64", "--task", "classification", "task.source=text_files",
+      "task.paths=[/nonexistent/*.jsonl]"], r"TASK=classification: task.paths matched no files"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     """In-process (`make sweep` runs this main): a subprocess per case cost 4 s of imports each."""
@@ -56,24 +61,29 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, args
     assert captured.out == "" and not (tmp_path / "out").exists()
 
 
-def test_the_context_check_composes_each_context_with_the_users_overrides():
-    """check_contexts asks the task about each context of each multirun, under the overrides the runs get."""
-    from bench.sweep import check_contexts, one_run_per_context
+def test_the_preflight_checks_each_context_and_data_under_the_users_overrides():
+    """bench/sweep.preflight asks the task about each context (and task or data swept) of each multirun, under the
+    overrides the runs get."""
+    from bench.sweep import preflight, runs_to_check
 
-    multirun = ["arch=transformer,mamba", "size=smoke-xs", "task=longqa", "ctx=256,512", "run_name=${arch.name}-x"]
-    assert one_run_per_context(multirun) == [  # ctx's each value, every other sweep's first, the rest as written
-        ["arch=transformer", "size=smoke-xs", "task=longqa", "run_name=${arch.name}-x", f"ctx={ctx}"]
-        for ctx in (256, 512)]
-    check_contexts([["task=longqa", "profile=smoke", "ctx=512,1024"]])
+    multirun = ["arch=transformer,mamba", "size=smoke-xs", "task=longqa", "ctx=256,512", "run_name=${arch.name}-x",
+                "task.mixture.mqar=0,1"]
+    assert runs_to_check(multirun) == [  # ctx's and task's values, every other sweep's first, the rest as written
+        ["arch=transformer", "size=smoke-xs", "task=longqa", f"ctx={ctx}", "run_name=${arch.name}-x",
+         f"task.mixture.mqar={w}"] for ctx in (256, 512) for w in (0, 1)]
+    preflight([["task=longqa", "profile=smoke", "ctx=512,1024"]])
     with pytest.raises(UsageError, match="ctx=256"):  # the second multirun (a ladder of its own) is checked too
-        check_contexts([["task=longqa", "profile=smoke", "ctx=512"], ["task=longqa", "profile=smoke", "ctx=256"]])
-    check_contexts([["task=longqa", "profile=smoke", "ctx=256", "task.mixture.niah_multikey=0",
-                     "task.mixture.niah_multivalue=0"]])  # the user's fix is read
-    check_contexts([["task=lm", "profile=smoke", "ctx=64"]])  # a runner without a check: nothing to ask
+        preflight([["task=longqa", "profile=smoke", "ctx=512"], ["task=longqa", "profile=smoke", "ctx=256"]])
+    preflight([["task=longqa", "profile=smoke", "ctx=256", "task.mixture.niah_multikey=0",
+                "task.mixture.niah_multivalue=0"]])  # the user's fix is read
+    preflight([["task=lm", "profile=smoke", "ctx=64"]])  # the embedded corpus: nothing to read first
+    there = ROOT / "README.md"
+    with pytest.raises(UsageError, match="no file matches '/nonexistent/b.txt'"):  # data swept: each is checked
+        preflight([["profile=smoke", "ctx=64", "data=text_files", f"data.paths=[{there}],[/nonexistent/b.txt]"]])
     slurm = ["task=lm", "ctx=64", "hydra.launcher.cpus_per_task=16"]  # the README's LAUNCHER=slurm ARGS
     with pytest.raises(UsageError, match="hydra.launcher.cpus_per_task"):
-        check_contexts([slurm])  # without its launcher the key does not exist ...
-    check_contexts([slurm], launcher=["hydra/launcher=slurm", "hydra.launcher.nodes=2"])  # ... as the runs have it
+        preflight([slurm])  # without its launcher the key does not exist ...
+    preflight([slurm], launcher=["hydra/launcher=slurm", "hydra.launcher.nodes=2"])  # ... as the runs have it
 
 
 @pytest.mark.slow
@@ -148,12 +158,15 @@ def test_compute_budget_gives_every_architecture_the_same_tokens(tmp_path):
 
 
 def test_failed_run_is_recorded_and_fails_the_sweep(tmp_path):
+    """A run that fails once it reads its data (a corpus shorter than one window: what the sweep's checks, which
+    read no data, cannot know) is recorded as failed, and the sweep exits 1."""
+    (tmp_path / "tiny.txt").write_text("hello world\n")
     res = sweep("--ctx", "64", "--profile", "smoke", "--sizes", "smoke-xs", "--data", "text_files",
-                "data.paths=[/nonexistent/corpus.txt]", "logger=none", results=tmp_path)
+                f"data.paths=[{tmp_path / 'tiny.txt'}]", "logger=none", results=tmp_path / "out")
     assert res.returncode == 1
-    summary = json.loads(next(tmp_path.glob("runs/*/*/summary.json")).read_text())
-    assert summary["status"] == "failed" and "/nonexistent/corpus.txt" in summary["error"]
-    assert "/nonexistent/corpus.txt" in res.stdout
+    summary = json.loads(next((tmp_path / "out").glob("runs/*/*/summary.json")).read_text())
+    assert summary["status"] == "failed" and "fewer than one window of CTX + 1 = 65" in summary["error"]
+    assert "fewer than one window" in res.stdout
 
 
 def test_smoke_sweep_every_architecture_learns(tmp_path):

@@ -33,13 +33,18 @@ VOCAB = 257
 SOURCES = ("listops", "text_files", "hf")
 
 
-def read_text_files(patterns) -> list[tuple[str, str]]:
-    """(text, label) rows of every JSONL / CSV file matching the globs, in file order."""
+def matching_files(patterns) -> list[str]:
+    """The files the globs of task.paths match (~ expanded), sorted; at least one."""
     paths = sorted({p for pat in patterns for p in glob.glob(os.path.expanduser(str(pat)))})
     if not paths:
         raise FileNotFoundError(f"task.paths matched no files: {list(patterns)}")
+    return paths
+
+
+def read_text_files(patterns) -> list[tuple[str, str]]:
+    """(text, label) rows of every JSONL / CSV file matching the globs, in file order."""
     rows = []
-    for path in paths:
+    for path in matching_files(patterns):
         with open(path, newline="", encoding="utf-8") as f:
             if path.endswith((".jsonl", ".json")):
                 recs = [json.loads(line) for line in f if line.strip()]
@@ -66,10 +71,19 @@ def read_hf(name: str, text_field: str, label_field: str) -> tuple[list, list]:
 class ClassificationTask:
     name = "classification"
 
-    def __init__(self, task_cfg, data_cfg, ctx: int, seed: int = 0):
+    @classmethod
+    def check(cls, task_cfg, data_cfg, ctx: int) -> str:
+        """Before any run (tasks/registry.check_task; the constructor too): a known source, and for text_files,
+        files that task.paths matches. Returns the source."""
         source = str(task_cfg.source)
         if source not in SOURCES:
             raise ValueError(f"classification source {source!r} is not available; available: {', '.join(SOURCES)}")
+        if source == "text_files":
+            matching_files(task_cfg.paths)
+        return source
+
+    def __init__(self, task_cfg, data_cfg, ctx: int, seed: int = 0):
+        source = self.check(task_cfg, data_cfg, ctx)
         self.cfg, self.ctx, self.seed, self.source = task_cfg, ctx, seed, source
         if source == "listops":
             self.min_len = max(5, int(float(task_cfg.min_len_frac) * ctx))

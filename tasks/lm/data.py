@@ -85,7 +85,9 @@ def pycode(val_fraction: float, max_bytes: int) -> Corpus:
     return Corpus("pycode", train, val)
 
 
-def text_files(paths: list[str], val_fraction: float) -> Corpus:
+def matching_files(paths: list[str]) -> list[str]:
+    """The files data.paths names (files or globs, ~ expanded), each once, in the order given; every pattern
+    must match a file."""
     if not paths:
         raise ValueError("data=text_files needs data.paths: a list of files or globs")
     files: list[str] = []
@@ -95,7 +97,11 @@ def text_files(paths: list[str], val_fraction: float) -> Corpus:
         if not matched:
             raise FileNotFoundError(f"data.paths: no file matches {pattern!r}")
         files.extend(matched)
-    docs = [Document(p, Path(p).read_text(encoding="utf-8", errors="replace")) for p in dict.fromkeys(files)]
+    return list(dict.fromkeys(files))
+
+
+def text_files(paths: list[str], val_fraction: float) -> Corpus:
+    docs = [Document(p, Path(p).read_text(encoding="utf-8", errors="replace")) for p in matching_files(paths)]
     if len(docs) >= 2:
         train, val = _split_by_hash(docs, val_fraction)
     else:  # one file: its last val_fraction is the validation document
@@ -132,6 +138,18 @@ def hf(name: str, config: str | None, split: str, val_split: str | None, text_fi
     return Corpus(f"hf:{name}", docs[val_docs:], docs[:val_docs])
 
 
+SOURCES = ("shakespeare", "pycode", "text_files", "hf")
+
+
+def check_source(data_cfg) -> None:
+    """What can be told of a data config without reading the data: a known source, and for text_files, files
+    that data.paths matches (make sweep asks before its first run: tasks/registry.check_task)."""
+    if data_cfg.source not in SOURCES:
+        raise ValueError(f"unknown data source {data_cfg.source!r}; available: {', '.join(SOURCES)}")
+    if data_cfg.source == "text_files":
+        matching_files(list(data_cfg.paths or []))
+
+
 def load_corpus(data_cfg) -> Corpus:
     src = data_cfg.source
     if src == "shakespeare":
@@ -143,7 +161,7 @@ def load_corpus(data_cfg) -> Corpus:
     if src == "hf":
         return hf(data_cfg.name, data_cfg.get("config"), data_cfg.split, data_cfg.get("val_split"),
                   data_cfg.text_field, int(data_cfg.max_docs), int(data_cfg.val_docs))
-    raise ValueError(f"unknown data source {src!r}; available: shakespeare, pycode, text_files, hf")
+    raise ValueError(f"unknown data source {src!r}; available: {', '.join(SOURCES)}")
 
 
 def pack(docs: list[Document], tokenizer) -> torch.Tensor:

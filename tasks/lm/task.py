@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tasks.lm.data import PackedWindows, load_corpus, pack
+from tasks.lm.data import PackedWindows, check_source, load_corpus, pack
 from tasks.lm.evaluate import evaluate_lm, unigram_bits_per_byte
 from tasks.lm.tokenizers import build_tokenizer
 from tasks.registry import register
@@ -34,6 +34,11 @@ class LMTask:
             "train_tokens_available": len(self.train.stream),
             "val_unigram_bpb": self.val_unigram_bpb,
         }
+
+    @classmethod
+    def check(cls, task_cfg, data_cfg, ctx: int) -> None:
+        """Before any run (tasks/registry.check_task): the data source is known and its files exist."""
+        check_source(data_cfg)
 
     @property
     def vocab_size(self) -> int:

@@ -140,10 +140,10 @@ class LongQATask:
         self._train_set = None
 
     @classmethod
-    def check(cls, task_cfg, ctx: int) -> None:
+    def check(cls, task_cfg, data_cfg, ctx: int) -> None:
         """The constructor's checks of ctx (every sub-task fits it; the MQAR grid has it; some pair count fits it):
-        building the runner reads no data and draws no example set (tasks/registry.check_context)."""
-        cls(task_cfg, None, ctx)
+        building the runner reads no data and draws no example set (tasks/registry.check_task)."""
+        cls(task_cfg, data_cfg, ctx)
 
     @property
     def vocab_size(self) -> int:
