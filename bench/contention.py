@@ -117,10 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-governor", action="store_true", help="a fixed thread count, whatever the load")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = p.parse_args(argv)
-    from bench.config import parse_ctx
+    from bench.config import UsageError, group_options, parse_archs, parse_choice, parse_ctx
     from bench.threads import omp_wait
 
-    ctx = parse_ctx(args.ctx)
+    try:  # bad input: one line, before anything is timed
+        arch, ctx = parse_archs(args.arch), parse_ctx(args.ctx)
+        if len(arch) != 1:
+            raise UsageError(f"ARCH: one architecture at a time; got {args.arch!r}")
+        parse_choice("SIZE", args.size, group_options("size"))
+        if args.steps <= 0 or args.busy_threads <= 0 or (args.threads is not None and args.threads <= 0):
+            raise UsageError(f"--steps, --busy-threads and --threads must be positive; got {args.steps}, "
+                             f"{args.busy_threads}, {args.threads}")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     common = (args.arch, args.size, ctx, args.steps, not args.no_governor, args.threads)
     idle_s = step_seconds(*common)
     busy_proc = start_busy_process(args.busy_threads)

@@ -146,3 +146,16 @@ def test_a_training_step_beside_a_busy_process_stays_within_2x_of_idle():
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["governor"] and out["omp_wait"] == f"spin {SPIN_COUNT}"
     assert out["ratio"] <= 2.0, out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "foo"], "unknown ARCH 'foo'"), (["--arch", "mamba,ttt_linear"], "one architecture at a time"),
+    (["--size", "huge"], "unknown SIZE 'huge'"), (["--ctx", "2x"], "CTX must be"),
+    (["--steps", "0"], "must be positive")])
+def test_contention_refuses_bad_input_in_one_line_before_timing_anything(capsys, args, message):
+    """`make contention ARCH=foo` printed a traceback from deep in the model build, after starting to time."""
+    from bench.contention import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
