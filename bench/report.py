@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -188,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make plots", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
+    runs = Path(args.results).expanduser() / "runs"
+    if not runs.is_dir():  # a mistyped RESULTS: say so, and make no folder of that name
+        print(f"error: no runs under {runs} (make sweep writes them there; RESULTS= names the folder, "
+              f"default results)", file=sys.stderr)
+        return 2
     table = report(args.results)
     print(f"[ttt-bench] {len(table)} runs -> {Path(args.results) / 'summary.csv'}, plots in {Path(args.results) / 'plots'}")
     return 0

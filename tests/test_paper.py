@@ -366,3 +366,16 @@ def test_size_labels_of_points_that_sit_together_do_not_cover_one_another(monkey
         assert box.x0 - 20 < x < box.x1 + 20 and box.y0 - 20 < y < box.y1 + 20
     assert not any(box.contains(x, y) for box in boxes.values() for x, y in marks)  # and on no point
     plt.close(fig)
+
+
+def test_make_plots_redraws_a_results_folder_and_refuses_a_mistyped_one(tmp_path, capsys):
+    """bench/report.main (`make plots`): RESULTS with runs is redrawn; a RESULTS without runs/ (a typo) is an
+    error in one line, and no folder of that name is made (it made one, with an empty summary.csv and plots/)."""
+    from bench.report import main
+
+    assert main(["--results", str(tmp_path / "typo")]) == 2
+    assert "no runs under" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    shutil.copytree(FIXTURE / "runs", tmp_path / "res" / "runs")
+    assert main(["--results", str(tmp_path / "res")]) == 0
+    assert (tmp_path / "res" / "summary.csv").stat().st_size > 1000
+    assert (tmp_path / "res" / "plots" / "loss_vs_flops.png").exists()
