@@ -318,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        if args.limit is not None and not (args.limit > 0 and (args.limit < 1 or args.limit == int(args.limit))):
+            raise UsageError(f"LIMIT must be a whole number of examples per task or a fraction in (0, 1); "
+                             f"got {args.limit:g}")
+        if args.batch_size <= 0:
+            raise UsageError(f"--batch-size must be positive; got {args.batch_size}")
         runs = run_folders(Path(args.run).expanduser().resolve())
         tasks = task_names(args.tasks)
     except UsageError as e:

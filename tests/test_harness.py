@@ -181,3 +181,12 @@ def test_make_eval_refuses_what_it_cannot_do(smoke_sweep, tmp_path, capsys):
     assert "no finished run under" in capsys.readouterr().err
     assert main(["--run", str(smoke_sweep / "runs"), "--tasks", "no_such_task"]) == 2
     assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["-3", "0", "2.5"])
+def test_make_eval_refuses_a_limit_that_is_no_count_or_fraction(tmp_path, capsys, limit):
+    """LIMIT=-3 reached lm-eval and failed each run with islice's message; now one line before any run."""
+    from bench.harness import main
+
+    assert main(["--run", str(tmp_path), "--limit", limit]) == 2
+    assert capsys.readouterr().err.startswith("error: LIMIT must be a whole number of examples per task or a fraction")
