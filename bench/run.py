@@ -157,7 +157,8 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
                                 OmegaConf.to_container(cfg, resolve=True)) if main else NullTracker()
         summary["wandb_mode"] = tracker.mode
         trained = train(model, task, cfg.trainer, ctx, run_dir, tracker, device, autocast,
-                        desc=f"{summary['arch']} {summary['size']} ctx={ctx}", governor=governor, identity=identity,
+                        desc=f"{summary['arch']} {summary['size']} ctx={ctx} on {device}", governor=governor,
+                        identity=identity,
                         parallel=distributed.resolve_mode(cfg.trainer.get("parallel", "auto"), summary["params"]),
                         precision=precision)
         summary.update(trained)
