@@ -100,6 +100,18 @@ def preflight(commands: list[list[str]], launcher: list[str] = ()) -> None:
             raise UsageError(f"TASK={cfg.task.name}: {e}") from None
 
 
+def warn_if_no_gpu_for(commands: list[list[str]]) -> None:
+    """PROFILE=paper trains the paper's 125M-1.3B models on billions of tokens: on a machine without a GPU,
+    say so before its first run (it goes on: the user may mean it)."""
+    import torch
+
+    profiles = {o.split("=", 1)[1] for c in commands for o in c if o.startswith("profile=")}
+    if "paper" in profiles and not torch.cuda.is_available():
+        print("[ttt-bench] note: PROFILE=paper trains the paper's 125M-1.3B models on billions of tokens, sized "
+              "for GPUs, and this machine has none: each run takes days here (PROFILE=cpu is sized for a CPU)",
+              flush=True)
+
+
 def stored_form(commands: list[list[str]]) -> list:
     """A sweep's commands as its manifest records them: one multirun's overrides as a flat list (the form of
     sweeps from before per-context ladders), several as a list of lists."""
@@ -239,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warn_if_no_gpu_for(commands)
     if how != "new":
         print(f"[ttt-bench] {how} sweep {sweep_id}: finished runs are reused, interrupted ones resume "
               f"(FRESH=1 starts a new sweep)", flush=True)

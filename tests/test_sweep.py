@@ -306,3 +306,16 @@ def test_mqar_zoology_smoke_sweep_end_to_end(tmp_path):
     table = (tmp_path / "recall.md").read_text()
     assert "| transformer |" in table and "(64, 4)" in table and "(128, 8)" in table
     assert (tmp_path / "plots" / "mqar_grid.png").exists()
+
+
+def test_the_paper_profile_on_a_machine_without_a_gpu_says_what_it_is_in_for(tmp_path, monkeypatch, capsys):
+    """PROFILE=paper on a CPU started 125M training with a progress bar of 4,769 steps and no word of days."""
+    from bench import sweep
+
+    monkeypatch.setattr(sweep.subprocess, "call", lambda cmd, **kw: 0)
+    monkeypatch.setattr("bench.report.report", lambda results: None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    sweep.main(["--arch", "transformer", "--profile", "paper", "--results", str(tmp_path / "p")])
+    assert "PROFILE=paper trains the paper's 125M-1.3B models" in capsys.readouterr().out
+    sweep.main(["--arch", "transformer", "--profile", "smoke", "--ctx", "64", "--results", str(tmp_path / "s")])
+    assert "note:" not in capsys.readouterr().out
