@@ -80,20 +80,19 @@ def label_points(ax, points: list[tuple[float, float, str]], fontsize: int = 7) 
     def free(box) -> bool:
         return all(box.x1 <= a or box.x0 >= c or box.y1 <= b or box.y0 >= d for a, b, c, d in taken)
 
+    def put(x, y, text, spot):  # the label and the page box it covers
+        dx, dy, ha, va = spot
+        label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=fontsize)
+        return label, label.get_window_extent(renderer)
+
     for x, y, text in points:
-        for i, (dx, dy, ha, va) in enumerate(LABEL_SPOTS):
-            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
-                                fontsize=fontsize)
-            box = label.get_window_extent(renderer)
-            if free(box) or i == len(LABEL_SPOTS) - 1:
+        for spot in LABEL_SPOTS:
+            label, box = put(x, y, text, spot)
+            if free(box):
                 break
             label.remove()
-        if not free(box):  # nowhere free: the first spot, as any plot would put it
-            label.remove()
-            dx, dy, ha, va = LABEL_SPOTS[0]
-            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
-                                fontsize=fontsize)
-            box = label.get_window_extent(renderer)
+        else:  # nowhere free: the first spot, as any plot would put it
+            label, box = put(x, y, text, LABEL_SPOTS[0])
         taken.append((box.x0, box.y0, box.x1, box.y1))
 
 
@@ -326,7 +325,8 @@ CTX_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # line and mark
 
 def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
     """Accuracy vs evaluation length per sub-task (one colour per architecture, a line style per trained
-    context, one legend beside the panels), and the passkey depth x length heatmaps."""
+    context, one legend: in the grid's empty panel, else beside the last), and the passkey depth x length
+    heatmaps."""
     qa = df[df.get("longqa_cells", pd.Series(index=df.index, dtype=object)).notna()]  # longqa and its presets
     if qa.empty:
         return
