@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
@@ -369,9 +370,15 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
     labels = sorted(pk["label"].unique())
     fig, axes = panel_row(len(labels), 4.5, 3.8)
     for ax, label in zip(axes, labels):
-        grid = pk[pk["label"] == label].pivot_table(index="depth", columns="length", values="acc")
+        run = pk[pk["label"] == label]
+        grid = run.pivot_table(index="depth", columns="length", values="acc")
         im = ax.imshow(grid.values, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns])
+        for (row, col), acc in np.ndenumerate(grid.values):  # each cell's accuracy, legible on its colour
+            if not np.isnan(acc):
+                ax.text(col, row, f"{acc:.0%}", ha="center", va="center", fontsize=7,
+                        color="black" if acc > 0.6 else "white")
+        trained = int(run["ctx"].iloc[0])
+        ax.set_xticks(range(len(grid.columns)), [f"{c}\n(trained)" if c == trained else str(c) for c in grid.columns])
         ax.set_yticks(range(len(grid.index)), [f"{d:.2f}" for d in grid.index])
         ax.set(xlabel="length (tokens)", ylabel="needle depth (0 = start)")
         ax.set_title(label, fontsize=8)

@@ -285,7 +285,8 @@ def test_mqar_zoology_task_grid_vocab_training_set_and_splits():
 def test_longqa_accuracy_plot_gives_each_architecture_one_colour_and_each_context_a_line_style(monkeypatch, tmp_path):
     """bench/plots.plot_longqa: two architectures trained at two contexts are two colours (not four, recycled
     from the other plots' order) with a line style per context, in one legend in the grid's empty panel;
-    runs at the same accuracy stay visible (markers shrink in drawing order)."""
+    runs at the same accuracy stay visible (markers shrink in drawing order). The passkey heatmaps write each
+    cell's accuracy in it and mark the trained length."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,5 +319,8 @@ def test_longqa_accuracy_plot_gives_each_architecture_one_colour_and_each_contex
     assert len(legends) == 1 and legends[0].axes is fig.axes[5] and not fig.axes[5].axison  # 4 x 2 panels, 5 used
     assert [t.get_text() for t in legends[0].get_texts()] == [
         f"{arch} [b] smoke-s longqa ctx={ctx}" for arch in ("mamba", "transformer") for ctx in (256, 512)]
+    heat = drawn[1].axes[2]  # transformer at 256: the passkey depth x length map, each cell's accuracy written in it
+    assert sorted(t.get_text() for t in heat.texts) == ["50%"] * 3  # one depth (0.5) x three lengths
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["128", "256\n(trained)", "512"]
     for fig in drawn:
         plt.close(fig)
