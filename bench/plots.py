@@ -107,10 +107,25 @@ def _short(v: float, digits: int = 2) -> str:
     return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{v:.{digits}g}")
 
 
+NICE_MANTISSAS = (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)  # round ticks of a log axis that spans under a decade
+
+
+def round_log_ticks(lo: float, hi: float, most: int = 5) -> list[float]:
+    """Round values (NICE_MANTISSAS x a power of ten) inside [lo, hi], every other one dropped until at most
+    `most` are left; three log-spaced values to 2 digits where fewer than two round ones fit."""
+    import numpy as np
+
+    ticks = [m * 10.0 ** k for k in range(math.floor(math.log10(lo)), math.floor(math.log10(hi)) + 1)
+             for m in NICE_MANTISSAS if lo <= m * 10.0 ** k <= hi]
+    while len(ticks) > most:
+        ticks = ticks[::2]
+    return ticks if len(ticks) >= 2 else [float(f"{t:.2g}") for t in np.geomspace(lo, hi, 5)[1:-1]]
+
+
 def log_axis(ax, axis: str = "x", base: int = 10) -> None:
     """A log axis (call it after plotting) whose tick labels never pile up. Over less than one factor of
     `base` matplotlib falls back to linear ticks labelled in long scientific notation (1.2 x 10^13,
-    1.4 x 10^13, ... on top of each other): there three log-spaced ticks with short labels (1.2e13) instead.
+    1.4 x 10^13, ... on top of each other): there two to five round ticks with short labels (1.5e13) instead.
     Over one to three decades of base 10 it labels minor ticks as 2 x 10^9, 3 x 10^9, ... side by side: there
     short labels at the decades (1e10), and at 2 and 5 within them while the axis spans under two."""
     import numpy as np
@@ -119,7 +134,7 @@ def log_axis(ax, axis: str = "x", base: int = 10) -> None:
     getattr(ax, f"set_{axis}scale")("log", base=base)
     target, (lo, hi) = _axis_and_limits(ax, axis)
     if lo > 0 and hi / lo < base:
-        ticks = [float(f"{t:.2g}") for t in np.geomspace(lo, hi, 5)[1:-1]]
+        ticks = round_log_ticks(lo, hi) if base == 10 else [float(f"{t:.2g}") for t in np.geomspace(lo, hi, 5)[1:-1]]
         target.set_ticks(ticks, [_short(t) for t in ticks])
         target.set_minor_formatter(NullFormatter())
     elif lo > 0 and base == 10 and hi / lo < 1e3:
@@ -402,7 +417,9 @@ def plot_classification(df: pd.DataFrame, plots: Path) -> None:
         log_axis(ax)
         ax.set_xlabel("parameters")
         ax.set_ylabel("validation accuracy")
-        ax.set_title(f"{sub['data'].iloc[0]} classification, context {ctx:,} tokens")
+        held_out = f"; {int(sub['val_examples'].max()):,} held-out examples" if "val_examples" in sub and \
+            sub["val_examples"].notna().any() else ""  # runs from before it was recorded: not said
+        ax.set_title(f"{sub['data'].iloc[0]} classification, context {ctx:,} tokens{held_out}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     finish(fig, plots / "classification_accuracy.png")

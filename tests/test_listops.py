@@ -118,3 +118,36 @@ def test_text_files_source_reads_jsonl_and_csv(tmp_path):
     assert ((x != PAD).sum(-1) == 16).any() and set(y.tolist()) <= {0, 1, 2}
     with pytest.raises(FileNotFoundError, match="matched no files"):
         ClassificationTask(OmegaConf.create({**cfg, "paths": [str(tmp_path / "none*.jsonl")]}), None, 16)
+
+
+def test_evaluation_counts_its_held_out_examples_and_the_plot_says_how_many(tmp_path, monkeypatch):
+    """val_examples is recorded, so a majority-class line at 0.5 over the smoke profile's 2 examples reads as
+    what it is; classification_accuracy.png puts the count in its title."""
+    import contextlib
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from bench import plots
+    from tasks.classification.task import ClassificationTask
+
+    class Constant(torch.nn.Module):  # always class 0
+        def forward(self, x, lengths):
+            return torch.zeros(len(x), 10).index_fill_(1, torch.tensor([0]), 1.0)
+
+    cfg = OmegaConf.create({"source": "listops", "min_len_frac": 0.25, "max_depth": 10, "max_args": 10,
+                            "pooling": "last", "eval_examples": 6, "eval_batch_size": 4})
+    out = ClassificationTask(cfg, None, 64).evaluate(Constant(), torch.device("cpu"), contextlib.nullcontext)
+    assert out["val_examples"] == 6 and 0 <= out["val_acc"] <= out["val_majority_acc"] <= 1
+    drawn = []
+    monkeypatch.setattr(plots, "finish", lambda fig, path: drawn.append(fig))
+    runs = pd.DataFrame([{"task": "classification", "arch": "mamba", "ctx": 64, "params": p, "backend": "b",
+                          "data": "listops", "val_acc": 0.2, "val_majority_acc": 0.5, "val_examples": 6}
+                         for p in (1e4, 2e4)])
+    plots.plot_classification(runs, tmp_path)
+    assert drawn[0].axes[0].get_title() == "listops classification, context 64 tokens; 6 held-out examples"
+    plt.close(drawn[0])

@@ -193,7 +193,8 @@ def test_context_and_time_axes_read_as_token_counts_and_plain_numbers():
 
 def test_a_log_axis_under_a_decade_gets_a_few_short_labels():
     """bench/plots.py log_axis: matplotlib's fallback labels every linear tick of a short log axis in long
-    scientific notation, on top of each other (the 8k loss-vs-FLOPs panel); ours: three short labels."""
+    scientific notation, on top of each other (the 8k loss-vs-FLOPs panel); ours: a few short labels at round
+    values (they were log-spaced quantiles: 1.3e13, 1.7e13, 2.1e13; 3.5e9, 5.2e9, 7.9e9)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,8 +212,9 @@ def test_a_log_axis_under_a_decade_gets_a_few_short_labels():
     minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
     small_major = [t.get_text() for t in small.get_xticklabels() if t.get_text()]
     plt.close(fig)
-    assert len(major) == 3 and all(len(label) <= 6 for label in major) and not minor, (major, minor)
-    assert major == ["1.3e13", "1.7e13", "2.1e13"] and small_major == ["3.5e9", "5.2e9", "7.9e9"], (major, small_major)
+    assert 2 <= len(major) <= 5 and all(len(label) <= 6 for label in major) and not minor, (major, minor)
+    assert major == ["1.2e13", "1.5e13", "2e13", "2.5e13"] and small_major == ["2.5e9", "4e9", "6e9", "1e10"], \
+        (major, small_major)
 
 
 def test_the_paper_latency_panels_read_in_microseconds_as_plain_numbers():

@@ -168,4 +168,5 @@ class ClassificationTask:
             correct += int((logits.argmax(-1) == yb).sum())
         model.train()
         majority = int(torch.bincount(y, minlength=self.n_classes).max()) / len(y)
-        return {"val_loss": sum(losses) / len(y), "val_acc": correct / len(y), "val_majority_acc": majority}
+        return {"val_loss": sum(losses) / len(y), "val_acc": correct / len(y), "val_majority_acc": majority,
+                "val_examples": len(y)}
