@@ -374,11 +374,15 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
         ax.set_title(task)
         ax.grid(True, alpha=0.3)
     handles = [Line2D([], [], markersize=6, **how) for how in legend.values()]
-    spare = axes.flat[len(subtasks)] if len(subtasks) < axes.size else None  # the legend in an empty panel's place
-    (spare or axes.flat[len(subtasks) - 1]).legend(
-        handles, list(legend), fontsize=7, title="largest size per architecture and context", title_fontsize=8,
-        loc="upper left", **({} if spare else {"bbox_to_anchor": (1.02, 1)}))
-    finish(fig, plots / "longqa_accuracy.png")
+    keys = dict(fontsize=7, title="largest size per architecture and context", title_fontsize=8, loc="upper left")
+    if len(subtasks) < axes.size:  # in an empty panel's place
+        axes.flat[len(subtasks)].legend(handles, list(legend), **keys)
+        finish(fig, plots / "longqa_accuracy.png")
+    else:  # beside the panels, once they are laid out (tight_layout cannot make room for it)
+        fig.tight_layout()
+        fig.legend(handles, list(legend), bbox_to_anchor=(1.0, 0.98), **keys)
+        save_figure(fig, plots / "longqa_accuracy.png")
+        plt.close(fig)
     pk = cells[cells["subtask"] == "passkey"]
     if pk.empty:
         return

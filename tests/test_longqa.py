@@ -292,6 +292,8 @@ def test_longqa_accuracy_plot_gives_each_architecture_one_colour_and_each_contex
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
+    import warnings
+
     from matplotlib.colors import to_hex
 
     from bench import plots
@@ -324,3 +326,10 @@ def test_longqa_accuracy_plot_gives_each_architecture_one_colour_and_each_contex
     assert [t.get_text() for t in heat.get_xticklabels()] == ["128", "256\n(trained)", "512"]
     for fig in drawn:
         plt.close(fig)
+    one = runs.assign(longqa_cells=[[c for c in cells if c["subtask"] == "mqar"] for cells in runs["longqa_cells"]],
+                      task="mqar_zoology", backend="attention=sdpa")  # labels as long as a real sweep's
+    monkeypatch.undo()  # drawn and written as make sweep does
+    with warnings.catch_warnings():  # one panel, no empty one: the legend beside it, and no layout warning
+        warnings.simplefilter("error")
+        plots.plot_longqa(one, tmp_path)
+    assert (tmp_path / "longqa_accuracy.png").stat().st_size > 10_000
