@@ -461,12 +461,15 @@ def plot_metric_vs_lr(sweeps: pd.DataFrame, path: Path) -> None:
     fig, axes = panel_row(len(tasks), 6.5, 4.5)
     for ax, task in zip(axes, tasks):
         shown = "val_bpb" if task == "lm" else "val_acc"
-        for (arch, size, ctx), g in sweeps[sweeps["task"] == task].groupby(["arch", "size", "ctx"]):
-            g = g.sort_values("lr")
-            line, = ax.plot(g["lr"], g[shown], marker="o", label=f"{arch} {size} ctx={ctx}")
+        for i, ((arch, size, ctx), g) in enumerate(sweeps[sweeps["task"] == task].groupby(["arch", "size", "ctx"])):
+            g = g.sort_values("lr")  # markers shrink in drawing order: lines at the same values stay visible
+            line, = ax.plot(g["lr"], g[shown], marker="o", markersize=max(3.0, 8.0 - 1.5 * i),
+                            label=f"{arch} {size} ctx={ctx}")
             best = g[g["best"]]
             ax.plot(best["lr"], best[shown], "o", markersize=12, markerfacecolor="none", color=line.get_color())
         log_axis(ax)
+        if shown == "val_acc":  # a fraction: the whole range, not matplotlib's +-0.05 around a flat 0
+            ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel("validation bits per byte" if shown == "val_bpb" else "validation accuracy")
         ax.set_title(f"{task}: metric vs learning rate (ringed: best)", fontsize=10)

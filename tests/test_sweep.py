@@ -319,3 +319,27 @@ def test_the_paper_profile_on_a_machine_without_a_gpu_says_what_it_is_in_for(tmp
     assert "PROFILE=paper trains the paper's 125M-1.3B models" in capsys.readouterr().out
     sweep.main(["--arch", "transformer", "--profile", "smoke", "--ctx", "64", "--results", str(tmp_path / "s")])
     assert "note:" not in capsys.readouterr().out
+
+
+def test_metric_vs_lr_draws_accuracy_on_its_whole_range(tmp_path, monkeypatch):
+    """bench/plots.plot_metric_vs_lr: a smoke MQAR sweep at 0% accuracy was drawn on -0.04..0.04 (matplotlib's
+    margin around a flat line): accuracies now span 0..1; bits per byte keep their own range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from bench import plots
+
+    sweeps = pd.DataFrame([{"task": task, "arch": arch, "size": "s", "ctx": 64, "lr": lr, "val_acc": 0.0,
+                            "val_bpb": 3.0 + lr, "best": lr == 1e-3}
+                           for task in ("lm", "mqar_zoology") for arch in ("mamba", "transformer") for lr in (1e-3, 1e-2)])
+    drawn = []
+    monkeypatch.setattr(plots, "finish", lambda fig, path: drawn.append(fig))
+    plots.plot_metric_vs_lr(sweeps, tmp_path / "m.png")
+    lm, mqar = drawn[0].axes
+    assert mqar.get_ylim() == (-0.03, 1.03) and lm.get_ylim()[1] < 3.1
+    sizes = [ln.get_markersize() for ln in mqar.get_lines() if ln.get_markerfacecolor() != "none"]
+    assert sizes[0] > sizes[1]  # the second line, on top of the first, leaves it visible
+    plt.close(drawn[0])
