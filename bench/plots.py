@@ -40,6 +40,11 @@ LABELS = {"transformer": "Transformer", "mamba": "Mamba", "ttt_linear": "TTT-Lin
 COLORS = {arch: f"C{i}" for i, arch in enumerate(LABELS)}
 
 
+def arch_colors(archs) -> dict[str, str]:
+    """A colour per architecture, in name order (matplotlib's cycle, C0, C1, ...; it wraps past C9)."""
+    return {arch: f"C{i}" for i, arch in enumerate(sorted(set(archs)))}
+
+
 # -- helpers ---------------------------------------------------------------------------------------------
 
 def save_figure(fig, path: Path) -> None:
@@ -317,7 +322,7 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
     """Training loss vs tokens seen, one panel per (task, context): one colour per architecture, its sizes from
     dotted (smallest) to solid (largest)."""
     panels = sorted({(r["task"], int(r["ctx"])) for _, r in df.iterrows()})
-    colors = {arch: f"C{i}" for i, arch in enumerate(sorted(df["arch"].unique()))}
+    colors = arch_colors(df["arch"])
     fig, axes = panel_row(max(1, len(panels)), 6.5, 4.5)
     for ax, (task, ctx) in zip(axes, panels):
         for arch, g in df[(df["task"] == task) & (df["ctx"] == ctx)].groupby("arch"):
@@ -346,7 +351,7 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
     qa = df[df.get("longqa_cells", pd.Series(index=df.index, dtype=object)).notna()]  # longqa and its presets
     if qa.empty:
         return
-    colors = {arch: f"C{i}" for i, arch in enumerate(sorted(qa["arch"].unique()))}
+    colors = arch_colors(qa["arch"])
     styles = {ctx: CTX_STYLES[i % len(CTX_STYLES)] for i, ctx in enumerate(sorted(qa["ctx"].unique()))}
     runs = [(f"{arch} [{g.iloc[0]['backend']}] {largest_row(g)['size']} {task} ctx={ctx}", largest_row(g))
             for (task, arch, ctx), g in qa.groupby(["task", "arch", "ctx"])]
@@ -498,7 +503,7 @@ def plot_speed_vs_context(df: pd.DataFrame, mode: str, path: Path) -> None:
     (architecture, backend, size, batch, device), a colour per architecture; hollow points were noisy after a
     re-measurement."""
     sub = df[(df["mode"] == mode) & (df["status"] == "ok")]
-    colors = {arch: f"C{i % 10}" for i, arch in enumerate(sorted(sub["arch"].unique()))}
+    colors = arch_colors(sub["arch"])
     lines_of = {}  # an architecture's lines so far: its second and later (other sizes, backends, batches) dashed, ...
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, g in _speed_series(sub, mode):

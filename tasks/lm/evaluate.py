@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +29,7 @@ def unigram_bits_per_byte(text_bytes: bytes) -> float:
 
 def _sem(values: list[float]) -> float | None:
     """Standard error of the mean of values (sample standard deviation / sqrt(n)); None below two values."""
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
 
 
 @torch.no_grad()
