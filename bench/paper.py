@@ -11,10 +11,14 @@
    when it has the profile's latency size, else `python -m bench.throughput` measures it.
 2. Writes RESULTS/paper/ from those runs (--no-run: from whatever of them RESULTS holds):
      table1.csv           Table 1: our perplexity per row, the published one, both differences between
-                          consecutive rows, whether each step goes the paper's way, and both rankings
+                          consecutive rows, whether each step goes the paper's way and is beyond noise, and both
+                          rankings
      scaling.csv          perplexity vs training FLOPs at 2k and at the long context, every architecture (with the
                           standard errors over validation windows, val_loss_sem and val_bpb_sem)
      ppl_vs_flops.png     ... drawn beside the published points (their own axes: the scales differ)
+     gaps.csv             every pair of architectures at one (size, context): the gap of their validation losses
+                          from per-window differences on the same text, its 95% interval, and whether the gap is
+                          beyond it (the verdicts count a gap within it as neither a win nor a loss)
      token_index.csv      loss by token position (each run's summary.json `loss_by_position`)
      loss_by_token_index.png   ... the largest model per architecture, beside the paper's Books 32k curves
      latency.csv          prefill and decode time per token vs context
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +42,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from scipy.stats import t as student_t
 
 from bench import published
 from bench.plots import (LABELS, by_arch, largest, plot_paper_latency, plot_paper_scaling, plot_paper_token_index,
@@ -249,7 +255,8 @@ def direction(diff: float, before: float, tol: float = 1e-3) -> str:
 
 def table1_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     """Table 1: our perplexity per row (at the profile's Table 1 size, ctxs[0]), the published one, each row's
-    step from the previous row, whether the steps go the same way, and each column's ranking (1 = best)."""
+    step from the previous row, whether the steps go the same way, whether our step is beyond the noise of the
+    text evaluated (its paired gap, gap_row; '' without per-window losses), and each column's ranking (1 = best)."""
     from architectures.ttt import TABLE1
 
     pub = published.load("table1").set_index("row")
@@ -261,6 +268,9 @@ def table1_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
                         "ours_bpb": ours[name].get("val_bpb", math.nan) if name in ours else math.nan,
                         "published_ppl": pub.loc[row, "ppl"]} for row, label, name in TABLE1])
     df.loc[df["status"] != "ok", ["ours_ppl", "ours_bpb"]] = math.nan
+    steps = [gap_row(ours[b], ours[a])["call"] if df.loc[i, "status"] == df.loc[i - 1, "status"] == "ok" else ""
+             for i, (a, b) in enumerate(zip(df["arch"], df["arch"][1:]), start=1)]
+    df["beyond_noise"] = [""] + [{"": "", "within noise": "no"}.get(c, "yes") for c in steps]
     for who in ("ours", "published"):
         df[f"{who}_diff"] = df[f"{who}_ppl"].diff()
         df[f"{who}_step"] = [direction(d, b) for d, b in zip(df[f"{who}_diff"], df[f"{who}_ppl"].shift())]
@@ -268,6 +278,67 @@ def table1_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     df["agrees"] = [("yes" if o == p else "no") if o and p else ""
                     for o, p in zip(df["ours_step"], df["published_step"])]
     return df
+
+
+# -- paired gaps: two runs' losses apart, against the noise of the text evaluated ----------------------------
+
+LEVEL = 0.95  # the two-sided level of the interval a gap must leave to count as beyond noise
+GAP_COLUMNS = ["ctx", "size", "arch", "versus", "loss_gap", "gap_sem", "windows", "half_width", "call"]
+
+
+def paired_gap(a, b) -> tuple[float, float, int] | None:
+    """Run a's validation loss minus run b's (nats per token), its standard error and the number of windows: the
+    mean and the standard error of the per-window differences, so each window's own difficulty cancels (it
+    dominates the spread of either run's loss alone). None unless both runs hold per-window losses
+    (val_window_loss) of the same text (val_windows_hash) and at least two windows. The standard error is the
+    evaluation's noise over windows; seed-to-seed noise of training is not in it."""
+    wa, wb = a.get("val_window_loss"), b.get("val_window_loss")
+    same_text = isinstance(a.get("val_windows_hash"), str) and a.get("val_windows_hash") == b.get("val_windows_hash")
+    if not (same_text and isinstance(wa, list) and isinstance(wb, list) and len(wa) == len(wb) >= 2):
+        return None
+    diff = [x - y for x, y in zip(wa, wb)]
+    return statistics.fmean(diff), statistics.stdev(diff) / math.sqrt(len(diff)), len(diff)
+
+
+def gap_call(gap: float, half_width: float) -> str:
+    """'lower' or 'higher' when the gap leaves its interval (gap ± half_width holds no 0), else 'within noise'."""
+    return "lower" if gap < -half_width else "higher" if gap > half_width else "within noise"
+
+
+def gap_row(a, b) -> dict:
+    """paired_gap of runs a and b as a row of GAP_COLUMNS' last five (NaN and '' without one), with the half
+    width of its LEVEL interval (Student's t, windows - 1 degrees of freedom) and the call it makes."""
+    found = paired_gap(a, b)
+    if found is None:
+        return {"loss_gap": a.get("val_loss", math.nan) - b.get("val_loss", math.nan), "gap_sem": math.nan,
+                "windows": pd.NA, "half_width": math.nan, "call": ""}
+    gap, sem, n = found
+    half = float(student_t.ppf((1 + LEVEL) / 2, n - 1)) * sem
+    return {"loss_gap": gap, "gap_sem": sem, "windows": n, "half_width": half, "call": gap_call(gap, half)}
+
+
+def gaps_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
+    """Every pair of scaling architectures at the same (size, ctx), the earlier in the paper's legend order first:
+    its paired gap (gap_row; call: whether `arch` is lower or higher than `versus` beyond noise)."""
+    order = {a: i for i, a in enumerate(SCALING_ARCHS)}
+    rows = []
+    for (ctx, size), g in scaling_runs(runs, plan).groupby(["ctx", "size"]):
+        point = sorted((r for _, r in g.iterrows()), key=lambda r: order.get(r["arch"], len(order)))
+        rows += [{"ctx": ctx, "size": size, "arch": a["arch"], "versus": b["arch"], **gap_row(a, b)}
+                 for i, a in enumerate(point) for b in point[i + 1:]]
+    return pd.DataFrame(rows, columns=GAP_COLUMNS)
+
+
+def gap_between(gaps: pd.DataFrame, ctx: int, size: str, arch: str, versus: str) -> dict | None:
+    """The gaps row of `arch` minus `versus` at (ctx, size), whichever order it was stored in; None if absent."""
+    for x, y, sign in ((arch, versus, 1), (versus, arch, -1)):
+        hit = gaps[(gaps["ctx"] == ctx) & (gaps["size"] == size) & (gaps["arch"] == x) & (gaps["versus"] == y)]
+        if len(hit):
+            r = hit.iloc[0]
+            call = {"lower": "higher", "higher": "lower"}.get(r["call"], r["call"]) if sign < 0 else r["call"]
+            return {**r.to_dict(), "arch": arch, "versus": versus, "loss_gap": sign * r["loss_gap"],
+                    "call": "" if pd.isna(call) else call}
+    return None
 
 
 def latency_frame(rows: pd.DataFrame) -> pd.DataFrame:
@@ -279,14 +350,14 @@ def latency_frame(rows: pd.DataFrame) -> pd.DataFrame:
 
 def frames(runs: pd.DataFrame, latency: pd.DataFrame, plan: Plan) -> dict[str, pd.DataFrame]:
     """Everything RESULTS/paper/ shows, as tables (the CSVs written; the notebook reads them back)."""
-    return {"table1": table1_frame(runs, plan), "scaling": scaling_frame(runs, plan),
+    return {"table1": table1_frame(runs, plan), "scaling": scaling_frame(runs, plan), "gaps": gaps_frame(runs, plan),
             "token_index": token_index_frame(runs, plan), "latency": latency_frame(latency)}
 
 
 def read_frames(folder: Path) -> dict[str, pd.DataFrame]:
     """RESULTS/paper/*.csv back as frames (those present)."""
-    return {name: pd.read_csv(folder / f"{name}.csv") for name in ("table1", "scaling", "token_index", "latency")
-            if (folder / f"{name}.csv").exists()}
+    names = ("table1", "scaling", "gaps", "token_index", "latency")
+    return {name: pd.read_csv(folder / f"{name}.csv") for name in names if (folder / f"{name}.csv").exists()}
 
 
 # -- the figures ---------------------------------------------------------------------------------------
@@ -304,10 +375,49 @@ def scale_note(scaling: pd.DataFrame) -> str:
             f"on {scaling['device_name'].iloc[0]}")
 
 
-def claim(name: str, ok: bool | None, evidence: str, why_not: str) -> str:
-    """'<claim> reproduces: <evidence>.' or '... does not reproduce: <evidence>; <why it may not>.'"""
-    verdict = {True: "reproduces", False: "does not reproduce", None: "partly reproduces"}[ok]
-    return f"{name} {verdict}: {evidence}" + ("." if ok else f"; {why_not}.")
+UNRESOLVED = "unresolved"  # every gap the claim rests on is within the noise of the text evaluated
+
+
+def claim(name: str, ok: bool | None | str, evidence: str, why_not: str) -> str:
+    """'<claim> reproduces: <evidence>.' or '... does not reproduce: <evidence>; <why it may not>.' ('partly
+    reproduces' for None; 'is not resolved by these runs' for UNRESOLVED: the gaps are within noise)."""
+    verdict = {True: "reproduces", False: "does not reproduce", None: "partly reproduces",
+               UNRESOLVED: "is not resolved by these runs"}[ok]
+    if ok == UNRESOLVED:
+        why_not += "; more validation text (task.eval_tokens) narrows the intervals"
+    return f"{name} {verdict}: {evidence}" + ("." if ok is True else f"; {why_not}.")
+
+
+def tally(calls: list[str], point_wins: list[bool]) -> bool | None | str:
+    """The verdict of a claim that each of several gaps goes its way: calls[i] 'lower' (its way, beyond noise),
+    'higher' (the other way, beyond noise), 'within noise', or '' (untested: point_wins[i] decides). True when
+    all go its way, UNRESOLVED when all are within noise, False when none goes its way, else None."""
+    way = [c == "lower" or (c == "" and w) for c, w in zip(calls, point_wins)]
+    if all(way):
+        return True
+    if all(c == "within noise" for c in calls):
+        return UNRESOLVED
+    return None if any(way) else False
+
+
+def noise_note(calls: list[str], way: str, other: str) -> str:
+    """', K beyond the noise of the text evaluated (...) and L <other> beyond it[, U untested ...]'."""
+    tested = [c for c in calls if c]
+    note = (f", {calls.count('lower')} {way} and {calls.count('higher')} {other} beyond the noise of the text "
+            f"evaluated ({LEVEL:.0%} interval of the per-window gap; {calls.count('within noise')} within it)"
+            if tested else "")
+    untested = len(calls) - len(tested)
+    return note + (f", {untested} not tested against noise (runs without per-window losses)" if untested else "")
+
+
+def table1_call(agrees: str, beyond_noise: str, published_step: str) -> str:
+    """A Table 1 step as tally reads it: 'lower' (the paper's way), 'higher' (against it), 'within noise', or ''
+    (untested). A flat step of the paper (=) goes its way when ours is within noise, against it when beyond."""
+    if beyond_noise not in ("yes", "no"):
+        return ""
+    if published_step == "=":
+        return "lower" if beyond_noise == "no" else "higher"
+    return "within noise" if beyond_noise == "no" else "lower" if agrees == "yes" else "higher"
 
 
 def verdict_table1(t1: pd.DataFrame) -> str:
@@ -315,10 +425,18 @@ def verdict_table1(t1: pd.DataFrame) -> str:
     if steps.empty:
         return "Not measured: no Table 1 runs."
     agree = steps[steps["agrees"] == "yes"]["row"].tolist()
+    beyond = steps["beyond_noise"].fillna("") if "beyond_noise" in steps else pd.Series("", index=steps.index)
+    calls = [table1_call(*step) for step in zip(steps["agrees"], beyond, steps["published_step"])]
+    tested = [c for c in calls if c]
+    noise = (f"; against the noise of the text evaluated (the {LEVEL:.0%} interval of the per-window gap; a flat "
+             f"step of the paper's counts when ours is within it): {calls.count('lower')} the paper's way, "
+             f"{calls.count('higher')} against it, {calls.count('within noise')} within noise" if tested else "")
+    untested = len(calls) - len(tested)
+    noise += f"; {untested} not tested against noise (runs without per-window losses)" if untested else ""
     rho = t1["ours_rank"].astype(float).corr(t1["published_rank"].astype(float))
-    return claim("The paper's Table 1 ordering", len(agree) == len(steps) or (None if agree else False),
+    return claim("The paper's Table 1 ordering", tally(calls, [a == "yes" for a in steps["agrees"]]),
                  f"{len(agree)} of {len(steps)} steps move perplexity the paper's way (rows "
-                 f"{', '.join(map(str, agree)) or 'none'}), rank correlation with the paper's {rho:+.2f}",
+                 f"{', '.join(map(str, agree)) or 'none'}){noise}; rank correlation with the paper's {rho:+.2f}",
                  "the paper's steps are 0.04-1.70 perplexity at 125M parameters and 2.5B tokens, at our scale most "
                  "are within run-to-run noise, and mini-batch TTT and a learnable η need long training to pay off")
 
@@ -340,34 +458,44 @@ def _listing(values: pd.Series, fmt: str = "{:.3f}") -> str:
                      sorted(values.items(), key=lambda item: order.get(item[0], len(order))))
 
 
-def verdict_scaling_short(scaling: pd.DataFrame, ctx: int) -> str:
-    """The paper at 2k: Transformer, Mamba and TTT-Linear (M) comparable (within 3% at every size)."""
+def verdict_scaling_short(scaling: pd.DataFrame, gaps: pd.DataFrame, ctx: int) -> str:
+    """The paper at 2k: Transformer, Mamba and TTT-Linear (M) comparable (within 3% at every size). Ours: within
+    5% at the largest common size; a wider spread whose gap is within noise leaves the claim unresolved."""
     ppl = _at_largest(scaling, ctx).reindex(list(MAIN_ARCHS)).dropna()
     if len(ppl) < 2:
         return f"Not measured: fewer than two of {', '.join(MAIN_ARCHS)} at context {ctx}."
     spread = ppl.max() / ppl.min() - 1
+    gap = gap_between(gaps, ctx, ppl.name, ppl.idxmax(), ppl.idxmin())
+    call = gap["call"] if gap else ""
+    widest = (f"; the widest gap ({LABELS.get(ppl.idxmax())} over {LABELS.get(ppl.idxmin())}) is "
+              + (f"{'within' if call == 'within noise' else 'beyond'} the noise of the text evaluated (±"
+                 f"{math.expm1(gap['half_width']):.1%}, the {LEVEL:.0%} interval of the per-window gap over "
+                 f"{int(gap['windows'])} windows)" if call else "not tested against noise (runs without "
+                                                                  "per-window losses)"))
     falling = [LABELS.get(a, a) for a, g in by_arch(scaling[scaling["ctx"] == ctx])
                if len(g) > 1 and g.sort_values("train_flops")["val_ppl"].is_monotonic_decreasing]
-    return claim(f"The paper's claim that Transformer, Mamba and TTT-Linear (M) are comparable at 2k",
-                 spread <= 0.05, f"at context {ctx:,}, {ppl.name}, perplexity per {unit(scaling)} is {_listing(ppl)}, "
-                 f"a {spread:.1%} spread (paper: within 3%); curves that fall with compute: "
+    ok = spread <= 0.05 or (UNRESOLVED if call == "within noise" else False)
+    return claim(f"The paper's claim that Transformer, Mamba and TTT-Linear (M) are comparable at 2k", ok,
+                 f"at context {ctx:,}, {ppl.name}, perplexity per {unit(scaling)} is {_listing(ppl)}, "
+                 f"a {spread:.1%} spread (paper: within 3%){widest}; curves that fall with compute: "
                  f"{', '.join(falling) or 'none'}",
                  "small models trained on few tokens differ in how fast they learn, which the paper's "
                  "Chinchilla-scale budgets average out")
 
 
-def verdict_scaling_long(scaling: pd.DataFrame, ctx: int) -> str:
+def verdict_scaling_long(scaling: pd.DataFrame, gaps: pd.DataFrame, ctx: int) -> str:
     """The paper at 8k: TTT-Linear (M) and TTT-MLP (M) better than Mamba."""
     sub = scaling[scaling["ctx"] == ctx].pivot_table(index="size", columns="arch", values="val_ppl")
     ttt = [a for a in ("ttt_linear", "ttt_mlp") if a in sub]
     if "mamba" not in sub or not ttt:
         return f"Not measured: Mamba and a TTT (M) model at context {ctx} are needed."
     pairs = [(a, s) for a in ttt for s in sub.index if pd.notna(sub.loc[s, a]) and pd.notna(sub.loc[s, "mamba"])]
-    wins = [(a, s) for a, s in pairs if sub.loc[s, a] < sub.loc[s, "mamba"]]
-    return claim("The paper's claim that TTT (M) beats Mamba at long context",
-                 len(wins) == len(pairs) or (None if wins else False),
-                 f"at context {ctx:,} TTT has the lower perplexity in {len(wins)} of {len(pairs)} (architecture, size) "
-                 f"pairs ({_listing(_at_largest(scaling, ctx))} at the largest size)",
+    wins = [sub.loc[s, a] < sub.loc[s, "mamba"] for a, s in pairs]
+    calls = [(gap_between(gaps, ctx, s, a, "mamba") or {"call": ""})["call"] for a, s in pairs]
+    return claim("The paper's claim that TTT (M) beats Mamba at long context", tally(calls, wins),
+                 f"at context {ctx:,} TTT has the lower perplexity in {sum(wins)} of {len(pairs)} (architecture, "
+                 f"size) pairs ({_listing(_at_largest(scaling, ctx))} at the largest size)"
+                 f"{noise_note(calls, 'TTT lower', 'Mamba lower')}",
                  "the paper's gap is 1-3% at 8k with 125M-1.3B models; a small byte-level model gets little from "
                  "context beyond a few hundred bytes, so a better long-context state has little to act on")
 
@@ -423,7 +551,7 @@ TABLE1_COLUMNS = {"row": "row", "configuration": "configuration", "arch": "confi
                   "ours_bpb": "ours bpb", "ours_ppl": "ours ppl", "ours_diff": "ours diff",
                   "published_ppl": "paper ppl",
                   "published_diff": "paper diff", "ours_step": "ours", "published_step": "paper", "agrees": "agrees",
-                  "ours_rank": "ours rank", "published_rank": "paper rank"}
+                  "beyond_noise": "beyond noise", "ours_rank": "ours rank", "published_rank": "paper rank"}
 
 
 def markdown(df: pd.DataFrame, columns: dict[str, str], digits: int = 3) -> str:
@@ -448,12 +576,30 @@ def scaling_markdown(scaling: pd.DataFrame) -> str:
     return markdown(wide, {"ctx": "ctx", "size": "size", **{a: LABELS.get(a, a) for a in SCALING_ARCHS if a in wide}})
 
 
+GAPS_SHOWN = ("transformer", "mamba", "ttt_linear", "ttt_mlp")  # the pairs the claims compare
+
+
+def gaps_markdown(gaps: pd.DataFrame) -> str:
+    """The paired gaps between the claims' architectures, as perplexity ratios (%) with their intervals."""
+    shown = gaps[gaps["arch"].isin(GAPS_SHOWN) & gaps["versus"].isin(GAPS_SHOWN)]
+    if shown.empty:
+        return "(no pairs)"
+    table = shown.assign(arch=shown["arch"].map(LABELS), versus=shown["versus"].map(LABELS),
+                         ratio=[f"{math.expm1(g):+.1%}" for g in shown["loss_gap"]],
+                         interval=[f"±{math.expm1(h):.1%}" if pd.notna(h) else "" for h in shown["half_width"]],
+                         windows=[f"{w:.0f}" if pd.notna(w) else "" for w in shown["windows"]])
+    return markdown(table.sort_values(["ctx", "size"]), {"ctx": "ctx", "size": "size", "arch": "arch",
+                                                          "versus": "versus", "ratio": "perplexity ratio - 1",
+                                                          "interval": f"{LEVEL:.0%} interval", "windows": "windows",
+                                                          "call": "call"})
+
+
 def verdicts(fr: dict[str, pd.DataFrame]) -> dict[str, list[str]]:
     """One sentence per claim of the paper, by section (README.md and the notebook print them)."""
-    sc = fr["scaling"]
+    sc, gaps = fr["scaling"], fr.get("gaps", pd.DataFrame(columns=GAP_COLUMNS))  # no gaps.csv: written before them
     ctxs = sorted(sc["ctx"].unique())
-    scaling = [verdict_scaling_short(sc, ctxs[0])] + [verdict_scaling_long(sc, c) for c in ctxs[1:]] if ctxs else \
-        ["Not measured: no scaling runs."]
+    scaling = ([verdict_scaling_short(sc, gaps, ctxs[0])] + [verdict_scaling_long(sc, gaps, c) for c in ctxs[1:]]
+               if ctxs else ["Not measured: no scaling runs."])
     return {"table1": [verdict_table1(fr["table1"])], "scaling": scaling,
             "token_index": [verdict_token_index(fr["token_index"])], "latency": [verdict_latency(fr["latency"])]}
 
@@ -470,10 +616,17 @@ def readme(fr: dict[str, pd.DataFrame], profile: str) -> str:
         f"## Table 1: from linear attention to TTT-Linear ({t1['size'].iloc[0]}, context {t1['ctx'].iloc[0]:,})",
         markdown(t1, TABLE1_COLUMNS),
         f"ours ppl: our perplexity per {u}; bpb: bits per byte. Diffs: perplexity minus the previous row's. Steps: ↓ "
-        "lower perplexity than the previous row, ↑ higher, = within 0.1%. Ranks: 1 = best.",
+        "lower perplexity than the previous row, ↑ higher, = within 0.1%. Beyond noise: the step's per-window gap "
+        f"leaves its {LEVEL:.0%} interval (see the pairs below). Ranks: 1 = best.",
         *said["table1"],
         f"## Perplexity vs training FLOPs (ours: perplexity per {u})", scaling_markdown(sc),
-        "![perplexity vs training FLOPs](ppl_vs_flops.png)", *said["scaling"],
+        "![perplexity vs training FLOPs](ppl_vs_flops.png)",
+        gaps_markdown(fr.get("gaps", pd.DataFrame(columns=GAP_COLUMNS))),
+        f"Each pair at one (context, size): arch's perplexity over versus's, minus 1, from the per-window differences "
+        f"of their validation losses on the same text (each window's difficulty cancels), and the {LEVEL:.0%} "
+        "interval of that mean (Student's t over the windows); the call says whether arch is lower or higher "
+        "beyond it. The interval is the evaluation's noise only: seed-to-seed noise of training is not in it.",
+        *said["scaling"],
         "## Loss by token index", "![loss by token index](loss_by_token_index.png)", *said["token_index"],
         "## Prefill and decode latency vs context", "![latency](latency.png)", *said["latency"]]) + "\n"
 

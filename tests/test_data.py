@@ -180,9 +180,27 @@ def test_validation_loss_and_bpb_carry_their_standard_error_over_windows():
     assert out["val_bpb_sem"] == pytest.approx(
         sem([n / math.log(2) / b for n, b in zip(per_window_nats, per_window_bytes)]), rel=1e-9)
     assert out["val_loss_sem"] > 0.1  # the windows differ
+    assert out["val_window_loss"] == pytest.approx([n / 16 for n in per_window_nats], rel=1e-12)
+    assert sum(out["val_window_loss"]) / w.n == pytest.approx(out["val_loss"], rel=1e-12)
     flat = evaluate_lm(Repeat(), PackedWindows(torch.from_numpy(tok.encode("x" * 100)).long(), ctx=16,
                                                split="validation"), tok.token_bytes(), 4, "cpu", contextlib.nullcontext)
     assert flat["val_loss_sem"] == pytest.approx(0.0, abs=1e-12) and flat["val_bpb_sem"] == pytest.approx(0.0, abs=1e-12)
     one = PackedWindows(torch.from_numpy(tok.encode("x" * 20)).long(), ctx=16, split="validation")
     single = evaluate_lm(Repeat(), one, tok.token_bytes(), 4, "cpu", contextlib.nullcontext)
     assert one.n == 1 and single["val_loss_sem"] is None and single["val_bpb_sem"] is None
+
+
+def test_the_windows_hash_names_the_text_evaluated():
+    """val_windows_hash: equal for the same tokens in the same windows (runs whose per-window losses pair up),
+    different when the text, the context or the number of windows evaluated differs."""
+    tok = ByteTokenizer()
+    stream = torch.from_numpy(tok.encode("the quick brown fox " * 20)).long()
+    w = PackedWindows(stream, ctx=16, split="validation")
+    assert w.fingerprint() == PackedWindows(stream.clone(), ctx=16, split="validation").fingerprint()
+    other = stream.clone()
+    other[5] += 1
+    assert PackedWindows(other, ctx=16, split="validation").fingerprint() != w.fingerprint()
+    assert PackedWindows(stream, ctx=32, split="validation").fingerprint() != w.fingerprint()
+    fewer = PackedWindows(stream, ctx=16, split="validation")
+    fewer.n -= 1  # as LMTask cuts the validation windows to eval_tokens
+    assert fewer.fingerprint() != w.fingerprint()

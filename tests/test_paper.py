@@ -1,8 +1,10 @@
 """`make paper`: what each profile runs, the tables and figures written from a fixture of smoke runs
 (tests/fixtures/paper_results: 19 summary.json files and a throughput.csv), the notebook executed on them,
 and (slow) `make paper PROFILE=smoke` end to end."""
+import math
 import os
 import re
+import statistics
 import shutil
 import subprocess
 import sys
@@ -77,7 +79,7 @@ def test_table1_steps_ranks_and_agreement():
 def test_tables_figures_and_readme_from_the_fixture(results):
     out = results / "paper"
     fr = paper.read_frames(out)
-    assert sorted(fr) == ["latency", "scaling", "table1", "token_index"]
+    assert sorted(fr) == ["gaps", "latency", "scaling", "table1", "token_index"]
     t1 = fr["table1"]
     assert list(t1["row"]) == list(range(1, 9)) and (t1["status"] == "ok").all()
     assert t1["published_ppl"].tolist() == paper.published.load("table1")["ppl"].tolist()
@@ -86,6 +88,10 @@ def test_tables_figures_and_readme_from_the_fixture(results):
     sc = fr["scaling"]
     assert len(sc) == 3 * 2 * 2 + 1 and sorted(sc["ctx"].unique()) == [256, 1024]  # + Table 1 row 7 at smoke-xs
     assert (sc["val_ppl"] > 1).all() and (sc["train_flops"] > 0).all()
+    gaps = fr["gaps"]  # every pair at each (ctx, size): 4 architectures at (256, smoke-xs), 3 at the others
+    assert len(gaps) == 6 + 3 * 3 and (gaps["ctx"] * gaps["windows"] == 4096).all()  # smoke: 4,096 tokens
+    assert set(gaps["call"]) <= {"lower", "higher", "within noise"} and (gaps["half_width"] > 0).all()
+    assert set(t1["beyond_noise"][1:]) <= {"yes", "no"}
     assert set(fr["token_index"]["arch"]) == {"transformer", "mamba", "ttt_linear", "ttt_linear_base"}
     assert set(fr["latency"]["mode"]) == {"prefill", "decode"}
     for png in ("ppl_vs_flops.png", "loss_by_token_index.png", "latency.png"):
@@ -94,6 +100,8 @@ def test_tables_figures_and_readme_from_the_fixture(results):
     for heading in ("## Table 1", "## Perplexity vs training FLOPs", "## Loss by token index", "## Prefill and decode"):
         assert heading in text
     assert text.count("reproduce") >= 5 and "Not measured" not in text and "per byte" in text
+    assert "| Transformer | Mamba |" in text and "beyond the noise of the text evaluated" in text
+    assert "not tested against noise" not in text  # every fixture run holds its per-window losses
 
 
 def test_notebook_runs_on_the_fixture(results, monkeypatch):
@@ -252,8 +260,7 @@ def test_loss_by_position_ends_at_the_context_and_draws_buckets_of_few_tokens_ho
 
     from bench import plots
 
-    shutil.copytree(FIXTURE / "runs" / "20261130-054721-lm-ctx256-087d82" / "mamba-smoke-xs-ctx256",
-                    tmp_path / "runs" / "s" / "r")
+    shutil.copytree(next(FIXTURE.glob("runs/*/mamba-smoke-xs-ctx256")), tmp_path / "runs" / "s" / "r")
     run = pd.DataFrame(read_summaries(tmp_path)).assign(val_tokens=512)  # 2 windows of 256
     assert [b["end"] for b in run["loss_by_position"][0]][-2:] == [127, 256]
     drawn = []
@@ -381,3 +388,102 @@ def test_make_plots_redraws_a_results_folder_and_refuses_a_mistyped_one(tmp_path
     assert main(["--results", str(tmp_path / "res")]) == 0
     assert (tmp_path / "res" / "summary.csv").stat().st_size > 1000
     assert (tmp_path / "res" / "plots" / "loss_vs_flops.png").exists()
+
+
+def _runs_on_windows(losses: dict[tuple[str, str, int], list[float]], text: str = "same") -> pd.DataFrame:
+    """Finished runs with the given per-window losses, all evaluated on the same text."""
+    return pd.DataFrame([{"arch": arch, "size": size, "ctx": ctx, "status": "ok", "params": {"s": 1, "m": 2}[size],
+                          "train_flops": 1e9 * {"s": 1, "m": 2}[size], "tokens": 1, "data": "d", "tokenizer": "byte",
+                          "device_name": "cpu", "val_loss": sum(w) / len(w), "val_ppl": math.exp(sum(w) / len(w)),
+                          "val_bpb": 1.0, "val_window_loss": w, "val_windows_hash": text}
+                         for (arch, size, ctx), w in losses.items()])
+
+
+PLAN = paper.Plan(("transformer", "mamba", "ttt_linear", "ttt_mlp"), ("s", "m"), (256, 1024), "s", "s", ())
+HARD = [3.0, 4.0, 2.0, 5.0, 3.5, 2.5]  # each window's difficulty: it moves every architecture's loss alike
+
+
+def test_a_gap_is_taken_window_by_window_so_the_windows_difficulty_cancels():
+    """paired_gap and gaps_frame against a hand computation: b's loss is a's plus a steady 0.01 nats and a small
+    wobble, far smaller than the spread of the windows' difficulty (which an unpaired comparison would face)."""
+    wobble = [0.002, -0.001, 0.0, 0.001, -0.002, 0.0]
+    a, b = HARD, [h + 0.01 + e for h, e in zip(HARD, wobble)]
+    gap, sem, n = paper.paired_gap({"val_window_loss": b, "val_windows_hash": "t"},
+                                   {"val_window_loss": a, "val_windows_hash": "t"})
+    diffs = [y - x for x, y in zip(a, b)]
+    assert n == 6 and gap == pytest.approx(0.01, abs=1e-12)
+    assert sem == pytest.approx(statistics.stdev(diffs) / math.sqrt(6), rel=1e-9)
+    unpaired = math.sqrt(statistics.variance(a) / 6 + statistics.variance(b) / 6)
+    assert sem < unpaired / 100 and unpaired > gap  # unpaired, the same gap would look like noise
+    for other in ({"val_window_loss": a, "val_windows_hash": "u"},  # another text
+                  {"val_window_loss": a[:5], "val_windows_hash": "t"},  # other windows
+                  {"val_window_loss": float("nan"), "val_windows_hash": float("nan")}):  # a run written before
+        assert paper.paired_gap({"val_window_loss": b, "val_windows_hash": "t"}, other) is None
+    assert paper.paired_gap({"val_window_loss": [1.0], "val_windows_hash": "t"},
+                            {"val_window_loss": [2.0], "val_windows_hash": "t"}) is None  # no spread from 1 window
+
+    runs = _runs_on_windows({("mamba", "s", 256): a, ("transformer", "s", 256): b,
+                             ("ttt_linear", "s", 256): [h + 0.001 * (-1) ** i for i, h in enumerate(HARD)]})
+    gaps = paper.gaps_frame(runs, PLAN).set_index(["arch", "versus"])
+    assert list(gaps.index) == [("transformer", "mamba"), ("transformer", "ttt_linear"), ("mamba", "ttt_linear")]
+    row = gaps.loc[("transformer", "mamba")]
+    t95 = 2.570582  # Student's t, 5 degrees of freedom, 97.5th percentile
+    assert row["loss_gap"] == pytest.approx(0.01) and row["half_width"] == pytest.approx(t95 * sem, rel=1e-5)
+    assert row["call"] == "higher" and row["windows"] == 6
+    assert gaps.loc[("mamba", "ttt_linear"), "call"] == "within noise"  # 0 on average, ± 0.001 per window
+    back = paper.gap_between(gaps.reset_index(), 256, "s", "mamba", "transformer")
+    assert back["call"] == "lower" and back["loss_gap"] == pytest.approx(-0.01)
+
+
+def test_verdicts_count_a_gap_within_noise_as_neither_a_win_nor_a_loss():
+    """TTT beats Mamba at the long context: by a steady 2% (beyond noise) it reproduces; by 2% on some windows
+    and -2% on others (the same mean spread as noise) it is not resolved; mixed, it partly reproduces. Runs
+    without per-window losses are still judged by their means, and the sentence says they were not tested."""
+    steady = [h - 0.02 for h in HARD]
+    swings = [h + 0.06 * (-1) ** i - 0.01 for i, h in enumerate(HARD)]  # -0.01 on average, ±0.06 per window
+
+    def long_verdict(ttt_linear, ttt_mlp):
+        runs = _runs_on_windows({("mamba", "s", 1024): HARD, ("ttt_linear", "s", 1024): ttt_linear,
+                                 ("ttt_mlp", "s", 1024): ttt_mlp})
+        return paper.verdict_scaling_long(paper.scaling_frame(runs, PLAN), paper.gaps_frame(runs, PLAN), 1024)
+
+    assert "TTT (M) beats Mamba at long context reproduces: " in long_verdict(steady, steady)
+    assert "2 TTT lower and 0 Mamba lower beyond the noise" in long_verdict(steady, steady)
+    said = long_verdict(swings, swings)
+    assert "is not resolved by these runs" in said and "2 of 2" in said and "2 within it" in said
+    assert "task.eval_tokens" in said
+    assert "partly reproduces" in long_verdict(steady, swings)
+    old = _runs_on_windows({("mamba", "s", 1024): HARD, ("ttt_linear", "s", 1024): steady})
+    old["val_window_loss"], old["val_windows_hash"] = math.nan, math.nan
+    said = paper.verdict_scaling_long(paper.scaling_frame(old, PLAN), paper.gaps_frame(old, PLAN), 1024)
+    assert "reproduces: " in said and "1 not tested against noise" in said
+
+
+def test_a_spread_over_five_percent_within_noise_leaves_comparability_unresolved():
+    wide = [h + 0.2 * (-1) ** i + 0.06 for i, h in enumerate(HARD)]  # 6% apart on average, ±20% per window
+    runs = _runs_on_windows({("transformer", "s", 256): HARD, ("mamba", "s", 256): wide})
+    said = paper.verdict_scaling_short(paper.scaling_frame(runs, PLAN), paper.gaps_frame(runs, PLAN), 256)
+    assert "comparable at 2k is not resolved" in said and "within the noise" in said and "over 6 windows" in said
+    runs = _runs_on_windows({("transformer", "s", 256): HARD, ("mamba", "s", 256): [h + 0.06 for h in HARD]})
+    said = paper.verdict_scaling_short(paper.scaling_frame(runs, PLAN), paper.gaps_frame(runs, PLAN), 256)
+    assert "does not reproduce" in said and "beyond the noise" in said
+
+
+def test_table1_steps_within_noise_do_not_reproduce_the_ordering():
+    """Every step the paper's way, but each by less than the noise of the text: only the paper's flat step (row
+    3, within noise) goes its way, so the ordering partly reproduces; the same steps with a steady per-window gap
+    reproduce it."""
+    from architectures.ttt import TABLE1
+
+    pub = paper.published.load("table1")["ppl"].tolist()
+    for wobble, verdict, beyond in ((0.0, "ordering reproduces", "yes"), (0.5, "ordering partly reproduces", "no")):
+        losses = {(name, "s", 256): [h + math.log(ppl / 10) + wobble * (-1) ** (i + r) for i, h in enumerate(HARD)]
+                  for r, ((_, _, name), ppl) in enumerate(zip(TABLE1, pub))}
+        t1 = paper.table1_frame(_runs_on_windows(losses), paper.Plan(SMOKE.archs, ("s",), (256, 1024), "s", "s", ()))
+        assert t1["beyond_noise"].tolist()[0] == "" and set(t1["beyond_noise"][2:]) - {"no", "yes"} == set()
+        steps = t1[t1["published_step"] != "="]  # the paper's one flat step (row 3) is a change we may not see
+        assert set(steps["beyond_noise"][1:]) == {beyond}
+        said = paper.verdict_table1(t1)
+        assert verdict in said and "7 of 7 steps move perplexity the paper's way" in said
+        assert ("within it): 7 the paper's way, 0 against it, 0 within noise" if beyond == "yes" else
+                "within it): 1 the paper's way, 0 against it, 6 within noise") in said

@@ -191,6 +191,12 @@ class PackedWindows:
     def window(self, i: int) -> torch.Tensor:
         return self.stream[i * self.ctx: (i + 1) * self.ctx + 1]  # (ctx + 1,)
 
+    def fingerprint(self) -> str:
+        """A hash of the first n windows: their length, their count and their tokens (what an evaluation reads)."""
+        digest = hashlib.sha1(f"{self.ctx}:{self.n}:".encode())
+        digest.update(self.stream[: self.n * self.ctx + 1].numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         w = torch.stack([self.window(int(i)) for i in indices])  # (B, ctx + 1)
         return w[:, :-1], w[:, 1:]

@@ -40,6 +40,9 @@ def evaluate_lm(model, windows, token_bytes: torch.Tensor, batch_size: int, devi
     val_loss_sem, val_bpb_sem: the standard error of the mean over windows (sample std / sqrt(windows); None with
     one window): how far the numbers move with the text evaluated (at 32k the CPU profile's 65,536 tokens are 2
     windows).
+    val_window_loss: each window's mean loss (nats per token), in window order, and val_windows_hash the windows'
+    tokens: two runs with the same hash evaluated the same text, so the difference of their losses can be taken
+    window by window, where each window's own difficulty cancels (bench/paper.py's paired gaps).
     """
     was_training = model.training
     model.eval()
@@ -68,5 +71,7 @@ def evaluate_lm(model, windows, token_bytes: torch.Tensor, batch_size: int, devi
         "val_loss_sem": _sem([nats / ctx for nats in window_nats]),
         "val_bpb_sem": _sem([nats / math.log(2) / max(b, 1) for nats, b in zip(window_nats, window_bytes)]),
         "val_tokens": n_windows * ctx,
+        "val_window_loss": [nats / ctx for nats in window_nats],  # (windows,)
+        "val_windows_hash": windows.fingerprint(),
         "loss_by_position": buckets,
     }
