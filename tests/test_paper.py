@@ -457,6 +457,9 @@ def test_verdicts_count_a_gap_within_noise_as_neither_a_win_nor_a_loss():
     old["val_window_loss"], old["val_windows_hash"] = math.nan, math.nan
     said = paper.verdict_scaling_long(paper.scaling_frame(old, PLAN), paper.gaps_frame(old, PLAN), 1024)
     assert "reproduces: " in said and "1 not tested against noise" in said
+    apart = _runs_on_windows({("mamba", "s", 1024): HARD, ("ttt_linear", "m", 1024): steady})  # no common size
+    said = paper.verdict_scaling_long(paper.scaling_frame(apart, PLAN), paper.gaps_frame(apart, PLAN), 1024)
+    assert said.startswith("Not measured: no size at context 1024")
 
 
 def test_a_spread_over_five_percent_within_noise_leaves_comparability_unresolved():
@@ -487,3 +490,10 @@ def test_table1_steps_within_noise_do_not_reproduce_the_ordering():
         assert verdict in said and "7 of 7 steps move perplexity the paper's way" in said
         assert ("within it): 7 the paper's way, 0 against it, 0 within noise" if beyond == "yes" else
                 "within it): 1 the paper's way, 0 against it, 6 within noise") in said
+        assert "their gap, +0.0%, gauges the seed-to-seed noise" in said and "6 of the other 6 steps are larger" in said
+    t1.loc[t1["row"] == 3, "ours_ppl"] = t1.loc[t1["row"] == 2, "ours_ppl"].iloc[0] * 1.05  # rows 2-3: 5% apart
+    said = paper.verdict_table1(t1)
+    big = (t1["ours_ppl"] / t1["ours_ppl"].shift() - 1).abs().drop(index=[0, 2]) > 0.05  # (rows 1 and 3 out)
+    assert "their gap, +5.0%" in said and f"{big.sum()} of the other 6 steps are larger" in said and 0 < big.sum() < 6
+    t1.loc[t1["row"] == 2, "ours_ppl"] = math.nan  # a row that did not finish: no gauge
+    assert "gauges" not in paper.verdict_table1(t1)
