@@ -36,6 +36,8 @@ def read(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # 21 s on 2 cores (10 rounds of 12 points); the fast tier keeps this file's tests of rounds,
+# budgets, failures, overrides and micro-batches, each on fewer points
 def test_throughput_end_to_end_and_merge(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     # eager training (--compile none): the pipeline is the subject here, and compiling TTT's scan blocks for
