@@ -640,7 +640,7 @@ def readme(fr: dict[str, pd.DataFrame], profile: str) -> str:
         *said["table1"],
         f"## Perplexity vs training FLOPs (ours: perplexity per {u})", scaling_markdown(sc),
         "![perplexity vs training FLOPs](ppl_vs_flops.png)",
-        gaps_markdown(fr.get("gaps", pd.DataFrame(columns=GAP_COLUMNS))),
+        gaps_markdown(fr["gaps"]),
         f"Each pair at one (context, size): arch's perplexity over versus's, minus 1, from the per-window differences "
         f"of their validation losses on the same text (each window's difficulty cancels), and the {LEVEL:.0%} "
         "interval of that mean (Student's t over the windows); the call says whether arch is lower or higher "
