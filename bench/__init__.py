@@ -20,9 +20,9 @@ LAYERS = (
                 "bench.threads", "bench.denormals", "bench.heap", "bench.timing", "bench.hardware", "bench.distributed",
                 "bench.tracking")),
     ("tools", ("bench.sweep", "bench.sizes", "bench.throughput", "bench.contention", "bench.report", "bench.plots",
-               "bench.paper", "bench.published", "bench.harness", "bench.attention_heads", "bench.ttt_kernel_speed",
-               "bench.ttt_layer_speed", "bench.mamba_scan_speed", "bench.kernel_compile_check", "bench.gpu_report",
-               "bench.step_profile")),
+               "bench.paper", "bench.gaps", "bench.published", "bench.harness", "bench.attention_heads",
+               "bench.ttt_kernel_speed", "bench.ttt_layer_speed", "bench.mamba_scan_speed",
+               "bench.kernel_compile_check", "bench.gpu_report", "bench.step_profile")),
 )
 
 configure_openmp()  # before anything imports torch: OpenMP's spin-waiting bounded (bench/threads.py)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import statistics
 import subprocess
 import sys
 import time
@@ -42,9 +41,9 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
-from scipy.stats import t as student_t
 
 from bench import published
+from bench.gaps import GAP_COLUMNS, LEVEL, gap_between, gap_row, pair_rows
 from bench.plots import (LABELS, by_arch, largest, plot_paper_latency, plot_paper_scaling, plot_paper_token_index,
                          save_figure, unit)
 from bench.results import REPO_ROOT, atomic_write_text, read_summaries
@@ -280,65 +279,14 @@ def table1_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     return df
 
 
-# -- paired gaps: two runs' losses apart, against the noise of the text evaluated ----------------------------
-
-LEVEL = 0.95  # the two-sided level of the interval a gap must leave to count as beyond noise
-GAP_COLUMNS = ["ctx", "size", "arch", "versus", "loss_gap", "gap_sem", "windows", "half_width", "call"]
-
-
-def paired_gap(a, b) -> tuple[float, float, int] | None:
-    """Run a's validation loss minus run b's (nats per token), its standard error and the number of windows: the
-    mean and the standard error of the per-window differences, so each window's own difficulty cancels (it
-    dominates the spread of either run's loss alone). None unless both runs hold per-window losses
-    (val_window_loss) of the same text (val_windows_hash) and at least two windows. The standard error is the
-    evaluation's noise over windows; seed-to-seed noise of training is not in it."""
-    wa, wb = a.get("val_window_loss"), b.get("val_window_loss")
-    same_text = isinstance(a.get("val_windows_hash"), str) and a.get("val_windows_hash") == b.get("val_windows_hash")
-    if not (same_text and isinstance(wa, list) and isinstance(wb, list) and len(wa) == len(wb) >= 2):
-        return None
-    diff = [x - y for x, y in zip(wa, wb)]
-    return statistics.fmean(diff), statistics.stdev(diff) / math.sqrt(len(diff)), len(diff)
-
-
-def gap_call(gap: float, half_width: float) -> str:
-    """'lower' or 'higher' when the gap leaves its interval (gap ± half_width holds no 0), else 'within noise'."""
-    return "lower" if gap < -half_width else "higher" if gap > half_width else "within noise"
-
-
-def gap_row(a, b) -> dict:
-    """paired_gap of runs a and b as a row of GAP_COLUMNS' last five (NaN and '' without one), with the half
-    width of its LEVEL interval (Student's t, windows - 1 degrees of freedom) and the call it makes."""
-    found = paired_gap(a, b)
-    if found is None:
-        return {"loss_gap": a.get("val_loss", math.nan) - b.get("val_loss", math.nan), "gap_sem": math.nan,
-                "windows": pd.NA, "half_width": math.nan, "call": ""}
-    gap, sem, n = found
-    half = float(student_t.ppf((1 + LEVEL) / 2, n - 1)) * sem
-    return {"loss_gap": gap, "gap_sem": sem, "windows": n, "half_width": half, "call": gap_call(gap, half)}
-
+# -- paired gaps: two runs' losses apart, against the noise of the text evaluated (bench/gaps.py) ----------------
 
 def gaps_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     """Every pair of scaling architectures at the same (size, ctx), the earlier in the paper's legend order first:
     its paired gap (gap_row; call: whether `arch` is lower or higher than `versus` beyond noise)."""
-    order = {a: i for i, a in enumerate(SCALING_ARCHS)}
-    rows = []
-    for (ctx, size), g in scaling_runs(runs, plan).groupby(["ctx", "size"]):
-        point = sorted((r for _, r in g.iterrows()), key=lambda r: order.get(r["arch"], len(order)))
-        rows += [{"ctx": ctx, "size": size, "arch": a["arch"], "versus": b["arch"], **gap_row(a, b)}
-                 for i, a in enumerate(point) for b in point[i + 1:]]
+    rows = [{"ctx": ctx, "size": size, **pair} for (ctx, size), g in scaling_runs(runs, plan).groupby(["ctx", "size"])
+            for pair in pair_rows(r for _, r in g.iterrows())]
     return pd.DataFrame(rows, columns=GAP_COLUMNS)
-
-
-def gap_between(gaps: pd.DataFrame, ctx: int, size: str, arch: str, versus: str) -> dict | None:
-    """The gaps row of `arch` minus `versus` at (ctx, size), whichever order it was stored in; None if absent."""
-    for x, y, sign in ((arch, versus, 1), (versus, arch, -1)):
-        hit = gaps[(gaps["ctx"] == ctx) & (gaps["size"] == size) & (gaps["arch"] == x) & (gaps["versus"] == y)]
-        if len(hit):
-            r = hit.iloc[0]
-            call = {"lower": "higher", "higher": "lower"}.get(r["call"], r["call"]) if sign < 0 else r["call"]
-            return {**r.to_dict(), "arch": arch, "versus": versus, "loss_gap": sign * r["loss_gap"],
-                    "call": "" if pd.isna(call) else call}
-    return None
 
 
 def latency_frame(rows: pd.DataFrame) -> pd.DataFrame:

@@ -2,6 +2,9 @@
 
     python -m bench.report [--results results]      (`make plots`)
 
+Tables: summary.csv (one row per run); comparisons.md and .csv (bench/gaps.py: every pair of architectures
+trained at the same language-modeling point, compared window by window on the same text); recall.md; eval.md.
+
 Plots (RESULTS/plots/):
   loss_vs_flops.png      validation loss vs training FLOPs, one line per architecture (log x),
                          one panel per context length: the paper's scaling figure.
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.gaps import comparisons_frame, comparisons_markdown
 from bench.plots import (grid_runs, plot_classification, plot_longqa, plot_loss_by_position, plot_loss_vs_flops,
                          plot_metric_vs_lr, plot_mqar_grid, plot_training_curves)
 from bench.results import atomic_write_text, read_summaries, results_lock
@@ -93,6 +97,19 @@ def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(picked)
 
 
+def write_comparisons(best: pd.DataFrame, results: Path) -> pd.DataFrame:
+    """RESULTS/comparisons.csv and comparisons.md (bench/gaps.py): every pair of architectures trained at the same
+    language-modeling point, their perplexity ratio and its interval over the text evaluated; none when no point
+    has two architectures. Returns the pairs."""
+    pairs = comparisons_frame(best)
+    if not pairs.empty:
+        buf = io.StringIO()
+        pairs.to_csv(buf, index=False)
+        atomic_write_text(results / "comparisons.csv", buf.getvalue())
+        atomic_write_text(results / "comparisons.md", comparisons_markdown(pairs))
+    return pairs
+
+
 def write_recall_table(best: pd.DataFrame, path: Path) -> None:
     """RESULTS/recall.md: per (task, architecture, size) the test accuracy at each (sequence length, pairs)
     point, at the lr chosen on the dev split, with that lr and the step of an early stop."""
@@ -142,6 +159,7 @@ def report(results: str | Path) -> pd.DataFrame:
             plot_longqa(best, plots)
             plot_classification(best, plots)
             plot_mqar_grid(best, plots / "mqar_grid.png")
+            write_comparisons(best, results)
             write_recall_table(best, results / "recall.md")
             write_eval_table(best, results / "eval.md")
             plot_metric_vs_lr(lr_sweeps(full), plots / "metric_vs_lr.png")

@@ -285,9 +285,24 @@ def main(argv: list[str] | None = None) -> int:
     from bench.report import report
 
     report(results)
+    print_comparisons(results, runs)
     print(f"[ttt-bench] sweep {sweep_id}: {len(runs) - len(failed)}/{len(runs)} runs ok in "
           f"{time.perf_counter() - t0:.0f}s; see {results / 'summary.csv'} and {results / 'plots'}")
     return 1 if failed or not runs else 0
+
+
+def print_comparisons(results: Path, runs: list[dict]) -> None:
+    """The sweep's pairs from RESULTS/comparisons.csv (the report's, bench/gaps.py): each architecture's
+    perplexity over another's at the same point, with the interval of the text evaluated."""
+    path = results / "comparisons.csv"
+    if not path.exists():
+        return
+    import pandas as pd
+
+    from bench.gaps import comparison_lines
+
+    for line in comparison_lines(pd.read_csv(path), runs):
+        print(f"[ttt-bench] {line}")
 
 
 if __name__ == "__main__":

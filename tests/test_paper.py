@@ -16,6 +16,7 @@ import pytest
 from nbclient import NotebookClient
 
 from bench import paper
+from bench.gaps import gap_between, paired_gap
 from bench.report import summary_table
 from bench.results import read_summaries
 
@@ -408,7 +409,7 @@ def test_a_gap_is_taken_window_by_window_so_the_windows_difficulty_cancels():
     wobble, far smaller than the spread of the windows' difficulty (which an unpaired comparison would face)."""
     wobble = [0.002, -0.001, 0.0, 0.001, -0.002, 0.0]
     a, b = HARD, [h + 0.01 + e for h, e in zip(HARD, wobble)]
-    gap, sem, n = paper.paired_gap({"val_window_loss": b, "val_windows_hash": "t"},
+    gap, sem, n = paired_gap({"val_window_loss": b, "val_windows_hash": "t"},
                                    {"val_window_loss": a, "val_windows_hash": "t"})
     diffs = [y - x for x, y in zip(a, b)]
     assert n == 6 and gap == pytest.approx(0.01, abs=1e-12)
@@ -418,8 +419,8 @@ def test_a_gap_is_taken_window_by_window_so_the_windows_difficulty_cancels():
     for other in ({"val_window_loss": a, "val_windows_hash": "u"},  # another text
                   {"val_window_loss": a[:5], "val_windows_hash": "t"},  # other windows
                   {"val_window_loss": float("nan"), "val_windows_hash": float("nan")}):  # a run written before
-        assert paper.paired_gap({"val_window_loss": b, "val_windows_hash": "t"}, other) is None
-    assert paper.paired_gap({"val_window_loss": [1.0], "val_windows_hash": "t"},
+        assert paired_gap({"val_window_loss": b, "val_windows_hash": "t"}, other) is None
+    assert paired_gap({"val_window_loss": [1.0], "val_windows_hash": "t"},
                             {"val_window_loss": [2.0], "val_windows_hash": "t"}) is None  # no spread from 1 window
 
     runs = _runs_on_windows({("mamba", "s", 256): a, ("transformer", "s", 256): b,
@@ -431,7 +432,7 @@ def test_a_gap_is_taken_window_by_window_so_the_windows_difficulty_cancels():
     assert row["loss_gap"] == pytest.approx(0.01) and row["half_width"] == pytest.approx(t95 * sem, rel=1e-5)
     assert row["call"] == "higher" and row["windows"] == 6
     assert gaps.loc[("mamba", "ttt_linear"), "call"] == "within noise"  # 0 on average, ± 0.001 per window
-    back = paper.gap_between(gaps.reset_index(), 256, "s", "mamba", "transformer")
+    back = gap_between(gaps.reset_index(), 256, "s", "mamba", "transformer")
     assert back["call"] == "lower" and back["loss_gap"] == pytest.approx(-0.01)
 
 

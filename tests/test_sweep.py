@@ -191,6 +191,11 @@ def test_smoke_sweep_every_architecture_learns(tmp_path):
                 assert summary["denormals"] == "flush", r["run"]
         if r["arch"].startswith("ttt"):  # on CPU: both inner models' loops in C++ (cpu_scan.py)
             assert r["backend"] == "ttt=cpp", r["run"]
+    # every pair compared window by window on the same text (bench/gaps.py), and the sweep prints them
+    pairs = list(csv.DictReader(open(tmp_path / "comparisons.csv")))
+    n = len(rows)
+    assert len(pairs) == n * (n - 1) // 2 and all(float(p["windows"]) >= 2 and p["call"] for p in pairs)
+    assert res.stdout.count(" perplexity ") == min(len(pairs), 12) and "windows)" in res.stdout
 
 
 def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):

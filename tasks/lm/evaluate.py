@@ -42,7 +42,8 @@ def evaluate_lm(model, windows, token_bytes: torch.Tensor, batch_size: int, devi
     windows).
     val_window_loss: each window's mean loss (nats per token), in window order, and val_windows_hash the windows'
     tokens: two runs with the same hash evaluated the same text, so the difference of their losses can be taken
-    window by window, where each window's own difficulty cancels (bench/paper.py's paired gaps).
+    window by window, where each window's own difficulty cancels (bench/gaps.py: make sweep's comparisons, make
+    paper's gaps).
     """
     was_training = model.training
     model.eval()
