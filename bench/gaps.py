@@ -1,18 +1,21 @@
-"""Paired comparisons of validation loss: is one architecture's loss lower than another's beyond the noise of
-the text evaluated?
+"""Paired comparisons: is one architecture's validation loss (or accuracy) lower than another's beyond the noise of
+the text (or examples) evaluated?
 
 A run's validation loss moves by about 1.4% with the text it is evaluated on (the CPU profile's 32k run: val_bpb
 2.424 ± 0.034), and the gaps the paper reports are 1-3%. Two runs that evaluated the same windows (same
 `val_windows_hash`, tasks/lm/data.PackedWindows.fingerprint) are therefore compared window by window
 (`val_window_loss`): each window's own difficulty, which dominates the spread of either run's loss alone, cancels.
+The accuracy tasks (longqa, classification) keep each test example's score the same way (`val_example_acc`,
+`val_examples_hash`: tasks/scores.py), and two runs' accuracies are compared example by example.
 
-    gap       = mean over windows of (loss_a - loss_b)            nats per token; a negative gap: a is lower
-    gap_sem   = stdev of the per-window differences / sqrt(windows)
-    half_width = t_{0.975, windows - 1} x gap_sem                 the LEVEL interval, Student's t
-    call      = 'lower' / 'higher' when gap ± half_width excludes 0, else 'within noise'
+    gap        = mean over windows (examples) of (a - b)          nats per token, or accuracy (0-1)
+    gap_sem    = stdev of the per-window differences / sqrt(n)
+    half_width = t_{0.975, n - 1} x gap_sem                         the LEVEL interval, Student's t
+    call       = 'lower' / 'higher' when the paired test's p < 1 - LEVEL, else 'within noise': the t test (the
+                 interval excludes 0), or for right/wrong examples McNemar's exact test (paired_test)
 
-The interval covers the evaluation's noise over windows only: seed-to-seed noise of training is not in it, and
-adjacent windows of one document are not quite independent, so it is a little narrow.
+The interval covers the evaluation's noise only: seed-to-seed noise of training is not in it, and adjacent windows
+of one document are not quite independent, so for the loss it is a little narrow.
 
 Users: bench/report.py (`make sweep`'s RESULTS/comparisons.md and .csv: every pair of architectures trained at
 the same point) and bench/paper.py (`make paper`'s gaps.csv and its verdicts).
@@ -23,44 +26,71 @@ import math
 import statistics
 
 import pandas as pd
+from scipy.stats import binomtest
 from scipy.stats import t as student_t
 
 from bench.plots import LABELS
 
 LEVEL = 0.95  # the two-sided level of the interval a gap must leave to count as beyond noise
-GAP_FIELDS = ["arch", "versus", "loss_gap", "gap_sem", "windows", "half_width", "call"]  # a pair's columns
-GAP_COLUMNS = ["ctx", "size"] + GAP_FIELDS  # make paper's gaps.csv
+# the metric compared -> (the summary's per-item values, the hash of the items): windows of text, or test examples
+PAIRED_BY = {"val_loss": ("val_window_loss", "val_windows_hash"), "val_acc": ("val_example_acc", "val_examples_hash")}
+PAIR_FIELDS = ["arch", "versus", "gap", "gap_sem", "n", "half_width", "p_value", "test", "call"]  # a pair's columns
 POINT = ["task", "data", "size", "ctx", "match", "recipe"]  # the point two runs of a sweep share to be compared
-COMPARISON_COLUMNS = POINT + GAP_FIELDS + ["ppl_ratio", "ppl_half_width"]  # make sweep's comparisons.csv
+COMPARISON_COLUMNS = POINT + ["metric"] + PAIR_FIELDS + ["ppl_ratio", "ppl_half_width"]  # comparisons.csv
 
 
-def paired_gap(a, b) -> tuple[float, float, int] | None:
-    """Run a's validation loss minus run b's (nats per token), its standard error and the number of windows: the
-    mean and the standard error of the per-window differences. None unless both runs hold per-window losses
-    (val_window_loss) of the same text (val_windows_hash) and at least two windows."""
-    wa, wb = a.get("val_window_loss"), b.get("val_window_loss")
-    same_text = isinstance(a.get("val_windows_hash"), str) and a.get("val_windows_hash") == b.get("val_windows_hash")
-    if not (same_text and isinstance(wa, list) and isinstance(wb, list) and len(wa) == len(wb) >= 2):
+def paired_items(a, b, metric: str = "val_loss") -> tuple[list[float], list[float]] | None:
+    """Runs a's and b's per-item values of `metric` (PAIRED_BY: windows, or examples), when both hold them for the
+    same items (the same hash) and there are at least two; else None."""
+    values, key = PAIRED_BY[metric]
+    wa, wb = a.get(values), b.get(values)
+    same_items = isinstance(a.get(key), str) and a.get(key) == b.get(key)
+    if not (same_items and isinstance(wa, list) and isinstance(wb, list) and len(wa) == len(wb) >= 2):
         return None
-    diff = [x - y for x, y in zip(wa, wb)]
+    return wa, wb
+
+
+def paired_gap(a, b, metric: str = "val_loss") -> tuple[float, float, int] | None:
+    """Run a's metric minus run b's, its standard error and the number of items: the mean and the standard error
+    of the per-item differences (paired_items; None without them)."""
+    items = paired_items(a, b, metric)
+    if items is None:
+        return None
+    diff = [x - y for x, y in zip(*items)]
     return statistics.fmean(diff), statistics.stdev(diff) / math.sqrt(len(diff)), len(diff)
 
 
-def gap_call(gap: float, half_width: float) -> str:
-    """'lower' or 'higher' when the gap leaves its interval (gap ± half_width holds no 0), else 'within noise'."""
-    return "lower" if gap < -half_width else "higher" if gap > half_width else "within noise"
+def paired_test(wa: list[float], wb: list[float], scores: bool = False) -> tuple[float, str]:
+    """(two-sided p-value of "a and b have the same mean", the test): for right/wrong scores (`scores` and every
+    value 0 or 1) McNemar's exact test, the binomial test of the examples only one run got right, which stays
+    honest when they are few (the t test calls 4 to 0 of 200 beyond noise at 95%, the exact test gives p =
+    0.125); otherwise the paired t test over the per-item differences (its p < 1 - LEVEL exactly when the LEVEL
+    interval excludes 0)."""
+    diff = [x - y for x, y in zip(wa, wb)]
+    if scores and all(v in (0, 1) for v in (*wa, *wb)):
+        a_only, b_only = diff.count(1), diff.count(-1)
+        return (binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0), "McNemar exact"
+    sem = statistics.stdev(diff) / math.sqrt(len(diff))
+    gap = statistics.fmean(diff)
+    if sem == 0:
+        return (1.0 if gap == 0 else 0.0), "paired t"
+    return float(2 * student_t.sf(abs(gap) / sem, len(diff) - 1)), "paired t"
 
 
-def gap_row(a, b) -> dict:
-    """paired_gap of runs a and b as a row of GAP_FIELDS' last five (NaN and '' without one: the gap of the means),
-    with the half width of its LEVEL interval (Student's t, windows - 1 degrees of freedom) and the call it makes."""
-    found = paired_gap(a, b)
-    if found is None:
-        return {"loss_gap": a.get("val_loss", math.nan) - b.get("val_loss", math.nan), "gap_sem": math.nan,
-                "windows": pd.NA, "half_width": math.nan, "call": ""}
-    gap, sem, n = found
+def paired_row(a, b, metric: str = "val_loss") -> dict:
+    """Runs a and b compared on `metric` as PAIR_FIELDS' last seven: the gap (a - b), its standard error, the
+    items, the half width of its LEVEL interval (Student's t, n - 1 degrees of freedom), the p-value and its test
+    (paired_test), and the call: 'lower' / 'higher' when p < 1 - LEVEL, else 'within noise'. Without a pairing,
+    the gap of the means, NaN and ''."""
+    items = paired_items(a, b, metric)
+    if items is None:
+        return {"gap": a.get(metric, math.nan) - b.get(metric, math.nan), "gap_sem": math.nan, "n": pd.NA,
+                "half_width": math.nan, "p_value": math.nan, "test": "", "call": ""}
+    gap, sem, n = paired_gap(a, b, metric)
+    p, test = paired_test(*items, scores=metric == "val_acc")
     half = float(student_t.ppf((1 + LEVEL) / 2, n - 1)) * sem
-    return {"loss_gap": gap, "gap_sem": sem, "windows": n, "half_width": half, "call": gap_call(gap, half)}
+    call = "within noise" if p >= 1 - LEVEL else ("lower" if gap < 0 else "higher")
+    return {"gap": gap, "gap_sem": sem, "n": n, "half_width": half, "p_value": p, "test": test, "call": call}
 
 
 def legend_order(archs) -> list[str]:
@@ -69,44 +99,42 @@ def legend_order(archs) -> list[str]:
     return sorted(set(archs), key=lambda a: (order.get(a, len(order)), a))
 
 
-def pair_rows(runs) -> list[dict]:
+def pair_rows(runs, metric: str = "val_loss") -> list[dict]:
     """Every pair of the runs (rows with an `arch`; one run per architecture), the earlier in legend order first,
-    as {'arch', 'versus', **gap_row}: arch's loss minus versus's."""
+    as {'arch', 'versus', **paired_row}: arch's metric minus versus's."""
     by_arch = {r["arch"]: r for r in runs}
     point = [by_arch[a] for a in legend_order(by_arch)]
-    return [{"arch": a["arch"], "versus": b["arch"], **gap_row(a, b)}
+    return [{"arch": a["arch"], "versus": b["arch"], **paired_row(a, b, metric)}
             for i, a in enumerate(point) for b in point[i + 1:]]
-
-
-def gap_between(gaps: pd.DataFrame, ctx: int, size: str, arch: str, versus: str) -> dict | None:
-    """The gaps row of `arch` minus `versus` at (ctx, size), whichever order it was stored in; None if absent."""
-    for x, y, sign in ((arch, versus, 1), (versus, arch, -1)):
-        hit = gaps[(gaps["ctx"] == ctx) & (gaps["size"] == size) & (gaps["arch"] == x) & (gaps["versus"] == y)]
-        if len(hit):
-            r = hit.iloc[0]
-            call = {"lower": "higher", "higher": "lower"}.get(r["call"], r["call"]) if sign < 0 else r["call"]
-            return {**r.to_dict(), "arch": arch, "versus": versus, "loss_gap": sign * r["loss_gap"],
-                    "call": "" if pd.isna(call) else call}
-    return None
 
 
 # -- make sweep's comparisons --------------------------------------------------------------------------------
 
+def compared_metric(task: str) -> str:
+    """What a task's runs are compared on: language modeling's validation loss, the others' test accuracy."""
+    return "val_loss" if task == "lm" else "val_acc"
+
+
 def comparisons_frame(best: pd.DataFrame) -> pd.DataFrame:
     """Every pair of architectures trained at the same point (POINT: task, data, size, ctx, match, recipe), from
-    the report's best run per point (bench/report.latest_ok), language modeling only (the other tasks keep no
-    per-window losses). ppl_ratio = exp(loss_gap) - 1 (a's perplexity over b's, minus 1) and ppl_half_width =
-    exp(half_width) - 1, NaN where the pair could not be paired (runs written before per-window losses, or
-    evaluated on different text)."""
-    lm = best[best["task"] == "lm"] if "task" in best else best.iloc[0:0]
-    groups = sorted(lm.groupby(POINT, dropna=False),  # by data and ctx, then the smaller models' points first
-                    key=lambda pg: (str(pg[0][1]), pg[0][3], _scale(pg[1]), str(pg[0])))
+    the report's best run per point (bench/report.latest_ok), on compared_metric. For the loss, ppl_ratio =
+    exp(gap) - 1 (a's perplexity over b's, minus 1) and ppl_half_width = exp(half_width) - 1. half_width is NaN
+    where the pair could not be paired: runs written before per-item values were kept, or evaluated on other
+    text or examples."""
+    if best.empty or not set(POINT) <= set(best.columns):
+        return pd.DataFrame(columns=COMPARISON_COLUMNS)
+    groups = sorted(best.groupby(POINT, dropna=False),  # by task, data and ctx, then the smaller models' points first
+                    key=lambda pg: (str(pg[0][0]), str(pg[0][1]), pg[0][3], _scale(pg[1]), str(pg[0])))
     rows = []
     for point, g in groups:
-        rows += [{**dict(zip(POINT, point)), **pair} for pair in pair_rows(r for _, r in g.iterrows())]
+        metric = compared_metric(str(point[0]))
+        rows += [{**dict(zip(POINT, point)), "metric": metric, **pair}
+                 for pair in pair_rows((r for _, r in g.iterrows()), metric)]
     df = pd.DataFrame(rows, columns=COMPARISON_COLUMNS[:-2])
-    df["ppl_ratio"] = [math.expm1(g) for g in df["loss_gap"]]
-    df["ppl_half_width"] = [math.expm1(h) if pd.notna(h) else math.nan for h in df["half_width"]]
+    loss = df["metric"] == "val_loss"
+    df["ppl_ratio"] = [math.expm1(g) if is_loss else math.nan for g, is_loss in zip(df["gap"], loss)]
+    df["ppl_half_width"] = [math.expm1(h) if is_loss and pd.notna(h) else math.nan
+                            for h, is_loss in zip(df["half_width"], loss)]
     return df.reindex(columns=COMPARISON_COLUMNS)
 
 
@@ -116,12 +144,24 @@ def _scale(runs: pd.DataFrame) -> float:
     return 0.0 if pd.isna(params) else float(params)
 
 
+def difference(r) -> tuple[str, str]:
+    """(the difference, its interval) as shown: the perplexity ratio - 1 for the loss ('+3.1%', '±0.7%'), the
+    accuracy difference in points for the others ('+8.8 points', '±3.0'); '' for the interval of an unpaired gap."""
+    paired = pd.notna(r["half_width"])
+    if r["metric"] == "val_loss":
+        return f"{r['ppl_ratio']:+.1%}", f"±{r['ppl_half_width']:.1%}" if paired else ""
+    return f"{100 * r['gap']:+.1f} points", f"±{100 * r['half_width']:.1f}" if paired else ""
+
+
 def comparison_phrase(r) -> str:
-    """'+3.1% ± 0.7% (higher beyond noise, 32 windows)': a's perplexity over b's, its interval, and the call."""
-    if pd.isna(r["ppl_half_width"]):
-        return f"{r['ppl_ratio']:+.1%} (means only: not evaluated on the same windows)"
+    """'perplexity +3.1% ± 0.7% (higher beyond noise, 32 windows)', 'accuracy +8.8 points ± 3.0 (higher beyond
+    noise, 1000 examples)': a's metric against b's, its interval, and the call."""
+    shown, interval = difference(r)
+    what, items = ("perplexity", "windows") if r["metric"] == "val_loss" else ("accuracy", "examples")
+    if not interval:
+        return f"{what} {shown} (means only: not evaluated on the same {items})"
     call = "within noise" if r["call"] == "within noise" else f"{r['call']} beyond noise"
-    return f"{r['ppl_ratio']:+.1%} ± {r['ppl_half_width']:.1%} ({call}, {r['windows']:.0f} windows)"
+    return f"{what} {shown} {interval.replace('±', '± ')} ({call}, {r['n']:.0f} {items})"
 
 
 def comparison_lines(df: pd.DataFrame, runs: list[dict], limit: int = 12) -> list[str]:
@@ -129,30 +169,47 @@ def comparison_lines(df: pd.DataFrame, runs: list[dict], limit: int = 12) -> lis
     how many more are in comparisons.md."""
     ours = {(r.get("task"), r.get("data"), r.get("size"), r.get("ctx"), r.get("match", "params"),
              r.get("recipe", "shared"), r.get("arch")) for r in runs if r.get("status") == "ok"}
-    lines = [f"{r['size']} ctx {r['ctx']}{'' if r['data'] == 'shakespeare' else ' data=' + str(r['data'])}: "
-             f"{r['arch']} vs {r['versus']} perplexity {comparison_phrase(r)}" for _, r in df.iterrows()
+    lines = [f"{r['size']} ctx {r['ctx']}{_where(r)}: {r['arch']} vs {r['versus']} {comparison_phrase(r)}"
+             for _, r in df.iterrows()
              if any(tuple(r[k] for k in POINT) + (arch,) in ours for arch in (r["arch"], r["versus"]))]
     more = len(lines) - limit
     return lines[:limit] + ([f"... and {more} more pairs in comparisons.md"] if more > 0 else [])
 
 
+def _where(r) -> str:
+    """' task=classification data=listops' where the point is not language modeling on the default text."""
+    task = "" if r["task"] == "lm" else f" task={r['task']}"
+    return task + ("" if r["data"] == "shakespeare" else f" data={r['data']}")
+
+
+METRIC_NOTES = {
+    "val_loss": "validation loss, compared window by window on the same text; `difference` is the first's perplexity "
+                "over the second's, minus 1; `n` the windows",
+    "val_acc": "test accuracy, compared example by example on the same examples; `difference` is the first's "
+               "accuracy minus the second's, in percentage points; `n` the examples; where every example is right "
+               "or wrong, `p` is McNemar's exact test (the examples only one of the two got right)",
+}
+
+
 def comparisons_markdown(df: pd.DataFrame) -> str:
-    """RESULTS/comparisons.md: the pairs as perplexity ratios with their LEVEL intervals, one table per data set."""
-    lines = ["# Paired comparisons of validation loss", "",
+    """RESULTS/comparisons.md: the pairs with their LEVEL intervals, one table per (task, data)."""
+    lines = ["# Paired comparisons", "",
              "Each pair of architectures trained at the same point (size, context, data, match, recipe; each at its "
-             "best lr), compared window by window on the same validation text, where each window's own difficulty "
-             f"cancels. `perplexity` is the first's perplexity over the second's, minus 1; `{LEVEL:.0%} interval` "
-             "covers the noise of the text evaluated (Student's t over the per-window differences), not the "
-             "seed-to-seed noise of training; `call` says whether the first is lower or higher beyond it. More "
-             "validation text (`task.eval_tokens`) narrows the interval. The same numbers, in nats per token, are "
-             "in comparisons.csv.", ""]
-    for data, g in df.groupby("data", sort=True):
-        lines += [f"## data={data}", "", f"| size | ctx | match | recipe | architecture | versus | perplexity | "
-                  f"{LEVEL:.0%} interval | windows | call |", "|" + "---|" * 10]
+             "best lr), compared item by item, where each item's own difficulty cancels. The "
+             f"{LEVEL:.0%} interval covers the noise of the text or examples evaluated (Student's t over the per-item "
+             "differences), not the seed-to-seed noise of training; `p` is the paired test's two-sided p-value, and "
+             f"`call` says whether the first's metric is lower or higher beyond the noise (p < {1 - LEVEL:.2g}). More "
+             "evaluation (`task.eval_tokens`, `task.eval_examples`) narrows the interval. comparisons.csv has the same "
+             "pairs, the gap in nats per token or accuracy (0-1).", ""]
+    for (task, data), g in df.groupby(["task", "data"], sort=False):
+        lines += [f"## task={task} data={data}", "", f"Metric: {METRIC_NOTES[g['metric'].iloc[0]]}.", "",
+                  f"| size | ctx | match | recipe | architecture | versus | difference | {LEVEL:.0%} interval | n | "
+                  "p | call |", "|" + "---|" * 11]
         for _, r in g.iterrows():
-            paired = pd.notna(r["ppl_half_width"])
+            shown, interval = difference(r)
+            tail = (f"{interval} | {r['n']:.0f} | {r['p_value']:.2g} | {r['call']} |" if interval
+                    else "| | | not paired |")
             lines.append(f"| {r['size']} | {r['ctx']} | {r['match']} | {r['recipe']} | {r['arch']} | {r['versus']} | "
-                         f"{r['ppl_ratio']:+.1%} | " + (f"±{r['ppl_half_width']:.1%} | {r['windows']:.0f} | "
-                                                       f"{r['call']} |" if paired else "| | not paired |"))
+                         f"{shown} | {tail}")
         lines.append("")
     return "\n".join(lines)

@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bench import published
-from bench.gaps import GAP_COLUMNS, LEVEL, gap_between, gap_row, pair_rows
+from bench.gaps import LEVEL, pair_rows, paired_row
 from bench.plots import (LABELS, by_arch, largest, plot_paper_latency, plot_paper_scaling, plot_paper_token_index,
                          save_figure, unit)
 from bench.results import REPO_ROOT, atomic_write_text, read_summaries
@@ -255,7 +255,8 @@ def direction(diff: float, before: float, tol: float = 1e-3) -> str:
 def table1_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     """Table 1: our perplexity per row (at the profile's Table 1 size, ctxs[0]), the published one, each row's
     step from the previous row, whether the steps go the same way, whether our step is beyond the noise of the
-    text evaluated (its paired gap, gap_row; '' without per-window losses), and each column's ranking (1 = best)."""
+    text evaluated (its paired gap, bench/gaps.py; '' without per-window losses), and each column's ranking (1 =
+    best)."""
     from architectures.ttt import TABLE1
 
     pub = published.load("table1").set_index("row")
@@ -267,7 +268,7 @@ def table1_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
                         "ours_bpb": ours[name].get("val_bpb", math.nan) if name in ours else math.nan,
                         "published_ppl": pub.loc[row, "ppl"]} for row, label, name in TABLE1])
     df.loc[df["status"] != "ok", ["ours_ppl", "ours_bpb"]] = math.nan
-    steps = [gap_row(ours[b], ours[a])["call"] if df.loc[i, "status"] == df.loc[i - 1, "status"] == "ok" else ""
+    steps = [paired_row(ours[b], ours[a])["call"] if df.loc[i, "status"] == df.loc[i - 1, "status"] == "ok" else ""
              for i, (a, b) in enumerate(zip(df["arch"], df["arch"][1:]), start=1)]
     df["beyond_noise"] = [""] + [{"": "", "within noise": "no"}.get(c, "yes") for c in steps]
     for who in ("ours", "published"):
@@ -281,12 +282,28 @@ def table1_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
 
 # -- paired gaps: two runs' losses apart, against the noise of the text evaluated (bench/gaps.py) ----------------
 
+GAP_COLUMNS = ["ctx", "size", "arch", "versus", "loss_gap", "gap_sem", "windows", "half_width", "call"]  # gaps.csv
+
+
 def gaps_frame(runs: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     """Every pair of scaling architectures at the same (size, ctx), the earlier in the paper's legend order first:
-    its paired gap (gap_row; call: whether `arch` is lower or higher than `versus` beyond noise)."""
+    its paired gap in validation loss (bench/gaps.py; call: whether `arch` is lower or higher than `versus`
+    beyond noise)."""
     rows = [{"ctx": ctx, "size": size, **pair} for (ctx, size), g in scaling_runs(runs, plan).groupby(["ctx", "size"])
             for pair in pair_rows(r for _, r in g.iterrows())]
-    return pd.DataFrame(rows, columns=GAP_COLUMNS)
+    return pd.DataFrame(rows).rename(columns={"gap": "loss_gap", "n": "windows"}).reindex(columns=GAP_COLUMNS)
+
+
+def gap_between(gaps: pd.DataFrame, ctx: int, size: str, arch: str, versus: str) -> dict | None:
+    """The gaps row of `arch` minus `versus` at (ctx, size), whichever order it was stored in; None if absent."""
+    for x, y, sign in ((arch, versus, 1), (versus, arch, -1)):
+        hit = gaps[(gaps["ctx"] == ctx) & (gaps["size"] == size) & (gaps["arch"] == x) & (gaps["versus"] == y)]
+        if len(hit):
+            r = hit.iloc[0]
+            call = {"lower": "higher", "higher": "lower"}.get(r["call"], r["call"]) if sign < 0 else r["call"]
+            return {**r.to_dict(), "arch": arch, "versus": versus, "loss_gap": sign * r["loss_gap"],
+                    "call": "" if pd.isna(call) else call}
+    return None
 
 
 def latency_frame(rows: pd.DataFrame) -> pd.DataFrame:

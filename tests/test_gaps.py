@@ -1,10 +1,12 @@
-"""bench/gaps.py's sweep comparisons: every pair of architectures trained at one point, compared window by window."""
+"""bench/gaps.py's sweep comparisons: every pair of architectures trained at one point, compared window by window
+(language modeling) or example by example (the accuracy tasks)."""
 import json
 import math
 import statistics
 
 import pandas as pd
 import pytest
+from scipy.stats import t as student_t
 
 from bench.gaps import comparison_lines, comparisons_frame, comparisons_markdown
 from bench.report import report
@@ -29,8 +31,12 @@ def test_every_pair_at_a_point_is_compared_window_by_window():
         _run("transformer", size="s", shift=0.1), _run("mamba", size="s", text="other"),  # other windows
         _run("mamba", ctx=256),  # alone at its point
         _run("transformer", data="pycode"), _run("ttt_linear", data="pycode", val_window_loss=math.nan),  # old run
-        _run("transformer", task="classification"), _run("mamba", task="classification")])  # no window losses
+        _run("transformer", task="classification"), _run("mamba", task="classification")])  # no example scores
     df = comparisons_frame(best)
+    accuracy = df[df["task"] == "classification"]
+    assert list(accuracy["metric"]) == ["val_acc"] and accuracy["call"].iloc[0] == ""  # compared by the means
+    df = df[df["task"] == "lm"]
+    assert (df["metric"] == "val_loss").all()
     assert [(r.data, r.size, r.arch, r.versus) for r in df.itertuples()] == [
         ("pycode", "xs", "transformer", "ttt_linear"),
         ("shakespeare", "xs", "transformer", "mamba"), ("shakespeare", "xs", "transformer", "ttt_linear"),
@@ -39,21 +45,56 @@ def test_every_pair_at_a_point_is_compared_window_by_window():
     row = df[(df["size"] == "xs") & (df["data"] == "shakespeare") & (df["versus"] == "mamba")].iloc[0]
     diffs = [0.02 + 0.001 * (-1) ** i for i in range(6)]
     sem = statistics.stdev(diffs) / math.sqrt(6)
-    assert row["loss_gap"] == pytest.approx(0.02) and row["gap_sem"] == pytest.approx(sem)
-    assert row["half_width"] == pytest.approx(T95_5 * sem, rel=1e-5) and row["windows"] == 6
+    assert row["gap"] == pytest.approx(0.02) and row["gap_sem"] == pytest.approx(sem)
+    assert row["half_width"] == pytest.approx(T95_5 * sem, rel=1e-5) and row["n"] == 6
     assert row["ppl_ratio"] == pytest.approx(math.expm1(0.02))
     assert row["ppl_half_width"] == pytest.approx(math.expm1(T95_5 * sem), rel=1e-5) and row["call"] == "higher"
+    assert row["p_value"] == pytest.approx(2 * student_t.sf(0.02 / sem, 5)) and row["test"] == "paired t"
     wobbly = df[(df["size"] == "xs") & (df["data"] == "shakespeare") & (df["arch"] == "mamba")].iloc[0]
     assert wobbly["call"] == "within noise"
     for unpaired in df[df["size"].eq("s") | df["data"].eq("pycode")].itertuples():
         assert math.isnan(unpaired.half_width) and unpaired.call == ""
-    assert df.iloc[-1]["loss_gap"] == pytest.approx(0.1)  # the gap of the means
+    assert df.iloc[-1]["gap"] == pytest.approx(0.1)  # the gap of the means
 
     md = comparisons_markdown(df)
-    assert "## data=pycode" in md and "## data=shakespeare" in md
+    assert "## task=lm data=pycode" in md and "## task=lm data=shakespeare" in md
     assert f"| xs | 64 | params | shared | transformer | mamba | {math.expm1(0.02):+.1%} | ±" in md
-    assert "| s | 64 | params | shared | transformer | mamba | +10.5% | | | not paired |" in md
-    assert comparisons_frame(best[best["task"] == "classification"]).empty
+    assert "| s | 64 | params | shared | transformer | mamba | +10.5% | | | | not paired |" in md
+    assert comparisons_frame(best[best["task"] == "lm"].iloc[:1]).empty  # one architecture: no pair
+    assert comparisons_frame(pd.DataFrame()).empty
+
+
+def test_accuracy_tasks_are_compared_example_by_example():
+    """Two classifiers scored on the same 200 examples: b right wherever a is, and on 20 more (+10 points): beyond
+    noise. On 4 more only, the t interval would call it, but McNemar's exact test (p = 0.125) does not."""
+    a = [1] * 100 + [0] * 100
+    better, slightly = a[:100] + [1] * 20 + [0] * 80, a[:100] + [1] * 4 + [0] * 96
+
+    def clf(arch, right, text="e"):
+        return _run(arch, task="classification", data="listops", val_acc=sum(right) / len(right),
+                    val_example_acc=right, val_examples_hash=text)
+
+    df = comparisons_frame(pd.DataFrame([clf("transformer", a), clf("mamba", better), clf("ttt_linear", slightly)]))
+    row = df.set_index(["arch", "versus"]).loc[("transformer", "mamba")]
+    diffs = [x - y for x, y in zip(a, better)]
+    sem = statistics.stdev(diffs) / math.sqrt(200)
+    assert row["metric"] == "val_acc" and row["gap"] == pytest.approx(-0.1) and row["n"] == 200
+    assert row["half_width"] == pytest.approx(1.971957 * sem, rel=1e-5)  # t, 199 degrees of freedom
+    assert row["call"] == "lower" and math.isnan(row["ppl_ratio"])
+    few = df.set_index(["arch", "versus"]).loc[("transformer", "ttt_linear")]  # 4 to 0: the t interval excludes 0
+    assert few["half_width"] < 0.02 and few["p_value"] == pytest.approx(0.125) and few["call"] == "within noise"
+    md = comparisons_markdown(df)
+    assert "## task=classification data=listops" in md and "in percentage points" in md
+    p = 2 * 0.5 ** 20  # McNemar's exact test: 20 examples only mamba got right, none only the transformer
+    assert row["p_value"] == pytest.approx(p) and row["test"] == "McNemar exact"
+    assert f"| xs | 64 | params | shared | transformer | mamba | -10.0 points | ±{100 * 1.971957 * sem:.1f} | 200 | " \
+           f"{p:.2g} | lower |" in md
+    line = comparison_lines(df, [clf("mamba", better)])[0]
+    assert line.startswith("xs ctx 64 task=classification data=listops: transformer vs mamba accuracy -10.0 points")
+    assert line.endswith("(lower beyond noise, 200 examples)")
+    other = comparisons_frame(pd.DataFrame([clf("transformer", a), clf("mamba", better, text="f")]))
+    assert other["call"].iloc[0] == "" and "not scored on the same examples" not in comparison_lines(other, [])
+    assert "(means only: not evaluated on the same examples)" in comparison_lines(other, [clf("mamba", better)])[0]
 
 
 def test_the_sweep_prints_the_pairs_its_runs_take_part_in():
@@ -81,4 +122,5 @@ def test_the_report_writes_the_comparisons_beside_the_summary(tmp_path):
     back = pd.read_csv(tmp_path / "comparisons.csv")
     assert list(back[["arch", "versus", "call"]].itertuples(index=False, name=None)) == [("transformer", "mamba",
                                                                                            "higher")]
-    assert "transformer | mamba | +2.0% | ±0.1% | 6 | higher |" in (tmp_path / "comparisons.md").read_text()
+    p = 2 * student_t.sf(0.02 / (0.001 * math.sqrt(6 / 5) / math.sqrt(6)), 5)  # the paired t test, by hand
+    assert f"transformer | mamba | +2.0% | ±0.1% | 6 | {p:.2g} | higher |" in (tmp_path / "comparisons.md").read_text()

@@ -92,6 +92,9 @@ def test_classification_smoke_sweep_end_to_end(tmp_path):
     for s in runs:
         assert s["status"] == "ok" and s["task"] == "classification" and s["data"] == "listops"
         assert 0.0 <= s["val_acc"] <= 1.0 and s["val_loss"] > 0 and s["params"] > 0
+        assert len(s["val_example_acc"]) == s["val_examples"]
+    assert runs[0]["val_examples_hash"] == runs[1]["val_examples_hash"]  # the same examples: compared one by one
+    assert "transformer vs mamba accuracy " in res.stdout and "examples)" in res.stdout
     assert (tmp_path / "plots" / "classification_accuracy.png").stat().st_size > 10_000
 
 
@@ -143,6 +146,16 @@ def test_evaluation_counts_its_held_out_examples_and_the_plot_says_how_many(tmp_
                             "pooling": "last", "eval_examples": 6, "eval_batch_size": 4})
     out = ClassificationTask(cfg, None, 64).evaluate(Constant(), torch.device("cpu"), contextlib.nullcontext)
     assert out["val_examples"] == 6 and 0 <= out["val_acc"] <= out["val_majority_acc"] <= 1
+    # each example's score (bench/gaps.py compares two runs example by example) and a hash of the examples
+    _, y = ClassificationTask(cfg, None, 64)._examples("val-0", 6, 64)
+    assert out["val_example_acc"] == (y == 0).int().tolist() and sum(out["val_example_acc"]) / 6 == out["val_acc"]
+    again = ClassificationTask(OmegaConf.merge(cfg, {"eval_batch_size": 6}), None, 64)
+    assert again.evaluate(Constant(), torch.device("cpu"), contextlib.nullcontext)["val_examples_hash"] == \
+        out["val_examples_hash"]
+    for other in (ClassificationTask(OmegaConf.merge(cfg, {"eval_examples": 5}), None, 64),
+                  ClassificationTask(cfg, None, 64, seed=1), ClassificationTask(cfg, None, 96)):
+        assert other.evaluate(Constant(), torch.device("cpu"), contextlib.nullcontext)["val_examples_hash"] != \
+            out["val_examples_hash"]
     drawn = []
     monkeypatch.setattr(plots, "finish", lambda fig, path: drawn.append(fig))
     runs = pd.DataFrame([{"task": "classification", "arch": "mamba", "ctx": 64, "params": p, "backend": "b",

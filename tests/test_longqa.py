@@ -150,6 +150,11 @@ def test_longqa_smoke_sweep_end_to_end(tmp_path):
         assert {c["subtask"] for c in cells} >= {"passkey", "mqar", "variable_tracking"}
         assert {c["length"] for c in cells} == {256, 512, 1024}
         assert {c["depth"] for c in cells if c["subtask"] == "passkey"} == {0.0, 0.25, 0.5, 0.75, 1.0}
+        scores = s["val_example_acc"]  # each test example at ctx, compared example by example (bench/gaps.py)
+        assert len(scores) == sum(c["n"] for c in cells if c["length"] == 512)
+        assert sum(scores) / len(scores) == pytest.approx(s["val_acc"])
+    pairs = (tmp_path / "comparisons.csv").read_text().splitlines()
+    assert len(pairs) == 2 and pairs[1].startswith("longqa,generated,smoke-xs,512,params,native,val_acc,transformer,mamba,")
     for plot in ("longqa_accuracy.png", "passkey_heatmap.png", "training_curves.png"):
         assert (tmp_path / "plots" / plot).stat().st_size > 10_000, plot
     assert not (tmp_path / "plots" / "loss_vs_flops.png").exists()  # no language-modeling runs: no LM plots
@@ -333,3 +338,55 @@ def test_longqa_accuracy_plot_gives_each_architecture_one_colour_and_each_contex
         warnings.simplefilter("error")
         plots.plot_longqa(one, tmp_path)
     assert (tmp_path / "longqa_accuracy.png").stat().st_size > 10_000
+
+
+def test_evaluation_keeps_each_test_examples_score_and_a_hash_of_the_examples():
+    """val_example_acc: each example at the trained length scored as val_acc counts it (exact match, 1 or 0; MQAR
+    the fraction of its queries recalled), in order, their mean val_acc; val_examples_hash names those examples,
+    whatever the batch size, and changes with them (bench/gaps.py pairs two runs by it)."""
+    import contextlib
+
+    from omegaconf import OmegaConf
+
+    from tasks.longqa.task import IGNORE, LongQATask, to_tensors
+
+    def task(seed=0, **kw):
+        cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "task" / "longqa.yaml")
+        cfg = OmegaConf.merge(cfg, {"eval_examples": 3, "eval_lengths": [0.5, 1.0], "eval_batch_size": 2, **kw})
+        return LongQATask(cfg, None, 512, seed=seed)
+
+    qa = task()
+    answers, expected = {}, []  # each example's input -> its answer tokens; the scores of those at ctx 512
+    for sub, length, depth in qa.eval_cells():
+        exs = qa.eval_examples(sub, length, depth, 3)
+        x, y = to_tensors(exs) if exs else (torch.empty(0), torch.empty(0))
+        for xi, yi in zip(x, y):
+            answers[xi.numpy().tobytes()] = ans = yi[yi != IGNORE]
+            right = (len(ans) + 1) // 2  # the half oracle below: the 1st, 3rd, ... answer of each example
+            if length == 512:
+                expected.append(right / len(ans) if sub == "mqar" else float(right == len(ans)))
+    assert 0 < sum(expected) < len(expected) and any(0 < s < 1 for s in expected)  # fractions, 1s and 0s
+
+    class HalfOracle(torch.nn.Module):  # right on every other answer of each example, wrong on the rest
+        def forward(self, x, at):
+            rows = []
+            for xi in x:
+                for k, a in enumerate(answers[xi.numpy().tobytes()].tolist()):
+                    rows.append(torch.nn.functional.one_hot(torch.tensor(a if k % 2 == 0 else (a + 1) % qa.vocab_size),
+                                                            qa.vocab_size).float())
+            return torch.stack(rows)  # (N, V)
+
+    out = qa.evaluate(HalfOracle(), torch.device("cpu"), contextlib.nullcontext)
+    assert out["val_example_acc"] == pytest.approx(expected, abs=1e-6)
+    assert out["val_acc"] == pytest.approx(sum(expected) / len(expected))
+
+    class Zeros(torch.nn.Module):
+        def forward(self, x, at):
+            return torch.zeros(int(at.sum()), qa.vocab_size)
+
+    def examples_hash(t):
+        return t.evaluate(Zeros(), torch.device("cpu"), contextlib.nullcontext)["val_examples_hash"]
+
+    assert out["val_examples_hash"] == examples_hash(task(eval_batch_size=3)) == examples_hash(qa)
+    assert examples_hash(task(seed=1)) != out["val_examples_hash"]
+    assert examples_hash(task(eval_examples=2)) != out["val_examples_hash"]

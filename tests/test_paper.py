@@ -16,7 +16,7 @@ import pytest
 from nbclient import NotebookClient
 
 from bench import paper
-from bench.gaps import gap_between, paired_gap
+from bench.gaps import paired_gap
 from bench.report import summary_table
 from bench.results import read_summaries
 
@@ -432,7 +432,7 @@ def test_a_gap_is_taken_window_by_window_so_the_windows_difficulty_cancels():
     assert row["loss_gap"] == pytest.approx(0.01) and row["half_width"] == pytest.approx(t95 * sem, rel=1e-5)
     assert row["call"] == "higher" and row["windows"] == 6
     assert gaps.loc[("mamba", "ttt_linear"), "call"] == "within noise"  # 0 on average, ± 0.001 per window
-    back = gap_between(gaps.reset_index(), 256, "s", "mamba", "transformer")
+    back = paper.gap_between(gaps.reset_index(), 256, "s", "mamba", "transformer")
     assert back["call"] == "lower" and back["loss_gap"] == pytest.approx(-0.01)
 
 

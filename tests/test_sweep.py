@@ -194,7 +194,7 @@ def test_smoke_sweep_every_architecture_learns(tmp_path):
     # every pair compared window by window on the same text (bench/gaps.py), and the sweep prints them
     pairs = list(csv.DictReader(open(tmp_path / "comparisons.csv")))
     n = len(rows)
-    assert len(pairs) == n * (n - 1) // 2 and all(float(p["windows"]) >= 2 and p["call"] for p in pairs)
+    assert len(pairs) == n * (n - 1) // 2 and all(float(p["n"]) >= 2 and p["call"] for p in pairs)
     assert res.stdout.count(" perplexity ") == min(len(pairs), 12) and "windows)" in res.stdout
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tasks.cache import cached
 from tasks.classification import listops
 from tasks.registry import register
+from tasks.scores import ExampleDigest
 
 PAD = 256  # EOS of the byte tokenizer; never inside a ListOps expression
 VOCAB = 257
@@ -158,15 +159,17 @@ class ClassificationTask:
     @torch.no_grad()
     def evaluate(self, model, device, autocast) -> dict:
         model.eval()
-        x, y = self._examples(f"val-{self.seed}", int(self.cfg.eval_examples), self.ctx)
-        bs, losses, correct = int(self.cfg.eval_batch_size), [], 0
+        x, y = self._examples(f"val-{self.seed}", int(self.cfg.eval_examples), self.ctx)  # (n, ctx), (n,)
+        digest = ExampleDigest("classification", self.ctx)
+        digest.add(x, y)
+        bs, losses, right = int(self.cfg.eval_batch_size), [], []
         for lo in range(0, len(y), bs):
             xb, yb = x[lo:lo + bs].to(device), y[lo:lo + bs].to(device)
             with autocast():
                 logits = model(xb, (xb != PAD).sum(-1)).float()
             losses.append(F.cross_entropy(logits, yb, reduction="sum").item())
-            correct += int((logits.argmax(-1) == yb).sum())
+            right += (logits.argmax(-1) == yb).int().tolist()  # (B,) 1 right, 0 wrong
         model.train()
         majority = int(torch.bincount(y, minlength=self.n_classes).max()) / len(y)
-        return {"val_loss": sum(losses) / len(y), "val_acc": correct / len(y), "val_majority_acc": majority,
-                "val_examples": len(y)}
+        return {"val_loss": sum(losses) / len(y), "val_acc": sum(right) / len(y), "val_majority_acc": majority,
+                "val_examples": len(y), "val_example_acc": right, "val_examples_hash": digest.hexdigest()}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tasks.cache import cached
 from tasks.longqa import generators as gen
 from tasks.registry import register
+from tasks.scores import ExampleDigest
 
 IGNORE = -100
 DEPTH_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
@@ -247,12 +248,17 @@ class LongQATask:
         return [gen.Example(task, r["ids"], r["answer_pos"], targets=r.get("targets"))
                 for r in cached("longqa", config, build)]
 
-    def _score(self, model, task: str, exs: list[gen.Example], device, autocast) -> tuple[float, list[float]]:
-        """(examples right, summed over exs; the answer-token losses of each batch). MQAR: the fraction of
-        queried values recalled (Zoology's accuracy); the others: exact match, every answer token right."""
-        bs, correct, losses = int(self.cfg.eval_batch_size), 0.0, []
+    def _score(self, model, task: str, exs: list[gen.Example], device, autocast,
+               digest: ExampleDigest | None = None) -> tuple[list[float], list[float]]:
+        """(each example's score, in order; the answer-token losses of each batch). MQAR: the fraction of queried
+        values recalled (Zoology's accuracy); the others: exact match, 1 when every answer token is right, else 0.
+        `digest` takes each batch's inputs and targets (tasks/scores.py)."""
+        bs, scores, losses = int(self.cfg.eval_batch_size), [], []
         for lo in range(0, len(exs), bs):
-            x, y = (t.to(device) for t in to_tensors(exs[lo:lo + bs]))
+            x, y = to_tensors(exs[lo:lo + bs])  # (B, L-1) each
+            if digest is not None:
+                digest.add(x, y)
+            x, y = x.to(device), y.to(device)
             at = y != IGNORE
             with autocast():
                 logits = model(x, at=at).float()  # (N, V): the answer positions, row-major
@@ -260,9 +266,9 @@ class LongQATask:
             row = at.nonzero()[:, 0]  # the example of each answer
             hits = torch.zeros(len(x), device=device).index_add_(0, row, hit)  # (B,)
             answers = at.sum(-1)
-            correct += float((hits / answers).sum()) if task == "mqar" else int((hits == answers).sum())
+            scores += (hits / answers if task == "mqar" else (hits == answers).float()).tolist()
             losses.append(F.cross_entropy(logits, y[at]).item())
-        return correct, losses
+        return scores, losses
 
     @torch.no_grad()
     def validate(self, model, device, autocast) -> dict:
@@ -275,8 +281,8 @@ class LongQATask:
         right, n, losses = 0.0, 0, []
         for task in self.mixture:
             exs = self._held_out("dev", task, self.ctx, None, self.dev_examples)
-            c, ls = self._score(model, task, exs, device, autocast)
-            right, n, losses = right + c, n + len(exs), losses + ls
+            scores, ls = self._score(model, task, exs, device, autocast)
+            right, n, losses = right + sum(scores), n + len(exs), losses + ls
         model.train(was_training)
         return {"dev_acc": right / n, "dev_loss": sum(losses) / len(losses)}
 
@@ -284,21 +290,25 @@ class LongQATask:
     def evaluate(self, model, device, autocast) -> dict:
         model.eval()
         n = int(self.cfg.eval_examples)
-        cells, losses = [], []
+        cells, losses, at_ctx_scores = [], [], []
+        digest = ExampleDigest("longqa", self.ctx)  # the examples at ctx: what val_acc reads
         for task, length, depth in self.eval_cells():
             exs = self.eval_examples(task, length, depth, n)
             if not exs:
                 continue
-            correct, ls = self._score(model, task, exs, device, autocast)
-            if length == self.ctx:
+            trained_length = length == self.ctx
+            scores, ls = self._score(model, task, exs, device, autocast, digest if trained_length else None)
+            if trained_length:
                 losses += ls
+                at_ctx_scores += scores
             cells.append({"subtask": task, "length": length, "depth": depth, "n": len(exs),
-                          "acc": correct / len(exs)})
+                          "acc": sum(scores) / len(exs)})
         model.train()
-        at_ctx = [c for c in cells if c["length"] == self.ctx]
         out = {"longqa_cells": cells,
-               "val_acc": sum(c["acc"] * c["n"] for c in at_ctx) / max(1, sum(c["n"] for c in at_ctx)),
-               "val_loss": sum(losses) / max(1, len(losses))}
+               "val_acc": sum(at_ctx_scores) / max(1, len(at_ctx_scores)),
+               "val_loss": sum(losses) / max(1, len(losses)),
+               "val_example_acc": at_ctx_scores, "val_examples_hash": digest.hexdigest()}
+        at_ctx = [c for c in cells if c["length"] == self.ctx]
         for task in self.mixture:
             mine = [c for c in at_ctx if c["subtask"] == task]
             if mine:
