@@ -3,7 +3,8 @@
     python -m bench.report [--results results]      (`make plots`)
 
 Tables: summary.csv (one row per run); comparisons.md and .csv (bench/gaps.py: every pair of architectures
-trained at the same language-modeling point, compared window by window on the same text); recall.md; eval.md.
+trained at the same point, compared window by window on the same text, or example by example on the same test
+examples); recall.md; eval.md.
 
 Plots (RESULTS/plots/):
   loss_vs_flops.png      validation loss vs training FLOPs, one line per architecture (log x),
@@ -99,8 +100,8 @@ def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_comparisons(best: pd.DataFrame, results: Path) -> pd.DataFrame:
     """RESULTS/comparisons.csv and comparisons.md (bench/gaps.py): every pair of architectures trained at the same
-    language-modeling point, their perplexity ratio and its interval over the text evaluated; none when no point
-    has two architectures. Returns the pairs."""
+    point, their perplexity ratio (LM) or accuracy difference (QA, classification) with its interval and p-value
+    over the text or examples evaluated; none when no point has two architectures. Returns the pairs."""
     pairs = comparisons_frame(best)
     if not pairs.empty:
         buf = io.StringIO()

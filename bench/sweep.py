@@ -292,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_comparisons(results: Path, runs: list[dict]) -> None:
-    """The sweep's pairs from RESULTS/comparisons.csv (the report's, bench/gaps.py): each architecture's
-    perplexity over another's at the same point, with the interval of the text evaluated."""
+    """The pairs the sweep's runs take part in, from RESULTS/comparisons.csv (the report's, bench/gaps.py): each
+    architecture's perplexity over another's (or accuracy minus another's) at the same point, with the interval
+    of the text or examples evaluated."""
     path = results / "comparisons.csv"
     if not path.exists():
         return
