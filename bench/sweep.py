@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
 
     report(results)
     print_comparisons(results, runs)
+    tables = [results / name for name in ("summary.csv", "comparisons.md") if (results / name).exists()]
     print(f"[ttt-bench] sweep {sweep_id}: {len(runs) - len(failed)}/{len(runs)} runs ok in "
-          f"{time.perf_counter() - t0:.0f}s; see {results / 'summary.csv'} and {results / 'plots'}")
+          f"{time.perf_counter() - t0:.0f}s; see {', '.join(map(str, tables))} and {results / 'plots'}")
     return 1 if failed or not runs else 0
 
 

@@ -196,6 +196,7 @@ def test_smoke_sweep_every_architecture_learns(tmp_path):
     n = len(rows)
     assert len(pairs) == n * (n - 1) // 2 and all(float(p["n"]) >= 2 and p["call"] for p in pairs)
     assert res.stdout.count(" perplexity ") == min(len(pairs), 12) and "windows)" in res.stdout
+    assert f"see {tmp_path / 'summary.csv'}, {tmp_path / 'comparisons.md'} and" in res.stdout
 
 
 def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
