@@ -199,10 +199,13 @@ def test_smoke_sweep_every_architecture_learns(tmp_path):
     assert f"see {tmp_path / 'summary.csv'}, {tmp_path / 'comparisons.md'} and" in res.stdout
 
 
+@pytest.mark.slow
 def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
     """LRS=: every size at each lr, one folder per lr, lr in every summary; the plots and the report's
     best-run table take each point's best lr by validation loss; metric_vs_lr.png draws them all. JOBS=2:
-    both runs at once, each a process of Hydra's joblib launcher."""
+    both runs at once, each a process of Hydra's joblib launcher. (20 s on 2 cores: the slow tier; the fast one
+    keeps the best-lr choice, test_best_lr_is_chosen_on_the_dev_split_not_the_reported_one, and the JOBS=2
+    command, tests/test_distributed.py.)"""
     import pandas as pd
 
     from bench.report import latest_ok, lr_sweeps, summary_table
@@ -223,6 +226,9 @@ def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
     assert (tmp_path / "plots" / "metric_vs_lr.png").exists()
     drawn = lr_sweeps(table)  # what metric_vs_lr.png draws: both lrs, the ring on latest_ok's pick
     assert sorted(drawn["lr"]) == [1e-5, 1e-2] and drawn.loc[drawn["best"], "lr"].tolist() == [1e-2]
+
+
+def test_a_bad_lrs_list_exits_2_with_the_reason(tmp_path):
     bad = sweep("--lrs", "1e-3,fast", results=tmp_path / "bad")  # one subprocess: the real exit status
     assert bad.returncode == 2 and "LRS must be a comma list" in bad.stderr
 
