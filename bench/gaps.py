@@ -54,24 +54,22 @@ def paired_gap(a, b, metric: str = "val_loss") -> tuple[float, float, int] | Non
     """Run a's metric minus run b's, its standard error and the number of items: the mean and the standard error
     of the per-item differences (paired_items; None without them)."""
     items = paired_items(a, b, metric)
-    if items is None:
-        return None
-    diff = [x - y for x, y in zip(*items)]
+    return None if items is None else _mean_and_sem([x - y for x, y in zip(*items)])
+
+
+def _mean_and_sem(diff: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(diff), statistics.stdev(diff) / math.sqrt(len(diff)), len(diff)
 
 
-def paired_test(wa: list[float], wb: list[float], scores: bool = False) -> tuple[float, str]:
-    """(two-sided p-value of "a and b have the same mean", the test): for right/wrong scores (`scores` and every
-    value 0 or 1) McNemar's exact test, the binomial test of the examples only one run got right, which stays
-    honest when they are few (the t test calls 4 to 0 of 200 beyond noise at 95%, the exact test gives p =
-    0.125); otherwise the paired t test over the per-item differences (its p < 1 - LEVEL exactly when the LEVEL
-    interval excludes 0)."""
-    diff = [x - y for x, y in zip(wa, wb)]
-    if scores and all(v in (0, 1) for v in (*wa, *wb)):
+def paired_test(diff: list[float], gap: float, sem: float, right_or_wrong: bool) -> tuple[float, str]:
+    """(two-sided p-value of "a and b have the same mean", the test) for the per-item differences a - b, their
+    mean and standard error: for right/wrong scores (every value of both runs 0 or 1) McNemar's exact test, the
+    binomial test of the examples only one run got right, which stays honest when they are few (the t test calls
+    4 to 0 of 200 beyond noise at 95%, the exact test gives p = 0.125); otherwise the paired t test (its p <
+    1 - LEVEL exactly when the LEVEL interval excludes 0)."""
+    if right_or_wrong:
         a_only, b_only = diff.count(1), diff.count(-1)
         return (binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0), "McNemar exact"
-    sem = statistics.stdev(diff) / math.sqrt(len(diff))
-    gap = statistics.fmean(diff)
     if sem == 0:
         return (1.0 if gap == 0 else 0.0), "paired t"
     return float(2 * student_t.sf(abs(gap) / sem, len(diff) - 1)), "paired t"
@@ -86,8 +84,10 @@ def paired_row(a, b, metric: str = "val_loss") -> dict:
     if items is None:
         return {"gap": a.get(metric, math.nan) - b.get(metric, math.nan), "gap_sem": math.nan, "n": pd.NA,
                 "half_width": math.nan, "p_value": math.nan, "test": "", "call": ""}
-    gap, sem, n = paired_gap(a, b, metric)
-    p, test = paired_test(*items, scores=metric == "val_acc")
+    diff = [x - y for x, y in zip(*items)]
+    gap, sem, n = _mean_and_sem(diff)
+    right_or_wrong = metric == "val_acc" and all(v in (0, 1) for values in items for v in values)
+    p, test = paired_test(diff, gap, sem, right_or_wrong)
     half = float(student_t.ppf((1 + LEVEL) / 2, n - 1)) * sem
     call = "within noise" if p >= 1 - LEVEL else ("lower" if gap < 0 else "higher")
     return {"gap": gap, "gap_sem": sem, "n": n, "half_width": half, "p_value": p, "test": test, "call": call}

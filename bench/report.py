@@ -98,17 +98,16 @@ def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(picked)
 
 
-def write_comparisons(best: pd.DataFrame, results: Path) -> pd.DataFrame:
+def write_comparisons(best: pd.DataFrame, results: Path) -> None:
     """RESULTS/comparisons.csv and comparisons.md (bench/gaps.py): every pair of architectures trained at the same
     point, their perplexity ratio (LM) or accuracy difference (QA, classification) with its interval and p-value
-    over the text or examples evaluated; none when no point has two architectures. Returns the pairs."""
+    over the text or examples evaluated; none when no point has two architectures."""
     pairs = comparisons_frame(best)
     if not pairs.empty:
         buf = io.StringIO()
         pairs.to_csv(buf, index=False)
         atomic_write_text(results / "comparisons.csv", buf.getvalue())
         atomic_write_text(results / "comparisons.md", comparisons_markdown(pairs))
-    return pairs
 
 
 def write_recall_table(best: pd.DataFrame, path: Path) -> None:

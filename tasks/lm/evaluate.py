@@ -65,14 +65,15 @@ def evaluate_lm(model, windows, token_bytes: torch.Tensor, batch_size: int, devi
     loss = total_nats / (n_windows * ctx)
     by_pos = pos_sum / n_windows  # (T,) mean loss at each position
     buckets = [{"start": a, "end": b - 1, "loss": float(by_pos[a - 1:b - 1].mean())} for a, b in position_buckets(ctx)]
+    window_loss = [nats / ctx for nats in window_nats]  # (windows,) nats per token
     return {
         "val_loss": loss,
         "val_ppl": math.exp(loss),
         "val_bpb": total_nats / math.log(2) / max(total_bytes, 1),
-        "val_loss_sem": _sem([nats / ctx for nats in window_nats]),
+        "val_loss_sem": _sem(window_loss),
         "val_bpb_sem": _sem([nats / math.log(2) / max(b, 1) for nats, b in zip(window_nats, window_bytes)]),
         "val_tokens": n_windows * ctx,
-        "val_window_loss": [nats / ctx for nats in window_nats],  # (windows,)
+        "val_window_loss": window_loss,
         "val_windows_hash": windows.fingerprint(),
         "loss_by_position": buckets,
     }
