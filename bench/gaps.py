@@ -11,6 +11,8 @@ The accuracy tasks (longqa, classification) keep each test example's score the s
     gap        = mean over windows (examples) of (a - b)          nats per token, or accuracy (0-1)
     gap_sem    = stdev of the per-window differences / sqrt(n)
     half_width = t_{0.975, n - 1} x gap_sem                         the LEVEL interval, Student's t
+    ci_low, ci_high = gap -/+ half_width, or for right/wrong examples Newcombe's score interval (asymmetric; the t
+                 interval has zero width when every example differs alike: paired_proportion_interval)
     call       = 'lower' / 'higher' when the paired test's p < 1 - LEVEL, else 'within noise': the t test (the
                  interval excludes 0), or for right/wrong examples McNemar's exact test (paired_test)
 
@@ -26,7 +28,7 @@ import math
 import statistics
 
 import pandas as pd
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
 from scipy.stats import t as student_t
 
 from bench.plots import LABELS
@@ -34,7 +36,8 @@ from bench.plots import LABELS
 LEVEL = 0.95  # the two-sided level of the interval a gap must leave to count as beyond noise
 # the metric compared -> (the summary's per-item values, the hash of the items): windows of text, or test examples
 PAIRED_BY = {"val_loss": ("val_window_loss", "val_windows_hash"), "val_acc": ("val_example_acc", "val_examples_hash")}
-PAIR_FIELDS = ["arch", "versus", "gap", "gap_sem", "n", "half_width", "p_value", "test", "call"]  # a pair's columns
+PAIR_FIELDS = ["arch", "versus", "gap", "gap_sem", "n", "half_width", "ci_low", "ci_high", "p_value", "test",
+               "call"]  # a pair's columns
 POINT = ["task", "data", "size", "ctx", "match", "recipe"]  # the point two runs of a sweep share to be compared
 COMPARISON_COLUMNS = POINT + ["metric"] + PAIR_FIELDS + ["ppl_ratio", "ppl_half_width"]  # comparisons.csv
 
@@ -75,22 +78,65 @@ def paired_test(diff: list[float], gap: float, sem: float, right_or_wrong: bool)
     return float(2 * student_t.sf(abs(gap) / sem, len(diff) - 1)), "paired t"
 
 
+def _wilson(right: int, n: int, z: float) -> tuple[float, float]:
+    """The Wilson score interval of a proportion, right of n, at the normal quantile z."""
+    center = (right + z * z / 2) / (n + z * z)
+    half = z * math.sqrt(right * (n - right) / n + z * z / 4) / (n + z * z)
+    return center - half, center + half
+
+
+def paired_proportion_interval(a: list[float], b: list[float]) -> tuple[float, float]:
+    """The LEVEL interval of mean(a) - mean(b) for two runs' right/wrong scores (0 or 1) on the same examples:
+    Newcombe's hybrid score interval (Statist. Med. 17:2635-2650, 1998, method 10). With both = right in both runs,
+    a_only, b_only, neither the other cells, p1 = mean(a), p2 = mean(b), [l1, u1] and [l2, u2] their Wilson
+    intervals and phi their correlation (Newcombe's continuity-corrected numerator):
+
+        low  = p1 - p2 - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
+        high = p1 - p2 + sqrt((u1 - p1)^2 - 2 phi (u1 - p1)(p2 - l2) + (p2 - l2)^2)
+
+    Unlike Student's t over the differences it never has zero width: 0 of 80 right against 80 of 80 is
+    [-100, -93.5] points, not -100 ± 0. Near the edge of noise it can exclude 0 where McNemar's exact test, which
+    makes the call, still gives p > 1 - LEVEL (59 / 6 / 16 / 80 examples: [-11.9, -0.5] points, p = 0.052)."""
+    n = len(a)
+    a_only = sum(1 for x, y in zip(a, b) if x > y)
+    b_only = sum(1 for x, y in zip(a, b) if y > x)
+    both = sum(1 for x, y in zip(a, b) if x == y == 1)
+    neither = n - both - a_only - b_only
+    z = float(norm.ppf((1 + LEVEL) / 2))
+    p1, p2 = (both + a_only) / n, (both + b_only) / n
+    (l1, u1), (l2, u2) = _wilson(both + a_only, n, z), _wilson(both + b_only, n, z)
+    margins = (both + a_only) * (b_only + neither) * (both + b_only) * (a_only + neither)
+    cross = both * neither - a_only * b_only
+    cross = cross - n / 2 if cross > n / 2 else min(cross, 0)  # Newcombe's correction of phi's numerator
+    phi = cross / math.sqrt(margins) if margins else 0.0
+    low = p1 - p2 - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    high = p1 - p2 + math.sqrt((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2)
+    return max(-1.0, low), min(1.0, high)
+
+
 def paired_row(a, b, metric: str = "val_loss") -> dict:
-    """Runs a and b compared on `metric` as PAIR_FIELDS' last seven: the gap (a - b), its standard error, the
-    items, the half width of its LEVEL interval (Student's t, n - 1 degrees of freedom), the p-value and its test
-    (paired_test), and the call: 'lower' / 'higher' when p < 1 - LEVEL, else 'within noise'. Without a pairing,
-    the gap of the means, NaN and ''."""
+    """Runs a and b compared on `metric` as PAIR_FIELDS' last nine: the gap (a - b), its standard error, the
+    items, the half width of its LEVEL interval (Student's t, n - 1 degrees of freedom; NaN for right/wrong
+    examples), the interval's ends (gap -/+ half width, or paired_proportion_interval for right/wrong examples),
+    the p-value and its test (paired_test), and the call: 'lower' / 'higher' when p < 1 - LEVEL, else 'within
+    noise'. Without a pairing, the gap of the means, NaN and ''."""
     items = paired_items(a, b, metric)
     if items is None:
         return {"gap": a.get(metric, math.nan) - b.get(metric, math.nan), "gap_sem": math.nan, "n": pd.NA,
-                "half_width": math.nan, "p_value": math.nan, "test": "", "call": ""}
+                "half_width": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "test": "",
+                "call": ""}
     diff = [x - y for x, y in zip(*items)]
     gap, sem, n = _mean_and_sem(diff)
     right_or_wrong = metric == "val_acc" and all(v in (0, 1) for values in items for v in values)
     p, test = paired_test(diff, gap, sem, right_or_wrong)
-    half = float(student_t.ppf((1 + LEVEL) / 2, n - 1)) * sem
+    if right_or_wrong:
+        half, (low, high) = math.nan, paired_proportion_interval(*items)
+    else:
+        half = float(student_t.ppf((1 + LEVEL) / 2, n - 1)) * sem
+        low, high = gap - half, gap + half
     call = "within noise" if p >= 1 - LEVEL else ("lower" if gap < 0 else "higher")
-    return {"gap": gap, "gap_sem": sem, "n": n, "half_width": half, "p_value": p, "test": test, "call": call}
+    return {"gap": gap, "gap_sem": sem, "n": n, "half_width": half, "ci_low": low, "ci_high": high, "p_value": p,
+            "test": test, "call": call}
 
 
 def legend_order(archs) -> list[str]:
@@ -118,9 +164,9 @@ def compared_metric(task: str) -> str:
 def comparisons_frame(best: pd.DataFrame) -> pd.DataFrame:
     """Every pair of architectures trained at the same point (POINT: task, data, size, ctx, match, recipe), from
     the report's best run per point (bench/report.latest_ok), on compared_metric. For the loss, ppl_ratio =
-    exp(gap) - 1 (a's perplexity over b's, minus 1) and ppl_half_width = exp(half_width) - 1. half_width is NaN
-    where the pair could not be paired: runs written before per-item values were kept, or evaluated on other
-    text or examples."""
+    exp(gap) - 1 (a's perplexity over b's, minus 1) and ppl_half_width = exp(half_width) - 1. The interval
+    (ci_low, ci_high) is NaN where the pair could not be paired: runs written before per-item values were kept, or
+    evaluated on other text or examples."""
     if best.empty or not set(POINT) <= set(best.columns):
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
     groups = sorted(best.groupby(POINT, dropna=False),  # by task, data and ctx, then the smaller models' points first
@@ -146,16 +192,21 @@ def _scale(runs: pd.DataFrame) -> float:
 
 def difference(r) -> tuple[str, str]:
     """(the difference, its interval) as shown: the perplexity ratio - 1 for the loss ('+3.1%', '±0.7%'), the
-    accuracy difference in points for the others ('+8.8 points', '±3.0'); '' for the interval of an unpaired gap."""
-    paired = pd.notna(r["half_width"])
-    if r["metric"] == "val_loss":
-        return f"{r['ppl_ratio']:+.1%}", f"±{r['ppl_half_width']:.1%}" if paired else ""
-    return f"{100 * r['gap']:+.1f} points", f"±{100 * r['half_width']:.1f}" if paired else ""
+    accuracy difference in points for the others ('+8.8 points', '[+5.2, +12.3]'); '' for the interval of an
+    unpaired gap."""
+    if pd.isna(r["ci_low"]):
+        interval = ""
+    elif r["metric"] == "val_loss":
+        interval = f"±{r['ppl_half_width']:.1%}"
+    else:
+        interval = f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+    shown = f"{r['ppl_ratio']:+.1%}" if r["metric"] == "val_loss" else f"{100 * r['gap']:+.1f} points"
+    return shown, interval
 
 
 def comparison_phrase(r) -> str:
-    """'perplexity +3.1% ± 0.7% (higher beyond noise, 32 windows)', 'accuracy +8.8 points ± 3.0 (higher beyond
-    noise, 1000 examples)': a's metric against b's, its interval, and the call."""
+    """'perplexity +3.1% ± 0.7% (higher beyond noise, 32 windows)', 'accuracy +8.8 points [+5.2, +12.3] (higher
+    beyond noise, 1000 examples)': a's metric against b's, its interval, and the call."""
     shown, interval = difference(r)
     what, items = ("perplexity", "windows") if r["metric"] == "val_loss" else ("accuracy", "examples")
     if not interval:
@@ -186,8 +237,10 @@ METRIC_NOTES = {
     "val_loss": "validation loss, compared window by window on the same text; `difference` is the first's perplexity "
                 "over the second's, minus 1; `n` the windows",
     "val_acc": "test accuracy, compared example by example on the same examples; `difference` is the first's "
-               "accuracy minus the second's, in percentage points; `n` the examples; where every example is right "
-               "or wrong, `p` is McNemar's exact test (the examples only one of the two got right)",
+               "accuracy minus the second's, in percentage points, with its interval in points; `n` the examples; "
+               "where every example is right or wrong, the interval is Newcombe's score interval for paired "
+               "proportions and `p` McNemar's exact test (the examples only one of the two got right), which with "
+               "few such examples is the stricter of the two: an interval just clear of 0 can still be within noise",
 }
 
 
@@ -197,10 +250,11 @@ def comparisons_markdown(df: pd.DataFrame) -> str:
              "Each pair of architectures trained at the same point (size, context, data, match, recipe; each at its "
              "best lr), compared item by item, where each item's own difficulty cancels. The "
              f"{LEVEL:.0%} interval covers the noise of the text or examples evaluated (Student's t over the per-item "
-             "differences), not the seed-to-seed noise of training; `p` is the paired test's two-sided p-value, and "
+             "differences; for right/wrong examples Newcombe's score interval), not the seed-to-seed noise of "
+             "training; `p` is the paired test's two-sided p-value, and "
              f"`call` says whether the first's metric is lower or higher beyond the noise (p < {1 - LEVEL:.2g}). More "
              "evaluation (`task.eval_tokens`, `task.eval_examples`) narrows the interval. comparisons.csv has the same "
-             "pairs, the gap in nats per token or accuracy (0-1).", ""]
+             "pairs, the gap and its interval's ends (`ci_low`, `ci_high`) in nats per token or accuracy (0-1).", ""]
     for (task, data), g in df.groupby(["task", "data"], sort=False):
         lines += [f"## task={task} data={data}", "", f"Metric: {METRIC_NOTES[g['metric'].iloc[0]]}.", "",
                   f"| size | ctx | match | recipe | architecture | versus | difference | {LEVEL:.0%} interval | n | "

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy.stats import t as student_t
 
-from bench.gaps import comparison_lines, comparisons_frame, comparisons_markdown
+from bench.gaps import comparison_lines, comparisons_frame, comparisons_markdown, paired_proportion_interval
 from bench.report import report
 
 HARD = [3.0, 4.0, 2.0, 5.0, 3.5, 2.5]  # each window's difficulty: it moves every architecture's loss alike
@@ -47,13 +47,14 @@ def test_every_pair_at_a_point_is_compared_window_by_window():
     sem = statistics.stdev(diffs) / math.sqrt(6)
     assert row["gap"] == pytest.approx(0.02) and row["gap_sem"] == pytest.approx(sem)
     assert row["half_width"] == pytest.approx(T95_5 * sem, rel=1e-5) and row["n"] == 6
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.02 - T95_5 * sem, 0.02 + T95_5 * sem), rel=1e-5)
     assert row["ppl_ratio"] == pytest.approx(math.expm1(0.02))
     assert row["ppl_half_width"] == pytest.approx(math.expm1(T95_5 * sem), rel=1e-5) and row["call"] == "higher"
     assert row["p_value"] == pytest.approx(2 * student_t.sf(0.02 / sem, 5)) and row["test"] == "paired t"
     wobbly = df[(df["size"] == "xs") & (df["data"] == "shakespeare") & (df["arch"] == "mamba")].iloc[0]
     assert wobbly["call"] == "within noise"
     for unpaired in df[df["size"].eq("s") | df["data"].eq("pycode")].itertuples():
-        assert math.isnan(unpaired.half_width) and unpaired.call == ""
+        assert math.isnan(unpaired.half_width) and math.isnan(unpaired.ci_low) and unpaired.call == ""
     assert df.iloc[-1]["gap"] == pytest.approx(0.1)  # the gap of the means
 
     md = comparisons_markdown(df)
@@ -66,7 +67,8 @@ def test_every_pair_at_a_point_is_compared_window_by_window():
 
 def test_accuracy_tasks_are_compared_example_by_example():
     """Two classifiers scored on the same 200 examples: b right wherever a is, and on 20 more (+10 points): beyond
-    noise. On 4 more only, the t interval would call it, but McNemar's exact test (p = 0.125) does not."""
+    noise. On 4 more only, Student's t interval would call it, but McNemar's exact test (p = 0.125) does not, and
+    Newcombe's interval, shown instead of t's for right/wrong examples, holds 0."""
     a = [1] * 100 + [0] * 100
     better, slightly = a[:100] + [1] * 20 + [0] * 80, a[:100] + [1] * 4 + [0] * 96
 
@@ -76,22 +78,24 @@ def test_accuracy_tasks_are_compared_example_by_example():
 
     df = comparisons_frame(pd.DataFrame([clf("transformer", a), clf("mamba", better), clf("ttt_linear", slightly)]))
     row = df.set_index(["arch", "versus"]).loc[("transformer", "mamba")]
-    diffs = [x - y for x, y in zip(a, better)]
-    sem = statistics.stdev(diffs) / math.sqrt(200)
     assert row["metric"] == "val_acc" and row["gap"] == pytest.approx(-0.1) and row["n"] == 200
-    assert row["half_width"] == pytest.approx(1.971957 * sem, rel=1e-5)  # t, 199 degrees of freedom
-    assert row["call"] == "lower" and math.isnan(row["ppl_ratio"])
-    few = df.set_index(["arch", "versus"]).loc[("transformer", "ttt_linear")]  # 4 to 0: the t interval excludes 0
-    assert few["half_width"] < 0.02 and few["p_value"] == pytest.approx(0.125) and few["call"] == "within noise"
+    low, high = paired_proportion_interval(a, better)
+    assert (row["ci_low"], row["ci_high"]) == (low, high) and -0.15 < low < -0.1 < high < -0.05
+    assert math.isnan(row["half_width"]) and row["call"] == "lower" and math.isnan(row["ppl_ratio"])
+    few = df.set_index(["arch", "versus"]).loc[("transformer", "ttt_linear")]  # 4 to 0
+    t_half = 1.971957 * statistics.stdev([x - y for x, y in zip(a, slightly)]) / math.sqrt(200)  # 199 d.o.f.
+    assert t_half < 0.02 == -few["gap"]  # Student's t interval would exclude 0 ...
+    assert few["p_value"] == pytest.approx(0.125) and few["call"] == "within noise"  # ... the exact test does not
+    assert few["ci_low"] < 0 < few["ci_high"]
     md = comparisons_markdown(df)
     assert "## task=classification data=listops" in md and "in percentage points" in md
     p = 2 * 0.5 ** 20  # McNemar's exact test: 20 examples only mamba got right, none only the transformer
     assert row["p_value"] == pytest.approx(p) and row["test"] == "McNemar exact"
-    assert f"| xs | 64 | params | shared | transformer | mamba | -10.0 points | ±{100 * 1.971957 * sem:.1f} | 200 | " \
-           f"{p:.2g} | lower |" in md
+    interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+    assert f"| transformer | mamba | -10.0 points | {interval} | 200 | {p:.2g} | lower |" in md
     line = comparison_lines(df, [clf("mamba", better)])[0]
     assert line.startswith("xs ctx 64 task=classification data=listops: transformer vs mamba accuracy -10.0 points")
-    assert line.endswith("(lower beyond noise, 200 examples)")
+    assert line.endswith(f"points {interval} (lower beyond noise, 200 examples)")
     other = comparisons_frame(pd.DataFrame([clf("transformer", a), clf("mamba", better, text="f")]))
     assert other["call"].iloc[0] == "" and "not scored on the same examples" not in comparison_lines(other, [])
     assert "(means only: not evaluated on the same examples)" in comparison_lines(other, [clf("mamba", better)])[0]
@@ -124,3 +128,19 @@ def test_the_report_writes_the_comparisons_beside_the_summary(tmp_path):
                                                                                            "higher")]
     p = 2 * student_t.sf(0.02 / (0.001 * math.sqrt(6 / 5) / math.sqrt(6)), 5)  # the paired t test, by hand
     assert f"transformer | mamba | +2.0% | ±0.1% | 6 | {p:.2g} | higher |" in (tmp_path / "comparisons.md").read_text()
+
+
+def test_the_interval_of_paired_right_or_wrong_scores_is_newcombes():
+    """Newcombe's hybrid score interval against a published example: 161 patients, 59 responding at both times, 6
+    at the first only, 16 at the second only, 80 at neither (Cavo et al. 2012; Fagerland, Lydersen and Laake,
+    Statistical Analysis of Contingency Tables, 2017, chapter 8: -0.0621, 95% interval -0.1186 to -0.0046).
+    Where every example differs alike, Student's t interval has zero width; Newcombe's does not."""
+    first = [1] * 59 + [1] * 6 + [0] * 16 + [0] * 80
+    second = [1] * 59 + [0] * 6 + [1] * 16 + [0] * 80
+    assert paired_proportion_interval(first, second) == pytest.approx((-0.1186, -0.0046), abs=5e-5)
+    low, high = paired_proportion_interval([0] * 80, [1] * 80)  # 0 of 80 right against 80 of 80
+    assert low == -1.0 and -0.96 < high < -0.9
+    low, high = paired_proportion_interval([1] * 80, [1] * 80)  # the same 80 right: no difference seen
+    assert low == pytest.approx(-high) and 0.03 < high < 0.06
+    swapped = paired_proportion_interval(second, first)
+    assert swapped == pytest.approx((0.0046, 0.1186), abs=5e-5)  # a - b is -(b - a)
