@@ -12,9 +12,9 @@ The accuracy tasks (longqa, classification) keep each test example's score the s
     gap_sem    = stdev of the per-window differences / sqrt(n)
     half_width = t_{0.975, n - 1} x gap_sem                         the LEVEL interval, Student's t
     ci_low, ci_high = gap -/+ half_width, or for right/wrong examples Newcombe's score interval (asymmetric; the t
-                 interval has zero width when every example differs alike: paired_proportion_interval)
+                 interval has zero width when every example differs alike: newcombe_interval)
     call       = 'lower' / 'higher' when the paired test's p < 1 - LEVEL, else 'within noise': the t test (the
-                 interval excludes 0), or for right/wrong examples McNemar's exact test (paired_test)
+                 interval excludes 0), or for right/wrong examples McNemar's exact test (mcnemar_exact_p)
 
 The interval covers the evaluation's noise only: seed-to-seed noise of training is not in it, and adjacent windows
 of one document are not quite independent, so for the loss it is a little narrow.
@@ -64,18 +64,27 @@ def _mean_and_sem(diff: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(diff), statistics.stdev(diff) / math.sqrt(len(diff)), len(diff)
 
 
-def paired_test(diff: list[float], gap: float, sem: float, right_or_wrong: bool) -> tuple[float, str]:
-    """(two-sided p-value of "a and b have the same mean", the test) for the per-item differences a - b, their
-    mean and standard error: for right/wrong scores (every value of both runs 0 or 1) McNemar's exact test, the
-    binomial test of the examples only one run got right, which stays honest when they are few (the t test calls
-    4 to 0 of 200 beyond noise at 95%, the exact test gives p = 0.125); otherwise the paired t test (its p <
-    1 - LEVEL exactly when the LEVEL interval excludes 0)."""
-    if right_or_wrong:
-        a_only, b_only = diff.count(1), diff.count(-1)
-        return (binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0), "McNemar exact"
+def paired_t_p(gap: float, sem: float, n: int) -> float:
+    """Two-sided p-value of "a and b have the same mean" from n per-item differences a - b, their mean and standard
+    error: the paired t test (its p < 1 - LEVEL exactly when the LEVEL t interval excludes 0)."""
     if sem == 0:
-        return (1.0 if gap == 0 else 0.0), "paired t"
-    return float(2 * student_t.sf(abs(gap) / sem, len(diff) - 1)), "paired t"
+        return 1.0 if gap == 0 else 0.0
+    return float(2 * student_t.sf(abs(gap) / sem, n - 1))
+
+
+def mcnemar_exact_p(a_only: int, b_only: int) -> float:
+    """Two-sided p-value of "a and b are right as often" for right/wrong scores, from the examples only a got right
+    and only b got right: McNemar's exact test (the binomial test of those examples), which stays honest when they
+    are few (the t test calls 4 to 0 of 200 beyond noise at 95%, the exact test gives p = 0.125)."""
+    return binomtest(a_only, a_only + b_only).pvalue if a_only + b_only else 1.0
+
+
+def right_or_wrong_cells(a: list[float], b: list[float]) -> tuple[int, int, int, int]:
+    """(both right, only a right, only b right, neither) over the examples of two runs' 0/1 scores."""
+    a_only = sum(1 for x, y in zip(a, b) if x > y)
+    b_only = sum(1 for x, y in zip(a, b) if y > x)
+    both = sum(1 for x, y in zip(a, b) if x == y == 1)
+    return both, a_only, b_only, len(a) - both - a_only - b_only
 
 
 def _wilson(right: int, n: int, z: float) -> tuple[float, float]:
@@ -87,9 +96,15 @@ def _wilson(right: int, n: int, z: float) -> tuple[float, float]:
 
 def paired_proportion_interval(a: list[float], b: list[float]) -> tuple[float, float]:
     """The LEVEL interval of mean(a) - mean(b) for two runs' right/wrong scores (0 or 1) on the same examples:
-    Newcombe's hybrid score interval (Statist. Med. 17:2635-2650, 1998, method 10). With both = right in both runs,
-    a_only, b_only, neither the other cells, p1 = mean(a), p2 = mean(b), [l1, u1] and [l2, u2] their Wilson
-    intervals and phi their correlation (Newcombe's continuity-corrected numerator):
+    newcombe_interval of their right_or_wrong_cells."""
+    return newcombe_interval(*right_or_wrong_cells(a, b))
+
+
+def newcombe_interval(both: int, a_only: int, b_only: int, neither: int) -> tuple[float, float]:
+    """The LEVEL interval of a's accuracy minus b's from the paired 2 x 2 table of right/wrong examples (both
+    right, only a, only b, neither): Newcombe's hybrid score interval (Statist. Med. 17:2635-2650, 1998, method
+    10). With p1, p2 the two accuracies, [l1, u1] and [l2, u2] their Wilson intervals and phi their correlation
+    (Newcombe's continuity-corrected numerator):
 
         low  = p1 - p2 - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
         high = p1 - p2 + sqrt((u1 - p1)^2 - 2 phi (u1 - p1)(p2 - l2) + (p2 - l2)^2)
@@ -97,11 +112,7 @@ def paired_proportion_interval(a: list[float], b: list[float]) -> tuple[float, f
     Unlike Student's t over the differences it never has zero width: 0 of 80 right against 80 of 80 is
     [-100, -93.5] points, not -100 ± 0. Near the edge of noise it can exclude 0 where McNemar's exact test, which
     makes the call, still gives p > 1 - LEVEL (59 / 6 / 16 / 80 examples: [-11.9, -0.5] points, p = 0.052)."""
-    n = len(a)
-    a_only = sum(1 for x, y in zip(a, b) if x > y)
-    b_only = sum(1 for x, y in zip(a, b) if y > x)
-    both = sum(1 for x, y in zip(a, b) if x == y == 1)
-    neither = n - both - a_only - b_only
+    n = both + a_only + b_only + neither
     z = float(norm.ppf((1 + LEVEL) / 2))
     p1, p2 = (both + a_only) / n, (both + b_only) / n
     (l1, u1), (l2, u2) = _wilson(both + a_only, n, z), _wilson(both + b_only, n, z)
@@ -117,9 +128,9 @@ def paired_proportion_interval(a: list[float], b: list[float]) -> tuple[float, f
 def paired_row(a, b, metric: str = "val_loss") -> dict:
     """Runs a and b compared on `metric` as PAIR_FIELDS' last nine: the gap (a - b), its standard error, the
     items, the half width of its LEVEL interval (Student's t, n - 1 degrees of freedom; NaN for right/wrong
-    examples), the interval's ends (gap -/+ half width, or paired_proportion_interval for right/wrong examples),
-    the p-value and its test (paired_test), and the call: 'lower' / 'higher' when p < 1 - LEVEL, else 'within
-    noise'. Without a pairing, the gap of the means, NaN and ''."""
+    examples), the interval's ends (gap -/+ half width, or newcombe_interval for right/wrong examples), the
+    p-value and its test (paired_t_p, or mcnemar_exact_p for right/wrong examples), and the call: 'lower' /
+    'higher' when p < 1 - LEVEL, else 'within noise'. Without a pairing, the gap of the means, NaN and ''."""
     items = paired_items(a, b, metric)
     if items is None:
         return {"gap": a.get(metric, math.nan) - b.get(metric, math.nan), "gap_sem": math.nan, "n": pd.NA,
@@ -127,11 +138,12 @@ def paired_row(a, b, metric: str = "val_loss") -> dict:
                 "call": ""}
     diff = [x - y for x, y in zip(*items)]
     gap, sem, n = _mean_and_sem(diff)
-    right_or_wrong = metric == "val_acc" and all(v in (0, 1) for values in items for v in values)
-    p, test = paired_test(diff, gap, sem, right_or_wrong)
-    if right_or_wrong:
-        half, (low, high) = math.nan, paired_proportion_interval(*items)
+    if metric == "val_acc" and all(v in (0, 1) for values in items for v in values):  # right/wrong examples
+        cells = right_or_wrong_cells(*items)
+        p, test, half = mcnemar_exact_p(*cells[1:3]), "McNemar exact", math.nan
+        low, high = newcombe_interval(*cells)
     else:
+        p, test = paired_t_p(gap, sem, n), "paired t"
         half = float(student_t.ppf((1 + LEVEL) / 2, n - 1)) * sem
         low, high = gap - half, gap + half
     call = "within noise" if p >= 1 - LEVEL else ("lower" if gap < 0 else "higher")
