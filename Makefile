@@ -27,6 +27,7 @@ VOCAB ?= 257
 RESULTS ?= results
 RESUME ?=
 LRS ?=
+SEEDS ?=
 RUN ?=
 TASKS ?=
 LIMIT ?=
@@ -59,6 +60,7 @@ help: ## list the targets and variables
 	@echo "           TASK=lm|longqa|mqar|mqar_zoology|passkey|classification (sweep CTX: default 2k, or the task's grid)"
 	@echo "           DATA=shakespeare|pycode|text_files|hf  MATCH=flops|params  RESULTS=dir  ARGS='hydra.overrides ...'"
 	@echo "           sweep: LRS=1e-4,1e-3 (an lr sweep; the report keeps the best)  RESUME=last|<sweep id>  FRESH=1"
+	@echo "                  SEEDS=0,1 (every point per seed; plots draw the mean, comparisons.md each seed and their spread)"
 	@echo "                  JOBS=2 (runs at once on this machine)  NPROC=8 (torchrun on this machine)"
 	@echo "                  LAUNCHER=local|slurm (slurm: one job per run;"
 	@echo "                  NODES= GPUS_PER_NODE= PARTITION= ACCOUNT= TIMEOUT_MIN=; conf/hydra/launcher/slurm.yaml)"
@@ -118,6 +120,7 @@ $(VENV)/triton-%/.installed: $(STAMP)
 sweep: $(STAMP) ## train + evaluate ARCH over the PROFILE's sizes at CTX; writes RESULTS/summary.csv and plots
 	$(PY) -m bench.sweep --arch "$(ARCH)" --ctx "$(if $(filter file,$(origin CTX)),,$(CTX))" --profile "$(PROFILE)" --sizes "$(SIZES)" \
 	  --task "$(TASK)" --data "$(DATA)" --match "$(MATCH)" --results "$(RESULTS)" --resume "$(RESUME)" --lrs "$(LRS)" \
+	  --seeds "$(SEEDS)" \
 	  $(if $(filter 1 true yes,$(FRESH)),--fresh) --launcher "$(LAUNCHER)" --nproc "$(NPROC)" --jobs "$(JOBS)" --nodes "$(NODES)" \
 	  --gpus-per-node "$(GPUS_PER_NODE)" --partition "$(PARTITION)" --account "$(ACCOUNT)" \
 	  --timeout-min "$(TIMEOUT_MIN)" -- $(ARGS)

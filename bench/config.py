@@ -121,6 +121,14 @@ def parse_lrs(text: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def parse_seeds(text: str) -> list[str]:
+    """SEEDS=0,1,2: training seeds (non-negative integers, each once), as the config's `seed` reads them."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items or not all(re.fullmatch(r"\d+", t) for t in items):
+        raise UsageError(f"SEEDS must be a comma list of non-negative integers like 0,1,2; got {text!r}")
+    return list(dict.fromkeys(str(int(t)) for t in items))
+
+
 # -- what a sweep runs by default -------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)

@@ -39,7 +39,7 @@ PAIRED_BY = {"val_loss": ("val_window_loss", "val_windows_hash"), "val_acc": ("v
 PAIR_FIELDS = ["arch", "versus", "gap", "gap_sem", "n", "half_width", "ci_low", "ci_high", "p_value", "test",
                "call"]  # a pair's columns
 POINT = ["task", "data", "size", "ctx", "match", "recipe"]  # the point two runs of a sweep share to be compared
-COMPARISON_COLUMNS = POINT + ["metric"] + PAIR_FIELDS + ["ppl_ratio", "ppl_half_width"]  # comparisons.csv
+COMPARISON_COLUMNS = POINT + ["seed", "metric"] + PAIR_FIELDS + ["ppl_ratio", "ppl_half_width"]  # comparisons.csv
 
 
 def paired_items(a, b, metric: str = "val_loss") -> tuple[list[float], list[float]] | None:
@@ -174,19 +174,20 @@ def compared_metric(task: str) -> str:
 
 
 def comparisons_frame(best: pd.DataFrame) -> pd.DataFrame:
-    """Every pair of architectures trained at the same point (POINT: task, data, size, ctx, match, recipe), from
-    the report's best run per point (bench/report.latest_ok), on compared_metric. For the loss, ppl_ratio =
-    exp(gap) - 1 (a's perplexity over b's, minus 1) and ppl_half_width = exp(half_width) - 1. The interval
-    (ci_low, ci_high) is NaN where the pair could not be paired: runs written before per-item values were kept, or
-    evaluated on other text or examples."""
+    """Every pair of architectures trained at the same point (POINT: task, data, size, ctx, match, recipe) with the
+    same seed, from the report's best run per point and seed (bench/report.latest_ok), on compared_metric. For the
+    loss, ppl_ratio = exp(gap) - 1 (a's perplexity over b's, minus 1) and ppl_half_width = exp(half_width) - 1. The
+    interval (ci_low, ci_high) is NaN where the pair could not be paired: runs written before per-item values were
+    kept, or evaluated on other text or examples. seed_agreement() sets the seeds of a pair side by side."""
     if best.empty or not set(POINT) <= set(best.columns):
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
-    groups = sorted(best.groupby(POINT, dropna=False),  # by task, data and ctx, then the smaller models' points first
+    best = best.assign(seed=best["seed"].fillna(0).astype(int) if "seed" in best else 0)
+    groups = sorted(best.groupby(POINT + ["seed"], dropna=False),  # by task, data, ctx; smaller models first; seed
                     key=lambda pg: (str(pg[0][0]), str(pg[0][1]), pg[0][3], _scale(pg[1]), str(pg[0])))
     rows = []
     for point, g in groups:
         metric = compared_metric(str(point[0]))
-        rows += [{**dict(zip(POINT, point)), "metric": metric, **pair}
+        rows += [{**dict(zip(POINT + ["seed"], point)), "metric": metric, **pair}
                  for pair in pair_rows((r for _, r in g.iterrows()), metric)]
     df = pd.DataFrame(rows, columns=COMPARISON_COLUMNS[:-2])
     loss = df["metric"] == "val_loss"
@@ -194,6 +195,54 @@ def comparisons_frame(best: pd.DataFrame) -> pd.DataFrame:
     df["ppl_half_width"] = [math.expm1(h) if is_loss and pd.notna(h) else math.nan
                             for h, is_loss in zip(df["half_width"], loss)]
     return df.reindex(columns=COMPARISON_COLUMNS)
+
+
+def seed_agreement(df: pd.DataFrame) -> pd.DataFrame:
+    """The pairs of comparisons_frame compared at two or more seeds, one row per (point, pair): `seeds` ('0,1'),
+    the gap at each seed (`gaps`, in the metric's units) and their mean, how many seeds call it lower / higher
+    beyond noise / within noise, and `verdict`: 'lower (every seed)', 'higher (every seed)', 'within noise (every
+    seed)', 'the seeds disagree' (the difference moves with the training seed by more than the evaluation's interval
+    at one seed allows), or 'not paired' where a seed's runs were not evaluated on the same items; `apart`: two seeds'
+    intervals do not overlap (whatever the calls, the size of the difference moves with the seed beyond the
+    evaluation's noise)."""
+    cols = POINT + ["metric", "arch", "versus", "seeds", "gaps", "gap_mean", "lower", "higher", "within_noise",
+                    "verdict", "apart"]
+    rows = []
+    for key, g in df.groupby(POINT + ["metric", "arch", "versus"], dropna=False, sort=False):
+        if g["seed"].nunique() < 2:
+            continue
+        g = g.sort_values("seed")
+        calls = g["call"].fillna("").tolist()
+        if "" in calls:
+            verdict = "not paired"
+        else:
+            verdict = f"{calls[0]} (every seed)" if len(set(calls)) == 1 else "the seeds disagree"
+        rows.append({**dict(zip(POINT + ["metric", "arch", "versus"], key)),
+                     "seeds": ",".join(str(s) for s in g["seed"]), "gaps": [float(x) for x in g["gap"]],
+                     "gap_mean": float(g["gap"].mean()), "lower": calls.count("lower"), "higher": calls.count("higher"),
+                     "within_noise": calls.count("within noise"), "verdict": verdict,
+                     "apart": verdict != "not paired" and bool(g["ci_low"].max() > g["ci_high"].min())})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _seed_gap(metric: str, gap: float) -> str:
+    """One seed's gap as shown: perplexity ratio - 1 for the loss, points for accuracy."""
+    return f"{math.expm1(gap):+.1%}" if metric == "val_loss" else f"{100 * gap:+.1f}"
+
+
+def agreement_phrase(r) -> str:
+    """'accuracy at seeds 0,1: +79.3, +98.6 points (higher beyond noise at 2 of 2 seeds)', or '(the seeds disagree:
+    higher beyond noise at 1 of 2, within noise at 1 of 2)', for a seed_agreement row."""
+    what, unit = ("perplexity", "") if r["metric"] == "val_loss" else ("accuracy", " points")
+    n = len(r["gaps"])
+    names = {"lower": "lower beyond noise", "higher": "higher beyond noise", "within_noise": "within noise"}
+    calls = ", ".join(f"{names[k]} at {r[k]} of {n}" for k in names if r[k])
+    gaps = ", ".join(_seed_gap(r["metric"], g) for g in r["gaps"])
+    verdict = {"the seeds disagree": f"the seeds disagree: {calls}",
+               "not paired": "means only at some seeds: not evaluated on the same items"}.get(r["verdict"],
+                                                                                           f"{calls} seeds")
+    apart = "; their intervals do not overlap: the size moves with the seed" if r["apart"] else ""
+    return f"{what} at seeds {r['seeds']}: {gaps}{unit} ({verdict}{apart})"
 
 
 def _scale(runs: pd.DataFrame) -> float:
@@ -228,15 +277,25 @@ def comparison_phrase(r) -> str:
 
 
 def comparison_lines(df: pd.DataFrame, runs: list[dict], limit: int = 12) -> list[str]:
-    """The pairs a sweep's ok runs (summaries) take part in, one line each, for the terminal: at most `limit`, then
+    """The pairs a sweep's ok runs (summaries) take part in, for the terminal: where a point was trained at several
+    seeds, first a line per pair on whether the seeds agree; then a line per pair (and seed). At most `limit`, then
     how many more are in comparisons.md."""
     ours = {(r.get("task"), r.get("data"), r.get("size"), r.get("ctx"), r.get("match", "params"),
              r.get("recipe", "shared"), r.get("arch")) for r in runs if r.get("status") == "ok"}
-    lines = [f"{r['size']} ctx {r['ctx']}{_where(r)}: {r['arch']} vs {r['versus']} {comparison_phrase(r)}"
-             for _, r in df.iterrows()
-             if any(tuple(r[k] for k in POINT) + (arch,) in ours for arch in (r["arch"], r["versus"]))]
+    mine = lambda r: any(tuple(r[k] for k in POINT) + (arch,) in ours for arch in (r["arch"], r["versus"]))
+    df = df if "seed" in df else df.assign(seed=0)
+    several = df.groupby(POINT, dropna=False)["seed"].transform("nunique") > 1
+    lines = [f"{r['size']} ctx {r['ctx']}{_where(r)}: {r['arch']} vs {r['versus']} {agreement_phrase(r)}"
+             for _, r in seed_agreement(df).iterrows() if mine(r)]
+    lines += [f"{r['size']} ctx {r['ctx']}{_where(r)}{_seed_tag(r, many)}: {r['arch']} vs {r['versus']} "
+              f"{comparison_phrase(r)}" for (_, r), many in zip(df.iterrows(), several) if mine(r)]
     more = len(lines) - limit
     return lines[:limit] + ([f"... and {more} more pairs in comparisons.md"] if more > 0 else [])
+
+
+def _seed_tag(r, several: bool) -> str:
+    """' seed 1' where the pair's point was trained at several seeds, else ''."""
+    return f" seed {r['seed']}" if several else ""
 
 
 def _where(r) -> str:
@@ -263,19 +322,43 @@ def comparisons_markdown(df: pd.DataFrame) -> str:
              "best lr), compared item by item, where each item's own difficulty cancels. The "
              f"{LEVEL:.0%} interval covers the noise of the text or examples evaluated (Student's t over the per-item "
              "differences; for right/wrong examples Newcombe's score interval), not the seed-to-seed noise of "
-             "training; `p` is the paired test's two-sided p-value, and "
-             f"`call` says whether the first's metric is lower or higher beyond the noise (p < {1 - LEVEL:.2g}). More "
-             "evaluation (`task.eval_tokens`, `task.eval_examples`) narrows the interval. comparisons.csv has the same "
-             "pairs, the gap and its interval's ends (`ci_low`, `ci_high`) in nats per token or accuracy (0-1).", ""]
+             "training (a sweep with SEEDS=0,1 compares each seed and adds an 'Across seeds' table); `p` is the "
+             f"paired test's two-sided p-value, and `call` says whether the first's metric is lower or higher beyond "
+             f"the noise (p < {1 - LEVEL:.2g}). More evaluation (`task.eval_tokens`, `task.eval_examples`) narrows "
+             "the interval. comparisons.csv has the same pairs, the gap and its interval's ends (`ci_low`, "
+             "`ci_high`) in nats per token or accuracy (0-1).", ""]
+    df = df if "seed" in df else df.assign(seed=0)
     for (task, data), g in df.groupby(["task", "data"], sort=False):
+        seeded = g["seed"].nunique() > 1  # a seed column where the runs have several
         lines += [f"## task={task} data={data}", "", f"Metric: {METRIC_NOTES[g['metric'].iloc[0]]}.", "",
-                  f"| size | ctx | match | recipe | architecture | versus | difference | {LEVEL:.0%} interval | n | "
-                  "p | call |", "|" + "---|" * 11]
+                  f"| size | ctx | match | recipe |{' seed |' if seeded else ''} architecture | versus | difference | "
+                  f"{LEVEL:.0%} interval | n | p | call |", "|" + "---|" * (11 + seeded)]
         for _, r in g.iterrows():
             shown, interval = difference(r)
             tail = (f"{interval} | {r['n']:.0f} | {r['p_value']:.2g} | {r['call']} |" if interval
                     else "| | | not paired |")
-            lines.append(f"| {r['size']} | {r['ctx']} | {r['match']} | {r['recipe']} | {r['arch']} | {r['versus']} | "
-                         f"{shown} | {tail}")
-        lines.append("")
+            seed = f" {r['seed']} |" if seeded else ""
+            lines.append(f"| {r['size']} | {r['ctx']} | {r['match']} | {r['recipe']} |{seed} {r['arch']} | "
+                         f"{r['versus']} | {shown} | {tail}")
+        lines += [""] + (across_seeds_markdown(seed_agreement(g)) if seeded else [])
     return "\n".join(lines)
+
+
+def across_seeds_markdown(agree: pd.DataFrame) -> list[str]:
+    """The lines of one (task, data)'s 'Across seeds' table: each pair's difference at each seed and the verdict."""
+    if agree.empty:
+        return []
+    unit = " (points)" if agree["metric"].iloc[0] == "val_acc" else ""
+    lines = ["### Across seeds", "",
+             "The same pairs at each training seed (SEEDS=). The interval above covers the evaluation at one seed; "
+             "where the seeds disagree, the difference moves with the training seed by more than that, and one seed's "
+             "call does not settle the comparison. 'intervals apart': two seeds' intervals do not overlap, so even "
+             "where the calls agree, one seed does not settle the size of the difference.", "",
+             f"| size | ctx | match | recipe | architecture | versus | seeds | difference at each seed{unit} | "
+             "mean | verdict |", "|" + "---|" * 10]
+    for _, r in agree.iterrows():
+        gaps = ", ".join(_seed_gap(r["metric"], g) for g in r["gaps"])
+        lines.append(f"| {r['size']} | {r['ctx']} | {r['match']} | {r['recipe']} | {r['arch']} | {r['versus']} | "
+                     f"{r['seeds']} | {gaps} | {_seed_gap(r['metric'], r['gap_mean'])} | {r['verdict']}"
+                     f"{'; intervals apart' if r['apart'] else ''} |")
+    return lines + [""]

@@ -195,13 +195,42 @@ def style_axes(ax, title: str, xlabel: str, ylabel: str, xbase: int = 10) -> Non
         ax.legend(fontsize=7)
 
 
-def run_label(row, multi_data: bool, multi_match: bool = False) -> str:
-    """The architecture, the backend that ran, and the data / match rule when several are plotted."""
+def run_label(row, multi_data: bool, multi_match: bool = False, with_seeds: bool = True) -> str:
+    """The architecture, the backend that ran, the data / match rule when several are plotted, and (with_seeds)
+    the seeds averaged when more than one."""
     label = f"{row['arch']} [{row['backend']}]"
     label = f"{label} ({row['data']})" if multi_data else label
     label = f"{label} match={row['match']}" if multi_match else label
     recipe = row.get("recipe")
-    return label if recipe in (None, "native") or pd.isna(recipe) else f"{label} recipe={recipe}"
+    label = label if recipe in (None, "native") or pd.isna(recipe) else f"{label} recipe={recipe}"
+    return label + seeds_note(row) if with_seeds else label
+
+
+def seeds(row) -> int:
+    """How many seeds a plotted point averages (bench/report.seed_means; 1 for a run of its own)."""
+    n = row.get("seeds")
+    return 1 if n is None or pd.isna(n) else int(n)
+
+
+def seeds_note(row) -> str:
+    """', mean of 3 seeds' for a point of several seeds, else ''."""
+    return f", mean of {seeds(row)} seeds" if seeds(row) > 1 else ""
+
+
+SEED_RANGE_NOTE = "shaded bars: the range over seeds"
+
+
+def draw_seed_range(ax, x, g: pd.DataFrame, metric: str, color) -> bool:
+    """A shaded bar from the lowest to the highest seed's `metric` at each of g's points of several seeds
+    (seed_means' <metric>_seed_min / _seed_max); whether any was drawn."""
+    lo, hi = f"{metric}_seed_min", f"{metric}_seed_max"
+    if lo not in g or "seeds" not in g:
+        return False
+    several = (g["seeds"].fillna(1) > 1) & g[lo].notna()
+    if several.any():
+        ax.vlines(pd.Series(x, index=g.index)[several], g.loc[several, lo], g.loc[several, hi], color=color,
+                  linewidth=6, alpha=0.25)
+    return bool(several.any())
 
 
 def largest_row(g: pd.DataFrame):
@@ -248,18 +277,20 @@ def plot_loss_vs_flops(df: pd.DataFrame, path: Path) -> None:
     sizes = {}  # axes: its points' size labels, placed once the figure is laid out
     for ax, ctx in zip(axes, ctxs):
         sub = lm[lm["ctx"] == ctx]
+        ranged = False
         for (arch, data, match), g in sub.groupby(["arch", "data", "match"]):
             g = g.sort_values("train_flops")
             sem = g["val_loss_sem"].astype(float) if "val_loss_sem" in g else None  # NaN: one window, or older runs
-            ax.errorbar(g["train_flops"], g["val_loss"], yerr=sem, marker="o", capsize=3,
-                        label=run_label(g.iloc[0], multi, multi_match))
+            line = ax.errorbar(g["train_flops"], g["val_loss"], yerr=sem, marker="o", capsize=3,
+                               label=run_label(g.iloc[0], multi, multi_match))
+            ranged |= draw_seed_range(ax, g["train_flops"], g, "val_loss", line.lines[0].get_color())
         sizes[ax] = list(zip(sub["train_flops"], sub["val_loss"], sub["size"]))
         log_axis(ax)
         ax.set_xlabel(FLOPS_NOTE)
         ax.set_ylabel("validation loss (nats / token)")
         rules = "/".join(sorted(sub["match"].unique()))
         ax.set_title(f"Loss vs training compute, context {ctx:,} tokens\n(sizes matched by {rules}; bars: standard "
-                     f"error over validation windows)", fontsize=10)
+                     f"error over validation windows{'; ' + SEED_RANGE_NOTE if ranged else ''})", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(title="architecture", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
@@ -289,7 +320,8 @@ def plot_loss_by_position(df: pd.DataFrame, path: Path) -> None:
             windows = int(r["val_tokens"]) // int(ctx) if pd.notna(r.get("val_tokens")) else None
             mids = [(b["start"] * b["end"]) ** 0.5 for b in buckets]
             losses = [b["loss"] for b in buckets]
-            label = f"{run_label(r, multi)} {r['size']}" + (f", {windows:,} windows" if windows else "")
+            label = (f"{run_label(r, multi, with_seeds=False)} {r['size']}"
+                     + (f", {windows:,} windows" if windows else "") + seeds_note(r))
             line, = ax.plot(mids, losses, label=label)
             few = [bool(windows) and windows * (b["end"] - b["start"] + 1) < FEW_TOKENS for b in buckets]
             for hollow in (False, True):
@@ -312,8 +344,19 @@ SIZE_STYLES = (":", "-.", "--", "-")  # an architecture's sizes, smallest to lar
 
 
 def _training_curve(run) -> tuple[list[float], list[float]]:
-    """(tokens seen, training loss) at every logged step of a run (its metrics.jsonl; empty when missing)."""
-    metrics = Path(run["run_dir"]) / "metrics.jsonl"
+    """(tokens seen, training loss) at every logged step of a run (its metrics.jsonl; empty when missing). A point
+    of several seeds (bench/report.seed_means: seed_run_dirs): the mean of the seeds' losses at each step, where
+    they logged the same steps (the same config), else the first seed's curve."""
+    dirs = run.get("seed_run_dirs")
+    curves = [_logged_curve(d) for d in (dirs if isinstance(dirs, list) and dirs else [run["run_dir"]])]
+    tokens = curves[0][0]
+    if len(curves) > 1 and tokens and all(c[0] == tokens for c in curves):
+        return tokens, [sum(losses) / len(curves) for losses in zip(*(c[1] for c in curves))]
+    return curves[0]
+
+
+def _logged_curve(run_dir) -> tuple[list[float], list[float]]:
+    metrics = Path(run_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     return [m["tokens"] for m in rows], [m["loss"] for m in rows]
 
@@ -331,7 +374,8 @@ def plot_training_curves(df: pd.DataFrame, path: Path) -> None:
             for style, (_, r) in zip(styles, g.iterrows()):
                 tokens, loss = _training_curve(r)
                 if tokens:
-                    ax.plot(tokens, loss, style, color=colors[arch], label=f"{arch} [{r['backend']}] {r['size']}")
+                    ax.plot(tokens, loss, style, color=colors[arch],
+                            label=f"{arch} [{r['backend']}] {r['size']}{seeds_note(r)}")
         ax.set_xlabel("training tokens")
         ax.set_ylabel("training loss (nats per scored token)")
         ax.set_title(f"Training curves: {task}, context {ctx:,} tokens", fontsize=10)
@@ -353,10 +397,13 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
         return
     colors = arch_colors(qa["arch"])
     styles = {ctx: CTX_STYLES[i % len(CTX_STYLES)] for i, ctx in enumerate(sorted(qa["ctx"].unique()))}
-    runs = [(f"{arch} [{g.iloc[0]['backend']}] {largest_row(g)['size']} {task} ctx={ctx}", largest_row(g))
-            for (task, arch, ctx), g in qa.groupby(["task", "arch", "ctx"])]
+    runs = [(f"{arch} [{g.iloc[0]['backend']}] {largest_row(g)['size']} {task} ctx={ctx}{seeds_note(largest_row(g))}",
+             largest_row(g)) for (task, arch, ctx), g in qa.groupby(["task", "arch", "ctx"])]
     cells = pd.DataFrame([{**c, "label": label, "arch": r["arch"], "ctx": r["ctx"]}
                           for label, r in runs for c in r["longqa_cells"]])
+    by_seed = pd.DataFrame([{**c, "label": label, "seed": i} for label, r in runs if seeds(r) > 1
+                            for i, seed_cells in enumerate(r["seed_longqa_cells"]) for c in seed_cells])
+    ranged = False
     subtasks = sorted(cells["subtask"].unique())
     cols = min(4, len(subtasks))
     rows = -(-len(subtasks) // cols)
@@ -372,9 +419,10 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
             # markers shrink in drawing order: runs at the same accuracy (all at 0 early on) stay visible as rings
             ax.plot(acc.index, acc.values, markersize=max(3.0, 9.0 - 2.0 * i), **legend[label])
             ax.axvline(g["ctx"].iloc[0], color="grey", linestyle=":", linewidth=0.8)
+            ranged |= _seed_range_by_length(ax, by_seed, label, task, legend[label]["color"])
         log2_axis(ax)
         ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("evaluation length (tokens; dotted: trained)")
+        ax.set_xlabel("evaluation length (tokens; dotted: trained" + ("; " + SEED_RANGE_NOTE if ranged else "") + ")")
         ax.set_ylabel("accuracy (exact match; MQAR per value)")
         ax.set_title(task)
         ax.grid(True, alpha=0.3)
@@ -410,6 +458,19 @@ def plot_longqa(df: pd.DataFrame, plots: Path) -> None:
     finish(fig, plots / "passkey_heatmap.png")
 
 
+def _seed_range_by_length(ax, by_seed: pd.DataFrame, label: str, subtask: str, color) -> bool:
+    """A shaded bar from the lowest to the highest seed's accuracy at each evaluation length of one sub-task of one
+    plotted run of several seeds (by_seed: each seed's cells); whether it drew one."""
+    if by_seed.empty:
+        return False
+    mine = by_seed[(by_seed["label"] == label) & (by_seed["subtask"] == subtask)]
+    if mine.empty:
+        return False
+    span = mine.groupby(["seed", "length"])["acc"].mean().groupby("length").agg(["min", "max"])
+    ax.vlines(span.index, span["min"], span["max"], color=color, linewidth=6, alpha=0.25)
+    return True
+
+
 def plot_classification(df: pd.DataFrame, plots: Path) -> None:
     cl = df[df["task"] == "classification"]
     if cl.empty:
@@ -418,9 +479,14 @@ def plot_classification(df: pd.DataFrame, plots: Path) -> None:
     fig, axes = panel_row(len(ctxs), 6, 4.5)
     for ax, ctx in zip(axes, ctxs):
         sub = cl[cl["ctx"] == ctx]
+        ranged = False
         for arch, g in sub.groupby("arch"):
             g = g.sort_values("params")
-            ax.plot(g["params"], g["val_acc"], marker="o", label=f"{arch} [{g.iloc[0]['backend']}]")
+            line, = ax.plot(g["params"], g["val_acc"], marker="o", label=f"{arch} [{g.iloc[0]['backend']}]"
+                            + seeds_note(g.iloc[-1]))
+            ranged |= draw_seed_range(ax, g["params"], g, "val_acc", line.get_color())
+        if ranged:
+            ax.text(0.01, 0.01, SEED_RANGE_NOTE, transform=ax.transAxes, fontsize=7, alpha=0.7)
         if "val_majority_acc" in sub:
             ax.axhline(sub["val_majority_acc"].max(), color="grey", linestyle="--", label="majority class")
         log_axis(ax)
@@ -446,7 +512,9 @@ def plot_mqar_grid(best: pd.DataFrame, path: Path) -> None:
         sub = runs[(runs["ctx"] == ctx) & (runs["mqar_pairs"] == pairs)]
         for (task, arch), g in sub.groupby(["task", "arch"]):
             g = g.sort_values("d_model")
-            ax.plot(g["d_model"], g["val_acc"], marker="o", label=f"{arch} ({task})")
+            line, = ax.plot(g["d_model"], g["val_acc"], marker="o", label=f"{arch} ({task}){seeds_note(g.iloc[-1])}")
+            if draw_seed_range(ax, g["d_model"], g, "val_acc", line.get_color()):
+                ax.text(0.01, 0.01, SEED_RANGE_NOTE, transform=ax.transAxes, fontsize=7, alpha=0.7)
         log2_axis(ax, tokens=False)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("model dimension")

@@ -4,7 +4,10 @@
 
 Tables: summary.csv (one row per run); comparisons.md and .csv (bench/gaps.py: every pair of architectures
 trained at the same point, compared window by window on the same text, or example by example on the same test
-examples); recall.md; eval.md.
+examples; seed by seed when the points have several, SEEDS=); recall.md; eval.md.
+
+A point trained at several seeds is drawn, and written in recall.md and eval.md, as the mean over its seeds
+(seed_means), the range of its headline metric shaded in loss_vs_flops, classification_accuracy and mqar_grid.
 
 Plots (RESULTS/plots/):
   loss_vs_flops.png      validation loss vs training FLOPs, one line per architecture (log x),
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import sys
 from pathlib import Path
 
@@ -83,19 +87,74 @@ def selection_metric(task: str, runs: pd.DataFrame | None = None) -> tuple[str, 
 
 
 def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
-    """One run per (arch, size, ctx, task, data, match): from the newest sweep that has it, and when that
-    sweep tried several learning rates (LRS=), the one with the best validation metric."""
+    """One run per point (KEY: arch, size, ctx, task, data, match, recipe) and seed, from the newest sweep that has
+    the point. When that sweep tried several learning rates (LRS=), the runs of the lr whose validation metric is
+    best on average over the seeds (one seed: its best run)."""
     ok = df[df["status"] == "ok"].copy()
     if ok.empty:
         return ok
+    ok["seed"] = ok["seed"].fillna(0).astype(int) if "seed" in ok else 0  # runs record it; tests' rows may not
     newest = ok.groupby(KEY)["sweep"].transform("max")
     ok = ok[ok["sweep"] == newest]
     picked = []
     for _, g in ok.groupby(KEY):
         col, higher = selection_metric(str(g.iloc[0]["task"]), g)
         col = col if col in g and g[col].notna().any() else "val_loss"
-        picked.append(g.sort_values(col, ascending=not higher).iloc[0])
+        by_lr = g.groupby("lr")[col].mean() if "lr" in g else pd.Series(dtype=float)
+        if by_lr.notna().sum() > 1:
+            g = g[g["lr"] == (by_lr.idxmax() if higher else by_lr.idxmin())]
+        picked += [s.sort_values(col, ascending=not higher).iloc[0] for _, s in g.groupby("seed")]
     return pd.DataFrame(picked)
+
+
+SEED_SPREAD = ("val_loss", "val_bpb", "val_acc")  # headline metrics whose range over seeds the plots draw
+
+
+def seed_means(runs: pd.DataFrame, by: list[str] = KEY) -> pd.DataFrame:
+    """One row per point (`by`) of latest_ok's runs: a point trained at several seeds (SEEDS=) becomes the mean of
+    its seeds' runs (mean_over_seeds, field by field), with `seeds` (how many), `seed` ('0,1'), `seed_run_dirs`,
+    `seed_longqa_cells` (QA tasks) and, for SEED_SPREAD, `<metric>_seed_min` / `_seed_max`; a point of one seed
+    stays its run (seeds 1)."""
+    if runs.empty:
+        return runs
+    rows = []
+    for _, g in runs.groupby(by, dropna=False, sort=False):
+        row = {c: mean_over_seeds(g[c].tolist()) for c in g.columns}
+        row.update({"seeds": len(g), "seed_run_dirs": g["run_dir"].tolist() if "run_dir" in g else []})
+        if len(g) > 1:
+            row["seed"] = ",".join(str(s) for s in sorted(g["seed"]))
+            if "longqa_cells" in g:  # each seed's accuracy per (sub-task, length, depth): the QA plot's ranges
+                row["seed_longqa_cells"] = g["longqa_cells"].tolist()
+        for m in SEED_SPREAD:
+            if m in g and g[m].notna().any():
+                row[f"{m}_seed_min"], row[f"{m}_seed_max"] = g[m].min(), g[m].max()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mean_over_seeds(values: list):
+    """One field of several seeds' runs: the value where they agree; else numbers averaged (NaN left out), lists
+    of equal length and dicts of the same keys averaged item by item (loss by position, per-example scores,
+    accuracy per length); anything else, the first seed's."""
+    first = values[0]
+    if all(_same(v, first) for v in values[1:]):
+        return first
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        kept = [float(v) for v in values if not math.isnan(v)]
+        return sum(kept) / len(kept) if kept else math.nan
+    if all(isinstance(v, list) and len(v) == len(first) for v in values):
+        return [mean_over_seeds(list(items)) for items in zip(*values)]
+    if all(isinstance(v, dict) and v.keys() == first.keys() for v in values):
+        return {k: mean_over_seeds([v[k] for v in values]) for k in first}
+    return first
+
+
+def _same(a, b) -> bool:
+    """Equal, NaN equal to NaN."""
+    try:
+        return bool(a == b) or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    except (TypeError, ValueError):  # arrays and the like
+        return False
 
 
 def write_comparisons(best: pd.DataFrame, results: Path) -> None:
@@ -152,28 +211,33 @@ def report(results: str | Path) -> pd.DataFrame:
         plots.mkdir(parents=True, exist_ok=True)
         full = _with_defaults(pd.DataFrame(rows)) if rows else pd.DataFrame()
         if not full.empty and (full.get("status") == "ok").any():
-            best = latest_ok(full)
-            plot_loss_vs_flops(best, plots / "loss_vs_flops.png")
-            plot_loss_by_position(best, plots / "loss_by_position.png")
-            plot_training_curves(best, plots / "training_curves.png")
-            plot_longqa(best, plots)
-            plot_classification(best, plots)
-            plot_mqar_grid(best, plots / "mqar_grid.png")
-            write_comparisons(best, results)
-            write_recall_table(best, results / "recall.md")
-            write_eval_table(best, results / "eval.md")
+            best = latest_ok(full)  # one run per point and seed
+            points = seed_means(best)  # one row per point: the mean over its seeds
+            plot_loss_vs_flops(points, plots / "loss_vs_flops.png")
+            plot_loss_by_position(points, plots / "loss_by_position.png")
+            plot_training_curves(points, plots / "training_curves.png")
+            plot_longqa(points, plots)
+            plot_classification(points, plots)
+            plot_mqar_grid(points, plots / "mqar_grid.png")
+            write_comparisons(best, results)  # seed by seed, and whether the seeds agree
+            write_recall_table(points, results / "recall.md")
+            write_eval_table(points, results / "eval.md")
             plot_metric_vs_lr(lr_sweeps(full), plots / "metric_vs_lr.png")
     return table
 
 
 def lr_sweeps(df: pd.DataFrame) -> pd.DataFrame:
     """The runs of LRS sweeps: per (arch, size, ctx, task, data, match, recipe) the newest sweep's runs when it
-    tried several learning rates, with `best` marking the one latest_ok picks (the selection metric)."""
+    tried several learning rates, one row per lr (the mean over seeds: seed_means), with `best` marking the lr
+    latest_ok picks (the selection metric)."""
     ok = df[(df["status"] == "ok") & df["lr"].notna()] if "lr" in df else df.iloc[0:0]
     if ok.empty:
         return ok.assign(best=pd.Series(dtype=bool))
     ok = ok[ok["sweep"] == ok.groupby(KEY)["sweep"].transform("max")]
-    ok = ok[ok.groupby(KEY)["lr"].transform("nunique") > 1].copy()
+    ok = ok[ok.groupby(KEY)["lr"].transform("nunique") > 1]
+    if ok.empty:
+        return ok.assign(best=pd.Series(dtype=bool))
+    ok = seed_means(ok, by=KEY + ["lr"]).reset_index(drop=True)
     ok["best"] = False
     for _, g in ok.groupby(KEY):
         col, higher = selection_metric(str(g.iloc[0]["task"]), g)

@@ -2,7 +2,7 @@
 
     python -m bench.sweep --arch transformer [--ctx 2k|64,128] [--profile cpu] [--sizes a,b] [--task lm]
                           [--data shakespeare] [--match flops|params] [--results results]
-                          [--lrs 1e-4,1e-3] [--resume last|<sweep id>] [--fresh]
+                          [--lrs 1e-4,1e-3] [--seeds 0,1] [--resume last|<sweep id>] [--fresh]
                           [--jobs N | --nproc N | --launcher slurm [--nodes N] [--gpus-per-node G]
                           [--partition P] [--account A] [--timeout-min M]] [-- hydra overrides ...]
 
@@ -25,11 +25,13 @@ from pathlib import Path
 
 
 from bench.config import (UsageError, default_ctxs, default_ladder, group_options, parse_archs, parse_choice,
-                          parse_ctxs, parse_list, parse_lrs)
+                          parse_ctxs, parse_list, parse_lrs, parse_seeds)
 from bench.results import REPO_ROOT, atomic_write_json, headline_metric, read_summaries
 from bench.threads import cpu_cores
 
-LR_RUN_NAME = "run_name=${arch.name}-${size.name}-ctx${ctx}-lr${trainer.lr}"  # one folder per lr of a sweep
+RUN_NAME = "${arch.name}-${size.name}-ctx${ctx}"  # conf/config.yaml's run_name: the keys every sweep names
+NAMED = ("arch", "size", "ctx")  # ... those keys
+FOLDER_LABELS = {"trainer.lr": "lr"}  # a swept key's label in the folder name, where not its last part (seed)
 
 
 def build_overrides(args) -> tuple[list[list[str]], str, Path]:
@@ -49,7 +51,12 @@ def build_overrides(args) -> tuple[list[list[str]], str, Path]:
     if args.data:
         rest.append(f"data={parse_choice('DATA', args.data, group_options('data'))}")
     if args.lrs:
-        rest += [f"trainer.lr={','.join(parse_lrs(args.lrs))}", LR_RUN_NAME]
+        rest.append(f"trainer.lr={','.join(parse_lrs(args.lrs))}")
+    if args.seeds:
+        if any(o.lstrip("+~").split("=")[0] == "seed" for o in args.overrides):
+            raise UsageError("SEEDS and a seed= override both set the seed; give one of them")
+        rest.append(f"seed={','.join(parse_seeds(args.seeds))}")
+    rest += folder_per_run([*rest, *args.overrides])  # where LRS put its run_name: earlier sweeps still continue
     if args.match:
         from architectures.sizing import MATCH_RULES
 
@@ -58,6 +65,26 @@ def build_overrides(args) -> tuple[list[list[str]], str, Path]:
                  f"ctx={','.join(map(str, grid_ctxs))}", *rest, *args.overrides]
                 for grid, grid_ctxs in grids.items()]
     return commands, f"{task}-ctx{'-'.join(map(str, ctxs))}", results
+
+
+def folder_per_run(overrides: list[str]) -> list[str]:
+    """[run_name=...] that names every key the overrides sweep beyond arch, size and ctx, so that each run of the
+    multirun gets a folder of its own: seed=0,1 -> transformer-cpu-s-ctx2048-seed0 and ...-seed1, LRS -> ...-lr0.001
+    (two runs in one folder: the second stops on the first's checkpoint, and the sweep keeps neither). [] when none
+    is swept, or when the overrides name the run themselves."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(o.get_key_element().lstrip("+~") == "run_name" for o in parsed):
+        return []
+    labels = []
+    for o in parsed:
+        key = o.get_key_element().lstrip("+~")
+        if not o.is_sweep_override() or key in NAMED or key.startswith("hydra"):
+            continue
+        value = f"${{hydra:runtime.choices.{key}}}" if group_options(key) else f"${{{key}}}"  # a group: its choice
+        labels.append(f"-{FOLDER_LABELS.get(key, key.split('.')[-1].split('/')[-1])}{value}")
+    return [f"run_name={RUN_NAME}{''.join(labels)}"] if labels else []
 
 
 CHECKED = ("ctx", "task", "data")  # the config a task's check reads (tasks/registry.check_task)
@@ -232,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="results", help="output root")
     p.add_argument("--lrs", default="", help="a learning-rate sweep: every (architecture, size) at each lr, e.g. "
                    "1e-4,4.6e-4,2.15e-3; the report keeps each one's best lr by its validation metric")
+    p.add_argument("--seeds", default="", help="train every point once per seed, e.g. 0,1,2; the report compares "
+                   "architectures at each seed and says where the seeds disagree")
     p.add_argument("--resume", default="", help="continue a sweep: 'last' or a sweep id (default: the newest "
                    "sweep made by the same command, if any)")
     p.add_argument("--fresh", action="store_true", help="start a new sweep even if this command ran before")

@@ -228,6 +228,28 @@ def test_lr_sweep_trains_each_lr_and_the_report_keeps_the_best(tmp_path):
     assert sorted(drawn["lr"]) == [1e-5, 1e-2] and drawn.loc[drawn["best"], "lr"].tolist() == [1e-2]
 
 
+@pytest.mark.slow
+def test_seed_sweep_keeps_a_folder_per_run_and_compares_seed_by_seed(tmp_path):
+    """SEEDS=0,1 with a config group swept too (recipe=native,shared): 8 runs, 8 folders, all ok (before, the
+    runs that differed only in swept keys beyond arch/size/ctx shared one folder, and the later failed on the
+    earlier's checkpoint); comparisons.csv pairs each seed, comparisons.md sets the seeds side by side. (25 s on
+    2 cores: the slow tier; the fast one keeps tests/test_seeds.py.)"""
+    res = sweep("--arch", "transformer,ttt_linear", "--ctx", "64", "--profile", "smoke", "--sizes", "smoke-xs",
+                "--seeds", "0,1", "--", "recipe=native,shared", "logger=none", "trainer.quiet=true", results=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    folders = sorted(p.parent.name for p in tmp_path.glob("runs/*/*/summary.json"))
+    assert folders == sorted(f"{a}-smoke-xs-ctx64-seed{s}-recipe{r}" for a in ("transformer", "ttt_linear")
+                             for s in (0, 1) for r in ("native", "shared"))
+    runs = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert sorted((r["arch"], r["seed"], r["recipe"], r["status"]) for r in runs) == sorted(
+        (a, str(s), r, "ok") for a in ("transformer", "ttt_linear") for s in (0, 1) for r in ("native", "shared"))
+    pairs = list(csv.DictReader(open(tmp_path / "comparisons.csv")))
+    assert sorted((p["recipe"], p["seed"]) for p in pairs) == [("native", "0"), ("native", "1"), ("shared", "0"),
+                                                               ("shared", "1")]
+    assert "### Across seeds" in (tmp_path / "comparisons.md").read_text()
+    assert re.search(r"transformer vs ttt_linear perplexity at seeds 0,1: [-+]\d", res.stdout)
+
+
 def test_a_bad_lrs_list_exits_2_with_the_reason(tmp_path):
     bad = sweep("--lrs", "1e-3,fast", results=tmp_path / "bad")  # one subprocess: the real exit status
     assert bad.returncode == 2 and "LRS must be a comma list" in bad.stderr
