@@ -510,11 +510,13 @@ def plot_mqar_grid(best: pd.DataFrame, path: Path) -> None:
     fig, axes = panel_row(len(points), 4.2, 3.8)
     for ax, (ctx, pairs) in zip(axes, points):
         sub = runs[(runs["ctx"] == ctx) & (runs["mqar_pairs"] == pairs)]
+        ranged = False
         for (task, arch), g in sub.groupby(["task", "arch"]):
             g = g.sort_values("d_model")
             line, = ax.plot(g["d_model"], g["val_acc"], marker="o", label=f"{arch} ({task}){seeds_note(g.iloc[-1])}")
-            if draw_seed_range(ax, g["d_model"], g, "val_acc", line.get_color()):
-                ax.text(0.01, 0.01, SEED_RANGE_NOTE, transform=ax.transAxes, fontsize=7, alpha=0.7)
+            ranged |= draw_seed_range(ax, g["d_model"], g, "val_acc", line.get_color())
+        if ranged:
+            ax.text(0.01, 0.01, SEED_RANGE_NOTE, transform=ax.transAxes, fontsize=7, alpha=0.7)
         log2_axis(ax, tokens=False)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("model dimension")

@@ -186,3 +186,33 @@ def test_the_qa_plot_shades_each_lengths_range_over_seeds(tmp_path):
     (bars,) = ax.collections
     assert [seg.tolist() for seg in bars.get_segments()] == [[[256, 0.75], [256, 1.0]], [[512, 0.0], [512, 0.25]]]
     plt.close(fig)
+
+
+def test_the_accuracy_plots_shade_the_range_over_seeds(tmp_path):
+    """classification_accuracy.png and mqar_grid.png draw a point of two seeds at their mean, with a bar from the
+    lower seed's accuracy to the higher's (draw_seed_range); a point of one seed gets none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.plots import draw_seed_range, plot_classification, plot_mqar_grid
+
+    def clf(arch, seed, acc, **extra):
+        return {**_run(arch, seed=seed), "task": "classification", "data": "listops", "val_acc": acc,
+                "d_model": 64, **extra}
+
+    runs = [clf("mamba", 0, 0.6), clf("mamba", 1, 0.8), clf("transformer", 0, 0.5)]
+    points = seed_means(latest_ok(pd.DataFrame(runs)))
+    fig, ax = plt.subplots()
+    mamba = points[points["arch"] == "mamba"]
+    assert draw_seed_range(ax, mamba["params"], mamba, "val_acc", "C0")
+    assert [seg.tolist() for seg in ax.collections[0].get_segments()] == [[[1e5, 0.6], [1e5, 0.8]]]
+    alone = points[points["arch"] == "transformer"]
+    assert not draw_seed_range(ax, alone["params"], alone, "val_acc", "C1") and len(ax.collections) == 1
+    plt.close(fig)
+    plot_classification(points, tmp_path)
+    assert (tmp_path / "classification_accuracy.png").stat().st_size > 5_000
+    grid = seed_means(latest_ok(pd.DataFrame([{**r, "task": "mqar_zoology", "mqar_pairs": 4} for r in runs])))
+    plot_mqar_grid(grid, tmp_path / "mqar_grid.png")
+    assert (tmp_path / "mqar_grid.png").stat().st_size > 5_000
