@@ -225,8 +225,8 @@ def seed_agreement(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _seed_gap(metric: str, gap: float) -> str:
-    """One seed's gap as shown: perplexity ratio - 1 for the loss, points for accuracy."""
+def _gap_text(metric: str, gap: float) -> str:
+    """A gap as shown: the perplexity ratio - 1 for the loss ('+3.1%'), the accuracy difference in points ('+8.8')."""
     return f"{math.expm1(gap):+.1%}" if metric == "val_loss" else f"{100 * gap:+.1f}"
 
 
@@ -237,7 +237,7 @@ def agreement_phrase(r) -> str:
     n = len(r["gaps"])
     names = {"lower": "lower beyond noise", "higher": "higher beyond noise", "within_noise": "within noise"}
     calls = ", ".join(f"{names[k]} at {r[k]} of {n}" for k in names if r[k])
-    gaps = ", ".join(_seed_gap(r["metric"], g) for g in r["gaps"])
+    gaps = ", ".join(_gap_text(r["metric"], g) for g in r["gaps"])
     verdict = {"the seeds disagree": f"the seeds disagree: {calls}",
                "not paired": "means only at some seeds: not evaluated on the same items"}.get(r["verdict"],
                                                                                            f"{calls} seeds")
@@ -261,8 +261,7 @@ def difference(r) -> tuple[str, str]:
         interval = f"±{r['ppl_half_width']:.1%}"
     else:
         interval = f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
-    shown = f"{r['ppl_ratio']:+.1%}" if r["metric"] == "val_loss" else f"{100 * r['gap']:+.1f} points"
-    return shown, interval
+    return _gap_text(r["metric"], r["gap"]) + ("" if r["metric"] == "val_loss" else " points"), interval
 
 
 def comparison_phrase(r) -> str:
@@ -283,7 +282,6 @@ def comparison_lines(df: pd.DataFrame, runs: list[dict], limit: int = 12) -> lis
     ours = {(r.get("task"), r.get("data"), r.get("size"), r.get("ctx"), r.get("match", "params"),
              r.get("recipe", "shared"), r.get("arch")) for r in runs if r.get("status") == "ok"}
     mine = lambda r: any(tuple(r[k] for k in POINT) + (arch,) in ours for arch in (r["arch"], r["versus"]))
-    df = df if "seed" in df else df.assign(seed=0)
     several = df.groupby(POINT, dropna=False)["seed"].transform("nunique") > 1
     lines = [f"{r['size']} ctx {r['ctx']}{_where(r)}: {r['arch']} vs {r['versus']} {agreement_phrase(r)}"
              for _, r in seed_agreement(df).iterrows() if mine(r)]
@@ -327,7 +325,6 @@ def comparisons_markdown(df: pd.DataFrame) -> str:
              f"the noise (p < {1 - LEVEL:.2g}). More evaluation (`task.eval_tokens`, `task.eval_examples`) narrows "
              "the interval. comparisons.csv has the same pairs, the gap and its interval's ends (`ci_low`, "
              "`ci_high`) in nats per token or accuracy (0-1).", ""]
-    df = df if "seed" in df else df.assign(seed=0)
     for (task, data), g in df.groupby(["task", "data"], sort=False):
         seeded = g["seed"].nunique() > 1  # a seed column where the runs have several
         lines += [f"## task={task} data={data}", "", f"Metric: {METRIC_NOTES[g['metric'].iloc[0]]}.", "",
@@ -357,8 +354,8 @@ def across_seeds_markdown(agree: pd.DataFrame) -> list[str]:
              f"| size | ctx | match | recipe | architecture | versus | seeds | difference at each seed{unit} | "
              "mean | verdict |", "|" + "---|" * 10]
     for _, r in agree.iterrows():
-        gaps = ", ".join(_seed_gap(r["metric"], g) for g in r["gaps"])
+        gaps = ", ".join(_gap_text(r["metric"], g) for g in r["gaps"])
         lines.append(f"| {r['size']} | {r['ctx']} | {r['match']} | {r['recipe']} | {r['arch']} | {r['versus']} | "
-                     f"{r['seeds']} | {gaps} | {_seed_gap(r['metric'], r['gap_mean'])} | {r['verdict']}"
+                     f"{r['seeds']} | {gaps} | {_gap_text(r['metric'], r['gap_mean'])} | {r['verdict']}"
                      f"{'; intervals apart' if r['apart'] else ''} |")
     return lines + [""]

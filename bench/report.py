@@ -98,13 +98,27 @@ def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
     ok = ok[ok["sweep"] == newest]
     picked = []
     for _, g in ok.groupby(KEY):
-        col, higher = selection_metric(str(g.iloc[0]["task"]), g)
-        col = col if col in g and g[col].notna().any() else "val_loss"
-        by_lr = g.groupby("lr")[col].mean() if "lr" in g else pd.Series(dtype=float)
-        if by_lr.notna().sum() > 1:
-            g = g[g["lr"] == (by_lr.idxmax() if higher else by_lr.idxmin())]
+        col, higher = _selection_column(g)
+        lr = best_lr(g)
+        g = g if lr is None else g[g["lr"] == lr]
         picked += [s.sort_values(col, ascending=not higher).iloc[0] for _, s in g.groupby("seed")]
     return pd.DataFrame(picked)
+
+
+def _selection_column(runs: pd.DataFrame) -> tuple[str, bool]:
+    """selection_metric of one point's runs, falling back to the validation loss where they lack that column."""
+    col, higher = selection_metric(str(runs.iloc[0]["task"]), runs)
+    return (col, higher) if col in runs and runs[col].notna().any() else ("val_loss", False)
+
+
+def best_lr(runs: pd.DataFrame) -> float | None:
+    """The lr of one point's runs whose selection metric is best on average over the runs at it (its seeds); None
+    when fewer than two lrs were tried."""
+    col, higher = _selection_column(runs)
+    by_lr = runs.groupby("lr")[col].mean() if "lr" in runs else pd.Series(dtype=float)
+    if by_lr.notna().sum() < 2:
+        return None
+    return by_lr.idxmax() if higher else by_lr.idxmin()
 
 
 SEED_SPREAD = ("val_loss", "val_bpb", "val_acc")  # headline metrics whose range over seeds the plots draw
@@ -240,9 +254,7 @@ def lr_sweeps(df: pd.DataFrame) -> pd.DataFrame:
     ok = seed_means(ok, by=KEY + ["lr"]).reset_index(drop=True)
     ok["best"] = False
     for _, g in ok.groupby(KEY):
-        col, higher = selection_metric(str(g.iloc[0]["task"]), g)
-        col = col if col in g and g[col].notna().any() else "val_loss"
-        ok.loc[g.sort_values(col, ascending=not higher).index[0], "best"] = True
+        ok.loc[g.index[g["lr"] == best_lr(g)], "best"] = True
     return ok
 
 
