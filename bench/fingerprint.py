@@ -21,7 +21,7 @@ from bench.config import long_context_at
 
 # settings that change how a run is carried out, not what it computes: a run that differs only in
 # these is the same run (a rerun sweep reuses or resumes it)
-NOT_IN_FINGERPRINT = {"sweep_id", "results", "logger"}
+NOT_IN_FINGERPRINT = {"sweep_id", "results", "logger", "variant"}  # variant: a label of values that count
 TRAINER_NOT_IN_FINGERPRINT = {"quiet", "resume", "ckpt_every", "ckpt_every_s", "log_every", "threads",
                               "thread_governor", "parallel"}
 

@@ -38,7 +38,7 @@ LEVEL = 0.95  # the two-sided level of the interval a gap must leave to count as
 PAIRED_BY = {"val_loss": ("val_window_loss", "val_windows_hash"), "val_acc": ("val_example_acc", "val_examples_hash")}
 PAIR_FIELDS = ["arch", "versus", "gap", "gap_sem", "n", "half_width", "ci_low", "ci_high", "p_value", "test",
                "call"]  # a pair's columns
-POINT = ["task", "data", "size", "ctx", "match", "recipe"]  # the point two runs of a sweep share to be compared
+POINT = ["task", "data", "size", "ctx", "match", "recipe", "variant"]  # what two runs share to be compared
 COMPARISON_COLUMNS = POINT + ["seed", "metric"] + PAIR_FIELDS + ["ppl_ratio", "ppl_half_width"]  # comparisons.csv
 
 
@@ -174,14 +174,16 @@ def compared_metric(task: str) -> str:
 
 
 def comparisons_frame(best: pd.DataFrame) -> pd.DataFrame:
-    """Every pair of architectures trained at the same point (POINT: task, data, size, ctx, match, recipe) with the
-    same seed, from the report's best run per point and seed (bench/report.latest_ok), on compared_metric. For the
-    loss, ppl_ratio = exp(gap) - 1 (a's perplexity over b's, minus 1) and ppl_half_width = exp(half_width) - 1. The
-    interval (ci_low, ci_high) is NaN where the pair could not be paired: runs written before per-item values were
-    kept, or evaluated on other text or examples. seed_agreement() sets the seeds of a pair side by side."""
-    if best.empty or not set(POINT) <= set(best.columns):
+    """Every pair of architectures trained at the same point (POINT: task, data, size, ctx, match, recipe, variant)
+    with the same seed, from the report's best run per point and seed (bench/report.latest_ok), on compared_metric.
+    For the loss, ppl_ratio = exp(gap) - 1 (a's perplexity over b's, minus 1) and ppl_half_width =
+    exp(half_width) - 1. The interval (ci_low, ci_high) is NaN where the pair could not be paired: runs written before
+    per-item values were kept, or evaluated on other text or examples. seed_agreement() sets the seeds of a pair
+    side by side."""
+    if best.empty or not set(POINT) - {"variant"} <= set(best.columns):
         return pd.DataFrame(columns=COMPARISON_COLUMNS)
-    best = best.assign(seed=best["seed"].fillna(0).astype(int) if "seed" in best else 0)
+    best = best.assign(seed=best["seed"].fillna(0).astype(int) if "seed" in best else 0,
+                       variant=best["variant"].fillna("") if "variant" in best else "")
     groups = sorted(best.groupby(POINT + ["seed"], dropna=False),  # by task, data, ctx; smaller models first; seed
                     key=lambda pg: (str(pg[0][0]), str(pg[0][1]), pg[0][3], _scale(pg[1]), str(pg[0])))
     rows = []
@@ -279,8 +281,9 @@ def comparison_lines(df: pd.DataFrame, runs: list[dict], limit: int = 12) -> lis
     """The pairs a sweep's ok runs (summaries) take part in, for the terminal: where a point was trained at several
     seeds, first a line per pair on whether the seeds agree; then a line per pair (and seed). At most `limit`, then
     how many more are in comparisons.md."""
-    ours = {(r.get("task"), r.get("data"), r.get("size"), r.get("ctx"), r.get("match", "params"),
-             r.get("recipe", "shared"), r.get("arch")) for r in runs if r.get("status") == "ok"}
+    defaults = {"match": "params", "recipe": "shared", "variant": ""}  # bench/report._with_defaults
+    df = df.assign(variant=df["variant"].fillna("") if "variant" in df else "")  # comparisons.csv reads "" as NaN
+    ours = {tuple(r.get(k, defaults.get(k)) for k in POINT) + (r.get("arch"),) for r in runs if r.get("status") == "ok"}
     mine = lambda r: any(tuple(r[k] for k in POINT) + (arch,) in ours for arch in (r["arch"], r["versus"]))
     several = df.groupby(POINT, dropna=False)["seed"].transform("nunique") > 1
     lines = [f"{r['size']} ctx {r['ctx']}{_where(r)}: {r['arch']} vs {r['versus']} {agreement_phrase(r)}"
@@ -297,9 +300,11 @@ def _seed_tag(r, several: bool) -> str:
 
 
 def _where(r) -> str:
-    """' task=classification data=listops' where the point is not language modeling on the default text."""
+    """' task=classification data=listops' where the point is not language modeling on the default text, and its
+    variant where a sweep varied more (' task.mqar_pairs=4')."""
     task = "" if r["task"] == "lm" else f" task={r['task']}"
-    return task + ("" if r["data"] == "shakespeare" else f" data={r['data']}")
+    variant = r.get("variant") or ""
+    return task + ("" if r["data"] == "shakespeare" else f" data={r['data']}") + (f" {variant}" if variant else "")
 
 
 METRIC_NOTES = {
@@ -316,7 +321,8 @@ METRIC_NOTES = {
 def comparisons_markdown(df: pd.DataFrame) -> str:
     """RESULTS/comparisons.md: the pairs with their LEVEL intervals, one table per (task, data)."""
     lines = ["# Paired comparisons", "",
-             "Each pair of architectures trained at the same point (size, context, data, match, recipe; each at its "
+             "Each pair of architectures trained at the same point (size, context, data, match, recipe, and the "
+             "values of any other key the sweep varied, `variant`; each at its "
              "best lr), compared item by item, where each item's own difficulty cancels. The "
              f"{LEVEL:.0%} interval covers the noise of the text or examples evaluated (Student's t over the per-item "
              "differences; for right/wrong examples Newcombe's score interval), not the seed-to-seed noise of "
@@ -327,21 +333,36 @@ def comparisons_markdown(df: pd.DataFrame) -> str:
              "`ci_high`) in nats per token or accuracy (0-1).", ""]
     for (task, data), g in df.groupby(["task", "data"], sort=False):
         seeded = g["seed"].nunique() > 1  # a seed column where the runs have several
+        varied = _varied(g)
         lines += [f"## task={task} data={data}", "", f"Metric: {METRIC_NOTES[g['metric'].iloc[0]]}.", "",
-                  f"| size | ctx | match | recipe |{' seed |' if seeded else ''} architecture | versus | difference | "
-                  f"{LEVEL:.0%} interval | n | p | call |", "|" + "---|" * (11 + seeded)]
+                  f"| {_point_head(varied)}{' seed |' if seeded else ''} architecture | versus | difference | "
+                  f"{LEVEL:.0%} interval | n | p | call |", "|" + "---|" * (11 + seeded + varied)]
         for _, r in g.iterrows():
             shown, interval = difference(r)
             tail = (f"{interval} | {r['n']:.0f} | {r['p_value']:.2g} | {r['call']} |" if interval
                     else "| | | not paired |")
             seed = f" {r['seed']} |" if seeded else ""
-            lines.append(f"| {r['size']} | {r['ctx']} | {r['match']} | {r['recipe']} |{seed} {r['arch']} | "
-                         f"{r['versus']} | {shown} | {tail}")
-        lines += [""] + (across_seeds_markdown(seed_agreement(g)) if seeded else [])
+            lines.append(f"| {_point_cells(r, varied)}{seed} {r['arch']} | {r['versus']} | {shown} | {tail}")
+        lines += [""] + (across_seeds_markdown(seed_agreement(g), varied) if seeded else [])
     return "\n".join(lines)
 
 
-def across_seeds_markdown(agree: pd.DataFrame) -> list[str]:
+def _varied(pairs: pd.DataFrame) -> bool:
+    """Whether any pair's point has a variant (a sweep varied a key beyond the point's): a column for it."""
+    return "variant" in pairs and bool((pairs["variant"].fillna("") != "").any())
+
+
+def _point_head(varied: bool) -> str:
+    """A markdown table's point columns: 'size | ctx | match | recipe |' (and 'variant |')."""
+    return "size | ctx | match | recipe |" + (" variant |" if varied else "")
+
+
+def _point_cells(r, varied: bool) -> str:
+    """One pair's point cells under _point_head."""
+    return f"{r['size']} | {r['ctx']} | {r['match']} | {r['recipe']} |" + (f" {r['variant']} |" if varied else "")
+
+
+def across_seeds_markdown(agree: pd.DataFrame, varied: bool = False) -> list[str]:
     """The lines of one (task, data)'s 'Across seeds' table: each pair's difference at each seed and the verdict."""
     if agree.empty:
         return []
@@ -351,11 +372,11 @@ def across_seeds_markdown(agree: pd.DataFrame) -> list[str]:
              "where the seeds disagree, the difference moves with the training seed by more than that, and one seed's "
              "call does not settle the comparison. 'intervals apart': two seeds' intervals do not overlap, so even "
              "where the calls agree, one seed does not settle the size of the difference.", "",
-             f"| size | ctx | match | recipe | architecture | versus | seeds | difference at each seed{unit} | "
-             "mean | verdict |", "|" + "---|" * 10]
+             f"| {_point_head(varied)} architecture | versus | seeds | difference at each seed{unit} | "
+             "mean | verdict |", "|" + "---|" * (10 + varied)]
     for _, r in agree.iterrows():
         gaps = ", ".join(_gap_text(r["metric"], g) for g in r["gaps"])
-        lines.append(f"| {r['size']} | {r['ctx']} | {r['match']} | {r['recipe']} | {r['arch']} | {r['versus']} | "
+        lines.append(f"| {_point_cells(r, varied)} {r['arch']} | {r['versus']} | "
                      f"{r['seeds']} | {gaps} | {_gap_text(r['metric'], r['gap_mean'])} | {r['verdict']}"
                      f"{'; intervals apart' if r['apart'] else ''} |")
     return lines + [""]

@@ -6,6 +6,10 @@ Tables: summary.csv (one row per run); comparisons.md and .csv (bench/gaps.py: e
 trained at the same point, compared window by window on the same text, or example by example on the same test
 examples; seed by seed when the points have several, SEEDS=); recall.md; eval.md.
 
+A point is (arch, size, ctx, task, data, match, recipe) and, where a sweep varied another key (ARGS="arch.mini_batch=
+8,16"), its value (each run's `variant`): each value is a line of its own in the plots ('ttt_linear arch.mini_batch=8'),
+and its pairs are compared at that value.
+
 A point trained at several seeds is drawn, and written in recall.md and eval.md, as the mean over its seeds
 (seed_means), the range of its headline metric shaded in loss_vs_flops, classification_accuracy and mqar_grid.
 
@@ -43,20 +47,22 @@ from bench.plots import (grid_runs, plot_classification, plot_longqa, plot_loss_
                          plot_metric_vs_lr, plot_mqar_grid, plot_training_curves)
 from bench.results import atomic_write_text, read_summaries, results_lock
 
-COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "recipe", "lr", "params", "non_embedding_params", "flops_per_token",
-           "train_flops_per_token", "flops_vs_ref", "train_flops", "state_size", "tokens", "token_rule", "min_steps",
-           "val_loss", "val_loss_sem", "val_ppl", "val_bpb", "val_bpb_sem", "val_unigram_bpb", "tokens_per_s", "wall_s", "train_wall_s", "backend", "device",
-           "device_name", "threads", "threads_min", "cpu_busy_others_max", "precision", "layers", "d_model", "heads",
-           "ffn_dim", "d_inner", "vocab", "profile", "status", "error", "sweep", "run", "git_commit", "run_dir"]
-KEY = ["arch", "size", "ctx", "task", "data", "match", "recipe"]
+COLUMNS = ["arch", "size", "ctx", "task", "data", "match", "recipe", "variant", "lr", "params", "non_embedding_params",
+           "flops_per_token", "train_flops_per_token", "flops_vs_ref", "train_flops", "state_size", "tokens",
+           "token_rule", "min_steps", "val_loss", "val_loss_sem", "val_ppl", "val_bpb", "val_bpb_sem",
+           "val_unigram_bpb", "tokens_per_s", "wall_s", "train_wall_s", "backend", "device", "device_name", "threads",
+           "threads_min", "cpu_busy_others_max", "precision", "layers", "d_model", "heads", "ffn_dim", "d_inner",
+           "vocab", "profile", "status", "error", "sweep", "run", "git_commit", "run_dir"]
+KEY = ["arch", "size", "ctx", "task", "data", "match", "recipe", "variant"]  # a point; variant: what ARGS= swept
 
 
 def _with_defaults(df: pd.DataFrame) -> pd.DataFrame:
-    """Keys older runs lack: before size matching runs used the reference's dimensions (match=params), and
-    before recipes every architecture trained with the shared one."""
+    """Keys older runs lack: before size matching runs used the reference's dimensions (match=params), before
+    recipes every architecture trained with the shared one, and before variants a sweep varied none."""
     df = df.copy()
     df["match"] = df["match"].fillna("params") if "match" in df else "params"
     df["recipe"] = df["recipe"].fillna("shared") if "recipe" in df else "shared"  # runs from before recipes
+    df["variant"] = df["variant"].fillna("") if "variant" in df else ""  # runs from before variants: one each
     return df
 
 
@@ -87,10 +93,10 @@ def selection_metric(task: str, runs: pd.DataFrame | None = None) -> tuple[str, 
 
 
 def latest_ok(df: pd.DataFrame) -> pd.DataFrame:
-    """One run per point (KEY: arch, size, ctx, task, data, match, recipe) and seed, from the newest sweep that has
-    the point. When that sweep tried several learning rates (LRS=), the runs of the lr whose validation metric is
-    best on average over the seeds (one seed: its best run)."""
-    ok = df[df["status"] == "ok"].copy()
+    """One run per point (KEY: arch, size, ctx, task, data, match, recipe, variant) and seed, from the newest sweep
+    that has the point. When that sweep tried several learning rates (LRS=), the runs of the lr whose validation
+    metric is best on average over the seeds (one seed: its best run)."""
+    ok = _with_defaults(df[df["status"] == "ok"])
     if ok.empty:
         return ok
     ok["seed"] = ok["seed"].fillna(0).astype(int) if "seed" in ok else 0  # runs record it; tests' rows may not
@@ -226,7 +232,7 @@ def report(results: str | Path) -> pd.DataFrame:
         full = _with_defaults(pd.DataFrame(rows)) if rows else pd.DataFrame()
         if not full.empty and (full.get("status") == "ok").any():
             best = latest_ok(full)  # one run per point and seed
-            points = seed_means(best)  # one row per point: the mean over its seeds
+            points = named_by_variant(seed_means(best))  # one row per point: the mean over its seeds
             plot_loss_vs_flops(points, plots / "loss_vs_flops.png")
             plot_loss_by_position(points, plots / "loss_by_position.png")
             plot_training_curves(points, plots / "training_curves.png")
@@ -236,15 +242,25 @@ def report(results: str | Path) -> pd.DataFrame:
             write_comparisons(best, results)  # seed by seed, and whether the seeds agree
             write_recall_table(points, results / "recall.md")
             write_eval_table(points, results / "eval.md")
-            plot_metric_vs_lr(lr_sweeps(full), plots / "metric_vs_lr.png")
+            plot_metric_vs_lr(named_by_variant(lr_sweeps(full)), plots / "metric_vs_lr.png")
     return table
+
+
+def named_by_variant(points: pd.DataFrame) -> pd.DataFrame:
+    """points with each one's variant in its architecture's name ('ttt_linear task.mqar_pairs=4'), for the plots
+    and tables, which draw and list a line per architecture: the values a sweep varied (ARGS="key=a,b") stay
+    lines of their own."""
+    if points.empty or "variant" not in points or not (points["variant"].fillna("") != "").any():
+        return points
+    named = points["variant"].fillna("").map(lambda v: f" {v}" if v else "")
+    return points.assign(arch=points["arch"] + named)
 
 
 def lr_sweeps(df: pd.DataFrame) -> pd.DataFrame:
     """The runs of LRS sweeps: per (arch, size, ctx, task, data, match, recipe) the newest sweep's runs when it
     tried several learning rates, one row per lr (the mean over seeds: seed_means), with `best` marking the lr
     latest_ok picks (the selection metric)."""
-    ok = df[(df["status"] == "ok") & df["lr"].notna()] if "lr" in df else df.iloc[0:0]
+    ok = _with_defaults(df[(df["status"] == "ok") & df["lr"].notna()] if "lr" in df else df.iloc[0:0])
     if ok.empty:
         return ok.assign(best=pd.Series(dtype=bool))
     ok = ok[ok["sweep"] == ok.groupby(KEY)["sweep"].transform("max")]

@@ -111,7 +111,7 @@ def _run(cfg: DictConfig, run_dir: Path, fingerprint: str) -> dict:
         "arch": str(cfg.arch.name), "size": str(cfg.size.name), "ctx": ctx, "task": str(cfg.task.name),
         "data": str(cfg.data.name), "profile": str(cfg.profile), "seed": int(cfg.seed),
         "sweep": str(cfg.sweep_id), "run": run_dir.name, "run_dir": str(run_dir), "config_hash": fingerprint,
-        "lr": float(cfg.trainer.lr),
+        "lr": float(cfg.trainer.lr), "variant": str(cfg.get("variant") or ""),
         "git_commit": git_commit(), "packages": package_versions(),
     }
     identity = {"arch": summary["arch"], "size": summary["size"], "ctx": ctx, "config_hash": fingerprint}

@@ -32,6 +32,9 @@ from bench.threads import cpu_cores
 RUN_NAME = "${arch.name}-${size.name}-ctx${ctx}"  # conf/config.yaml's run_name: the keys every sweep names
 NAMED = ("arch", "size", "ctx")  # ... those keys
 FOLDER_LABELS = {"trainer.lr": "lr"}  # a swept key's label in the folder name, where not its last part (seed)
+# swept keys the report keeps apart or chooses between by columns of its own (bench/report.KEY, seed, lr), so no
+# run's variant names them
+REPORTED = ("task", "data", "match", "recipe", "seed", "trainer.lr")
 
 
 def build_overrides(args) -> tuple[list[list[str]], str, Path]:
@@ -57,6 +60,7 @@ def build_overrides(args) -> tuple[list[list[str]], str, Path]:
             raise UsageError("SEEDS and a seed= override both set the seed; give one of them")
         rest.append(f"seed={','.join(parse_seeds(args.seeds))}")
     rest += folder_per_run([*rest, *args.overrides])  # where LRS put its run_name: earlier sweeps still continue
+    rest += variant_per_run([*rest, *args.overrides])
     if args.match:
         from architectures.sizing import MATCH_RULES
 
@@ -72,19 +76,38 @@ def folder_per_run(overrides: list[str]) -> list[str]:
     multirun gets a folder of its own: seed=0,1 -> transformer-cpu-s-ctx2048-seed0 and ...-seed1, LRS -> ...-lr0.001
     (two runs in one folder: the second stops on the first's checkpoint, and the sweep keeps neither). [] when none
     is swept, or when the overrides name the run themselves."""
+    if any(key == "run_name" for key, _ in _keys(overrides)):
+        return []
+    labels = [f"-{FOLDER_LABELS.get(key, key.split('.')[-1].split('/')[-1])}{value}"
+              for key, value in _swept(overrides)]
+    return [f"run_name={RUN_NAME}{''.join(labels)}"] if labels else []
+
+
+def variant_per_run(overrides: list[str]) -> list[str]:
+    """[variant='task.mqar_pairs=${task.mqar_pairs}'] for the keys the overrides sweep that the report has no column
+    of its own for (beyond NAMED and REPORTED): each run records its values (summary.json `variant`:
+    'task.mqar_pairs=4'), and the report keeps them apart, a line each in the plots and pairs of their own in
+    comparisons.md (else it would keep the best run per point, as it does for lrs). [] when there are none, or when
+    the overrides set the variant."""
+    if any(key == "variant" for key, _ in _keys(overrides)):
+        return []
+    values = [f"{key}={value}" for key, value in _swept(overrides) if key not in REPORTED]
+    return [f"variant='{' '.join(values)}'"] if values else []
+
+
+def _keys(overrides: list[str]) -> list[tuple[str, object]]:
+    """(key without +/~, parsed override) of each override."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    if any(o.get_key_element().lstrip("+~") == "run_name" for o in parsed):
-        return []
-    labels = []
-    for o in parsed:
-        key = o.get_key_element().lstrip("+~")
-        if not o.is_sweep_override() or key in NAMED or key.startswith("hydra"):
-            continue
-        value = f"${{hydra:runtime.choices.{key}}}" if group_options(key) else f"${{{key}}}"  # a group: its choice
-        labels.append(f"-{FOLDER_LABELS.get(key, key.split('.')[-1].split('/')[-1])}{value}")
-    return [f"run_name={RUN_NAME}{''.join(labels)}"] if labels else []
+    return [(o.get_key_element().lstrip("+~"), o) for o in OverridesParser.create().parse_overrides(overrides)]
+
+
+def _swept(overrides: list[str]) -> list[tuple[str, str]]:
+    """(key, its value as an interpolation each run resolves) of every key swept beyond NAMED (and hydra's own):
+    a config group's choice (recipe -> ${hydra:runtime.choices.recipe}), else the key's value (${seed})."""
+    return [(key, f"${{hydra:runtime.choices.{key}}}" if group_options(key) else f"${{{key}}}")
+            for key, o in _keys(overrides)
+            if o.is_sweep_override() and key not in NAMED and not key.startswith("hydra")]
 
 
 CHECKED = ("ctx", "task", "data")  # the config a task's check reads (tasks/registry.check_task)

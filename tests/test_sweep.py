@@ -250,6 +250,24 @@ def test_seed_sweep_keeps_a_folder_per_run_and_compares_seed_by_seed(tmp_path):
     assert re.search(r"transformer vs ttt_linear perplexity at seeds 0,1: [-+]\d", res.stdout)
 
 
+@pytest.mark.slow
+def test_a_key_swept_through_args_is_kept_apart_end_to_end(tmp_path):
+    """ARGS="trainer.weight_decay=0.0,0.1": 4 runs in 4 folders, each summary records its value (`variant`), the
+    report compares the architectures at each value and the terminal says which. Before, the report kept one run
+    per architecture, the better of the two values, and could pair one architecture's 0.0 with another's 0.1.
+    (15 s on 2 cores.)"""
+    res = sweep("--arch", "transformer,ttt_linear", "--ctx", "64", "--profile", "smoke", "--sizes", "smoke-xs", "--",
+                "trainer.weight_decay=0.0,0.1", "logger=none", "trainer.quiet=true", results=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert sorted((r["arch"], r["variant"], r["status"]) for r in runs) == sorted(
+        (a, f"trainer.weight_decay={wd}", "ok") for a in ("transformer", "ttt_linear") for wd in ("0.0", "0.1"))
+    pairs = list(csv.DictReader(open(tmp_path / "comparisons.csv")))
+    assert sorted(p["variant"] for p in pairs) == ["trainer.weight_decay=0.0", "trainer.weight_decay=0.1"]
+    for wd in ("0.0", "0.1"):
+        assert f"smoke-xs ctx 64 trainer.weight_decay={wd}: transformer vs ttt_linear perplexity" in res.stdout
+
+
 def test_a_bad_lrs_list_exits_2_with_the_reason(tmp_path):
     bad = sweep("--lrs", "1e-3,fast", results=tmp_path / "bad")  # one subprocess: the real exit status
     assert bad.returncode == 2 and "LRS must be a comma list" in bad.stderr
