@@ -154,8 +154,8 @@ def test_longqa_smoke_sweep_end_to_end(tmp_path):
         assert len(scores) == sum(c["n"] for c in cells if c["length"] == 512)
         assert sum(scores) / len(scores) == pytest.approx(s["val_acc"])
     pairs = (tmp_path / "comparisons.csv").read_text().splitlines()
-    assert len(pairs) == 2  # seed 0's pair
-    assert pairs[1].startswith("longqa,generated,smoke-xs,512,params,native,0,val_acc,transformer,mamba,")
+    assert len(pairs) == 2  # seed 0's pair; the variant column empty (no key varied)
+    assert pairs[1].startswith("longqa,generated,smoke-xs,512,params,native,,0,val_acc,transformer,mamba,")
     for plot in ("longqa_accuracy.png", "passkey_heatmap.png", "training_curves.png"):
         assert (tmp_path / "plots" / plot).stat().st_size > 10_000, plot
     assert not (tmp_path / "plots" / "loss_vs_flops.png").exists()  # no language-modeling runs: no LM plots
