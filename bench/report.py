@@ -257,7 +257,7 @@ def named_by_variant(points: pd.DataFrame) -> pd.DataFrame:
 
 
 def lr_sweeps(df: pd.DataFrame) -> pd.DataFrame:
-    """The runs of LRS sweeps: per (arch, size, ctx, task, data, match, recipe) the newest sweep's runs when it
+    """The runs of LRS sweeps: per point (KEY) the newest sweep's runs when it
     tried several learning rates, one row per lr (the mean over seeds: seed_means), with `best` marking the lr
     latest_ok picks (the selection metric)."""
     ok = _with_defaults(df[(df["status"] == "ok") & df["lr"].notna()] if "lr" in df else df.iloc[0:0])
