@@ -39,6 +39,9 @@ PAIRED_BY = {"val_loss": ("val_window_loss", "val_windows_hash"), "val_acc": ("v
 PAIR_FIELDS = ["arch", "versus", "gap", "gap_sem", "n", "half_width", "ci_low", "ci_high", "p_value", "test",
                "call"]  # a pair's columns
 POINT = ["task", "data", "size", "ctx", "match", "recipe", "variant"]  # what two runs share to be compared
+# point keys runs written before them lack, at what those runs did: before size matching they used the reference's
+# dimensions (match=params), before recipes the shared one, before variants a sweep varied no other key
+POINT_DEFAULTS = {"match": "params", "recipe": "shared", "variant": ""}
 COMPARISON_COLUMNS = POINT + ["seed", "metric"] + PAIR_FIELDS + ["ppl_ratio", "ppl_half_width"]  # comparisons.csv
 
 
@@ -281,9 +284,9 @@ def comparison_lines(df: pd.DataFrame, runs: list[dict], limit: int = 12) -> lis
     """The pairs a sweep's ok runs (summaries) take part in, for the terminal: where a point was trained at several
     seeds, first a line per pair on whether the seeds agree; then a line per pair (and seed). At most `limit`, then
     how many more are in comparisons.md."""
-    defaults = {"match": "params", "recipe": "shared", "variant": ""}  # bench/report._with_defaults
     df = df.assign(variant=df["variant"].fillna("") if "variant" in df else "")  # comparisons.csv reads "" as NaN
-    ours = {tuple(r.get(k, defaults.get(k)) for k in POINT) + (r.get("arch"),) for r in runs if r.get("status") == "ok"}
+    ours = {tuple(r.get(k, POINT_DEFAULTS.get(k)) for k in POINT) + (r.get("arch"),)
+            for r in runs if r.get("status") == "ok"}
     mine = lambda r: any(tuple(r[k] for k in POINT) + (arch,) in ours for arch in (r["arch"], r["versus"]))
     several = df.groupby(POINT, dropna=False)["seed"].transform("nunique") > 1
     lines = [f"{r['size']} ctx {r['ctx']}{_where(r)}: {r['arch']} vs {r['versus']} {agreement_phrase(r)}"

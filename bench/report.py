@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.gaps import comparisons_frame, comparisons_markdown
+from bench.gaps import POINT_DEFAULTS, comparisons_frame, comparisons_markdown
 from bench.plots import (grid_runs, plot_classification, plot_longqa, plot_loss_by_position, plot_loss_vs_flops,
                          plot_metric_vs_lr, plot_mqar_grid, plot_training_curves)
 from bench.results import atomic_write_text, read_summaries, results_lock
@@ -57,12 +57,10 @@ KEY = ["arch", "size", "ctx", "task", "data", "match", "recipe", "variant"]  # a
 
 
 def _with_defaults(df: pd.DataFrame) -> pd.DataFrame:
-    """Keys older runs lack: before size matching runs used the reference's dimensions (match=params), before
-    recipes every architecture trained with the shared one, and before variants a sweep varied none."""
+    """The point keys older runs lack, at what those runs did (POINT_DEFAULTS)."""
     df = df.copy()
-    df["match"] = df["match"].fillna("params") if "match" in df else "params"
-    df["recipe"] = df["recipe"].fillna("shared") if "recipe" in df else "shared"  # runs from before recipes
-    df["variant"] = df["variant"].fillna("") if "variant" in df else ""  # runs from before variants: one each
+    for key, value in POINT_DEFAULTS.items():
+        df[key] = df[key].fillna(value) if key in df else value
     return df
 
 
@@ -229,7 +227,7 @@ def report(results: str | Path) -> pd.DataFrame:
         atomic_write_text(results / "summary.csv", buf.getvalue(), crash_at="report")
         plots = results / "plots"
         plots.mkdir(parents=True, exist_ok=True)
-        full = _with_defaults(pd.DataFrame(rows)) if rows else pd.DataFrame()
+        full = pd.DataFrame(rows)  # latest_ok and lr_sweeps fill the keys older runs lack
         if not full.empty and (full.get("status") == "ok").any():
             best = latest_ok(full)  # one run per point and seed
             points = named_by_variant(seed_means(best))  # one row per point: the mean over its seeds

@@ -56,7 +56,7 @@ def build_overrides(args) -> tuple[list[list[str]], str, Path]:
     if args.lrs:
         rest.append(f"trainer.lr={','.join(parse_lrs(args.lrs))}")
     if args.seeds:
-        if any(o.lstrip("+~").split("=")[0] == "seed" for o in args.overrides):
+        if any(key == "seed" for key, _ in _keys(args.overrides)):
             raise UsageError("SEEDS and a seed= override both set the seed; give one of them")
         rest.append(f"seed={','.join(parse_seeds(args.seeds))}")
     rest += folder_per_run([*rest, *args.overrides])  # where LRS put its run_name: earlier sweeps still continue
