@@ -111,11 +111,13 @@ def kernels(f: int, launch) -> list[tuple[str, object, dict, int, int]]:
     warps = lambda inner, direction: launch.warps(inner, direction, f)
     decode, mlp_decode = {"F": f, "BF": bf}, {"F": f, "BF": bf, "BT": mlp.hidden_tile(f, decode=True)}
     fwd, fwd_partial = {"PARTIAL": False, "SAVE": True}, {"PARTIAL": True, "SAVE": True}
+    w_rows = {"W_ROWS": launch.rows(f)}  # TTT-Linear's forward: rows of W per tile
     mlp_bwd, mlp_bwd_partial = {"PARTIAL": False, "AFTER_PARTIAL": True}, {"PARTIAL": True, "AFTER_PARTIAL": False}
     lin_bwd = {phase: {"PHASE": phase, "FIRST": phase == "partial"} for phase in ("reverse", "recompute", "partial")}
     return [
-        ("linear forward", lin._fwd_kernel, {**common, **fwd}, warps("linear", "fwd"), stages),
-        ("linear forward partial", lin._fwd_kernel, {**common, **fwd_partial}, warps("linear", "fwd"), stages),
+        ("linear forward", lin._fwd_kernel, {**common, **fwd, **w_rows}, warps("linear", "fwd"), stages),
+        ("linear forward partial", lin._fwd_kernel, {**common, **fwd_partial, **w_rows}, warps("linear", "fwd"),
+         stages),
         ("linear backward", lin._bwd_kernel, {**common, **lin_bwd["reverse"]}, warps("linear", "bwd"), stages),
         ("linear backward recompute", lin._bwd_kernel, {**common, **lin_bwd["recompute"]},
          warps("linear", "bwd"), stages),
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default=None, help="tf32 | ieee (default: the launchers', triton_linear.LAUNCH)")
     p.add_argument("--num-warps", type=int, default=None, help="every prefill kernel (default: the launchers', per kernel)")
     p.add_argument("--num-stages", type=int, default=None, help="every prefill kernel (default: the launchers')")
+    p.add_argument("--w-rows", type=int, default=None,
+                   help="rows of W the TTT-Linear forward holds at a time (default: the launchers', whole W)")
     p.add_argument("--only", default="", help="comma list of kernel names (substrings), e.g. 'linear,mlp forward'")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from architectures.ttt.triton_linear import LAUNCH
 
     launch = replace(LAUNCH, precision=args.precision or LAUNCH.precision, num_warps=args.num_warps or LAUNCH.num_warps,
-                     num_stages=args.num_stages or LAUNCH.num_stages)
+                     num_stages=args.num_stages or LAUNCH.num_stages, w_rows=args.w_rows or LAUNCH.w_rows)
     import triton
 
     print(f"[ttt-bench] triton {triton.__version__} ({Path(triton.__file__).parent}), compiling for sm_{args.arch}",

@@ -621,7 +621,10 @@ def plot_kernel_speed(rows: list[dict], path: Path, title: str) -> None:
         batch = next((r["batch"] for r in rows if r["mode"] == mode), "?")
         ax.set_title(f"{mode}, batch {batch}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # --modes left it out, or nothing ran
+            ax.text(0.5, 0.5, "no timed points", transform=ax.transAxes, ha="center", alpha=0.7)
     fig.suptitle(title)
     finish(fig, path)
 

@@ -247,21 +247,35 @@ VARIANTS = ([{"precision": p, "num_warps": w, "num_stages": 3} for p in ("ieee",
 # the forward needs no shared memory (ptxas for sm_90: 127 registers forward, about 168 backward, no spills)
 MAMBA_VARIANTS = [{"BLOCK_D": 32, "NUM_WARPS": 4}, {"BLOCK_D": 32, "NUM_WARPS": 1}, {"BLOCK_D": 64, "NUM_WARPS": 2},
                   {"BLOCK_D": 128, "NUM_WARPS": 4}]
+# Past f = 64 (a block of 128: the 760M layer's 96) TTT-Linear's forward reads W from memory in tiles of rows
+# (triton_linear.WIDE_W_ROWS: no spills); these time W whole in registers, and tiles of 32, at 8 warps (WIDE_WARPS)
+WIDE_ROW_VARIANTS = [{"precision": "tf32", "num_warps": 8, "num_stages": 3, "w_rows": r} for r in (128, 32)]
 VARIANT_KERNELS = ("linear", "mlp", "mamba")  # --variants
 
 
-def variants_for(inner: str) -> list[dict]:
-    """The launch variants of one of VARIANT_KERNELS. TTT-MLP is timed in tf32 only: with exact products its
-    kernels take ptxas minutes and spill over 100 KB per thread at f = 64 (`make check-kernels --precision ieee`)."""
+def variants_for(inner: str, f: int = 64) -> list[dict]:
+    """The launch variants of one of VARIANT_KERNELS at head dim f. TTT-MLP is timed in tf32 only: with exact
+    products its kernels take ptxas minutes and spill over 100 KB per thread at f = 64 (`make check-kernels
+    --precision ieee`)."""
+    from architectures.ttt.triton_linear import _block
+
     if inner == "mamba":
         return MAMBA_VARIANTS
-    return VARIANTS if inner == "linear" else [v for v in VARIANTS if v["precision"] == "tf32"]
+    if inner == "mlp":
+        return [v for v in VARIANTS if v["precision"] == "tf32"]
+    return VARIANTS + (WIDE_ROW_VARIANTS if _block(f) > 64 else [])
 
 
-def variant_name(inner: str, v: dict) -> str:
+def variant_name(inner: str, v: dict, f: int = 64) -> str:
+    """The variant's row name; past f = 64, TTT-Linear's names say how many rows of W its forward holds at once."""
     if inner == "mamba":
         return f"mamba scan [triton, BLOCK_D {v['BLOCK_D']}, {v['NUM_WARPS']} warps]"
-    return f"ttt_{inner} [triton {v['precision']}, {v['num_warps']} warps, {v['num_stages']} stages]"
+    from architectures.ttt.triton_linear import Launch, _block
+
+    rows = Launch(**v).rows(f)
+    tiles = f", W in {rows}-row tiles" if inner == "linear" and rows < _block(f) else ""
+    whole = ", W whole" if inner == "linear" and _block(f) > 64 and not tiles else ""
+    return f"ttt_{inner} [triton {v['precision']}, {v['num_warps']} warps, {v['num_stages']} stages{tiles}{whole}]"
 
 
 def _variant_runner(inner: str):
@@ -313,14 +327,14 @@ def variant_rows(add, inners, lengths, B, bwd_B, H, f, device, max_seconds, mode
     default launch for Mamba)."""
     rows = []
     for inner in inners:
-        variants = [v for v in variants_for(inner) if "precision" not in v or v["precision"] in precisions]
+        variants = [v for v in variants_for(inner, f) if "precision" not in v or v["precision"] in precisions]
         settings, contender, outputs = _variant_runner(inner)
         for backward, batch in [(bw, b) for bw, b in ((False, B), (True, bwd_B)) if MODES[bw] in modes]:
             for T in lengths:
                 ref = None
                 for v in variants:
                     with settings(v):
-                        row = kernel_row(variant_name(inner, v), contender, batch, H, T, f, device, backward)
+                        row = kernel_row(variant_name(inner, v, f), contender, batch, H, T, f, device, backward)
                         row.update(variant=v)
                         if row["status"] == "ok":
                             out, dq = outputs(batch, H, T, f, device, backward)
@@ -393,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="forward batch (the paper's latency figure: 16)")
     p.add_argument("--bwd-batch", type=int, default=4, help="forward+backward batch (memory)")
     p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=None, help="default 64 (the 1.3B layer); --smoke: 16")
     p.add_argument("--only", default="", help="comma list of contender names (substrings) to run")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="skip a contender's longer lengths once one call takes longer than this")
@@ -409,10 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         args.lengths = args.lengths or "32,64"
-        args.batch, args.bwd_batch, args.heads, args.head_dim = 1, 1, 2, 16
+        args.batch, args.bwd_batch, args.heads, args.head_dim = 1, 1, 2, args.head_dim or 16
     elif device.type != "cuda":
         print("error: this benchmark needs a CUDA GPU (use --smoke to check it on CPU)", file=sys.stderr)
         return 2
+    args.head_dim = args.head_dim or 64
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         print("error: on CPU the Triton kernels need TRITON_INTERPRET=1 set before start", file=sys.stderr)
         return 2

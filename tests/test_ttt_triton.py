@@ -78,6 +78,20 @@ def test_prefill_forward_state_and_every_gradient_match_the_dual_form(inner, f, 
     """fp32: outputs, the final state and the accumulators of the trailing partial mini-batch, and the
     gradients of q, k, v, the lr factors, the inner LN and the initial inner weights (rel. RMSE < TOL).
     f = 8, 24, 96 pad."""
+    check_prefill_against_dual(inner, f, T, group)
+
+
+@pytest.mark.parametrize("f,w_rows,rows", [(96, None, 16), (96, 32, 32), (96, 128, 128), (32, 16, 16)])
+def test_linear_forward_with_w_in_tiles_of_rows_matches_the_dual_form(f, w_rows, rows):
+    """Launch.w_rows: the TTT-Linear forward with W in memory, read `rows` rows at a time (_fwd_rows; past f = 64
+    the default, WIDE_W_ROWS; f = 32 in two tiles), or whole in registers (128 at f = 96's block). As above:
+    outputs, state and every gradient, from the checkpoints the tiles wrote (group 2 over 3 whole mini-batches)."""
+    with triton_linear.launch_settings(w_rows=w_rows) as launch:
+        assert launch.rows(f) == rows
+        check_prefill_against_dual("linear", f, 53, 2)
+
+
+def check_prefill_against_dual(inner, f, T, group):
     x = inputs(inner, T=T, f=f)
     out_ref, state = dual(x, inner)
     out, params, acc = prefill(x, inner, group)
@@ -466,6 +480,30 @@ def test_launch_settings_are_checked_and_restored(monkeypatch):
         _launch_from_env()
     monkeypatch.delenv("TTT_TRITON_STAGES")
     assert _launch_from_env().num_stages == DEFAULT_STAGES
+    assert (LAUNCH.rows(64), LAUNCH.rows(96), LAUNCH.rows(16)) == (64, triton_linear.WIDE_W_ROWS, 16)
+    monkeypatch.setenv("TTT_TRITON_W_ROWS", "32")
+    assert (_launch_from_env().rows(64), _launch_from_env().rows(16)) == (32, 16)
+    monkeypatch.setenv("TTT_TRITON_W_ROWS", "8")  # tl.dot needs 16 or more
+    with pytest.raises(ValueError, match="w_rows"):
+        _launch_from_env()
+
+
+def test_the_760m_layer_times_w_whole_against_tiles_of_rows(tmp_path):
+    """Past f = 64 (96: a block of 128) --variants adds W whole in registers and in tiles of 32 rows to the default
+    (tiles of 16, WIDE_W_ROWS), each named by what ran; all equal under the interpreter."""
+    import json
+
+    from bench.ttt_kernel_speed import VARIANTS, WIDE_ROW_VARIANTS, main
+
+    assert main(["--smoke", "--variants", "linear", "--lengths", "16", "--head-dim", "96", "--modes", "fwd",
+                 "--results", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench" / "ttt_kernel_variants.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == VARIANTS + WIDE_ROW_VARIANTS
+    assert {r["head_dim"] for r in rows} == {96} and all(r["status"] == "ok" for r in rows)
+    assert rows[1]["impl"] == "ttt_linear [triton ieee, 8 warps, 3 stages, W in 16-row tiles]"
+    assert rows[-2]["impl"].endswith("3 stages, W whole]") and rows[-1]["impl"].endswith("W in 32-row tiles]")
+    if DEVICE.type == "cpu":  # exact products, summed in another order by the tiles
+        assert all(r["out_rel_rmse"] < 1e-6 for r in rows)
 
 
 def test_kernel_variants_benchmark_smoke(tmp_path):

@@ -1,9 +1,10 @@
 """TTT-Linear in Triton: the causal dual form for training and prefill (forward and backward kernels)
 and the primal form for decoding, with the semantics of dual.py (its oracle) and docs/ttt_math.md.
 
-One program per (sequence, head) walks the mini-batches with W (f x f) and b in fp32 on chip; inputs may
-be fp32, fp16 or bf16 (loaded, then computed in fp32). Head dims that are not a power of two (96) are
-padded to the next one with masked loads; the LayerNorms divide by the true f.
+One program per (sequence, head) walks the mini-batches with W (f x f) and b in fp32 on chip (past f = 64 the
+forward keeps W in memory and reads it in tiles of rows: Launch.rows); inputs may be fp32, fp16 or bf16 (loaded,
+then computed in fp32). Head dims that are not a power of two (96) are padded to the next one with masked loads;
+the LayerNorms divide by the true f.
 
     forward    per mini-batch: Z = K W + b, G = LNgrad(Z, V - K), M = tril(tok a^T) * (Q K^T + 1),
                out = Q + LN(Q W + b - M G), then W -= tok_b K^T (a G), b -= tok_b sum(a G). The state is
@@ -148,18 +149,23 @@ def _group_backwards(gi, pid, n_ckpt, group, n_full):
 
 
 @triton.jit
-def _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F: tl.constexpr, eps,
-                       PREC: tl.constexpr):
-    """One mini-batch: its outputs q + LN(Zbar) and a * G (for the update)."""
-    Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
+def _minibatch_outputs(Z, QW, q, k, v, a, tok, gamma, beta, maskf, offs_m, F: tl.constexpr, eps, PREC: tl.constexpr):
+    """_minibatch_forward from its products with the state, Z = K W + b and QW = Q W + b (_fwd_rows)."""
     zhat, r = _ln_stats(Z, maskf, F, eps)
     G, gx, m2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
     A = tl.dot(q, tl.trans(k), input_precision=PREC)
     E = tl.where(offs_m[:, None] >= offs_m[None, :], tok[:, None] * a[None, :], 0.0)
-    zbar = tl.dot(q, W, input_precision=PREC) + bias[None, :] - tl.dot(E * (A + 1.0), G, input_precision=PREC)
-    zbhat, rb = _ln_stats(zbar, maskf, F, eps)
-    out = q + gamma[None, :] * zbhat + beta[None, :]
-    return out, a[:, None] * G
+    zbhat, rb = _ln_stats(QW - tl.dot(E * (A + 1.0), G, input_precision=PREC), maskf, F, eps)
+    return q + gamma[None, :] * zbhat + beta[None, :], a[:, None] * G
+
+
+@triton.jit
+def _minibatch_forward(W, bias, q, k, v, a, tok, gamma, beta, maskf, offs_m, F: tl.constexpr, eps,
+                       PREC: tl.constexpr):
+    """One mini-batch: its outputs q + LN(Zbar) and a * G (for the update)."""
+    Z = tl.dot(k, W, input_precision=PREC) + bias[None, :]
+    QW = tl.dot(q, W, input_precision=PREC) + bias[None, :]
+    return _minibatch_outputs(Z, QW, q, k, v, a, tok, gamma, beta, maskf, offs_m, F, eps, PREC)
 
 
 @triton.jit
@@ -176,10 +182,63 @@ def _minibatch_update(W, bias, k, v, a, gamma, beta, tok_last, maskf, F: tl.cons
 
 
 @triton.jit
+def _row_tile(r0, offs_f, maskf, F: tl.constexpr, ROWS: tl.constexpr):
+    """Rows r0 .. r0 + ROWS of an f x f matrix: their indices, offsets and mask."""
+    wr = r0 + tl.arange(0, ROWS)
+    return wr, wr[:, None] * F + offs_f[None, :], (wr < F)[:, None] & maskf[None, :]
+
+
+@triton.jit
+def _fwd_rows(Q, K, V, A, W0, B0, OUT, WN, BN, WC, BC, gamma, beta, tok, tok_last, pid, seq, h, T, n_full, n_ckpt,
+              group, stride_w0, stride_b0, eps, F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
+              SAVE: tl.constexpr, PREC: tl.constexpr, W_ROWS: tl.constexpr):
+    """The whole mini-batches with the state W at WN, read W_ROWS rows at a time (W_ROWS < BF; Launch.rows):
+    per mini-batch, K W and Q W summed over the row tiles (with the matching columns of K and Q), then each tile
+    updated, W_r -= tok_b K_r^T (a G). The registers hold one (W_ROWS, BF) tile, not W whole."""
+    offs_m, offs_f = tl.arange(0, MB), tl.arange(0, BF)
+    maskf = offs_f < F
+    all_m = offs_m < MB
+    base = pid * T * F
+    for r0 in range(0, BF, W_ROWS):  # W0 -> WN
+        wr, r_off, r_mask = _row_tile(r0, offs_f, maskf, F, W_ROWS)
+        W_r = tl.load(W0 + seq * stride_w0 + h * F * F + r_off, mask=r_mask, other=0.0).to(tl.float32)
+        tl.store(WN + pid * F * F + r_off, W_r, mask=r_mask)
+    bias = tl.load(B0 + seq * stride_b0 + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    for i in range(0, n_full):
+        rows = i * MB + offs_m
+        q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, all_m, maskf, F)
+        Z = tl.zeros([MB, BF], dtype=tl.float32) + bias[None, :]
+        QW = Z
+        tl.debug_barrier()  # the state written by every thread
+        for r0 in range(0, BF, W_ROWS):
+            wr, r_off, r_mask = _row_tile(r0, offs_f, maskf, F, W_ROWS)
+            W_r = tl.load(WN + pid * F * F + r_off, mask=r_mask, other=0.0)
+            if SAVE:
+                if i % group == 0:
+                    tl.store(WC + (pid * n_ckpt + i // group) * F * F + r_off, W_r, mask=r_mask)
+            Z = tl.dot(_load_rows(K + base, rows, wr, all_m, wr < F, F), W_r, Z, input_precision=PREC)
+            QW = tl.dot(_load_rows(Q + base, rows, wr, all_m, wr < F, F), W_r, QW, input_precision=PREC)
+        if SAVE:
+            if i % group == 0:
+                tl.store(BC + (pid * n_ckpt + i // group) * F + offs_f, bias, mask=maskf)
+        out, aG = _minibatch_outputs(Z, QW, q, k, v, a, tok, gamma, beta, maskf, offs_m, F, eps, PREC)
+        _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
+        tl.debug_barrier()  # every thread has read the state
+        for r0 in range(0, BF, W_ROWS):
+            wr, r_off, r_mask = _row_tile(r0, offs_f, maskf, F, W_ROWS)
+            k_r = _load_rows(K + base, rows, wr, all_m, wr < F, F)  # (MB, W_ROWS)
+            W_r = tl.load(WN + pid * F * F + r_off, mask=r_mask, other=0.0)
+            W_r -= tok_last * tl.dot(tl.trans(k_r), aG, input_precision=PREC)
+            tl.store(WN + pid * F * F + r_off, W_r, mask=r_mask)
+        bias = bias - tok_last * tl.sum(aG, axis=0)
+    tl.store(BN + pid * F + offs_f, bias, mask=maskf)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
                 T, H, n_full, n_ckpt, group, stride_w0, stride_b0, eps,
                 F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, PARTIAL: tl.constexpr,
-                SAVE: tl.constexpr, PREC: tl.constexpr):
+                SAVE: tl.constexpr, PREC: tl.constexpr, W_ROWS: tl.constexpr):
     """The whole mini-batches; PARTIAL: a second launch for a trailing partial one, from the final state WN, BN
     (one code path per launch keeps the registers to one mini-batch's: ptxas spills less)."""
     pid = tl.program_id(0)  # sequence * H + head
@@ -201,6 +260,9 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W0, B0, OUT, WN, BN, AW, AB, WC, BC,
         _store_rows(OUT + base, out, rows, offs_f, maskm, maskf, F)
         tl.store(AW + pid * F * F + w_off, tl.dot(tl.trans(k), aG, input_precision=PREC), mask=wmask)
         tl.store(AB + pid * F + offs_f, tl.sum(aG, axis=0), mask=maskf)
+    elif W_ROWS < BF:
+        _fwd_rows(Q, K, V, A, W0, B0, OUT, WN, BN, WC, BC, gamma, beta, tok, tok_last, pid, seq, h, T, n_full, n_ckpt,
+                  group, stride_w0, stride_b0, eps, F, BF, MB, SAVE, PREC, W_ROWS)
     else:
         W = tl.load(W0 + seq * stride_w0 + h * F * F + w_off, mask=wmask, other=0.0).to(tl.float32)
         bias = tl.load(B0 + seq * stride_b0 + h * F + offs_f, mask=maskf, other=0.0).to(tl.float32)
@@ -475,6 +537,13 @@ WIDE_WARPS = {("linear", "fwd"): 8}
 # 0 / 0 / 0; backward (8 warps, each phase) 0 / 0 / 0; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
 # is not yet timed on a GPU (`make gpu-check` times it: bench/ttt_kernel_speed.py --variants), so the default stays.
 DEFAULT_STAGES = 3
+# Rows of W the TTT-Linear forward holds in registers at a time past f = 64 (W whole up to a block of 64). Whole,
+# the fp32 W is loop-carried in registers; in tiles it lives in memory (WN) and each mini-batch reads it twice and
+# writes it once (_fwd_rows). ptxas for sm_90 (`make check-kernels ARGS="--w-rows R --num-warps N"`), the forward's
+# spill stores at a block of 128 (f = 96 / 128): whole W 248 / 220 B at 8 warps; tiles of 64 rows 248 / 260 B,
+# of 32: 28 / 8 B, of 16: 0 / 0 B (244 registers; also 0 B at 4 warps, 188 B at 16). f = 64 stays whole: 0 B either
+# way. Not yet timed on a GPU: `make gpu-check ARGS="--stages env,kernel-variants-760m"` times tiles against W whole.
+WIDE_W_ROWS = 16
 
 
 @dataclass
@@ -486,12 +555,14 @@ class Launch:
     products on the CUDA cores, 2.8x slower in the TTT-Linear forward on an H200 (ptxas spills 1.6 KB per
     thread in its backward at f = 64: `make check-kernels ARGS="--precision ieee"`). The interpreter ignores it
     (exact). `num_warps` per program: None takes DEFAULT_WARPS per kernel (WIDE_WARPS past f = 64), a number
-    applies to every prefill kernel; `num_stages` the loops' software-pipelining stages (DEFAULT_STAGES).
+    applies to every prefill kernel; `num_stages` the loops' software-pipelining stages (DEFAULT_STAGES);
+    `w_rows` the rows of W the TTT-Linear forward holds at a time (rows(); WIDE_W_ROWS past f = 64).
     `make gpu-check` times every variant (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION,
-    TTT_TRITON_WARPS and TTT_TRITON_STAGES override the defaults."""
+    TTT_TRITON_WARPS, TTT_TRITON_STAGES and TTT_TRITON_W_ROWS override the defaults."""
     precision: str = "tf32"
     num_warps: int | None = None
     num_stages: int = DEFAULT_STAGES
+    w_rows: int | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -500,6 +571,8 @@ class Launch:
             raise ValueError(f"TTT kernel num_warps must be a power of two up to 16, got {self.num_warps!r}")
         if self.num_stages not in (1, 2, 3, 4):
             raise ValueError(f"TTT kernel num_stages must be 1 to 4, got {self.num_stages!r}")
+        if self.w_rows not in (None, 16, 32, 64, 128):
+            raise ValueError(f"TTT-Linear w_rows must be 16, 32, 64 or 128 (rows of W per tile), got {self.w_rows!r}")
 
     def warps(self, inner: str, direction: str, f: int) -> int:
         """Warps for one kernel: inner "linear" | "mlp", direction "fwd" | "bwd", at head dim f."""
@@ -509,11 +582,18 @@ class Launch:
             return WIDE_WARPS.get((inner, direction), DEFAULT_WARPS[inner, direction])
         return DEFAULT_WARPS[inner, direction]
 
+    def rows(self, f: int) -> int:
+        """Rows of W the TTT-Linear forward holds at a time at head dim f: the block (W whole, in registers
+        through the loop), or fewer (W in memory, read in tiles of that many rows: _fwd_rows)."""
+        bf = _block(f)
+        return min(self.w_rows, bf) if self.w_rows else WIDE_W_ROWS if bf > 64 else bf
+
 
 def _launch_from_env() -> Launch:
     warps, stages = os.environ.get("TTT_TRITON_WARPS"), os.environ.get("TTT_TRITON_STAGES")
+    w_rows = os.environ.get("TTT_TRITON_W_ROWS")
     return Launch(os.environ.get("TTT_TRITON_PRECISION", Launch.precision), int(warps) if warps else None,
-                  int(stages) if stages else DEFAULT_STAGES)
+                  int(stages) if stages else DEFAULT_STAGES, int(w_rows) if w_rows else None)
 
 
 LAUNCH = _launch_from_env()
@@ -557,7 +637,7 @@ def linear_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.T
             q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
             T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
             LN_EPS, F=f, BF=_block(f), MB=MB, PARTIAL=part, SAVE=save, PREC=LAUNCH.precision,
-            num_warps=LAUNCH.warps("linear", "fwd", f), num_stages=LAUNCH.num_stages)
+            W_ROWS=LAUNCH.rows(f), num_warps=LAUNCH.warps("linear", "fwd", f), num_stages=LAUNCH.num_stages)
     return out, Wn, bn, aw, ab, wc, bc
 
 
