@@ -3,12 +3,12 @@ report what ptxas says: registers per thread, spilled bytes, shared memory. Catc
 blow-ups on machines that have no GPU (the interpreter tests check the math, not what the compiler makes of it).
 
     python -m bench.kernel_compile_check [--arch 90] [--head-dims 32,64,96,128] [--precision ieee] [--num-warps 8]
-                                         [--num-stages 1]
+                                         [--num-stages 1] [--w-rows 128]
     make check-kernels
 
 The kernels as the launchers compile them (triton_linear.LAUNCH: TF32 products, warps per kernel,
-pipelining stages); --precision / --num-warps / --num-stages compile a variant. Exits 1 when a kernel fails
-to compile or asks for more shared memory than the GPU has.
+pipelining stages, rows of W per tile); --precision / --num-warps / --num-stages / --w-rows compile a variant.
+Exits 1 when a kernel fails to compile or asks for more shared memory than the GPU has.
 
 Needs the `triton` package only (it ships ptxas); must not run under TRITON_INTERPRET.
 Writes RESULTS/bench/kernel_compile_check.json.
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-warps", type=int, default=None, help="every prefill kernel (default: the launchers', per kernel)")
     p.add_argument("--num-stages", type=int, default=None, help="every prefill kernel (default: the launchers')")
     p.add_argument("--w-rows", type=int, default=None,
-                   help="rows of W the TTT-Linear forward holds at a time (default: the launchers', whole W)")
+                   help="rows of W the TTT-Linear forward holds at a time (default: the launchers', Launch.rows)")
     p.add_argument("--only", default="", help="comma list of kernel names (substrings), e.g. 'linear,mlp forward'")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
