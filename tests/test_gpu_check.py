@@ -40,6 +40,7 @@ def test_gpu_check_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     assert "./kernel-tests.log" in names and "./results/throughput.csv" in names
 
 
+@pytest.mark.slow  # 15 s on 2 cores; test_step_profile.py checks the profile itself in the fast tier
 def test_the_profile_stage_runs_and_its_kinds_reach_the_report(tmp_path):
     """profile-125m (not in the default stages: a second call's) on CPU with tiny shapes: bench/step_profile.py's rows
     in report.json and a table in report.md."""
