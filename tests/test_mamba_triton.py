@@ -241,6 +241,7 @@ def test_launch_settings_apply_inside_and_are_checked():
                 pass
 
 
+@pytest.mark.slow  # 12 s on 2 cores under the interpreter; `make test-kernels` and gpu-check's kernel tests run it
 def test_launch_variants_benchmark_times_every_setting_with_the_same_numbers(tmp_path):
     """bench/ttt_kernel_speed.py --variants mamba: each BLOCK_D x warps setting timed, with its output and du
     against the default's. The per-channel math is the same, so they agree up to the order of fp32 sums over N
