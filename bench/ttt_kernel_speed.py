@@ -272,10 +272,11 @@ def variant_name(inner: str, v: dict, f: int = 64) -> str:
         return f"mamba scan [triton, BLOCK_D {v['BLOCK_D']}, {v['NUM_WARPS']} warps]"
     from architectures.ttt.triton_linear import Launch, _block
 
-    rows = Launch(**v).rows(f)
-    tiles = f", W in {rows}-row tiles" if inner == "linear" and rows < _block(f) else ""
-    whole = ", W whole" if inner == "linear" and _block(f) > 64 and not tiles else ""
-    return f"ttt_{inner} [triton {v['precision']}, {v['num_warps']} warps, {v['num_stages']} stages{tiles}{whole}]"
+    held = ""  # how TTT-Linear's forward holds W, where it is not simply whole
+    if inner == "linear":
+        rows, bf = Launch(**v).rows(f), _block(f)
+        held = f", W in {rows}-row tiles" if rows < bf else ", W whole" if bf > 64 else ""
+    return f"ttt_{inner} [triton {v['precision']}, {v['num_warps']} warps, {v['num_stages']} stages{held}]"
 
 
 def _variant_runner(inner: str):
@@ -423,11 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         args.lengths = args.lengths or "32,64"
-        args.batch, args.bwd_batch, args.heads, args.head_dim = 1, 1, 2, args.head_dim or 16
+        args.batch, args.bwd_batch, args.heads = 1, 1, 2
     elif device.type != "cuda":
         print("error: this benchmark needs a CUDA GPU (use --smoke to check it on CPU)", file=sys.stderr)
         return 2
-    args.head_dim = args.head_dim or 64
+    args.head_dim = args.head_dim or (16 if args.smoke else 64)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         print("error: on CPU the Triton kernels need TRITON_INTERPRET=1 set before start", file=sys.stderr)
         return 2
