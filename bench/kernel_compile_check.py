@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         row = {"kernel": name, "head_dim": f, "arch": f"sm_{args.arch}", "triton": triton.__version__,
                "precision": consts.get("PREC"), "num_warps": num_warps, "num_stages": num_stages,
-               "w_rows": consts.get("W_ROWS")}
+               "w_rows": consts.get("W_ROWS"), "hidden_tile": consts.get("BT")}
         t0 = time.perf_counter()
         row.update(**compile_one(fn, consts, args.arch, num_warps, num_stages),
                    compile_s=round(time.perf_counter() - t0, 1))

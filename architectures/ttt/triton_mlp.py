@@ -88,13 +88,16 @@ def _tile_sums(W1, b1, W2, q, k, G2, M1, A2, zbar2, PREC: tl.constexpr):
 
 
 @triton.jit
-def _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
-                NT: tl.constexpr, MB: tl.constexpr, PREC: tl.constexpr):
-    """Z2 = gelu(K W1 + b1) W2 + b2 (MB, BF), summed over the tiles of hidden units (W1, b1, W2 read from S*)."""
+def _hidden_sum(S1, SB1, S2, b2, KR, rows, maskm, maskf, offs_f, offs_t0, F: tl.constexpr, BF: tl.constexpr,
+                BT: tl.constexpr, NT: tl.constexpr, MB: tl.constexpr, PREC: tl.constexpr):
+    """Z2 = gelu(K W1 + b1) W2 + b2 (MB, BF), summed over the tiles of hidden units (W1, b1, W2 read from S*;
+    K, the rows at `rows` of KR, read per tile: a product's left operand kept across the loop holds a whole copy
+    per warp)."""
     Z2 = tl.zeros([MB, BF], dtype=tl.float32) + b2[None, :]
     for j in range(0, NT):
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
+        k = _load_rows(KR, rows, offs_f, maskm, maskf, F)
         Z1 = tl.dot(k, _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F), input_precision=PREC) \
             + tl.load(SB1 + offs_t, mask=maskt, other=0.0)[None, :]
         X2, _s1, _d2 = _gelu(Z1)
@@ -103,12 +106,13 @@ def _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F: tl.constexpr, BF:
 
 
 @triton.jit
-def _mb_update_tiled(S1, SB1, S2, D1, DB1, D2, b2, k, v, a, tok_last, gamma, beta, maskf, offs_f, offs_t0,
-                     F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr, MB: tl.constexpr, eps,
-                     PREC: tl.constexpr):
+def _mb_update_tiled(S1, SB1, S2, D1, DB1, D2, b2, k, v, a, KR, rows, maskm, tok_last, gamma, beta, maskf, offs_f,
+                     offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr,
+                     MB: tl.constexpr, eps, PREC: tl.constexpr):
     """Only the state update of one mini-batch (the backward's recomputation): the weights after it into D*
-    (another slot than S*), tile by tile; returns b2 after it."""
-    Z2 = _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)
+    (another slot than S*), tile by tile; returns b2 after it. k: the rows at `rows` of KR (_hidden_sum reads
+    them there)."""
+    Z2 = _hidden_sum(S1, SB1, S2, b2, KR, rows, maskm, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)
     zhat, r = _ln_stats(Z2, maskf, F, eps)
     G2, _gx, _c2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
     aG2 = a[:, None] * G2
@@ -129,7 +133,7 @@ def _mb_update_tiled(S1, SB1, S2, D1, DB1, D2, b2, k, v, a, tok_last, gamma, bet
 
 @triton.jit
 def _mb_forward_tiled(S1, SB1, S2, D1, DB1, D2, b2, q, k, v, a, tok, tok_last, gamma, beta, maskf, offs_f, offs_m,
-                      QR, KR, rows, maskm, offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
+                      QR, KR, G2P, rows, maskm, offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                       NT: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
     """One mini-batch of TTT-MLP with W1, b1, W2 in memory (S1, SB1, S2), read a tile of BT hidden units at a
     time; b2 (BF) in registers. Two passes over the tiles: the first sums Z2 = gelu(K W1 + b1) W2 + b2 (then G2),
@@ -137,26 +141,31 @@ def _mb_forward_tiled(S1, SB1, S2, D1, DB1, D2, b2, q, k, v, a, tok, tok_last, g
     COMMIT, the weights after the mini-batch into D* (= S*: in place, each tile after its last read); else the
     update's sums K^T aG1, sum aG1, X2^T aG2 (a partial mini-batch's accumulators). Pass 2 reads q and k (QR, KR:
     the rows at `rows`) from memory per tile: kept across the loop as the products' left operands, each held a
-    whole copy per warp (ptxas for sm_90 at f = 64: 16 B of spill stores so, none now). Returns the outputs q +
-    LN(Zbar2) and aG2 (the caller updates b2)."""
-    Z2 = _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)  # pass 1
+    whole copy per warp (ptxas for sm_90 at f = 64: 16 B of spill stores so, none now). For the same reason
+    pass 1 reads K per tile too (_hidden_sum), G2 goes through the program's scratch G2P (MB, f) and is read
+    back per tile, the update reads k again (not the copy K W1 took) and the outputs read q again. ptxas for
+    sm_90, 8 warps, 32 hidden units per tile, f = 96 / 128: 64 / 24 B of spill stores with those kept in
+    registers, none so (Triton 3.7.1; 3.6.0: 252 / 268 B then, 32 / 80 B so). Returns the outputs
+    q + LN(Zbar2) and aG2 (the caller updates b2)."""
+    Z2 = _hidden_sum(S1, SB1, S2, b2, KR, rows, maskm, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)  # pass 1
     zhat, r = _ln_stats(Z2, maskf, F, eps)
     G2, _gx, _c2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
     E = tl.where(offs_m[:, None] >= offs_m[None, :], tok[:, None] * a[None, :], 0.0)
     M1 = E * (tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0)
-    aG2 = a[:, None] * G2
+    _store_rows(G2P, G2, offs_m, offs_f, offs_m < MB, maskf, F)
     zbar2 = tl.zeros([MB, BF], dtype=tl.float32) + b2[None, :]
     A2 = tl.zeros([MB, MB], dtype=tl.float32)
-    tl.debug_barrier()  # every tile read by pass 1 before pass 2 writes any
+    tl.debug_barrier()  # every tile read by pass 1 before pass 2 writes any (and G2 written)
     for j in range(0, NT):  # pass 2: G1, Zbar1, Xbar2 per tile; the tile's update
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
-        qj = _load_rows(QR, rows, offs_f, maskm, maskf, F)
-        kj = _load_rows(KR, rows, offs_f, maskm, maskf, F)
-        X2, G1, _zbar1, A2, zbar2 = _tile_sums(W1, b1, W2, qj, kj, G2, M1, A2, zbar2, PREC)
-        aG1 = a[:, None] * G1
+        G2j = _load_rows(G2P, offs_m, offs_f, offs_m < MB, maskf, F)
+        X2, G1, _zbar1, A2, zbar2 = _tile_sums(W1, b1, W2, _load_rows(QR, rows, offs_f, maskm, maskf, F),
+                                               _load_rows(KR, rows, offs_f, maskm, maskf, F), G2j, M1, A2, zbar2, PREC)
+        aG1, aG2 = a[:, None] * G1, a[:, None] * G2j
         tl.debug_barrier()  # every thread has read the tile before it is overwritten (COMMIT: in place)
+        kj = _load_rows(KR, rows, offs_f, maskm, maskf, F)  # again: each product's operand from memory
         if COMMIT:  # W - tok_last (update), accumulated on the tensor cores
             W1 = tl.dot(tl.trans(kj), -tok_last * aG1, W1, input_precision=PREC)
             b1 = b1 - tok_last * tl.sum(aG1, axis=0)
@@ -168,22 +177,22 @@ def _mb_forward_tiled(S1, SB1, S2, D1, DB1, D2, b2, q, k, v, a, tok, tok_last, g
         _store_w(D1, W1, offs_f, offs_t, maskf, maskt, 4 * F)
         tl.store(DB1 + offs_t, b1, mask=maskt)
         _store_w(D2, W2, offs_t, offs_f, maskt, maskf, F)
-    tl.debug_barrier()  # the tiles written before the next mini-batch reads them
-    zbar2 = zbar2 - tl.dot(E * (A2 + 1.0), G2, input_precision=PREC)
-    zbhat, rb = _ln_stats(zbar2, maskf, F, eps)
-    return q + gamma[None, :] * zbhat + beta[None, :], aG2
+    G2 = _load_rows(G2P, offs_m, offs_f, offs_m < MB, maskf, F)
+    tl.debug_barrier()  # the tiles written before the next mini-batch reads them, G2 read before it is replaced
+    zbhat, rb = _ln_stats(zbar2 - tl.dot(E * (A2 + 1.0), G2, input_precision=PREC), maskf, F, eps)
+    return _load_rows(QR, rows, offs_f, maskm, maskf, F) + gamma[None, :] * zbhat + beta[None, :], a[:, None] * G2
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W10, B10, W20, B20, OUT, W1N, B1N, W2N, B2N, AW1, AB1, AW2, AB2,
-                WC1, BC1, WC2, BC2, T, H, n_full, n_ckpt, group, s_w1, s_b1, s_w2, s_b2, eps,
+                WC1, BC1, WC2, BC2, G2S, T, H, n_full, n_ckpt, group, s_w1, s_b1, s_w2, s_b2, eps,
                 F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, MB: tl.constexpr, PARTIAL: tl.constexpr,
                 SAVE: tl.constexpr, PREC: tl.constexpr):
     """The state (W1, b1, W2) lives in the outputs W1N, B1N, W2N, updated in place tile by tile (BT hidden units;
     at f = 64 the whole state, 128 KB of fp32, fits neither registers nor shared memory); b2 in registers.
     PARTIAL: a second launch for a trailing partial mini-batch: its outputs from the final state, its update's
     sums into the accumulators AW1, AB1, AW2, AB2 (one code path per launch keeps the registers to one
-    mini-batch's)."""
+    mini-batch's). G2S: (MB, f) numbers of scratch per program (_mb_forward_tiled)."""
     pid = tl.program_id(0)
     seq, h = pid // H, pid % H
     NT = (4 * F + BT - 1) // BT  # tiles of hidden units (the padding past 4f needs none)
@@ -192,6 +201,7 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W10, B10, W20, B20, OUT, W1N, B1N, W2
     S1, SB1, S2 = W1N + pid * F * 4 * F, B1N + pid * 4 * F, W2N + pid * 4 * F * F
     gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     base = pid * T * F
+    G2P = G2S + pid * MB * F
     if PARTIAL:
         rows = n_full * MB + offs_m
         maskm = rows < T
@@ -199,7 +209,7 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W10, B10, W20, B20, OUT, W1N, B1N, W2
         b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
         out, aG2 = _mb_forward_tiled(S1, SB1, S2, AW1 + pid * F * 4 * F, AB1 + pid * 4 * F, AW2 + pid * 4 * F * F,
                                      b2, q, k, v, a, tok, tok_last, gamma, beta, maskf, offs_f, offs_m, Q + base,
-                                     K + base, rows, maskm, offs_t0, F, BF, BT, NT, MB, eps, False, PREC)
+                                     K + base, G2P, rows, maskm, offs_t0, F, BF, BT, NT, MB, eps, False, PREC)
         _store_rows(OUT + base, out, rows, offs_f, maskm, maskf, F)
         tl.store(AB2 + pid * F + offs_f, tl.sum(aG2, axis=0), mask=maskf)
     else:
@@ -217,8 +227,8 @@ def _fwd_kernel(Q, K, V, A, TOK, LNW, LNB, W10, B10, W20, B20, OUT, W1N, B1N, W2
             rows = i * MB + offs_m
             q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, all_m, maskf, F)
             out, aG2 = _mb_forward_tiled(S1, SB1, S2, S1, SB1, S2, b2, q, k, v, a, tok, tok_last, gamma, beta,
-                                         maskf, offs_f, offs_m, Q + base, K + base, rows, all_m, offs_t0, F, BF, BT,
-                                         NT, MB, eps, True, PREC)
+                                         maskf, offs_f, offs_m, Q + base, K + base, G2P, rows, all_m, offs_t0, F, BF,
+                                         BT, NT, MB, eps, True, PREC)
             _store_rows(OUT + base, out, rows, offs_f, all_m, maskf, F)
             b2 = b2 - tok_last * tl.sum(aG2, axis=0)
         tl.store(B2N + pid * F + offs_f, b2, mask=maskf)
@@ -268,7 +278,7 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     G2S, DZB2S, DZ2S = SCR + 5 * MB * 4 * F, SCR + 5 * MB * 4 * F + MB * F, SCR + 5 * MB * 4 * F + 2 * MB * F
     all_m = offs_m < MB
     t = v - k
-    Z2 = _hidden_sum(S1, SB1, S2, b2, k, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)  # pass 1
+    Z2 = _hidden_sum(S1, SB1, S2, b2, KR, rows, maskm, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)  # pass 1
     zhat, r = _ln_stats(Z2, maskf, F, eps)
     G2, gx, c2 = _ln_loss_grad(zhat, r, t, gamma, beta, maskf, F)
     _store_rows(G2S, G2, offs_m, offs_f, all_m, maskf, F)
@@ -445,8 +455,8 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
                 a = tl.load(A + pid * T + rows).to(tl.float32)
                 b2 = _mb_update_tiled(WS1 + sj * F * 4 * F, BS1 + sj * 4 * F, WS2 + sj * 4 * F * F,
                                       WS1 + (sj + 1) * F * 4 * F, BS1 + (sj + 1) * 4 * F, WS2 + (sj + 1) * 4 * F * F,
-                                      b2, k, v, a, tok_last, gamma, beta, maskf, offs_f, offs_t0, F, BF, BT, NT, MB,
-                                      eps, PREC)
+                                      b2, k, v, a, K + base, rows, all_m, tok_last, gamma, beta, maskf, offs_f,
+                                      offs_t0, F, BF, BT, NT, MB, eps, PREC)
                 tl.store(BS2 + (sj + 1) * F + offs_f, b2, mask=maskf)
             tl.debug_barrier()
             for jj in range(0, count):
@@ -532,8 +542,10 @@ def _decode_kernel(Q, K, V, A, TOK, LNW, LNB, W1, B1, W2, B2, GW1, GB1, GW2, GB2
 # -- launchers ---------------------------------------------------------------------------------
 
 PARAMS = ("W1", "b1", "W2", "b2")
-HIDDEN_TILE = 64  # hidden units (of 4f) per tile of the forward kernel
-
+HIDDEN_TILE = 64  # hidden units (of 4f) per tile of the prefill kernels up to a block of 64 (f <= 64); 32 above.
+                  # ptxas for sm_90 (`make check-kernels`), spill stores of the forward (its partial launch) at
+                  # f = 96 / 128: tiles of 64, 72 (52) / 204 (60) B; of 32, none (Triton 3.6.0: 32 (20) / 80 (16)
+                  # B); at f = 64 none either way. The backward: tiles of 64, 1492 / 1512 B; of 32, 1184 / 1168 B
 
 DECODE_TILE = 32  # ... of the decode kernel up to a block of 64 (f <= 64); 16 above. ptxas for sm_90
                   # (`make check-kernels`; registers, spill stores of a token inside its mini-batch / of the
@@ -543,10 +555,10 @@ DECODE_TILE = 32  # ... of the decode kernel up to a block of 64 (f <= 64); 16 a
 
 
 def hidden_tile(f: int, decode: bool = False) -> int:
-    """Hidden units (of 4f) per tile: HIDDEN_TILE in the prefill kernels, DECODE_TILE (16 past f = 64) in decode."""
-    if decode:
-        return min(DECODE_TILE if _block(f) <= 64 else DECODE_TILE // 2, _block(4 * f))
-    return min(HIDDEN_TILE, _block(4 * f))
+    """Hidden units (of 4f) per tile: HIDDEN_TILE in the prefill kernels, DECODE_TILE in decode (each halved past
+    f = 64)."""
+    tile = DECODE_TILE if decode else HIDDEN_TILE
+    return min(tile if _block(f) <= 64 else tile // 2, _block(4 * f))
 
 
 def _shapes(Bsz, H, f):
@@ -578,8 +590,9 @@ def mlp_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tens
     ckpt = [torch.empty(Bsz, H, n_ckpt if save else 1, *shapes[n][2:], **f32) for n in PARAMS]
     strides = [0 if p.shape[0] == 1 else p[0].numel() for p in init]
     out = torch.empty_like(q)
+    g2 = torch.empty(Bsz * H, MB, f, **f32)  # per program: the mini-batch's G2 (_mb_forward_tiled)
     for part in (False, True)[: 1 + (partial > 0)]:  # the whole mini-batches, then a trailing partial one
-        _fwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *init, out, *new, *acc, *ckpt,
+        _fwd_kernel[(Bsz * H,)](q, k, v, a, tok32, lnw, lnb, *init, out, *new, *acc, *ckpt, g2,
                                 T, H, n_full, n_ckpt, group, *strides, LN_EPS,
                                 F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part, SAVE=save,
                                 PREC=LAUNCH.precision, num_warps=LAUNCH.warps("mlp", "fwd", f),
