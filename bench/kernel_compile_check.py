@@ -3,11 +3,12 @@ report what ptxas says: registers per thread, spilled bytes, shared memory. Catc
 blow-ups on machines that have no GPU (the interpreter tests check the math, not what the compiler makes of it).
 
     python -m bench.kernel_compile_check [--arch 90] [--head-dims 32,64,96,128] [--precision ieee] [--num-warps 8]
-                                         [--num-stages 1] [--w-rows 128]
+                                         [--num-stages 1] [--w-rows 128] [--hidden-tile 64]
     make check-kernels
 
 The kernels as the launchers compile them (triton_linear.LAUNCH: TF32 products, warps per kernel,
-pipelining stages, rows of W per tile); --precision / --num-warps / --num-stages / --w-rows compile a variant.
+pipelining stages, rows of W per tile; triton_mlp.hidden_tile: hidden units per tile); --precision /
+--num-warps / --num-stages / --w-rows / --hidden-tile compile a variant.
 Exits 1 when a kernel fails to compile or asks for more shared memory than the GPU has.
 
 Needs the `triton` package only (it ships ptxas); must not run under TRITON_INTERPRET.
@@ -94,20 +95,21 @@ def compile_one(fn, consts: dict, arch: int, num_warps: int, num_stages: int = 3
     return row
 
 
-def kernels(f: int, launch) -> list[tuple[str, object, dict, int, int]]:
+def kernels(f: int, launch, hidden_tile: int | None = None) -> list[tuple[str, object, dict, int, int]]:
     """(name, kernel, constexprs, num_warps, num_stages) as the launchers compile them: prefill kernels under the
     given launch settings (triton_linear.Launch), both decode kernels at triton_linear.decode_warps and Triton's
     default 3 stages, each as a token inside its mini-batch compiles it and as the last one, which commits the
     update ("... decode commit"). The prefill kernels run a trailing partial mini-batch in a launch
     of its own (PARTIAL), compiled apart: "... partial"; TTT-Linear's backward recomputes each group's states
-    in a launch of its own too: "linear backward recompute"."""
+    in a launch of its own too: "linear backward recompute". hidden_tile: hidden units per tile of the TTT-MLP
+    prefill kernels (default: triton_mlp.hidden_tile)."""
     from architectures.ttt import triton_linear as lin
     from architectures.ttt import triton_mlp as mlp
 
     bf = lin._block(f)
     stages = launch.num_stages
     common = {"F": f, "BF": bf, "MB": 16, "PREC": launch.precision}
-    mlp_common = {**common, "BT": mlp.hidden_tile(f)}
+    mlp_common = {**common, "BT": hidden_tile or mlp.hidden_tile(f)}
     warps = lambda inner, direction: launch.warps(inner, direction, f)
     decode, mlp_decode = {"F": f, "BF": bf}, {"F": f, "BF": bf, "BT": mlp.hidden_tile(f, decode=True)}
     fwd, fwd_partial = {"PARTIAL": False, "SAVE": True}, {"PARTIAL": True, "SAVE": True}
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-stages", type=int, default=None, help="every prefill kernel (default: the launchers')")
     p.add_argument("--w-rows", type=int, default=None,
                    help="rows of W the TTT-Linear forward holds at a time (default: the launchers', Launch.rows)")
+    p.add_argument("--hidden-tile", type=int, default=None, choices=(16, 32, 64, 128),
+                   help="hidden units per tile of the TTT-MLP prefill kernels (default: triton_mlp.hidden_tile)")
     p.add_argument("--only", default="", help="comma list of kernel names (substrings), e.g. 'linear,mlp forward'")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
@@ -191,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[ttt-bench] triton {triton.__version__} ({Path(triton.__file__).parent}), compiling for sm_{args.arch}",
           flush=True)
     rows = []
-    todo = [(f, k) for f in (int(x) for x in args.head_dims.split(",")) for k in kernels(f, launch)]
+    todo = [(f, k) for f in (int(x) for x in args.head_dims.split(",")) for k in kernels(f, launch, args.hidden_tile)]
     todo += [(None, k) for k in mamba_kernels() + conv_kernels()]  # no head dim: one compile each
     for f, (name, fn, consts, num_warps, num_stages) in todo:
         if args.only and not any(s.strip() and s.strip() in name for s in args.only.split(",")):

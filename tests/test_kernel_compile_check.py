@@ -2,6 +2,7 @@
 subprocess without TRITON_INTERPRET (under the interpreter `triton.jit` gives functions that do not compile)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PINNED_TRITON = re.search(r"^triton==([\w.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
 
 
 def check(tmp_path, *args) -> list[dict]:
@@ -46,10 +48,20 @@ def test_the_wide_linear_forward_reads_w_in_tiles_and_spills_nothing(tmp_path):
 @pytest.mark.slow  # a compiler's measurement behind a launch setting, not the kernels' correctness
 def test_the_wide_mlp_forward_reads_32_hidden_units_per_tile_and_spills_nothing(tmp_path):
     """At head dim 96 and 128 the TTT-MLP prefill kernels read W1, b1, W2 32 hidden units at a time (hidden_tile:
-    half of f = 64's 64), and the forward spills nothing in either launch. With tiles of 64 and G2 and q kept in
-    registers through the mini-batch it spilled 224 and 240 B (Triton 3.7.1)."""
+    half of f = 64's 64): under our Triton the forward spills nothing in either launch, and under any Triton
+    less than with tiles of 64 (--hidden-tile 64). Triton 3.7.1: 72 / 204 B with tiles of 64 (224 / 240 B before
+    G2 and q were read back from memory); 3.6.0 (`make test-kernels TRITON=3.6.0`): 32 / 80 B against 252 / 268
+    B before."""
+    import triton
+
     rows = check(tmp_path, "--only", "mlp forward", "--head-dims", "96,128")
-    assert [(r["hidden_tile"], r["status"], r["spill_store_bytes"]) for r in rows] == [(32, "ok", 0)] * 4, rows
+    assert [(r["hidden_tile"], r["status"]) for r in rows] == [(32, "ok")] * 4, rows
+    wide = check(tmp_path / "64", "--only", "mlp forward", "--head-dims", "96,128", "--hidden-tile", "64")
+    assert [(r["hidden_tile"], r["status"]) for r in wide] == [(64, "ok")] * 4, wide
+    spills = [(r["spill_store_bytes"], w["spill_store_bytes"]) for r, w in zip(rows, wide)]
+    assert all(s32 < s64 for s32, s64 in spills), spills
+    if triton.__version__ == PINNED_TRITON:
+        assert [s32 for s32, _ in spills] == [0] * 4, spills
 
 
 def test_a_launch_variant_compiles_as_asked(tmp_path):
