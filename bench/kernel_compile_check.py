@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--head-dims", default="32,64,96,128")
     p.add_argument("--precision", default=None, help="tf32 | ieee (default: the launchers', triton_linear.LAUNCH)")
-    p.add_argument("--num-warps", type=int, default=None, help="every prefill kernel (default: the launchers', per kernel)")
+    p.add_argument("--num-warps", type=int, default=None,
+                   help="every prefill kernel (default: the launchers', per kernel)")
     p.add_argument("--num-stages", type=int, default=None, help="every prefill kernel (default: the launchers')")
     p.add_argument("--w-rows", type=int, default=None,
                    help="rows of W the TTT-Linear forward holds at a time (default: the launchers', Launch.rows)")
