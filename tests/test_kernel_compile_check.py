@@ -49,9 +49,9 @@ def test_the_wide_linear_forward_reads_w_in_tiles_and_spills_nothing(tmp_path):
 def test_the_wide_mlp_forward_reads_32_hidden_units_per_tile_and_spills_nothing(tmp_path):
     """At head dim 96 and 128 the TTT-MLP prefill kernels read W1, b1, W2 32 hidden units at a time (hidden_tile:
     half of f = 64's 64): under our Triton the forward spills nothing in either launch, and under any Triton
-    less than with tiles of 64 (--hidden-tile 64). Triton 3.7.1: 72 / 204 B with tiles of 64 (224 / 240 B before
-    G2 and q were read back from memory); 3.6.0 (`make test-kernels TRITON=3.6.0`): 32 / 80 B against 252 / 268
-    B before."""
+    less than with tiles of 64 (--hidden-tile 64). Triton 3.7.1, the whole mini-batches' launch at f = 96 / 128:
+    40 / 128 B with tiles of 64 (224 / 240 B with tiles of 64 and G2 and q kept in registers); 3.6.0 (`make
+    test-kernels TRITON=3.6.0`): 32 / 80 B, against 208 / 212 B with tiles of 64 (252 / 268 B before)."""
     import triton
 
     rows = check(tmp_path, "--only", "mlp forward", "--head-dims", "96,128")

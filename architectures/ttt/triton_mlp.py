@@ -544,8 +544,9 @@ def _decode_kernel(Q, K, V, A, TOK, LNW, LNB, W1, B1, W2, B2, GW1, GB1, GW2, GB2
 PARAMS = ("W1", "b1", "W2", "b2")
 HIDDEN_TILE = 64  # hidden units (of 4f) per tile of the prefill kernels up to a block of 64 (f <= 64); 32 above.
                   # ptxas for sm_90 (`make check-kernels`), spill stores of the forward (its partial launch) at
-                  # f = 96 / 128: tiles of 64, 72 (52) / 204 (60) B; of 32, none (Triton 3.6.0: 32 (20) / 80 (16)
-                  # B); at f = 64 none either way. The backward: tiles of 64, 1492 / 1512 B; of 32, 1184 / 1168 B
+                  # f = 96 / 128: tiles of 64, 40 (48) / 128 (56) B; of 32, none (Triton 3.6.0: 208 (64) / 212
+                  # (120) B and 32 (20) / 80 (16) B); at f = 64 none either way. The backward: tiles of 64,
+                  # 1492 / 1512 B; of 32, 1184 / 1168 B
 
 DECODE_TILE = 32  # ... of the decode kernel up to a block of 64 (f <= 64); 16 above. ptxas for sm_90
                   # (`make check-kernels`; registers, spill stores of a token inside its mini-batch / of the
