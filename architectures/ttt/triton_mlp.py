@@ -106,12 +106,12 @@ def _hidden_sum(S1, SB1, S2, b2, KR, rows, maskm, maskf, offs_f, offs_t0, F: tl.
 
 
 @triton.jit
-def _mb_update_tiled(S1, SB1, S2, D1, DB1, D2, b2, k, v, a, KR, rows, maskm, tok_last, gamma, beta, maskf, offs_f,
+def _mb_update_tiled(S1, SB1, S2, D1, DB1, D2, b2, KR, rows, maskm, v, a, tok_last, gamma, beta, maskf, offs_f,
                      offs_t0, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr,
                      MB: tl.constexpr, eps, PREC: tl.constexpr):
     """Only the state update of one mini-batch (the backward's recomputation): the weights after it into D*
-    (another slot than S*), tile by tile; returns b2 after it. k: the rows at `rows` of KR (_hidden_sum reads
-    them there)."""
+    (another slot than S*), tile by tile; returns b2 after it. K: the rows at `rows` of KR."""
+    k = _load_rows(KR, rows, offs_f, maskm, maskf, F)
     Z2 = _hidden_sum(S1, SB1, S2, b2, KR, rows, maskm, maskf, offs_f, offs_t0, F, BF, BT, NT, MB, PREC)
     zhat, r = _ln_stats(Z2, maskf, F, eps)
     G2, _gx, _c2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
@@ -152,7 +152,8 @@ def _mb_forward_tiled(S1, SB1, S2, D1, DB1, D2, b2, q, k, v, a, tok, tok_last, g
     G2, _gx, _c2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
     E = tl.where(offs_m[:, None] >= offs_m[None, :], tok[:, None] * a[None, :], 0.0)
     M1 = E * (tl.dot(q, tl.trans(k), input_precision=PREC) + 1.0)
-    _store_rows(G2P, G2, offs_m, offs_f, offs_m < MB, maskf, F)
+    all_m = offs_m < MB  # G2P's rows: the whole mini-batch's, padding included
+    _store_rows(G2P, G2, offs_m, offs_f, all_m, maskf, F)
     zbar2 = tl.zeros([MB, BF], dtype=tl.float32) + b2[None, :]
     A2 = tl.zeros([MB, MB], dtype=tl.float32)
     tl.debug_barrier()  # every tile read by pass 1 before pass 2 writes any (and G2 written)
@@ -160,7 +161,7 @@ def _mb_forward_tiled(S1, SB1, S2, D1, DB1, D2, b2, q, k, v, a, tok, tok_last, g
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
-        G2j = _load_rows(G2P, offs_m, offs_f, offs_m < MB, maskf, F)
+        G2j = _load_rows(G2P, offs_m, offs_f, all_m, maskf, F)
         X2, G1, _zbar1, A2, zbar2 = _tile_sums(W1, b1, W2, _load_rows(QR, rows, offs_f, maskm, maskf, F),
                                                _load_rows(KR, rows, offs_f, maskm, maskf, F), G2j, M1, A2, zbar2, PREC)
         aG1, aG2 = a[:, None] * G1, a[:, None] * G2j
@@ -177,7 +178,7 @@ def _mb_forward_tiled(S1, SB1, S2, D1, DB1, D2, b2, q, k, v, a, tok, tok_last, g
         _store_w(D1, W1, offs_f, offs_t, maskf, maskt, 4 * F)
         tl.store(DB1 + offs_t, b1, mask=maskt)
         _store_w(D2, W2, offs_t, offs_f, maskt, maskf, F)
-    G2 = _load_rows(G2P, offs_m, offs_f, offs_m < MB, maskf, F)
+    G2 = _load_rows(G2P, offs_m, offs_f, all_m, maskf, F)
     tl.debug_barrier()  # the tiles written before the next mini-batch reads them, G2 read before it is replaced
     zbhat, rb = _ln_stats(zbar2 - tl.dot(E * (A2 + 1.0), G2, input_precision=PREC), maskf, F, eps)
     return _load_rows(QR, rows, offs_f, maskm, maskf, F) + gamma[None, :] * zbhat + beta[None, :], a[:, None] * G2
@@ -450,12 +451,11 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
             for j in range(0, count - 1):  # recompute the states inside the group: slot j -> slot j + 1
                 sj = s0 + j
                 rows = (first + j) * MB + offs_m
-                k = _load_rows(K + base, rows, offs_f, all_m, maskf, F)
                 v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
                 a = tl.load(A + pid * T + rows).to(tl.float32)
                 b2 = _mb_update_tiled(WS1 + sj * F * 4 * F, BS1 + sj * 4 * F, WS2 + sj * 4 * F * F,
                                       WS1 + (sj + 1) * F * 4 * F, BS1 + (sj + 1) * 4 * F, WS2 + (sj + 1) * 4 * F * F,
-                                      b2, k, v, a, K + base, rows, all_m, tok_last, gamma, beta, maskf, offs_f,
+                                      b2, K + base, rows, all_m, v, a, tok_last, gamma, beta, maskf, offs_f,
                                       offs_t0, F, BF, BT, NT, MB, eps, PREC)
                 tl.store(BS2 + (sj + 1) * F + offs_f, b2, mask=maskf)
             tl.debug_barrier()
