@@ -107,33 +107,30 @@ def kernels(f: int, launch, hidden_tile: int | None = None) -> list[tuple[str, o
     from architectures.ttt import triton_mlp as mlp
 
     bf = lin._block(f)
-    stages = launch.num_stages
     common = {"F": f, "BF": bf, "MB": 16, "PREC": launch.precision}
     mlp_common = {**common, "BT": hidden_tile or mlp.hidden_tile(f)}
-    warps = lambda inner, direction: launch.warps(inner, direction, f)
+    setting = lambda inner, direction: (launch.warps(inner, direction, f), launch.stages(inner, direction, f))
     decode, mlp_decode = {"F": f, "BF": bf}, {"F": f, "BF": bf, "BT": mlp.hidden_tile(f, decode=True)}
     fwd, fwd_partial = {"PARTIAL": False, "SAVE": True}, {"PARTIAL": True, "SAVE": True}
-    w_rows = {"W_ROWS": launch.rows(f)}  # TTT-Linear's forward: rows of W per tile
+    w_rows = {"W_ROWS": launch.rows(f)}  # TTT-Linear's forward and backward: rows of W per tile
     mlp_bwd, mlp_bwd_partial = {"PARTIAL": False, "AFTER_PARTIAL": True}, {"PARTIAL": True, "AFTER_PARTIAL": False}
     lin_bwd = {phase: {"PHASE": phase, "FIRST": phase == "partial"} for phase in ("reverse", "recompute", "partial")}
     return [
-        ("linear forward", lin._fwd_kernel, {**common, **fwd, **w_rows}, warps("linear", "fwd"), stages),
-        ("linear forward partial", lin._fwd_kernel, {**common, **fwd_partial, **w_rows}, warps("linear", "fwd"),
-         stages),
-        ("linear backward", lin._bwd_kernel, {**common, **lin_bwd["reverse"]}, warps("linear", "bwd"), stages),
-        ("linear backward recompute", lin._bwd_kernel, {**common, **lin_bwd["recompute"]},
-         warps("linear", "bwd"), stages),
-        ("linear backward partial", lin._bwd_kernel, {**common, **lin_bwd["partial"]}, warps("linear", "bwd"),
-         stages),
+        ("linear forward", lin._fwd_kernel, {**common, **fwd, **w_rows}, *setting("linear", "fwd")),
+        ("linear forward partial", lin._fwd_kernel, {**common, **fwd_partial, **w_rows}, *setting("linear", "fwd")),
+        ("linear backward", lin._bwd_kernel, {**common, **lin_bwd["reverse"], **w_rows}, *setting("linear", "bwd")),
+        ("linear backward recompute", lin._bwd_kernel, {**common, **lin_bwd["recompute"], **w_rows},
+         *setting("linear", "bwd")),
+        ("linear backward partial", lin._bwd_kernel, {**common, **lin_bwd["partial"], **w_rows},
+         *setting("linear", "bwd")),
         ("linear decode", lin._decode_kernel, {**decode, "ROWS": lin.decode_rows(bf), "COMMIT": False},
          lin.decode_warps(bf), 3),
         ("linear decode commit", lin._decode_kernel, {**decode, "ROWS": lin.decode_rows(bf), "COMMIT": True},
          lin.decode_warps(bf), 3),
-        ("mlp forward", mlp._fwd_kernel, {**mlp_common, **fwd}, warps("mlp", "fwd"), stages),
-        ("mlp forward partial", mlp._fwd_kernel, {**mlp_common, **fwd_partial}, warps("mlp", "fwd"), stages),
-        ("mlp backward", mlp._bwd_kernel, {**mlp_common, **mlp_bwd}, warps("mlp", "bwd"), stages),
-        ("mlp backward partial", mlp._bwd_kernel, {**mlp_common, **mlp_bwd_partial}, warps("mlp", "bwd"),
-         stages),
+        ("mlp forward", mlp._fwd_kernel, {**mlp_common, **fwd}, *setting("mlp", "fwd")),
+        ("mlp forward partial", mlp._fwd_kernel, {**mlp_common, **fwd_partial}, *setting("mlp", "fwd")),
+        ("mlp backward", mlp._bwd_kernel, {**mlp_common, **mlp_bwd}, *setting("mlp", "bwd")),
+        ("mlp backward partial", mlp._bwd_kernel, {**mlp_common, **mlp_bwd_partial}, *setting("mlp", "bwd")),
         ("mlp decode", mlp._decode_kernel, {**mlp_decode, "COMMIT": False}, lin.decode_warps(bf), 3),
         ("mlp decode commit", mlp._decode_kernel, {**mlp_decode, "COMMIT": True}, lin.decode_warps(bf), 3),
     ]

@@ -247,9 +247,12 @@ VARIANTS = ([{"precision": p, "num_warps": w, "num_stages": 3} for p in ("ieee",
 # the forward needs no shared memory (ptxas for sm_90: 127 registers forward, about 168 backward, no spills)
 MAMBA_VARIANTS = [{"BLOCK_D": 32, "NUM_WARPS": 4}, {"BLOCK_D": 32, "NUM_WARPS": 1}, {"BLOCK_D": 64, "NUM_WARPS": 2},
                   {"BLOCK_D": 128, "NUM_WARPS": 4}]
-# Past f = 64 (a block of 128: the 760M layer's 96) TTT-Linear's forward reads W from memory in tiles of rows
-# (triton_linear.WIDE_W_ROWS: no spills); these time W whole in registers, and tiles of 32, at 8 warps (WIDE_WARPS)
-WIDE_ROW_VARIANTS = [{"precision": "tf32", "num_warps": 8, "num_stages": 3, "w_rows": r} for r in (128, 32)]
+# Past f = 64 (a block of 128: the 760M layer's 96) TTT-Linear's forward and backward read W from memory in tiles
+# of rows (triton_linear.WIDE_W_ROWS), the backward without software pipelining (WIDE_STAGES); these time that
+# backward (here with a forward at 1 stage too: 0 B of spills either way), then W whole in registers, and tiles of
+# 32, at 8 warps (WIDE_WARPS) and 3 stages
+WIDE_ROW_VARIANTS = ([{"precision": "tf32", "num_warps": 8, "num_stages": 1, "w_rows": None}]
+                     + [{"precision": "tf32", "num_warps": 8, "num_stages": 3, "w_rows": r} for r in (128, 32)])
 VARIANT_KERNELS = ("linear", "mlp", "mamba")  # --variants
 
 
@@ -267,12 +270,12 @@ def variants_for(inner: str, f: int = 64) -> list[dict]:
 
 
 def variant_name(inner: str, v: dict, f: int = 64) -> str:
-    """The variant's row name; past f = 64, TTT-Linear's names say how many rows of W its forward holds at once."""
+    """The variant's row name; past f = 64, TTT-Linear's names say how many rows of W its kernels hold at once."""
     if inner == "mamba":
         return f"mamba scan [triton, BLOCK_D {v['BLOCK_D']}, {v['NUM_WARPS']} warps]"
     from architectures.ttt.triton_linear import Launch, _block
 
-    held = ""  # how TTT-Linear's forward holds W, where it is not simply whole
+    held = ""  # how TTT-Linear's kernels hold W, where it is not simply whole
     if inner == "linear":
         rows, bf = Launch(**v).rows(f), _block(f)
         held = f", W in {rows}-row tiles" if rows < bf else ", W whole" if bf > 64 else ""

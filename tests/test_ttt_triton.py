@@ -6,6 +6,7 @@ Where CUDA is present the inputs and layers live on the GPU and the kernels run 
 on CPU they run under TRITON_INTERPRET=1 (tests/conftest.py sets it). Shapes stay small either way.
 `make test-kernels` runs this file alone."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -82,10 +83,11 @@ def test_prefill_forward_state_and_every_gradient_match_the_dual_form(inner, f, 
 
 
 @pytest.mark.parametrize("f,w_rows,rows", [(96, None, 16), (96, 32, 32), (96, 128, 128), (32, 16, 16)])
-def test_linear_forward_with_w_in_tiles_of_rows_matches_the_dual_form(f, w_rows, rows):
-    """Launch.w_rows: the TTT-Linear forward with W in memory, read `rows` rows at a time (_fwd_rows; past f = 64
-    the default, WIDE_W_ROWS; f = 32 in two tiles), or whole in registers (128 at f = 96's block). As above:
-    outputs, state and every gradient, from the checkpoints the tiles wrote (group 2 over 3 whole mini-batches)."""
+def test_linear_prefill_with_w_in_tiles_of_rows_matches_the_dual_form(f, w_rows, rows):
+    """Launch.w_rows: the TTT-Linear forward and backward with W (and the backward's dW) in memory, read `rows`
+    rows at a time (_fwd_rows, _minibatch_backward_rows; past f = 64 the default, WIDE_W_ROWS; f = 32 in two
+    tiles), or whole in registers (128 at f = 96's block). As above: outputs, state and every gradient, the
+    backward from the checkpoints the forward wrote (group 2 over 3 whole mini-batches, then a partial one)."""
     with triton_linear.launch_settings(w_rows=w_rows) as launch:
         assert launch.rows(f) == rows
         check_prefill_against_dual("linear", f, 53, 2)
@@ -479,7 +481,11 @@ def test_launch_settings_are_checked_and_restored(monkeypatch):
     with pytest.raises(ValueError, match="num_stages"):
         _launch_from_env()
     monkeypatch.delenv("TTT_TRITON_STAGES")
-    assert _launch_from_env().num_stages == DEFAULT_STAGES
+    launch = _launch_from_env()  # the stages per kernel: 1 for TTT-Linear's backward with W in tiles of rows
+    assert launch.num_stages is None and launch.stages("linear", "bwd", 64) == DEFAULT_STAGES
+    assert (launch.stages("linear", "bwd", 96), launch.stages("linear", "fwd", 96)) == (1, DEFAULT_STAGES)
+    assert launch.stages("mlp", "bwd", 128) == DEFAULT_STAGES
+    assert replace(launch, num_stages=2).stages("linear", "bwd", 96) == 2
     assert (LAUNCH.rows(64), LAUNCH.rows(96), LAUNCH.rows(16)) == (64, triton_linear.WIDE_W_ROWS, 16)
     monkeypatch.setenv("TTT_TRITON_W_ROWS", "32")
     assert (_launch_from_env().rows(64), _launch_from_env().rows(16)) == (32, 16)
@@ -489,8 +495,9 @@ def test_launch_settings_are_checked_and_restored(monkeypatch):
 
 
 def test_the_760m_layer_times_w_whole_against_tiles_of_rows(tmp_path):
-    """Past f = 64 (96: a block of 128) --variants adds W whole in registers and in tiles of 32 rows to the default
-    (tiles of 16, WIDE_W_ROWS), each named by what ran; all equal under the interpreter."""
+    """Past f = 64 (96: a block of 128) --variants adds 8 warps at 1 stage (the backward's default there), W whole
+    in registers and in tiles of 32 rows to the default (tiles of 16, WIDE_W_ROWS), each named by what ran; all
+    equal under the interpreter."""
     import json
 
     from bench.ttt_kernel_speed import VARIANTS, WIDE_ROW_VARIANTS, main
@@ -501,6 +508,7 @@ def test_the_760m_layer_times_w_whole_against_tiles_of_rows(tmp_path):
     assert [r["variant"] for r in rows] == VARIANTS + WIDE_ROW_VARIANTS
     assert {r["head_dim"] for r in rows} == {96} and all(r["status"] == "ok" for r in rows)
     assert rows[1]["impl"] == "ttt_linear [triton ieee, 8 warps, 3 stages, W in 16-row tiles]"
+    assert rows[-3]["impl"] == "ttt_linear [triton tf32, 8 warps, 1 stages, W in 16-row tiles]"
     assert rows[-2]["impl"].endswith("3 stages, W whole]") and rows[-1]["impl"].endswith("W in 32-row tiles]")
     if DEVICE.type == "cpu":  # exact products, summed in another order by the tiles
         assert all(r["out_rel_rmse"] < 1e-6 for r in rows)

@@ -354,29 +354,154 @@ def _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, bet
 
 
 @triton.jit
-def _minibatch_backward_carried(WP, BP, DWP, w_off, wmask, Q, K, V, A, DOUT, tok, gamma, beta, DB, DLNW, DLNB, DTOK,
-                                DQ, DK, DV, DA, pid, base, rows, offs_f, offs_m, maskf, maskm, T, F: tl.constexpr,
-                                MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
-    """_minibatch_backward of the rows at `rows`, the state at WP, BP, with the gradients it carries (db, dgamma,
-    dbeta, dtok) read from memory and written back, not kept in registers across a loop (ptxas for sm_90 at
-    f = 64, the reverse walk: 0 B of spill stores so, 8 B kept)."""
-    tl.debug_barrier()  # the carried gradients (and dW) written by every thread
-    q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, maskm, maskf, F)
-    db, dgamma, dbeta, dtok = _load_carried_grads(DB, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
+def _by_rows(XB, rows, maskm, MP, acc, offs_f, maskf, F: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr,
+             PREC: tl.constexpr):
+    """acc + X M for the mini-batch's rows X (MB, f) of the sequence at XB and an f x f matrix M at MP, summed over
+    tiles of ROWS rows of M with the matching columns of X: neither is held whole."""
+    for r0 in range(0, BF, ROWS):
+        wr, r_off, r_mask = _row_tile(r0, offs_f, maskf, F, ROWS)
+        acc = tl.dot(_load_rows(XB, rows, wr, maskm, wr < F, F), tl.load(MP + r_off, mask=r_mask, other=0.0), acc,
+                     input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _by_rows_t(SX, scale, MP, acc, offs_m, offs_f, maskf, F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr,
+               ROWS: tl.constexpr, PREC: tl.constexpr):
+    """acc + (scale X) M^T for X (MB, BF) in a scratch slot SX and an f x f matrix M at MP, summed over tiles of
+    ROWS columns of X and rows of M^T (columns of M, read as rows of M^T)."""
+    for c0 in range(0, BF, ROWS):
+        wc = c0 + tl.arange(0, ROWS)
+        x_c = tl.load(SX + offs_m[:, None] * BF + wc[None, :])  # (MB, ROWS)
+        mt_c = tl.load(MP + offs_f[None, :] * F + wc[:, None], mask=(wc < F)[:, None] & maskf[None, :], other=0.0)
+        acc = tl.dot(scale[:, None] * x_c, mt_c, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _minibatch_backward_rows(WP, BP, DWP, S, Q, K, V, A, DOUT, LNWh, LNBh, tok, DB, DLNW, DLNB, DTOK,
+                             DQ, DK, DV, DA, pid, base, a_base, rows, offs_m, offs_f, maskm, maskf,
+                             F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr,
+                             PREC: tl.constexpr, W_ROWS: tl.constexpr):
+    """_minibatch_backward_carried past f = 64 (W_ROWS < BF: Launch.rows), with W and dW' read W_ROWS rows at a
+    time, as _fwd_rows reads W: K W, Q W and K dW' are summed over row tiles (_by_rows), the products with W^T and
+    dW'^T over tiles of their rows, with the matching columns of dzbar, dZ and G read back from the program's
+    scratch S (_by_rows_t), and dW is updated tile by tile. S holds, per program, dzbar, dZ, G, K dW' + db'
+    (MB x BF each) and this mini-batch's dgamma, dbeta sums (BF each): what is read by columns, or again later,
+    is not kept in registers. The carried sums (db, dgamma, dbeta, dtok) are read and written back at the end."""
+    s_off = offs_m[:, None] * BF + offs_f[None, :]
+    S_DZBAR, S_DZ, S_G, S_KDW, S_SUMS = S, S + MB * BF, S + 2 * MB * BF, S + 3 * MB * BF, S + 4 * MB * BF
     bias = tl.load(BP + offs_f, mask=maskf, other=0.0)
-    dt_, dg_, db_, db = _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, DOUT, db, maskf,
-                                            offs_m, DQ, DK, DV, DA, base, pid * T, rows, offs_f, maskm, F, MB, eps,
-                                            COMMIT, PREC)
-    _store_carried_grads(DB, DLNW, DLNB, DTOK, pid, db, dgamma + dg_, dbeta + db_, dtok + dt_, offs_f, offs_m, maskf,
+    Z = _by_rows(K + base, rows, maskm, WP, tl.zeros([MB, BF], dtype=tl.float32) + bias[None, :], offs_f, maskf, F,
+                 BF, W_ROWS, PREC)
+    QW = _by_rows(Q + base, rows, maskm, WP, tl.zeros([MB, BF], dtype=tl.float32) + bias[None, :], offs_f, maskf, F,
+                  BF, W_ROWS, PREC)
+    if COMMIT:  # k dW' + db', kept in S until it is used
+        db_c = tl.load(DB + pid * F + offs_f, mask=maskf, other=0.0)
+        tl.store(S_KDW + s_off, _by_rows(K + base, rows, maskm, DWP, tl.zeros([MB, BF], dtype=tl.float32)
+                                         + db_c[None, :], offs_f, maskf, F, BF, W_ROWS, PREC))
+    gamma = tl.load(LNWh + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    beta = tl.load(LNBh + offs_f, mask=maskf, other=0.0).to(tl.float32)
+    a = tl.load(A + a_base + rows, mask=maskm, other=0.0).to(tl.float32)
+    t = _load_rows(V + base, rows, offs_f, maskm, maskf, F) - _load_rows(K + base, rows, offs_f, maskm, maskf, F)
+    zhat, r = _ln_stats(Z, maskf, F, eps)
+    G, gx, c2 = _ln_loss_grad(zhat, r, t, gamma, beta, maskf, F)
+    A_qk = tl.zeros([MB, MB], dtype=tl.float32)
+    for c0 in range(0, BF, W_ROWS):  # Q K^T over tiles of f
+        wc = c0 + tl.arange(0, W_ROWS)
+        A_qk = tl.dot(_load_rows(Q + base, rows, wc, maskm, wc < F, F),
+                      tl.trans(_load_rows(K + base, rows, wc, maskm, wc < F, F)), A_qk, input_precision=PREC)
+    tril = offs_m[:, None] >= offs_m[None, :]
+    E = tl.where(tril, tok[:, None] * a[None, :], 0.0)
+    M = E * (A_qk + 1.0)
+    zbhat, rb = _ln_stats(QW - tl.dot(M, G, input_precision=PREC), maskf, F, eps)
+    dout = _load_rows(DOUT + base, rows, offs_f, maskm, maskf, F)
+    dzbar = _ln_vjp(zbhat, rb, dout, gamma, maskf, F)
+    tl.store(S_SUMS + offs_f, tl.sum(dout * zbhat, axis=0))  # dgamma's and dbeta's first terms
+    tl.store(S_SUMS + BF + offs_f, tl.sum(dout, axis=0))
+    tl.store(S_DZBAR + s_off, dzbar)
+    tl.store(S_G + s_off, G)
+    ddb = tl.sum(dzbar, axis=0)
+    tl.debug_barrier()  # dzbar and G written by every thread
+    dM = tl.zeros([MB, MB], dtype=tl.float32)
+    for c0 in range(0, BF, W_ROWS):  # -dzbar G^T over tiles of f
+        c_off = offs_m[:, None] * BF + (c0 + tl.arange(0, W_ROWS))[None, :]
+        dM = tl.dot(tl.load(S_DZBAR + c_off), tl.trans(tl.load(S_G + c_off)), dM, input_precision=PREC)
+    dM = -dM
+    dG = -tl.dot(tl.trans(M), dzbar, input_precision=PREC)
+    dE = tl.where(tril, dM * (A_qk + 1.0), 0.0)
+    dA = dM * E
+    dtok = tl.sum(dE * a[None, :], axis=1)
+    da = tl.sum(dE * tok[:, None], axis=0)
+    tok_last = tl.sum(tl.where(offs_m == MB - 1, tok, 0.0), axis=0)
+    if COMMIT:  # as _minibatch_backward: dl/d(aG) = -tok_last (k dW' + db')
+        kdW = tl.load(S_KDW + s_off)
+        u = tl.sum(G * kdW, axis=1)
+        dtok += tl.where(offs_m == MB - 1, -tl.sum(a * u, axis=0), 0.0)
+        da -= tok_last * u
+        dG -= (tok_last * a)[:, None] * kdW
+    dZ, dt, dg2, db2 = _ln_grad_vjp(dG, G, zhat, r, gx, c2, t, gamma, beta, maskf, F)
+    _store_rows(DV + base, dt, rows, offs_f, maskm, maskf, F)
+    tl.store(DA + a_base + rows, da, mask=maskm)
+    tl.store(S_DZ + s_off, dZ)
+    ddb += tl.sum(dZ, axis=0)
+    tl.debug_barrier()  # dZ written by every thread
+    dq = _load_rows(DOUT + base, rows, offs_f, maskm, maskf, F) + tl.dot(
+        dA, _load_rows(K + base, rows, offs_f, maskm, maskf, F), input_precision=PREC)
+    dq = _by_rows_t(S_DZBAR, tl.full([MB], 1.0, tl.float32), WP, dq, offs_m, offs_f, maskf, F, BF, MB, W_ROWS, PREC)
+    _store_rows(DQ + base, dq, rows, offs_f, maskm, maskf, F)
+    dk = tl.dot(tl.trans(dA), _load_rows(Q + base, rows, offs_f, maskm, maskf, F), input_precision=PREC) - dt
+    dk = _by_rows_t(S_DZ, tl.full([MB], 1.0, tl.float32), WP, dk, offs_m, offs_f, maskf, F, BF, MB, W_ROWS, PREC)
+    if COMMIT:  # through W' = W - tok_last K^T aG: dK -= tok_last aG dW'^T
+        dk = _by_rows_t(S_G, -tok_last * a, DWP, dk, offs_m, offs_f, maskf, F, BF, MB, W_ROWS, PREC)
+    _store_rows(DK + base, dk, rows, offs_f, maskm, maskf, F)
+    tl.debug_barrier()  # every thread has read dW'
+    dzbar, dZ = tl.load(S_DZBAR + s_off), tl.load(S_DZ + s_off)
+    for r0 in range(0, BF, W_ROWS):  # dW = dW' + Q^T dzbar + K^T dZ, tile by tile
+        wr, r_off, r_mask = _row_tile(r0, offs_f, maskf, F, W_ROWS)
+        dW_r = tl.dot(tl.trans(_load_rows(Q + base, rows, wr, maskm, wr < F, F)), dzbar,
+                      tl.load(DWP + r_off, mask=r_mask, other=0.0), input_precision=PREC)
+        dW_r = tl.dot(tl.trans(_load_rows(K + base, rows, wr, maskm, wr < F, F)), dZ, dW_r, input_precision=PREC)
+        tl.store(DWP + r_off, dW_r, mask=r_mask)
+    db, dgamma, dbeta, dtok_c = _load_carried_grads(DB, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
+    dgamma += tl.load(S_SUMS + offs_f) + dg2
+    dbeta += tl.load(S_SUMS + BF + offs_f) + db2
+    tl.debug_barrier()  # every thread has read the carried sums (and S), before any writes them back
+    _store_carried_grads(DB, DLNW, DLNB, DTOK, pid, db + ddb, dgamma, dbeta, dtok_c + dtok, offs_f, offs_m, maskf,
                          F, MB)
 
 
 @triton.jit
+def _minibatch_backward_carried(WP, BP, DWP, S, w_off, wmask, Q, K, V, A, DOUT, tok, gamma, beta, LNWh, LNBh, DB,
+                                DLNW, DLNB, DTOK, DQ, DK, DV, DA, pid, base, rows, offs_f, offs_m, maskf, maskm, T,
+                                F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr,
+                                PREC: tl.constexpr, W_ROWS: tl.constexpr):
+    """_minibatch_backward of the rows at `rows`, the state at WP, BP, with the gradients it carries (db, dgamma,
+    dbeta, dtok) read from memory and written back, not kept in registers across a loop (ptxas for sm_90 at
+    f = 64, the reverse walk: 0 B of spill stores so, 8 B kept); past f = 64 (W_ROWS < BF) with W in tiles of
+    rows: _minibatch_backward_rows."""
+    tl.debug_barrier()  # the carried gradients (and dW) written by every thread
+    if W_ROWS < BF:
+        _minibatch_backward_rows(WP, BP, DWP, S, Q, K, V, A, DOUT, LNWh, LNBh, tok, DB, DLNW, DLNB, DTOK, DQ, DK, DV,
+                                 DA, pid, base, pid * T, rows, offs_m, offs_f, maskm, maskf, F, BF, MB, eps, COMMIT,
+                                 PREC, W_ROWS)
+    else:
+        q, k, v, a = _load_qkva(Q, K, V, A, base, pid * T, rows, offs_f, maskm, maskf, F)
+        db, dgamma, dbeta, dtok = _load_carried_grads(DB, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
+        bias = tl.load(BP + offs_f, mask=maskf, other=0.0)
+        dt_, dg_, db_, db = _minibatch_backward(WP, DWP, w_off, wmask, bias, q, k, v, a, tok, gamma, beta, DOUT, db,
+                                                maskf, offs_m, DQ, DK, DV, DA, base, pid * T, rows, offs_f, maskm, F,
+                                                MB, eps, COMMIT, PREC)
+        _store_carried_grads(DB, DLNW, DLNB, DTOK, pid, db, dgamma + dg_, dbeta + db_, dtok + dt_, offs_f, offs_m,
+                             maskf, F, MB)
+
+
+@triton.jit
 def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
-                DQ, DK, DV, DA, DTOK, DLNW, DLNB, DW0, DB0, WS, BS,
+                DQ, DK, DV, DA, DTOK, DLNW, DLNB, DW0, DB0, WS, BS, SCR,
                 T, H, n_full, n_ckpt, group, gi, eps,
                 F: tl.constexpr, BF: tl.constexpr, MB: tl.constexpr, PHASE: tl.constexpr, FIRST: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, W_ROWS: tl.constexpr):
     """One phase of the backward (linear_prefill_backward launches them in turn). PHASE "partial": a trailing
     partial mini-batch (its outputs used the final committed state; it changed no state); "recompute": the states
     inside group gi (counted from the last) from its checkpoint, slot to slot in WS, BS; "reverse": the
@@ -395,6 +520,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
     gamma, beta, tok, tok_last = _load_outer(LNW, LNB, TOK, h, offs_f, offs_m, maskf, F, MB)
     DWP = DW0 + pid * F * F  # dW, carried through the mini-batches in place (it ends as dW0)
     base = pid * T * F
+    S = SCR + pid * (4 * MB + 2) * BF  # past f = 64 (W_ROWS < BF): _minibatch_backward_rows' scratch
     s0 = pid * group  # the program's first slot
     if PHASE == "recompute":
         first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
@@ -420,17 +546,18 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
         if PHASE == "partial":
             rows = n_full * MB + offs_m
             maskm = rows < T
-            _minibatch_backward_carried(WN + pid * F * F, BN + pid * F, DWP, w_off, wmask, Q, K, V, A, DOUT, tok,
-                                        gamma, beta, DB0, DLNW, DLNB, DTOK, DQ, DK, DV, DA, pid, base, rows, offs_f,
-                                        offs_m, maskf, maskm, T, F, MB, eps, False, PREC)
+            _minibatch_backward_carried(WN + pid * F * F, BN + pid * F, DWP, S, w_off, wmask, Q, K, V, A, DOUT, tok,
+                                        gamma, beta, LNW + h * F, LNB + h * F, DB0, DLNW, DLNB, DTOK, DQ, DK, DV, DA,
+                                        pid, base, rows, offs_f, offs_m, maskf, maskm, T, F, BF, MB, eps, False, PREC,
+                                        W_ROWS)
         else:
             first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
             for jj in range(0, count):
                 j = count - 1 - jj
-                _minibatch_backward_carried(WS + (s0 + j) * F * F, BS + (s0 + j) * F, DWP, w_off, wmask, Q, K, V, A,
-                                            DOUT, tok, gamma, beta, DB0, DLNW, DLNB, DTOK, DQ, DK, DV, DA, pid, base,
-                                            (first + j) * MB + offs_m, offs_f, offs_m, maskf, all_m, T, F, MB, eps,
-                                            True, PREC)
+                _minibatch_backward_carried(WS + (s0 + j) * F * F, BS + (s0 + j) * F, DWP, S, w_off, wmask, Q, K, V,
+                                            A, DOUT, tok, gamma, beta, LNW + h * F, LNB + h * F, DB0, DLNW, DLNB,
+                                            DTOK, DQ, DK, DV, DA, pid, base, (first + j) * MB + offs_m, offs_f, offs_m,
+                                            maskf, all_m, T, F, BF, MB, eps, True, PREC, W_ROWS)
 
 
 # -- decode ------------------------------------------------------------------------------------
@@ -537,12 +664,18 @@ WIDE_WARPS = {("linear", "fwd"): 8}
 # 0 / 0 / 0; backward (8 warps, each phase) 0 / 0 / 0; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
 # is not yet timed on a GPU (`make gpu-check` times it: bench/ttt_kernel_speed.py --variants), so the default stays.
 DEFAULT_STAGES = 3
+# ... where they differ at a block of 128: the TTT-Linear backward with W in tiles of 16 rows
+# (_minibatch_backward_rows), whose short tile loops gain little from pipelining and whose registers are full.
+# Its reverse walk's spill stores (f = 96 / 128): 328 / 420 B at 3 stages, 96 / 36 B at 1 (W whole: 468 / 756 B
+# at 3, 468 / 812 B at 1). Not yet timed on a GPU.
+WIDE_STAGES = {("linear", "bwd"): 1}
 # Rows of W the TTT-Linear forward holds in registers at a time past f = 64 (W whole up to a block of 64). Whole,
 # the fp32 W is loop-carried in registers; in tiles it lives in memory (WN) and each mini-batch reads it twice and
 # writes it once (_fwd_rows). ptxas for sm_90 (`make check-kernels ARGS="--w-rows R --num-warps N"`), the forward's
 # spill stores at a block of 128 (f = 96 / 128): whole W 248 / 220 B at 8 warps; tiles of 64 rows 248 / 260 B,
 # of 32: 28 / 8 B, of 16: 0 / 0 B (244 registers; also 0 B at 4 warps, 188 B at 16). f = 64 stays whole: 0 B either
 # way. Not yet timed on a GPU: `make gpu-check ARGS="--stages env,kernel-variants-760m"` times tiles against W whole.
+# The backward reads W (and dW) in the same tiles (_minibatch_backward_rows; its spills at WIDE_STAGES above).
 WIDE_W_ROWS = 16
 
 
@@ -555,13 +688,14 @@ class Launch:
     products on the CUDA cores, 2.8x slower in the TTT-Linear forward on an H200 (ptxas spills 1.6 KB per
     thread in its backward at f = 64: `make check-kernels ARGS="--precision ieee"`). The interpreter ignores it
     (exact). `num_warps` per program: None takes DEFAULT_WARPS per kernel (WIDE_WARPS past f = 64), a number
-    applies to every prefill kernel; `num_stages` the loops' software-pipelining stages (DEFAULT_STAGES);
-    `w_rows` the rows of W the TTT-Linear forward holds at a time (rows(); WIDE_W_ROWS past f = 64).
+    applies to every prefill kernel; `num_stages` the loops' software-pipelining stages, None: DEFAULT_STAGES per
+    kernel (WIDE_STAGES past f = 64), a number applies to every prefill kernel; `w_rows` the rows of W the
+    TTT-Linear forward and backward hold at a time (rows(); WIDE_W_ROWS past f = 64).
     `make gpu-check` times every variant (bench/ttt_kernel_speed.py --variants). TTT_TRITON_PRECISION,
     TTT_TRITON_WARPS, TTT_TRITON_STAGES and TTT_TRITON_W_ROWS override the defaults."""
     precision: str = "tf32"
     num_warps: int | None = None
-    num_stages: int = DEFAULT_STAGES
+    num_stages: int | None = None
     w_rows: int | None = None
 
     def __post_init__(self):
@@ -569,7 +703,7 @@ class Launch:
             raise ValueError(f"TTT kernel precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.num_warps not in (None, 1, 2, 4, 8, 16):
             raise ValueError(f"TTT kernel num_warps must be a power of two up to 16, got {self.num_warps!r}")
-        if self.num_stages not in (1, 2, 3, 4):
+        if self.num_stages not in (None, 1, 2, 3, 4):
             raise ValueError(f"TTT kernel num_stages must be 1 to 4, got {self.num_stages!r}")
         if self.w_rows not in (None, 16, 32, 64, 128):
             raise ValueError(f"TTT-Linear w_rows must be 16, 32, 64 or 128 (rows of W per tile), got {self.w_rows!r}")
@@ -582,9 +716,16 @@ class Launch:
             return WIDE_WARPS.get((inner, direction), DEFAULT_WARPS[inner, direction])
         return DEFAULT_WARPS[inner, direction]
 
+    def stages(self, inner: str, direction: str, f: int) -> int:
+        """Software-pipelining stages for one kernel, as warps() picks its warps."""
+        if self.num_stages:
+            return self.num_stages
+        return WIDE_STAGES.get((inner, direction), DEFAULT_STAGES) if _block(f) > 64 else DEFAULT_STAGES
+
     def rows(self, f: int) -> int:
-        """Rows of W the TTT-Linear forward holds at a time at head dim f: the block (W whole, in registers
-        through the loop), or fewer (W in memory, read in tiles of that many rows: _fwd_rows)."""
+        """Rows of W the TTT-Linear kernels hold at a time at head dim f: the block (W whole, in registers
+        through the forward's loop), or fewer (W in memory, read in tiles of that many rows: _fwd_rows,
+        _minibatch_backward_rows)."""
         bf = _block(f)
         return min(self.w_rows, bf) if self.w_rows else WIDE_W_ROWS if bf > 64 else bf
 
@@ -593,7 +734,7 @@ def _launch_from_env() -> Launch:
     warps, stages = os.environ.get("TTT_TRITON_WARPS"), os.environ.get("TTT_TRITON_STAGES")
     w_rows = os.environ.get("TTT_TRITON_W_ROWS")
     return Launch(os.environ.get("TTT_TRITON_PRECISION", Launch.precision), int(warps) if warps else None,
-                  int(stages) if stages else DEFAULT_STAGES, int(w_rows) if w_rows else None)
+                  int(stages) if stages else None, int(w_rows) if w_rows else None)
 
 
 LAUNCH = _launch_from_env()
@@ -637,7 +778,8 @@ def linear_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.T
             q, k, v, a, tok32, lnw, lnb, W0c, b0c, out, Wn, bn, aw, ab, wc, bc,
             T, H, n_full, n_ckpt, group, 0 if W0.shape[0] == 1 else H * f * f, 0 if b0.shape[0] == 1 else H * f,
             LN_EPS, F=f, BF=_block(f), MB=MB, PARTIAL=part, SAVE=save, PREC=LAUNCH.precision,
-            W_ROWS=LAUNCH.rows(f), num_warps=LAUNCH.warps("linear", "fwd", f), num_stages=LAUNCH.num_stages)
+            W_ROWS=LAUNCH.rows(f), num_warps=LAUNCH.warps("linear", "fwd", f),
+            num_stages=LAUNCH.stages("linear", "fwd", f))
     return out, Wn, bn, aw, ab, wc, bc
 
 
@@ -686,14 +828,16 @@ def linear_prefill_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
     dlnw, dlnb = torch.empty(Bsz, H, f, **f32), torch.empty(Bsz, H, f, **f32)
     dW0, db0 = torch.empty(Bsz, H, f, f, **f32), torch.empty(Bsz, H, f, **f32)
     ws, bs = torch.empty(Bsz, H, group, f, f, **f32), torch.empty(Bsz, H, group, f, **f32)
+    rows, bf = LAUNCH.rows(f), _block(f)
+    scratch = torch.empty(Bsz, H, 4 * MB + 2, bf, **f32) if rows < bf else bs  # bs: a placeholder, unused
 
     def launch(phase: str, first: bool, gi: int = 0):
         _bwd_kernel[(Bsz * H,)](
             q, k, v, a, tok32, lnw, lnb, wc, bc, Wn, bn, dout, dWn, dbn,
-            dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs,
+            dq, dk, dv, da, dtok, dlnw, dlnb, dW0, db0, ws, bs, scratch,
             T, H, n_full, n_ckpt, group, gi, LN_EPS,
-            F=f, BF=_block(f), MB=MB, PHASE=phase, FIRST=first, PREC=LAUNCH.precision,
-            num_warps=LAUNCH.warps("linear", "bwd", f), num_stages=LAUNCH.num_stages)
+            F=f, BF=bf, MB=MB, PHASE=phase, FIRST=first, PREC=LAUNCH.precision, W_ROWS=rows,
+            num_warps=LAUNCH.warps("linear", "bwd", f), num_stages=LAUNCH.stages("linear", "bwd", f))
 
     if partial:  # a trailing partial mini-batch first, then the groups of whole ones, the last first
         launch("partial", True)

@@ -597,7 +597,7 @@ def mlp_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tens
                                 T, H, n_full, n_ckpt, group, *strides, LN_EPS,
                                 F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part, SAVE=save,
                                 PREC=LAUNCH.precision, num_warps=LAUNCH.warps("mlp", "fwd", f),
-                                num_stages=LAUNCH.num_stages)
+                                num_stages=LAUNCH.stages("mlp", "fwd", f))
     return (out, *new, *acc, *ckpt)
 
 
@@ -636,7 +636,8 @@ def mlp_prefill_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: t
                                 T, H, n_full, n_ckpt if n_full else 0, group, tiles[0, 0].numel(), LN_EPS,
                                 F=f, BF=_block(f), BT=hidden_tile(f), MB=MB, PARTIAL=part,
                                 AFTER_PARTIAL=partial > 0 and not part, PREC=LAUNCH.precision,
-                                num_warps=LAUNCH.warps("mlp", "bwd", f), num_stages=LAUNCH.num_stages)
+                                num_warps=LAUNCH.warps("mlp", "bwd", f),
+                                num_stages=LAUNCH.stages("mlp", "bwd", f))
     inits = (W1, b1, W2, b2)
     dinit = [(g.sum(0, keepdim=True) if p.shape[0] == 1 else g).to(p.dtype) for g, p in zip(dinit, inits)]
     return (dq, dk, dv, da, dtok.sum((0, 1)).to(tok.dtype), dlnw.sum(0).to(ln_w.dtype), dlnb.sum(0).to(ln_b.dtype),
