@@ -388,7 +388,8 @@ def _minibatch_backward_rows(WP, BP, DWP, S, Q, K, V, A, DOUT, LNWh, LNBh, tok, 
     dW'^T over tiles of their rows, with the matching columns of dzbar, dZ and G read back from the program's
     scratch S (_by_rows_t), and dW is updated tile by tile. S holds, per program, dzbar, dZ, G, K dW' + db'
     (MB x BF each) and this mini-batch's dgamma, dbeta sums (BF each): what is read by columns, or again later,
-    is not kept in registers. The carried sums (db, dgamma, dbeta, dtok) are read and written back at the end."""
+    is not kept in registers. The carried sums (db, dgamma, dbeta, dtok) are read and written back as soon as dZ
+    is known, around the barrier that the W^T products need anyway."""
     s_off = offs_m[:, None] * BF + offs_f[None, :]
     S_DZBAR, S_DZ, S_G, S_KDW, S_SUMS = S, S + MB * BF, S + 2 * MB * BF, S + 3 * MB * BF, S + 4 * MB * BF
     bias = tl.load(BP + offs_f, mask=maskf, other=0.0)
@@ -444,8 +445,12 @@ def _minibatch_backward_rows(WP, BP, DWP, S, Q, K, V, A, DOUT, LNWh, LNBh, tok, 
     _store_rows(DV + base, dt, rows, offs_f, maskm, maskf, F)
     tl.store(DA + a_base + rows, da, mask=maskm)
     tl.store(S_DZ + s_off, dZ)
-    ddb += tl.sum(dZ, axis=0)
-    tl.debug_barrier()  # dZ written by every thread
+    db, dgamma, dbeta, dtok_c = _load_carried_grads(DB, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
+    dgamma += tl.load(S_SUMS + offs_f) + dg2
+    dbeta += tl.load(S_SUMS + BF + offs_f) + db2
+    tl.debug_barrier()  # dZ written, and the carried sums read, by every thread
+    _store_carried_grads(DB, DLNW, DLNB, DTOK, pid, db + ddb + tl.sum(dZ, axis=0), dgamma, dbeta, dtok_c + dtok,
+                         offs_f, offs_m, maskf, F, MB)
     dq = _load_rows(DOUT + base, rows, offs_f, maskm, maskf, F) + tl.dot(
         dA, _load_rows(K + base, rows, offs_f, maskm, maskf, F), input_precision=PREC)
     dq = _by_rows_t(S_DZBAR, tl.full([MB], 1.0, tl.float32), WP, dq, offs_m, offs_f, maskf, F, BF, MB, W_ROWS, PREC)
@@ -463,12 +468,6 @@ def _minibatch_backward_rows(WP, BP, DWP, S, Q, K, V, A, DOUT, LNWh, LNBh, tok, 
                       tl.load(DWP + r_off, mask=r_mask, other=0.0), input_precision=PREC)
         dW_r = tl.dot(tl.trans(_load_rows(K + base, rows, wr, maskm, wr < F, F)), dZ, dW_r, input_precision=PREC)
         tl.store(DWP + r_off, dW_r, mask=r_mask)
-    db, dgamma, dbeta, dtok_c = _load_carried_grads(DB, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
-    dgamma += tl.load(S_SUMS + offs_f) + dg2
-    dbeta += tl.load(S_SUMS + BF + offs_f) + db2
-    tl.debug_barrier()  # every thread has read the carried sums (and S), before any writes them back
-    _store_carried_grads(DB, DLNW, DLNB, DTOK, pid, db + ddb, dgamma, dbeta, dtok_c + dtok, offs_f, offs_m, maskf,
-                         F, MB)
 
 
 @triton.jit
@@ -666,8 +665,8 @@ WIDE_WARPS = {("linear", "fwd"): 8}
 DEFAULT_STAGES = 3
 # ... where they differ at a block of 128: the TTT-Linear backward with W in tiles of 16 rows
 # (_minibatch_backward_rows), whose short tile loops gain little from pipelining and whose registers are full.
-# Its reverse walk's spill stores (f = 96 / 128): 328 / 420 B at 3 stages, 96 / 36 B at 1 (W whole: 468 / 756 B
-# at 3, 468 / 812 B at 1). Not yet timed on a GPU.
+# Its spill stores (f = 96 / 128), reverse walk: 332 / 436 B at 3 stages, 252 / 400 B at 2, 104 / 56 B at 1;
+# partial launch 0 B at each (W whole: 468 / 756 B and 48 / 456 B at 3, 468 / 812 B at 1). Not yet timed on a GPU.
 WIDE_STAGES = {("linear", "bwd"): 1}
 # Rows of W the TTT-Linear forward holds in registers at a time past f = 64 (W whole up to a block of 64). Whole,
 # the fp32 W is loop-carried in registers; in tiles it lives in memory (WN) and each mini-batch reads it twice and
