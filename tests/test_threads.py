@@ -1,5 +1,6 @@
 """CPU threads on a shared machine (bench/threads.py): bounded OpenMP spin-waiting, a thread count
-fitted to the free cores, and a training step beside a busy process within 2x of the idle one."""
+fitted to the free cores, and a training step beside a busy process within 3x of the idle one (the
+collapse without them: 6x-130x)."""
 import json
 import os
 import platform
@@ -134,18 +135,22 @@ def test_our_own_child_processes_are_not_counted_as_others():
 
 
 @pytest.mark.serial
-def test_a_training_step_beside_a_busy_process_stays_within_2x_of_idle():
+def test_a_training_step_beside_a_busy_process_stays_within_3x_of_idle():
     """The collapse this guards against is 6x (1 busy core beside a 1k step) to 35x (measured in
-    bench/threads.py): the default OpenMP spin with more runnable threads than cores. The bound compares
-    with an idle step, as CI's machine is. At 512 tokens TTT-Linear's scan runs one mini-batch per call (32 of
-    them, below ScanKernels' compiled blocks): the many small parallel ops where spinning costs most."""
+    bench/threads.py), and 130x for this 512-token step (`GOMP_SPINCOUNT=300000 ... --no-governor`, 2 cores):
+    the default OpenMP spin with more runnable threads than cores. The bound compares with an idle step, as
+    CI's machine is. With one of two cores taken the governed step runs on one thread, so about 2x is what
+    the hardware allows (measured 0.8-1.8x here); the bound leaves room for a shared machine's jitter on a
+    20-ms step (2.25x once in CI at 5 steps), far below the collapse. At 512 tokens TTT-Linear's scan runs
+    one mini-batch per call (32 of them, below ScanKernels' compiled blocks): the many small parallel ops
+    where spinning costs most."""
     cmd = [sys.executable, "-m", "bench.contention", "--arch", "ttt_linear", "--size", "cpu-xs", "--ctx", "512",
-           "--steps", "5", "--busy-threads", "1", "--json"]
+           "--steps", "20", "--busy-threads", "1", "--json"]
     res = subprocess.run(cmd, cwd=ROOT, env=_env_without_openmp(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["governor"] and out["omp_wait"] == f"spin {SPIN_COUNT}"
-    assert out["ratio"] <= 2.0, out
+    assert out["ratio"] <= 3.0, out
 
 
 @pytest.mark.parametrize("args, message", [
