@@ -551,7 +551,9 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
                                         W_ROWS)
         else:
             first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
-            for jj in range(0, count):
+            # the walk's loop-invariant values (index vectors, masks) made where they are used, not hoisted and kept
+            # live across it: ptxas for sm_90 past f = 64, 104 / 56 -> 0 / 0 B of spill stores at f = 96 / 128
+            for jj in tl.range(0, count, disable_licm=True):
                 j = count - 1 - jj
                 _minibatch_backward_carried(WS + (s0 + j) * F * F, BS + (s0 + j) * F, DWP, S, w_off, wmask, Q, K, V,
                                             A, DOUT, tok, gamma, beta, LNW + h * F, LNB + h * F, DB0, DLNW, DLNB,
@@ -660,13 +662,13 @@ DEFAULT_WARPS = {("linear", "fwd"): 4, ("linear", "bwd"): 8, ("mlp", "fwd"): 8, 
 WIDE_WARPS = {("linear", "fwd"): 8}
 # Software-pipelining stages of the prefill kernels' loops: Triton's default for CUDA. ptxas for sm_90 at f = 64
 # (`make check-kernels ARGS="--num-stages N"`), spill stores at 3 / 2 / 1 stages: TTT-Linear forward (4 warps)
-# 0 / 0 / 0; backward (8 warps, each phase) 0 / 0 / 0; TTT-MLP forward 0 / 0 / 0, backward 412 / 404 / 380 B. 1 stage
+# 0 / 0 / 0; backward (8 warps, each phase) 0 / 0 / 0; TTT-MLP forward 0 / 0 / 0, backward 188 / 192 / 188 B. 1 stage
 # is not yet timed on a GPU (`make gpu-check` times it: bench/ttt_kernel_speed.py --variants), so the default stays.
 DEFAULT_STAGES = 3
 # ... where they differ at a block of 128: the TTT-Linear backward with W in tiles of 16 rows
 # (_minibatch_backward_rows), whose short tile loops gain little from pipelining and whose registers are full.
-# Its spill stores (f = 96 / 128), reverse walk: 332 / 436 B at 3 stages, 252 / 400 B at 2, 104 / 56 B at 1;
-# partial launch 0 B at each (W whole: 468 / 756 B and 48 / 456 B at 3, 468 / 812 B at 1). Not yet timed on a GPU.
+# Its spill stores (f = 96 / 128), reverse walk: 8 / 92 B at 3 stages, 60 / 104 B at 2, 0 / 0 B at 1; partial
+# launch 0 B at each (W whole: 264 / 568 B and 48 / 456 B at 1 or 3 stages). Not yet timed on a GPU.
 WIDE_STAGES = {("linear", "bwd"): 1}
 # Rows of W the TTT-Linear forward holds in registers at a time past f = 64 (W whole up to a block of 64). Whole,
 # the fp32 W is loop-carried in registers; in tiles it lives in memory (WN) and each mini-batch reads it twice and

@@ -53,7 +53,7 @@ def _store_w(ptr, x, rows, cols, mr, mc, NC: tl.constexpr):
 def _copy_state(S1, SB1, S2, D1, DB1, D2, offs_f, maskf, offs_t0, F: tl.constexpr, BT: tl.constexpr,
                 NT: tl.constexpr):
     """W1 (f x 4f), b1 (4f), W2 (4f x f) from S* to D*, a tile of BT hidden units at a time."""
-    for j in range(0, NT):
+    for j in tl.range(0, NT, disable_licm=True):
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         _store_w(D1, _load_w(S1, offs_f, offs_t, maskf, maskt, 4 * F), offs_f, offs_t, maskf, maskt, 4 * F)
@@ -94,7 +94,7 @@ def _hidden_sum(S1, SB1, S2, b2, KR, rows, maskm, maskf, offs_f, offs_t0, F: tl.
     K, the rows at `rows` of KR, read per tile: a product's left operand kept across the loop holds a whole copy
     per warp)."""
     Z2 = tl.zeros([MB, BF], dtype=tl.float32) + b2[None, :]
-    for j in range(0, NT):
+    for j in tl.range(0, NT, disable_licm=True):
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         k = _load_rows(KR, rows, offs_f, maskm, maskf, F)
@@ -116,7 +116,7 @@ def _mb_update_tiled(S1, SB1, S2, D1, DB1, D2, b2, KR, rows, maskm, v, a, tok_la
     zhat, r = _ln_stats(Z2, maskf, F, eps)
     G2, _gx, _c2 = _ln_loss_grad(zhat, r, v - k, gamma, beta, maskf, F)
     aG2 = a[:, None] * G2
-    for j in range(0, NT):
+    for j in tl.range(0, NT, disable_licm=True):
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         W1, b1, W2 = _load_tile_weights(S1, SB1, S2, offs_f, maskf, offs_t, maskt, F)
@@ -257,23 +257,22 @@ def _load_tile_operands(S1, SB1, S2, QR, KR, G2S, rows, maskm, offs_m, all_m, of
 
 
 @triton.jit
-def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, tok, tok_last, gamma, beta, SCR,
-                       maskf, offs_f, offs_m, QR, KR, rows, maskm, offs_t0, DQ, DK, DV, DA, base, a_base,
-                       F: tl.constexpr, BF: tl.constexpr,
-                       BT: tl.constexpr, NT: tl.constexpr, MB: tl.constexpr, eps, COMMIT: tl.constexpr,
-                       PREC: tl.constexpr):
-    """dual_backward.mlp_minibatch_backward for one (sequence, head), tile by tile: W1, b1, W2 read from S*, b2
-    given; the gradients of the weights after the mini-batch in GW1, GB1, GW2 (replaced by those before it,
-    in place) and db2 (returned updated). Four passes over the tiles of hidden units, with the whole-width
-    quantities between them: (1) Z2; (2) Zbar1 per tile (kept in scratch), Zbar2 and A2; (3) the gradients
-    through Zbar1 and Xbar2 per tile, the sums dq, dM1, dG2 and the commit's terms (the weight gradients
-    after the mini-batch are read here); (4) after the LN's VJP (dZ2), dX2 and dZ1 per tile, dk, and the new
-    weight gradients. SCR: the program's scratch, 5 arrays (MB, 4f): Zbar1, dZbar1, dP, dX2 (its first terms)
-    and ds1, then 3 (MB, f): G2, dZbar2, dZ2. The loops read those three, and q and k (QR, KR: the rows at
-    `rows`), from memory rather than keep them: as the products' left operands, kept across a loop, each held a
-    whole copy per warp (ptxas for sm_90 at f = 64: 584 B of spill stores so, 440 B then). dq, da and dv are
-    stored at DQ, DA, DV before pass 4, dk after it (412 B: they are final there; 440 B when all four were
-    returned). Returns dtok (MB), dgamma, dbeta (BF) and db2 before the mini-batch."""
+def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, DB2, DLNW, DLNB, DTOK, pid, q, k, v, a, dout, tok, tok_last,
+                       gamma, beta, SCR, maskf, offs_f, offs_m, QR, KR, rows, maskm, offs_t0, DQ, DK, DV, DA, base,
+                       a_base, F: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, NT: tl.constexpr,
+                       MB: tl.constexpr, eps, COMMIT: tl.constexpr, PREC: tl.constexpr):
+    """dual_backward.mlp_minibatch_backward for one (sequence, head), tile by tile: W1, b1, W2 read from S*, b2 given;
+    the gradients of the weights after the mini-batch in GW1, GB1, GW2 (replaced by those before it, in place), and
+    the sums the backward carries (db2, dgamma, dbeta, dtok) at DB2, DLNW, DLNB, DTOK: read before the barrier ahead
+    of pass 4 and written back after it, so that no pass keeps them. Four passes over the tiles of hidden units, with
+    the whole-width quantities between them: (1) Z2; (2) Zbar1 per tile (kept in scratch), Zbar2 and A2; (3) the
+    gradients through Zbar1 and Xbar2 per tile, the sums dq, dM1, dG2 and the commit's terms (the weight gradients
+    after the mini-batch are read here); (4) after the LN's VJP (dZ2), dX2 and dZ1 per tile, dk, and the new weight
+    gradients. SCR: the program's scratch, 5 arrays (MB, 4f): Zbar1, dZbar1, dP, dX2 (its first terms) and ds1, then
+    3 (MB, f): G2, dZbar2, dZ2. The loops read those three, and q and k (QR, KR: the rows at `rows`), from memory
+    rather than keep them: as the products' left operands, kept across a loop, each held a whole copy per warp (ptxas
+    for sm_90 at f = 64: 584 B of spill stores so, 440 B then). dq, da and dv are stored at DQ, DA, DV before pass 4,
+    dk after it (they are final there)."""
     ZB1, DZB1, DPS, DX2S, DS1S = SCR, SCR + MB * 4 * F, SCR + 2 * MB * 4 * F, SCR + 3 * MB * 4 * F, \
         SCR + 4 * MB * 4 * F
     G2S, DZB2S, DZ2S = SCR + 5 * MB * 4 * F, SCR + 5 * MB * 4 * F + MB * F, SCR + 5 * MB * 4 * F + 2 * MB * F
@@ -290,7 +289,7 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     M1 = E * (A1 + 1.0)
     zbar2 = tl.zeros([MB, BF], dtype=tl.float32) + b2[None, :]
     A2 = tl.zeros([MB, MB], dtype=tl.float32)
-    for j in range(0, NT):  # pass 2: Zbar1 (kept), Zbar2 and A2
+    for j in tl.range(0, NT, disable_licm=True):  # pass 2: Zbar1 (kept), Zbar2 and A2
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         W1, b1, W2, qj, kj, G2j = _load_tile_operands(S1, SB1, S2, QR, KR, G2S, rows, maskm, offs_m, all_m, offs_f,
@@ -316,7 +315,7 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     da = tl.zeros([MB], dtype=tl.float32)
     s = tl.sum(da, axis=0)  # the commit's dtok term (a scalar 0 here)
     tl.debug_barrier()  # Zbar1 written
-    for j in range(0, NT):  # pass 3: through Zbar1 and Xbar2; the commit's terms
+    for j in tl.range(0, NT, disable_licm=True):  # pass 3: through Zbar1 and Xbar2; the commit's terms
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         W1, b1, W2, qj, kj, G2j = _load_tile_operands(S1, SB1, S2, QR, KR, G2S, rows, maskm, offs_m, all_m, offs_f,
@@ -348,7 +347,7 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
         _store_tile(DX2S, dX2, offs_m, offs_t, maskt, F)
         _store_tile(DS1S, dG1 * P, offs_m, offs_t, maskt, F)
     if COMMIT:
-        kd2 = X2dW2 + db2[None, :]  # X2 dW2' + db2'
+        kd2 = X2dW2 + tl.load(DB2 + pid * F + offs_f, mask=maskf, other=0.0)[None, :]  # X2 dW2' + db2'
         s -= tl.sum(tl.sum(aG2 * kd2, axis=1), axis=0)
         da -= tok_last * tl.sum(kd2 * G2, axis=1)
         dG2 -= tok_last * a[:, None] * kd2
@@ -369,9 +368,11 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
     dgamma += dg2
     dbeta += dbt2
     dk -= dt
-    db2_new = db2 + tl.sum(dzbar2, axis=0) + tl.sum(dZ2, axis=0)
+    db2, dgamma_c, dbeta_c, dtok_c = _load_carried_grads(DB2, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
     tl.debug_barrier()  # scratch written; every read of the gradients after the mini-batch done
-    for j in range(0, NT):  # pass 4: dX2, dZ1; the weight gradients before the mini-batch
+    _store_carried_grads(DB2, DLNW, DLNB, DTOK, pid, db2 + tl.sum(dzbar2, axis=0) + tl.sum(dZ2, axis=0),
+                         dgamma_c + dgamma, dbeta_c + dbeta, dtok_c + dtok, offs_f, offs_m, maskf, F, MB)
+    for j in tl.range(0, NT, disable_licm=True):  # pass 4: dX2, dZ1; the weight gradients before the mini-batch
         offs_t = j * BT + offs_t0
         maskt = offs_t < 4 * F
         W1, b1, W2, qj, kj, G2j = _load_tile_operands(S1, SB1, S2, QR, KR, G2S, rows, maskm, offs_m, all_m, offs_f,
@@ -397,7 +398,6 @@ def _mb_backward_tiled(S1, SB1, S2, b2, GW1, GB1, GW2, db2, q, k, v, a, dout, to
         tl.store(GB1 + offs_t, db1, mask=maskt)
     tl.debug_barrier()  # the new gradients written before the next mini-batch reads them
     _store_rows(DK + base, dk, rows, offs_f, maskm, maskf, F)
-    return dtok, dgamma, dbeta, db2_new
 
 
 @triton.jit
@@ -408,9 +408,16 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
                 PARTIAL: tl.constexpr, AFTER_PARTIAL: tl.constexpr, PREC: tl.constexpr):
     """Groups of mini-batches in reverse: the group's states recomputed from its checkpoint into the program's
     slots WS*, BS* (tile by tile), then each mini-batch's backward, the last first. The weight gradients are
-    carried in DW1, DB1, DW2 (the outputs, in place), db2 in registers. PARTIAL: a first launch for a trailing
-    partial mini-batch (its outputs used the final state; it changed no state), which leaves the gradients and
-    its dtok, dgamma, dbeta in the outputs; the second launch (AFTER_PARTIAL) continues from them."""
+    carried in DW1, DB1, DW2 (the outputs, in place), and so are db2, dgamma, dbeta and dtok (DB2, DLNW, DLNB,
+    DTOK: _mb_backward_tiled reads and writes them back once per mini-batch). PARTIAL: a first launch for a
+    trailing partial mini-batch (its outputs used the final state; it changed no state), which leaves the
+    gradients in the outputs; the second launch (AFTER_PARTIAL) continues from them.
+    Its loops, and those of the helpers it shares with the forward, are tl.range(..., disable_licm=True): what
+    does not change inside a loop (index vectors, their products, masks) is computed where it is used rather
+    than hoisted out and kept live across the loop. With the sums in memory, ptxas for sm_90 (Triton 3.7.1)
+    spills 188 B at f = 64 (the partial launch 0 B), 876 / 880 B at f = 96 / 128; before, 412 (48) and
+    1184 / 1168 B; either alone, 228-336 B at f = 64 (`make check-kernels`). The forward's own loops keep
+    LICM (without it, 4 B at f = 96; 0 B with)."""
     pid = tl.program_id(0)
     h = pid % H
     NT = (4 * F + BT - 1) // BT  # tiles of hidden units (the padding past 4f needs none)
@@ -420,27 +427,25 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
     GW1, GB1, GW2 = DW1 + pid * F * 4 * F, DB1 + pid * 4 * F, DW2 + pid * 4 * F * F
     scr = SCR + pid * s_scr  # the program's scratch (_mb_backward_tiled: 5 x (MB, 4f) + 3 x (MB, f) numbers)
     base = pid * T * F
-    if AFTER_PARTIAL:
-        db2, dgamma, dbeta, dtok = _load_carried_grads(DB2, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, MB)
-    else:
+    if not AFTER_PARTIAL:
         _copy_state(DW1N + pid * F * 4 * F, DB1N + pid * 4 * F, DW2N + pid * 4 * F * F, GW1, GB1, GW2, offs_f,
                     maskf, offs_t0, F, BT, NT)
-        db2 = tl.load(DB2N + pid * F + offs_f, mask=maskf, other=0.0)
-        dgamma = tl.zeros([BF], dtype=tl.float32)
-        dbeta = tl.zeros([BF], dtype=tl.float32)
-        dtok = tl.zeros([MB], dtype=tl.float32)
+        zf = tl.zeros([BF], dtype=tl.float32)
+        _store_carried_grads(DB2, DLNW, DLNB, DTOK, pid, tl.load(DB2N + pid * F + offs_f, mask=maskf, other=0.0),
+                             zf, zf, tl.zeros([MB], dtype=tl.float32), offs_f, offs_m, maskf, F, MB)
         tl.debug_barrier()
     if PARTIAL:
         rows = n_full * MB + offs_m
         maskm = rows < T
         q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, maskm, maskf, F)
         b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
-        dtok, dgamma, dbeta, db2 = _mb_backward_tiled(
-            W1N + pid * F * 4 * F, B1N + pid * 4 * F, W2N + pid * 4 * F * F, b2, GW1, GB1, GW2, db2, q, k, v, a, do,
+        _mb_backward_tiled(
+            W1N + pid * F * 4 * F, B1N + pid * 4 * F, W2N + pid * 4 * F * F, b2, GW1, GB1, GW2, DB2, DLNW, DLNB, DTOK,
+            pid, q, k, v, a, do,
             tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base, K + base, rows, maskm, offs_t0,
             DQ, DK, DV, DA, base, pid * T, F, BF, BT, NT, MB, eps, False, PREC)
     else:
-        for gi in range(0, n_ckpt):
+        for gi in tl.range(0, n_ckpt, disable_licm=True):
             first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
             s0 = pid * group  # the program's first slot
             _copy_state(WC1 + c * F * 4 * F, BC1 + c * 4 * F, WC2 + c * 4 * F * F, WS1 + s0 * F * 4 * F,
@@ -448,7 +453,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
             b2 = tl.load(BC2 + c * F + offs_f, mask=maskf, other=0.0)
             tl.store(BS2 + s0 * F + offs_f, b2, mask=maskf)
             tl.debug_barrier()
-            for j in range(0, count - 1):  # recompute the states inside the group: slot j -> slot j + 1
+            for j in tl.range(0, count - 1, disable_licm=True):  # recompute the group's states: slot j -> j + 1
                 sj = s0 + j
                 rows = (first + j) * MB + offs_m
                 v = _load_rows(V + base, rows, offs_f, all_m, maskf, F)
@@ -459,21 +464,18 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
                                       offs_t0, F, BF, BT, NT, MB, eps, PREC)
                 tl.store(BS2 + (sj + 1) * F + offs_f, b2, mask=maskf)
             tl.debug_barrier()
-            for jj in range(0, count):
+            for jj in tl.range(0, count, disable_licm=True):
                 j = count - 1 - jj
                 sj = s0 + j
                 rows = (first + j) * MB + offs_m
                 q, k, v, a, do = _load_minibatch(Q, K, V, A, DOUT, base, pid * T, rows, offs_f, all_m, maskf, F)
                 b2 = tl.load(BS2 + sj * F + offs_f, mask=maskf, other=0.0)
-                dt_, dg_, db_, db2 = _mb_backward_tiled(
-                    WS1 + sj * F * 4 * F, BS1 + sj * 4 * F, WS2 + sj * 4 * F * F, b2, GW1, GB1, GW2, db2, q, k, v,
+                _mb_backward_tiled(
+                    WS1 + sj * F * 4 * F, BS1 + sj * 4 * F, WS2 + sj * 4 * F * F, b2, GW1, GB1, GW2, DB2, DLNW, DLNB,
+                    DTOK, pid, q, k, v,
                     a, do, tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base, K + base, rows, all_m,
                     offs_t0, DQ, DK, DV, DA, base, pid * T, F, BF, BT, NT, MB, eps, True, PREC)
-                dtok += dt_
-                dgamma += dg_
-                dbeta += db_
             tl.debug_barrier()
-    _store_carried_grads(DB2, DLNW, DLNB, DTOK, pid, db2, dgamma, dbeta, dtok, offs_f, offs_m, maskf, F, MB)
 
 
 @triton.jit
@@ -546,7 +548,7 @@ HIDDEN_TILE = 64  # hidden units (of 4f) per tile of the prefill kernels up to a
                   # ptxas for sm_90 (`make check-kernels`), spill stores of the forward (its partial launch) at
                   # f = 96 / 128: tiles of 64, 40 (48) / 128 (56) B; of 32, none (Triton 3.6.0: 208 (64) / 212
                   # (120) B and 32 (20) / 80 (16) B); at f = 64 none either way. The backward: tiles of 64,
-                  # 1492 / 1512 B; of 32, 1184 / 1168 B
+                  # 892 / 932 B; of 32, 876 / 880 B
 
 DECODE_TILE = 32  # ... of the decode kernel up to a block of 64 (f <= 64); 16 above. ptxas for sm_90
                   # (`make check-kernels`; registers, spill stores of a token inside its mini-batch / of the
