@@ -552,7 +552,8 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
         else:
             first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
             # the walk's loop-invariant values (index vectors, masks) made where they are used, not hoisted and kept
-            # live across it: ptxas for sm_90 past f = 64, 104 / 56 -> 0 / 0 B of spill stores at f = 96 / 128
+            # live across it: ptxas for sm_90, 104 / 56 -> 0 / 0 B of spill stores at f = 96 / 128, 0 B at 64 as
+            # before (f = 32, none of the paper's sizes: 396 -> 424 B)
             for jj in tl.range(0, count, disable_licm=True):
                 j = count - 1 - jj
                 _minibatch_backward_carried(WS + (s0 + j) * F * F, BS + (s0 + j) * F, DWP, S, w_off, wmask, Q, K, V,
