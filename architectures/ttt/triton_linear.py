@@ -130,6 +130,15 @@ def _load_carried_grads(DB, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F: tl.
 
 
 @triton.jit
+def _start_carried_grads(DB, DBN, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F: tl.constexpr, BF: tl.constexpr,
+                         MB: tl.constexpr):
+    """The carried gradients at the start of a backward: the last bias's from DBN (the next layer's), the rest 0."""
+    zf = tl.zeros([BF], dtype=tl.float32)
+    _store_carried_grads(DB, DLNW, DLNB, DTOK, pid, tl.load(DBN + pid * F + offs_f, mask=maskf, other=0.0), zf, zf,
+                         tl.zeros([MB], dtype=tl.float32), offs_f, offs_m, maskf, F, MB)
+
+
+@triton.jit
 def _store_carried_grads(DB, DLNW, DLNB, DTOK, pid, db, dgamma, dbeta, dtok, offs_f, offs_m, maskf, F: tl.constexpr,
                          MB: tl.constexpr):
     """_load_carried_grads' inverse."""
@@ -539,9 +548,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC, BC, WN, BN, DOUT, DWN, DBN,
     else:  # dW at DW0 and db, dgamma, dbeta, dtok at DB0, DLNW, DLNB, DTOK: read and written back per mini-batch
         if FIRST:
             tl.store(DWP + w_off, tl.load(DWN + pid * F * F + w_off, mask=wmask, other=0.0), mask=wmask)
-            zf = tl.zeros([BF], dtype=tl.float32)
-            _store_carried_grads(DB0, DLNW, DLNB, DTOK, pid, tl.load(DBN + pid * F + offs_f, mask=maskf, other=0.0),
-                                 zf, zf, tl.zeros([MB], dtype=tl.float32), offs_f, offs_m, maskf, F, MB)
+            _start_carried_grads(DB0, DBN, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, BF, MB)
         if PHASE == "partial":
             rows = n_full * MB + offs_m
             maskm = rows < T

@@ -23,8 +23,8 @@ from architectures.ttt.inner import LN_EPS
 from architectures.ttt.triton_linear import (DEFAULT_GROUP, LAUNCH, _block, _checkpoints, _group_backwards,
                                              _ln_grad_vjp, _ln_loss_grad, _ln_stats, _ln_vjp, _load_carried_grads,
                                              _load_decode_token, _load_minibatch, _load_outer, _load_qkva,
-                                             _load_rows, _store_carried_grads, _store_rows, decode_warps,
-                                             outer_fp32, prefill_shape)
+                                             _load_rows, _start_carried_grads, _store_carried_grads, _store_rows,
+                                             decode_warps, outer_fp32, prefill_shape)
 
 
 @triton.jit
@@ -430,9 +430,7 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
     if not AFTER_PARTIAL:
         _copy_state(DW1N + pid * F * 4 * F, DB1N + pid * 4 * F, DW2N + pid * 4 * F * F, GW1, GB1, GW2, offs_f,
                     maskf, offs_t0, F, BT, NT)
-        zf = tl.zeros([BF], dtype=tl.float32)
-        _store_carried_grads(DB2, DLNW, DLNB, DTOK, pid, tl.load(DB2N + pid * F + offs_f, mask=maskf, other=0.0),
-                             zf, zf, tl.zeros([MB], dtype=tl.float32), offs_f, offs_m, maskf, F, MB)
+        _start_carried_grads(DB2, DB2N, DLNW, DLNB, DTOK, pid, offs_f, offs_m, maskf, F, BF, MB)
         tl.debug_barrier()
     if PARTIAL:
         rows = n_full * MB + offs_m
