@@ -48,8 +48,14 @@ ARGS ?=
 # machine's), installed beside it into .venv/triton-<version>/ and put first on PYTHONPATH. numpy 2.3 goes with
 # it: Triton 3.6's interpreter takes int() of one-element arrays, which numpy 2.4 refuses (Triton 3.7 does not)
 TRITON ?=
-TRITON_SIDE = $(VENV)/triton-$(TRITON)
-WITH_TRITON = $(if $(TRITON),PYTHONPATH="$(abspath $(TRITON_SIDE))$${PYTHONPATH:+:$$PYTHONPATH}")
+# TORCH=2.11.0: test, test-slow, test-kernels and check-kernels under that torch (the lent GPU machine's) and the
+# Triton it pins (3.6.0 for 2.11) instead of ours, on the CPU: PyPI's CUDA build (4.7 GB with its CUDA libraries,
+# which load without a GPU), installed once beside ours into .venv/torch-<version>/ with numpy 2.3 (as for TRITON)
+TORCH ?=
+SIDE = $(if $(TORCH),$(VENV)/torch-$(TORCH),$(if $(TRITON),$(VENV)/triton-$(TRITON)))
+SIDE_INSTALLED = $(if $(SIDE),$(SIDE)/.installed)
+$(if $(and $(TORCH),$(TRITON)),$(error TORCH=$(TORCH) brings the Triton it pins: give TORCH or TRITON, not both))
+WITH_SIDE = $(if $(SIDE),PYTHONPATH="$(abspath $(SIDE))$${PYTHONPATH:+:$$PYTHONPATH}")
 
 .PHONY: help install eval test test-slow test-all test-kernels gpu-check gpu-wheels check-kernels sweep sizes throughput profile contention plots paper bench-ttt bench-mamba bench-kernels clean
 
@@ -66,6 +72,7 @@ help: ## list the targets and variables
 	@echo "                  NODES= GPUS_PER_NODE= PARTITION= ACCOUNT= TIMEOUT_MIN=; conf/hydra/launcher/slurm.yaml)"
 	@echo "           sizes: SIZE=125m|a,b  CTX=2k|2k,32k  MATCH=flops|params|flops,params  VOCAB=257|32000"
 	@echo "           install: TORCH_SPEC=...  test: TEST_WORKERS=N (processes; default the cores, at most 4)"
+	@echo "           test, test-slow, test-kernels, check-kernels: TORCH=2.11.0 or TRITON=3.6.0 (another torch or Triton)"
 
 install: $(STAMP) ## create .venv and install the pinned stack (torch first)
 
@@ -95,22 +102,28 @@ IN_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
 WITH_TEST_CACHE = d=$$(mktemp -d -t ttt-bench-test-XXXXXX) && trap 'rm -rf "$$d"' EXIT && \
   export TTT_BENCH_CACHE="$${TTT_BENCH_CACHE:-$$d}" &&
 
-test: $(STAMP) ## the fast test tier (CPU, 2 cores: about 3 minutes on a Xeon, 4.5-5 on most AMD EPYCs seen, 8.7 on the slowest); CI runs this
-	$(WITH_TEST_CACHE) $(PYTEST) $(IN_PARALLEL) -m "not slow and not serial" tests && \
-	  $(PYTEST) -m "serial and not slow" tests
+test: $(STAMP) $(SIDE_INSTALLED) ## the fast test tier (CPU, 2 cores: about 3 minutes on a Xeon, 4.5-5 on most AMD EPYCs seen, 8.7 on the slowest); CI runs this; TORCH=2.11.0: under that torch
+	$(WITH_TEST_CACHE) $(WITH_SIDE) $(PYTEST) $(IN_PARALLEL) -m "not slow and not serial" tests && \
+	  $(WITH_SIDE) $(PYTEST) -m "serial and not slow" tests
 
-test-slow: $(STAMP) ## the slow tier: end-to-end checks that take minutes (kill -9 at every point, concurrent sweeps)
-	$(WITH_TEST_CACHE) $(PYTEST) $(IN_PARALLEL) -m "slow and not serial" tests && \
-	  { $(PYTEST) -m "slow and serial" tests || test $$? -eq 5; }  # exit 5: no such test (none at present)
+test-slow: $(STAMP) $(SIDE_INSTALLED) ## the slow tier: end-to-end checks that take minutes (kill -9 at every point, concurrent sweeps)
+	$(WITH_TEST_CACHE) $(WITH_SIDE) $(PYTEST) $(IN_PARALLEL) -m "slow and not serial" tests && \
+	  { $(WITH_SIDE) $(PYTEST) -m "slow and serial" tests || test $$? -eq 5; }  # exit 5: no such test (none at present)
 
 test-all: test test-slow ## both tiers: the fast one and the slow one
 
-test-kernels: $(STAMP) $(if $(TRITON),$(TRITON_SIDE)/.installed) ## only the Triton kernel tests, TTT's, Mamba's and the conv's (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py); TRITON=3.6.0: under that Triton
-	$(WITH_TRITON) $(PYTEST) $(IN_PARALLEL) tests/test_ttt_triton.py tests/test_mamba_triton.py tests/test_conv_triton.py \
+test-kernels: $(STAMP) $(SIDE_INSTALLED) ## only the Triton kernel tests, TTT's, Mamba's and the conv's (on CPU under TRITON_INTERPRET=1, set by tests/conftest.py); TRITON=3.6.0: under that Triton
+	$(WITH_SIDE) $(PYTEST) $(IN_PARALLEL) tests/test_ttt_triton.py tests/test_mamba_triton.py tests/test_conv_triton.py \
 	  tests/test_kernel_compile_check.py
 
-check-kernels: $(STAMP) $(if $(TRITON),$(TRITON_SIDE)/.installed) ## compile the Triton kernels (TTT, Mamba scan, causal conv) for sm_90 without a GPU; ptxas registers/spills/shared memory; TRITON=3.6.0: with that Triton
-	env -u TRITON_INTERPRET $(WITH_TRITON) $(PY) -m bench.kernel_compile_check --results "$(RESULTS)" $(ARGS)
+check-kernels: $(STAMP) $(SIDE_INSTALLED) ## compile the Triton kernels (TTT, Mamba scan, causal conv) for sm_90 without a GPU; ptxas registers/spills/shared memory; TRITON=3.6.0: with that Triton
+	env -u TRITON_INTERPRET $(WITH_SIDE) $(PY) -m bench.kernel_compile_check --results "$(RESULTS)" $(ARGS)
+
+$(VENV)/torch-%/.installed: $(STAMP)
+	$(PIP) install -q --target "$(VENV)/torch-$*" "torch==$*" numpy==2.3.5
+	PYTHONPATH="$(abspath $(VENV)/torch-$*)" $(PY) -c "import torch, triton; v = torch.__version__; \
+	  assert v.split('+')[0] == '$*', (v, torch.__file__); print('torch', v, 'triton', triton.__version__, 'from', torch.__file__)"
+	touch $@
 
 $(VENV)/triton-%/.installed: $(STAMP)
 	$(PIP) install -q --no-deps --target "$(VENV)/triton-$*" "triton==$*" numpy==2.3.5

@@ -3,12 +3,14 @@ report what ptxas says: registers per thread, spilled bytes, shared memory. Catc
 blow-ups on machines that have no GPU (the interpreter tests check the math, not what the compiler makes of it).
 
     python -m bench.kernel_compile_check [--arch 90] [--head-dims 32,64,96,128] [--precision ieee] [--num-warps 8]
-                                         [--num-stages 1] [--w-rows 128] [--hidden-tile 64]
-    make check-kernels
+                                         [--num-stages 1] [--w-rows 128] [--hidden-tile 64] [--spill-sites 8]
+    make check-kernels [ARGS="--only 'mlp backward' --head-dims 64 --spill-sites 8"]
 
 The kernels as the launchers compile them (triton_linear.LAUNCH: TF32 products, warps per kernel,
 pipelining stages, rows of W per tile; triton_mlp.hidden_tile: hidden units per tile); --precision /
---num-warps / --num-stages / --w-rows / --hidden-tile compile a variant.
+--num-warps / --num-stages / --w-rows / --hidden-tile compile a variant. --spill-sites N assembles with line info
+and lists, under each kernel that spills, the N source lines with the most spill stores (nvdisasm's listing): where
+to look when a change makes ptxas spill.
 Exits 1 when a kernel fails to compile or asks for more shared memory than the GPU has.
 
 Needs the `triton` package only (it ships ptxas); must not run under TRITON_INTERPRET.
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from bench.results import atomic_write_json
@@ -58,24 +61,59 @@ def _ptxas(arch: int) -> str:
         return str(Path(nv.__file__).parent / "bin" / "ptxas")
 
 
-def _ptxas_report(ptx: str, arch: int) -> dict:
+def _ptxas_report(ptx: str, arch: int, sites: int = 0) -> dict:
+    """ptxas's registers and spill stores; sites > 0 adds the `sites` source lines with the most spill stores."""
     ptxas = _ptxas(arch)
     with tempfile.TemporaryDirectory() as d:
-        src = Path(d) / "k.ptx"
+        src, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
         src.write_text(ptx)
-        res = subprocess.run([str(ptxas), f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", str(src),
-                              "-o", str(Path(d) / "k.cubin")], capture_output=True, text=True)
-    text = res.stdout + res.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spill_st = re.search(r"(\d+) bytes spill stores", text)
-    report = {"registers": int(regs.group(1)) if regs else None,
-              "spill_store_bytes": int(spill_st.group(1)) if spill_st else None, "ptxas_ok": res.returncode == 0}
-    if res.returncode != 0 or regs is None:
-        report["error"] = f"{ptxas}: {text.strip()[-400:]}"
+        res = subprocess.run([str(ptxas), f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v",
+                              *(["-lineinfo"] if sites else []), str(src), "-o", str(cubin)],
+                             capture_output=True, text=True)
+        text = res.stdout + res.stderr
+        regs = re.search(r"Used (\d+) registers", text)
+        spill_st = re.search(r"(\d+) bytes spill stores", text)
+        report = {"registers": int(regs.group(1)) if regs else None,
+                  "spill_store_bytes": int(spill_st.group(1)) if spill_st else None, "ptxas_ok": res.returncode == 0}
+        if res.returncode != 0 or regs is None:
+            report["error"] = f"{ptxas}: {text.strip()[-400:]}"
+        elif sites and report["spill_store_bytes"]:
+            report["spill_sites"] = spill_sites(cubin, Path(ptxas).parent / "nvdisasm", sites)
     return report
 
 
-def compile_one(fn, consts: dict, arch: int, num_warps: int, num_stages: int = 3) -> dict:
+def spill_sites(cubin: Path, nvdisasm: Path, top: int) -> list[dict] | str:
+    """The `top` source lines with the most spill stores (STL instructions) in a cubin assembled with -lineinfo,
+    read from nvdisasm's listing (Triton ships it beside ptxas): [{"line": "architectures/ttt/triton_mlp.py:56",
+    "stores": 5}]. The listing names the innermost line only: a line inside an inlined helper counts there, and one
+    of Triton's own (triton/language/standard.py:293 is tl.sum's reduce) is a reduction somewhere in the kernel.
+    A message instead when nvdisasm cannot tell."""
+    if not nvdisasm.exists():
+        return f"no {nvdisasm}"
+    res = subprocess.run([str(nvdisasm), "-gi", "-c", str(cubin)], capture_output=True, text=True)
+    if res.returncode != 0:
+        return f"{nvdisasm}: {res.stderr.strip()[-300:]}"
+    stores, line = Counter(), "(no line info)"
+    for text in res.stdout.splitlines():
+        if m := re.search(r'//## File "([^"]+)", line (\d+)', text):
+            line = f"{_short_path(m.group(1))}:{m.group(2)}"
+        elif re.search(r"\bSTL(\.\w+)*\b", text):
+            stores[line] += 1
+    return [{"line": where, "stores": n} for where, n in stores.most_common(top)]
+
+
+def _short_path(path: str) -> str:
+    """A source file as a reader finds it: Triton's from its package folder (triton/language/...), this project's
+    relative to its root."""
+    import triton
+
+    for root in (Path(triton.__file__).resolve().parents[1], Path(__file__).resolve().parents[1]):
+        if Path(path).is_relative_to(root):
+            return str(Path(path).relative_to(root))
+    return path
+
+
+def compile_one(fn, consts: dict, arch: int, num_warps: int, num_stages: int = 3, sites: int = 0) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -87,7 +125,7 @@ def compile_one(fn, consts: dict, arch: int, num_warps: int, num_stages: int = 3
                            options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as e:
         return {"status": "compile failed", "error": f"{type(e).__name__}: {e}"[:500]}
-    row = {"status": "ok", "shared_bytes": k.metadata.shared, **_ptxas_report(k.asm["ptx"], arch)}
+    row = {"status": "ok", "shared_bytes": k.metadata.shared, **_ptxas_report(k.asm["ptx"], arch, sites)}
     if "error" in row:  # Triton compiled it, but there is no ptxas report of its registers and spills
         row["status"] = "ptxas failed"
     elif row["shared_bytes"] > SHARED_LIMIT:
@@ -177,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden-tile", type=int, default=None, choices=(16, 32, 64, 128),
                    help="hidden units per tile of the TTT-MLP prefill kernels (default: triton_mlp.hidden_tile)")
     p.add_argument("--only", default="", help="comma list of kernel names (substrings), e.g. 'linear,mlp forward'")
+    p.add_argument("--spill-sites", type=int, default=0, metavar="N",
+                   help="under each kernel that spills, the N source lines with the most spill stores (STL)")
     p.add_argument("--results", default="results")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -202,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                "precision": consts.get("PREC"), "num_warps": num_warps, "num_stages": num_stages,
                "w_rows": consts.get("W_ROWS"), "hidden_tile": consts.get("BT")}
         t0 = time.perf_counter()
-        row.update(**compile_one(fn, consts, args.arch, num_warps, num_stages),
+        row.update(**compile_one(fn, consts, args.arch, num_warps, num_stages, args.spill_sites),
                    compile_s=round(time.perf_counter() - t0, 1))
         rows.append(row)
         shape = f"f={f:4d}" if f else f"N={consts['N']:4d}" if "N" in consts else f"k={consts['K']:4d}"
@@ -211,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
               f"shared={row.get('shared_bytes')}B  ({row['compile_s']} s)", flush=True)
         if row["status"] != "ok" and "error" in row:
             print(f"[ttt-bench]   {row['error']}", flush=True)
+        if "spill_sites" in row:
+            sites = row["spill_sites"]
+            listed = ", ".join(f"{s['line']} ({s['stores']})" for s in sites) if isinstance(sites, list) else sites
+            print(f"[ttt-bench]   spill stores by source line: {listed}", flush=True)
     atomic_write_json(Path(args.results) / "bench" / "kernel_compile_check.json", rows)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

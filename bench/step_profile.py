@@ -110,7 +110,8 @@ def profile_arch(arch: str, size: str, ctx: int, batch: int | None, device, step
     timing = measure(step, device, window_s=STEADY_WINDOW_S)  # warms up (and compiles) first
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    # one cycle, so acc_events changes nothing but torch 2.11's warning that events are cleared between cycles
+    with profile(activities=activities, acc_events=True) as prof:
         for _ in range(steps):
             step()
         if cuda:

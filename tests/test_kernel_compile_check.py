@@ -126,6 +126,48 @@ def test_a_ptxas_that_fails_is_an_error_with_its_message(monkeypatch, tmp_path):
     assert "Unsupported .version 9.4" in report["error"] and str(fake) in report["error"]
 
 
+def test_spill_sites_count_each_lines_spill_stores_from_the_listing(tmp_path):
+    """nvdisasm's listing names a source line, then its instructions: every STL (a spill store, of any width)
+    counts for the line named last, most stores first; LDL (a reload) and plain stores do not count."""
+    from bench import kernel_compile_check as kc
+
+    listing = "\n".join([
+        f'\t//## File "{ROOT}/architectures/ttt/triton_mlp.py", line 56',
+        "        /*0580*/                   STL.64 [R1], R4 ;",
+        "        /*0590*/                   LDL R5, [R1+0x4] ;",
+        '\t//## File "/x/site-packages/triton/language/standard.py", line 293',
+        "        /*05a0*/              @!P5 STL [R1+0x6c], R80 ;",
+        "        /*05b0*/                   STL [R1+0x70], R81 ;",
+        "        /*05c0*/                   STG.E [R2.64], R4 ;"])
+    fake = tmp_path / "nvdisasm"
+    fake.write_text(f"#!/bin/sh\ncat <<'END'\n{listing}\nEND\n")
+    fake.chmod(0o755)
+    assert kc.spill_sites(tmp_path / "k.cubin", fake, top=8) == [
+        {"line": "/x/site-packages/triton/language/standard.py:293", "stores": 2},
+        {"line": "architectures/ttt/triton_mlp.py:56", "stores": 1}]
+    assert kc.spill_sites(tmp_path / "k.cubin", fake, top=1)[0]["stores"] == 2
+    assert kc.spill_sites(tmp_path / "k.cubin", tmp_path / "missing", top=1).startswith("no ")
+
+
+def test_a_kernel_that_spills_lists_where_and_one_that_does_not_lists_nothing(tmp_path):
+    """--spill-sites N: under each kernel that spills (TTT-Linear's partial backward at f = 32, 48 B under our
+    Triton), the source lines with its spill stores, lines of our kernels among them; none under one that spills
+    nothing (the recompute launch)."""
+    import triton
+
+    rows = check(tmp_path, "--head-dims", "32", "--only", "linear backward recompute,linear backward partial",
+                 "--spill-sites", "3")
+    by_kernel = {r["kernel"]: r for r in rows}
+    recompute, partial = by_kernel["linear backward recompute"], by_kernel["linear backward partial"]
+    assert recompute["spill_store_bytes"] == 0 and "spill_sites" not in recompute, recompute
+    if triton.__version__ == PINNED_TRITON:
+        assert partial["spill_store_bytes"] > 0, partial
+    if partial["spill_store_bytes"]:  # 48 B under 3.7.1 and 3.6.0
+        sites = partial["spill_sites"]
+        assert isinstance(sites, list) and 1 <= len(sites) <= 3 and all(s["stores"] > 0 for s in sites), sites
+        assert any(s["line"].startswith("architectures/ttt/triton_linear.py:") for s in sites), sites
+
+
 def test_ptxas_is_the_one_triton_assembles_with():
     from triton.backends.nvidia.compiler import get_ptxas
 
