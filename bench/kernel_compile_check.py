@@ -104,12 +104,15 @@ def spill_sites(cubin: Path, nvdisasm: Path, top: int) -> list[dict] | str:
 
 def _short_path(path: str) -> str:
     """A source file as a reader finds it: Triton's from its package folder (triton/language/...), this project's
-    relative to its root."""
+    relative to its root. By its longest tail that is a file there: Triton's cache may hold a kernel compiled from
+    the same source in another checkout, with that checkout's paths."""
     import triton
 
+    parts = Path(path).parts
     for root in (Path(triton.__file__).resolve().parents[1], Path(__file__).resolve().parents[1]):
-        if Path(path).is_relative_to(root):
-            return str(Path(path).relative_to(root))
+        for i in range(1, len(parts)):
+            if (root / Path(*parts[i:])).is_file():
+                return str(Path(*parts[i:]))
     return path
 
 
