@@ -57,7 +57,7 @@ SIDE_INSTALLED = $(if $(SIDE),$(SIDE)/.installed)
 $(if $(and $(TORCH),$(TRITON)),$(error TORCH=$(TORCH) brings the Triton it pins: give TORCH or TRITON, not both))
 WITH_SIDE = $(if $(SIDE),PYTHONPATH="$(abspath $(SIDE))$${PYTHONPATH:+:$$PYTHONPATH}")
 
-.PHONY: help install eval test test-slow test-all test-kernels gpu-check gpu-wheels check-kernels sweep sizes throughput profile contention plots paper bench-ttt bench-mamba bench-kernels clean
+.PHONY: help install eval test test-slow test-all test-kernels gpu-check gpu-wheels gpu-rehearsal check-kernels sweep sizes throughput profile contention plots paper bench-ttt bench-mamba bench-kernels clean
 
 help: ## list the targets and variables
 	@echo "ttt-bench: TTT vs Transformer vs Mamba"
@@ -172,6 +172,25 @@ gpu-wheels: $(STAMP) ## fetch what the GPU machine lacks (hydra, omegaconf, fla,
 	python3 -m pip wheel -q --no-deps -w gpu/wheels antlr4-python3-runtime==4.9.3
 	@# mamba-ssm without its CUDA build (pure Python, any platform): Mamba-2's Triton SSD (backend=triton)
 	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PIP) wheel -q --no-deps --no-build-isolation -w gpu/wheels $(MAMBA_SSM)
+
+# the lent GPU machine's own software as ../shared/notes/gpu_machine.md lists it (Python 3.12, torch 2.11 with its
+# Triton 3.6, no hydra, wandb, mamba-ssm, ...; numpy 2.3 for Triton 3.6's interpreter), for gpu-rehearsal
+GPU_MACHINE_PYTHON ?= $(firstword $(shell for p in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
+  python3; do $$p -c '' 2>/dev/null && command -v $$p; done))
+GPU_MACHINE_PACKAGES ?= torch==2.11.0 numpy==2.3.5 pandas==3.1.1 matplotlib==3.11.2 einops==0.8.2 transformers==5.24.0 \
+  pytest==9.2.0 pytest-xdist==3.8.0 pytest-timeout==2.4.0
+GPU_MACHINE = $(VENV)/gpu-machine
+
+gpu-rehearsal: gpu-wheels $(GPU_MACHINE)/.installed ## gpu-check --smoke on CPU in a copy of the GPU machine's software plus gpu/wheels (in .venv/gpu-machine/, 4.7 GB once): what its call would lack
+	rm -rf "$(GPU_MACHINE)/site" && $(GPU_MACHINE)/bin/python -m pip install -q --no-index --no-deps \
+	  --target "$(GPU_MACHINE)/site" gpu/wheels/*.whl
+	PYTHONPATH="$(abspath $(GPU_MACHINE)/site)" OUT="$(or $(OUT),$(RESULTS)/gpu-rehearsal)" PY=$(GPU_MACHINE)/bin/python \
+	  bash .ci/gpu-check --smoke $(ARGS)
+
+$(GPU_MACHINE)/.installed:
+	$(GPU_MACHINE_PYTHON) -m venv "$(GPU_MACHINE)"
+	$(GPU_MACHINE)/bin/python -m pip install -q $(GPU_MACHINE_PACKAGES)
+	touch $@
 
 throughput-gpu: $(STAMP) ## the GPU throughput run: 1.3B shapes, batch 16 prefill/decode, 1k..32k (one GPU, < 8 min)
 	$(PY) -m bench.throughput --arch "$(if $(filter command line,$(origin ARCH)),$(ARCH),$(MAIN_ARCHS))" --ctx 32k \

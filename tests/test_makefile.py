@@ -33,3 +33,17 @@ def test_without_one_the_tiers_run_on_our_own_torch():
 def test_torch_and_triton_together_are_refused_with_the_reason():
     out = dry_run("test", "TORCH=2.11.0", "TRITON=3.6.0")
     assert out.returncode != 0 and "brings the Triton it pins" in out.stderr
+
+
+def test_the_gpu_rehearsal_runs_the_smoke_in_the_gpu_machines_copy_with_the_wheels_on_its_path(tmp_path):
+    """make gpu-rehearsal: .ci/gpu-check --smoke under VENV/gpu-machine's Python (torch 2.11, Triton 3.6, only the
+    GPU machine's packages), gpu/wheels installed into its site/ and first on the path, as on that machine."""
+    venv = tmp_path / "venv"  # none there: the dry run shows the install too
+    out = dry_run("gpu-rehearsal", f"VENV={venv}", "RESULTS=/tmp/r")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.replace("\\\n", " ")
+    assert f"{venv}/gpu-machine/bin/python -m pip install -q torch==2.11.0 " in text, text
+    assert f'--target "{venv}/gpu-machine/site" gpu/wheels/*.whl' in text, text
+    run = next(line for line in text.splitlines() if "bash .ci/gpu-check" in line)
+    assert f'PYTHONPATH="{venv}/gpu-machine/site"' in run and f"PY={venv}/gpu-machine/bin/python" in run, run
+    assert run.split()[-1] == "--smoke" and 'OUT="/tmp/r/gpu-rehearsal"' in run, run
