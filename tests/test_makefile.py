@@ -1,5 +1,6 @@
-"""The Makefile's side installs: TORCH= (another torch and the Triton it pins) and TRITON= go first on the path of
-every pytest run of the tiers they name, read from `make -n` (nothing runs)."""
+"""The Makefile's other software, read from `make -n` (nothing runs): TORCH= (another torch and the Triton it pins)
+and TRITON= go first on the path of every pytest run of the tiers they name; gpu-rehearsal runs gpu-check's smoke in
+a copy of the GPU machine's software."""
 import subprocess
 from pathlib import Path
 
