@@ -33,6 +33,8 @@ def test_gpu_check_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     assert {r["arch"] for r in report["decode"]} == {"transformer", "ttt_linear", "mamba2"}
     assert report["kernel_variants"] and report["kernel_speed"]
     assert {v["kernel"] for v in report["best_variants"]} == {"ttt_linear", "ttt_mlp", "mamba scan"}
+    fastest = {r["mode"]: r for r in report["mlp_over_linear"] if r["launch"] == "fastest of each"}
+    assert set(fastest) == {"fwd", "fwd+bwd"} and all(r["mlp_over_linear"] > 0 for r in fastest.values()), fastest
     # at most 8 files come back from the device tool: the summary and one archive of the rest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-check.tgz", "report.json", "report.md", "stages.txt"]
     with tarfile.open(tmp_path / "gpu-check.tgz") as tar:
@@ -152,6 +154,28 @@ def test_the_fastest_launch_variant_is_chosen_per_head_dim(tmp_path):
     assert best == {64: (4, 1.0), 96: (8, 2.0)}
     assert "| ttt_linear [triton tf32, 8 warps, 3 stages] | 96 | fwd | 2048 | 16 | 2 |" in (
         tmp_path / "report.md").read_text()
+
+
+def test_ttt_mlp_over_ttt_linear_pairs_the_same_shape_and_launch_then_the_fastest_of_each(tmp_path):
+    """Issue 16's TTT-MLP within 4x of TTT-Linear, from the two kernel-variants stages: a ratio per launch setting
+    both were timed at (same head dim, mode, T and batch), then fastest over fastest; a launch or a length only one
+    of them ran pairs with nothing, and TTT-Linear's rows of W in tiles (past f = 64) are not TTT-MLP's launches."""
+    def row(kernel, warps, stages, ms, T=2048, **extra):
+        return {"impl": f"{kernel} [triton tf32, {warps} warps, {stages} stages]", "head_dim": 64, "mode": "fwd",
+                "T": T, "batch": 16, "status": "ok", "ms": ms,
+                "variant": {"precision": "tf32", "num_warps": warps, "num_stages": stages, **extra}}
+    linear = [row("ttt_linear", 4, 3, 1.0), row("ttt_linear", 8, 3, 0.8), row("ttt_linear", 4, 1, 0.9),
+              row("ttt_linear", 8, 3, 0.1, w_rows=32), row("ttt_linear", 4, 3, 4.0, T=8192)]
+    mlp = [row("ttt_mlp", 4, 3, 3.0), row("ttt_mlp", 8, 3, 4.0), row("ttt_mlp", 4, 1, 2.7)]
+    _write(tmp_path / "stages.txt", "env rc=0 15s-limit took=3s\n")
+    _write(tmp_path / "results" / "bench" / "ttt_kernel_variants.json", json.dumps({"rows": linear}))
+    _write(tmp_path / "results" / "mlp" / "bench" / "ttt_kernel_variants.json", json.dumps({"rows": mlp}))
+    assert gpu_report([str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert [(x["launch"], x["ttt_linear_ms"], x["ttt_mlp_ms"], x["mlp_over_linear"]) for x in r["mlp_over_linear"]] == [
+        ("tf32, 4 warps, 3 stages", 1.0, 3.0, 3.0), ("tf32, 8 warps, 3 stages", 0.8, 4.0, 5.0),
+        ("tf32, 4 warps, 1 stages", 0.9, 2.7, 3.0), ("fastest of each", 0.8, 2.7, 3.375)]
+    assert "| 64 | fwd | 2048 | 16 | fastest of each | 0.8 | 2.7 | 3.375 |" in (tmp_path / "report.md").read_text()
 
 
 def test_an_unknown_stage_is_refused_before_anything_runs(tmp_path):
