@@ -101,19 +101,20 @@ def mlp_over_linear(variants: list[dict]) -> list[dict]:
     """TTT-MLP's kernels over TTT-Linear's at the same shape (head dim, mode, T, batch), from the two kernel-variants
     stages (the kernel-speed stage leaves TTT-MLP out for time): per launch setting both were timed at, then the
     fastest of each. Issue 16 asks for within 4x, forward and forward+backward."""
-    launch = lambda v: (v.get("precision"), v.get("num_warps"), v.get("num_stages"))  # noqa: E731
-    timed: dict[tuple, dict] = {}  # (head_dim, mode, T, batch) -> {(kernel, launch): ms}
+    timed: dict[tuple, dict] = {}  # (head_dim, mode, T, batch) -> {(kernel, (precision, warps, stages)): ms}
     for r in variants:
         kernel, v = r["impl"].split(" [")[0], r.get("variant") or {}
         if r.get("status") == "ok" and kernel in ("ttt_linear", "ttt_mlp") and v.get("w_rows") is None:
-            timed.setdefault((r.get("head_dim"), r["mode"], r["T"], r.get("batch")), {})[(kernel, launch(v))] = r["ms"]
+            launch = (v.get("precision"), v.get("num_warps"), v.get("num_stages"))
+            timed.setdefault((r.get("head_dim"), r["mode"], r["T"], r.get("batch")), {})[kernel, launch] = r["ms"]
     out = []
     for (f, mode, T, batch), ms in timed.items():
-        pairs = [(f"{p}, {w} warps, {s} stages", ms[("ttt_linear", (p, w, s))], ms[("ttt_mlp", (p, w, s))])
-                 for kernel, (p, w, s) in ms if kernel == "ttt_mlp" and ("ttt_linear", (p, w, s)) in ms]
+        both = [launch for kernel, launch in ms if kernel == "ttt_mlp" and ("ttt_linear", launch) in ms]
+        pairs = [("{}, {} warps, {} stages".format(*launch), ms["ttt_linear", launch], ms["ttt_mlp", launch])
+                 for launch in both]
         if pairs:
-            fastest = lambda k: min(t for (kk, _), t in ms.items() if kk == k)  # noqa: E731
-            pairs.append(("fastest of each", fastest("ttt_linear"), fastest("ttt_mlp")))
+            fastest = {k: min(t for (kernel, _), t in ms.items() if kernel == k) for k in ("ttt_linear", "ttt_mlp")}
+            pairs.append(("fastest of each", fastest["ttt_linear"], fastest["ttt_mlp"]))
         out += [{"head_dim": f, "mode": mode, "T": T, "batch": batch, "launch": name, "ttt_linear_ms": lin,
                  "ttt_mlp_ms": mlp, "mlp_over_linear": _ratio(mlp, lin)} for name, lin, mlp in pairs]
     return out

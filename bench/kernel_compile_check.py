@@ -19,6 +19,7 @@ Writes RESULTS/bench/kernel_compile_check.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -102,6 +103,7 @@ def spill_sites(cubin: Path, nvdisasm: Path, top: int) -> list[dict] | str:
     return [{"line": where, "stores": n} for where, n in stores.most_common(top)]
 
 
+@functools.cache  # a listing names the same few files thousands of times
 def _short_path(path: str) -> str:
     """A source file as a reader finds it: Triton's from its package folder (triton/language/...), this project's
     relative to its root. By its longest tail that is a file there: Triton's cache may hold a kernel compiled from

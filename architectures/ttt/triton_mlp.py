@@ -439,9 +439,8 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
         b2 = tl.load(B2N + pid * F + offs_f, mask=maskf, other=0.0)
         _mb_backward_tiled(
             W1N + pid * F * 4 * F, B1N + pid * 4 * F, W2N + pid * 4 * F * F, b2, GW1, GB1, GW2, DB2, DLNW, DLNB, DTOK,
-            pid, q, k, v, a, do,
-            tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base, K + base, rows, maskm, offs_t0,
-            DQ, DK, DV, DA, base, pid * T, F, BF, BT, NT, MB, eps, False, PREC)
+            pid, q, k, v, a, do, tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base, K + base, rows,
+            maskm, offs_t0, DQ, DK, DV, DA, base, pid * T, F, BF, BT, NT, MB, eps, False, PREC)
     else:
         for gi in tl.range(0, n_ckpt, disable_licm=True):
             first, count, c = _group_backwards(gi, pid, n_ckpt, group, n_full)
@@ -470,9 +469,8 @@ def _bwd_kernel(Q, K, V, A, TOK, LNW, LNB, WC1, BC1, WC2, BC2, W1N, B1N, W2N, B2
                 b2 = tl.load(BS2 + sj * F + offs_f, mask=maskf, other=0.0)
                 _mb_backward_tiled(
                     WS1 + sj * F * 4 * F, BS1 + sj * 4 * F, WS2 + sj * 4 * F * F, b2, GW1, GB1, GW2, DB2, DLNW, DLNB,
-                    DTOK, pid, q, k, v,
-                    a, do, tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base, K + base, rows, all_m,
-                    offs_t0, DQ, DK, DV, DA, base, pid * T, F, BF, BT, NT, MB, eps, True, PREC)
+                    DTOK, pid, q, k, v, a, do, tok, tok_last, gamma, beta, scr, maskf, offs_f, offs_m, Q + base,
+                    K + base, rows, all_m, offs_t0, DQ, DK, DV, DA, base, pid * T, F, BF, BT, NT, MB, eps, True, PREC)
             tl.debug_barrier()
 
 
